@@ -1,0 +1,315 @@
+/*
+ * klvae.h — libklvae, the Stable Diffusion KL-f8 autoencoder as a C library.
+ *
+ * This header is the manual. Every function below says what it takes, what it
+ * returns, who owns what, and what happens on error.
+ *
+ * ---------------------------------------------------------------------------
+ * Conventions that hold for the whole API
+ * ---------------------------------------------------------------------------
+ *
+ * Status and errors
+ *   Every function that can fail returns a klvae_status_t. KLVAE_OK (0) means
+ *   success; anything else is an error, and klvae_last_error() then returns a
+ *   message for the calling thread that names what was wrong: the file, the
+ *   tensor, the expected and found shape, the option key, the byte offset.
+ *   On error, output pointers are set to NULL (handles, allocations) and no
+ *   file is left half-written. Status numbers are fixed and only ever
+ *   appended to.
+ *
+ * Ownership
+ *   Handles (klvae_model_t, klvae_options_t) are created by the library and
+ *   released by their own *_free function, which accepts NULL. Memory the
+ *   library allocates for you (klvae_image_read) is released with klvae_free.
+ *   Arrays you pass in stay yours: the library reads or writes them only for
+ *   the duration of the call and never keeps a pointer to them.
+ *
+ * Tensors at the boundary
+ *   float32, contiguous, NCHW (batch, channel, row, column; column fastest).
+ *   Images are in [-1, 1] with 3 channels (RGB) for the published models;
+ *   latents are (n, latent_channels, h / f, w / f) where f is the
+ *   downsampling factor (8 for SD). Latents are the raw posterior values:
+ *   the library never applies scaling_factor or shift_factor (see
+ *   klvae_model_scaling_factor for what diffusion pipelines do with them).
+ *   Sizes are int; every size product is checked for overflow.
+ *
+ * Threads
+ *   Functions without a handle (version, status strings, options, images)
+ *   may be called from any thread at any time. Different handles may be used
+ *   from different threads at the same time. One handle must not be used by
+ *   two threads at once; it may move between threads. A model computes with
+ *   its own pool of worker threads (option "threads").
+ *
+ * Options
+ *   Settings travel in a klvae_options_t: string keys and string values,
+ *   parsed strictly ("1e-4", "true", "128,256,512,512"). The same keys are the
+ *   command-line flags of the klvae tool (--block-out-channels ↔
+ *   block_out_channels) and are listed in docs/options.md. Passing NULL
+ *   wherever options are taken means "all defaults".
+ */
+#ifndef KLVAE_H
+#define KLVAE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#  define KLVAE_API __declspec(dllimport)
+#elif defined(__GNUC__)
+#  define KLVAE_API __attribute__((visibility("default")))
+#else
+#  define KLVAE_API
+#endif
+
+/* ------------------------------------------------------------------------ */
+/* Version                                                                   */
+/* ------------------------------------------------------------------------ */
+
+#define KLVAE_VERSION_MAJOR 0
+#define KLVAE_VERSION_MINOR 1
+#define KLVAE_VERSION_PATCH 0
+#define KLVAE_VERSION_NUMBER \
+    (KLVAE_VERSION_MAJOR * 10000 + KLVAE_VERSION_MINOR * 100 + KLVAE_VERSION_PATCH)
+#define KLVAE_VERSION_STRING "0.1.0"
+
+/* The version of the library actually loaded, as MAJOR*10000 + MINOR*100 +
+ * PATCH. Compare it with KLVAE_VERSION_NUMBER to detect a header/library
+ * mismatch: the major numbers must be equal, the library's minor at least
+ * the header's. */
+KLVAE_API unsigned klvae_version(void);
+
+/* The same as a static string such as "0.1.0". Never NULL. */
+KLVAE_API const char *klvae_version_string(void);
+
+/* ------------------------------------------------------------------------ */
+/* Status codes and errors                                                   */
+/* ------------------------------------------------------------------------ */
+
+typedef enum klvae_status {
+    KLVAE_OK = 0,
+    /* A NULL pointer, a count or size <= 0, an image size that is not a
+     * multiple of the downsampling factor, an impossible size. */
+    KLVAE_ERR_INVALID_ARGUMENT = 1,
+    /* An allocation failed, or a size does not fit in memory at all. */
+    KLVAE_ERR_OUT_OF_MEMORY = 2,
+    /* A file could not be opened, read, written or renamed (the OS error is
+     * in the message). */
+    KLVAE_ERR_IO = 3,
+    /* A file is malformed: a truncated or invalid safetensors header, bad
+     * JSON, overlapping tensor data, a corrupt PNG. */
+    KLVAE_ERR_FORMAT = 4,
+    /* A tensor has the wrong shape (the message names tensor, expected and
+     * found shape). */
+    KLVAE_ERR_SHAPE = 5,
+    /* A weight the configuration needs is not in the file (the message
+     * names it). */
+    KLVAE_ERR_MISSING_TENSOR = 6,
+    /* A configuration is invalid or disagrees with the weights. */
+    KLVAE_ERR_CONFIG = 7,
+    /* An unknown option key, or a value that does not parse or is out of
+     * range (the message names the key and the value). */
+    KLVAE_ERR_OPTION = 8,
+    /* Valid input this build cannot handle (for example an integer tensor
+     * dtype where weights are expected). */
+    KLVAE_ERR_UNSUPPORTED = 9,
+    /* The requested backend cannot be used here; the message says why
+     * (not built, plugin not found, no driver, no device). */
+    KLVAE_ERR_BACKEND_UNAVAILABLE = 10,
+    /* The backend failed while computing (a CUDA, cuDNN or cuBLAS error;
+     * the library's own text is in the message). */
+    KLVAE_ERR_BACKEND = 11,
+    /* A bug in libklvae. Please report it with the message. */
+    KLVAE_ERR_INTERNAL = 12
+} klvae_status_t;
+
+/* A short, static, English description of a status ("invalid argument").
+ * Unknown values give "unknown status". Never NULL. */
+KLVAE_API const char *klvae_status_string(klvae_status_t status);
+
+/* The message describing the most recent failure of a libklvae call on the
+ * calling thread, or "" when the most recent call succeeded. The string is
+ * owned by the library and stays valid until the next libklvae call on the
+ * same thread. Never NULL. */
+KLVAE_API const char *klvae_last_error(void);
+
+/* Releases memory that the library allocated for the caller (the pixels of
+ * klvae_image_read). NULL is a no-op. */
+KLVAE_API void klvae_free(void *ptr);
+
+/* ------------------------------------------------------------------------ */
+/* Options                                                                   */
+/* ------------------------------------------------------------------------ */
+
+typedef struct klvae_options klvae_options_t;
+
+/* Creates an empty options object (every key at its default).
+ * Returns KLVAE_ERR_INVALID_ARGUMENT if out is NULL, KLVAE_ERR_OUT_OF_MEMORY
+ * if allocation fails; *out is NULL on error. */
+KLVAE_API klvae_status_t klvae_options_create(klvae_options_t **out);
+
+/* Sets key to value, both NUL-terminated UTF-8, both copied. The value is
+ * parsed and range-checked now: an unknown key or a bad value returns
+ * KLVAE_ERR_OPTION with a message naming both, and leaves the object
+ * unchanged. Setting a key again replaces the earlier value. Dashes in keys
+ * are accepted as underscores ("latent-channels" = "latent_channels"). */
+KLVAE_API klvae_status_t klvae_options_set(klvae_options_t *opts, const char *key,
+                                           const char *value);
+
+/* Copies the value of key (the one set, or else its default; "" for keys
+ * with no default) into buf, NUL-terminated. Returns KLVAE_ERR_OPTION for an
+ * unknown key and KLVAE_ERR_INVALID_ARGUMENT when buf is NULL or too small
+ * (size must exceed the value's length). opts may be NULL: defaults. */
+KLVAE_API klvae_status_t klvae_options_get(const klvae_options_t *opts, const char *key,
+                                           char *buf, size_t size);
+
+/* Releases the object. NULL is a no-op. */
+KLVAE_API void klvae_options_free(klvae_options_t *opts);
+
+/* Describes the index-th option key the library accepts (0-based, stable
+ * order). The strings are static. Returns KLVAE_ERR_INVALID_ARGUMENT when
+ * index is out of range; any out-pointer may be NULL. default_value is ""
+ * for keys without a default. */
+KLVAE_API klvae_status_t klvae_option_describe(int index, const char **key,
+                                               const char **default_value,
+                                               const char **help);
+
+/* ------------------------------------------------------------------------ */
+/* Models                                                                    */
+/* ------------------------------------------------------------------------ */
+
+typedef struct klvae_model klvae_model_t;
+
+/* Loads a model.
+ *
+ * path is either
+ *   - a diffusers folder holding config.json and
+ *     diffusion_pytorch_model.safetensors, or
+ *   - one .safetensors file with current diffusers names, legacy diffusers
+ *     attention names (query/key/value/proj_attn) or original CompVis/LDM
+ *     names (encoder.down.N.block.M...), with or without a
+ *     "first_stage_model." or "vae." prefix. A single file carries no
+ *     config: it is inferred from the tensor shapes, and what shapes cannot
+ *     show (norm_num_groups, scaling_factor, shift_factor) comes from opts,
+ *     defaulting to the SD values (32, 0.18215, none).
+ * Tensors may be F32, F16 or BF16; they are converted to float32. Tensors
+ * the model does not use are ignored.
+ *
+ * opts (may be NULL) gives runtime keys (backend, threads, ...) and may give
+ * model config keys: scaling_factor and shift_factor override the file's
+ * values; norm_num_groups applies to single files; any structural key
+ * (block_out_channels, latent_channels, ...) that disagrees with the weights
+ * is an error.
+ *
+ * Errors: KLVAE_ERR_IO (missing or unreadable path), KLVAE_ERR_FORMAT
+ * (malformed file), KLVAE_ERR_MISSING_TENSOR, KLVAE_ERR_SHAPE,
+ * KLVAE_ERR_CONFIG, KLVAE_ERR_OPTION, KLVAE_ERR_UNSUPPORTED,
+ * KLVAE_ERR_BACKEND_UNAVAILABLE, KLVAE_ERR_OUT_OF_MEMORY. *out is NULL on
+ * error and nothing is leaked. */
+KLVAE_API klvae_status_t klvae_model_load(const char *path, const klvae_options_t *opts,
+                                          klvae_model_t **out);
+
+/* Creates a freshly initialised model from the config keys of opts (a named
+ * "config" such as "sd", "small" or "tiny", then any individual key on top).
+ * Weights follow PyTorch's default initialisation (uniform in
+ * ±1/sqrt(fan_in) for convolution and linear weights and biases, ones and
+ * zeros for norms), drawn from the option "seed" (default 0): the same seed
+ * gives the same weights on every machine and backend. */
+KLVAE_API klvae_status_t klvae_model_create(const klvae_options_t *opts, klvae_model_t **out);
+
+/* Writes the model as a diffusers folder (config.json and
+ * diffusion_pytorch_model.safetensors, float32, current diffusers names) that
+ * diffusers' AutoencoderKL.from_pretrained loads. The folder is created if
+ * needed; each file is written to a temporary name, flushed and renamed, so
+ * a failure leaves any earlier file intact. */
+KLVAE_API klvae_status_t klvae_model_save(const klvae_model_t *model, const char *path);
+
+/* Releases the model and its worker threads. NULL is a no-op. */
+KLVAE_API void klvae_model_free(klvae_model_t *model);
+
+/* Config queries. Each returns 0 (0.0f) when model is NULL. */
+KLVAE_API int klvae_model_in_channels(const klvae_model_t *model);
+KLVAE_API int klvae_model_out_channels(const klvae_model_t *model);
+KLVAE_API int klvae_model_latent_channels(const klvae_model_t *model);
+/* 2^(number of blocks - 1): 8 for SD. Image sizes given to klvae_encode must
+ * be multiples of it. */
+KLVAE_API int klvae_model_downsampling_factor(const klvae_model_t *model);
+/* Diffusion pipelines feed the denoiser (z - shift_factor) * scaling_factor
+ * and decode z / scaling_factor + shift_factor. shift_factor is 0 when the
+ * config has none. */
+KLVAE_API float klvae_model_scaling_factor(const klvae_model_t *model);
+KLVAE_API float klvae_model_shift_factor(const klvae_model_t *model);
+/* Number of scalar parameters (83,653,863 for SD). */
+KLVAE_API int64_t klvae_model_parameter_count(const klvae_model_t *model);
+/* The backend in use: "cpu" or "cuda". A static string; "" for NULL. */
+KLVAE_API const char *klvae_model_backend(const klvae_model_t *model);
+
+/* Copies the model's value of a config key (any key of the model-config
+ * group in docs/options.md, e.g. "block_out_channels" gives
+ * "128,256,512,512", and "threads") into buf. Errors as klvae_options_get. */
+KLVAE_API klvae_status_t klvae_model_get(const klvae_model_t *model, const char *key,
+                                         char *buf, size_t size);
+
+/* ------------------------------------------------------------------------ */
+/* Inference                                                                 */
+/* ------------------------------------------------------------------------ */
+
+/* Encodes n images (n, in_channels, h, w), values in [-1, 1], into the
+ * diagonal Gaussian posterior: mean and logvar, each
+ * (n, latent_channels, h / f, w / f). logvar is clamped to [-30, 20] as in
+ * diffusers. h and w must be positive multiples of the downsampling factor f.
+ * logvar may be NULL when it is not wanted. mean and logvar must not
+ * overlap images.
+ * Errors: KLVAE_ERR_INVALID_ARGUMENT (NULL pointer, n <= 0, bad size, the
+ * message says which), KLVAE_ERR_OUT_OF_MEMORY, KLVAE_ERR_BACKEND. On error
+ * the contents of mean and logvar are unspecified. */
+KLVAE_API klvae_status_t klvae_encode(klvae_model_t *model, const float *images, int n,
+                                      int h, int w, float *mean, float *logvar);
+
+/* Draws z = mean + exp(logvar / 2) * eps for tensors of shape
+ * (n, latent_channels, lat_h, lat_w). logvar is clamped to [-30, 20] first;
+ * exp is evaluated in double and rounded to float, then z = mean + std * eps
+ * in float. eps ~ N(0, 1) comes from a counter-based generator
+ * (Philox-4x32-10 with Box-Muller): element i of the batch tensor depends
+ * only on seed and i, so the same seed gives the same z on every backend and
+ * for every thread count. z may be the same array as mean or logvar.
+ * Errors: KLVAE_ERR_INVALID_ARGUMENT. */
+KLVAE_API klvae_status_t klvae_sample(klvae_model_t *model, const float *mean,
+                                      const float *logvar, int n, int lat_h, int lat_w,
+                                      uint64_t seed, float *z);
+
+/* Decodes n latents (n, latent_channels, lat_h, lat_w) into images
+ * (n, out_channels, lat_h * f, lat_w * f). The output is not clamped; its
+ * nominal range is [-1, 1]. images must not overlap z.
+ * Errors: as klvae_encode. */
+KLVAE_API klvae_status_t klvae_decode(klvae_model_t *model, const float *z, int n,
+                                      int lat_h, int lat_w, float *images);
+
+/* ------------------------------------------------------------------------ */
+/* Images                                                                    */
+/* ------------------------------------------------------------------------ */
+
+/* Reads a PNG (any bit depth; grey, palette and alpha are converted to RGB,
+ * alpha is dropped; 16-bit samples keep their precision) into a newly
+ * allocated (3, h, w) float array with values in [-1, 1]. Free it with
+ * klvae_free. Errors: KLVAE_ERR_INVALID_ARGUMENT (NULL pointer), KLVAE_ERR_IO
+ * (cannot open), KLVAE_ERR_FORMAT (not a PNG, or corrupt),
+ * KLVAE_ERR_OUT_OF_MEMORY. On error *pixels is NULL and *h, *w are 0. */
+KLVAE_API klvae_status_t klvae_image_read(const char *path, float **pixels, int *h, int *w);
+
+/* Writes a (3, h, w) float image with values in [-1, 1] as an 8-bit RGB PNG:
+ * each value v becomes round(255 * clamp(v * 0.5 + 0.5, 0, 1)), as diffusers
+ * post-processes. The file is written to a temporary name and renamed, so a
+ * failure leaves no partial file. Errors: KLVAE_ERR_INVALID_ARGUMENT,
+ * KLVAE_ERR_IO. */
+KLVAE_API klvae_status_t klvae_image_write_png(const char *path, const float *pixels,
+                                               int h, int w);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* KLVAE_H */

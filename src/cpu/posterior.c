@@ -1,0 +1,61 @@
+/* posterior.c — splitting the encoder's moments into mean and logvar, and
+ * drawing z from the posterior with the shared Philox generator. */
+#include <string.h>
+
+#include "../philox.h"
+#include "cpu_ops.h"
+
+klvae_status_t kv_cpu_posterior_split(kv_backend *be, const kv_tensor *moments, kv_tensor *mean,
+                                      kv_tensor *logvar)
+{
+    (void)be;
+    const int batch = moments->shape[0], z = mean->shape[1];
+    const size_t block = (size_t)z * moments->shape[2] * moments->shape[3];
+    const float *src = moments->data;
+    for (int n = 0; n < batch; n++) {
+        const float *m = src + (size_t)n * 2 * block;
+        memcpy((float *)mean->data + (size_t)n * block, m, block * sizeof(float));
+        if (logvar && logvar->data) {
+            float *lv = (float *)logvar->data + (size_t)n * block;
+            for (size_t i = 0; i < block; i++) {
+                float v = m[block + i];
+                lv[i] = v < -30.0f ? -30.0f : (v > 20.0f ? 20.0f : v);
+            }
+        }
+    }
+    return KLVAE_OK;
+}
+
+#define KV_SAMPLE_CHUNK 8192 /* even, so a task never splits a pair */
+
+typedef struct sample_job {
+    const float *mean, *logvar;
+    float *z;
+    size_t count;
+    uint64_t seed;
+} sample_job;
+
+static void sample_task(void *arg, int task, int thread)
+{
+    (void)thread;
+    const sample_job *j = arg;
+    size_t i0 = (size_t)task * KV_SAMPLE_CHUNK;
+    size_t i1 = KV_MIN(j->count, i0 + KV_SAMPLE_CHUNK);
+    for (size_t i = i0; i < i1; i += 2) {
+        float eps[2];
+        kv_philox_normal_pair(j->seed, i >> 1, &eps[0], &eps[1]);
+        for (size_t e = 0; e < 2 && i + e < i1; e++) {
+            float std = kv_posterior_std(j->logvar[i + e]);
+            j->z[i + e] = j->mean[i + e] + std * eps[e];
+        }
+    }
+}
+
+klvae_status_t kv_cpu_gaussian_sample(kv_backend *be, const kv_tensor *mean,
+                                      const kv_tensor *logvar, uint64_t seed, kv_tensor *z)
+{
+    sample_job j = {mean->data, logvar->data, z->data, kv_tensor_numel(z), seed};
+    int tasks = (int)((j.count + KV_SAMPLE_CHUNK - 1) / KV_SAMPLE_CHUNK);
+    kv_pool_run(kv_cpu_of(be)->pool, tasks, sample_task, &j);
+    return KLVAE_OK;
+}
