@@ -1,0 +1,105 @@
+/* check_main.c — runs every suite and ends with a plain
+ * "N passed, N failed" line. CK_RUN_SUITE / CK_RUN_CASE select a part. */
+#include <ftw.h>
+#include <stdbool.h>
+#include <unistd.h>
+
+#include "safetensors.h"
+#include "test_util.h"
+
+static int remove_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw)
+{
+    (void)sb;
+    (void)flag;
+    (void)ftw;
+    return remove(path);
+}
+
+void test_rmtree(const char *path)
+{
+    if (path)
+        nftw(path, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
+}
+
+char *test_tmpdir(void)
+{
+    const char *base = getenv("TMPDIR");
+    char *path = malloc(4096);
+    ck_assert_ptr_nonnull(path);
+    snprintf(path, 4096, "%s/klvae-test-XXXXXX", base && *base ? base : "/tmp");
+    ck_assert_ptr_nonnull(mkdtemp(path));
+    return path;
+}
+
+void test_write_file(const char *path, const void *data, size_t len)
+{
+    FILE *fp = fopen(path, "wb");
+    ck_assert_msg(fp != NULL, "cannot write %s", path);
+    if (len)
+        ck_assert_uint_eq(fwrite(data, 1, len, fp), len);
+    fclose(fp);
+}
+
+void test_write_safetensors(const char *path, const char *header_json, size_t data_len)
+{
+    size_t hlen = strlen(header_json);
+    size_t total = 8 + hlen + data_len;
+    unsigned char *buf = malloc(total);
+    ck_assert_ptr_nonnull(buf);
+    for (int i = 0; i < 8; i++)
+        buf[i] = (unsigned char)((uint64_t)hlen >> (8 * i));
+    memcpy(buf + 8, header_json, hlen);
+    for (size_t i = 0; i < data_len; i++)
+        buf[8 + hlen + i] = (unsigned char)(i * 37 + 11);
+    test_write_file(path, buf, total);
+    free(buf);
+}
+
+float *test_load_fixture_tensor(const char *path, const char *name, int shape[4])
+{
+    kv_safetensors st;
+    klvae_status_t status = kv_st_open(path, &st);
+    ck_assert_msg(status == KLVAE_OK, "cannot open fixture %s: %s", path, klvae_last_error());
+    const kv_st_tensor *t = kv_st_find(&st, name);
+    ck_assert_msg(t != NULL, "fixture %s has no tensor %s", path, name);
+    ck_assert_int_eq(t->ndim, 4);
+    for (int d = 0; d < 4; d++)
+        shape[d] = (int)t->shape[d];
+    float *data = test_alloc(kv_st_numel(t));
+    ck_assert_ok(kv_st_read_f32(&st, t, data));
+    kv_st_close(&st);
+    return data;
+}
+
+klvae_model_t *test_tiny_model(int threads)
+{
+    klvae_options_t *o = NULL;
+    ck_assert_ok(klvae_options_create(&o));
+    ck_assert_ok(klvae_options_set(o, "config", "tiny"));
+    ck_assert_ok(klvae_options_set(o, "seed", "7"));
+    if (threads > 0) {
+        char text[16];
+        snprintf(text, sizeof text, "%d", threads);
+        ck_assert_ok(klvae_options_set(o, "threads", text));
+    }
+    klvae_model_t *m = NULL;
+    ck_assert_ok(klvae_model_create(o, &m));
+    klvae_options_free(o);
+    return m;
+}
+
+int main(void)
+{
+    Suite *(*const suites[])(void) = {suite_api,   suite_options, suite_config,
+                                      suite_safetensors, suite_ops, suite_model,
+                                      suite_sample, suite_image,  suite_errors};
+    SRunner *runner = srunner_create(NULL);
+    for (size_t i = 0; i < sizeof suites / sizeof suites[0]; i++)
+        srunner_add_suite(runner, suites[i]());
+    srunner_run_all(runner, CK_ENV);
+    int total = srunner_ntests_run(runner);
+    int failed = srunner_ntests_failed(runner);
+    srunner_free(runner);
+    printf("%d passed, %d failed\n", total - failed, failed);
+    return failed == 0 ? 0 : 1;
+}

@@ -1,0 +1,105 @@
+/* test_util.h — helpers shared by the Check suites. Tests run from the
+ * tests/ folder (make check does that), so fixtures are "fixtures/...". */
+#ifndef KV_TEST_UTIL_H
+#define KV_TEST_UTIL_H
+
+#include <check.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "klvae.h"
+
+/* Asserts a status and shows the library's message when it differs. */
+#define ck_assert_status(expr, expected)                                                        \
+    do {                                                                                        \
+        klvae_status_t st_ = (expr);                                                            \
+        ck_assert_msg(st_ == (expected), "%s returned %d (%s), expected %d (%s); message: %s",  \
+                      #expr, (int)st_, klvae_status_string(st_), (int)(expected),               \
+                      klvae_status_string(expected), klvae_last_error());                       \
+    } while (0)
+
+#define ck_assert_ok(expr) ck_assert_status(expr, KLVAE_OK)
+
+/* Asserts that the last error message contains text. */
+#define ck_assert_error_mentions(text)                                                          \
+    ck_assert_msg(strstr(klvae_last_error(), (text)) != NULL,                                   \
+                  "message \"%s\" does not mention \"%s\"", klvae_last_error(), (text))
+
+/* Deterministic random numbers for test data (xorshift64*). */
+typedef struct test_rng {
+    uint64_t state;
+} test_rng;
+
+static inline test_rng test_rng_new(uint64_t seed)
+{
+    test_rng r = {seed * 2654435761u + 0x9E3779B97F4A7C15ull};
+    return r;
+}
+
+static inline double test_uniform(test_rng *r) /* [0, 1) */
+{
+    r->state ^= r->state >> 12;
+    r->state ^= r->state << 25;
+    r->state ^= r->state >> 27;
+    return (double)((r->state * 2685821657736338717ull) >> 11) * (1.0 / 9007199254740992.0);
+}
+
+/* Fills with uniform values in [lo, hi). */
+static inline void test_fill(float *x, size_t n, test_rng *r, float lo, float hi)
+{
+    for (size_t i = 0; i < n; i++)
+        x[i] = lo + (hi - lo) * (float)test_uniform(r);
+}
+
+static inline float *test_alloc(size_t n)
+{
+    float *p = calloc(n ? n : 1, sizeof *p);
+    ck_assert_ptr_nonnull(p);
+    return p;
+}
+
+static inline double test_max_abs_diff(const float *a, const float *b, size_t n)
+{
+    double worst = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - (double)b[i]);
+        if (d > worst || d != d)
+            worst = d != d ? INFINITY : d;
+    }
+    return worst;
+}
+
+/* A fresh empty folder under $TMPDIR (or /tmp); the caller frees the path
+ * and removes the folder with test_rmtree. */
+char *test_tmpdir(void);
+void test_rmtree(const char *path);
+
+/* Writes bytes to path (replacing it). */
+void test_write_file(const char *path, const void *data, size_t len);
+
+/* Writes a safetensors file whose header is exactly header_json, followed by
+ * data_len bytes of data (pattern-filled). */
+void test_write_safetensors(const char *path, const char *header_json, size_t data_len);
+
+/* Loads a float32 tensor of a fixture io.safetensors; returns a malloc'ed
+ * array and its shape (n, c, h, w). */
+float *test_load_fixture_tensor(const char *path, const char *name, int shape[4]);
+
+/* A model of config "tiny" (fresh, seeded) for tests that need one. */
+klvae_model_t *test_tiny_model(int threads);
+
+/* Suites, one per file. */
+Suite *suite_api(void);
+Suite *suite_options(void);
+Suite *suite_config(void);
+Suite *suite_safetensors(void);
+Suite *suite_ops(void);
+Suite *suite_model(void);
+Suite *suite_sample(void);
+Suite *suite_image(void);
+Suite *suite_errors(void);
+
+#endif
