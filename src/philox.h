@@ -40,11 +40,12 @@ static inline KV_HD void kv_philox_mulhilo(uint32_t a, uint32_t b, uint32_t *hi,
     *lo = (uint32_t)product;
 }
 
-/* Philox-4x32 with 10 rounds. */
-static inline KV_HD kv_philox_block kv_philox4x32_10(uint64_t counter, uint64_t seed)
+/* Philox-4x32 with 10 rounds on a full 128-bit counter and 64-bit key. */
+static inline KV_HD kv_philox_block kv_philox4x32_10_full(const uint32_t counter[4],
+                                                          const uint32_t key[2])
 {
-    uint32_t c0 = (uint32_t)counter, c1 = (uint32_t)(counter >> 32), c2 = 0, c3 = 0;
-    uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+    uint32_t c0 = counter[0], c1 = counter[1], c2 = counter[2], c3 = counter[3];
+    uint32_t k0 = key[0], k1 = key[1];
     for (int round = 0; round < 10; round++) {
         uint32_t hi0, lo0, hi1, lo1;
         kv_philox_mulhilo(0xD2511F53u, c0, &hi0, &lo0);
@@ -59,6 +60,14 @@ static inline KV_HD kv_philox_block kv_philox4x32_10(uint64_t counter, uint64_t 
     }
     kv_philox_block out = {{c0, c1, c2, c3}};
     return out;
+}
+
+/* The generator as libklvae uses it: counter (lo32, hi32, 0, 0). */
+static inline KV_HD kv_philox_block kv_philox4x32_10(uint64_t counter, uint64_t seed)
+{
+    uint32_t c[4] = {(uint32_t)counter, (uint32_t)(counter >> 32), 0, 0};
+    uint32_t k[2] = {(uint32_t)seed, (uint32_t)(seed >> 32)};
+    return kv_philox4x32_10_full(c, k);
 }
 
 /* ln(u) for u in (0, 1], to about 1 ulp. */

@@ -4,6 +4,7 @@
 #define KV_TEST_UTIL_H
 
 #include <check.h>
+#include <stdbool.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
