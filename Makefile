@@ -76,10 +76,15 @@ $(STATIC): $(LIB_OBJECTS)
 	rm -f $@
 	ar rcs $@ $(LIB_OBJECTS)
 
-# The CLI finds the library next to it in the tree and after installation.
-$(CLI): $(CLI_OBJECTS) lib/libklvae.so
+# The CLI links the static library: besides the API it uses the library's
+# safetensors code for latent files, which the shared library keeps hidden.
+build/obj/cli/%.o: src/cli/%.c $(wildcard src/*.h include/*.h)
+	@mkdir -p $(dir $@)
+	$(CC) $(KV_CFLAGS) -Isrc $(CFLAGS) -c $< -o $@
+
+$(CLI): $(CLI_OBJECTS) $(STATIC)
 	@mkdir -p bin
-	$(CC) -o $@ $(CLI_OBJECTS) -Llib -lklvae -Wl,-rpath,'$$ORIGIN/../lib' $(LDFLAGS) -lm
+	$(CC) -o $@ $(CLI_OBJECTS) $(STATIC) $(LDFLAGS) $(DEP_LIBS) $(SYS_LIBS)
 
 examples: $(EXAMPLES)
 

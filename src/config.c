@@ -242,10 +242,10 @@ klvae_status_t kv_config_get(const kv_config *cfg, const char *key, char *buf, s
     else if (strcmp(key, "mid_block_add_attention") == 0)
         snprintf(text, sizeof text, "%s", cfg->mid_block_add_attention ? "true" : "false");
     else if (strcmp(key, "scaling_factor") == 0)
-        snprintf(text, sizeof text, "%.17g", cfg->scaling_factor);
+        kv_format_double(cfg->scaling_factor, text, sizeof text);
     else if (strcmp(key, "shift_factor") == 0) {
         if (cfg->has_shift_factor)
-            snprintf(text, sizeof text, "%.17g", cfg->shift_factor);
+            kv_format_double(cfg->shift_factor, text, sizeof text);
         else
             snprintf(text, sizeof text, "none");
     } else

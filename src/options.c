@@ -210,6 +210,15 @@ void kv_format_int_list(const kv_int_list *list, char *buf, size_t size)
     }
 }
 
+void kv_format_double(double v, char *buf, size_t size)
+{
+    for (int p = 1; p <= 17; p++) {
+        snprintf(buf, size, "%.*g", p, v);
+        if (strtod(buf, NULL) == v)
+            return;
+    }
+}
+
 /* Validates value for option def; on failure describes why in why. */
 static bool validate(const opt_def *def, const char *value, char *why, size_t why_size)
 {
