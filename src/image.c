@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "io.h"
 
@@ -142,10 +143,11 @@ static void jpeg_error_exit(j_common_ptr cinfo)
     longjmp(failure->jump, 1);
 }
 
+/* Silent, but counts warnings as libjpeg's own handler does. */
 static void jpeg_quiet(j_common_ptr cinfo, int level)
 {
-    (void)cinfo;
-    (void)level;
+    if (level < 0)
+        cinfo->err->num_warnings++;
 }
 
 static klvae_status_t read_jpeg(FILE *fp, const char *path, float **pixels, int *h, int *w)
@@ -206,8 +208,16 @@ static klvae_status_t read_jpeg(FILE *fp, const char *path, float **pixels, int 
         }
     }
     jpeg_finish_decompress(&cinfo);
+    /* libjpeg only warns about a file that ends early and pads it with
+     * grey; a truncated image is corrupt input here. */
+    long warnings = failure.base.num_warnings;
     jpeg_destroy_decompress(&cinfo);
     free(row);
+    if (warnings > 0) {
+        free(out);
+        return kv_error(KLVAE_ERR_FORMAT, "%s: corrupt JPEG: the data ends early or is damaged",
+                        path);
+    }
     *pixels = out;
     *h = (int)height;
     *w = (int)width;
@@ -217,14 +227,23 @@ static klvae_status_t read_jpeg(FILE *fp, const char *path, float **pixels, int 
 KLVAE_API klvae_status_t klvae_image_read(const char *path, float **pixels, int *h, int *w)
 {
     kv_error_clear();
+    if (pixels)
+        *pixels = NULL;
+    if (h)
+        *h = 0;
+    if (w)
+        *w = 0;
     if (!path || !pixels || !h || !w)
         return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "klvae_image_read: %s is NULL",
                         !path ? "path" : !pixels ? "pixels" : !h ? "h" : "w");
-    *pixels = NULL;
-    *h = *w = 0;
     FILE *fp = fopen(path, "rb");
     if (!fp)
         return kv_error(KLVAE_ERR_IO, "cannot open %s: %s", path, strerror(errno));
+    struct stat info;
+    if (fstat(fileno(fp), &info) != 0 || !S_ISREG(info.st_mode)) {
+        fclose(fp);
+        return kv_error(KLVAE_ERR_IO, "%s is not a regular file", path);
+    }
     unsigned char magic[8] = {0};
     size_t got = fread(magic, 1, sizeof magic, fp);
     rewind(fp);

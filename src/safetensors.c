@@ -151,6 +151,9 @@ static klvae_status_t parse_entry(const kv_safetensors *st, const char *name, js
     if (t->end < t->begin)
         return kv_error(KLVAE_ERR_FORMAT, "%s: tensor '%s' ends (%llu) before it begins (%llu)",
                         st->path, name, (unsigned long long)t->end, (unsigned long long)t->begin);
+    if (numel > UINT64_MAX / (uint64_t)t->bits)
+        return kv_error(KLVAE_ERR_FORMAT, "%s: tensor '%s' has an impossibly large shape",
+                        st->path, name);
     uint64_t bits = numel * (uint64_t)t->bits;
     if (bits % 8 != 0 || t->end - t->begin != bits / 8)
         return kv_error(KLVAE_ERR_FORMAT,

@@ -1,8 +1,1030 @@
-/* test_image.c — placeholder, filled in by the next commits. */
+/* test_image.c — klvae_image_read (PNG in every colour type and depth,
+ * JPEG) and klvae_image_write_png: exact values, errors, atomic writes. */
+#include <dirent.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <jpeglib.h>
+#include <png.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include "test_util.h"
+
+/* ---- helpers ---- */
+
+static char *join(const char *dir, const char *name)
+{
+    size_t n = strlen(dir) + strlen(name) + 2;
+    char *p = malloc(n);
+    ck_assert_ptr_nonnull(p);
+    snprintf(p, n, "%s/%s", dir, name);
+    return p;
+}
+
+static bool path_exists(const char *path)
+{
+    struct stat sb;
+    return stat(path, &sb) == 0;
+}
+
+/* Counts the entries of dir (without . and ..) and whether any is a
+ * temporary file of an atomic write (".tmp." in its name). */
+static int count_entries(const char *dir, int *tmp_found)
+{
+    DIR *d = opendir(dir);
+    ck_assert_ptr_nonnull(d);
+    int count = 0;
+    *tmp_found = 0;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
+            continue;
+        count++;
+        if (strstr(e->d_name, ".tmp."))
+            *tmp_found = 1;
+    }
+    closedir(d);
+    return count;
+}
+
+/* The value an 8-bit (max 255) or 16-bit (max 65535) sample must read as. */
+static double sample_value(unsigned s, unsigned max)
+{
+    return (double)s / (double)max * 2.0 - 1.0;
+}
+
+/* Checks a (3, h, w) image against expected integer RGB samples
+ * want[(y * w + x) * 3 + c] of the given maximum. Tolerance 1e-6 is far
+ * below one 16-bit step (3e-5). */
+static void assert_rgb(const float *px, int h, int w, const unsigned *want, unsigned max,
+                       const char *what)
+{
+    const size_t plane = (size_t)h * w;
+    for (int y = 0; y < h; y++)
+        for (int x = 0; x < w; x++)
+            for (int c = 0; c < 3; c++) {
+                double expected = sample_value(want[((size_t)y * w + x) * 3 + c], max);
+                float got = px[c * plane + (size_t)y * w + x];
+                ck_assert_msg(fabs((double)got - expected) < 1e-6 && got >= -1.0f && got <= 1.0f,
+                              "%s: pixel (%d, %d) channel %d is %.9g, expected %.9g", what, y, x,
+                              c, (double)got, expected);
+            }
+}
+
+/* Writes a PNG with libpng: rows are given as packed bytes exactly as the
+ * PNG stores them (sub-byte samples MSB first, 16-bit big-endian). */
+typedef struct png_spec {
+    int w, h, depth, color, interlace;
+    const png_color *palette;
+    int palette_count;
+    const png_byte *trans; /* palette alpha */
+    int trans_count;
+    const png_color_16 *trans_color; /* grey or RGB transparent colour */
+} png_spec;
+
+static void write_png_file(const char *path, const png_spec *spec, const unsigned char *data,
+                           size_t rowbytes)
+{
+    FILE *fp = fopen(path, "wb");
+    ck_assert_ptr_nonnull(fp);
+    png_structp png = png_create_write_struct(PNG_LIBPNG_VER_STRING, NULL, NULL, NULL);
+    ck_assert_ptr_nonnull(png);
+    png_infop info = png_create_info_struct(png);
+    ck_assert_ptr_nonnull(info);
+    if (setjmp(png_jmpbuf(png)))
+        ck_abort_msg("libpng failed writing the test image %s", path);
+    png_init_io(png, fp);
+    png_set_IHDR(png, info, (png_uint_32)spec->w, (png_uint_32)spec->h, spec->depth, spec->color,
+                 spec->interlace, PNG_COMPRESSION_TYPE_DEFAULT, PNG_FILTER_TYPE_DEFAULT);
+    if (spec->palette)
+        png_set_PLTE(png, info, spec->palette, spec->palette_count);
+    if (spec->trans || spec->trans_color)
+        png_set_tRNS(png, info, spec->trans, spec->trans_count, spec->trans_color);
+    png_write_info(png, info);
+    png_bytep *rows = malloc((size_t)spec->h * sizeof *rows);
+    ck_assert_ptr_nonnull(rows);
+    for (int y = 0; y < spec->h; y++)
+        rows[y] = (png_bytep)(data + (size_t)y * rowbytes);
+    png_write_image(png, rows);
+    png_write_end(png, NULL);
+    png_destroy_write_struct(&png, &info);
+    free(rows);
+    fclose(fp);
+}
+
+/* Packs one sample of the given depth into a row (MSB first). */
+static void put_sample(unsigned char *row, int index, int depth, unsigned v)
+{
+    if (depth == 16) {
+        row[2 * index] = (unsigned char)(v >> 8);
+        row[2 * index + 1] = (unsigned char)v;
+    } else if (depth == 8) {
+        row[index] = (unsigned char)v;
+    } else {
+        int per_byte = 8 / depth;
+        int shift = 8 - depth * (index % per_byte + 1);
+        row[index / per_byte] |= (unsigned char)(v << shift);
+    }
+}
+
+/* Builds and checks an image of channels samples per pixel. The callback
+ * fills the samples of pixel i; to_rgb gives the expected RGB. */
+typedef struct variant {
+    const char *name;
+    png_spec spec;
+    int channels;       /* samples per pixel stored in the PNG */
+    unsigned max;       /* largest sample value */
+    unsigned out_max;   /* 255 or 65535: the scale of the expected RGB */
+} variant;
+
+static void run_variant(const variant *v, const unsigned *samples, const unsigned *want_rgb)
+{
+    const png_spec *s = &v->spec;
+    size_t rowbytes = ((size_t)s->w * v->channels * s->depth + 7) / 8;
+    unsigned char *data = calloc((size_t)s->h * rowbytes, 1);
+    ck_assert_ptr_nonnull(data);
+    for (int y = 0; y < s->h; y++)
+        for (int i = 0; i < s->w * v->channels; i++)
+            put_sample(data + (size_t)y * rowbytes, i, s->depth,
+                       samples[(size_t)y * s->w * v->channels + i]);
+    char *dir = test_tmpdir();
+    char *path = join(dir, "variant.png");
+    write_png_file(path, s, data, rowbytes);
+    float *px = NULL;
+    int h = -1, w = -1;
+    ck_assert_ok(klvae_image_read(path, &px, &h, &w));
+    ck_assert_ptr_nonnull(px);
+    ck_assert_int_eq(h, s->h);
+    ck_assert_int_eq(w, s->w);
+    assert_rgb(px, h, w, want_rgb, v->out_max, v->name);
+    klvae_free(px);
+    free(data);
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+
+/* Random samples for n values below max + 1. */
+static unsigned *random_samples(size_t n, unsigned max, uint64_t seed)
+{
+    test_rng rng = test_rng_new(seed);
+    unsigned *s = malloc(n * sizeof *s);
+    ck_assert_ptr_nonnull(s);
+    for (size_t i = 0; i < n; i++)
+        s[i] = (unsigned)(test_uniform(&rng) * (max + 1.0));
+    /* Make sure both extremes occur. */
+    s[0] = 0;
+    s[n - 1] = max;
+    return s;
+}
+
+/* Grey (+ alpha) samples to expected RGB at scale out_max. */
+static unsigned *grey_to_rgb(const unsigned *s, size_t pixels, int channels, unsigned scale)
+{
+    unsigned *rgb = malloc(pixels * 3 * sizeof *rgb);
+    ck_assert_ptr_nonnull(rgb);
+    for (size_t i = 0; i < pixels; i++)
+        for (int c = 0; c < 3; c++)
+            rgb[i * 3 + c] = s[i * channels] * scale;
+    return rgb;
+}
+
+/* RGB (+ alpha) samples to expected RGB. */
+static unsigned *drop_alpha(const unsigned *s, size_t pixels, int channels)
+{
+    unsigned *rgb = malloc(pixels * 3 * sizeof *rgb);
+    ck_assert_ptr_nonnull(rgb);
+    for (size_t i = 0; i < pixels; i++)
+        for (int c = 0; c < 3; c++)
+            rgb[i * 3 + c] = s[i * channels + c];
+    return rgb;
+}
+
+#define IMG_H 13
+#define IMG_W 29
+
+static void grey_variant(const char *name, int depth, int interlace, uint64_t seed)
+{
+    unsigned max = (1u << depth) - 1;
+    variant v = {name, {IMG_W, IMG_H, depth, PNG_COLOR_TYPE_GRAY, interlace, NULL, 0, NULL, 0,
+                        NULL},
+                 1, max, depth == 16 ? 65535u : 255u};
+    size_t pixels = (size_t)IMG_H * IMG_W;
+    unsigned *s = random_samples(pixels, max, seed);
+    /* Low bit depths are scaled up to 8 bits: 1 -> 255, 2 -> 85, 4 -> 17. */
+    unsigned scale = depth == 16 ? 1 : 255 / max;
+    unsigned *want = grey_to_rgb(s, pixels, 1, scale);
+    run_variant(&v, s, want);
+    free(s);
+    free(want);
+}
+
+/* ---- writing and reading back ---- */
+
+START_TEST(png_write_read_round_trip)
+{
+    const int h = 13, w = 29;
+    const size_t n = 3 * (size_t)h * w;
+    float *img = test_alloc(n);
+    test_rng rng = test_rng_new(21);
+    test_fill(img, n, &rng, -1.3f, 1.3f);
+    /* Clamping: out of range, infinities and NaN. */
+    img[0] = -1.0f;
+    img[1] = 1.0f;
+    img[2] = 0.0f;
+    img[3] = 7.5f;
+    img[4] = -2.0f;
+    img[5] = INFINITY;
+    img[6] = -INFINITY;
+    img[7] = NAN;
+    img[8] = -NAN;
+    img[n - 1] = 1.0001f;
+    char *dir = test_tmpdir();
+    char *path = join(dir, "out.png");
+    ck_assert_ok(klvae_image_write_png(path, img, h, w));
+    float *px = NULL;
+    int rh = 0, rw = 0;
+    ck_assert_ok(klvae_image_read(path, &px, &rh, &rw));
+    ck_assert_int_eq(rh, h);
+    ck_assert_int_eq(rw, w);
+    for (size_t i = 0; i < n; i++) {
+        double v = (double)img[i] * 0.5 + 0.5;
+        v = v > 0.0 ? (v < 1.0 ? v : 1.0) : 0.0; /* NaN clamps to 0 */
+        double q = nearbyint(255.0 * v);
+        double expected = q / 255.0 * 2.0 - 1.0;
+        ck_assert_msg(fabs((double)px[i] - expected) < 1e-6,
+                      "value %zu: wrote %.9g, read %.9g, expected %.9g", i, (double)img[i],
+                      (double)px[i], expected);
+    }
+    /* Spot checks of the clamps with literal values. */
+    ck_assert(fabs(px[3] - 1.0f) < 1e-6 && fabs(px[4] + 1.0f) < 1e-6);
+    ck_assert(fabs(px[5] - 1.0f) < 1e-6 && fabs(px[6] + 1.0f) < 1e-6);
+    ck_assert(fabs(px[7] + 1.0f) < 1e-6 && fabs(px[8] + 1.0f) < 1e-6);
+    ck_assert(fabs(px[2] - (128.0 / 255.0 * 2.0 - 1.0)) < 1e-6);
+
+    /* The file is an 8-bit RGB, non-interlaced PNG. */
+    FILE *fp = fopen(path, "rb");
+    ck_assert_ptr_nonnull(fp);
+    png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, NULL, NULL, NULL);
+    png_infop info = png_create_info_struct(png);
+    ck_assert(png && info);
+    if (setjmp(png_jmpbuf(png)))
+        ck_abort_msg("libpng cannot read %s", path);
+    png_init_io(png, fp);
+    png_read_info(png, info);
+    ck_assert_int_eq(png_get_image_width(png, info), w);
+    ck_assert_int_eq(png_get_image_height(png, info), h);
+    ck_assert_int_eq(png_get_bit_depth(png, info), 8);
+    ck_assert_int_eq(png_get_color_type(png, info), PNG_COLOR_TYPE_RGB);
+    ck_assert_int_eq(png_get_interlace_type(png, info), PNG_INTERLACE_NONE);
+    png_destroy_read_struct(&png, &info, NULL);
+    fclose(fp);
+
+    int tmp_found;
+    ck_assert_int_eq(count_entries(dir, &tmp_found), 1);
+    ck_assert_int_eq(tmp_found, 0);
+    klvae_free(px);
+    free(img);
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
+
+START_TEST(png_write_one_pixel)
+{
+    const float img[3] = {0.25f, -0.6f, 0.999f};
+    char *dir = test_tmpdir();
+    char *path = join(dir, "one.png");
+    ck_assert_ok(klvae_image_write_png(path, img, 1, 1));
+    float *px = NULL;
+    int h = 0, w = 0;
+    ck_assert_ok(klvae_image_read(path, &px, &h, &w));
+    ck_assert_int_eq(h, 1);
+    ck_assert_int_eq(w, 1);
+    /* 0.625 * 255 = 159.375 -> 159; 0.2 * 255 = 51; 0.9995 * 255 = 254.87 -> 255 */
+    const unsigned want[3] = {159, 51, 255};
+    assert_rgb(px, 1, 1, want, 255, "one pixel");
+    klvae_free(px);
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
+
+START_TEST(png_overwrite_replaces_file)
+{
+    char *dir = test_tmpdir();
+    char *path = join(dir, "img.png");
+    /* A larger image first, then a smaller one over it. */
+    const int h1 = 24, w1 = 40, h2 = 5, w2 = 7;
+    float *big = test_alloc(3 * (size_t)h1 * w1);
+    float *small = test_alloc(3 * (size_t)h2 * w2);
+    test_rng rng = test_rng_new(4);
+    test_fill(big, 3 * (size_t)h1 * w1, &rng, -1.0f, 1.0f);
+    test_fill(small, 3 * (size_t)h2 * w2, &rng, -1.0f, 1.0f);
+    ck_assert_ok(klvae_image_write_png(path, big, h1, w1));
+    struct stat sb1;
+    ck_assert_int_eq(stat(path, &sb1), 0);
+    ck_assert_ok(klvae_image_write_png(path, small, h2, w2));
+    struct stat sb2;
+    ck_assert_int_eq(stat(path, &sb2), 0);
+    ck_assert_int_lt(sb2.st_size, sb1.st_size);
+    float *px = NULL;
+    int h = 0, w = 0;
+    ck_assert_ok(klvae_image_read(path, &px, &h, &w));
+    ck_assert_int_eq(h, h2);
+    ck_assert_int_eq(w, w2);
+    for (size_t i = 0; i < 3 * (size_t)h2 * w2; i++) {
+        double q = nearbyint(255.0 * ((double)small[i] * 0.5 + 0.5));
+        ck_assert(fabs((double)px[i] - (q / 255.0 * 2.0 - 1.0)) < 1e-6);
+    }
+    int tmp_found;
+    ck_assert_int_eq(count_entries(dir, &tmp_found), 1);
+    ck_assert_int_eq(tmp_found, 0);
+    klvae_free(px);
+    free(big);
+    free(small);
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
+
+/* ---- PNG variants ---- */
+
+START_TEST(png_grey_8bit)
+{
+    grey_variant("grey 8-bit", 8, PNG_INTERLACE_NONE, 31);
+}
+END_TEST
+
+START_TEST(png_grey_1bit)
+{
+    grey_variant("grey 1-bit", 1, PNG_INTERLACE_NONE, 32);
+}
+END_TEST
+
+START_TEST(png_grey_2bit)
+{
+    grey_variant("grey 2-bit", 2, PNG_INTERLACE_NONE, 33);
+}
+END_TEST
+
+START_TEST(png_grey_4bit)
+{
+    grey_variant("grey 4-bit", 4, PNG_INTERLACE_NONE, 34);
+}
+END_TEST
+
+START_TEST(png_grey_16bit)
+{
+    grey_variant("grey 16-bit", 16, PNG_INTERLACE_NONE, 35);
+}
+END_TEST
+
+START_TEST(png_grey_alpha_8bit)
+{
+    variant v = {"grey+alpha 8-bit",
+                 {IMG_W, IMG_H, 8, PNG_COLOR_TYPE_GRAY_ALPHA, PNG_INTERLACE_NONE, NULL, 0, NULL,
+                  0, NULL},
+                 2, 255, 255};
+    size_t pixels = (size_t)IMG_H * IMG_W;
+    unsigned *s = random_samples(pixels * 2, 255, 36);
+    unsigned *want = grey_to_rgb(s, pixels, 2, 1); /* alpha dropped, not composited */
+    run_variant(&v, s, want);
+    free(s);
+    free(want);
+}
+END_TEST
+
+START_TEST(png_grey_with_trns)
+{
+    /* A transparent grey value: the colour stays, the transparency goes. */
+    png_color_16 trans = {0, 0, 0, 0, 77};
+    variant v = {"grey 8-bit with tRNS",
+                 {IMG_W, IMG_H, 8, PNG_COLOR_TYPE_GRAY, PNG_INTERLACE_NONE, NULL, 0, NULL, 0,
+                  &trans},
+                 1, 255, 255};
+    size_t pixels = (size_t)IMG_H * IMG_W;
+    unsigned *s = random_samples(pixels, 255, 37);
+    for (size_t i = 0; i < pixels; i += 5)
+        s[i] = 77;
+    unsigned *want = grey_to_rgb(s, pixels, 1, 1);
+    run_variant(&v, s, want);
+    free(s);
+    free(want);
+}
+END_TEST
+
+static void make_palette(png_color *pal, int count, uint64_t seed)
+{
+    test_rng rng = test_rng_new(seed);
+    for (int i = 0; i < count; i++) {
+        pal[i].red = (png_byte)(test_uniform(&rng) * 256.0);
+        pal[i].green = (png_byte)(test_uniform(&rng) * 256.0);
+        pal[i].blue = (png_byte)(test_uniform(&rng) * 256.0);
+    }
+}
+
+static unsigned *palette_to_rgb(const unsigned *idx, size_t pixels, const png_color *pal)
+{
+    unsigned *rgb = malloc(pixels * 3 * sizeof *rgb);
+    ck_assert_ptr_nonnull(rgb);
+    for (size_t i = 0; i < pixels; i++) {
+        rgb[3 * i] = pal[idx[i]].red;
+        rgb[3 * i + 1] = pal[idx[i]].green;
+        rgb[3 * i + 2] = pal[idx[i]].blue;
+    }
+    return rgb;
+}
+
+START_TEST(png_palette_8bit)
+{
+    png_color pal[7];
+    make_palette(pal, 7, 40);
+    variant v = {"palette 8-bit",
+                 {IMG_W, IMG_H, 8, PNG_COLOR_TYPE_PALETTE, PNG_INTERLACE_NONE, pal, 7, NULL, 0,
+                  NULL},
+                 1, 6, 255};
+    size_t pixels = (size_t)IMG_H * IMG_W;
+    unsigned *s = random_samples(pixels, 6, 41);
+    unsigned *want = palette_to_rgb(s, pixels, pal);
+    run_variant(&v, s, want);
+    free(s);
+    free(want);
+}
+END_TEST
+
+START_TEST(png_palette_4bit)
+{
+    png_color pal[16];
+    make_palette(pal, 16, 42);
+    variant v = {"palette 4-bit",
+                 {IMG_W, IMG_H, 4, PNG_COLOR_TYPE_PALETTE, PNG_INTERLACE_NONE, pal, 16, NULL, 0,
+                  NULL},
+                 1, 15, 255};
+    size_t pixels = (size_t)IMG_H * IMG_W;
+    unsigned *s = random_samples(pixels, 15, 43);
+    unsigned *want = palette_to_rgb(s, pixels, pal);
+    run_variant(&v, s, want);
+    free(s);
+    free(want);
+}
+END_TEST
+
+START_TEST(png_palette_with_trns)
+{
+    png_color pal[5];
+    make_palette(pal, 5, 44);
+    const png_byte alpha[5] = {0, 128, 255, 3, 200};
+    variant v = {"palette 8-bit with tRNS",
+                 {IMG_W, IMG_H, 8, PNG_COLOR_TYPE_PALETTE, PNG_INTERLACE_NONE, pal, 5, alpha, 5,
+                  NULL},
+                 1, 4, 255};
+    size_t pixels = (size_t)IMG_H * IMG_W;
+    unsigned *s = random_samples(pixels, 4, 45);
+    unsigned *want = palette_to_rgb(s, pixels, pal); /* alpha dropped */
+    run_variant(&v, s, want);
+    free(s);
+    free(want);
+}
+END_TEST
+
+START_TEST(png_rgb_8bit)
+{
+    variant v = {"RGB 8-bit",
+                 {IMG_W, IMG_H, 8, PNG_COLOR_TYPE_RGB, PNG_INTERLACE_NONE, NULL, 0, NULL, 0,
+                  NULL},
+                 3, 255, 255};
+    size_t pixels = (size_t)IMG_H * IMG_W;
+    unsigned *s = random_samples(pixels * 3, 255, 46);
+    run_variant(&v, s, s);
+    free(s);
+}
+END_TEST
+
+START_TEST(png_rgba_8bit)
+{
+    variant v = {"RGBA 8-bit",
+                 {IMG_W, IMG_H, 8, PNG_COLOR_TYPE_RGB_ALPHA, PNG_INTERLACE_NONE, NULL, 0, NULL,
+                  0, NULL},
+                 4, 255, 255};
+    size_t pixels = (size_t)IMG_H * IMG_W;
+    unsigned *s = random_samples(pixels * 4, 255, 47);
+    unsigned *want = drop_alpha(s, pixels, 4);
+    run_variant(&v, s, want);
+    free(s);
+    free(want);
+}
+END_TEST
+
+START_TEST(png_rgb_16bit)
+{
+    variant v = {"RGB 16-bit",
+                 {IMG_W, IMG_H, 16, PNG_COLOR_TYPE_RGB, PNG_INTERLACE_NONE, NULL, 0, NULL, 0,
+                  NULL},
+                 3, 65535, 65535};
+    size_t pixels = (size_t)IMG_H * IMG_W;
+    unsigned *s = random_samples(pixels * 3, 65535, 48);
+    /* Values that differ only in the low byte must stay apart. */
+    s[3] = 0x1234;
+    s[4] = 0x1235;
+    s[5] = 0x00FF;
+    run_variant(&v, s, s);
+    free(s);
+}
+END_TEST
+
+START_TEST(png_rgba_16bit)
+{
+    variant v = {"RGBA 16-bit",
+                 {IMG_W, IMG_H, 16, PNG_COLOR_TYPE_RGB_ALPHA, PNG_INTERLACE_NONE, NULL, 0, NULL,
+                  0, NULL},
+                 4, 65535, 65535};
+    size_t pixels = (size_t)IMG_H * IMG_W;
+    unsigned *s = random_samples(pixels * 4, 65535, 49);
+    unsigned *want = drop_alpha(s, pixels, 4);
+    run_variant(&v, s, want);
+    free(s);
+    free(want);
+}
+END_TEST
+
+START_TEST(png_interlaced_rgb_8bit)
+{
+    variant v = {"interlaced RGB 8-bit",
+                 {IMG_W, IMG_H, 8, PNG_COLOR_TYPE_RGB, PNG_INTERLACE_ADAM7, NULL, 0, NULL, 0,
+                  NULL},
+                 3, 255, 255};
+    size_t pixels = (size_t)IMG_H * IMG_W;
+    unsigned *s = random_samples(pixels * 3, 255, 50);
+    run_variant(&v, s, s);
+    free(s);
+}
+END_TEST
+
+START_TEST(png_interlaced_grey_16bit)
+{
+    grey_variant("interlaced grey 16-bit", 16, PNG_INTERLACE_ADAM7, 51);
+}
+END_TEST
+
+START_TEST(png_interlaced_grey_2bit)
+{
+    grey_variant("interlaced grey 2-bit", 2, PNG_INTERLACE_ADAM7, 52);
+}
+END_TEST
+
+/* ---- JPEG ---- */
+
+/* Writes a w x h JPEG at quality 100 without chroma subsampling. samples
+ * are row-major, components per pixel. */
+static void write_jpeg_file(const char *path, const unsigned char *samples, int w, int h,
+                            int components)
+{
+    FILE *fp = fopen(path, "wb");
+    ck_assert_ptr_nonnull(fp);
+    struct jpeg_compress_struct cinfo;
+    struct jpeg_error_mgr jerr;
+    cinfo.err = jpeg_std_error(&jerr);
+    jpeg_create_compress(&cinfo);
+    jpeg_stdio_dest(&cinfo, fp);
+    cinfo.image_width = (JDIMENSION)w;
+    cinfo.image_height = (JDIMENSION)h;
+    cinfo.input_components = components;
+    cinfo.in_color_space = components == 1 ? JCS_GRAYSCALE : JCS_RGB;
+    jpeg_set_defaults(&cinfo);
+    jpeg_set_quality(&cinfo, 100, TRUE);
+    for (int c = 0; c < cinfo.num_components; c++) {
+        cinfo.comp_info[c].h_samp_factor = 1;
+        cinfo.comp_info[c].v_samp_factor = 1;
+    }
+    jpeg_start_compress(&cinfo, TRUE);
+    while (cinfo.next_scanline < cinfo.image_height) {
+        JSAMPROW row = (JSAMPROW)(samples + (size_t)cinfo.next_scanline * w * components);
+        jpeg_write_scanlines(&cinfo, &row, 1);
+    }
+    jpeg_finish_compress(&cinfo);
+    jpeg_destroy_compress(&cinfo);
+    fclose(fp);
+}
+
+/* A smooth test pattern (JPEG is lossy; smooth content keeps the error
+ * small). */
+static unsigned char pattern(int x, int y, int c)
+{
+    double v = 128.0 + 90.0 * sin(0.21 * x + 0.9 * c) * cos(0.17 * y - 0.4 * c);
+    return (unsigned char)lrint(v);
+}
+
+START_TEST(jpeg_rgb)
+{
+    const int w = 37, h = 21;
+    unsigned char *rgb = malloc((size_t)w * h * 3);
+    ck_assert_ptr_nonnull(rgb);
+    for (int y = 0; y < h; y++)
+        for (int x = 0; x < w; x++)
+            for (int c = 0; c < 3; c++)
+                rgb[((size_t)y * w + x) * 3 + c] = pattern(x, y, c);
+    char *dir = test_tmpdir();
+    char *path = join(dir, "photo.jpg");
+    write_jpeg_file(path, rgb, w, h, 3);
+    float *px = NULL;
+    int rh = 0, rw = 0;
+    ck_assert_ok(klvae_image_read(path, &px, &rh, &rw));
+    ck_assert_int_eq(rh, h);
+    ck_assert_int_eq(rw, w);
+    const size_t plane = (size_t)h * w;
+    double worst = 0.0;
+    int channel_differs = 0;
+    for (int y = 0; y < h; y++)
+        for (int x = 0; x < w; x++) {
+            for (int c = 0; c < 3; c++) {
+                float got = px[c * plane + (size_t)y * w + x];
+                ck_assert(got >= -1.0f && got <= 1.0f);
+                double d = fabs((double)got - sample_value(rgb[((size_t)y * w + x) * 3 + c], 255));
+                if (d > worst)
+                    worst = d;
+            }
+            if (px[(size_t)y * w + x] != px[plane + (size_t)y * w + x])
+                channel_differs = 1;
+        }
+    /* At most 5 levels of 255 off (in [-1, 1] units: 10/255); libjpeg-turbo
+     * at quality 100 without subsampling is about 3 levels off. */
+    ck_assert_msg(worst <= 10.0 / 255.0, "largest JPEG error %.5f", worst);
+    ck_assert_int_eq(channel_differs, 1); /* really colour, channels in the right planes */
+    klvae_free(px);
+    free(rgb);
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
+
+START_TEST(jpeg_grey_gives_equal_channels)
+{
+    const int w = 19, h = 33;
+    unsigned char *grey = malloc((size_t)w * h);
+    ck_assert_ptr_nonnull(grey);
+    for (int y = 0; y < h; y++)
+        for (int x = 0; x < w; x++)
+            grey[(size_t)y * w + x] = pattern(x, y, 1);
+    char *dir = test_tmpdir();
+    char *path = join(dir, "grey.jpeg");
+    write_jpeg_file(path, grey, w, h, 1);
+    float *px = NULL;
+    int rh = 0, rw = 0;
+    ck_assert_ok(klvae_image_read(path, &px, &rh, &rw));
+    ck_assert_int_eq(rh, h);
+    ck_assert_int_eq(rw, w);
+    const size_t plane = (size_t)h * w;
+    for (size_t i = 0; i < plane; i++) {
+        ck_assert_msg(px[i] == px[plane + i] && px[i] == px[2 * plane + i],
+                      "pixel %zu: R, G, B = %g, %g, %g", i, (double)px[i],
+                      (double)px[plane + i], (double)px[2 * plane + i]);
+        ck_assert_msg(fabs((double)px[i] - sample_value(grey[i], 255)) <= 8.0 / 255.0,
+                      "pixel %zu: %g, expected about %g", i, (double)px[i],
+                      sample_value(grey[i], 255));
+    }
+    klvae_free(px);
+    free(grey);
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
+
+/* ---- errors ---- */
+
+/* Reads path expecting failure with status; checks the outputs are reset. */
+static void expect_read_failure(const char *path, klvae_status_t status)
+{
+    float sentinel[1];
+    float *px = sentinel;
+    int h = 123, w = 456;
+    ck_assert_status(klvae_image_read(path, &px, &h, &w), status);
+    ck_assert_ptr_null(px);
+    ck_assert_int_eq(h, 0);
+    ck_assert_int_eq(w, 0);
+}
+
+START_TEST(read_nonexistent_file_is_io)
+{
+    char *dir = test_tmpdir();
+    char *path = join(dir, "no-such-image.png");
+    expect_read_failure(path, KLVAE_ERR_IO);
+    ck_assert_error_mentions(path);
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
+
+START_TEST(read_empty_file_is_format)
+{
+    char *dir = test_tmpdir();
+    char *path = join(dir, "empty.png");
+    test_write_file(path, "", 0);
+    expect_read_failure(path, KLVAE_ERR_FORMAT);
+    ck_assert_error_mentions(path);
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
+
+START_TEST(read_text_file_is_format)
+{
+    char *dir = test_tmpdir();
+    char *path = join(dir, "notes.png");
+    const char *text = "This is a text file, not an image.\nSecond line.\n";
+    test_write_file(path, text, strlen(text));
+    expect_read_failure(path, KLVAE_ERR_FORMAT);
+    ck_assert_error_mentions(path);
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
+
+START_TEST(read_truncated_png_is_format)
+{
+    char *dir = test_tmpdir();
+    char *path = join(dir, "whole.png");
+    char *cut = join(dir, "cut.png");
+    float *img = test_alloc(3 * 16 * 16);
+    test_rng rng = test_rng_new(60);
+    test_fill(img, 3 * 16 * 16, &rng, -1.0f, 1.0f);
+    ck_assert_ok(klvae_image_write_png(path, img, 16, 16));
+    FILE *fp = fopen(path, "rb");
+    ck_assert_ptr_nonnull(fp);
+    unsigned char head[40];
+    ck_assert_uint_eq(fread(head, 1, sizeof head, fp), sizeof head);
+    fclose(fp);
+    test_write_file(cut, head, sizeof head);
+    expect_read_failure(cut, KLVAE_ERR_FORMAT);
+    ck_assert_error_mentions("corrupt");
+    ck_assert_error_mentions(cut);
+    free(img);
+    test_rmtree(dir);
+    free(path);
+    free(cut);
+    free(dir);
+}
+END_TEST
+
+START_TEST(read_png_cut_in_image_data_is_format)
+{
+    /* Cut inside the IDAT stream, well after the header. */
+    char *dir = test_tmpdir();
+    char *path = join(dir, "whole.png");
+    char *cut = join(dir, "cut.png");
+    const int h = 40, w = 40;
+    float *img = test_alloc(3 * (size_t)h * w);
+    test_rng rng = test_rng_new(61);
+    test_fill(img, 3 * (size_t)h * w, &rng, -1.0f, 1.0f); /* noise: compresses badly */
+    ck_assert_ok(klvae_image_write_png(path, img, h, w));
+    FILE *fp = fopen(path, "rb");
+    ck_assert_ptr_nonnull(fp);
+    unsigned char *buf = malloc(20000);
+    ck_assert_ptr_nonnull(buf);
+    size_t len = fread(buf, 1, 20000, fp);
+    fclose(fp);
+    ck_assert_uint_gt(len, 2000);
+    test_write_file(cut, buf, len / 2);
+    expect_read_failure(cut, KLVAE_ERR_FORMAT);
+    ck_assert_error_mentions("corrupt");
+    free(buf);
+    free(img);
+    test_rmtree(dir);
+    free(path);
+    free(cut);
+    free(dir);
+}
+END_TEST
+
+START_TEST(read_corrupt_jpeg_is_format)
+{
+    char *dir = test_tmpdir();
+    char *path = join(dir, "bad.jpg");
+    /* A JPEG start-of-image marker followed by junk. */
+    unsigned char junk[64] = {0xFF, 0xD8, 0xFF, 0x01, 0x02, 0x03};
+    for (int i = 6; i < 64; i++)
+        junk[i] = (unsigned char)(i * 7);
+    test_write_file(path, junk, sizeof junk);
+    expect_read_failure(path, KLVAE_ERR_FORMAT);
+    ck_assert_error_mentions(path);
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
+
+START_TEST(read_truncated_jpeg_is_format)
+{
+    /* A JPEG cut in the middle of its entropy-coded data: libjpeg only warns
+     * and pads with grey, but the file is corrupt and must be refused rather
+     * than returned with half of the image made up. */
+    const int w = 48, h = 40;
+    unsigned char *rgb = malloc((size_t)w * h * 3);
+    ck_assert_ptr_nonnull(rgb);
+    test_rng rng = test_rng_new(63);
+    for (size_t i = 0; i < (size_t)w * h * 3; i++)
+        rgb[i] = (unsigned char)(test_uniform(&rng) * 256.0); /* noise: a long scan */
+    char *dir = test_tmpdir();
+    char *path = join(dir, "whole.jpg");
+    char *cut = join(dir, "cut.jpg");
+    write_jpeg_file(path, rgb, w, h, 3);
+    FILE *fp = fopen(path, "rb");
+    ck_assert_ptr_nonnull(fp);
+    unsigned char *buf = malloc(65536);
+    ck_assert_ptr_nonnull(buf);
+    size_t len = fread(buf, 1, 65536, fp);
+    fclose(fp);
+    ck_assert_uint_gt(len, 4000);
+    test_write_file(cut, buf, len / 2);
+    free(buf);
+    free(rgb);
+    float sentinel[1];
+    float *px = sentinel;
+    int rh = 123, rw = 456;
+    klvae_status_t st = klvae_image_read(cut, &px, &rh, &rw);
+    if (st == KLVAE_OK && px && px != sentinel)
+        klvae_free(px);
+    char message[1024];
+    snprintf(message, sizeof message, "%s", klvae_last_error());
+    bool names_cut = strstr(message, cut) != NULL;
+    /* Clean up before asserting, so that a failure leaks nothing. */
+    test_rmtree(dir);
+    free(path);
+    free(cut);
+    free(dir);
+    ck_assert_msg(st == KLVAE_ERR_FORMAT, "returned %d (%s), expected %d (malformed file)",
+                  (int)st, klvae_status_string(st), (int)KLVAE_ERR_FORMAT);
+    ck_assert_msg(names_cut, "message \"%s\" does not name the file", message);
+    ck_assert_ptr_null(px);
+    ck_assert_int_eq(rh, 0);
+    ck_assert_int_eq(rw, 0);
+}
+END_TEST
+
+START_TEST(read_directory_is_io)
+{
+    /* A folder cannot be opened as an image: that is an I/O error, not a
+     * malformed (or "empty") file. */
+    char dir[4096];
+    char *made = test_tmpdir();
+    snprintf(dir, sizeof dir, "%s", made);
+    test_rmtree(made);
+    free(made);
+    ck_assert_int_eq(mkdir(dir, 0700), 0);
+    /* rmdir below is all the cleanup; nothing leaks if an assertion fails. */
+    float sentinel[1];
+    float *px = sentinel;
+    int h = 123, w = 456;
+    klvae_status_t st = klvae_image_read(dir, &px, &h, &w);
+    if (st == KLVAE_OK && px && px != sentinel)
+        klvae_free(px);
+    rmdir(dir);
+    ck_assert_status(st, KLVAE_ERR_IO);
+    ck_assert_error_mentions(dir);
+    ck_assert_ptr_null(px);
+    ck_assert_int_eq(h, 0);
+    ck_assert_int_eq(w, 0);
+}
+END_TEST
+
+START_TEST(write_to_missing_folder_is_io)
+{
+    char *dir = test_tmpdir();
+    char *missing = join(dir, "no-such-folder");
+    char *path = join(missing, "out.png");
+    float img[3 * 2 * 3] = {0};
+    ck_assert_status(klvae_image_write_png(path, img, 2, 3), KLVAE_ERR_IO);
+    ck_assert_error_mentions(path);
+    ck_assert(!path_exists(path));
+    ck_assert(!path_exists(missing));
+    int tmp_found;
+    ck_assert_int_eq(count_entries(dir, &tmp_found), 0);
+    test_rmtree(dir);
+    free(path);
+    free(missing);
+    free(dir);
+}
+END_TEST
+
+START_TEST(write_over_folder_is_io_and_leaves_no_temporary)
+{
+    /* The temporary file is written, then the rename onto a folder fails:
+     * the temporary must be removed. */
+    char *dir = test_tmpdir();
+    char *target = join(dir, "target.png");
+    ck_assert_int_eq(mkdir(target, 0755), 0);
+    float img[3 * 4 * 4];
+    test_rng rng = test_rng_new(62);
+    test_fill(img, 3 * 4 * 4, &rng, -1.0f, 1.0f);
+    ck_assert_status(klvae_image_write_png(target, img, 4, 4), KLVAE_ERR_IO);
+    ck_assert_error_mentions(target);
+    struct stat sb;
+    ck_assert_int_eq(stat(target, &sb), 0);
+    ck_assert(S_ISDIR(sb.st_mode));
+    int tmp_found;
+    ck_assert_int_eq(count_entries(dir, &tmp_found), 1);
+    ck_assert_int_eq(tmp_found, 0);
+    test_rmtree(dir);
+    free(target);
+    free(dir);
+}
+END_TEST
+
+static void expect_write_size_rejected(int h, int w)
+{
+    char *dir = test_tmpdir();
+    char *path = join(dir, "bad-size.png");
+    float img[3 * 4 * 4] = {0};
+    ck_assert_status(klvae_image_write_png(path, img, h, w), KLVAE_ERR_INVALID_ARGUMENT);
+    char size[64];
+    snprintf(size, sizeof size, "%d x %d", h, w);
+    ck_assert_error_mentions(size);
+    ck_assert(!path_exists(path));
+    int tmp_found;
+    ck_assert_int_eq(count_entries(dir, &tmp_found), 0);
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+
+START_TEST(write_zero_height_is_invalid)
+{
+    expect_write_size_rejected(0, 4);
+}
+END_TEST
+
+START_TEST(write_negative_width_is_invalid)
+{
+    expect_write_size_rejected(4, -3);
+}
+END_TEST
+
+START_TEST(write_zero_width_is_invalid)
+{
+    expect_write_size_rejected(4, 0);
+}
+END_TEST
+
+START_TEST(write_negative_height_is_invalid)
+{
+    expect_write_size_rejected(-1, 4);
+}
+END_TEST
 
 Suite *suite_image(void)
 {
     Suite *s = suite_create("image");
+    TCase *tc = tcase_create("write");
+    tcase_add_test(tc, png_write_read_round_trip);
+    tcase_add_test(tc, png_write_one_pixel);
+    tcase_add_test(tc, png_overwrite_replaces_file);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("png");
+    tcase_add_test(tc, png_grey_8bit);
+    tcase_add_test(tc, png_grey_1bit);
+    tcase_add_test(tc, png_grey_2bit);
+    tcase_add_test(tc, png_grey_4bit);
+    tcase_add_test(tc, png_grey_16bit);
+    tcase_add_test(tc, png_grey_alpha_8bit);
+    tcase_add_test(tc, png_grey_with_trns);
+    tcase_add_test(tc, png_palette_8bit);
+    tcase_add_test(tc, png_palette_4bit);
+    tcase_add_test(tc, png_palette_with_trns);
+    tcase_add_test(tc, png_rgb_8bit);
+    tcase_add_test(tc, png_rgba_8bit);
+    tcase_add_test(tc, png_rgb_16bit);
+    tcase_add_test(tc, png_rgba_16bit);
+    tcase_add_test(tc, png_interlaced_rgb_8bit);
+    tcase_add_test(tc, png_interlaced_grey_16bit);
+    tcase_add_test(tc, png_interlaced_grey_2bit);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("jpeg");
+    tcase_add_test(tc, jpeg_rgb);
+    tcase_add_test(tc, jpeg_grey_gives_equal_channels);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("errors");
+    tcase_add_test(tc, read_nonexistent_file_is_io);
+    tcase_add_test(tc, read_empty_file_is_format);
+    tcase_add_test(tc, read_text_file_is_format);
+    tcase_add_test(tc, read_truncated_png_is_format);
+    tcase_add_test(tc, read_png_cut_in_image_data_is_format);
+    tcase_add_test(tc, read_corrupt_jpeg_is_format);
+    tcase_add_test(tc, read_truncated_jpeg_is_format);
+    tcase_add_test(tc, read_directory_is_io);
+    tcase_add_test(tc, write_to_missing_folder_is_io);
+    tcase_add_test(tc, write_over_folder_is_io_and_leaves_no_temporary);
+    tcase_add_test(tc, write_zero_height_is_invalid);
+    tcase_add_test(tc, write_negative_width_is_invalid);
+    tcase_add_test(tc, write_zero_width_is_invalid);
+    tcase_add_test(tc, write_negative_height_is_invalid);
+    suite_add_tcase(s, tc);
     return s;
 }

@@ -58,7 +58,10 @@ static const conv_case conv_cases[] = {
     {2, 4, 8, 10, 3, 3, {2, 0, 0, 1, 1}, true},  /* Downsample2D: pad right/bottom, stride 2 */
     {3, 3, 5, 6, 7, 3, {2, 1, 2, 1, 0}, false},  /* uneven padding, no bias */
     {1, 64, 64, 64, 40, 3, {1, 1, 1, 1, 1}, true}, /* several row bands */
-    {2, 96, 4, 6, 64, 3, {1, 1, 1, 1, 1}, true},  /* few bands: output channels split */
+    {2, 96, 4, 6, 64, 3, {1, 1, 1, 1, 1}, true},  /* Winograd, tiny image */
+    {2, 33, 7, 9, 35, 3, {1, 1, 1, 1, 1}, true},  /* Winograd, odd sizes and channels */
+    {1, 40, 90, 70, 32, 3, {1, 1, 1, 1, 1}, false}, /* Winograd, several bands, no bias */
+    {2, 96, 4, 6, 64, 3, {2, 1, 1, 1, 1}, true},  /* im2col: few bands, channels split */
 };
 
 static void conv_reference(const conv_case *c, const float *x, const float *w, const float *b,

@@ -1,8 +1,869 @@
-/* test_safetensors.c — placeholder, filled in by the next commits. */
+/* test_safetensors.c — the safetensors reader and writer (internal API):
+ * round trips, dtype conversion checked against independently computed
+ * values, alignment, holes, empty tensors, key order. */
+#include <dirent.h>
+#include <float.h>
+#include <sys/stat.h>
+
+#include "safetensors.h"
 #include "test_util.h"
+
+/* ---- helpers ---- */
+
+static uint32_t float_bits(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+static float bits_float(uint32_t u)
+{
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* path = dir/name, malloc'ed. */
+static char *join(const char *dir, const char *name)
+{
+    size_t n = strlen(dir) + strlen(name) + 2;
+    char *p = malloc(n);
+    ck_assert_ptr_nonnull(p);
+    snprintf(p, n, "%s/%s", dir, name);
+    return p;
+}
+
+/* Writes a safetensors file: the 8-byte little-endian length of header,
+ * header itself, then exactly the given data bytes. */
+static void write_st_bytes(const char *path, const char *header, const void *data, size_t len)
+{
+    size_t hlen = strlen(header);
+    unsigned char *buf = malloc(8 + hlen + len + 1);
+    ck_assert_ptr_nonnull(buf);
+    for (int i = 0; i < 8; i++)
+        buf[i] = (unsigned char)((uint64_t)hlen >> (8 * i));
+    memcpy(buf + 8, header, hlen);
+    if (len)
+        memcpy(buf + 8 + hlen, data, len);
+    test_write_file(path, buf, 8 + hlen + len);
+    free(buf);
+}
+
+static unsigned char *read_whole_file(const char *path, size_t *len)
+{
+    FILE *fp = fopen(path, "rb");
+    ck_assert_msg(fp != NULL, "cannot open %s", path);
+    fseek(fp, 0, SEEK_END);
+    long size = ftell(fp);
+    ck_assert_int_ge(size, 0);
+    rewind(fp);
+    unsigned char *buf = malloc((size_t)size + 1);
+    ck_assert_ptr_nonnull(buf);
+    ck_assert_uint_eq(fread(buf, 1, (size_t)size, fp), (size_t)size);
+    fclose(fp);
+    *len = (size_t)size;
+    return buf;
+}
+
+/* Number of entries of dir other than . and .. ; *tmp_found is set when one
+ * of them has ".tmp." in its name. */
+static int count_entries(const char *dir, int *tmp_found)
+{
+    DIR *d = opendir(dir);
+    ck_assert_ptr_nonnull(d);
+    int count = 0;
+    *tmp_found = 0;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
+            continue;
+        count++;
+        if (strstr(e->d_name, ".tmp."))
+            *tmp_found = 1;
+    }
+    closedir(d);
+    return count;
+}
+
+static void assert_bits_equal(const float *got, const float *want, size_t n, const char *what)
+{
+    for (size_t i = 0; i < n; i++)
+        ck_assert_msg(float_bits(got[i]) == float_bits(want[i]),
+                      "%s[%zu]: got 0x%08x (%g), expected 0x%08x (%g)", what, i,
+                      float_bits(got[i]), (double)got[i], float_bits(want[i]), (double)want[i]);
+}
+
+/* ---- round trip through kv_st_write ---- */
+
+typedef struct rt_tensor {
+    const char *name;
+    int ndim;
+    int64_t shape[KV_ST_MAX_DIMS];
+    float *data;
+    size_t numel;
+} rt_tensor;
+
+typedef struct rt_ctx {
+    rt_tensor *tensors;
+    int fetched;
+    int fail_at; /* index whose fetch fails, or -1 */
+} rt_ctx;
+
+static klvae_status_t rt_fetch(void *ctx, size_t index, float *dst)
+{
+    rt_ctx *c = ctx;
+    c->fetched++;
+    if ((int)index == c->fail_at)
+        return KLVAE_ERR_INTERNAL;
+    if (c->tensors[index].numel)
+        memcpy(dst, c->tensors[index].data, c->tensors[index].numel * sizeof(float));
+    return KLVAE_OK;
+}
+
+#define RT_COUNT 6
+
+static void rt_make(rt_tensor t[RT_COUNT], test_rng *rng)
+{
+    static const struct {
+        const char *name;
+        int ndim;
+        int64_t shape[4];
+    } spec[RT_COUNT] = {
+        {"encoder.conv_in.weight", 4, {5, 3, 3, 1}},
+        {"alpha", 1, {7}},
+        {"empty_middle", 3, {4, 0, 3}},
+        {"Zed.bias", 2, {1, 11}},
+        {"scalar", 0, {0}},
+        {"big.odd", 4, {2, 3, 5, 7}},
+    };
+    for (int i = 0; i < RT_COUNT; i++) {
+        t[i].name = spec[i].name;
+        t[i].ndim = spec[i].ndim;
+        memset(t[i].shape, 0, sizeof t[i].shape);
+        size_t n = 1;
+        for (int d = 0; d < spec[i].ndim; d++) {
+            t[i].shape[d] = spec[i].shape[d];
+            n *= (size_t)spec[i].shape[d];
+        }
+        t[i].numel = n;
+        t[i].data = test_alloc(n);
+        test_fill(t[i].data, n, rng, -100.0f, 100.0f);
+    }
+    /* Special bit patterns must survive untouched. */
+    float *b = t[5].data;
+    b[0] = bits_float(0x7FC12345u); /* NaN with payload */
+    b[1] = -0.0f;
+    b[2] = INFINITY;
+    b[3] = -INFINITY;
+    b[4] = bits_float(0x00000001u); /* smallest subnormal */
+    b[5] = FLT_MAX;
+    b[6] = bits_float(0xFF812345u); /* negative signalling NaN */
+}
+
+static void rt_free(rt_tensor t[RT_COUNT])
+{
+    for (int i = 0; i < RT_COUNT; i++)
+        free(t[i].data);
+}
+
+START_TEST(write_read_round_trip)
+{
+    char *dir = test_tmpdir();
+    char *path = join(dir, "model.safetensors");
+    test_rng rng = test_rng_new(11);
+    rt_tensor t[RT_COUNT];
+    rt_make(t, &rng);
+    kv_st_entry entries[RT_COUNT];
+    for (int i = 0; i < RT_COUNT; i++) {
+        entries[i].name = t[i].name;
+        entries[i].ndim = t[i].ndim;
+        memcpy(entries[i].shape, t[i].shape, sizeof entries[i].shape);
+    }
+    kv_st_meta meta[] = {{"format", "pt"}, {"note", "odd \xe2\x98\x83 value, with \"quotes\""}};
+    rt_ctx ctx = {t, 0, -1};
+    ck_assert_ok(kv_st_write(path, entries, RT_COUNT, meta, 2, rt_fetch, &ctx));
+    ck_assert_int_eq(ctx.fetched, RT_COUNT);
+
+    kv_safetensors st;
+    ck_assert_ok(kv_st_open(path, &st));
+    ck_assert_uint_eq(st.count, RT_COUNT);
+    ck_assert_uint_eq(st.metadata_count, 2);
+    ck_assert_str_eq(kv_st_metadata(&st, "format"), "pt");
+    ck_assert_str_eq(kv_st_metadata(&st, "note"), meta[1].value);
+    ck_assert_ptr_null(kv_st_metadata(&st, "missing"));
+    ck_assert_ptr_null(kv_st_find(&st, "__metadata__"));
+    ck_assert_ptr_null(kv_st_find(&st, "alph"));
+    size_t total_bytes = 0;
+    for (int i = 0; i < RT_COUNT; i++) {
+        const kv_st_tensor *x = kv_st_find(&st, t[i].name);
+        ck_assert_msg(x != NULL, "tensor %s not found", t[i].name);
+        ck_assert_str_eq(x->name, t[i].name);
+        ck_assert_str_eq(x->dtype, "F32");
+        ck_assert_int_eq(x->bits, 32);
+        ck_assert_int_eq(x->ndim, t[i].ndim);
+        for (int d = 0; d < t[i].ndim; d++)
+            ck_assert_int_eq(x->shape[d], t[i].shape[d]);
+        ck_assert_uint_eq(kv_st_numel(x), t[i].numel);
+        ck_assert_uint_eq(x->end - x->begin, t[i].numel * 4);
+        total_bytes += t[i].numel * 4;
+        float *got = test_alloc(t[i].numel);
+        ck_assert_ok(kv_st_read_f32(&st, x, got));
+        assert_bits_equal(got, t[i].data, t[i].numel, t[i].name);
+        free(got);
+    }
+    /* Data starts 8-byte aligned: the header is padded with spaces. */
+    ck_assert_uint_eq(st.data_start % 8, 0);
+    ck_assert_uint_eq(st.file_size, st.data_start + total_bytes);
+    uint64_t data_start = st.data_start;
+    kv_st_close(&st);
+
+    size_t len;
+    unsigned char *raw = read_whole_file(path, &len);
+    uint64_t hlen = 0;
+    for (int i = 7; i >= 0; i--)
+        hlen = (hlen << 8) | raw[i];
+    ck_assert_uint_eq(8 + hlen, data_start);
+    ck_assert_uint_eq(len, data_start + total_bytes);
+    size_t last = 8 + (size_t)hlen;
+    while (last > 8 && raw[last - 1] == ' ')
+        last--;
+    ck_assert_msg(raw[8] == '{' && raw[last - 1] == '}', "header is not a padded JSON object");
+    ck_assert_uint_lt(8 + hlen - last, 8); /* at most 7 spaces of padding */
+    free(raw);
+
+    int tmp_found;
+    ck_assert_int_eq(count_entries(dir, &tmp_found), 1);
+    ck_assert_int_eq(tmp_found, 0);
+    rt_free(t);
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
+
+START_TEST(write_fetch_failure_leaves_nothing)
+{
+    char *dir = test_tmpdir();
+    char *path = join(dir, "model.safetensors");
+    test_rng rng = test_rng_new(12);
+    rt_tensor t[RT_COUNT];
+    rt_make(t, &rng);
+    kv_st_entry entries[RT_COUNT];
+    for (int i = 0; i < RT_COUNT; i++) {
+        entries[i].name = t[i].name;
+        entries[i].ndim = t[i].ndim;
+        memcpy(entries[i].shape, t[i].shape, sizeof entries[i].shape);
+    }
+    rt_ctx ctx = {t, 0, 3};
+    ck_assert_status(kv_st_write(path, entries, RT_COUNT, NULL, 0, rt_fetch, &ctx),
+                     KLVAE_ERR_INTERNAL);
+    struct stat sb;
+    ck_assert_int_ne(stat(path, &sb), 0);
+    int tmp_found;
+    ck_assert_int_eq(count_entries(dir, &tmp_found), 0);
+    rt_free(t);
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
+
+START_TEST(write_replaces_existing_file)
+{
+    char *dir = test_tmpdir();
+    char *path = join(dir, "w.safetensors");
+    test_write_file(path, "old contents that are not safetensors at all, and long", 55);
+    float v[3] = {1.5f, -2.25f, 3.125f};
+    rt_tensor t = {"v", 1, {3}, v, 3};
+    rt_ctx ctx = {&t, 0, -1};
+    kv_st_entry e = {"v", 1, {3}};
+    ck_assert_ok(kv_st_write(path, &e, 1, NULL, 0, rt_fetch, &ctx));
+    kv_safetensors st;
+    ck_assert_ok(kv_st_open(path, &st));
+    ck_assert_uint_eq(st.count, 1);
+    ck_assert_uint_eq(st.metadata_count, 0);
+    float got[3];
+    ck_assert_ok(kv_st_read_f32(&st, kv_st_find(&st, "v"), got));
+    assert_bits_equal(got, v, 3, "v");
+    kv_st_close(&st);
+    int tmp_found;
+    ck_assert_int_eq(count_entries(dir, &tmp_found), 1);
+    ck_assert_int_eq(tmp_found, 0);
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
+
+/* ---- dtype conversion ---- */
+
+/* IEEE binary16 computed from its fields, without kv_half_to_float. */
+static float ref_half(uint16_t h)
+{
+    int sign = h >> 15, e = (h >> 10) & 0x1F, m = h & 0x3FF;
+    double v;
+    if (e == 0)
+        v = ldexp((double)m, -24);
+    else if (e == 31)
+        v = m ? NAN : INFINITY;
+    else
+        v = ldexp((double)(1024 + m), e - 25);
+    return (float)(sign ? -v : v);
+}
+
+/* bfloat16 from its fields, without kv_bf16_to_float. */
+static float ref_bf16(uint16_t b)
+{
+    int sign = b >> 15, e = (b >> 7) & 0xFF, m = b & 0x7F;
+    double v;
+    if (e == 0)
+        v = ldexp((double)m, -133);
+    else if (e == 255)
+        v = m ? NAN : INFINITY;
+    else
+        v = ldexp((double)(128 + m), e - 134);
+    return (float)(sign ? -v : v);
+}
+
+/* Reads tensor name of path into a new array of n floats. */
+static float *read_tensor(const char *path, const char *name, size_t n)
+{
+    kv_safetensors st;
+    ck_assert_ok(kv_st_open(path, &st));
+    const kv_st_tensor *t = kv_st_find(&st, name);
+    ck_assert_ptr_nonnull(t);
+    ck_assert_uint_eq(kv_st_numel(t), n);
+    float *out = test_alloc(n);
+    ck_assert_ok(kv_st_read_f32(&st, t, out));
+    kv_st_close(&st);
+    return out;
+}
+
+/* A file holding one 1-D tensor "t" of dtype with n elements of elem bytes. */
+static void write_one_tensor(const char *path, const char *dtype, const void *data, size_t n,
+                             size_t elem)
+{
+    char header[256];
+    snprintf(header, sizeof header,
+             "{\"t\":{\"dtype\":\"%s\",\"shape\":[%zu],\"data_offsets\":[0,%zu]}}", dtype, n,
+             n * elem);
+    write_st_bytes(path, header, data, n * elem);
+}
+
+START_TEST(f16_known_values)
+{
+    static const struct {
+        uint16_t bits;
+        uint32_t want;
+    } cases[] = {
+        {0x0000, 0x00000000u}, /* +0 */
+        {0x8000, 0x80000000u}, /* -0 */
+        {0x3C00, 0x3F800000u}, /* 1 */
+        {0xBC00, 0xBF800000u}, /* -1 */
+        {0x4000, 0x40000000u}, /* 2 */
+        {0x3555, 0x3EAAA000u}, /* 0x1.554p-2 */
+        {0x5640, 0x42C80000u}, /* 100 */
+        {0x3BFF, 0x3F7FE000u}, /* largest below 1 */
+        {0x7BFF, 0x477FE000u}, /* max: 65504 */
+        {0xFBFF, 0xC77FE000u}, /* -65504 */
+        {0x0400, 0x38800000u}, /* smallest normal 2^-14 */
+        {0x03FF, 0x387FC000u}, /* largest subnormal */
+        {0x0200, 0x38000000u}, /* subnormal 2^-15 */
+        {0x0001, 0x33800000u}, /* smallest subnormal 2^-24 */
+        {0x8001, 0xB3800000u}, /* -2^-24 */
+        {0x0155, 0x37AA8000u}, /* subnormal 341 * 2^-24 */
+        {0x7C00, 0x7F800000u}, /* +inf */
+        {0xFC00, 0xFF800000u}, /* -inf */
+        {0x7E00, 0x7FC00000u}, /* quiet NaN */
+        {0xFE00, 0xFFC00000u}, /* negative quiet NaN */
+        {0x7E2B, 0x7FC56000u}, /* quiet NaN with payload */
+    };
+    const size_t n = sizeof cases / sizeof cases[0];
+    uint16_t raw[32];
+    for (size_t i = 0; i < n; i++)
+        raw[i] = cases[i].bits;
+    char *dir = test_tmpdir();
+    char *path = join(dir, "f16.safetensors");
+    write_one_tensor(path, "F16", raw, n, 2);
+    float *got = read_tensor(path, "t", n);
+    for (size_t i = 0; i < n; i++)
+        ck_assert_msg(float_bits(got[i]) == cases[i].want,
+                      "F16 0x%04x: got 0x%08x (%a), expected 0x%08x", cases[i].bits,
+                      float_bits(got[i]), (double)got[i], cases[i].want);
+    free(got);
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
+
+START_TEST(f16_every_bit_pattern)
+{
+    const size_t n = 65536;
+    uint16_t *raw = malloc(n * sizeof *raw);
+    ck_assert_ptr_nonnull(raw);
+    /* Scrambled order, so that position and value are not the same. */
+    for (size_t i = 0; i < n; i++)
+        raw[i] = (uint16_t)(i * 40503u + 12345u);
+    char *dir = test_tmpdir();
+    char *path = join(dir, "f16all.safetensors");
+    char header[128];
+    snprintf(header, sizeof header,
+             "{\"t\":{\"dtype\":\"F16\",\"shape\":[256,16,16],\"data_offsets\":[0,%zu]}}", n * 2);
+    write_st_bytes(path, header, raw, n * 2);
+    float *got = read_tensor(path, "t", n);
+    for (size_t i = 0; i < n; i++) {
+        uint16_t h = raw[i];
+        float want = ref_half(h);
+        if (isnan(want)) {
+            ck_assert_msg(isnan(got[i]) && !signbit(got[i]) == !(h & 0x8000),
+                          "F16 0x%04x: got %a, expected a NaN of the same sign", h,
+                          (double)got[i]);
+            if (h & 0x0200) /* quiet NaN: the payload widens exactly */
+                ck_assert_uint_eq(float_bits(got[i]),
+                                  ((uint32_t)(h & 0x8000) << 16) | 0x7F800000u |
+                                      ((uint32_t)(h & 0x3FF) << 13));
+        } else {
+            ck_assert_msg(float_bits(got[i]) == float_bits(want),
+                          "F16 0x%04x: got %a, expected %a", h, (double)got[i], (double)want);
+        }
+    }
+    free(got);
+    free(raw);
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
+
+START_TEST(bf16_known_values)
+{
+    static const struct {
+        uint16_t bits;
+        uint32_t want;
+    } cases[] = {
+        {0x0000, 0x00000000u}, /* +0 */
+        {0x8000, 0x80000000u}, /* -0 */
+        {0x3F80, 0x3F800000u}, /* 1 */
+        {0xC000, 0xC0000000u}, /* -2 */
+        {0x4049, 0x40490000u}, /* 3.140625 */
+        {0x3EAB, 0x3EAB0000u}, /* 0x1.56p-2 */
+        {0x7F7F, 0x7F7F0000u}, /* max: 0x1.fep127 */
+        {0xFF7F, 0xFF7F0000u}, /* -max */
+        {0x0080, 0x00800000u}, /* smallest normal 2^-126 */
+        {0x007F, 0x007F0000u}, /* largest subnormal */
+        {0x0001, 0x00010000u}, /* smallest subnormal 2^-133 */
+        {0x8001, 0x80010000u}, /* -2^-133 */
+        {0x7F80, 0x7F800000u}, /* +inf */
+        {0xFF80, 0xFF800000u}, /* -inf */
+        {0x7FC0, 0x7FC00000u}, /* quiet NaN */
+        {0xFFC1, 0xFFC10000u}, /* negative quiet NaN with payload */
+    };
+    /* The same values, spelled as float literals. */
+    const float literal[] = {0.0f,        -0.0f,      1.0f,         -2.0f,
+                             3.140625f,   0x1.56p-2f, 0x1.fep127f,  -0x1.fep127f,
+                             0x1p-126f,   0x1.fcp-127f, 0x1p-133f,  -0x1p-133f,
+                             INFINITY,    -INFINITY};
+    const size_t n = sizeof cases / sizeof cases[0];
+    uint16_t raw[32];
+    for (size_t i = 0; i < n; i++)
+        raw[i] = cases[i].bits;
+    char *dir = test_tmpdir();
+    char *path = join(dir, "bf16.safetensors");
+    write_one_tensor(path, "BF16", raw, n, 2);
+    float *got = read_tensor(path, "t", n);
+    for (size_t i = 0; i < n; i++) {
+        ck_assert_msg(float_bits(got[i]) == cases[i].want,
+                      "BF16 0x%04x: got 0x%08x (%a), expected 0x%08x", cases[i].bits,
+                      float_bits(got[i]), (double)got[i], cases[i].want);
+        if (i < sizeof literal / sizeof literal[0])
+            ck_assert_uint_eq(float_bits(got[i]), float_bits(literal[i]));
+    }
+    free(got);
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
+
+START_TEST(bf16_every_bit_pattern)
+{
+    const size_t n = 65536;
+    uint16_t *raw = malloc(n * sizeof *raw);
+    ck_assert_ptr_nonnull(raw);
+    for (size_t i = 0; i < n; i++)
+        raw[i] = (uint16_t)(i * 24571u + 999u);
+    char *dir = test_tmpdir();
+    char *path = join(dir, "bf16all.safetensors");
+    write_one_tensor(path, "BF16", raw, n, 2);
+    float *got = read_tensor(path, "t", n);
+    for (size_t i = 0; i < n; i++) {
+        uint16_t b = raw[i];
+        float want = ref_bf16(b);
+        if (isnan(want)) {
+            ck_assert_msg(isnan(got[i]) && !signbit(got[i]) == !(b & 0x8000),
+                          "BF16 0x%04x: got %a, expected a NaN of the same sign", b,
+                          (double)got[i]);
+            if (b & 0x0040)
+                ck_assert_uint_eq(float_bits(got[i]), (uint32_t)b << 16);
+        } else {
+            ck_assert_msg(float_bits(got[i]) == float_bits(want),
+                          "BF16 0x%04x: got %a, expected %a", b, (double)got[i], (double)want);
+        }
+    }
+    free(got);
+    free(raw);
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
+
+START_TEST(f64_converts_with_correct_rounding)
+{
+    /* Expected values written as float literals: round to nearest even,
+     * overflow to infinity, underflow through the subnormals to zero. */
+    static const struct {
+        double in;
+        float want;
+    } cases[] = {
+        {1.0, 1.0f},
+        {-0.0, -0.0f},
+        {0.1, 0x1.99999ap-4f},
+        {-2.5, -2.5f},
+        {16777217.0, 16777216.0f}, /* tie, to even */
+        {16777219.0, 16777220.0f}, /* tie, to even (upwards) */
+        {0x1.fffffep127, 0x1.fffffep127f},
+        {0x1.fffffefffffffp127, 0x1.fffffep127f}, /* just below the midpoint */
+        {0x1.ffffffp127, INFINITY},               /* the midpoint rounds to 2^128 */
+        {DBL_MAX, INFINITY},
+        {-DBL_MAX, -INFINITY},
+        {0x1.8p-140, 0x1.8p-140f},  /* exact subnormal */
+        {0x1.4p-148, 0x1p-148f},    /* 2.5 * 2^-149: tie, to even */
+        {0x1.cp-148, 0x1p-147f},    /* 3.5 * 2^-149: tie, to even */
+        {0x1.0000000000001p-150, 0x1p-149f},
+        {0x1p-150, 0.0f}, /* tie between 0 and 2^-149 */
+        {1e-300, 0.0f},
+        {-1e-300, -0.0f},
+        {INFINITY, INFINITY},
+        {-INFINITY, -INFINITY},
+        {-12345.678901234567, -12345.6787109375f},
+    };
+    const size_t n = sizeof cases / sizeof cases[0];
+    double raw[32];
+    for (size_t i = 0; i < n; i++)
+        raw[i] = cases[i].in;
+    raw[n] = NAN;
+    char *dir = test_tmpdir();
+    char *path = join(dir, "f64.safetensors");
+    write_one_tensor(path, "F64", raw, n + 1, 8);
+    float *got = read_tensor(path, "t", n + 1);
+    for (size_t i = 0; i < n; i++)
+        ck_assert_msg(float_bits(got[i]) == float_bits(cases[i].want),
+                      "F64 %a: got %a, expected %a", cases[i].in, (double)got[i],
+                      (double)cases[i].want);
+    ck_assert(isnan(got[n]));
+    free(got);
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
+
+START_TEST(integer_dtype_opens_but_does_not_convert)
+{
+    char *dir = test_tmpdir();
+    char *path = join(dir, "ints.safetensors");
+    unsigned char data[24 + 8];
+    int64_t ids[3] = {1, -2, 300000000000LL};
+    float w[2] = {0.5f, -7.0f};
+    memcpy(data, ids, 24);
+    memcpy(data + 24, w, 8);
+    write_st_bytes(path,
+                   "{\"token_ids\":{\"dtype\":\"I64\",\"shape\":[3],\"data_offsets\":[0,24]},"
+                   "\"w\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[24,32]}}",
+                   data, sizeof data);
+    kv_safetensors st;
+    ck_assert_ok(kv_st_open(path, &st));
+    ck_assert_uint_eq(st.count, 2);
+    const kv_st_tensor *t = kv_st_find(&st, "token_ids");
+    ck_assert_ptr_nonnull(t);
+    ck_assert_str_eq(t->dtype, "I64");
+    ck_assert_int_eq(t->bits, 64);
+    ck_assert_int_eq(t->ndim, 1);
+    ck_assert_int_eq(t->shape[0], 3);
+    float out[3];
+    ck_assert_status(kv_st_read_f32(&st, t, out), KLVAE_ERR_UNSUPPORTED);
+    ck_assert_error_mentions("token_ids");
+    ck_assert_error_mentions("I64");
+    /* The float tensor next to it still reads. */
+    float got[2];
+    ck_assert_ok(kv_st_read_f32(&st, kv_st_find(&st, "w"), got));
+    assert_bits_equal(got, w, 2, "w");
+    kv_st_close(&st);
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
+
+/* ---- layout ---- */
+
+START_TEST(unaligned_header_and_data)
+{
+    /* Header of a length that is not a multiple of 8 and tensors that start
+     * at odd offsets of the data buffer: nothing may assume alignment. */
+    char header[512];
+    int hlen;
+    int pad = 0;
+    for (;;) {
+        hlen = snprintf(header, sizeof header,
+                        "{\"b\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]},"
+                        "\"x\":{\"dtype\":\"F32\",\"shape\":[3,7],\"data_offsets\":[1,85]},"
+                        "\"h\":{\"dtype\":\"F16\",\"shape\":[5],\"data_offsets\":[85,95]},"
+                        "\"d\":{\"dtype\":\"F64\",\"shape\":[3],\"data_offsets\":[95,119]}}%*s",
+                        pad, "");
+        if ((8 + hlen) % 8 == 3)
+            break;
+        pad++;
+    }
+    ck_assert_int_ne((8 + hlen) % 8, 0);
+    test_rng rng = test_rng_new(5);
+    float x[21];
+    test_fill(x, 21, &rng, -3.0f, 3.0f);
+    uint16_t h[5] = {0x3C00, 0xC500, 0x0001, 0x7BFF, 0x8000};
+    const float h_want[5] = {1.0f, -5.0f, 0x1p-24f, 65504.0f, -0.0f};
+    double d[3] = {0.25, -1e10, 0.1};
+    const float d_want[3] = {0.25f, -1e10f, 0x1.99999ap-4f};
+    unsigned char data[119];
+    data[0] = 0xAB;
+    memcpy(data + 1, x, 84);
+    memcpy(data + 85, h, 10);
+    memcpy(data + 95, d, 24);
+    char *dir = test_tmpdir();
+    char *path = join(dir, "unaligned.safetensors");
+    write_st_bytes(path, header, data, sizeof data);
+
+    kv_safetensors st;
+    ck_assert_ok(kv_st_open(path, &st));
+    ck_assert_uint_eq(st.data_start, 8 + (uint64_t)hlen);
+    ck_assert_uint_eq(st.count, 4);
+    float got[21];
+    const kv_st_tensor *t = kv_st_find(&st, "x");
+    ck_assert_ptr_nonnull(t);
+    ck_assert_int_eq(t->ndim, 2);
+    ck_assert_int_eq(t->shape[0], 3);
+    ck_assert_int_eq(t->shape[1], 7);
+    ck_assert_ok(kv_st_read_f32(&st, t, got));
+    assert_bits_equal(got, x, 21, "x");
+    ck_assert_ok(kv_st_read_f32(&st, kv_st_find(&st, "h"), got));
+    assert_bits_equal(got, h_want, 5, "h");
+    ck_assert_ok(kv_st_read_f32(&st, kv_st_find(&st, "d"), got));
+    assert_bits_equal(got, d_want, 3, "d");
+    kv_st_close(&st);
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
+
+START_TEST(holes_and_empty_tensors_are_accepted)
+{
+    /* a [0,8), hole [8,16), b [16,28), hole, c [40,44), 4 spare bytes; empty
+     * tensors sit inside a, inside b, in the hole and at the very end. */
+    float a[2] = {1.25f, -3.5f}, b[3] = {7.0f, 0.0078125f, -1e20f}, c[1] = {42.0f};
+    unsigned char data[48];
+    memset(data, 0xEE, sizeof data);
+    memcpy(data, a, 8);
+    memcpy(data + 16, b, 12);
+    memcpy(data + 40, c, 4);
+    char *dir = test_tmpdir();
+    char *path = join(dir, "holes.safetensors");
+    write_st_bytes(path,
+                   "{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},"
+                   "\"e_in_a\":{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[4,4]},"
+                   "\"b\":{\"dtype\":\"F32\",\"shape\":[3],\"data_offsets\":[16,28]},"
+                   "\"e_in_b\":{\"dtype\":\"F16\",\"shape\":[0,5],\"data_offsets\":[20,20]},"
+                   "\"e_hole\":{\"dtype\":\"F32\",\"shape\":[2,0],\"data_offsets\":[8,8]},"
+                   "\"e_at_a\":{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[0,0]},"
+                   "\"c\":{\"dtype\":\"F32\",\"shape\":[1,1],\"data_offsets\":[40,44]},"
+                   "\"e_end\":{\"dtype\":\"F64\",\"shape\":[0],\"data_offsets\":[48,48]}}",
+                   data, sizeof data);
+    kv_safetensors st;
+    ck_assert_ok(kv_st_open(path, &st));
+    ck_assert_uint_eq(st.count, 8);
+    float got[3];
+    ck_assert_ok(kv_st_read_f32(&st, kv_st_find(&st, "a"), got));
+    assert_bits_equal(got, a, 2, "a");
+    ck_assert_ok(kv_st_read_f32(&st, kv_st_find(&st, "b"), got));
+    assert_bits_equal(got, b, 3, "b");
+    ck_assert_ok(kv_st_read_f32(&st, kv_st_find(&st, "c"), got));
+    assert_bits_equal(got, c, 1, "c");
+    static const char *const empties[] = {"e_in_a", "e_in_b", "e_hole", "e_at_a", "e_end"};
+    for (size_t i = 0; i < 5; i++) {
+        const kv_st_tensor *t = kv_st_find(&st, empties[i]);
+        ck_assert_msg(t != NULL, "%s not found", empties[i]);
+        ck_assert_uint_eq(kv_st_numel(t), 0);
+        ck_assert_uint_eq(t->end, t->begin);
+        float sentinel = 99.0f;
+        ck_assert_ok(kv_st_read_f32(&st, t, &sentinel));
+        ck_assert(sentinel == 99.0f);
+    }
+    kv_st_close(&st);
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
+
+START_TEST(lookup_ignores_json_key_order)
+{
+    /* Keys in no particular order, data in yet another order. */
+    float zeta[2] = {1.0f, 2.0f}, alpha[3] = {-3.0f, -4.0f, -5.0f}, mid[1] = {6.5f},
+          upper[2] = {7.75f, 8.125f}, under[1] = {-9.0f};
+    unsigned char data[36];
+    memcpy(data, mid, 4);
+    memcpy(data + 4, upper, 8);
+    memcpy(data + 12, zeta, 8);
+    memcpy(data + 20, under, 4);
+    memcpy(data + 24, alpha, 12);
+    char *dir = test_tmpdir();
+    char *path = join(dir, "order.safetensors");
+    write_st_bytes(path,
+                   "{\"zeta\":{\"data_offsets\":[12,20],\"shape\":[2],\"dtype\":\"F32\"},"
+                   "\"__metadata__\":{\"z\":\"last\",\"a\":\"first\"},"
+                   "\"alpha\":{\"shape\":[3],\"dtype\":\"F32\",\"data_offsets\":[24,36]},"
+                   "\"mid.layer\":{\"dtype\":\"F32\",\"data_offsets\":[0,4],\"shape\":[1]},"
+                   "\"Upper\":{\"dtype\":\"F32\",\"shape\":[2,1],\"data_offsets\":[4,12]},"
+                   "\"_under\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[20,24]}}",
+                   data, sizeof data);
+    kv_safetensors st;
+    ck_assert_ok(kv_st_open(path, &st));
+    ck_assert_uint_eq(st.count, 5);
+    static const char *const names[] = {"zeta", "alpha", "mid.layer", "Upper", "_under"};
+    const float *want[] = {zeta, alpha, mid, upper, under};
+    const size_t sizes[] = {2, 3, 1, 2, 1};
+    for (size_t i = 0; i < 5; i++) {
+        const kv_st_tensor *t = kv_st_find(&st, names[i]);
+        ck_assert_msg(t != NULL, "%s not found", names[i]);
+        ck_assert_str_eq(t->name, names[i]);
+        ck_assert_uint_eq(kv_st_numel(t), sizes[i]);
+        float got[3];
+        ck_assert_ok(kv_st_read_f32(&st, t, got));
+        assert_bits_equal(got, want[i], sizes[i], names[i]);
+    }
+    ck_assert_ptr_null(kv_st_find(&st, "Zeta"));
+    ck_assert_ptr_null(kv_st_find(&st, "mid"));
+    ck_assert_ptr_null(kv_st_find(&st, ""));
+    ck_assert_str_eq(kv_st_metadata(&st, "a"), "first");
+    ck_assert_str_eq(kv_st_metadata(&st, "z"), "last");
+    kv_st_close(&st);
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
+
+/* ---- reader validation (internal API) ---- */
+
+START_TEST(open_rejects_shape_whose_byte_count_overflows)
+{
+    /* 2^59 float32 elements are 2^61 bytes; a byte count computed in bits
+     * wraps to 0 and would make data_offsets [0, 0] look right. */
+    char *dir = test_tmpdir();
+    char *path = join(dir, "huge.safetensors");
+    write_st_bytes(path,
+                   "{\"huge\":{\"dtype\":\"F32\",\"shape\":[576460752303423488],"
+                   "\"data_offsets\":[0,0]}}",
+                   "", 0);
+    kv_safetensors st;
+    klvae_status_t status = kv_st_open(path, &st);
+    if (status == KLVAE_OK)
+        kv_st_close(&st);
+    char message[1024];
+    snprintf(message, sizeof message, "%s", klvae_last_error());
+    bool names_path = strstr(message, path) != NULL;
+    /* Clean up before asserting, so that a failure leaks nothing. */
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+    ck_assert_msg(status == KLVAE_ERR_FORMAT, "kv_st_open returned %d, expected %d: %s",
+                  (int)status, (int)KLVAE_ERR_FORMAT, message);
+    ck_assert_msg(names_path && strstr(message, "'huge'"), "message \"%s\"", message);
+}
+END_TEST
+
+START_TEST(open_rejects_two_dim_shape_whose_byte_count_overflows)
+{
+    /* 2^31 x 2^31 F64 elements: 2^68 bits, which wrap to 0 in 64 bits. */
+    char *dir = test_tmpdir();
+    char *path = join(dir, "huge2.safetensors");
+    write_st_bytes(path,
+                   "{\"big\":{\"dtype\":\"F64\",\"shape\":[2147483648,2147483648],"
+                   "\"data_offsets\":[0,0]}}",
+                   "", 0);
+    kv_safetensors st;
+    klvae_status_t status = kv_st_open(path, &st);
+    if (status == KLVAE_OK)
+        kv_st_close(&st);
+    char message[1024];
+    snprintf(message, sizeof message, "%s", klvae_last_error());
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+    ck_assert_msg(status == KLVAE_ERR_FORMAT, "kv_st_open returned %d, expected %d: %s",
+                  (int)status, (int)KLVAE_ERR_FORMAT, message);
+    ck_assert_msg(strstr(message, "'big'") != NULL, "message \"%s\" does not name 'big'",
+                  message);
+}
+END_TEST
+
+START_TEST(open_message_starts_with_path)
+{
+    char *dir = test_tmpdir();
+    char *path = join(dir, "bad.safetensors");
+    write_st_bytes(path, "{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,4]}}",
+                   "abcd", 4);
+    kv_safetensors st;
+    klvae_status_t status = kv_st_open(path, &st);
+    if (status == KLVAE_OK)
+        kv_st_close(&st);
+    ck_assert_status(status, KLVAE_ERR_FORMAT);
+    ck_assert_msg(strncmp(klvae_last_error(), path, strlen(path)) == 0,
+                  "message \"%s\" does not start with %s", klvae_last_error(), path);
+    ck_assert_error_mentions("'a'");
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
 
 Suite *suite_safetensors(void)
 {
     Suite *s = suite_create("safetensors");
+    TCase *tc = tcase_create("write");
+    tcase_add_test(tc, write_read_round_trip);
+    tcase_add_test(tc, write_fetch_failure_leaves_nothing);
+    tcase_add_test(tc, write_replaces_existing_file);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("dtypes");
+    tcase_add_test(tc, f16_known_values);
+    tcase_add_test(tc, f16_every_bit_pattern);
+    tcase_add_test(tc, bf16_known_values);
+    tcase_add_test(tc, bf16_every_bit_pattern);
+    tcase_add_test(tc, f64_converts_with_correct_rounding);
+    tcase_add_test(tc, integer_dtype_opens_but_does_not_convert);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("layout");
+    tcase_add_test(tc, unaligned_header_and_data);
+    tcase_add_test(tc, holes_and_empty_tensors_are_accepted);
+    tcase_add_test(tc, lookup_ignores_json_key_order);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("validation");
+    tcase_add_test(tc, open_rejects_shape_whose_byte_count_overflows);
+    tcase_add_test(tc, open_rejects_two_dim_shape_whose_byte_count_overflows);
+    tcase_add_test(tc, open_message_starts_with_path);
+    suite_add_tcase(s, tc);
     return s;
 }

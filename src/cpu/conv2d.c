@@ -7,7 +7,7 @@
 #include <cblas.h>
 #include <string.h>
 
-#include "cpu_ops.h"
+#include "conv2d_internal.h"
 
 /* Target size of one band's column buffer, in floats. Bands are sized from
  * the shapes only, never from the thread count, so the result is the same
@@ -115,6 +115,8 @@ klvae_status_t kv_cpu_conv2d(kv_backend *be, const kv_tensor *x, const kv_tensor
                              const kv_tensor *b, kv_conv_geometry g, kv_tensor *y)
 {
     kv_cpu *cpu = kv_cpu_of(be);
+    if (w->ndim == 4 && kv_winograd_applies(x->shape[1], w->shape[0], w->shape[2], w->shape[3], g))
+        return kv_conv2d_winograd(cpu, x, w, b, y);
     conv_job j;
     memset(&j, 0, sizeof j);
     j.x = x->data;

@@ -90,6 +90,21 @@ klvae_status_t kv_cpu_reserve_scratch(kv_cpu *cpu, size_t floats)
     return KLVAE_OK;
 }
 
+klvae_status_t kv_cpu_reserve_shared(kv_cpu *cpu, size_t floats)
+{
+    if (cpu->shared_floats >= floats)
+        return KLVAE_OK;
+    size_t bytes;
+    void *p = NULL;
+    if (!kv_mul_size(floats, sizeof(float), &bytes) || posix_memalign(&p, 64, bytes) != 0)
+        return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory allocating %zu floats of scratch",
+                        floats);
+    free(cpu->shared);
+    cpu->shared = p;
+    cpu->shared_floats = floats;
+    return KLVAE_OK;
+}
+
 static void cpu_destroy(kv_backend *be)
 {
     kv_cpu *cpu = kv_cpu_of(be);
@@ -100,6 +115,7 @@ static void cpu_destroy(kv_backend *be)
                 free(cpu->scratch[t]);
         free(cpu->scratch);
         free(cpu->scratch_floats);
+        free(cpu->shared);
         free(cpu);
     }
     free(be);

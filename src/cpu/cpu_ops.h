@@ -14,6 +14,10 @@ typedef struct kv_cpu {
      * grown by kv_cpu_reserve_scratch before a parallel region starts. */
     float **scratch;
     size_t *scratch_floats;
+    /* One buffer all threads read during a parallel region (Winograd's
+     * transformed weights), filled before the region starts. */
+    float *shared;
+    size_t shared_floats;
 } kv_cpu;
 
 static inline kv_cpu *kv_cpu_of(kv_backend *be)
@@ -23,6 +27,8 @@ static inline kv_cpu *kv_cpu_of(kv_backend *be)
 
 /* Makes every thread's scratch buffer hold at least floats values. */
 klvae_status_t kv_cpu_reserve_scratch(kv_cpu *cpu, size_t floats);
+/* Makes the shared buffer hold at least floats values. */
+klvae_status_t kv_cpu_reserve_shared(kv_cpu *cpu, size_t floats);
 
 klvae_status_t kv_cpu_conv2d(kv_backend *be, const kv_tensor *x, const kv_tensor *w,
                              const kv_tensor *b, kv_conv_geometry geometry, kv_tensor *y);

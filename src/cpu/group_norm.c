@@ -7,6 +7,14 @@
 
 #include "cpu_ops.h"
 
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define KV_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define KV_VECTOR_CLONES
+#endif
+
+#define KV_LANES 8
+
 typedef struct gn_job {
     const float *x, *gamma, *beta;
     float *y;
@@ -33,6 +41,32 @@ float kv_cpu_activate(kv_activation act, float v)
     return v;
 }
 
+/* Sum and sum of squares in double, in KV_LANES independent lanes so that
+ * the loop vectorises without reassociating anything. */
+KV_VECTOR_CLONES
+static void sum_and_squares(const float *x, size_t count, double *sum_out, double *sumsq_out)
+{
+    double sum[KV_LANES] = {0}, sumsq[KV_LANES] = {0};
+    size_t i = 0;
+    for (; i + KV_LANES <= count; i += KV_LANES)
+        for (int l = 0; l < KV_LANES; l++) {
+            double v = x[i + (size_t)l];
+            sum[l] += v;
+            sumsq[l] += v * v;
+        }
+    double s = 0.0, q = 0.0;
+    for (; i < count; i++) {
+        s += x[i];
+        q += (double)x[i] * x[i];
+    }
+    for (int l = 0; l < KV_LANES; l++) {
+        s += sum[l];
+        q += sumsq[l];
+    }
+    *sum_out = s;
+    *sumsq_out = q;
+}
+
 static void gn_stats_task(void *arg, int task, int thread)
 {
     (void)thread;
@@ -41,18 +75,52 @@ static void gn_stats_task(void *arg, int task, int thread)
     int n = task / j->groups, g = task % j->groups;
     const float *x = j->x + ((size_t)n * j->channels + (size_t)g * cpg) * j->plane;
     size_t count = (size_t)cpg * j->plane;
-    double sum = 0.0, sumsq = 0.0;
-    for (size_t i = 0; i < count; i++) {
-        double v = x[i];
-        sum += v;
-        sumsq += v * v;
-    }
+    double sum, sumsq;
+    sum_and_squares(x, count, &sum, &sumsq);
     double mean = sum / (double)count;
     double var = sumsq / (double)count - mean * mean;
     if (var < 0.0)
         var = 0.0;
     j->mean[task] = mean;
     j->rstd[task] = 1.0 / sqrt(var + (double)j->eps);
+}
+
+/* exp(x) in float for the activations: Cody-Waite reduction by ln 2 and a
+ * degree-6 polynomial, about 1 ulp, written so that loops over it
+ * vectorise (libm's expf is a call per element). */
+static inline float fast_expf(float x)
+{
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    float k = floorf(x * 1.44269504f + 0.5f);
+    float r = x - k * 0.693145752f; /* ln 2, high part */
+    r = r - k * 1.42860677e-06f;    /* ln 2, low part */
+    float p = 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    int32_t bits = ((int32_t)k + 127) << 23; /* 2^k, k in [-126, 127] */
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+KV_VECTOR_CLONES
+static void scale_shift(const float *x, float *y, size_t n, float s, float t)
+{
+    for (size_t i = 0; i < n; i++)
+        y[i] = x[i] * s + t;
+}
+
+KV_VECTOR_CLONES
+static void scale_shift_silu(const float *x, float *y, size_t n, float s, float t)
+{
+    for (size_t i = 0; i < n; i++) {
+        float v = x[i] * s + t;
+        y[i] = v / (1.0f + fast_expf(-v));
+    }
 }
 
 static void gn_apply_task(void *arg, int task, int thread)
@@ -67,13 +135,9 @@ static void gn_apply_task(void *arg, int task, int thread)
     const float *x = j->x + (size_t)task * j->plane;
     float *y = j->y + (size_t)task * j->plane;
     if (j->act == KV_ACT_NONE) {
-        for (size_t i = 0; i < j->plane; i++)
-            y[i] = x[i] * s + t;
+        scale_shift(x, y, j->plane, s, t);
     } else if (j->act == KV_ACT_SILU) {
-        for (size_t i = 0; i < j->plane; i++) {
-            float v = x[i] * s + t;
-            y[i] = v / (1.0f + expf(-v));
-        }
+        scale_shift_silu(x, y, j->plane, s, t);
     } else {
         for (size_t i = 0; i < j->plane; i++)
             y[i] = kv_cpu_activate(j->act, x[i] * s + t);
