@@ -1,8 +1,10 @@
 /* image.c — PNG (libpng) and JPEG (libjpeg-turbo) to float CHW in [-1, 1],
  * and float CHW to 8-bit RGB PNG. */
 #include <errno.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <jpeglib.h>
+#include <jerror.h>
 #include <math.h>
 #include <png.h>
 #include <setjmp.h>
@@ -134,6 +136,7 @@ typedef struct jpeg_failure {
     struct jpeg_error_mgr base;
     jmp_buf jump;
     char message[JMSG_LENGTH_MAX];
+    bool truncated;
 } jpeg_failure;
 
 static void jpeg_error_exit(j_common_ptr cinfo)
@@ -143,11 +146,13 @@ static void jpeg_error_exit(j_common_ptr cinfo)
     longjmp(failure->jump, 1);
 }
 
-/* Silent, but counts warnings as libjpeg's own handler does. */
+/* Silent; remembers whether the data ended early, which libjpeg only warns
+ * about (and pads the rest of the image with grey). Other warnings, such as
+ * stray bytes between markers, leave a usable image. */
 static void jpeg_quiet(j_common_ptr cinfo, int level)
 {
-    if (level < 0)
-        cinfo->err->num_warnings++;
+    if (level < 0 && cinfo->err->msg_code == JWRN_JPEG_EOF)
+        ((jpeg_failure *)cinfo->err)->truncated = true;
 }
 
 static klvae_status_t read_jpeg(FILE *fp, const char *path, float **pixels, int *h, int *w)
@@ -160,6 +165,7 @@ static klvae_status_t read_jpeg(FILE *fp, const char *path, float **pixels, int 
     failure.base.error_exit = jpeg_error_exit;
     failure.base.emit_message = jpeg_quiet;
     failure.message[0] = '\0';
+    failure.truncated = false;
     if (setjmp(failure.jump)) {
         jpeg_destroy_decompress(&cinfo);
         free(out);
@@ -208,15 +214,11 @@ static klvae_status_t read_jpeg(FILE *fp, const char *path, float **pixels, int 
         }
     }
     jpeg_finish_decompress(&cinfo);
-    /* libjpeg only warns about a file that ends early and pads it with
-     * grey; a truncated image is corrupt input here. */
-    long warnings = failure.base.num_warnings;
     jpeg_destroy_decompress(&cinfo);
     free(row);
-    if (warnings > 0) {
+    if (failure.truncated) {
         free(out);
-        return kv_error(KLVAE_ERR_FORMAT, "%s: corrupt JPEG: the data ends early or is damaged",
-                        path);
+        return kv_error(KLVAE_ERR_FORMAT, "%s: corrupt JPEG: the data ends early", path);
     }
     *pixels = out;
     *h = (int)height;
