@@ -34,11 +34,12 @@
  *   Sizes are int; every size product is checked for overflow.
  *
  * Threads
- *   Functions without a handle (version, status strings, options, images)
- *   may be called from any thread at any time. Different handles may be used
- *   from different threads at the same time. One handle must not be used by
- *   two threads at once; it may move between threads. A model computes with
- *   its own pool of worker threads (option "threads").
+ *   Functions without a handle (version, status strings, option
+ *   descriptions, images) may be called from any thread at any time.
+ *   Different handles (models, options objects) may be used from different
+ *   threads at the same time. One handle must not be used by two threads at
+ *   once; it may move between threads. A model computes with its own pool of
+ *   worker threads (option "threads").
  *
  * Options
  *   Settings travel in a klvae_options_t: string keys and string values,
@@ -131,9 +132,11 @@ typedef enum klvae_status {
 KLVAE_API const char *klvae_status_string(klvae_status_t status);
 
 /* The message describing the most recent failure of a libklvae call on the
- * calling thread, or "" when the most recent call succeeded. The string is
- * owned by the library and stays valid until the next libklvae call on the
- * same thread. Never NULL. */
+ * calling thread. Every function that returns a klvae_status_t empties it
+ * when it succeeds, so after such a call it is "" on success; functions that
+ * cannot fail (versions, status strings, queries, *_free) leave it alone.
+ * The string is owned by the library and stays valid until the next libklvae
+ * call on the same thread. Never NULL. */
 KLVAE_API const char *klvae_last_error(void);
 
 /* Releases memory that the library allocated for the caller (the pixels of
@@ -193,16 +196,17 @@ typedef struct klvae_model klvae_model_t;
  *     names (encoder.down.N.block.M...), with or without a
  *     "first_stage_model." or "vae." prefix. A single file carries no
  *     config: it is inferred from the tensor shapes, and what shapes cannot
- *     show (norm_num_groups, scaling_factor, shift_factor) comes from opts,
- *     defaulting to the SD values (32, 0.18215, none).
- * Tensors may be F32, F16 or BF16; they are converted to float32. Tensors
- * the model does not use are ignored.
+ *     show (norm_num_groups, act_fn, scaling_factor, shift_factor) comes
+ *     from opts, defaulting to the SD values (32, silu, 0.18215, none).
+ * Tensors may be F32, F16, BF16 or F64; they are converted to float32.
+ * Tensors the model does not use are ignored.
  *
  * opts (may be NULL) gives runtime keys (backend, threads, ...) and may give
  * model config keys: scaling_factor and shift_factor override the file's
- * values; norm_num_groups applies to single files; any structural key
+ * values; norm_num_groups and act_fn apply to single files (for a folder
+ * they must agree with config.json); any structural key
  * (block_out_channels, latent_channels, ...) that disagrees with the weights
- * is an error.
+ * is an error. The key "config" only matters to klvae_model_create.
  *
  * Errors: KLVAE_ERR_IO (missing or unreadable path), KLVAE_ERR_FORMAT
  * (malformed file), KLVAE_ERR_MISSING_TENSOR, KLVAE_ERR_SHAPE,
@@ -247,9 +251,13 @@ KLVAE_API int64_t klvae_model_parameter_count(const klvae_model_t *model);
 /* The backend in use: "cpu" or "cuda". A static string; "" for NULL. */
 KLVAE_API const char *klvae_model_backend(const klvae_model_t *model);
 
-/* Copies the model's value of a config key (any key of the model-config
- * group in docs/options.md, e.g. "block_out_channels" gives
- * "128,256,512,512", and "threads") into buf. Errors as klvae_options_get. */
+/* Copies the model's value of a key into buf, as option text: any model
+ * config key of docs/options.md except "config" (e.g. "block_out_channels"
+ * gives "128,256,512,512", "shift_factor" gives "none" when there is none),
+ * or one of the runtime keys "backend", "precision" and "threads" (what the
+ * model actually uses). Dashes work as underscores. Errors:
+ * KLVAE_ERR_INVALID_ARGUMENT (NULL pointer, buf too small), KLVAE_ERR_OPTION
+ * (a key the model has no value for). */
 KLVAE_API klvae_status_t klvae_model_get(const klvae_model_t *model, const char *key,
                                          char *buf, size_t size);
 
@@ -275,8 +283,10 @@ KLVAE_API klvae_status_t klvae_encode(klvae_model_t *model, const float *images,
  * in float. eps ~ N(0, 1) comes from a counter-based generator
  * (Philox-4x32-10 with Box-Muller): element i of the batch tensor depends
  * only on seed and i, so the same seed gives the same z on every backend and
- * for every thread count. z may be the same array as mean or logvar.
- * Errors: KLVAE_ERR_INVALID_ARGUMENT. */
+ * for every thread count. z may be the same array as mean or logvar, but
+ * must not overlap them otherwise.
+ * Errors: KLVAE_ERR_INVALID_ARGUMENT (NULL pointer, size <= 0, overflowing
+ * sizes, z partly overlapping an input). */
 KLVAE_API klvae_status_t klvae_sample(klvae_model_t *model, const float *mean,
                                       const float *logvar, int n, int lat_h, int lat_w,
                                       uint64_t seed, float *z);
@@ -292,19 +302,24 @@ KLVAE_API klvae_status_t klvae_decode(klvae_model_t *model, const float *z, int 
 /* Images                                                                    */
 /* ------------------------------------------------------------------------ */
 
-/* Reads a PNG (any bit depth; grey, palette and alpha are converted to RGB,
- * alpha is dropped; 16-bit samples keep their precision) into a newly
- * allocated (3, h, w) float array with values in [-1, 1]. Free it with
- * klvae_free. Errors: KLVAE_ERR_INVALID_ARGUMENT (NULL pointer), KLVAE_ERR_IO
- * (cannot open), KLVAE_ERR_FORMAT (not a PNG, or corrupt),
- * KLVAE_ERR_OUT_OF_MEMORY. On error *pixels is NULL and *h, *w are 0. */
+/* Reads a PNG or JPEG image (the format is recognised from the file's first
+ * bytes) into a newly allocated (3, h, w) float array with values in
+ * [-1, 1]. PNGs of any bit depth work; grey, palette and alpha are
+ * converted to RGB (alpha is dropped) and 16-bit samples keep their
+ * precision. JPEGs may be grey, RGB or CMYK. Free the array with klvae_free.
+ * Errors: KLVAE_ERR_INVALID_ARGUMENT (NULL pointer), KLVAE_ERR_IO (cannot
+ * open, or not a regular file), KLVAE_ERR_FORMAT (neither PNG nor JPEG,
+ * corrupt or truncated, more than 65536 pixels on a side),
+ * KLVAE_ERR_OUT_OF_MEMORY. On error *pixels is NULL and *h, *w are 0 (for
+ * each of them that is not NULL). */
 KLVAE_API klvae_status_t klvae_image_read(const char *path, float **pixels, int *h, int *w);
 
 /* Writes a (3, h, w) float image with values in [-1, 1] as an 8-bit RGB PNG:
  * each value v becomes round(255 * clamp(v * 0.5 + 0.5, 0, 1)), as diffusers
- * post-processes. The file is written to a temporary name and renamed, so a
- * failure leaves no partial file. Errors: KLVAE_ERR_INVALID_ARGUMENT,
- * KLVAE_ERR_IO. */
+ * post-processes; NaN becomes 0. The file is written to a temporary name and
+ * renamed, so a failure leaves no partial file. Errors:
+ * KLVAE_ERR_INVALID_ARGUMENT (NULL pointer, h or w not in 1..65536),
+ * KLVAE_ERR_IO, KLVAE_ERR_OUT_OF_MEMORY. */
 KLVAE_API klvae_status_t klvae_image_write_png(const char *path, const float *pixels,
                                                int h, int w);
 

@@ -227,8 +227,17 @@ KLVAE_API klvae_status_t klvae_model_get(const klvae_model_t *m, const char *key
     if (!m || !key || !buf)
         return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "klvae_model_get: %s is NULL",
                         !m ? "model" : !key ? "key" : "buf");
-    char text[32];
+    char normal[64], text[32];
+    size_t len = strlen(key);
+    if (len >= sizeof normal)
+        return kv_error(KLVAE_ERR_OPTION, "'%s' is not a model key", key);
+    for (size_t i = 0; i <= len; i++)
+        normal[i] = key[i] == '-' ? '_' : key[i];
+    key = normal;
     const char *runtime = NULL;
+    if (strcmp(key, "config") == 0)
+        return kv_error(KLVAE_ERR_OPTION, "'config' names a starting point of "
+                                          "klvae_model_create; a model has no value for it");
     if (strcmp(key, "backend") == 0) {
         runtime = m->backend_name;
     } else if (strcmp(key, "precision") == 0) {
@@ -239,7 +248,7 @@ KLVAE_API klvae_status_t klvae_model_get(const klvae_model_t *m, const char *key
     }
     if (!runtime)
         return kv_config_get(&m->cfg, key, buf, size);
-    size_t len = strlen(runtime);
+    len = strlen(runtime);
     if (len >= size)
         return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
                         "klvae_model_get: buffer of %zu bytes is too small for '%s'", size, key);
@@ -377,6 +386,12 @@ KLVAE_API klvae_status_t klvae_sample(klvae_model_t *m, const float *mean, const
         return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
                         "klvae_sample: %d latents of %d x %d are too large to address", n, lat_h,
                         lat_w);
+    /* z may be mean or logvar exactly (elementwise in place), never a part. */
+    if ((overlaps(z, count, mean, count) && z != mean) ||
+        (overlaps(z, count, logvar, count) && z != logvar))
+        return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
+                        "klvae_sample: z must be mean, logvar or a separate array, not a partly "
+                        "overlapping one");
     kv_backend *be = m->be;
     kv_tensor mu = {0}, lv = {0}, zt = {0};
     st = stage(be, (float *)mean, n, zc, lat_h, lat_w, true, &mu);

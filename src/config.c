@@ -195,6 +195,10 @@ klvae_status_t kv_config_apply_load_options(const klvae_options_t *opts, bool fr
         char found[64], wanted[64];
         kv_config_get(cfg, key, found, sizeof found);
         snprintf(wanted, sizeof wanted, "%s", kv_options_value(opts, key));
+        if (strcmp(found, "swish") == 0) /* one activation, two names */
+            strcpy(found, "silu");
+        if (strcmp(wanted, "swish") == 0)
+            strcpy(wanted, "silu");
         if (strcmp(found, wanted) != 0)
             return kv_error(KLVAE_ERR_CONFIG,
                             "option %s=%s disagrees with config.json, which has %s=%s", key,
@@ -493,7 +497,8 @@ static int real_precision(json_t *node, int at_least)
     return at_least;
 }
 
-klvae_status_t kv_config_write_json(const kv_config *cfg, const char *path)
+klvae_status_t kv_config_write_json(const kv_config *cfg, const char *path,
+                                    kv_atomic_file *pending)
 {
     json_t *root = json_object();
     json_t *down = json_array(), *up = json_array(), *channels = json_array();
@@ -547,8 +552,15 @@ klvae_status_t kv_config_write_json(const kv_config *cfg, const char *path)
         st = kv_atomic_write(&f, text, strlen(text));
     if (st == KLVAE_OK)
         st = kv_atomic_write(&f, "\n", 1);
-    if (st == KLVAE_OK)
-        st = kv_atomic_commit(&f);
+    if (st == KLVAE_OK) {
+        if (pending) {
+            st = kv_atomic_finish(&f);
+            if (st == KLVAE_OK)
+                *pending = f;
+        } else {
+            st = kv_atomic_commit(&f);
+        }
+    }
     free(text);
     return st;
 }

@@ -96,8 +96,12 @@ static klvae_status_t read_png(FILE *fp, const char *path, float **pixels, int *
     const float scale = out_depth == 16 ? 2.0f / 65535.0f : 2.0f / 255.0f;
     if (passes > 1) {
         png_bytep *rows = malloc(height * sizeof *rows);
-        if (!rows)
-            png_error(png, "out of memory");
+        if (!rows) {
+            png_destroy_read_struct(&png, &info, NULL);
+            free(out);
+            free(row);
+            return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory reading %s", path);
+        }
         for (png_uint_32 y = 0; y < height; y++)
             rows[y] = row + y * rowbytes;
         png_read_image(png, rows);

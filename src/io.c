@@ -25,6 +25,11 @@ static void sync_parent_directory(const char *path)
 klvae_status_t kv_atomic_open(kv_atomic_file *f, const char *path)
 {
     memset(f, 0, sizeof *f);
+    /* Refuse now what the final rename would refuse later (a folder in the
+     * way), so that files published together either all appear or none. */
+    struct stat existing;
+    if (lstat(path, &existing) == 0 && S_ISDIR(existing.st_mode))
+        return kv_error(KLVAE_ERR_IO, "cannot write %s: a folder of that name is in the way", path);
     size_t len = strlen(path);
     f->final_path = kv_strdup(path);
     f->temp_path = malloc(len + 16);
@@ -66,25 +71,38 @@ klvae_status_t kv_atomic_write(kv_atomic_file *f, const void *data, size_t bytes
     return KLVAE_OK;
 }
 
-klvae_status_t kv_atomic_commit(kv_atomic_file *f)
+klvae_status_t kv_atomic_finish(kv_atomic_file *f)
 {
     klvae_status_t st = KLVAE_OK;
-    if (fflush(f->fp) != 0 || fsync(fileno(f->fp)) != 0) {
+    if (fflush(f->fp) != 0 || fsync(fileno(f->fp)) != 0)
         st = kv_error(KLVAE_ERR_IO, "cannot write %s: %s", f->final_path, strerror(errno));
-    }
     if (fclose(f->fp) != 0 && st == KLVAE_OK)
         st = kv_error(KLVAE_ERR_IO, "cannot write %s: %s", f->final_path, strerror(errno));
     f->fp = NULL;
-    if (st == KLVAE_OK && rename(f->temp_path, f->final_path) != 0)
+    if (st != KLVAE_OK)
+        kv_atomic_abort(f);
+    return st;
+}
+
+klvae_status_t kv_atomic_publish(kv_atomic_file *f)
+{
+    klvae_status_t st = KLVAE_OK;
+    if (rename(f->temp_path, f->final_path) != 0) {
         st = kv_error(KLVAE_ERR_IO, "cannot rename %s to %s: %s", f->temp_path, f->final_path,
                       strerror(errno));
-    if (st == KLVAE_OK) {
+    } else {
         sync_parent_directory(f->final_path);
         free(f->temp_path);
         f->temp_path = NULL;
     }
     kv_atomic_abort(f);
     return st;
+}
+
+klvae_status_t kv_atomic_commit(kv_atomic_file *f)
+{
+    klvae_status_t st = kv_atomic_finish(f);
+    return st == KLVAE_OK ? kv_atomic_publish(f) : st;
 }
 
 void kv_atomic_abort(kv_atomic_file *f)

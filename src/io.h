@@ -20,6 +20,11 @@ klvae_status_t kv_atomic_open(kv_atomic_file *f, const char *path);
 klvae_status_t kv_atomic_write(kv_atomic_file *f, const void *data, size_t bytes);
 /* Flushes, fsyncs and renames; on failure removes the temporary file. */
 klvae_status_t kv_atomic_commit(kv_atomic_file *f);
+/* The two halves of kv_atomic_commit, for files that must appear together:
+ * finish (flush, fsync, close) each, then publish (rename) each. A failed
+ * finish removes the temporary file. */
+klvae_status_t kv_atomic_finish(kv_atomic_file *f);
+klvae_status_t kv_atomic_publish(kv_atomic_file *f);
 /* Removes the temporary file (safe after commit or abort). */
 void kv_atomic_abort(kv_atomic_file *f);
 

@@ -264,8 +264,9 @@ klvae_status_t kv_model_init_params(klvae_model_t *m, uint64_t seed)
     for (size_t i = 0; i < m->num_params && st == KLVAE_OK; i++) {
         const kv_param *p = &m->params[i];
         size_t n = kv_tensor_numel(p->tensor);
-        /* Each parameter draws from its own range of counters, so adding a
-         * layer does not change the others' values. */
+        /* Each parameter draws from its own range of counters (by its place
+         * in the registry), so no parameter's values depend on another's
+         * size. */
         uint64_t base = (uint64_t)i << 36;
         float bound = p->fan_in > 0 ? (float)(1.0 / sqrt((double)p->fan_in)) : 0.0f;
         for (size_t e = 0; e < n; e++) {

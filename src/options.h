@@ -7,7 +7,7 @@
 
 #include "common.h"
 
-#define KV_MAX_LIST 16
+#define KV_MAX_LIST 8 /* block_out_channels: up to 8 levels */
 
 typedef struct kv_int_list {
     int count;

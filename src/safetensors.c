@@ -421,7 +421,7 @@ klvae_status_t kv_st_read_f32(const kv_safetensors *st, const kv_st_tensor *t, f
 
 klvae_status_t kv_st_write(const char *path, const kv_st_entry *entries, size_t count,
                            const kv_st_meta *metadata, size_t metadata_count,
-                           kv_st_fetch_fn fetch, void *ctx)
+                           kv_st_fetch_fn fetch, void *ctx, kv_atomic_file *pending)
 {
     klvae_status_t status = KLVAE_OK;
     json_t *root = json_object();
@@ -490,7 +490,13 @@ klvae_status_t kv_st_write(const char *path, const kv_st_entry *entries, size_t 
         if ((status = kv_atomic_write(&f, buffer, numel * sizeof(float))) != KLVAE_OK)
             goto done;
     }
-    status = kv_atomic_commit(&f);
+    if (pending) {
+        status = kv_atomic_finish(&f);
+        if (status == KLVAE_OK)
+            *pending = f;
+    } else {
+        status = kv_atomic_commit(&f);
+    }
 done:
     free(buffer);
     free(text);

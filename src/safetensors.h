@@ -62,11 +62,14 @@ typedef struct kv_st_entry {
 /* Fills dst with the numel values of entry index. */
 typedef klvae_status_t (*kv_st_fetch_fn)(void *ctx, size_t index, float *dst);
 
+struct kv_atomic_file;
+
 /* Writes path atomically (temporary file, fsync, rename). metadata is
- * metadata_count key/value pairs (may be 0). */
+ * metadata_count key/value pairs (may be 0). With pending non-NULL the file
+ * is finished but not renamed: the caller publishes or aborts *pending. */
 klvae_status_t kv_st_write(const char *path, const kv_st_entry *entries, size_t count,
                            const kv_st_meta *metadata, size_t metadata_count,
-                           kv_st_fetch_fn fetch, void *ctx);
+                           kv_st_fetch_fn fetch, void *ctx, struct kv_atomic_file *pending);
 
 /* IEEE half and bfloat16 to float. */
 float kv_half_to_float(uint16_t h);

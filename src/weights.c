@@ -242,11 +242,25 @@ klvae_status_t kv_weights_save(const klvae_model_t *m, const char *folder)
     if (!weights_path || !config_path) {
         status = KLVAE_ERR_OUT_OF_MEMORY;
     } else {
+        /* Both files are written in full before either replaces an older
+         * one, so a failure leaves the folder as it was. */
         kv_st_meta meta[] = {{"format", "pt"}};
         save_ctx ctx = {m};
-        status = kv_st_write(weights_path, entries, m->num_params, meta, 1, fetch_param, &ctx);
-        if (status == KLVAE_OK)
-            status = kv_config_write_json(&m->cfg, config_path);
+        kv_atomic_file weights_file, config_file;
+        status = kv_st_write(weights_path, entries, m->num_params, meta, 1, fetch_param, &ctx,
+                             &weights_file);
+        if (status == KLVAE_OK) {
+            status = kv_config_write_json(&m->cfg, config_path, &config_file);
+            if (status != KLVAE_OK)
+                kv_atomic_abort(&weights_file);
+        }
+        if (status == KLVAE_OK) {
+            status = kv_atomic_publish(&weights_file);
+            if (status == KLVAE_OK)
+                status = kv_atomic_publish(&config_file);
+            else
+                kv_atomic_abort(&config_file);
+        }
     }
     free(weights_path);
     free(config_path);

@@ -179,7 +179,7 @@ static void rewrite_fixture(const char *src, const char *dst, const char *skip,
         count++;
     }
     rewrite_ctx ctx = {data, numel};
-    ck_assert_ok(kv_st_write(dst, entries, count, NULL, 0, rewrite_fetch, &ctx));
+    ck_assert_ok(kv_st_write(dst, entries, count, NULL, 0, rewrite_fetch, &ctx, NULL));
     for (size_t i = 0; i < count; i++)
         free(data[i]);
     free(data);
@@ -1522,6 +1522,81 @@ START_TEST(save_weights_name_taken_by_folder_is_io)
 }
 END_TEST
 
+START_TEST(save_failing_config_leaves_earlier_folder_intact)
+{
+    /* config.json cannot be replaced: the earlier weights must stay too, so
+     * the folder never pairs new weights with an old config. */
+    klvae_model_t *m = tiny();
+    char *dir = test_tmpdir();
+    ck_assert_ok(klvae_model_save(m, dir));
+    char *weights = join(dir, "diffusion_pytorch_model.safetensors");
+    char *config = join(dir, "config.json");
+    FILE *fp = fopen(weights, "rb");
+    ck_assert_ptr_nonnull(fp);
+    fseek(fp, 0, SEEK_END);
+    long before = ftell(fp);
+    fclose(fp);
+    ck_assert_int_eq(remove(config), 0);
+    ck_assert_int_eq(mkdir(config, 0755), 0); /* rename over a folder fails */
+    klvae_options_t *o = NULL;
+    klvae_model_t *other = NULL;
+    ck_assert_ok(klvae_options_create(&o));
+    ck_assert_ok(klvae_options_set(o, "config", "tiny"));
+    ck_assert_ok(klvae_options_set(o, "layers_per_block", "2")); /* a bigger file */
+    ck_assert_ok(klvae_model_create(o, &other));
+    ck_assert_status(klvae_model_save(other, dir), KLVAE_ERR_IO);
+    fp = fopen(weights, "rb");
+    ck_assert_ptr_nonnull(fp);
+    fseek(fp, 0, SEEK_END);
+    ck_assert_int_eq(ftell(fp), before);
+    fclose(fp);
+    int tmp_found;
+    count_entries(dir, &tmp_found);
+    ck_assert_int_eq(tmp_found, 0);
+    klvae_model_free(other);
+    klvae_options_free(o);
+    test_rmtree(dir);
+    free(weights);
+    free(config);
+    free(dir);
+    klvae_model_free(m);
+}
+END_TEST
+
+START_TEST(sample_z_partly_overlapping_mean_is_invalid)
+{
+    klvae_model_t *m = tiny();
+    const int n = 1, h = 4, w = 4;
+    const size_t count = (size_t)n * 4 * h * w;
+    float *buf = test_alloc(3 * count);
+    float *mean = buf, *logvar = buf + 2 * count;
+    ck_assert_status(klvae_sample(m, mean, logvar, n, h, w, 1, buf + 5), KLVAE_ERR_INVALID_ARGUMENT);
+    ck_assert_error_mentions("overlap");
+    ck_assert_status(klvae_sample(m, mean, logvar, n, h, w, 1, logvar - 3),
+                     KLVAE_ERR_INVALID_ARGUMENT);
+    ck_assert_ok(klvae_sample(m, mean, logvar, n, h, w, 1, mean));   /* exactly mean: fine */
+    ck_assert_ok(klvae_sample(m, mean, logvar, n, h, w, 1, logvar)); /* exactly logvar: fine */
+    free(buf);
+    klvae_model_free(m);
+}
+END_TEST
+
+START_TEST(model_get_rejects_config_and_accepts_dashes)
+{
+    klvae_model_t *m = tiny();
+    char buf[64];
+    ck_assert_status(klvae_model_get(m, "config", buf, sizeof buf), KLVAE_ERR_OPTION);
+    ck_assert_error_mentions("config");
+    ck_assert_status(klvae_model_get(m, "colour", buf, sizeof buf), KLVAE_ERR_OPTION);
+    ck_assert_error_mentions("colour");
+    ck_assert_ok(klvae_model_get(m, "latent-channels", buf, sizeof buf));
+    ck_assert_str_eq(buf, "4");
+    ck_assert_status(klvae_model_get(m, "block_out_channels", buf, 3), KLVAE_ERR_INVALID_ARGUMENT);
+    ck_assert_error_mentions("too small");
+    klvae_model_free(m);
+}
+END_TEST
+
 Suite *suite_errors(void)
 {
     Suite *s = suite_create("errors");
@@ -1645,6 +1720,9 @@ Suite *suite_errors(void)
     tc = tcase_create("save");
     tcase_add_test(tc, save_under_regular_file_is_io);
     tcase_add_test(tc, save_weights_name_taken_by_folder_is_io);
+    tcase_add_test(tc, save_failing_config_leaves_earlier_folder_intact);
+    tcase_add_test(tc, sample_z_partly_overlapping_mean_is_invalid);
+    tcase_add_test(tc, model_get_rejects_config_and_accepts_dashes);
     suite_add_tcase(s, tc);
     return s;
 }

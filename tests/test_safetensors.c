@@ -182,7 +182,7 @@ START_TEST(write_read_round_trip)
     }
     kv_st_meta meta[] = {{"format", "pt"}, {"note", "odd \xe2\x98\x83 value, with \"quotes\""}};
     rt_ctx ctx = {t, 0, -1};
-    ck_assert_ok(kv_st_write(path, entries, RT_COUNT, meta, 2, rt_fetch, &ctx));
+    ck_assert_ok(kv_st_write(path, entries, RT_COUNT, meta, 2, rt_fetch, &ctx, NULL));
     ck_assert_int_eq(ctx.fetched, RT_COUNT);
 
     kv_safetensors st;
@@ -256,7 +256,7 @@ START_TEST(write_fetch_failure_leaves_nothing)
         memcpy(entries[i].shape, t[i].shape, sizeof entries[i].shape);
     }
     rt_ctx ctx = {t, 0, 3};
-    ck_assert_status(kv_st_write(path, entries, RT_COUNT, NULL, 0, rt_fetch, &ctx),
+    ck_assert_status(kv_st_write(path, entries, RT_COUNT, NULL, 0, rt_fetch, &ctx, NULL),
                      KLVAE_ERR_INTERNAL);
     struct stat sb;
     ck_assert_int_ne(stat(path, &sb), 0);
@@ -278,7 +278,7 @@ START_TEST(write_replaces_existing_file)
     rt_tensor t = {"v", 1, {3}, v, 3};
     rt_ctx ctx = {&t, 0, -1};
     kv_st_entry e = {"v", 1, {3}};
-    ck_assert_ok(kv_st_write(path, &e, 1, NULL, 0, rt_fetch, &ctx));
+    ck_assert_ok(kv_st_write(path, &e, 1, NULL, 0, rt_fetch, &ctx, NULL));
     kv_safetensors st;
     ck_assert_ok(kv_st_open(path, &st));
     ck_assert_uint_eq(st.count, 1);

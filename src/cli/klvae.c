@@ -13,7 +13,6 @@
 #include <math.h>
 
 #include "klvae.h"
-#include "options.h"
 #include "safetensors.h"
 
 #define EXIT_USAGE 2
@@ -394,7 +393,7 @@ static klvae_status_t write_latents(const char *path, const latent_tensor *tenso
         entries[i].ndim = 4;
         memcpy(entries[i].shape, tensors[i].shape, sizeof tensors[i].shape);
     }
-    return kv_st_write(path, entries, count, meta, nmeta, fetch_latent, (void *)tensors);
+    return kv_st_write(path, entries, count, meta, nmeta, fetch_latent, (void *)tensors, NULL);
 }
 
 typedef struct latents {
@@ -499,8 +498,9 @@ static int cmd_encode(cli *c)
     char sh[32], sw[32], sscale[40], sshift[40], what[64];
     snprintf(sh, sizeof sh, "%d", e.h);
     snprintf(sw, sizeof sw, "%d", e.w);
-    kv_format_double(scale, sscale, sizeof sscale);
-    kv_format_double(shift, sshift, sizeof sshift);
+    /* The config's own text: "0.18215", and "none" when there is no shift. */
+    klvae_model_get(m, "scaling_factor", sscale, sizeof sscale);
+    klvae_model_get(m, "shift_factor", sshift, sizeof sshift);
     if (c->sample)
         snprintf(what, sizeof what, "sample seed %llu", (unsigned long long)c->seed);
     else
@@ -584,7 +584,7 @@ static int cmd_reconstruct(cli *c)
     encoded e = encode_image(c, m, c->pos[1]);
     float *img = decode_latent(c, m, e.latent, e.lh, e.lw, e.h, e.w);
     write_png(c->pos[2], img, e.h, e.w);
-    /* PSNR on the 8-bit values the PNGs hold. */
+    /* PSNR on the 8-bit values the two PNGs hold. */
     float *orig = NULL;
     int oh, ow;
     if (klvae_image_read(c->pos[1], &orig, &oh, &ow) == KLVAE_OK) {
@@ -593,7 +593,7 @@ static int cmd_reconstruct(cli *c)
         for (size_t i = 0; i < n; i++) {
             double a = orig[i] * 0.5 + 0.5, b = img[i] * 0.5 + 0.5;
             b = b < 0 ? 0 : b > 1 ? 1 : b;
-            double d = a - b;
+            double d = a - nearbyint(b * 255.0) / 255.0;
             se += d * d;
         }
         double mse = se / (double)n;

@@ -90,8 +90,13 @@ static void gn_stats_task(void *arg, int task, int thread)
  * vectorise (libm's expf is a call per element). */
 static inline float fast_expf(float x)
 {
-    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-    float k = floorf(x * 1.44269504f + 0.5f);
+    /* Clamp without branches: exp(-87) is near FLT_MIN, exp(88) near FLT_MAX. */
+    x = x < -87.0f ? -87.0f : x;
+    x = x > 88.0f ? 88.0f : x;
+    /* k = round(x / ln 2) by the 1.5 * 2^23 trick: no call to a rounding
+     * function, so the loop vectorises. */
+    const float shifter = 12582912.0f;
+    float k = (x * 1.44269504f + shifter) - shifter;
     float r = x - k * 0.693145752f; /* ln 2, high part */
     r = r - k * 1.42860677e-06f;    /* ln 2, low part */
     float p = 1.0f / 720.0f;
