@@ -178,8 +178,11 @@ deps:
 	    $$SUDO apt-get update -q && $$SUDO apt-get install -y -q $$missing; \
 	else echo "all build and test dependencies are installed"; fi
 
-bench: all
-	python3 tools/bench.py
+build/bench_klvae: tools/bench_klvae.c lib/libklvae.so include/klvae.h
+	$(CC) -std=c11 -D_GNU_SOURCE -Wall -Wextra -O2 -Iinclude $< -o $@ -Llib -lklvae -Wl,-rpath,'$$ORIGIN/../lib'
+
+bench: all build/bench_klvae
+	python3 tools/bench.py $(BENCH_ARGS)
 
 parity: all
 	python3 tools/parity.py

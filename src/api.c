@@ -336,6 +336,7 @@ KLVAE_API klvae_status_t klvae_encode(klvae_model_t *m, const float *images, int
     kv_tensor_release(be, &x);
     st = unstage(be, &mu, mean, st);
     st = unstage(be, &lv, logvar, st);
+    be->ops->trim(be);
     return st;
 }
 
@@ -367,7 +368,9 @@ KLVAE_API klvae_status_t klvae_decode(klvae_model_t *m, const float *z, int n, i
     if (st == KLVAE_OK)
         st = kv_vae_decode(m, &zt, &out);
     kv_tensor_release(be, &zt);
-    return unstage(be, &out, images, st);
+    st = unstage(be, &out, images, st);
+    be->ops->trim(be);
+    return st;
 }
 
 KLVAE_API klvae_status_t klvae_sample(klvae_model_t *m, const float *mean, const float *logvar,

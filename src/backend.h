@@ -9,14 +9,22 @@
  *
  *   conv2d          y[n,co,oy,ox] = b[co] + sum_{ci,ky,kx} w[co,ci,ky,kx] *
  *                                   xpad[n,ci,oy*s+ky,ox*s+kx]
- *                   where xpad is x with pad_top/left/bottom/right zero rows
+ *                   where xpad is x' with pad_top/left/bottom/right zero rows
  *                   and columns; w is (co, ci, kh, kw), b is (co) or absent
- *                   (data NULL). Output size: (H + top + bottom - kh) / s + 1.
+ *                   (NULL). Output size: (H + top + bottom - kh) / s + 1.
  *                   A 1x1 conv with no padding is a per-pixel linear layer.
- *   group_norm      per (n, group of C/G contiguous channels): mean and biased
+ *                   x' = x, or with a prologue p:
+ *                   x'[n,c,y,x] = p.act(x[n,c,y,x] * p.scale[n,c] + p.shift[n,c])
+ *                   (padding stays zero): a group norm fused into the conv
+ *                   that consumes it, so the normalised tensor is never
+ *                   stored.
+ *   group_norm_stats
+ *                   per (n, group of C/G contiguous channels): mean and biased
  *                   variance over (C/G)*H*W values, accumulated in double;
- *                   y = act(x * s + t) with s = gamma[c] / sqrt(var + eps) and
- *                   t = beta[c] - s * mean. y may be x (in place).
+ *                   scale[n,c] = gamma[c] / sqrt(var + eps) and
+ *                   shift[n,c] = beta[c] - scale[n,c] * mean, (N, C) tensors.
+ *   group_norm      y = act(x * scale[n,c] + shift[n,c]) with the statistics
+ *                   above. y may be x (in place).
  *   add             y = a + b, elementwise. y may be a or b.
  *   upsample_nearest2x
  *                   y[n,c,y,x] = x[n,c,y/2,x/2] (integer division), y is
@@ -69,6 +77,12 @@ typedef struct kv_conv_geometry {
     int pad_top, pad_left, pad_bottom, pad_right;
 } kv_conv_geometry;
 
+/* What conv2d applies to each input value before convolving (see above). */
+typedef struct kv_conv_prologue {
+    const struct kv_tensor *scale, *shift; /* (N, C) */
+    kv_activation act;
+} kv_conv_prologue;
+
 typedef struct kv_backend kv_backend;
 
 typedef struct kv_backend_ops {
@@ -78,12 +92,19 @@ typedef struct kv_backend_ops {
     /* memory */
     klvae_status_t (*alloc)(kv_backend *be, size_t bytes, void **out);
     void (*release)(kv_backend *be, void *ptr);
+    /* Gives memory the backend keeps for reuse back to the system; called at
+     * the end of every API call. */
+    void (*trim)(kv_backend *be);
     klvae_status_t (*upload)(kv_backend *be, void *dst, const float *src, size_t count);
     klvae_status_t (*download)(kv_backend *be, float *dst, const void *src, size_t count);
 
     /* ops, specified above */
-    klvae_status_t (*conv2d)(kv_backend *be, const kv_tensor *x, const kv_tensor *w,
-                             const kv_tensor *b, kv_conv_geometry geometry, kv_tensor *y);
+    klvae_status_t (*conv2d)(kv_backend *be, const kv_tensor *x, const kv_conv_prologue *prologue,
+                             const kv_tensor *w, const kv_tensor *b, kv_conv_geometry geometry,
+                             kv_tensor *y);
+    klvae_status_t (*group_norm_stats)(kv_backend *be, const kv_tensor *x,
+                                       const kv_tensor *gamma, const kv_tensor *beta, int groups,
+                                       float eps, kv_tensor *scale, kv_tensor *shift);
     klvae_status_t (*group_norm)(kv_backend *be, const kv_tensor *x, const kv_tensor *gamma,
                                  const kv_tensor *beta, int groups, float eps,
                                  kv_activation act, kv_tensor *y);

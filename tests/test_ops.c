@@ -104,8 +104,8 @@ START_TEST(conv2d_matches_float64_reference)
     kv_tensor tb = tensor1(b, c->co);
     kv_tensor ty1 = tensor4(y1, c->n, c->co, ho, wo), ty2 = tensor4(y2, c->n, c->co, ho, wo);
     kv_backend *one = backend_with_threads(1), *two = backend_with_threads(2);
-    ck_assert_ok(one->ops->conv2d(one, &tx, &tw, c->bias ? &tb : NULL, c->g, &ty1));
-    ck_assert_ok(two->ops->conv2d(two, &tx, &tw, c->bias ? &tb : NULL, c->g, &ty2));
+    ck_assert_ok(one->ops->conv2d(one, &tx, NULL, &tw, c->bias ? &tb : NULL, c->g, &ty1));
+    ck_assert_ok(two->ops->conv2d(two, &tx, NULL, &tw, c->bias ? &tb : NULL, c->g, &ty2));
     conv_reference(c, x, w, b, ho, wo, ref);
     double err = relative_error(y1, ref, ny);
     ck_assert_msg(err < OP_TOLERANCE, "case %d: relative error %g", _i, err);

@@ -111,12 +111,52 @@ static void conv_task(void *arg, int task, int thread)
                 j->w + (size_t)co0 * K, K, B, ldb, 1.0f, y + (size_t)co0 * P, (int)P);
 }
 
-klvae_status_t kv_cpu_conv2d(kv_backend *be, const kv_tensor *x, const kv_tensor *w,
-                             const kv_tensor *b, kv_conv_geometry g, kv_tensor *y)
+typedef struct prologue_job {
+    const float *x, *scale, *shift;
+    float *y;
+    size_t plane;
+    kv_activation act;
+} prologue_job;
+
+static void prologue_task(void *arg, int task, int thread)
+{
+    (void)thread;
+    const prologue_job *j = arg;
+    kv_cpu_scale_shift_act(j->x + (size_t)task * j->plane, j->y + (size_t)task * j->plane,
+                           j->plane, j->scale[task], j->shift[task], j->act);
+}
+
+static klvae_status_t conv2d_im2col(kv_cpu *cpu, const kv_tensor *x, const kv_tensor *w,
+                                    const kv_tensor *b, kv_conv_geometry g, kv_tensor *y);
+
+klvae_status_t kv_cpu_conv2d(kv_backend *be, const kv_tensor *x, const kv_conv_prologue *prologue,
+                             const kv_tensor *w, const kv_tensor *b, kv_conv_geometry g,
+                             kv_tensor *y)
 {
     kv_cpu *cpu = kv_cpu_of(be);
     if (w->ndim == 4 && kv_winograd_applies(x->shape[1], w->shape[0], w->shape[2], w->shape[3], g))
-        return kv_conv2d_winograd(cpu, x, w, b, y);
+        return kv_conv2d_winograd(cpu, x, prologue, w, b, y);
+    if (!prologue)
+        return conv2d_im2col(cpu, x, w, b, g, y);
+    /* The im2col path reads every input value kh * kw times, so it applies
+     * the prologue once into a temporary copy instead. It serves only the
+     * layers with few channels (conv_out), where the copy is small. */
+    kv_tensor normed;
+    klvae_status_t st =
+        kv_tensor_alloc(be, x->shape[0], x->shape[1], x->shape[2], x->shape[3], &normed);
+    if (st != KLVAE_OK)
+        return st;
+    prologue_job pj = {x->data, prologue->scale->data, prologue->shift->data, normed.data,
+                       (size_t)x->shape[2] * x->shape[3], prologue->act};
+    kv_pool_run(cpu->pool, x->shape[0] * x->shape[1], prologue_task, &pj);
+    st = conv2d_im2col(cpu, &normed, w, b, g, y);
+    kv_tensor_release(be, &normed);
+    return st;
+}
+
+static klvae_status_t conv2d_im2col(kv_cpu *cpu, const kv_tensor *x, const kv_tensor *w,
+                                    const kv_tensor *b, kv_conv_geometry g, kv_tensor *y)
+{
     conv_job j;
     memset(&j, 0, sizeof j);
     j.x = x->data;

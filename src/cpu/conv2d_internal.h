@@ -10,7 +10,8 @@
 #define KV_WINOGRAD_MIN_CHANNELS 32
 
 bool kv_winograd_applies(int ci, int co, int kh, int kw, kv_conv_geometry g);
-klvae_status_t kv_conv2d_winograd(kv_cpu *cpu, const kv_tensor *x, const kv_tensor *w,
+klvae_status_t kv_conv2d_winograd(kv_cpu *cpu, const kv_tensor *x,
+                                  const kv_conv_prologue *prologue, const kv_tensor *w,
                                   const kv_tensor *b, kv_tensor *y);
 
 #endif

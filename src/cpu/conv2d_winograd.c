@@ -15,25 +15,40 @@
  *         | 0 -1  1  0 |        | 1/2 -1/2  1/2 |
  *         | 0  1  0 -1 |        | 0    0    1   |
  *
- * Work goes in bands of tile rows so that the transformed inputs V
- * (16 x Ci x tiles) and products M (16 x Co x tiles) of one band fit in a
- * thread's scratch; bands are sized from the shapes only. */
+ * An image goes in bands of tile rows, one after another, each in two
+ * parallel phases: the input transform V (16 x Ci x tiles, shared) split
+ * over input channels, then the 16 products and the output transform split
+ * into chunks of tile rows (and, for small layers, of output channels), each
+ * task with its own M. Chunks of at least KV_WINOGRAD_CHUNK_TILES tiles keep
+ * sgemm's packing of the weights amortised; splitting tiles before channels
+ * keeps V from being packed more than once. Bands and chunks are sized from
+ * the shapes only, so results do not depend on the thread count. */
 #include <cblas.h>
 #include <string.h>
 
 #include "conv2d_internal.h"
 
-/* Tiles per band: large enough that sgemm's packing of the weights is
- * amortised, small enough that a band's buffers stay a few MB. */
-#define KV_WINOGRAD_BAND_FLOATS ((size_t)3 << 20)
-#define KV_WINOGRAD_MIN_TILES 128
+/* V of one band holds at most this many floats (16 MB). */
+#define KV_WINOGRAD_BAND_FLOATS ((size_t)4 << 20)
+/* Tiles per task of the second phase (whole tile rows, at least this). */
+#define KV_WINOGRAD_CHUNK_TILES 256
+/* Output channels per task when a band has too few tiles to split. */
+#define KV_WINOGRAD_SPLIT_CHANNELS 64
+#define KV_WINOGRAD_MIN_TASKS 4
+/* Input channels per task of the first phase. */
+#define KV_WINOGRAD_TRANSFORM_CHANNELS 16
 
 typedef struct winograd_job {
-    const float *x, *bias;
+    const float *x, *bias; /* this image */
     float *y;
+    const float *scale, *shift; /* this image's prologue, or NULL */
+    kv_activation act;
     const float *u; /* transformed weights: 16 x Co x Ci */
+    float *v;       /* this band's transformed inputs: 16 x Ci x tiles */
     int ci, co, h, w;
-    int tiles_w, tile_rows_per_band, bands;
+    int tiles_w, tile_rows_per_band;
+    int tr0, tr1; /* this band's tile rows */
+    int rows_per_chunk, chunks, co_per_split, splits;
     kv_cpu *cpu;
 } winograd_job;
 
@@ -88,31 +103,49 @@ static void weight_transform_task(void *arg, int co, int thread)
  * the transform works on whole (zero-padded) image rows; the horizontal half
  * then reads those rows at even and odd offsets, one tile per lane. */
 KV_VECTOR_CLONES
-static void transform_inputs(const winograd_job *j, const float *x, int tr0, int tr1, float *v,
-                             size_t tiles, float *rows)
+static void transform_inputs(const winograd_job *j, int c0, int c1, size_t tiles, float *rows)
 {
-    const int h = j->h, w = j->w, tw = j->tiles_w;
+    const float *x = j->x;
+    float *v = j->v;
+    const int h = j->h, w = j->w, tw = j->tiles_w, tr0 = j->tr0, tr1 = j->tr1;
     const int pw = 2 * tw + 2; /* padded row: one zero on the left, up to two on the right */
     const size_t stride = (size_t)j->ci * tiles;
     float *e0 = rows, *e1 = rows + pw, *e2 = rows + 2 * pw, *e3 = rows + 3 * pw;
     float *d = rows + 4 * pw; /* 4 padded input rows */
-    for (int c = 0; c < j->ci; c++) {
+    for (int c = c0; c < c1; c++) {
         const float *plane = x + (size_t)c * h * w;
         size_t t = (size_t)c * tiles;
+        /* Input rows 2 tr - 1 ... 2 tr + 2 of the tile row, zero-padded and
+         * with the prologue applied; consecutive tile rows share two rows,
+         * so each row is prepared once and the buffers rotate. */
+        float *in[4] = {d, d + pw, d + 2 * pw, d + 3 * pw};
+        int have = 0; /* rows of in[] still valid from the previous tile row */
         for (int tr = tr0; tr < tr1; tr++, t += (size_t)tw) {
-            for (int r = 0; r < 4; r++) {
-                float *dr = d + r * pw;
+            if (have == 2) {
+                float *a = in[0], *b = in[1];
+                in[0] = in[2];
+                in[1] = in[3];
+                in[2] = a;
+                in[3] = b;
+            }
+            for (int r = have; r < 4; r++) {
+                float *dr = in[r];
                 int yy = 2 * tr - 1 + r;
                 if (yy < 0 || yy >= h) {
                     memset(dr, 0, (size_t)pw * sizeof(float));
                     continue;
                 }
                 dr[0] = 0.0f;
-                memcpy(dr + 1, plane + (size_t)yy * w, (size_t)w * sizeof(float));
+                if (j->scale)
+                    kv_cpu_scale_shift_act(plane + (size_t)yy * w, dr + 1, (size_t)w,
+                                           j->scale[c], j->shift[c], j->act);
+                else
+                    memcpy(dr + 1, plane + (size_t)yy * w, (size_t)w * sizeof(float));
                 for (int q = w + 1; q < pw; q++)
                     dr[q] = 0.0f;
             }
-            const float *d0 = d, *d1 = d + pw, *d2 = d + 2 * pw, *d3 = d + 3 * pw;
+            have = 2;
+            const float *d0 = in[0], *d1 = in[1], *d2 = in[2], *d3 = in[3];
             for (int q = 0; q < pw; q++) { /* B^T d, column by column */
                 e0[q] = d0[q] - d2[q];
                 e1[q] = d1[q] + d2[q];
@@ -141,16 +174,17 @@ static void transform_inputs(const winograd_job *j, const float *x, int tr0, int
  * written to two padded output rows, then copied into the image so odd sizes
  * drop their extra row and column. */
 KV_VECTOR_CLONES
-static void transform_outputs(const winograd_job *j, const float *m, int tr0, int tr1, float *y,
-                              size_t tiles, float *rows)
+static void transform_outputs(const winograd_job *j, const float *m, int c0, int c1, int tr0,
+                              int tr1, float *rows)
 {
     const int h = j->h, w = j->w, tw = j->tiles_w;
-    const size_t stride = (size_t)j->co * tiles;
+    const size_t tiles = (size_t)(tr1 - tr0) * tw;
+    const size_t stride = (size_t)(c1 - c0) * tiles; /* m holds channels [c0, c1) */
     float *top = rows, *bottom = rows + 2 * tw;
-    for (int c = 0; c < j->co; c++) {
+    for (int c = c0; c < c1; c++) {
         const float bias = j->bias ? j->bias[c] : 0.0f;
-        float *plane = y + (size_t)c * h * w;
-        size_t t = (size_t)c * tiles;
+        float *plane = j->y + (size_t)c * h * w;
+        size_t t = (size_t)(c - c0) * tiles;
         for (int tr = tr0; tr < tr1; tr++, t += (size_t)tw) {
             const float *mp[16];
             for (int k = 0; k < 16; k++)
@@ -175,35 +209,51 @@ static void transform_outputs(const winograd_job *j, const float *m, int tr0, in
     }
 }
 
-static void band_task(void *arg, int task, int thread)
+static size_t band_tiles(const winograd_job *j)
 {
-    const winograd_job *j = arg;
-    const int n = task / j->bands, band = task % j->bands;
-    const int tiles_h = (j->h + 1) / 2;
-    const int tr0 = band * j->tile_rows_per_band;
-    const int tr1 = KV_MIN(tiles_h, tr0 + j->tile_rows_per_band);
-    const size_t tiles = (size_t)(tr1 - tr0) * j->tiles_w;
-    float *v = j->cpu->scratch[thread];
-    float *m = v + (size_t)16 * j->ci * tiles;
-    float *rows = m + (size_t)16 * j->co * tiles; /* row buffers of the transforms */
-    const float *x = j->x + (size_t)n * j->ci * j->h * j->w;
-    float *y = j->y + (size_t)n * j->co * j->h * j->w;
-    transform_inputs(j, x, tr0, tr1, v, tiles, rows);
-    const size_t u_plane = (size_t)j->co * j->ci;
-    for (int xi = 0; xi < 16; xi++)
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, j->co, (int)tiles, j->ci, 1.0f,
-                    j->u + (size_t)xi * u_plane, j->ci, v + (size_t)xi * j->ci * tiles,
-                    (int)tiles, 0.0f, m + (size_t)xi * j->co * tiles, (int)tiles);
-    transform_outputs(j, m, tr0, tr1, y, tiles, rows);
+    return (size_t)(j->tr1 - j->tr0) * (size_t)j->tiles_w;
 }
 
-klvae_status_t kv_conv2d_winograd(kv_cpu *cpu, const kv_tensor *x, const kv_tensor *w,
+/* Phase 1: V for input channels [16 task, 16 task + 16). */
+static void input_task(void *arg, int task, int thread)
+{
+    const winograd_job *j = arg;
+    int c0 = task * KV_WINOGRAD_TRANSFORM_CHANNELS;
+    int c1 = KV_MIN(j->ci, c0 + KV_WINOGRAD_TRANSFORM_CHANNELS);
+    transform_inputs(j, c0, c1, band_tiles(j), j->cpu->scratch[thread]);
+}
+
+/* Phase 2: the 16 products and the output transform for one chunk of tile
+ * rows and one range of output channels. */
+static void output_task(void *arg, int task, int thread)
+{
+    const winograd_job *j = arg;
+    const int chunk = task / j->splits, split = task % j->splits;
+    const int c0 = split * j->co_per_split, c1 = KV_MIN(j->co, c0 + j->co_per_split);
+    const int tr0 = j->tr0 + chunk * j->rows_per_chunk;
+    const int tr1 = KV_MIN(j->tr1, tr0 + j->rows_per_chunk);
+    if (c0 >= c1 || tr0 >= tr1)
+        return;
+    const int rows = c1 - c0;
+    const size_t tiles = band_tiles(j), chunk_tiles = (size_t)(tr1 - tr0) * j->tiles_w;
+    const size_t t0 = (size_t)(tr0 - j->tr0) * j->tiles_w;
+    float *m = j->cpu->scratch[thread];
+    float *row_buffers = m + (size_t)16 * rows * chunk_tiles;
+    const size_t u_plane = (size_t)j->co * j->ci;
+    for (int xi = 0; xi < 16; xi++)
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, (int)chunk_tiles, j->ci, 1.0f,
+                    j->u + (size_t)xi * u_plane + (size_t)c0 * j->ci, j->ci,
+                    j->v + (size_t)xi * j->ci * tiles + t0, (int)tiles, 0.0f,
+                    m + (size_t)xi * rows * chunk_tiles, (int)chunk_tiles);
+    transform_outputs(j, m, c0, c1, tr0, tr1, row_buffers);
+}
+
+klvae_status_t kv_conv2d_winograd(kv_cpu *cpu, const kv_tensor *x,
+                                  const kv_conv_prologue *prologue, const kv_tensor *w,
                                   const kv_tensor *b, kv_tensor *y)
 {
     winograd_job j;
     memset(&j, 0, sizeof j);
-    j.x = x->data;
-    j.y = y->data;
     j.bias = b ? b->data : NULL;
     j.ci = x->shape[1];
     j.co = w->shape[0];
@@ -212,22 +262,50 @@ klvae_status_t kv_conv2d_winograd(kv_cpu *cpu, const kv_tensor *x, const kv_tens
     j.tiles_w = (j.w + 1) / 2;
     j.cpu = cpu;
     const int tiles_h = (j.h + 1) / 2;
-    const size_t per_tile = (size_t)16 * (j.ci + j.co);
-    size_t band_tiles = KV_MAX(KV_WINOGRAD_BAND_FLOATS / per_tile, (size_t)j.tiles_w);
-    j.tile_rows_per_band = (int)KV_MIN((size_t)tiles_h, band_tiles / (size_t)j.tiles_w);
-    j.bands = (tiles_h + j.tile_rows_per_band - 1) / j.tile_rows_per_band;
+    /* Equal bands of at most KV_WINOGRAD_BAND_FLOATS of V. */
+    size_t max_rows = KV_WINOGRAD_BAND_FLOATS / ((size_t)16 * j.ci * j.tiles_w);
+    if (max_rows < 1)
+        max_rows = 1;
+    int bands = (int)(((size_t)tiles_h + max_rows - 1) / max_rows);
+    j.tile_rows_per_band = (tiles_h + bands - 1) / bands;
+    const size_t most_tiles = (size_t)j.tile_rows_per_band * j.tiles_w;
+    j.rows_per_chunk = KV_MAX(1, (KV_WINOGRAD_CHUNK_TILES + j.tiles_w - 1) / j.tiles_w);
+    j.rows_per_chunk = KV_MIN(j.rows_per_chunk, j.tile_rows_per_band);
+    j.chunks = (j.tile_rows_per_band + j.rows_per_chunk - 1) / j.rows_per_chunk;
+    j.rows_per_chunk = (j.tile_rows_per_band + j.chunks - 1) / j.chunks; /* equal chunks */
+    j.splits = 1;
+    while (j.chunks * j.splits < KV_WINOGRAD_MIN_TASKS &&
+           j.co / (2 * j.splits) >= KV_WINOGRAD_SPLIT_CHANNELS)
+        j.splits *= 2;
+    j.co_per_split = (j.co + j.splits - 1) / j.splits;
+    const size_t chunk_tiles = (size_t)j.rows_per_chunk * j.tiles_w;
+    const size_t row_floats = (size_t)8 * (2 * (size_t)j.tiles_w + 2);
 
     klvae_status_t st = kv_cpu_reserve_scratch(
-        cpu, per_tile * (size_t)j.tile_rows_per_band * (size_t)j.tiles_w +
-                 (size_t)8 * (2 * (size_t)j.tiles_w + 2));
+        cpu, (size_t)16 * j.co_per_split * chunk_tiles + row_floats);
+    if (st == KLVAE_OK)
+        st = kv_cpu_reserve_shared(cpu, (size_t)16 * j.co * j.ci + (size_t)16 * j.ci * most_tiles);
     if (st != KLVAE_OK)
         return st;
-    st = kv_cpu_reserve_shared(cpu, (size_t)16 * j.co * j.ci);
-    if (st != KLVAE_OK)
-        return st;
-    weight_job wj = {w->data, cpu->shared, j.ci, j.co};
+    float *u = cpu->shared;
+    j.u = u;
+    j.v = u + (size_t)16 * j.co * j.ci;
+    weight_job wj = {w->data, u, j.ci, j.co};
     kv_pool_run(cpu->pool, j.co, weight_transform_task, &wj);
-    j.u = cpu->shared;
-    kv_pool_run(cpu->pool, x->shape[0] * j.bands, band_task, &j);
+    const int input_tasks = (j.ci + KV_WINOGRAD_TRANSFORM_CHANNELS - 1) / KV_WINOGRAD_TRANSFORM_CHANNELS;
+    for (int n = 0; n < x->shape[0]; n++) {
+        j.x = (const float *)x->data + (size_t)n * j.ci * j.h * j.w;
+        j.y = (float *)y->data + (size_t)n * j.co * j.h * j.w;
+        if (prologue) {
+            j.scale = (const float *)prologue->scale->data + (size_t)n * j.ci;
+            j.shift = (const float *)prologue->shift->data + (size_t)n * j.ci;
+            j.act = prologue->act;
+        }
+        for (j.tr0 = 0; j.tr0 < tiles_h; j.tr0 += j.tile_rows_per_band) {
+            j.tr1 = KV_MIN(tiles_h, j.tr0 + j.tile_rows_per_band);
+            kv_pool_run(cpu->pool, input_tasks, input_task, &j);
+            kv_pool_run(cpu->pool, j.chunks * j.splits, output_task, &j);
+        }
+    }
     return KLVAE_OK;
 }
