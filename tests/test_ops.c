@@ -44,6 +44,8 @@ static kv_tensor tensor1(float *data, int n)
     return t;
 }
 
+static double activate_reference(kv_activation act, double v);
+
 /* ---- conv2d ---- */
 
 typedef struct conv_case {
@@ -114,6 +116,86 @@ START_TEST(conv2d_matches_float64_reference)
     kv_backend_destroy(one);
     kv_backend_destroy(two);
     free(x), free(w), free(b), free(y1), free(y2), free(ref);
+}
+END_TEST
+
+START_TEST(conv2d_prologue_matches_float64_reference)
+{
+    /* conv(act(x * scale[n,c] + shift[n,c])) with zero padding after the
+     * prologue: case 0 goes through Winograd, case 1 through im2col (few
+     * output channels), case 2 through im2col with stride 2. */
+    static const conv_case cases[] = {
+        {2, 40, 9, 11, 36, 3, {1, 1, 1, 1, 1}, true},
+        {2, 8, 9, 11, 3, 3, {1, 1, 1, 1, 1}, true},
+        {2, 6, 10, 12, 5, 3, {2, 0, 0, 1, 1}, false},
+    };
+    const conv_case *c = &cases[_i];
+    const kv_activation act = _i == 2 ? KV_ACT_GELU : KV_ACT_SILU;
+    test_rng rng = test_rng_new(150 + (uint64_t)_i);
+    int ho = (c->h + c->g.pad_top + c->g.pad_bottom - c->k) / c->g.stride + 1;
+    int wo = (c->w + c->g.pad_left + c->g.pad_right - c->k) / c->g.stride + 1;
+    size_t plane = (size_t)c->h * c->w, nx = (size_t)c->n * c->ci * plane;
+    size_t nw = (size_t)c->co * c->ci * c->k * c->k, ny = (size_t)c->n * c->co * ho * wo;
+    size_t nsc = (size_t)c->n * c->ci;
+    float *x = test_alloc(nx), *xn = test_alloc(nx), *w = test_alloc(nw),
+          *b = test_alloc((size_t)c->co), *y = test_alloc(ny), *scale = test_alloc(nsc),
+          *shift = test_alloc(nsc);
+    double *ref = calloc(ny, sizeof *ref);
+    test_fill(x, nx, &rng, -3, 3);
+    test_fill(w, nw, &rng, -0.5f, 0.5f);
+    test_fill(b, (size_t)c->co, &rng, -1, 1);
+    test_fill(scale, nsc, &rng, 0.2f, 2.0f);
+    test_fill(shift, nsc, &rng, -1, 1);
+    for (size_t i = 0; i < nx; i++) {
+        size_t nc = i / plane;
+        xn[i] = (float)activate_reference(act, (double)x[i] * scale[nc] + shift[nc]);
+    }
+    conv_reference(c, xn, w, b, ho, wo, ref);
+    kv_backend *be = backend_with_threads(2);
+    kv_tensor tx = tensor4(x, c->n, c->ci, c->h, c->w), tw = tensor4(w, c->co, c->ci, c->k, c->k);
+    kv_tensor tb = tensor1(b, c->co), ty = tensor4(y, c->n, c->co, ho, wo);
+    kv_tensor ts = tensor4(scale, c->n, c->ci, 1, 1), tt = tensor4(shift, c->n, c->ci, 1, 1);
+    kv_conv_prologue p = {&ts, &tt, act};
+    ck_assert_ok(be->ops->conv2d(be, &tx, &p, &tw, c->bias ? &tb : NULL, c->g, &ty));
+    double err = relative_error(y, ref, ny);
+    ck_assert_msg(err < OP_TOLERANCE, "case %d: relative error %g", _i, err);
+    kv_backend_destroy(be);
+    free(x), free(xn), free(w), free(b), free(y), free(scale), free(shift), free(ref);
+}
+END_TEST
+
+START_TEST(group_norm_stats_give_scale_and_shift)
+{
+    const int n = 3, c = 8, h = 5, w = 9, groups = 2, cpg = c / groups;
+    const size_t plane = (size_t)h * w, count = (size_t)n * c * plane;
+    test_rng rng = test_rng_new(250);
+    float *x = test_alloc(count), gamma[8], beta[8], scale[24], shift[24];
+    for (size_t i = 0; i < count; i++)
+        x[i] = (float)(-2.0 + 5.0 * test_uniform(&rng));
+    test_fill(gamma, c, &rng, 0.5f, 1.5f);
+    test_fill(beta, c, &rng, -0.5f, 0.5f);
+    kv_backend *be = backend_with_threads(2);
+    kv_tensor tx = tensor4(x, n, c, h, w), tg = tensor1(gamma, c), tb = tensor1(beta, c);
+    kv_tensor ts = tensor4(scale, n, c, 1, 1), tt = tensor4(shift, n, c, 1, 1);
+    ck_assert_ok(be->ops->group_norm_stats(be, &tx, &tg, &tb, groups, 1e-6f, &ts, &tt));
+    for (int b = 0; b < n; b++)
+        for (int g = 0; g < groups; g++) {
+            const float *xs = x + ((size_t)b * c + (size_t)g * cpg) * plane;
+            double mean = 0, var = 0;
+            for (size_t i = 0; i < cpg * plane; i++)
+                mean += xs[i];
+            mean /= (double)(cpg * plane);
+            for (size_t i = 0; i < cpg * plane; i++)
+                var += (xs[i] - mean) * (xs[i] - mean);
+            var /= (double)(cpg * plane);
+            for (int ch = g * cpg; ch < (g + 1) * cpg; ch++) {
+                double s = gamma[ch] / sqrt(var + 1e-6), t = beta[ch] - s * mean;
+                ck_assert_double_le(fabs(scale[b * c + ch] - s), 1e-6 * fabs(s));
+                ck_assert_double_le(fabs(shift[b * c + ch] - t), 1e-6 * (1 + fabs(t)));
+            }
+        }
+    kv_backend_destroy(be);
+    free(x);
 }
 END_TEST
 
@@ -314,6 +396,8 @@ Suite *suite_ops(void)
     tcase_set_timeout(tc, 60);
     tcase_add_loop_test(tc, conv2d_matches_float64_reference, 0,
                         (int)(sizeof conv_cases / sizeof conv_cases[0]));
+    tcase_add_loop_test(tc, conv2d_prologue_matches_float64_reference, 0, 3);
+    tcase_add_test(tc, group_norm_stats_give_scale_and_shift);
     tcase_add_loop_test(tc, group_norm_matches_float64_reference, 0, 10);
     tcase_add_test(tc, group_norm_of_constant_group_is_beta);
     tcase_add_test(tc, add_matches_reference_and_allows_aliasing);
