@@ -102,5 +102,6 @@ Suite *suite_model(void);
 Suite *suite_sample(void);
 Suite *suite_image(void);
 Suite *suite_errors(void);
+Suite *suite_data(void);
 
 #endif
