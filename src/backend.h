@@ -42,6 +42,79 @@
  *                   the whole tensor (src/philox.h), so every backend gives
  *                   the same bits.
  *
+ * Training ops (gradients; "+=" accumulates into the output, "=" overwrites):
+ *
+ *   conv2d_backward_data
+ *                   dx = d/dx' of sum(dy * conv2d(x')): the transposed
+ *                   convolution of dy with w for the forward geometry; dx has
+ *                   the forward input's shape (rows and columns the forward
+ *                   never read get 0).
+ *   conv2d_backward_weight
+ *                   dw += sum_{n,oy,ox} dy[n,co,oy,ox] * xpad[n,ci,oy*s+ky,ox*s+kx]
+ *                   and db[co] += sum dy[n,co,:,:] (db may be absent), with
+ *                   xpad from x' = prologue(x) as in the forward.
+ *   group_norm_stats also gives mean[n,g] and rstd[n,g] = 1/sqrt(var + eps)
+ *                   when those outputs are present, for the backward.
+ *   group_norm_backward
+ *                   for u = x*scale + shift (the norm's output) and da the
+ *                   gradient of act(u): du = da * act'(u),
+ *                   dgamma[c] += sum du * xhat, dbeta[c] += sum du, and
+ *                   dx = rstd * (dxh - mean_g(dxh) - xhat * mean_g(dxh * xhat))
+ *                   with xhat = (x - mean) * rstd and dxh = du * gamma[c]; dx =.
+ *   attention_backward
+ *                   dq, dk, dv = of sum(dout * attention(q, k, v)); all =.
+ *   upsample_nearest2x_backward
+ *                   dx[n,c,y,x] = sum of the four dy values it was copied to.
+ *   activation      y = act(x) elementwise (y may be x);
+ *   activation_backward
+ *                   dx = dy * act'(x) for act in {relu, leaky_relu(0.2)}
+ *                   computed from the output y (y > 0 exactly where x > 0);
+ *                   dx may be dy.
+ *   channel_affine  y[n,c] = x[n,c] * a[c] + b[c] with host arrays a, b.
+ *   max_pool2x2     y = max over each 2x2 window, stride 2 (floor sizes);
+ *   max_pool2x2_backward
+ *                   dx = dy routed to the first maximum of each window in
+ *                   row-major order (as PyTorch), 0 elsewhere; dx =.
+ *   unit_normalize  y[n,c,p] = x[n,c,p] / (r[n,p] + 1e-10),
+ *                   r = sqrt(sum_c x[n,c,p]^2) (LPIPS);
+ *   unit_normalize_backward
+ *                   dx = dy/(r+e) - x * sum_c(dy*x) / ((r+e)^2 r), and 0 where
+ *                   r = 0 (PyTorch gives NaN there).
+ *   lpips_distance  value[n] = mean_p sum_c w[c] m[n,c,p] (a - b)^2 for unit
+ *                   normalised a, b and a dropout mask m (1, or 0 / 1/(1-p)
+ *                   drawn from Philox(seed)); with grad_scale[n] != 0 also
+ *                   db = grad_scale[n] * 2/P * w[c] m (b - a) (=).
+ *   batch_norm      training mode: per channel, mean and biased variance over
+ *                   (N, H, W); y = (x - mean) * invstd * gamma + beta; saves
+ *                   mean and invstd; running_mean/var (host arrays) move by
+ *                   momentum towards the batch mean and the unbiased variance.
+ *   batch_norm_backward
+ *                   dx (=), dgamma and dbeta (+=), the full training-mode
+ *                   gradient (through the batch statistics).
+ *   pixel_loss      sum over all elements of |xhat - x| (l1) or (xhat - x)^2
+ *                   (l2), returned in double; with grad present,
+ *                   grad = scale * sign(xhat - x) (sign(0) = 0) or
+ *                   scale * 2 (xhat - x) (=).
+ *   logit_loss      the PatchGAN losses over a logits tensor, mean over its
+ *                   elements, returned in double: hinge_real mean relu(1 - l),
+ *                   hinge_fake mean relu(1 + l), vanilla_real mean softplus(-l),
+ *                   vanilla_fake mean softplus(l), generator -mean(l); with
+ *                   grad present, grad = scale * d(mean)/dl (=).
+ *   posterior_backward
+ *                   from moments (N, 2Z, H, W) (mean mu, raw logvar l), the
+ *                   gradient dz of z and the KL weight k:
+ *                   s = clamp(l), ds = k * 0.5 * (exp(s) - 1) + (sampled ?
+ *                   dz * 0.5 * exp(0.5 s) * eps : 0), dmu = dz + k * mu,
+ *                   dl = ds where -30 <= l <= 20, else 0; eps regenerated
+ *                   from the sampling seed; dmoments =.
+ *   kl_sum          sum over the batch of 0.5 * (mu^2 + exp(s) - 1 - s), in
+ *                   double.
+ *   adam            m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+ *                   p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)
+ *                   (PyTorch's Adam) for one tensor.
+ *   sum_squares     sum of x^2 in double; scale: x *= a; lerp: x += t (y - x);
+ *                   axpy: y += a x; fill: x = v.
+ *
  * Ops return KLVAE_OK or a status with kv_error set. Shapes are checked by
  * the caller (src/vae.c builds them); backends may assume they agree.
  */
@@ -69,8 +142,22 @@ typedef enum kv_activation {
     KV_ACT_SILU,
     KV_ACT_GELU, /* exact, with erf */
     KV_ACT_RELU,
-    KV_ACT_MISH
+    KV_ACT_MISH,
+    KV_ACT_LEAKY_RELU /* slope 0.2, the PatchGAN's */
 } kv_activation;
+
+typedef enum kv_pixel_loss {
+    KV_LOSS_L1 = 0,
+    KV_LOSS_L2
+} kv_pixel_loss;
+
+typedef enum kv_logit_loss {
+    KV_LOGITS_HINGE_REAL = 0,
+    KV_LOGITS_HINGE_FAKE,
+    KV_LOGITS_VANILLA_REAL,
+    KV_LOGITS_VANILLA_FAKE,
+    KV_LOGITS_GENERATOR
+} kv_logit_loss;
 
 typedef struct kv_conv_geometry {
     int stride;
@@ -104,7 +191,8 @@ typedef struct kv_backend_ops {
                              kv_tensor *y);
     klvae_status_t (*group_norm_stats)(kv_backend *be, const kv_tensor *x,
                                        const kv_tensor *gamma, const kv_tensor *beta, int groups,
-                                       float eps, kv_tensor *scale, kv_tensor *shift);
+                                       float eps, kv_tensor *scale, kv_tensor *shift,
+                                       kv_tensor *mean, kv_tensor *rstd);
     klvae_status_t (*group_norm)(kv_backend *be, const kv_tensor *x, const kv_tensor *gamma,
                                  const kv_tensor *beta, int groups, float eps,
                                  kv_activation act, kv_tensor *y);
@@ -116,6 +204,66 @@ typedef struct kv_backend_ops {
                                       kv_tensor *logvar);
     klvae_status_t (*gaussian_sample)(kv_backend *be, const kv_tensor *mean,
                                       const kv_tensor *logvar, uint64_t seed, kv_tensor *z);
+
+    /* training ops, specified above */
+    klvae_status_t (*conv2d_backward_data)(kv_backend *be, const kv_tensor *dy, const kv_tensor *w,
+                                           kv_conv_geometry geometry, kv_tensor *dx);
+    klvae_status_t (*conv2d_backward_weight)(kv_backend *be, const kv_tensor *x,
+                                             const kv_conv_prologue *prologue,
+                                             const kv_tensor *dy, kv_conv_geometry geometry,
+                                             kv_tensor *dw, kv_tensor *db);
+    klvae_status_t (*group_norm_backward)(kv_backend *be, const kv_tensor *x,
+                                          const kv_tensor *gamma, const kv_tensor *scale,
+                                          const kv_tensor *shift, const kv_tensor *mean,
+                                          const kv_tensor *rstd, int groups, kv_activation act,
+                                          const kv_tensor *da, kv_tensor *dx, kv_tensor *dgamma,
+                                          kv_tensor *dbeta);
+    klvae_status_t (*attention_backward)(kv_backend *be, const kv_tensor *q, const kv_tensor *k,
+                                         const kv_tensor *v, float scale, const kv_tensor *dout,
+                                         kv_tensor *dq, kv_tensor *dk, kv_tensor *dv);
+    klvae_status_t (*upsample_nearest2x_backward)(kv_backend *be, const kv_tensor *dy,
+                                                  kv_tensor *dx);
+    klvae_status_t (*activation)(kv_backend *be, const kv_tensor *x, kv_activation act,
+                                 kv_tensor *y);
+    klvae_status_t (*activation_backward)(kv_backend *be, const kv_tensor *y, const kv_tensor *dy,
+                                          kv_activation act, kv_tensor *dx);
+    klvae_status_t (*channel_affine)(kv_backend *be, const kv_tensor *x, const float *a,
+                                     const float *b, kv_tensor *y);
+    klvae_status_t (*max_pool2x2)(kv_backend *be, const kv_tensor *x, kv_tensor *y);
+    klvae_status_t (*max_pool2x2_backward)(kv_backend *be, const kv_tensor *x,
+                                           const kv_tensor *dy, kv_tensor *dx);
+    klvae_status_t (*unit_normalize)(kv_backend *be, const kv_tensor *x, kv_tensor *y,
+                                     kv_tensor *norms);
+    klvae_status_t (*unit_normalize_backward)(kv_backend *be, const kv_tensor *x,
+                                              const kv_tensor *norms, const kv_tensor *dy,
+                                              kv_tensor *dx);
+    klvae_status_t (*lpips_distance)(kv_backend *be, const kv_tensor *a, const kv_tensor *b,
+                                     const kv_tensor *w, float dropout, uint64_t dropout_seed,
+                                     double *values, const float *grad_scale, kv_tensor *db);
+    klvae_status_t (*batch_norm)(kv_backend *be, const kv_tensor *x, const kv_tensor *gamma,
+                                 const kv_tensor *beta, float eps, float momentum,
+                                 float *running_mean, float *running_var, kv_tensor *y,
+                                 kv_tensor *mean, kv_tensor *invstd);
+    klvae_status_t (*batch_norm_backward)(kv_backend *be, const kv_tensor *x,
+                                          const kv_tensor *gamma, const kv_tensor *mean,
+                                          const kv_tensor *invstd, const kv_tensor *dy,
+                                          kv_tensor *dx, kv_tensor *dgamma, kv_tensor *dbeta);
+    klvae_status_t (*pixel_loss)(kv_backend *be, const kv_tensor *x, const kv_tensor *xhat,
+                                 kv_pixel_loss kind, float scale, double *sum, kv_tensor *grad);
+    klvae_status_t (*logit_loss)(kv_backend *be, const kv_tensor *logits, kv_logit_loss kind,
+                                 float scale, double *mean, kv_tensor *grad);
+    klvae_status_t (*posterior_backward)(kv_backend *be, const kv_tensor *moments,
+                                         const kv_tensor *dz, float kl_weight, bool sampled,
+                                         uint64_t seed, kv_tensor *dmoments);
+    klvae_status_t (*kl_sum)(kv_backend *be, const kv_tensor *moments, double *sum);
+    klvae_status_t (*adam)(kv_backend *be, kv_tensor *param, const kv_tensor *grad, kv_tensor *m,
+                           kv_tensor *v, float lr, float beta1, float beta2, float eps,
+                           int64_t step);
+    klvae_status_t (*sum_squares)(kv_backend *be, const kv_tensor *x, double *sum);
+    klvae_status_t (*scale)(kv_backend *be, kv_tensor *x, float a);
+    klvae_status_t (*lerp)(kv_backend *be, kv_tensor *x, const kv_tensor *y, float t);
+    klvae_status_t (*axpy)(kv_backend *be, float a, const kv_tensor *x, kv_tensor *y);
+    klvae_status_t (*fill)(kv_backend *be, kv_tensor *x, float value);
 } kv_backend_ops;
 
 struct kv_backend {

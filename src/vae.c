@@ -56,7 +56,7 @@ static klvae_status_t norm_prologue_make(klvae_model_t *m, const kv_norm *nm, kv
         st = kv_tensor_alloc(be, x->shape[0], x->shape[1], 1, 1, &out->shift);
     if (st == KLVAE_OK)
         st = be->ops->group_norm_stats(be, x, &nm->weight, &nm->bias, m->cfg.norm_num_groups,
-                                       GN_EPS, &out->scale, &out->shift);
+                                       GN_EPS, &out->scale, &out->shift, NULL, NULL);
     out->p.scale = &out->scale;
     out->p.shift = &out->shift;
     out->p.act = act;

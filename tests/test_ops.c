@@ -177,7 +177,7 @@ START_TEST(group_norm_stats_give_scale_and_shift)
     kv_backend *be = backend_with_threads(2);
     kv_tensor tx = tensor4(x, n, c, h, w), tg = tensor1(gamma, c), tb = tensor1(beta, c);
     kv_tensor ts = tensor4(scale, n, c, 1, 1), tt = tensor4(shift, n, c, 1, 1);
-    ck_assert_ok(be->ops->group_norm_stats(be, &tx, &tg, &tb, groups, 1e-6f, &ts, &tt));
+    ck_assert_ok(be->ops->group_norm_stats(be, &tx, &tg, &tb, groups, 1e-6f, &ts, &tt, NULL, NULL));
     for (int b = 0; b < n; b++)
         for (int g = 0; g < groups; g++) {
             const float *xs = x + ((size_t)b * c + (size_t)g * cpg) * plane;
@@ -209,6 +209,7 @@ static double activate_reference(kv_activation act, double v)
     case KV_ACT_GELU: return 0.5 * v * (1.0 + erf(v / sqrt(2.0)));
     case KV_ACT_RELU: return v > 0 ? v : 0;
     case KV_ACT_MISH: return v * tanh(log1p(exp(v)));
+    case KV_ACT_LEAKY_RELU: return v > 0 ? v : 0.2 * v;
     }
     return v;
 }

@@ -103,5 +103,6 @@ Suite *suite_sample(void);
 Suite *suite_image(void);
 Suite *suite_errors(void);
 Suite *suite_data(void);
+Suite *suite_grad(void);
 
 #endif

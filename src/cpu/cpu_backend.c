@@ -2,6 +2,7 @@
  * table. Matrix products go to CBLAS; libklvae parallelises over its own
  * pool of threads, so it asks OpenBLAS (when that is the CBLAS) to stay
  * single-threaded instead of starting a second pool that would fight ours. */
+#include <cblas.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -167,6 +168,36 @@ klvae_status_t kv_cpu_reserve_shared(kv_cpu *cpu, size_t floats)
     return KLVAE_OK;
 }
 
+typedef struct gemm_job {
+    CBLAS_TRANSPOSE ta, tb;
+    int m, n, k, chunk;
+    float alpha, beta;
+    const float *a, *b;
+    int lda, ldb, ldc;
+    float *c;
+} gemm_job;
+
+static void gemm_task(void *arg, int task, int thread)
+{
+    (void)thread;
+    const gemm_job *j = arg;
+    int n0 = task * j->chunk, n1 = KV_MIN(j->n, n0 + j->chunk);
+    const float *b = j->tb == CblasNoTrans ? j->b + n0 : j->b + (size_t)n0 * j->ldb;
+    cblas_sgemm(CblasRowMajor, j->ta, j->tb, j->m, n1 - n0, j->k, j->alpha, j->a, j->lda, b,
+                j->ldb, j->beta, j->c + n0, j->ldc);
+}
+
+void kv_cpu_gemm(kv_cpu *cpu, CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int m, int n, int k,
+                 float alpha, const float *a, int lda, const float *b, int ldb, float beta,
+                 float *c, int ldc)
+{
+    /* Column chunks of at least 64, at most 16 of them: sized from the shape
+     * only, so the result does not depend on the thread count. */
+    int chunks = KV_MAX(1, KV_MIN(16, n / 64));
+    gemm_job j = {ta, tb, m, n, k, (n + chunks - 1) / chunks, alpha, beta, a, b, lda, ldb, ldc, c};
+    kv_pool_run(cpu->pool, chunks, gemm_task, &j);
+}
+
 static void cpu_destroy(kv_backend *be)
 {
     kv_cpu *cpu = kv_cpu_of(be);
@@ -200,6 +231,31 @@ static const kv_backend_ops cpu_ops = {
     .attention = kv_cpu_attention,
     .posterior_split = kv_cpu_posterior_split,
     .gaussian_sample = kv_cpu_gaussian_sample,
+    .conv2d_backward_data = kv_cpu_conv2d_backward_data,
+    .conv2d_backward_weight = kv_cpu_conv2d_backward_weight,
+    .group_norm_backward = kv_cpu_group_norm_backward,
+    .attention_backward = kv_cpu_attention_backward,
+    .upsample_nearest2x_backward = kv_cpu_upsample_nearest2x_backward,
+    .activation = kv_cpu_activation,
+    .activation_backward = kv_cpu_activation_backward,
+    .channel_affine = kv_cpu_channel_affine,
+    .max_pool2x2 = kv_cpu_max_pool2x2,
+    .max_pool2x2_backward = kv_cpu_max_pool2x2_backward,
+    .unit_normalize = kv_cpu_unit_normalize,
+    .unit_normalize_backward = kv_cpu_unit_normalize_backward,
+    .lpips_distance = kv_cpu_lpips_distance,
+    .batch_norm = kv_cpu_batch_norm,
+    .batch_norm_backward = kv_cpu_batch_norm_backward,
+    .pixel_loss = kv_cpu_pixel_loss,
+    .logit_loss = kv_cpu_logit_loss,
+    .posterior_backward = kv_cpu_posterior_backward,
+    .kl_sum = kv_cpu_kl_sum,
+    .adam = kv_cpu_adam,
+    .sum_squares = kv_cpu_sum_squares,
+    .scale = kv_cpu_scale,
+    .lerp = kv_cpu_lerp,
+    .axpy = kv_cpu_axpy,
+    .fill = kv_cpu_fill,
 };
 
 klvae_status_t kv_cpu_backend_create(const kv_backend_settings *settings, kv_backend **out)

@@ -18,6 +18,7 @@
 typedef struct gn_job {
     const float *x, *gamma, *beta;
     float *scale, *shift; /* (N, C) */
+    float *mean, *rstd;   /* (N, G), optional */
     int channels, groups;
     size_t plane; /* H * W */
     float eps;
@@ -35,8 +36,34 @@ float kv_cpu_activate(kv_activation act, float v)
         float sp = v > 20.0f ? v : log1pf(expf(v));
         return v * tanhf(sp);
     }
+    case KV_ACT_LEAKY_RELU: return v > 0.0f ? v : 0.2f * v;
     }
     return v;
+}
+
+float kv_cpu_activate_grad(kv_activation act, float v)
+{
+    switch (act) {
+    case KV_ACT_NONE: return 1.0f;
+    case KV_ACT_SILU: {
+        float sig = 1.0f / (1.0f + expf(-v));
+        return sig * (1.0f + v * (1.0f - sig));
+    }
+    case KV_ACT_GELU: {
+        float cdf = 0.5f * (1.0f + erff(v * 0.70710678118654752f));
+        float pdf = 0.39894228040143268f * expf(-0.5f * v * v);
+        return cdf + v * pdf;
+    }
+    case KV_ACT_RELU: return v > 0.0f ? 1.0f : 0.0f;
+    case KV_ACT_MISH: {
+        float sp = v > 20.0f ? v : log1pf(expf(v));
+        float tsp = tanhf(sp);
+        float sig = 1.0f / (1.0f + expf(-v));
+        return tsp + v * (1.0f - tsp * tsp) * sig;
+    }
+    case KV_ACT_LEAKY_RELU: return v > 0.0f ? 1.0f : 0.2f;
+    }
+    return 1.0f;
 }
 
 /* Sum and sum of squares in double, in KV_LANES independent lanes so that
@@ -80,6 +107,10 @@ static void gn_stats_task(void *arg, int task, int thread)
     if (var < 0.0)
         var = 0.0;
     double rstd = 1.0 / sqrt(var + (double)j->eps);
+    if (j->mean) {
+        j->mean[task] = (float)mean;
+        j->rstd[task] = (float)rstd;
+    }
     for (int c = g * cpg; c < (g + 1) * cpg; c++) {
         float s = (float)(rstd * (double)j->gamma[c]);
         j->scale[(size_t)n * j->channels + c] = s;
@@ -161,7 +192,8 @@ void kv_cpu_scale_shift_act(const float *x, float *y, size_t n, float s, float t
 
 klvae_status_t kv_cpu_group_norm_stats(kv_backend *be, const kv_tensor *x, const kv_tensor *gamma,
                                        const kv_tensor *beta, int groups, float eps,
-                                       kv_tensor *scale, kv_tensor *shift)
+                                       kv_tensor *scale, kv_tensor *shift, kv_tensor *mean,
+                                       kv_tensor *rstd)
 {
     gn_job j;
     memset(&j, 0, sizeof j);
@@ -170,6 +202,8 @@ klvae_status_t kv_cpu_group_norm_stats(kv_backend *be, const kv_tensor *x, const
     j.beta = beta->data;
     j.scale = scale->data;
     j.shift = shift->data;
+    j.mean = mean ? mean->data : NULL;
+    j.rstd = rstd ? rstd->data : NULL;
     j.channels = x->shape[1];
     j.groups = groups;
     j.plane = (size_t)x->shape[2] * x->shape[3];
@@ -207,9 +241,95 @@ klvae_status_t kv_cpu_group_norm(kv_backend *be, const kv_tensor *x, const kv_te
     kv_tensor scale = kv_tensor_wrap(cpu->scratch[0], batch, channels, 1, 1);
     kv_tensor shift = kv_tensor_wrap(cpu->scratch[0] + (size_t)batch * channels, batch, channels,
                                      1, 1);
-    kv_cpu_group_norm_stats(be, x, gamma, beta, groups, eps, &scale, &shift);
+    kv_cpu_group_norm_stats(be, x, gamma, beta, groups, eps, &scale, &shift, NULL, NULL);
     apply_job j = {x->data, scale.data, shift.data, y->data,
                    (size_t)x->shape[2] * x->shape[3], act};
     kv_pool_run(cpu->pool, batch * channels, apply_task, &j);
+    return KLVAE_OK;
+}
+
+/* ---- backward ---- */
+
+typedef struct gn_backward_job {
+    const float *x, *gamma, *scale, *shift, *mean, *rstd, *da;
+    float *dx;
+    double *dgamma_part, *dbeta_part; /* (N, C): summed over n afterwards */
+    int channels, groups;
+    size_t plane;
+    kv_activation act;
+} gn_backward_job;
+
+/* One (n, group): du = da * act'(u), the per-channel sums for gamma and
+ * beta, then dx from the group means of dxh = du * gamma and dxh * xhat. */
+static void gn_backward_task(void *arg, int task, int thread)
+{
+    (void)thread;
+    const gn_backward_job *j = arg;
+    const int cpg = j->channels / j->groups;
+    const int n = task / j->groups, g = task % j->groups;
+    const float mean = j->mean[task], rstd = j->rstd[task];
+    double sum_dxh = 0.0, sum_dxh_xhat = 0.0;
+    for (int c = g * cpg; c < (g + 1) * cpg; c++) {
+        const size_t nc = (size_t)n * j->channels + c;
+        const float *x = j->x + nc * j->plane, *da = j->da + nc * j->plane;
+        float *dx = j->dx + nc * j->plane; /* holds du for now */
+        const float s = j->scale[nc], t = j->shift[nc], gamma = j->gamma[c];
+        double sum_du = 0.0, sum_du_xhat = 0.0;
+        for (size_t i = 0; i < j->plane; i++) {
+            float du = j->act == KV_ACT_NONE ? da[i]
+                                             : da[i] * kv_cpu_activate_grad(j->act, x[i] * s + t);
+            float xhat = (x[i] - mean) * rstd;
+            dx[i] = du;
+            sum_du += du;
+            sum_du_xhat += (double)du * xhat;
+        }
+        j->dgamma_part[nc] = sum_du_xhat;
+        j->dbeta_part[nc] = sum_du;
+        sum_dxh += sum_du * gamma;
+        sum_dxh_xhat += sum_du_xhat * gamma;
+    }
+    const double count = (double)cpg * (double)j->plane;
+    const float m1 = (float)(sum_dxh / count), m2 = (float)(sum_dxh_xhat / count);
+    for (int c = g * cpg; c < (g + 1) * cpg; c++) {
+        const size_t nc = (size_t)n * j->channels + c;
+        const float *x = j->x + nc * j->plane;
+        float *dx = j->dx + nc * j->plane;
+        const float gamma = j->gamma[c];
+        for (size_t i = 0; i < j->plane; i++) {
+            float xhat = (x[i] - mean) * rstd;
+            dx[i] = rstd * (dx[i] * gamma - m1 - xhat * m2);
+        }
+    }
+}
+
+klvae_status_t kv_cpu_group_norm_backward(kv_backend *be, const kv_tensor *x,
+                                          const kv_tensor *gamma, const kv_tensor *scale,
+                                          const kv_tensor *shift, const kv_tensor *mean,
+                                          const kv_tensor *rstd, int groups, kv_activation act,
+                                          const kv_tensor *da, kv_tensor *dx, kv_tensor *dgamma,
+                                          kv_tensor *dbeta)
+{
+    kv_cpu *cpu = kv_cpu_of(be);
+    const int batch = x->shape[0], channels = x->shape[1];
+    const size_t nc = (size_t)batch * channels;
+    klvae_status_t st = kv_cpu_reserve_shared(cpu, 4 * nc);
+    if (st != KLVAE_OK)
+        return st;
+    gn_backward_job j = {x->data,    gamma->data, scale->data, shift->data, mean->data,
+                         rstd->data, da->data,    dx->data,    (double *)cpu->shared,
+                         (double *)cpu->shared + nc, channels, groups,
+                         (size_t)x->shape[2] * x->shape[3], act};
+    kv_pool_run(cpu->pool, batch * groups, gn_backward_task, &j);
+    /* Sum over the batch in a fixed order: the same bits for any threads. */
+    float *dg = dgamma->data, *db = dbeta->data;
+    for (int c = 0; c < channels; c++) {
+        double sg = 0.0, sb = 0.0;
+        for (int n = 0; n < batch; n++) {
+            sg += j.dgamma_part[(size_t)n * channels + c];
+            sb += j.dbeta_part[(size_t)n * channels + c];
+        }
+        dg[c] += (float)sg;
+        db[c] += (float)sb;
+    }
     return KLVAE_OK;
 }
