@@ -299,6 +299,116 @@ KLVAE_API klvae_status_t klvae_decode(klvae_model_t *model, const float *z, int 
                                       int lat_h, int lat_w, float *images);
 
 /* ------------------------------------------------------------------------ */
+/* Training                                                                  */
+/* ------------------------------------------------------------------------ */
+
+/* The LDM training step (latent-diffusion's AutoencoderKL with
+ * LPIPSWithDiscriminator): per image x and reconstruction x' = decode(z),
+ * z drawn from the posterior,
+ *
+ *   nll   = sum over pixels of pixel_weight |x - x'| (or squared, pixel_loss
+ *           l2) + perceptual_weight LPIPS(x, x') per pixel, divided by
+ *           exp(logvar) and plus logvar, averaged over the batch;
+ *   kl    = the posterior's KL divergence summed per image, batch average;
+ *   g     = -mean D(x') of the PatchGAN discriminator D;
+ *   total = nll + kl_weight kl + d_weight f g,
+ *
+ * with f = disc_factor from step disc_start on (else 0) and d_weight the
+ * adaptive weight disc_weight ||grad nll|| / (||grad g|| + 1e-4) (gradients
+ * at decoder.conv_out.weight, clamped to [0, 1e4]). One step updates the
+ * autoencoder with Adam, then the discriminator on the hinge (or vanilla)
+ * loss f 0.5 (mean relu(1 - D(x)) + mean relu(1 + D(x'))). Options (docs/
+ * options.md, trainer group) choose every weight and switch; preset=ldm
+ * reproduces the reference exactly (see docs/training.md). */
+
+typedef struct klvae_trainer klvae_trainer_t;
+
+/* What one step did. Set struct_size to sizeof(klvae_step_stats_t) before
+ * the call (KLVAE_STEP_STATS_INIT does): the library writes only the fields
+ * that fit, so later versions can append fields. */
+typedef struct klvae_step_stats {
+    uint32_t struct_size;
+    uint32_t reserved;
+    int64_t step;           /* the optimizer step just made, from 0 */
+    double total_loss;      /* nll + kl_weight kl + d_weight f g */
+    double rec_loss;        /* mean over pixels of the weighted pixel + LPIPS terms */
+    double perceptual_loss; /* mean LPIPS over the batch (unweighted; 0 without LPIPS) */
+    double nll_loss;        /* the nll above */
+    double kl_loss;         /* KL summed per image, batch mean (unweighted) */
+    double g_loss;          /* -mean D(x') (0 while the GAN is off) */
+    double d_weight;        /* the adaptive weight, disc_weight included */
+    double disc_factor;     /* f */
+    double d_loss;          /* the discriminator loss, f included */
+    double logits_real;     /* mean D(x) in the discriminator step */
+    double logits_fake;     /* mean D(x') in the discriminator step */
+    double logvar;          /* the loss' log-variance */
+    double seconds;         /* wall time of the step */
+} klvae_step_stats_t;
+
+#define KLVAE_STEP_STATS_INIT {sizeof(klvae_step_stats_t), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
+
+/* Creates a trainer for model, which it borrows: the model must outlive the
+ * trainer, and while the trainer exists the model's weights change with
+ * every step (encode and decode may still be called between steps). The
+ * trainer owns the gradients, both Adam states, the discriminator, LPIPS (when
+ * lpips_weights is given) and the EMA weights (when ema_decay > 0).
+ * Errors: KLVAE_ERR_INVALID_ARGUMENT, KLVAE_ERR_OPTION, and loading errors
+ * of lpips_weights or disc_weights. *out is NULL on error. */
+KLVAE_API klvae_status_t klvae_trainer_create(klvae_model_t *model, const klvae_options_t *opts,
+                                              klvae_trainer_t **out);
+
+/* One optimizer step on n images (n, in_channels, h, w) in [-1, 1]: h and w
+ * multiples of the downsampling factor and at least 16 (LPIPS and the
+ * discriminator need that much), n divisible by grad_accum. stats may be
+ * NULL. On error the weights may be partly updated; reload a checkpoint to
+ * continue. Errors: KLVAE_ERR_INVALID_ARGUMENT, KLVAE_ERR_OUT_OF_MEMORY,
+ * KLVAE_ERR_BACKEND. */
+KLVAE_API klvae_status_t klvae_trainer_step(klvae_trainer_t *trainer, const float *images, int n,
+                                            int h, int w, klvae_step_stats_t *stats);
+
+/* Writes a checkpoint: one safetensors file with the autoencoder, the
+ * discriminator (with its BatchNorm statistics), both Adam states, the EMA
+ * weights, the loss' logvar, and in its metadata the step, the random state,
+ * the options and the notes (klvae_trainer_set_note). Written to a temporary
+ * file, flushed and renamed: a failure leaves any earlier checkpoint intact.
+ * Errors: KLVAE_ERR_INVALID_ARGUMENT, KLVAE_ERR_IO, KLVAE_ERR_OUT_OF_MEMORY. */
+KLVAE_API klvae_status_t klvae_trainer_save(const klvae_trainer_t *trainer, const char *path);
+
+/* Resumes from a checkpoint of a trainer with the same model config and
+ * discriminator shape: training continues exactly as if it had not
+ * stopped (on the CPU, bit for bit). Errors: those of klvae_model_load, and
+ * KLVAE_ERR_CONFIG when the checkpoint belongs to another architecture.
+ * On error the trainer is unchanged. */
+KLVAE_API klvae_status_t klvae_trainer_load(klvae_trainer_t *trainer, const char *path);
+
+/* Writes the trained autoencoder as a diffusers folder (see
+ * klvae_model_save): the EMA weights when use_ema is non-zero (ema_decay
+ * must be > 0), else the current weights. */
+KLVAE_API klvae_status_t klvae_trainer_export(const klvae_trainer_t *trainer, const char *path,
+                                              int use_ema);
+
+/* Optimizer steps made so far (after a load: those of the checkpoint). */
+KLVAE_API int64_t klvae_trainer_step_count(const klvae_trainer_t *trainer);
+
+/* The value the trainer uses for a trainer option key (after presets and
+ * defaults; "perceptual_weight" is "0" when no LPIPS weights were given), as
+ * option text. Errors as klvae_model_get. */
+KLVAE_API klvae_status_t klvae_trainer_get(const klvae_trainer_t *trainer, const char *key,
+                                           char *buf, size_t size);
+
+/* Notes: small key/value strings saved in checkpoints and restored by
+ * klvae_trainer_load, for the caller's own state (the klvae tool keeps its
+ * data position there). Keys and values up to 255 bytes, at most 32 notes.
+ * get copies the value into buf; a missing key is KLVAE_ERR_OPTION. */
+KLVAE_API klvae_status_t klvae_trainer_set_note(klvae_trainer_t *trainer, const char *key,
+                                                const char *value);
+KLVAE_API klvae_status_t klvae_trainer_get_note(const klvae_trainer_t *trainer, const char *key,
+                                                char *buf, size_t size);
+
+/* Releases the trainer (not the model). NULL is a no-op. */
+KLVAE_API void klvae_trainer_free(klvae_trainer_t *trainer);
+
+/* ------------------------------------------------------------------------ */
 /* Images                                                                    */
 /* ------------------------------------------------------------------------ */
 

@@ -133,5 +133,8 @@ klvae_status_t kv_weights_save(const klvae_model_t *m, const char *folder);
 klvae_status_t kv_vae_encode(klvae_model_t *m, const kv_tensor *images, kv_tensor *mean,
                              kv_tensor *logvar);
 klvae_status_t kv_vae_decode(klvae_model_t *m, const kv_tensor *z, kv_tensor *images);
+/* The encoder's raw moments (N, 2Z, h, w), allocated here. */
+klvae_status_t kv_vae_encode_moments(klvae_model_t *m, const kv_tensor *images,
+                                     kv_tensor *moments);
 
 #endif

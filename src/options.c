@@ -39,7 +39,9 @@ static const opt_def option_table[] = {
     {"precision", OPT_CHOICE, "fp32", 0, 0, "fp32|tf32|bf16",
      "Arithmetic of the CUDA backend. The CPU backend always computes in fp32 and refuses "
      "the others when backend=cpu is explicit."},
-    {"seed", OPT_UINT64, "0", 0, 0, NULL, "Seed of klvae_model_create's initialisation."},
+    {"seed", OPT_UINT64, "0", 0, 0, NULL,
+     "Seed of klvae_model_create's initialisation and of the trainer's random numbers "
+     "(posterior noise, dropout, the discriminator's initialisation)."},
     /* model config */
     {"config", OPT_CHOICE, "sd", 0, 0, "sd|small|tiny",
      "Named starting config for klvae_model_create: sd is the Stable Diffusion KL-f8 VAE, "
@@ -65,6 +67,60 @@ static const opt_def option_table[] = {
      "Latent scale used by diffusion pipelines (not applied by libklvae)."},
     {"shift_factor", OPT_OPTIONAL_FLOAT, "none", -1e30, 1e30, NULL,
      "Latent shift used by diffusion pipelines, or none."},
+    /* trainer */
+    {"preset", OPT_CHOICE, "default", 0, 0, "default|ldm",
+     "ldm reproduces the latent-diffusion reference's observable behaviour: a second "
+     "autoencoder forward for the discriminator step, the discriminator's Adam stepping on zero "
+     "gradients before disc_start, the adaptive weight computed before disc_start, and LPIPS "
+     "dropout 0.5. Keys set explicitly override the preset."},
+    {"learning_rate", OPT_FLOAT, "4.5e-6", 0, 10, NULL,
+     "Adam learning rate of the autoencoder (the LDM base rate; LDM multiplies it by the batch "
+     "size, libklvae does not)."},
+    {"disc_learning_rate", OPT_OPTIONAL_FLOAT, "none", 0, 10, NULL,
+     "Adam learning rate of the discriminator; none uses learning_rate."},
+    {"adam_beta1", OPT_FLOAT, "0.5", 0, 0.999999, NULL, "Adam beta1 of both optimisers."},
+    {"adam_beta2", OPT_FLOAT, "0.9", 0, 0.999999, NULL, "Adam beta2 of both optimisers."},
+    {"adam_eps", OPT_FLOAT, "1e-8", 0, 1, NULL, "Adam epsilon of both optimisers."},
+    {"pixel_loss", OPT_CHOICE, "l1", 0, 0, "l1|l2",
+     "Reconstruction loss: l1 (LDM) or l2 (sd-vae-ft-mse), summed over pixels."},
+    {"pixel_weight", OPT_FLOAT, "1", 0, 1e6, NULL, "Weight of the pixel loss."},
+    {"perceptual_weight", OPT_FLOAT, "1", 0, 1e6, NULL,
+     "Weight of the LPIPS term. Without lpips_weights it is 0 (and the trainer says so)."},
+    {"lpips_weights", OPT_PATH, "", 0, 0, NULL,
+     "safetensors file with the VGG16 trunk (features.N.*) and LPIPS lin weights "
+     "(linK.model.1.weight); tools/export_lpips.py makes it."},
+    {"lpips_dropout", OPT_FLOAT, "0", 0, 0.99, NULL,
+     "Dropout probability in LPIPS' lin layers during training (the reference trains with 0.5)."},
+    {"kl_weight", OPT_FLOAT, "1e-6", 0, 1e6, NULL, "Weight of the KL term (summed per image)."},
+    {"logvar_init", OPT_FLOAT, "0", -30, 30, NULL, "Initial value of the loss' log-variance."},
+    {"learn_logvar", OPT_BOOL, "false", 0, 0, NULL,
+     "Train the loss' log-variance with the autoencoder (the reference keeps it frozen)."},
+    {"disc_start", OPT_INT, "50001", 0, 2147483647, NULL,
+     "Optimizer step from which the GAN loss is on."},
+    {"disc_factor", OPT_FLOAT, "1", 0, 1e6, NULL, "Factor of the GAN losses once they are on."},
+    {"disc_weight", OPT_FLOAT, "0.5", 0, 1e6, NULL,
+     "Multiplier of the adaptive generator weight."},
+    {"disc_loss", OPT_CHOICE, "hinge", 0, 0, "hinge|vanilla", "Discriminator loss."},
+    {"disc_layers", OPT_INT, "3", 1, 6, NULL, "Layers of the PatchGAN discriminator."},
+    {"disc_channels", OPT_INT, "64", 1, 1024, NULL, "Channels of its first layer (ndf)."},
+    {"disc_weights", OPT_PATH, "", 0, 0, NULL,
+     "safetensors file with discriminator weights (taming names main.N.*, optionally under "
+     "loss.discriminator.); without it the discriminator is initialised from seed."},
+    {"disc_update", OPT_CHOICE, "reuse", 0, 0, "fresh|reuse",
+     "fresh: the discriminator step runs the autoencoder again on the updated weights, as the "
+     "reference; reuse: it reuses the generator step's reconstruction (faster)."},
+    {"posterior", OPT_CHOICE, "sample", 0, 0, "sample|mode",
+     "Decode a posterior sample (the reference) or its mean during training."},
+    {"ema_decay", OPT_FLOAT, "0", 0, 0.999999999, NULL,
+     "Decay of an exponential moving average of the autoencoder weights; 0 keeps none."},
+    {"train_encoder", OPT_BOOL, "true", 0, 0, NULL,
+     "false fine-tunes the decoder only (encoder and quant_conv frozen), the recipe of "
+     "sd-vae-ft-mse."},
+    {"grad_accum", OPT_INT, "1", 1, 4096, NULL,
+     "Micro-batches per optimizer step: a step's batch is split into this many parts, run one "
+     "after another."},
+    {"grad_clip", OPT_FLOAT, "0", 0, 1e30, NULL,
+     "Clip each network's gradient to this global L2 norm; 0 does not clip."},
 };
 
 #define OPTION_COUNT ((int)KV_ARRAY_LEN(option_table))

@@ -203,6 +203,17 @@ static klvae_status_t conv_replace(kv_backend *be, const kv_conv *c, kv_tensor *
 klvae_status_t kv_vae_encode(klvae_model_t *m, const kv_tensor *images, kv_tensor *mean,
                              kv_tensor *logvar)
 {
+    kv_tensor moments = {0};
+    klvae_status_t st = kv_vae_encode_moments(m, images, &moments);
+    if (st == KLVAE_OK)
+        st = m->be->ops->posterior_split(m->be, &moments, mean, logvar);
+    kv_tensor_release(m->be, &moments);
+    return st;
+}
+
+klvae_status_t kv_vae_encode_moments(klvae_model_t *m, const kv_tensor *images,
+                                     kv_tensor *moments)
+{
     kv_backend *be = m->be;
     const kv_encoder *e = &m->enc;
     kv_tensor h = {0};
@@ -224,10 +235,12 @@ klvae_status_t kv_vae_encode(klvae_model_t *m, const kv_tensor *images, kv_tenso
     }
     if (st == KLVAE_OK && m->cfg.use_quant_conv)
         st = conv_replace(be, &m->quant_conv, &h, pointwise);
-    if (st == KLVAE_OK)
-        st = be->ops->posterior_split(be, &h, mean, logvar);
-    kv_tensor_release(be, &h);
-    return st;
+    if (st != KLVAE_OK) {
+        kv_tensor_release(be, &h);
+        return st;
+    }
+    *moments = h;
+    return KLVAE_OK;
 }
 
 klvae_status_t kv_vae_decode(klvae_model_t *m, const kv_tensor *z, kv_tensor *images)

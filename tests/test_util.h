@@ -104,5 +104,6 @@ Suite *suite_image(void);
 Suite *suite_errors(void);
 Suite *suite_data(void);
 Suite *suite_grad(void);
+Suite *suite_train(void);
 
 #endif

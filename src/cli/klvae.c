@@ -625,7 +625,7 @@ static int cmd_options(cli *c)
     need_args(c, 0);
     const char *key, *def, *help;
     for (int i = 0; klvae_option_describe(i, &key, &def, &help) == KLVAE_OK; i++) {
-        printf("--%s  (default: %s)\n    %s\n", key, *def ? def : "none", help);
+        printf("--%s  (default: %s)\n    %s\n", key, *def ? def : "(empty)", help);
     }
     return 0;
 }

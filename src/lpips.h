@@ -1,0 +1,44 @@
+/* lpips.h — the LPIPS perceptual distance (VGG16 trunk, v0.1 lin weights),
+ * forward and input gradient, against the backend interface.
+ *
+ *   LPIPS(a, b) = sum over taps k of mean_p sum_c w_k[c] (n_k(a) - n_k(b))^2
+ *
+ * with the scaling layer (x - shift_c) / scale_c, the taps relu1_2, relu2_2,
+ * relu3_3, relu4_3, relu5_3 of VGG16's features, n_k the channel-wise unit
+ * normalisation (epsilon 1e-10 on the norm), and optional dropout on the
+ * squared differences (training mode of the reference). The trunk is
+ * frozen: only the gradient with respect to b is computed. Channel widths
+ * are read from the weights, so narrower VGG-shaped networks load too. */
+#ifndef KV_LPIPS_H
+#define KV_LPIPS_H
+
+#include "backend.h"
+#include "model.h"
+
+#define KV_LPIPS_CONVS 13
+#define KV_LPIPS_TAPS 5
+
+typedef struct kv_lpips {
+    kv_backend *be; /* borrowed */
+    kv_conv convs[KV_LPIPS_CONVS];
+    kv_tensor lin[KV_LPIPS_TAPS]; /* (1, C_k, 1, 1) */
+    int widths[KV_LPIPS_TAPS];
+} kv_lpips;
+
+/* Loads from a safetensors file with torchvision names
+ * (features.N.weight/bias) or lpips names (net.sliceK.N.weight/bias), and
+ * lin weights named linK.model.1.weight or lins.K.model.1.weight, with or
+ * without a "loss.perceptual_loss." or "perceptual_loss." prefix.
+ * Errors: as klvae_model_load. */
+klvae_status_t kv_lpips_load(kv_backend *be, const char *path, kv_lpips **out);
+void kv_lpips_free(kv_lpips *l);
+
+/* distances[n] = LPIPS(a[n], b[n]) for (N, 3, H, W) images in [-1, 1]. With
+ * grad_scale not NULL, db (allocated here) = sum_n grad_scale[n] *
+ * d LPIPS(a[n], b[n]) / d b. dropout is the probability of zeroing a term
+ * (0 in eval mode), its mask drawn from seed. */
+klvae_status_t kv_lpips_forward(kv_lpips *l, const kv_tensor *a, const kv_tensor *b,
+                                float dropout, uint64_t seed, double *distances,
+                                const float *grad_scale, kv_tensor *db);
+
+#endif
