@@ -315,3 +315,37 @@ klvae_status_t kv_lpips_forward(kv_lpips *l, const kv_tensor *a, const kv_tensor
     trunk_free(be, &tb);
     return st;
 }
+
+/* Stages one host image batch on the backend (a view when it computes in
+ * host memory). */
+static klvae_status_t stage_host(kv_backend *be, const float *host, int n, int h, int w,
+                                 kv_tensor *t)
+{
+    if (be->host_memory) {
+        *t = kv_tensor_wrap((float *)host, n, 3, h, w);
+        return KLVAE_OK;
+    }
+    klvae_status_t st = kv_tensor_alloc(be, n, 3, h, w, t);
+    if (st == KLVAE_OK)
+        st = be->ops->upload(be, t->data, host, (size_t)n * 3 * h * w);
+    return st;
+}
+
+klvae_status_t kv_lpips_distance_host(kv_lpips *l, const float *a, const float *b, int n, int h,
+                                      int w, double *distances)
+{
+    if (!l || !a || !b || !distances || n <= 0 || n > 64 || h < 16 || w < 16)
+        return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
+                        "kv_lpips_distance_host: NULL pointer or bad size (%d, 3, %d, %d); LPIPS "
+                        "takes 1..64 images of at least 16 x 16",
+                        n, h, w);
+    kv_tensor ta = {0}, tb = {0};
+    klvae_status_t st = stage_host(l->be, a, n, h, w, &ta);
+    if (st == KLVAE_OK)
+        st = stage_host(l->be, b, n, h, w, &tb);
+    if (st == KLVAE_OK)
+        st = kv_lpips_forward(l, &ta, &tb, 0.0f, 0, distances, NULL, NULL);
+    kv_tensor_release(l->be, &ta);
+    kv_tensor_release(l->be, &tb);
+    return st;
+}

@@ -903,10 +903,16 @@ static klvae_status_t ck_fetch(void *ctx, size_t index, float *dst)
 }
 
 /* The structural keys a checkpoint must agree on. */
+/* The model config in checkpoint metadata (config.KEY), so that a run can
+ * be resumed without the model it started from. The first
+ * STRUCTURE_KEY_COUNT decide the architecture and must match on load; the
+ * latent scaling does not change training and is only recorded. */
 static const char *const structure_keys[] = {
     "in_channels", "out_channels", "latent_channels", "block_out_channels", "layers_per_block",
     "norm_num_groups", "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention",
+    "act_fn", "scaling_factor", "shift_factor",
 };
+#define STRUCTURE_KEY_COUNT 10
 
 KLVAE_API klvae_status_t klvae_trainer_save(const klvae_trainer_t *t, const char *path)
 {
@@ -1014,7 +1020,7 @@ KLVAE_API klvae_status_t klvae_trainer_load(klvae_trainer_t *t, const char *path
                           path);
         goto done;
     }
-    for (size_t i = 0; i < KV_ARRAY_LEN(structure_keys); i++) {
+    for (size_t i = 0; i < STRUCTURE_KEY_COUNT; i++) {
         char key[64], mine[96];
         snprintf(key, sizeof key, "config.%s", structure_keys[i]);
         const char *theirs = kv_st_metadata(&st, key);
