@@ -1,6 +1,7 @@
 # libklvae — one entry point for building, testing and installing.
 #
 #   make              library (lib/), CLI (bin/klvae), C examples (build/examples/)
+#   make demo         trains the small config on procedural images for 3 minutes (demo-run/)
 #   make check        the test suite (Check), then the CLI and install tests
 #   make check-asan   the same suite under AddressSanitizer and UBSan
 #   make install      PREFIX=/usr/local DESTDIR= (GNU conventions)
@@ -39,6 +40,8 @@ LIB_SOURCES := $(wildcard src/*.c) $(wildcard src/cpu/*.c)
 LIB_OBJECTS := $(patsubst src/%.c,build/obj/%.o,$(LIB_SOURCES))
 CLI_SOURCES := $(wildcard src/cli/*.c)
 CLI_OBJECTS := $(patsubst src/%.c,build/obj/%.o,$(CLI_SOURCES))
+# the tool's pieces without its main(), which the unit tests link too
+CLI_PARTS := $(filter-out build/obj/cli/klvae.o,$(CLI_OBJECTS))
 EXAMPLES := $(patsubst examples/c/%.c,build/examples/%,$(wildcard examples/c/*.c))
 TEST_SOURCES := $(wildcard tests/*.c)
 TEST_OBJECTS := $(patsubst tests/%.c,build/tests/%.o,$(TEST_SOURCES))
@@ -49,7 +52,7 @@ STATIC := lib/libklvae.a
 CLI := bin/klvae
 TEST_BIN := build/tests/check_klvae
 
-.PHONY: all lib examples check check-unit check-asan install uninstall clean deps bench \
+.PHONY: all lib examples check check-unit check-asan install uninstall clean deps bench demo \
         parity fixtures
 
 all: lib $(CLI) examples build/klvae-uninstalled.pc
@@ -85,7 +88,7 @@ $(STATIC): $(LIB_OBJECTS)
 
 # The CLI links the static library: besides the API it uses the library's
 # safetensors code for latent files, which the shared library keeps hidden.
-build/obj/cli/%.o: src/cli/%.c $(wildcard src/*.h include/*.h)
+build/obj/cli/%.o: src/cli/%.c $(wildcard src/*.h src/cli/*.h include/*.h)
 	@mkdir -p $(dir $@)
 	$(CC) $(KV_CFLAGS) -Isrc $(CFLAGS) -c $< -o $@
 
@@ -109,13 +112,13 @@ build/klvae-uninstalled.pc: pkgconfig/klvae-uninstalled.pc.in include/klvae.h
 CHECK_CFLAGS := $(shell $(PKG_CONFIG) --cflags check 2>/dev/null)
 CHECK_LIBS := $(shell $(PKG_CONFIG) --libs check 2>/dev/null || echo -lcheck -lsubunit -lrt -lm)
 
-build/tests/%.o: tests/%.c tests/test_util.h $(wildcard src/*.h src/cpu/*.h include/*.h)
+build/tests/%.o: tests/%.c tests/test_util.h $(wildcard src/*.h src/cpu/*.h src/cli/*.h include/*.h)
 	@mkdir -p build/tests
 	$(CC) $(KV_CFLAGS) -Isrc $(CHECK_CFLAGS) $(CFLAGS) -c $< -o $@
 
 # The tests link the static library so that they can reach internal ops.
-$(TEST_BIN): $(TEST_OBJECTS) $(STATIC)
-	$(CC) -o $@ $(TEST_OBJECTS) $(STATIC) $(LDFLAGS) $(CHECK_LIBS) $(DEP_LIBS) $(SYS_LIBS)
+$(TEST_BIN): $(TEST_OBJECTS) $(CLI_PARTS) $(STATIC)
+	$(CC) -o $@ $(TEST_OBJECTS) $(CLI_PARTS) $(STATIC) $(LDFLAGS) $(CHECK_LIBS) $(DEP_LIBS) $(SYS_LIBS)
 
 check-unit: $(TEST_BIN)
 	cd tests && ../$(TEST_BIN)
@@ -181,8 +184,28 @@ deps:
 build/bench_klvae: tools/bench_klvae.c lib/libklvae.so include/klvae.h
 	$(CC) -std=c11 -D_GNU_SOURCE -Wall -Wextra -O2 -Iinclude $< -o $@ -Llib -lklvae -Wl,-rpath,'$$ORIGIN/../lib'
 
+# the procedural images as raw floats, for tools/demo_pytorch.py
+build/dump_procedural: tools/dump_procedural.c $(STATIC) src/data.h
+	$(CC) $(KV_CFLAGS) -Isrc $(CFLAGS) $< -o $@ $(STATIC) $(LDFLAGS) $(DEP_LIBS) $(SYS_LIBS)
+
 bench: all build/bench_klvae
 	python3 tools/bench.py $(BENCH_ARGS)
+
+# The README's main command: trains the small config on the built-in
+# procedural images for DEMO_MINUTES of this machine and leaves demo-run/
+# (grid.png, loss.png, log.csv, eval.csv, checkpoint, model/).
+DEMO_MINUTES ?= 3
+DEMO_DIR ?= demo-run
+demo: all
+	@echo "klvae demo: training the 'small' autoencoder (3.9 M parameters) on procedural"
+	@echo "64x64 images for $(DEMO_MINUTES) minutes on the CPU; pixel + KL loss (no LPIPS"
+	@echo "weights on a fresh machine; see docs/training.md). Output: $(DEMO_DIR)/"
+	@rm -rf $(DEMO_DIR)
+	./bin/klvae train --config small --size 64 --batch 4 --learning-rate 3e-4 \
+	    --perceptual-weight 0 --steps 100000 --minutes $(DEMO_MINUTES) \
+	    --grid-every 50 --checkpoint-every 200 --eval-images 8 --out $(DEMO_DIR)
+	@echo "look at $(DEMO_DIR)/grid.png (top: held-out inputs, bottom: reconstructions)"
+	@echo "and $(DEMO_DIR)/loss.png; the model is $(DEMO_DIR)/model/"
 
 parity: all
 	python3 tools/parity.py
@@ -191,4 +214,4 @@ fixtures: all
 	python3 tools/make_fixtures.py
 
 clean:
-	rm -rf build lib/*.so* lib/*.a bin/klvae
+	rm -rf build lib/*.so* lib/*.a bin/klvae demo-run

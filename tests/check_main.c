@@ -93,7 +93,8 @@ int main(void)
     Suite *(*const suites[])(void) = {suite_api,   suite_options, suite_config,
                                       suite_safetensors, suite_ops, suite_model,
                                       suite_sample, suite_image,  suite_errors,
-                                      suite_data,   suite_grad,   suite_train};
+                                      suite_data,   suite_grad,   suite_train,
+                                      suite_cli};
     SRunner *runner = srunner_create(NULL);
     for (size_t i = 0; i < sizeof suites / sizeof suites[0]; i++)
         srunner_add_suite(runner, suites[i]());

@@ -41,7 +41,7 @@ int main(int argc, char **argv) {
 C
 cc -Iinclude "$tmp/mkimg.c" -o "$tmp/mkimg" -Llib -lklvae -Wl,-rpath,"$PWD/lib" -lm && "$tmp/mkimg" "$tmp/in.png" || bad "could not make the test image"
 
-for cmd in info encode decode reconstruct convert options; do
+for cmd in info encode decode reconstruct convert options train eval; do
     if $KLVAE $cmd --help >"$tmp/out" 2>&1 && grep -q "usage: klvae $cmd" "$tmp/out"; then ok; else bad "$cmd --help"; fi
 done
 if $KLVAE --help | grep -q "usage: klvae COMMAND"; then ok; else bad "--help"; fi
@@ -99,6 +99,77 @@ PY
 check "convert" $KLVAE convert $SINGLE "$tmp/converted" --norm-num-groups 4
 check "converted info" $KLVAE info "$tmp/converted"
 grep -q "^norm_num_groups *4" "$tmp/out" && ok || bad "converted config lost norm_num_groups"
+
+# ---- train and eval (tiny config, f = 2: seconds, not minutes) ----
+TRAIN="$KLVAE train --config tiny --size 16 --batch 2 --learning-rate 1e-3 --perceptual-weight 0 --eval-images 3 -q"
+rows() { tail -n +2 "$1" | wc -l | tr -d ' '; }
+check "train" $TRAIN --steps 4 --grid-every 2 --checkpoint-every 2 --out "$tmp/run"
+grep -q "held-out PSNR: .* dB at step 0 -> .* dB at step 4" "$tmp/out" && ok || bad "train did not print the held-out PSNR: $(cat "$tmp/out")"
+for f in log.csv eval.csv grid.png loss.png checkpoint.safetensors grids/step_000000.png \
+         grids/step_000002.png grids/step_000004.png model/config.json; do
+    [ -s "$tmp/run/$f" ] && ok || bad "train left no $f"
+done
+[ "$(rows "$tmp/run/log.csv")" = 4 ] && ok || bad "log.csv has $(rows "$tmp/run/log.csv") rows, not 4"
+[ "$(cut -d, -f1 "$tmp/run/eval.csv" | tr '\n' ' ')" = "step 0 2 4 " ] && ok || bad "eval.csv steps: $(cut -d, -f1 "$tmp/run/eval.csv")"
+check "trained model loads" $KLVAE info "$tmp/run/model"
+[ -e "$tmp/run/model_ema" ] && bad "model_ema without --ema-decay" || ok
+check "train with EMA" $TRAIN --steps 1 --ema-decay 0.9 --out "$tmp/ema"
+[ -s "$tmp/ema/model_ema/diffusion_pytorch_model.safetensors" ] && ok || bad "no model_ema/ with --ema-decay"
+
+# Resuming is exact: 2 + 2 steps give the bytes of 4 steps, and the same losses.
+check "train 2" $TRAIN --steps 2 --out "$tmp/half"
+check "resume to 4" $KLVAE train --resume "$tmp/half" --steps 4 -q
+cmp -s "$tmp/run/model/diffusion_pytorch_model.safetensors" "$tmp/half/model/diffusion_pytorch_model.safetensors" \
+    && ok || bad "2 steps + resume + 2 steps differ from 4 steps"
+cut -d, -f1,4- "$tmp/run/log.csv" > "$tmp/a.csv"; cut -d, -f1,4- "$tmp/half/log.csv" > "$tmp/b.csv"
+cmp -s "$tmp/a.csv" "$tmp/b.csv" && ok || bad "resumed log.csv differs: $(diff "$tmp/a.csv" "$tmp/b.csv" | head -5)"
+check_fails "resume past the end" 1 "already at step 4" $KLVAE train --resume "$tmp/half" --steps 4
+
+# Ctrl-C: the step finishes, a checkpoint and the model are written, exit 130.
+$TRAIN --steps 1000000 --grid-every 1000000 --out "$tmp/int" >"$tmp/int.out" 2>"$tmp/int.err" &
+pid=$!
+for i in $(seq 1 300); do [ -s "$tmp/int/log.csv" ] && [ "$(rows "$tmp/int/log.csv")" -ge 2 ] && break; sleep 0.1; done
+kill -INT $pid; wait $pid; rc=$?
+[ "$rc" = 130 ] && ok || bad "interrupted train exited $rc, not 130"
+[ -s "$tmp/int/checkpoint.safetensors" ] && [ -s "$tmp/int/model/config.json" ] && ok || bad "no checkpoint or model after Ctrl-C"
+grep -q "train --resume" "$tmp/int.err" && ok || bad "Ctrl-C did not say how to resume: $(cat "$tmp/int.err")"
+done_steps=$(rows "$tmp/int/log.csv")
+check "resume after Ctrl-C" $KLVAE train --resume "$tmp/int" --steps $((done_steps + 1)) -q
+[ "$(rows "$tmp/int/log.csv")" = $((done_steps + 1)) ] && ok || bad "resumed log.csv has $(rows "$tmp/int/log.csv") rows"
+
+# A folder of images, one of them unreadable: reported once, skipped.
+mkdir -p "$tmp/data/sub"
+cp "$tmp/in.png" "$tmp/data/a.png"; cp "$tmp/in.png" "$tmp/data/sub/b.PNG"
+echo "not a picture" > "$tmp/data/bad.png"
+check "train on a folder" $TRAIN --steps 3 --data "$tmp/data" --out "$tmp/folder"
+[ "$(grep -c "skipping $tmp/data/bad.png" "$tmp/err")" = 1 ] && ok || bad "bad.png not reported exactly once: $(cat "$tmp/err")"
+check "train with LPIPS and the GAN" $KLVAE train --config tiny --size 32 --batch 2 --steps 2 --disc-start 1 \
+    --disc-layers 2 --lpips tests/fixtures/train/lpips.safetensors --eval-images 0 -q --out "$tmp/gan"
+awk -F, 'NR == 2 && $6 > 0 { lp = 1 } NR == 3 && $11 > 0 && $12 > 0 { gan = 1 } END { exit !(lp && gan) }' \
+    "$tmp/gan/log.csv" && ok || bad "LPIPS or GAN losses missing from log.csv: $(cat "$tmp/gan/log.csv")"
+$KLVAE train --config tiny --size 16 --batch 2 --steps 1 --eval-images 0 -q --out "$tmp/nolpips" 2>"$tmp/err" >/dev/null
+[ "$(grep -c "NO LPIPS WEIGHTS" "$tmp/err")" = 1 ] && ok || bad "no loud one-time LPIPS warning: $(cat "$tmp/err")"
+
+check_fails "train: size not a multiple" 2 "not a multiple of the model's downsampling factor 8" $KLVAE train --config small --size 20 --steps 1 --out "$tmp/x1"
+check_fails "train: batch 0" 2 "batch needs an integer" $TRAIN --batch 0 --out "$tmp/x2"
+check_fails "train: bad steps" 2 "steps needs an integer" $TRAIN --steps many --out "$tmp/x3"
+check_fails "train: missing data" 1 "$tmp/no-data" $TRAIN --steps 1 --data "$tmp/no-data" --out "$tmp/x4"
+check_fails "train: missing checkpoint" 1 "no-run" $KLVAE train --resume "$tmp/no-run/checkpoint.safetensors" --out "$tmp/x5"
+check_fails "train: model and resume" 2 "exclude each other" $TRAIN --model "$MODEL" --resume "$tmp/run"
+check_fails "train: positional" 2 "no positional arguments" $TRAIN "$tmp/data"
+check_fails "train: unknown flag" 2 "unknown option 'epochs'" $TRAIN --epochs 3
+check_fails "train: missing LPIPS file" 1 "no-lpips" $TRAIN --steps 1 --lpips "$tmp/no-lpips.safetensors" --out "$tmp/x6"
+
+check "eval procedural" $KLVAE eval "$tmp/run/model" --size 16 --images 2
+[ "$(grep -c "^procedural#[01]  16x16  PSNR" "$tmp/out")" = 2 ] && grep -q "^mean over 2 images: PSNR" "$tmp/out" \
+    && ok || bad "eval output: $(cat "$tmp/out")"
+check "eval a folder with LPIPS" $KLVAE eval "$tmp/run/model" --data "$tmp/data" --lpips tests/fixtures/train/lpips.safetensors
+grep -q "^mean over 2 images: PSNR .* SSIM .* LPIPS" "$tmp/out" && grep -q "skipping $tmp/data/bad.png" "$tmp/err" \
+    && ok || bad "eval --data output: $(cat "$tmp/out" "$tmp/err")"
+check "eval centre crops" $KLVAE eval "$tmp/run/model" --data "$tmp/data" --size 32
+grep -q "32x32" "$tmp/out" && ok || bad "eval --size did not crop: $(cat "$tmp/out")"
+check_fails "eval: no model" 1 "no-model" $KLVAE eval "$tmp/no-model"
+check_fails "eval: empty folder" 1 "no PNG or JPEG file" $KLVAE eval "$tmp/run/model" --data "$tmp/run/grids/../model"
 
 # Only klvae_* leaves the shared library (KLVAE_0 is the version node).
 extra=$(nm -D --defined-only lib/libklvae.so | awk '{print $3}' | grep -v '^klvae_' | grep -v '^KLVAE_0$')

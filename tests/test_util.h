@@ -105,5 +105,6 @@ Suite *suite_errors(void);
 Suite *suite_data(void);
 Suite *suite_grad(void);
 Suite *suite_train(void);
+Suite *suite_cli(void);
 
 #endif

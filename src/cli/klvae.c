@@ -1,5 +1,5 @@
 /* klvae — the command-line tool: info, encode, decode, reconstruct,
- * convert. It uses the public API (include/klvae.h) for everything but the
+ * convert, options (here), train (train.c) and eval (eval.c). It uses the public API (include/klvae.h) for everything but the
  * latent files, which it reads and writes with the library's own safetensors
  * code; so it links libklvae.a. */
 #include <errno.h>
@@ -12,58 +12,15 @@
 
 #include <math.h>
 
+#include "cli.h"
 #include "klvae.h"
 #include "safetensors.h"
 
-#define EXIT_USAGE 2
-
-typedef struct cli {
-    const char *command;
-    int npos;
-    const char *pos[8];
-    klvae_options_t *opts;
-    bool sample, scaled, quiet;
-    bool seed_given;
-    uint64_t seed;
-} cli;
-
-static const char *program = "klvae";
-
-static void die_usage(const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    fprintf(stderr, "%s: ", program);
-    vfprintf(stderr, fmt, ap);
-    fprintf(stderr, "\nTry '%s --help'.\n", program);
-    va_end(ap);
-    exit(EXIT_USAGE);
-}
-
-/* Reports a failed library call and exits. */
-static void die_status(klvae_status_t st, const char *what)
-{
-    fprintf(stderr, "%s: %s: %s (%s)\n", program, what, klvae_last_error(),
-            klvae_status_string(st));
-    exit(1);
-}
-
-static double now_seconds(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static void note(const cli *c, const char *fmt, ...)
-{
-    if (c->quiet)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
-    va_end(ap);
-}
+/* The flags of train and eval that are not library options. */
+static const char *const train_flags[] = {"data", "out", "size", "batch", "steps", "minutes",
+                                          "model", "resume", "lpips", "grid-every",
+                                          "checkpoint-every", "log-every", "eval-images", NULL};
+static const char *const eval_flags[] = {"data", "lpips", "size", "images", NULL};
 
 static const char *const general_help =
     "usage: klvae COMMAND [ARGS] [--OPTION VALUE ...]\n"
@@ -76,6 +33,8 @@ static const char *const general_help =
     "  decode MODEL IN.safetensors OUT.png  latent -> image\n"
     "  reconstruct MODEL IN.png OUT.png     encode then decode\n"
     "  convert MODEL OUT_DIR               write MODEL as a diffusers folder\n"
+    "  train [--data DIR] [--out RUN_DIR]  train an autoencoder (LDM recipe)\n"
+    "  eval MODEL [--data DIR]             PSNR, SSIM (and LPIPS) over images\n"
     "  options                             list every --OPTION with its default\n"
     "\n"
     "MODEL is a diffusers folder (config.json + diffusion_pytorch_model.safetensors)\n"
@@ -125,6 +84,10 @@ static const char *command_help(const char *command)
                "\n"
                "Loads MODEL (any supported layout and dtype) and writes it to OUT_DIR as a\n"
                "diffusers folder in float32, which AutoencoderKL.from_pretrained loads.\n";
+    if (strcmp(command, "train") == 0)
+        return train_help;
+    if (strcmp(command, "eval") == 0)
+        return eval_help;
     if (strcmp(command, "options") == 0)
         return "usage: klvae options\n"
                "\n"
@@ -197,6 +160,25 @@ static void parse_args(int argc, char **argv, cli *c)
                 die_usage("option '--%s' needs a value", key);
             value = argv[++i];
         }
+        const char *const *own = NULL;
+        if (c->command && strcmp(c->command, "train") == 0)
+            own = train_flags;
+        else if (c->command && strcmp(c->command, "eval") == 0)
+            own = eval_flags;
+        for (char *u = key; *u; u++) /* --grid_every and --grid-every alike */
+            if (*u == '_' && own)
+                *u = '-';
+        bool is_own = false;
+        for (int k = 0; own && own[k]; k++)
+            if (strcmp(key, own[k]) == 0) {
+                if (c->nflags == CLI_MAX_FLAGS)
+                    die_usage("too many flags");
+                c->flag_name[c->nflags] = own[k];
+                c->flag_value[c->nflags++] = value;
+                is_own = true;
+            }
+        if (is_own)
+            continue;
         bool is_command = c->command && (strcmp(c->command, "encode") == 0 ||
                                          strcmp(c->command, "reconstruct") == 0);
         if (strcmp(key, "seed") == 0 && is_command) { /* the sampling seed here */
@@ -221,68 +203,6 @@ static void parse_args(int argc, char **argv, cli *c)
     }
     if (c->seed_given && !c->sample)
         die_usage("--seed only makes sense with --sample");
-}
-
-static void need_args(const cli *c, int n)
-{
-    if (c->npos != n) {
-        fputs(command_help(c->command), stderr);
-        fprintf(stderr, "\n%s %s: expected %d argument%s, got %d\n", program, c->command, n,
-                n == 1 ? "" : "s", c->npos);
-        exit(EXIT_USAGE);
-    }
-}
-
-static klvae_model_t *load_model(const cli *c, const char *path)
-{
-    klvae_model_t *m = NULL;
-    double t0 = now_seconds();
-    klvae_status_t st = klvae_model_load(path, c->opts, &m);
-    if (st != KLVAE_OK)
-        die_status(st, "cannot load the model");
-    note(c, "loaded %s (%.1f M parameters, %s backend) in %.2f s\n", path,
-         (double)klvae_model_parameter_count(m) / 1e6, klvae_model_backend(m), now_seconds() - t0);
-    return m;
-}
-
-static void *xmalloc(size_t n)
-{
-    void *p = malloc(n ? n : 1);
-    if (!p) {
-        fprintf(stderr, "%s: out of memory (%zu bytes)\n", program, n);
-        exit(1);
-    }
-    return p;
-}
-
-/* Pads a (3, h, w) image to (3, ph, pw) by repeating its last row and
- * column: edge values keep the reconstruction of the border natural. */
-static float *pad_image(const float *img, int h, int w, int ph, int pw)
-{
-    float *out = xmalloc((size_t)3 * ph * pw * sizeof(float));
-    for (int c = 0; c < 3; c++)
-        for (int y = 0; y < ph; y++) {
-            const float *src = img + ((size_t)c * h + (y < h ? y : h - 1)) * w;
-            float *dst = out + ((size_t)c * ph + y) * pw;
-            memcpy(dst, src, (size_t)w * sizeof(float));
-            for (int x = w; x < pw; x++)
-                dst[x] = src[w - 1];
-        }
-    return out;
-}
-
-/* Copies the top-left (3, h, w) corner of a (3, ph, pw) image. */
-static void crop_image(const float *img, int ph, int pw, int h, int w, float *out)
-{
-    for (int c = 0; c < 3; c++)
-        for (int y = 0; y < h; y++)
-            memcpy(out + ((size_t)c * h + y) * w, img + ((size_t)c * ph + y) * pw,
-                   (size_t)w * sizeof(float));
-}
-
-static int round_up(int v, int f)
-{
-    return (v + f - 1) / f * f;
 }
 
 typedef struct encoded {
@@ -645,6 +565,10 @@ int main(int argc, char **argv)
         rc = cmd_reconstruct(&c);
     else if (strcmp(c.command, "convert") == 0)
         rc = cmd_convert(&c);
+    else if (strcmp(c.command, "train") == 0)
+        rc = cmd_train(&c);
+    else if (strcmp(c.command, "eval") == 0)
+        rc = cmd_eval(&c);
     else
         rc = cmd_options(&c);
     klvae_options_free(c.opts);
