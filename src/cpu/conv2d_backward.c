@@ -172,6 +172,28 @@ typedef struct wgrad_job {
     kv_cpu *cpu;
 } wgrad_job;
 
+/* dst[ox] = src[ox * stride + offset], 0 where that lies outside the row:
+ * the zero edges and the valid middle are found first, so the middle is a
+ * plain (or strided) copy without a test per element. */
+static void copy_row_taps(const float *src, float *dst, int w_in, int wo, int stride, int offset)
+{
+    int lo = offset >= 0 ? 0 : (-offset + stride - 1) / stride;
+    int hi = w_in - 1 - offset < 0 ? 0 : (w_in - 1 - offset) / stride + 1;
+    lo = KV_MIN(lo, wo);
+    hi = KV_MAX(lo, KV_MIN(hi, wo));
+    for (int ox = 0; ox < lo; ox++)
+        dst[ox] = 0.0f;
+    if (stride == 1) {
+        memcpy(dst + lo, src + lo + offset, (size_t)(hi - lo) * sizeof(float));
+    } else {
+        const float *p = src + (size_t)lo * stride + offset;
+        for (int ox = lo; ox < hi; ox++, p += stride)
+            dst[ox] = *p;
+    }
+    for (int ox = hi; ox < wo; ox++)
+        dst[ox] = 0.0f;
+}
+
 static void wgrad_task(void *arg, int task, int thread)
 {
     const wgrad_job *j = arg;
@@ -209,10 +231,7 @@ static void wgrad_task(void *arg, int task, int thread)
                         continue;
                     }
                     const float *src = src_plane + (size_t)(iy - iy0) * j->w_in;
-                    for (int ox = 0; ox < j->wo; ox++) {
-                        int ix = ox * s - j->g.pad_left + kx;
-                        dst[ox] = ix >= 0 && ix < j->w_in ? src[ix] : 0.0f;
-                    }
+                    copy_row_taps(src, dst, j->w_in, j->wo, s, kx - j->g.pad_left);
                 }
             }
     }

@@ -1,10 +1,29 @@
-/* threadpool.c — see threadpool.h. */
+/* threadpool.c — see threadpool.h.
+ *
+ * A training step runs thousands of short parallel ops; waking a sleeping
+ * thread through the kernel for each costs tens of microseconds. So both
+ * sides spin briefly first: a worker that finished a job watches for the
+ * next one, and the caller watches for the workers to finish, for about
+ * SPIN_ROUNDS pause instructions, before they block on the condition
+ * variables. */
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "threadpool.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define cpu_relax() _mm_pause()
+#elif defined(__aarch64__)
+#define cpu_relax() __asm__ __volatile__("yield")
+#else
+#define cpu_relax() ((void)0)
+#endif
+
+/* About 50-100 microseconds of pause instructions. */
+#define SPIN_ROUNDS 4000
 
 struct kv_pool {
     int threads;
@@ -14,15 +33,15 @@ struct kv_pool {
     pthread_mutex_t lock;
     pthread_cond_t wake;     /* a new job (or shutdown) was posted */
     pthread_cond_t finished; /* the last worker left the current job */
-    unsigned long generation;
-    bool shutdown;
+    atomic_ulong generation; /* written under lock, read by spinning workers */
+    atomic_bool shutdown;
 
     /* The current job. */
     kv_task_fn fn;
     void *arg;
     int ntasks;
     atomic_int next_task;
-    int busy_workers;
+    atomic_int busy_workers;
 };
 
 typedef struct {
@@ -40,6 +59,23 @@ static void run_tasks(kv_pool *pool, int thread)
     }
 }
 
+/* Waits for a job newer than seen: spinning first, then asleep. */
+static unsigned long wait_for_job(kv_pool *pool, unsigned long seen)
+{
+    for (int i = 0; i < SPIN_ROUNDS; i++) {
+        unsigned long g = atomic_load_explicit(&pool->generation, memory_order_acquire);
+        if (g != seen || atomic_load(&pool->shutdown))
+            return g;
+        cpu_relax();
+    }
+    pthread_mutex_lock(&pool->lock);
+    while (!atomic_load(&pool->shutdown) && atomic_load(&pool->generation) == seen)
+        pthread_cond_wait(&pool->wake, &pool->lock);
+    unsigned long g = atomic_load(&pool->generation);
+    pthread_mutex_unlock(&pool->lock);
+    return g;
+}
+
 static void *worker_main(void *p)
 {
     worker_start *start = p;
@@ -48,22 +84,18 @@ static void *worker_main(void *p)
     free(start);
 
     unsigned long seen = 0;
-    pthread_mutex_lock(&pool->lock);
     for (;;) {
-        while (!pool->shutdown && pool->generation == seen)
-            pthread_cond_wait(&pool->wake, &pool->lock);
-        if (pool->shutdown)
+        seen = wait_for_job(pool, seen);
+        if (atomic_load(&pool->shutdown))
             break;
-        seen = pool->generation;
-        pthread_mutex_unlock(&pool->lock);
-
         run_tasks(pool, index);
-
-        pthread_mutex_lock(&pool->lock);
-        if (--pool->busy_workers == 0)
+        if (atomic_fetch_sub(&pool->busy_workers, 1) == 1) {
+            /* the lock orders this signal after the caller's check */
+            pthread_mutex_lock(&pool->lock);
             pthread_cond_signal(&pool->finished);
+            pthread_mutex_unlock(&pool->lock);
+        }
     }
-    pthread_mutex_unlock(&pool->lock);
     return NULL;
 }
 
@@ -81,6 +113,9 @@ kv_pool *kv_pool_create(int threads)
     pthread_cond_init(&pool->wake, NULL);
     pthread_cond_init(&pool->finished, NULL);
     atomic_init(&pool->next_task, 0);
+    atomic_init(&pool->busy_workers, 0);
+    atomic_init(&pool->generation, 0);
+    atomic_init(&pool->shutdown, false);
     if (threads > 1) {
         pool->workers = calloc((size_t)threads - 1, sizeof *pool->workers);
         if (!pool->workers) {
@@ -125,17 +160,22 @@ void kv_pool_run(kv_pool *pool, int ntasks, kv_task_fn fn, void *arg)
     pool->arg = arg;
     pool->ntasks = ntasks;
     atomic_store(&pool->next_task, 0);
-    pool->busy_workers = pool->started;
-    pool->generation++;
+    atomic_store(&pool->busy_workers, pool->started);
+    /* release: a worker that sees the new generation sees the job too */
+    atomic_fetch_add_explicit(&pool->generation, 1, memory_order_release);
     pthread_cond_broadcast(&pool->wake);
     pthread_mutex_unlock(&pool->lock);
 
     run_tasks(pool, 0);
 
-    pthread_mutex_lock(&pool->lock);
-    while (pool->busy_workers > 0)
-        pthread_cond_wait(&pool->finished, &pool->lock);
-    pthread_mutex_unlock(&pool->lock);
+    for (int i = 0; i < SPIN_ROUNDS && atomic_load(&pool->busy_workers) > 0; i++)
+        cpu_relax();
+    if (atomic_load(&pool->busy_workers) > 0) {
+        pthread_mutex_lock(&pool->lock);
+        while (atomic_load(&pool->busy_workers) > 0)
+            pthread_cond_wait(&pool->finished, &pool->lock);
+        pthread_mutex_unlock(&pool->lock);
+    }
 }
 
 int kv_pool_threads(const kv_pool *pool)
@@ -148,7 +188,7 @@ void kv_pool_free(kv_pool *pool)
     if (!pool)
         return;
     pthread_mutex_lock(&pool->lock);
-    pool->shutdown = true;
+    atomic_store(&pool->shutdown, true);
     pthread_cond_broadcast(&pool->wake);
     pthread_mutex_unlock(&pool->lock);
     for (int i = 0; i < pool->started; i++)
