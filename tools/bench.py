@@ -1,20 +1,37 @@
 #!/usr/bin/env python3
-"""make bench: encode and decode of the SD KL-f8 config on this CPU, libklvae
-and diffusers/PyTorch side by side in the same run.
+"""make bench: encode, decode and one training step, libklvae and PyTorch side by side.
+
+Encode and decode of the SD KL-f8 config on this CPU, and one training step,
+libklvae and diffusers/PyTorch side by side in the same run.
 
 Every case runs in a fresh process (so its peak resident size is its own), the
 two implementations alternate case by case, and each reports the median of
 --runs timed runs after one warm-up. Weights are random: speed does not depend
 on their values. PyTorch is optional: without it, only libklvae is timed.
 
+The training part times one full step (klvae_trainer_step against the same
+step in PyTorch, tools/bench_train_pytorch.py) of --train-config at each of
+--train-sizes with batch --train-batch, learning rate 1e-5, posterior sample,
+LPIPS-VGG16 on, twice: with the GAN off (libklvae's default before
+disc_start: no discriminator work at all) and on (discriminator forward and
+backward, adaptive weight, discriminator Adam; x' of the generator pass
+reused for the discriminator step). The LPIPS weights are a random
+full-width VGG16 file written once to a temporary folder with numpy (or the
+standard library alone, slower), so libklvae needs no PyTorch for it.
+
     python3 tools/bench.py [--sizes 256 512] [--threads T] [--runs 5] [--batch 1]
+                           [--train-sizes 256] [--train-batch 1] [--train-config sd]
+                           [--train-runs R] [--no-train | --train-only]
 """
 import argparse
 import json
+import math
 import os
 import platform
+import struct
 import subprocess
 import sys
+import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,13 +54,113 @@ def run(cmd):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def have_pytorch():
+VGG16_CONVS = [(0, 3, 64), (2, 64, 64), (5, 64, 128), (7, 128, 128), (10, 128, 256),
+               (12, 256, 256), (14, 256, 256), (17, 256, 512), (19, 512, 512), (21, 512, 512),
+               (24, 512, 512), (26, 512, 512), (28, 512, 512)]  # (features index, in, out)
+LPIPS_TAP_WIDTHS = [64, 128, 256, 512, 512]
+
+
+def write_random_lpips(path, seed=0):
+    """A random LPIPS-VGG16 v0.1 file with the real shapes, in the names
+    libklvae loads (features.N.weight/bias, linK.model.1.weight): conv weights
+    randn * sqrt(2 / fan_in), biases 0.01 randn, lin weights U(0.05, 1) * 4 /
+    width (positive, as the published ones). Safetensors written by hand:
+    8-byte little-endian header length, JSON header, raw float32 data."""
     try:
-        import diffusers  # noqa: F401
-        import torch  # noqa: F401
-        return True
-    except ImportError:
-        return False
+        import numpy as np
+        rng = np.random.default_rng(seed)
+
+        def normal(n, std):
+            return (rng.standard_normal(n, dtype=np.float32) * np.float32(std)).astype("<f4").tobytes()
+
+        def uniform(n, lo, hi):
+            return rng.uniform(lo, hi, n).astype("<f4").tobytes()
+    except ImportError:  # the standard library alone: about 15 s for 14.7 M values
+        import array
+        import random
+        rnd = random.Random(seed)
+
+        def pack(values):
+            a = array.array("f", values)
+            if sys.byteorder != "little":
+                a.byteswap()
+            return a.tobytes()
+
+        def normal(n, std):
+            return pack(rnd.gauss(0.0, std) for _ in range(n))
+
+        def uniform(n, lo, hi):
+            return pack(rnd.uniform(lo, hi) for _ in range(n))
+
+    tensors = []  # (name, shape, bytes)
+    for idx, cin, cout in VGG16_CONVS:
+        tensors.append(("features.%d.weight" % idx, [cout, cin, 3, 3],
+                        normal(cout * cin * 9, math.sqrt(2.0 / (cin * 9)))))
+        tensors.append(("features.%d.bias" % idx, [cout], normal(cout, 0.01)))
+    for k, w in enumerate(LPIPS_TAP_WIDTHS):
+        lin = uniform(w, 0.05 * 4.0 / w, 4.0 / w)
+        tensors.append(("lin%d.model.1.weight" % k, [1, w, 1, 1], lin))
+    header, offset = {"__metadata__": {"format": "pt", "note": "random weights for make bench"}}, 0
+    for name, shape, data in tensors:
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # keep the data 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for _, _, data in tensors:
+            f.write(data)
+
+
+def have_pytorch():
+    """Asked in a child process: on Linux a child's getrusage peak RSS starts
+    at the parent's size (ru_maxrss survives fork and exec), so importing
+    torch here (about 700 MB) would set a floor under every case's peak."""
+    return subprocess.run([sys.executable, "-c", "import torch, diffusers"],
+                          capture_output=True).returncode == 0
+
+
+def fmt_row(size, label, k, t):
+    """One row of the table; k or t is None when that side did not run."""
+    return "| %d² | %s | %s | %s | %s | %s | %s |" % (
+        size, label, "%.3f" % k["median"] if k else "-", "%.3f" % t["median"] if t else "-",
+        "%.2f" % (k["median"] / t["median"]) if k and t else "-",
+        "%.0f" % k["peak_rss_mb"] if k else "-", "%.0f" % t["peak_rss_mb"] if t else "-")
+
+
+TRAIN_CASES = [(0, "train step (LPIPS, GAN off)"), (1, "train step (LPIPS + GAN)")]
+
+
+def train_part(a, klvae, torch_ok):
+    """Times the training step, GAN off and on, both implementations
+    alternating; returns [(size, label, libklvae json, pytorch json)]."""
+    runs = a.train_runs if a.train_runs is not None else a.runs
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="klvae-bench-") as tmp:
+        lpips = os.path.join(tmp, "lpips_vgg_random.safetensors")
+        # in a child process, to keep this one small (see have_pytorch)
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--write-lpips", lpips], check=True)
+        common = ["--batch", str(a.train_batch), "--threads", str(a.threads), "--runs", str(runs),
+                  "--config", a.train_config, "--lpips", lpips]
+        for size in a.train_sizes:
+            for gan, label in TRAIN_CASES:
+                case = common + ["--gan", str(gan)]
+                k = run([klvae, "train", str(size)] + case)
+                t = run([sys.executable, os.path.join(ROOT, "tools", "bench_train_pytorch.py"),
+                         "train", str(size)] + case) if torch_ok else None
+                rows.append((size, label, k, t))
+                line = "%4d^2 %-27s" % (size, label)
+                line += " libklvae %7.3f s (peak %6.0f MB)" % (k["median"], k["peak_rss_mb"]) if k \
+                    else " libklvae failed"
+                if t:
+                    line += "   pytorch %7.3f s (peak %6.0f MB)" % (t["median"], t["peak_rss_mb"])
+                    if k:
+                        line += "   ratio %.2f" % (k["median"] / t["median"])
+                elif torch_ok:
+                    line += "   pytorch failed"
+                print(line, flush=True)
+    return rows
 
 
 def main():
@@ -53,7 +170,21 @@ def main():
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--no-pytorch", action="store_true")
+    p.add_argument("--train-sizes", type=int, nargs="+", default=[256],
+                   help="image sizes of the training-step cases (default 256)")
+    p.add_argument("--train-batch", type=int, default=1, help="training batch (default 1)")
+    p.add_argument("--train-config", choices=["sd", "small", "tiny"], default="sd",
+                   help="model config of the training cases (default sd)")
+    p.add_argument("--train-runs", type=int, default=None,
+                   help="timed training steps per case (default: --runs)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--no-train", action="store_true", help="skip the training step")
+    g.add_argument("--train-only", action="store_true", help="skip encode/decode")
+    p.add_argument("--write-lpips", metavar="PATH", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.write_lpips:  # the child process of train_part
+        write_random_lpips(a.write_lpips)
+        return
     klvae = os.path.join(ROOT, "build", "bench_klvae")
     if not os.path.exists(klvae):
         sys.exit("build/bench_klvae is missing: run 'make bench'")
@@ -64,7 +195,7 @@ def main():
               "(pip install torch diffusers to compare)")
     common = ["--batch", str(a.batch), "--threads", str(a.threads), "--runs", str(a.runs)]
     rows = []
-    for size in a.sizes:
+    for size in ([] if a.train_only else a.sizes):
         for op in ("encode", "decode", "both"):
             k = run([klvae, op, str(size)] + common)
             t = run([sys.executable, os.path.join(ROOT, "tools", "bench_pytorch.py"), op, str(size)]
@@ -75,17 +206,25 @@ def main():
                 line += "   pytorch %7.3f s (peak %6.0f MB)   ratio %.2f" % (
                     t["median"], t["peak_rss_mb"], k["median"] / t["median"])
             print(line, flush=True)
+    train_rows = [] if a.no_train else train_part(a, klvae, torch_ok)
     print()
     print("| size | op | libklvae median (s) | PyTorch median (s) | libklvae / PyTorch | "
           "libklvae peak RSS (MB) | PyTorch peak RSS (MB) |")
     print("|---|---|---|---|---|---|---|")
     for size, op, k, t in rows:
-        print("| %d² | %s | %.3f | %s | %s | %.0f | %s |" % (
-            size, "encode+decode" if op == "both" else op, k["median"],
-            "%.3f" % t["median"] if t else "-", "%.2f" % (k["median"] / t["median"]) if t else "-",
-            k["peak_rss_mb"], "%.0f" % t["peak_rss_mb"] if t else "-"))
+        print(fmt_row(size, "encode+decode" if op == "both" else op, k, t))
+    for size, label, k, t in train_rows:
+        print(fmt_row(size, label, k, t))
+    torch_version = next((r[3]["torch"] for r in rows + train_rows if r[3]), None)
     if torch_ok and rows and rows[0][3]:
         print("\nbatch %d, %d runs each after a warm-up, torch %s" % (a.batch, a.runs, rows[0][3]["torch"]))
+    if train_rows:
+        print("%straining: config %s, batch %d, %d steps each after a warm-up step; "
+              "Adam lr 1e-5, posterior sample, random LPIPS-VGG16 weights; "
+              "the GAN case reuses the generator's x' for the discriminator step%s" % (
+                  "" if torch_ok and rows and rows[0][3] else "\n", a.train_config, a.train_batch,
+                  a.train_runs if a.train_runs is not None else a.runs,
+                  ", torch %s" % torch_version if torch_version else ""))
 
 
 if __name__ == "__main__":
