@@ -257,6 +257,17 @@ void kv_disc_tape_free(kv_backend *be, kv_disc_tape *t)
     memset(t, 0, sizeof *t);
 }
 
+int kv_disc_min_size(const kv_disc *d)
+{
+    for (int side = 1;; side++) {
+        int s = side;
+        for (int i = 0; i < d->convs && s >= 1; i++)
+            s = s + 2 - 4 < 0 ? 0 : (s + 2 - 4) / geometry(d, i).stride + 1;
+        if (s >= 1)
+            return side;
+    }
+}
+
 klvae_status_t kv_disc_forward(kv_disc *d, const kv_tensor *x, kv_disc_tape *t, kv_tensor *logits)
 {
     kv_backend *be = d->be;

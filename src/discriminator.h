@@ -49,6 +49,9 @@ typedef struct kv_disc_tape {
 } kv_disc_tape;
 
 /* logits = D(x) in training mode, keeping the tape (logits allocated). */
+/* The smallest image side the discriminator takes (24 for 3 layers). */
+int kv_disc_min_size(const kv_disc *d);
+
 klvae_status_t kv_disc_forward(kv_disc *d, const kv_tensor *x, kv_disc_tape *t,
                                kv_tensor *logits);
 /* From d_logits: accumulates weight gradients into g (NULL: frozen) and,

@@ -234,15 +234,18 @@ klvae_status_t kv_lpips_forward(kv_lpips *l, const kv_tensor *a, const kv_tensor
     const int n = a->shape[0];
     const bool grad = grad_scale != NULL;
     trunk ta, tb;
-    double per_tap[64];
-    if (n > 64)
-        return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "LPIPS takes at most 64 images per call");
+    double *per_tap = malloc((size_t)n * sizeof(double));
+    if (!per_tap)
+        return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory for LPIPS distances");
     klvae_status_t st = trunk_forward(l, a, false, &ta);
-    if (st != KLVAE_OK)
+    if (st != KLVAE_OK) {
+        free(per_tap);
         return st;
+    }
     st = trunk_forward(l, b, grad, &tb);
     if (st != KLVAE_OK) {
         trunk_free(be, &ta);
+        free(per_tap);
         return st;
     }
     kv_tensor dtap[KV_LPIPS_TAPS];
@@ -265,6 +268,7 @@ klvae_status_t kv_lpips_forward(kv_lpips *l, const kv_tensor *a, const kv_tensor
         }
         dtap[k] = dn;
     }
+    free(per_tap);
     trunk_free(be, &ta);
     if (st != KLVAE_OK || !grad) {
         for (int k = 0; k < KV_LPIPS_TAPS; k++)
@@ -334,10 +338,10 @@ static klvae_status_t stage_host(kv_backend *be, const float *host, int n, int h
 klvae_status_t kv_lpips_distance_host(kv_lpips *l, const float *a, const float *b, int n, int h,
                                       int w, double *distances)
 {
-    if (!l || !a || !b || !distances || n <= 0 || n > 64 || h < 16 || w < 16)
+    if (!l || !a || !b || !distances || n <= 0 || h < 16 || w < 16)
         return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
                         "kv_lpips_distance_host: NULL pointer or bad size (%d, 3, %d, %d); LPIPS "
-                        "takes 1..64 images of at least 16 x 16",
+                        "takes images of at least 16 x 16",
                         n, h, w);
     kv_tensor ta = {0}, tb = {0};
     klvae_status_t st = stage_host(l->be, a, n, h, w, &ta);

@@ -42,7 +42,7 @@ klvae_status_t kv_lpips_forward(kv_lpips *l, const kv_tensor *a, const kv_tensor
                                 const float *grad_scale, kv_tensor *db);
 
 /* The LPIPS distances (eval mode) of n host images a[i], b[i] (n, 3, h, w)
- * in [-1, 1], n in 1..64, h and w at least 16. */
+ * in [-1, 1], h and w at least 16. */
 klvae_status_t kv_lpips_distance_host(kv_lpips *l, const float *a, const float *b, int n, int h,
                                       int w, double *distances);
 

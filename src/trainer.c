@@ -601,6 +601,12 @@ KLVAE_API klvae_status_t klvae_trainer_step(klvae_trainer_t *t, const float *ima
     const float gan_factor = t->step >= t->s.disc_start ? t->s.disc_factor : 0.0f;
     const bool adaptive = gan_factor > 0.0f || (t->s.ldm && t->s.disc_factor > 0.0f);
     const bool disc_pass = gan_factor > 0.0f || t->s.ldm;
+    const int disc_min = kv_disc_min_size(t->disc);
+    if (disc_pass && (h < disc_min || w < disc_min))
+        return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
+                        "klvae_trainer_step: %d x %d images are too small for the %d-layer "
+                        "discriminator, which needs at least %d x %d",
+                        h, w, t->disc->layers, disc_min, disc_min);
     step_sums sums;
     memset(&sums, 0, sizeof sums);
     klvae_status_t st = zero_grads(t);

@@ -661,6 +661,19 @@ START_TEST(trainer_bad_input)
     ck_assert_status(klvae_trainer_export(t, path, 1), KLVAE_ERR_INVALID_ARGUMENT);
     ck_assert_error_mentions("ema_decay");
     klvae_trainer_free(ot);
+    /* images the discriminator cannot take are refused before anything
+     * changes, once the GAN is on (16 is enough for LPIPS, not for D) */
+    ck_assert_ok(klvae_options_set(oo, "disc_start", "0"));
+    ck_assert_ok(klvae_trainer_create(other, oo, &ot));
+    float *small_x = random_batch(1, 2); /* 2 x (3, 32, 40) floats: enough for 16 x 16 */
+    ck_assert_status(klvae_trainer_step(ot, small_x, 2, 16, 16, NULL),
+                     KLVAE_ERR_INVALID_ARGUMENT);
+    ck_assert_error_mentions("too small for the 3-layer discriminator");
+    ck_assert_error_mentions("24 x 24");
+    ck_assert_int_eq(klvae_trainer_step_count(ot), 0);
+    ck_assert_ok(klvae_trainer_step(ot, small_x, 2, 24, 24, NULL));
+    free(small_x);
+    klvae_trainer_free(ot);
     klvae_model_free(other);
     klvae_options_free(oo);
     test_rmtree(dir);
