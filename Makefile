@@ -6,7 +6,7 @@
 #   make check-asan   the same suite under AddressSanitizer and UBSan
 #   make install      PREFIX=/usr/local DESTDIR= (GNU conventions)
 #   make deps         installs the Debian packages the build and tests need
-#   make bench        times encode/decode against PyTorch (tools/bench.py)
+#   make bench        times encode/decode and a training step against PyTorch (tools/bench.py)
 #   make parity       compares the full SD config with diffusers (needs PyTorch)
 #   make fixtures     regenerates tests/fixtures with diffusers (needs PyTorch)
 
@@ -116,8 +116,14 @@ build/tests/%.o: tests/%.c tests/test_util.h $(wildcard src/*.h src/cpu/*.h src/
 	@mkdir -p build/tests
 	$(CC) $(KV_CFLAGS) -Isrc $(CHECK_CFLAGS) $(CFLAGS) -c $< -o $@
 
+# Stand-ins for the CUDA plugin that tests/test_plugin.c loads, one per mode.
+FAKE_PLUGINS := $(patsubst %,build/tests/plugins/fake_%.so,working no_entry bad_abi no_driver create_oom incomplete)
+build/tests/plugins/fake_%.so: tests/plugins/fake_plugin.c tests/plugins/fake_plugin.h src/plugin.h src/backend.h src/common.h include/klvae.h
+	@mkdir -p $(dir $@)
+	$(CC) -std=c11 -Wall -Wextra -O1 -g -fPIC -shared -fvisibility=hidden -Iinclude -Isrc -DFAKE_MODE_$* $< -o $@
+
 # The tests link the static library so that they can reach internal ops.
-$(TEST_BIN): $(TEST_OBJECTS) $(CLI_PARTS) $(STATIC)
+$(TEST_BIN): $(TEST_OBJECTS) $(CLI_PARTS) $(STATIC) | $(FAKE_PLUGINS)
 	$(CC) -o $@ $(TEST_OBJECTS) $(CLI_PARTS) $(STATIC) $(LDFLAGS) $(CHECK_LIBS) $(DEP_LIBS) $(SYS_LIBS)
 
 check-unit: $(TEST_BIN)
@@ -215,3 +221,98 @@ fixtures: all
 
 clean:
 	rm -rf build lib/*.so* lib/*.a bin/klvae demo-run
+
+# ==== CUDA backend plugin (cuda/, issue 4) ===========================================
+# `make` also builds lib/libklvae_cuda.so when nvcc and cudnn.h (and libcudnn.so) are
+# found, else prints one line saying the plugin is skipped. The plugin links the CUDA
+# runtime statically and cuDNN 9 and cuBLAS dynamically, found through RUNPATH $ORIGIN
+# and the CUDA library folder it was built against (on a GPU machine whose cuDNN and
+# cuBLAS come with PyTorch, tests/gpu/check.sh puts site-packages/nvidia/*/lib on
+# LD_LIBRARY_PATH). Overrides: NVCC, CUDA_HOME, CUDNN_INCLUDE, CUDNN_LIB, CUDA_WERROR.
+# `make check` also runs build/tests/test_cuda, which says SKIPPED without a GPU.
+# `make gpu-binaries` builds build/gpu/test_cuda (with tools/bench_cuda.c inside and the
+# libraries linked statically) to carry to a GPU machine with the plugin: cuda/README.md.
+NVCC ?= $(or $(shell command -v nvcc 2>/dev/null),$(wildcard /usr/local/cuda/bin/nvcc))
+CUDA_HOME ?= $(if $(NVCC),$(patsubst %/bin/nvcc,%,$(realpath $(NVCC))))
+CUDNN_INCLUDE ?= $(patsubst %/,%,$(dir $(firstword $(wildcard $(CUDA_HOME)/include/cudnn.h \
+                   /usr/include/cudnn.h /usr/include/x86_64-linux-gnu/cudnn.h \
+                   /usr/local/include/cudnn.h))))
+CUDNN_LIB ?= $(abspath $(dir $(firstword $(wildcard $(CUDNN_INCLUDE)/../lib64/libcudnn.so \
+               $(CUDNN_INCLUDE)/../lib/libcudnn.so $(CUDA_HOME)/lib64/libcudnn.so \
+               /usr/lib/x86_64-linux-gnu/libcudnn.so))))
+CUDA_WERROR ?= -Werror all-warnings
+CUDA_ARCH := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
+             -gencode arch=compute_90,code=compute_90
+# --fmad=false: no product is fused into an add unless the code says so (the CPU
+# reference is built with -ffp-contract=off; gaussian_sample must give its bits).
+NVCC_FLAGS := -std=c++17 -O3 $(CUDA_ARCH) --fmad=false $(CUDA_WERROR) \
+              -Xcompiler -fPIC,-fvisibility=hidden,-Wall,-Wextra -Iinclude -Isrc -I$(CUDNN_INCLUDE)
+CUDA_SOURCES := $(wildcard cuda/*.cu)
+CUDA_OBJECTS := $(patsubst cuda/%.cu,build/cuda/%.o,$(CUDA_SOURCES))
+CUDA_PLUGIN := lib/libklvae_cuda.so
+CUDA_RPATH := $$ORIGIN:$(CUDNN_LIB)$(if $(filter $(CUDNN_LIB),$(abspath $(CUDA_HOME)/lib64)),,:$(abspath $(CUDA_HOME)/lib64))
+GPU_TEST := build/tests/test_cuda
+.PHONY: check-cuda gpu-binaries cuda-skipped install-cuda
+
+ifneq ($(and $(NVCC),$(CUDNN_INCLUDE),$(CUDNN_LIB)),)
+CUDA_PLUGIN_BUILT := $(CUDA_PLUGIN)
+all: $(CUDA_PLUGIN)
+install: install-cuda
+
+build/cuda/%.o: cuda/%.cu $(wildcard cuda/*.h cuda/*.cuh) src/backend.h src/plugin.h \
+                src/philox.h src/common.h include/klvae.h
+	@mkdir -p build/cuda
+	$(NVCC) $(NVCC_FLAGS) -c $< -o $@
+
+$(CUDA_PLUGIN): $(CUDA_OBJECTS) cuda/libklvae_cuda.map
+	@mkdir -p lib
+	$(NVCC) -shared -o $@ $(CUDA_OBJECTS) -cudart static -L$(CUDNN_LIB) -L$(CUDA_HOME)/lib64 \
+	    -lcudnn -lcublas -Xlinker --version-script=cuda/libklvae_cuda.map -Xlinker --no-undefined \
+	    -Xlinker -rpath,'$(CUDA_RPATH)'
+
+install-cuda: $(CUDA_PLUGIN)
+	install -d $(DESTDIR)$(LIBDIR)
+	install -m 755 $(CUDA_PLUGIN) $(DESTDIR)$(LIBDIR)/
+else
+all: cuda-skipped
+cuda-skipped:
+	@echo "CUDA plugin skipped: $(if $(NVCC),$(if $(CUDNN_INCLUDE),libcudnn.so not found,cudnn.h not found),nvcc not found) (lib/libklvae_cuda.so is not built; the CPU backend is)"
+endif
+
+uninstall: uninstall-cuda
+.PHONY: uninstall-cuda
+uninstall-cuda:
+	rm -f $(DESTDIR)$(LIBDIR)/libklvae_cuda.so
+
+GPU_TEST_SOURCES := tests/gpu/test_cuda.c tests/gpu/cuda_harness.c
+$(GPU_TEST): $(GPU_TEST_SOURCES) tests/gpu/cuda_harness.h $(STATIC) $(wildcard src/*.h)
+	@mkdir -p build/tests
+	$(CC) $(KV_CFLAGS) -Isrc -Itests/gpu $(CFLAGS) $(GPU_TEST_SOURCES) -o $@ $(STATIC) $(LDFLAGS) \
+	    $(DEP_LIBS) $(SYS_LIBS)
+
+check: check-cuda
+check-cuda: $(GPU_TEST) $(CUDA_PLUGIN_BUILT)
+	@./$(GPU_TEST) --plugin lib/libklvae_cuda.so --quick
+
+# For a GPU machine without this machine's libraries: one binary, test_cuda with the
+# benchmark inside (`test_cuda bench ...`), with OpenBLAS, jansson, libpng, libjpeg, zlib
+# and libgfortran linked statically. build/bench_cuda: the benchmark alone.
+GPU_STATIC_LIBS := $(filter -L%,$(DEP_LIBS)) -Wl,-Bstatic -lopenblas -ljansson -lpng16 -ljpeg -lz \
+                   -lgfortran -lquadmath -Wl,-Bdynamic $(SYS_LIBS)
+gpu-binaries: build/gpu/test_cuda
+build/gpu/test_cuda: $(GPU_TEST_SOURCES) tools/bench_cuda.c tests/gpu/cuda_harness.h $(STATIC) \
+                     $(wildcard src/*.h)
+	@mkdir -p build/gpu
+	$(CC) $(KV_CFLAGS) -Isrc -Itests/gpu $(CFLAGS) -DKV_WITH_BENCH -c tests/gpu/test_cuda.c \
+	    -o build/gpu/test_cuda.o
+	$(CC) $(KV_CFLAGS) -Isrc -Itests/gpu $(CFLAGS) -DKV_BENCH_NO_MAIN -c tools/bench_cuda.c \
+	    -o build/gpu/bench_cuda.o
+	$(CC) $(KV_CFLAGS) -Isrc -Itests/gpu $(CFLAGS) -c tests/gpu/cuda_harness.c \
+	    -o build/gpu/cuda_harness.o
+	$(CC) -o $@ build/gpu/test_cuda.o build/gpu/bench_cuda.o build/gpu/cuda_harness.o $(STATIC) -s \
+	    $(GPU_STATIC_LIBS)
+build/bench_cuda: tools/bench_cuda.c tests/gpu/cuda_harness.c tests/gpu/cuda_harness.h $(STATIC)
+	$(CC) $(KV_CFLAGS) -Isrc -Itests/gpu $(CFLAGS) tools/bench_cuda.c tests/gpu/cuda_harness.c \
+	    -o $@ $(STATIC) $(LDFLAGS) $(DEP_LIBS) $(SYS_LIBS)
+build/tests/test_cuda_host.o: $(wildcard cuda/*.cuh)
+# ==== end of the CUDA block ===========================================================

@@ -248,14 +248,19 @@ KLVAE_API float klvae_model_scaling_factor(const klvae_model_t *model);
 KLVAE_API float klvae_model_shift_factor(const klvae_model_t *model);
 /* Number of scalar parameters (83,653,863 for SD). */
 KLVAE_API int64_t klvae_model_parameter_count(const klvae_model_t *model);
-/* The backend in use: "cpu" or "cuda". A static string; "" for NULL. */
+/* The backend in use: "cpu" or "cuda" (with backend=auto, "cuda" when the
+ * CUDA plugin loads and finds the device, else "cpu": klvae_model_get's key
+ * "backend_reason" says why). A static string; "" for NULL. */
 KLVAE_API const char *klvae_model_backend(const klvae_model_t *model);
 
 /* Copies the model's value of a key into buf, as option text: any model
  * config key of docs/options.md except "config" (e.g. "block_out_channels"
  * gives "128,256,512,512", "shift_factor" gives "none" when there is none),
- * or one of the runtime keys "backend", "precision" and "threads" (what the
- * model actually uses). Dashes work as underscores. Errors:
+ * one of the runtime keys "backend", "precision" and "threads" (what the
+ * model actually uses), or the read-only key "backend_reason": why
+ * backend=auto chose the CPU (for example "CUDA plugin not found (looked in:
+ * ...)"), "" when the model runs on CUDA or the CPU was asked for. Dashes
+ * work as underscores. Errors:
  * KLVAE_ERR_INVALID_ARGUMENT (NULL pointer, buf too small), KLVAE_ERR_OPTION
  * (a key the model has no value for). */
 KLVAE_API klvae_status_t klvae_model_get(const klvae_model_t *model, const char *key,
@@ -297,6 +302,46 @@ KLVAE_API klvae_status_t klvae_sample(klvae_model_t *model, const float *mean,
  * Errors: as klvae_encode. */
 KLVAE_API klvae_status_t klvae_decode(klvae_model_t *model, const float *z, int n,
                                       int lat_h, int lat_w, float *images);
+
+/* ------------------------------------------------------------------------ */
+/* Inference on GPU memory                                                   */
+/* ------------------------------------------------------------------------ */
+
+/* The same three operations on arrays in the GPU memory of a model whose
+ * backend is "cuda" (klvae_model_backend), without copies to or from the
+ * host. Shapes, argument rules, results and errors are those of
+ * klvae_encode, klvae_decode and klvae_sample; what differs:
+ *
+ *   - Every array pointer is device memory on the model's GPU (option
+ *     "device"): from cudaMalloc, cudaMallocAsync or managed memory, or a
+ *     framework's tensor (torch.Tensor.data_ptr(), float32, contiguous).
+ *   - stream is a cudaStream_t passed as void *. The work runs on that
+ *     stream, so it starts after the work the caller queued there before (no
+ *     extra synchronisation needed to produce the inputs). NULL means the
+ *     model's own stream, which is not ordered with the caller's streams: the
+ *     inputs must then be complete (e.g. after cudaStreamSynchronize) when
+ *     the call is made.
+ *   - The call returns when the work is complete on that stream: the outputs
+ *     can be read at once, from any stream, and the inputs reused. (It
+ *     synchronises that stream; other work queued there before the call is
+ *     waited for too.)
+ *   - The model still must not be used by two threads at once; the call
+ *     leaves the model on its own stream again.
+ *
+ * Errors: those of the host functions; KLVAE_ERR_INVALID_ARGUMENT when the
+ * model runs on the CPU backend ("the model runs on the cpu backend, which
+ * has no device memory; use klvae_encode ..."); KLVAE_ERR_BACKEND when the
+ * device reports an error (an invalid pointer or stream, a failed kernel:
+ * the CUDA text is in the message). Pointers are not checked to be device
+ * memory: host pointers are undefined behaviour, as in CUDA itself. */
+KLVAE_API klvae_status_t klvae_encode_device(klvae_model_t *model, const float *images, int n,
+                                             int h, int w, float *mean, float *logvar,
+                                             void *stream);
+KLVAE_API klvae_status_t klvae_decode_device(klvae_model_t *model, const float *z, int n,
+                                             int lat_h, int lat_w, float *images, void *stream);
+KLVAE_API klvae_status_t klvae_sample_device(klvae_model_t *model, const float *mean,
+                                             const float *logvar, int n, int lat_h, int lat_w,
+                                             uint64_t seed, float *z, void *stream);
 
 /* ------------------------------------------------------------------------ */
 /* Training                                                                  */
@@ -358,9 +403,10 @@ KLVAE_API klvae_status_t klvae_trainer_create(klvae_model_t *model, const klvae_
                                               klvae_trainer_t **out);
 
 /* One optimizer step on n images (n, in_channels, h, w) in [-1, 1]: h and w
- * multiples of the downsampling factor and at least 16 (LPIPS and the
- * discriminator need that much), n divisible by grad_accum. stats may be
- * NULL. On error the weights may be partly updated; reload a checkpoint to
+ * multiples of the downsampling factor and at least 16 (for LPIPS), and
+ * when the discriminator runs in this step (from disc_start on, or always
+ * with preset=ldm) at least its minimum (24 for the default 3 layers);
+ * n divisible by grad_accum. stats may be NULL. On error the weights may be partly updated; reload a checkpoint to
  * continue. Errors: KLVAE_ERR_INVALID_ARGUMENT, KLVAE_ERR_OUT_OF_MEMORY,
  * KLVAE_ERR_BACKEND. */
 KLVAE_API klvae_status_t klvae_trainer_step(klvae_trainer_t *trainer, const float *images, int n,
@@ -405,7 +451,9 @@ KLVAE_API klvae_status_t klvae_trainer_set_note(klvae_trainer_t *trainer, const 
 KLVAE_API klvae_status_t klvae_trainer_get_note(const klvae_trainer_t *trainer, const char *key,
                                                 char *buf, size_t size);
 
-/* Releases the trainer (not the model). NULL is a no-op. */
+/* Releases the trainer (not the model). Free every trainer of a model
+ * before the model: the trainer uses the model's weights and backend until
+ * then. NULL is a no-op. */
 KLVAE_API void klvae_trainer_free(klvae_trainer_t *trainer);
 
 /* ------------------------------------------------------------------------ */

@@ -6,6 +6,7 @@
 
 #include "io.h"
 #include "model.h"
+#include "plugin.h"
 #include "safetensors.h"
 
 #define DIFFUSERS_WEIGHTS "diffusion_pytorch_model.safetensors"
@@ -28,16 +29,24 @@ static klvae_status_t choose_backend(const klvae_options_t *opts, klvae_model_t 
         }
     }
     const char *precision = kv_options_string(opts, "precision");
-    kv_backend_settings settings = {kv_options_int(opts, "threads"),
-                                    kv_options_int(opts, "device")};
+    kv_backend_settings settings = {kv_options_int(opts, "threads"), kv_options_int(opts, "device"),
+                                    KV_PRECISION_FP32};
+    if (strcmp(precision, "tf32") == 0)
+        settings.precision = KV_PRECISION_TF32;
+    else if (strcmp(precision, "bf16") == 0)
+        settings.precision = KV_PRECISION_BF16;
     if (settings.threads <= 0)
         settings.threads = kv_cpu_count();
-    klvae_status_t st = kv_backend_create(name, &settings, &m->be);
+    kv_backend_info info;
+    klvae_status_t st = kv_backend_create(name, &settings, &m->be, &info);
     if (st != KLVAE_OK)
         return st;
-    snprintf(m->backend_name, sizeof m->backend_name, "%s", m->be->ops->name);
+    m->plugin = info.plugin;
+    snprintf(m->backend_reason, sizeof m->backend_reason, "%s", info.reason);
+    snprintf(m->backend_name, sizeof m->backend_name, "%s",
+             info.plugin ? info.plugin->name : m->be->ops->name);
     m->threads = settings.threads;
-    if (strcmp(m->backend_name, "cpu") == 0 && strcmp(precision, "fp32") != 0) {
+    if (!m->plugin && strcmp(precision, "fp32") != 0) {
         if (strcmp(name, "cpu") == 0)
             return kv_error(KLVAE_ERR_UNSUPPORTED,
                             "precision=%s needs the CUDA backend; the CPU backend computes in "
@@ -217,7 +226,7 @@ KLVAE_API int64_t klvae_model_parameter_count(const klvae_model_t *m)
 
 KLVAE_API const char *klvae_model_backend(const klvae_model_t *m)
 {
-    return m ? m->backend_name : "";
+    return !m ? "" : m->plugin ? "cuda" : "cpu";
 }
 
 KLVAE_API klvae_status_t klvae_model_get(const klvae_model_t *m, const char *key, char *buf,
@@ -240,6 +249,8 @@ KLVAE_API klvae_status_t klvae_model_get(const klvae_model_t *m, const char *key
                                           "klvae_model_create; a model has no value for it");
     if (strcmp(key, "backend") == 0) {
         runtime = m->backend_name;
+    } else if (strcmp(key, "backend_reason") == 0) {
+        runtime = m->backend_reason;
     } else if (strcmp(key, "precision") == 0) {
         runtime = m->precision;
     } else if (strcmp(key, "threads") == 0) {
@@ -299,31 +310,93 @@ static klvae_status_t check_sizes(const char *fn, int n, int h, int w, const cha
     return KLVAE_OK;
 }
 
-KLVAE_API klvae_status_t klvae_encode(klvae_model_t *m, const float *images, int n, int h, int w,
-                                      float *mean, float *logvar)
+/* The arguments of klvae_encode and klvae_encode_device (fn). */
+static klvae_status_t check_encode(const char *fn, const klvae_model_t *m, const float *images,
+                                   int n, int h, int w, const float *mean, const float *logvar)
 {
-    kv_error_clear();
     if (!m || !images || !mean)
-        return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "klvae_encode: %s is NULL",
+        return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "%s: %s is NULL", fn,
                         !m ? "model" : !images ? "images" : "mean");
-    klvae_status_t st = check_sizes("klvae_encode", n, h, w, "h", "w");
+    klvae_status_t st = check_sizes(fn, n, h, w, "h", "w");
     if (st != KLVAE_OK)
         return st;
     const int f = kv_config_factor(&m->cfg);
     if (h % f != 0 || w % f != 0)
         return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
-                        "klvae_encode: image size %d x %d is not a multiple of the downsampling "
+                        "%s: image size %d x %d is not a multiple of the downsampling "
                         "factor %d (pad or crop it first)",
-                        h, w, f);
+                        fn, h, w, f);
     const int c = m->cfg.in_channels, z = m->cfg.latent_channels;
     size_t n_in, n_out;
     if (!kv_numel4(n, c, h, w, &n_in) || !kv_numel4(n, z, h / f, w / f, &n_out))
         return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
-                        "klvae_encode: %d images of %d x %d are too large to address", n, h, w);
+                        "%s: %d images of %d x %d are too large to address", fn, n, h, w);
     if (overlaps(images, n_in, mean, n_out) || overlaps(images, n_in, logvar, n_out) ||
         overlaps(mean, n_out, logvar, n_out))
         return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
-                        "klvae_encode: images, mean and logvar must not overlap");
+                        "%s: images, mean and logvar must not overlap", fn);
+    return KLVAE_OK;
+}
+
+/* The arguments of klvae_decode and klvae_decode_device (fn). */
+static klvae_status_t check_decode(const char *fn, const klvae_model_t *m, const float *z, int n,
+                                   int lat_h, int lat_w, const float *images)
+{
+    if (!m || !z || !images)
+        return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "%s: %s is NULL", fn,
+                        !m ? "model" : !z ? "z" : "images");
+    klvae_status_t st = check_sizes(fn, n, lat_h, lat_w, "lat_h", "lat_w");
+    if (st != KLVAE_OK)
+        return st;
+    const int f = kv_config_factor(&m->cfg);
+    const int zc = m->cfg.latent_channels, c = m->cfg.out_channels;
+    size_t n_in, n_out;
+    if (lat_h > (1 << 28) / f || lat_w > (1 << 28) / f || !kv_numel4(n, zc, lat_h, lat_w, &n_in) ||
+        !kv_numel4(n, c, lat_h * f, lat_w * f, &n_out))
+        return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
+                        "%s: %d latents of %d x %d are too large to address", fn, n, lat_h,
+                        lat_w);
+    if (overlaps(z, n_in, images, n_out))
+        return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "%s: z and images must not overlap", fn);
+    return KLVAE_OK;
+}
+
+/* The arguments of klvae_sample and klvae_sample_device (fn). */
+static klvae_status_t check_sample(const char *fn, const klvae_model_t *m, const float *mean,
+                                   const float *logvar, int n, int lat_h, int lat_w,
+                                   const float *z)
+{
+    if (!m || !mean || !logvar || !z)
+        return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "%s: %s is NULL", fn,
+                        !m ? "model" : !mean ? "mean" : !logvar ? "logvar" : "z");
+    klvae_status_t st = check_sizes(fn, n, lat_h, lat_w, "lat_h", "lat_w");
+    if (st != KLVAE_OK)
+        return st;
+    const int zc = m->cfg.latent_channels;
+    size_t count;
+    if (!kv_numel4(n, zc, lat_h, lat_w, &count))
+        return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
+                        "%s: %d latents of %d x %d are too large to address", fn, n, lat_h,
+                        lat_w);
+    /* z may be mean or logvar exactly (elementwise in place), never a part. */
+    if ((overlaps(z, count, mean, count) && z != mean) ||
+        (overlaps(z, count, logvar, count) && z != logvar))
+        return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
+                        "%s: z must be mean, logvar or a separate array, not a partly "
+                        "overlapping one",
+                        fn);
+    return KLVAE_OK;
+}
+
+KLVAE_API klvae_status_t klvae_encode(klvae_model_t *m, const float *images, int n, int h, int w,
+                                      float *mean, float *logvar)
+{
+    kv_error_clear();
+    klvae_status_t st = check_encode("klvae_encode", m, images, n, h, w, mean, logvar);
+    if (st != KLVAE_OK)
+        return st;
+    const int f = kv_config_factor(&m->cfg);
+    const int c = m->cfg.in_channels, z = m->cfg.latent_channels;
     kv_backend *be = m->be;
     kv_tensor x = {0}, mu = {0}, lv = {0};
     st = stage(be, (float *)images, n, c, h, w, true, &x);
@@ -344,22 +417,11 @@ KLVAE_API klvae_status_t klvae_decode(klvae_model_t *m, const float *z, int n, i
                                       int lat_w, float *images)
 {
     kv_error_clear();
-    if (!m || !z || !images)
-        return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "klvae_decode: %s is NULL",
-                        !m ? "model" : !z ? "z" : "images");
-    klvae_status_t st = check_sizes("klvae_decode", n, lat_h, lat_w, "lat_h", "lat_w");
+    klvae_status_t st = check_decode("klvae_decode", m, z, n, lat_h, lat_w, images);
     if (st != KLVAE_OK)
         return st;
     const int f = kv_config_factor(&m->cfg);
     const int zc = m->cfg.latent_channels, c = m->cfg.out_channels;
-    size_t n_in, n_out;
-    if (lat_h > (1 << 28) / f || lat_w > (1 << 28) / f || !kv_numel4(n, zc, lat_h, lat_w, &n_in) ||
-        !kv_numel4(n, c, lat_h * f, lat_w * f, &n_out))
-        return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
-                        "klvae_decode: %d latents of %d x %d are too large to address", n, lat_h,
-                        lat_w);
-    if (overlaps(z, n_in, images, n_out))
-        return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "klvae_decode: z and images must not overlap");
     kv_backend *be = m->be;
     kv_tensor zt = {0}, out = {0};
     st = stage(be, (float *)z, n, zc, lat_h, lat_w, true, &zt);
@@ -377,24 +439,10 @@ KLVAE_API klvae_status_t klvae_sample(klvae_model_t *m, const float *mean, const
                                       int n, int lat_h, int lat_w, uint64_t seed, float *z)
 {
     kv_error_clear();
-    if (!m || !mean || !logvar || !z)
-        return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "klvae_sample: %s is NULL",
-                        !m ? "model" : !mean ? "mean" : !logvar ? "logvar" : "z");
-    klvae_status_t st = check_sizes("klvae_sample", n, lat_h, lat_w, "lat_h", "lat_w");
+    klvae_status_t st = check_sample("klvae_sample", m, mean, logvar, n, lat_h, lat_w, z);
     if (st != KLVAE_OK)
         return st;
     const int zc = m->cfg.latent_channels;
-    size_t count;
-    if (!kv_numel4(n, zc, lat_h, lat_w, &count))
-        return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
-                        "klvae_sample: %d latents of %d x %d are too large to address", n, lat_h,
-                        lat_w);
-    /* z may be mean or logvar exactly (elementwise in place), never a part. */
-    if ((overlaps(z, count, mean, count) && z != mean) ||
-        (overlaps(z, count, logvar, count) && z != logvar))
-        return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
-                        "klvae_sample: z must be mean, logvar or a separate array, not a partly "
-                        "overlapping one");
     kv_backend *be = m->be;
     kv_tensor mu = {0}, lv = {0}, zt = {0};
     st = stage(be, (float *)mean, n, zc, lat_h, lat_w, true, &mu);
@@ -407,4 +455,104 @@ KLVAE_API klvae_status_t klvae_sample(klvae_model_t *m, const float *mean, const
     kv_tensor_release(be, &mu);
     kv_tensor_release(be, &lv);
     return unstage(be, &zt, z, st);
+}
+
+/* ---- inference on device memory ---- */
+
+/* A status a plugin returned, made a valid error status. */
+static klvae_status_t plugin_error(klvae_status_t st)
+{
+    return st == KLVAE_OK || (st > KLVAE_OK && st <= KLVAE_ERR_INTERNAL) ? st : KLVAE_ERR_BACKEND;
+}
+
+/* Starts a klvae_*_device call: the model must run on a plugin's backend,
+ * which then works on the caller's stream. */
+static klvae_status_t device_begin(const char *fn, const char *host_fn, klvae_model_t *m,
+                                   void *stream)
+{
+    if (!m->plugin)
+        return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
+                        "%s: the model runs on the %s backend, which has no device memory; use "
+                        "%s with host arrays (or load the model with backend=cuda)",
+                        fn, m->backend_name, host_fn);
+    return plugin_error(m->plugin->set_stream(m->be, stream));
+}
+
+/* Ends a klvae_*_device call whose work returned st: waits for the work on
+ * the caller's stream, puts the backend back on its own stream, and returns
+ * the first error with its message. */
+static klvae_status_t device_end(klvae_model_t *m, klvae_status_t st)
+{
+    char saved[1024] = "";
+    if (st != KLVAE_OK)
+        snprintf(saved, sizeof saved, "%s", kv_error_message());
+    klvae_status_t sync = plugin_error(m->plugin->synchronize(m->be));
+    if (st == KLVAE_OK && sync != KLVAE_OK) {
+        st = sync;
+        snprintf(saved, sizeof saved, "%s", kv_error_message());
+    }
+    klvae_status_t reset = plugin_error(m->plugin->set_stream(m->be, NULL));
+    if (st == KLVAE_OK && reset != KLVAE_OK) {
+        st = reset;
+        snprintf(saved, sizeof saved, "%s", kv_error_message());
+    }
+    m->be->ops->trim(m->be);
+    if (st != KLVAE_OK)
+        return kv_error(st, "%s", saved);
+    kv_error_clear();
+    return KLVAE_OK;
+}
+
+KLVAE_API klvae_status_t klvae_encode_device(klvae_model_t *m, const float *images, int n, int h,
+                                             int w, float *mean, float *logvar, void *stream)
+{
+    kv_error_clear();
+    klvae_status_t st = check_encode("klvae_encode_device", m, images, n, h, w, mean, logvar);
+    if (st == KLVAE_OK)
+        st = device_begin("klvae_encode_device", "klvae_encode", m, stream);
+    if (st != KLVAE_OK)
+        return st;
+    const int f = kv_config_factor(&m->cfg);
+    const int c = m->cfg.in_channels, z = m->cfg.latent_channels;
+    kv_tensor x = kv_tensor_wrap((float *)images, n, c, h, w);
+    kv_tensor mu = kv_tensor_wrap(mean, n, z, h / f, w / f);
+    kv_tensor lv = kv_tensor_wrap(logvar, n, z, h / f, w / f);
+    st = kv_vae_encode(m, &x, &mu, logvar ? &lv : NULL);
+    return device_end(m, st);
+}
+
+KLVAE_API klvae_status_t klvae_decode_device(klvae_model_t *m, const float *z, int n, int lat_h,
+                                             int lat_w, float *images, void *stream)
+{
+    kv_error_clear();
+    klvae_status_t st = check_decode("klvae_decode_device", m, z, n, lat_h, lat_w, images);
+    if (st == KLVAE_OK)
+        st = device_begin("klvae_decode_device", "klvae_decode", m, stream);
+    if (st != KLVAE_OK)
+        return st;
+    const int f = kv_config_factor(&m->cfg);
+    const int zc = m->cfg.latent_channels, c = m->cfg.out_channels;
+    kv_tensor zt = kv_tensor_wrap((float *)z, n, zc, lat_h, lat_w);
+    kv_tensor out = kv_tensor_wrap(images, n, c, lat_h * f, lat_w * f);
+    st = kv_vae_decode(m, &zt, &out);
+    return device_end(m, st);
+}
+
+KLVAE_API klvae_status_t klvae_sample_device(klvae_model_t *m, const float *mean,
+                                             const float *logvar, int n, int lat_h, int lat_w,
+                                             uint64_t seed, float *z, void *stream)
+{
+    kv_error_clear();
+    klvae_status_t st =
+        check_sample("klvae_sample_device", m, mean, logvar, n, lat_h, lat_w, z);
+    if (st == KLVAE_OK)
+        st = device_begin("klvae_sample_device", "klvae_sample", m, stream);
+    if (st != KLVAE_OK)
+        return st;
+    const int zc = m->cfg.latent_channels;
+    kv_tensor mu = kv_tensor_wrap((float *)mean, n, zc, lat_h, lat_w);
+    kv_tensor lv = kv_tensor_wrap((float *)logvar, n, zc, lat_h, lat_w);
+    kv_tensor zt = kv_tensor_wrap(z, n, zc, lat_h, lat_w);
+    st = m->be->ops->gaussian_sample(m->be, &mu, &lv, seed, &zt);
+    return device_end(m, st);
 }

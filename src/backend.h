@@ -274,18 +274,48 @@ struct kv_backend {
     bool host_memory;
 };
 
-/* Settings a backend is created with. */
+/* Numerical mode of the backend (option precision). */
+typedef enum kv_precision {
+    KV_PRECISION_FP32 = 0, /* strict float32 */
+    KV_PRECISION_TF32,     /* float32 storage, TF32 tensor-core products */
+    KV_PRECISION_BF16      /* bf16 activations, fp32 accumulation and statistics */
+} kv_precision;
+
+/* Settings a backend is created with (the core's own struct: a plugin gets
+ * kv_plugin_settings, src/plugin.h). */
 typedef struct kv_backend_settings {
-    int threads; /* CPU worker threads, >= 1 */
-    int device;  /* GPU index */
+    int threads;            /* CPU worker threads, >= 1 */
+    int device;             /* GPU index */
+    kv_precision precision; /* the CPU backend computes in fp32 whatever this says */
 } kv_backend_settings;
 
 /* Creates the CPU backend (src/cpu/cpu_backend.c). */
 klvae_status_t kv_cpu_backend_create(const kv_backend_settings *settings, kv_backend **out);
 
-/* Picks and creates a backend by name: "cpu", "cuda" or "auto". */
+struct kv_plugin;
+
+/* What kv_backend_create chose, besides the backend (core only). */
+typedef struct kv_backend_info {
+    /* The plugin whose backend it is (it stays loaded for the life of the
+     * process), or NULL for the CPU backend. */
+    const struct kv_plugin *plugin;
+    /* Why "auto" did not use CUDA ("" when it did, or for "cpu"). */
+    char reason[1024];
+} kv_backend_info;
+
+/* Picks and creates a backend by name (src/tensor.c):
+ *   "cpu"   the CPU backend;
+ *   "cuda"  the CUDA plugin's backend on settings->device: the plugin is
+ *           loaded (once per process, src/plugin_loader.c), probed and asked
+ *           to create it; every reason it cannot be used is an error
+ *           (KLVAE_ERR_BACKEND_UNAVAILABLE, or the plugin's
+ *           KLVAE_ERR_OUT_OF_MEMORY / KLVAE_ERR_BACKEND from create), never a
+ *           switch to the CPU;
+ *   "auto"  "cuda" when that succeeds, else the CPU backend with the reason
+ *           in info->reason.
+ * info may be NULL. */
 klvae_status_t kv_backend_create(const char *name, const kv_backend_settings *settings,
-                                 kv_backend **out);
+                                 kv_backend **out, kv_backend_info *info);
 
 void kv_backend_destroy(kv_backend *be);
 

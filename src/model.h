@@ -89,7 +89,9 @@ typedef enum kv_naming {
 struct klvae_model {
     kv_config cfg;
     kv_backend *be;
+    const struct kv_plugin *plugin; /* the CUDA plugin of be; NULL on the CPU */
     char backend_name[8];
+    char backend_reason[1024]; /* why backend=auto did not use CUDA, or "" */
     char precision[8];
     int threads;
     kv_encoder enc;

@@ -1,8 +1,10 @@
-/* tensor.c — small helpers around kv_tensor and backend selection. */
+/* tensor.c — small helpers around kv_tensor and backend selection (the CUDA
+ * plugin itself is found and loaded in plugin_loader.c). */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "backend.h"
+#include "plugin_loader.h"
 
 size_t kv_tensor_numel(const kv_tensor *t)
 {
@@ -62,18 +64,34 @@ void kv_tensor_release(kv_backend *be, kv_tensor *t)
 }
 
 klvae_status_t kv_backend_create(const char *name, const kv_backend_settings *settings,
-                                 kv_backend **out)
+                                 kv_backend **out, kv_backend_info *info)
 {
     *out = NULL;
-    if (strcmp(name, "cpu") == 0 || strcmp(name, "auto") == 0)
+    if (info) {
+        info->plugin = NULL;
+        info->reason[0] = '\0';
+    }
+    if (strcmp(name, "cpu") == 0)
         return kv_cpu_backend_create(settings, out);
+    if (strcmp(name, "cuda") != 0 && strcmp(name, "auto") != 0)
+        return kv_error(KLVAE_ERR_OPTION, "unknown backend '%s' (expected auto, cpu or cuda)",
+                        name);
+    const kv_plugin *plugin = NULL;
+    klvae_status_t st = kv_cuda_backend_create(settings, out, &plugin);
+    if (st == KLVAE_OK) {
+        if (info)
+            info->plugin = plugin;
+        return KLVAE_OK;
+    }
     if (strcmp(name, "cuda") == 0)
-        return kv_error(KLVAE_ERR_BACKEND_UNAVAILABLE,
-                        "backend 'cuda' is unavailable: this build of libklvae has no CUDA "
-                        "backend (the CUDA plugin is not part of version %s); use backend=cpu "
-                        "or auto",
-                        KLVAE_VERSION_STRING);
-    return kv_error(KLVAE_ERR_OPTION, "unknown backend '%s' (expected auto, cpu or cuda)", name);
+        return st == KLVAE_ERR_BACKEND_UNAVAILABLE
+                   ? kv_error_prefix(st, "backend 'cuda' is unavailable")
+                   : st;
+    /* auto: the CPU, and why */
+    if (info)
+        snprintf(info->reason, sizeof info->reason, "%s", kv_error_message());
+    kv_error_clear();
+    return kv_cpu_backend_create(settings, out);
 }
 
 void kv_backend_destroy(kv_backend *be)

@@ -2,7 +2,8 @@
 # cli_test.sh — the klvae command-line tool, run as a user would: every
 # command's --help, errors on stderr with non-zero exits, odd image sizes
 # padded and cropped back, encode + decode equal to reconstruct, convert.
-# Also checks that libklvae.so exports nothing but klvae_* symbols.
+# Also checks that libklvae.so exports nothing but klvae_* symbols, links no
+# CUDA library, and finds the CUDA plugin where plugin_loader.h says.
 set -u
 cd "$(dirname "$0")/.."
 KLVAE=bin/klvae
@@ -56,7 +57,8 @@ check_fails "wrong argument count" 2 "expected 3 arguments" $KLVAE encode $MODEL
 check_fails "missing model" 1 "no-such-model" $KLVAE info "$tmp/no-such-model.safetensors"
 check_fails "missing image" 1 "missing.png" $KLVAE encode $MODEL "$tmp/missing.png" "$tmp/x.safetensors"
 check_fails "seed without sample" 2 "only makes sense with --sample" $KLVAE encode $MODEL "$tmp/in.png" "$tmp/x.safetensors" --seed 3
-check_fails "cuda unavailable" 1 "unavailable" $KLVAE info $MODEL --backend cuda
+# (a plugin that does not exist, so that this holds on a GPU machine too)
+check_fails "cuda unavailable" 1 "unavailable" env KLVAE_CUDA_PLUGIN="$tmp/none.so" $KLVAE info $MODEL --backend cuda
 [ ! -e "$tmp/x.safetensors" ] && ok || bad "a failed encode left a file"
 
 check "info" $KLVAE info $SINGLE --norm-num-groups 4
@@ -176,6 +178,50 @@ extra=$(nm -D --defined-only lib/libklvae.so | awk '{print $3}' | grep -v '^klva
 [ -z "$extra" ] && ok || bad "libklvae.so exports: $extra"
 soname=$(readelf -d lib/libklvae.so | sed -n 's/.*SONAME.*\[\(.*\)\]/\1/p')
 [ "$soname" = "libklvae.so.0" ] && ok || bad "soname is '$soname'"
+
+# libklvae.so never links CUDA (the CUDA backend is a plugin loaded with dlopen),
+# so it loads on machines without CUDA.
+needed=$(readelf -d lib/libklvae.so | sed -n 's/.*NEEDED.*\[\(.*\)\]/\1/p')
+cuda_needed=$(echo "$needed" | grep -E '^lib(cuda|cudart|cudnn|cublas|cublasLt|nvrtc)[.-]' || true)
+[ -n "$needed" ] && [ -z "$cuda_needed" ] && ok || bad "libklvae.so needs CUDA libraries: $cuda_needed"
+# Where the plugin is looked for, seen from a program linked with the shared
+# library: beside libklvae.so (dladdr), then the linker's search path.
+cat > "$tmp/which.c" <<'C'
+#include <klvae.h>
+#include <stdio.h>
+int main(void) {
+    klvae_options_t *o = NULL; klvae_model_t *m = NULL; char reason[1024] = "";
+    klvae_options_create(&o); klvae_options_set(o, "config", "tiny");
+    if (klvae_model_create(o, &m) != KLVAE_OK) { printf("error: %s\n", klvae_last_error()); return 1; }
+    klvae_model_get(m, "backend_reason", reason, sizeof reason);
+    printf("%s|%s\n", klvae_model_backend(m), reason);
+    klvae_model_free(m); klvae_options_free(o); return 0; }
+C
+mkdir -p "$tmp/core" "$tmp/elsewhere"
+cp -P lib/libklvae.so* "$tmp/core/"
+if cc -Iinclude "$tmp/which.c" -o "$tmp/which" -L"$tmp/core" -lklvae; then ok; else bad "could not build the plugin probe program"; fi
+which_backend() { env -u KLVAE_CUDA_PLUGIN -u KLVAE_BACKEND LD_LIBRARY_PATH="$1" "$tmp/which" 2>&1; }
+out=$(which_backend "$tmp/core")
+case "$out" in "cpu|CUDA plugin not found (looked in: $tmp/core/libklvae_cuda.so"*) ok ;;
+    *) bad "without a plugin: '$out'" ;; esac
+FAKE=build/tests/plugins/fake_working.so
+if [ -f "$FAKE" ]; then
+    cp "$FAKE" "$tmp/core/libklvae_cuda.so"
+    out=$(which_backend "$tmp/core")
+    [ "$out" = "cuda|" ] && ok || bad "plugin beside libklvae.so not used: '$out'"
+    mv "$tmp/core/libklvae_cuda.so" "$tmp/elsewhere/"
+    out=$(which_backend "$tmp/core:$tmp/elsewhere")
+    [ "$out" = "cuda|" ] && ok || bad "plugin on LD_LIBRARY_PATH not used: '$out'"
+    out=$(KLVAE_CUDA_PLUGIN="$tmp/elsewhere/libklvae_cuda.so" LD_LIBRARY_PATH="$tmp/core" "$tmp/which" 2>&1)
+    [ "$out" = "cuda|" ] && ok || bad "KLVAE_CUDA_PLUGIN not used: '$out'"
+    out=$(KLVAE_CUDA_PLUGIN="$tmp/elsewhere/libklvae_cuda.so" $KLVAE info $MODEL 2>&1)
+    echo "$out" | grep -q "^backend *cuda$" && ok || bad "info with the fake plugin: $out"
+    out=$(KLVAE_CUDA_PLUGIN="$tmp/nowhere.so" $KLVAE info $MODEL 2>&1)
+    echo "$out" | grep -q "^backend *cpu (auto: CUDA plugin not found: KLVAE_CUDA_PLUGIN is $tmp/nowhere.so" \
+        && ok || bad "info without the plugin: $out"
+else
+    bad "$FAKE is missing (make builds it)"
+fi
 
 echo "cli: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

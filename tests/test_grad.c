@@ -19,7 +19,7 @@
 
 static kv_backend *backend(void)
 {
-    kv_backend_settings settings = {2, 0};
+    kv_backend_settings settings = {2, 0, KV_PRECISION_FP32};
     kv_backend *be = NULL;
     ck_assert_ok(kv_cpu_backend_create(&settings, &be));
     return be;

@@ -11,7 +11,7 @@
 
 static kv_backend *backend_with_threads(int threads)
 {
-    kv_backend_settings settings = {threads, 0};
+    kv_backend_settings settings = {threads, 0, KV_PRECISION_FP32};
     kv_backend *be = NULL;
     ck_assert_ok(kv_cpu_backend_create(&settings, &be));
     return be;

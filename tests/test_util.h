@@ -106,5 +106,7 @@ Suite *suite_data(void);
 Suite *suite_grad(void);
 Suite *suite_train(void);
 Suite *suite_cli(void);
+Suite *suite_plugin(void);
+Suite *suite_cuda_host(void);
 
 #endif

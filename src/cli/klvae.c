@@ -394,8 +394,14 @@ static int cmd_info(cli *c)
     };
     printf("%-26s%s\n", "model", c->pos[0]);
     for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++) {
-        char value[128];
-        if (klvae_model_get(m, keys[i], value, sizeof value) == KLVAE_OK)
+        char value[128], reason[1024];
+        if (klvae_model_get(m, keys[i], value, sizeof value) != KLVAE_OK)
+            continue;
+        /* backend=auto on the CPU says why: "cpu (auto: CUDA plugin not found ...)" */
+        if (strcmp(keys[i], "backend") == 0 &&
+            klvae_model_get(m, "backend_reason", reason, sizeof reason) == KLVAE_OK && *reason)
+            printf("%-26s%s (auto: %s)\n", keys[i], value, reason);
+        else
             printf("%-26s%s\n", keys[i], value);
     }
     long long params = (long long)klvae_model_parameter_count(m);

@@ -1,0 +1,243 @@
+#!/bin/sh
+# tests/gpu/check.sh OUT_DIR — the CUDA backend's checks and timings on a GPU
+# machine, in one run of at most CHECK_BUDGET seconds (default 470, under 8
+# minutes): full logs under OUT_DIR, a short table printed last.
+#
+#   1. finds cuDNN and cuBLAS (PyTorch's site-packages nvidia/*/lib, then
+#      /usr/local/cuda/lib64) for LD_LIBRARY_PATH;
+#   2. uses lib/libklvae_cuda.so and build/gpu/test_cuda as carried (make
+#      lib/libklvae_cuda.so gpu-binaries here), building what is missing
+#      when it can;
+#   3. test_cuda: every inference op, whole SD encode/decode at 64^2 and
+#      256^2, sampling bits, klvae_*_device, in fp32, tf32 and bf16, against
+#      the CPU backend;
+#   4. timings on tensors already on the GPU: libklvae (test_cuda bench) and
+#      diffusers (tools/bench_cuda_torch.py; its wheel from tools/wheels/,
+#      see tools/wheels/fetch.sh), decode and encode at 512^2 and 1024^2
+#      batch 1 first, then 256^2 and batch 8 while time is left; a bf16
+#      8192^3 torch.matmul for the GPU's practical peak;
+#   5. compute-sanitizer memcheck of test_cuda --quick --only-ops, if it is
+#      installed;
+#   6. the table: op checks, decode 512^2 bf16 speed against diffusers
+#      (target >= 1.5x), decode FLOP rate as a share of the matmul rate
+#      (target >= 40 %), peak memory of a 1024^2 bf16 decode (target <= 1.5 GB).
+#
+# A device call carries the build:  carry lib/libklvae_cuda.so build/gpu tools/wheels
+# and runs:  sh tests/gpu/check.sh $OUT
+set -u
+OUT=${1:?usage: tests/gpu/check.sh OUT_DIR}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/../.." || exit 1
+BUDGET=${CHECK_BUDGET:-470}
+START=$(date +%s)
+LOG=$OUT/check.log
+BENCH=$OUT/bench.jsonl
+: >"$LOG"
+: >"$BENCH"
+
+left() { echo $((BUDGET - ($(date +%s) - START))); }
+say() { echo "$*" | tee -a "$LOG"; }
+# limit SECONDS: the smaller of SECONDS and the time left (0 when under 10 s)
+limit() {
+    l=$(left)
+    if [ "$l" -lt 10 ]; then echo 0; elif [ "$l" -lt "$1" ]; then echo "$l"; else echo "$1"; fi
+}
+
+say "== check.sh $(date -u '+%Y-%m-%d %H:%M:%S') UTC, budget ${BUDGET} s"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm \
+    --format=csv >>"$LOG" 2>&1 || say "nvidia-smi failed"
+
+# ---- 1. libraries ----
+PY=${PYTHON:-python3}
+NVLIBS=$($PY - <<'EOF' 2>>"$LOG"
+import glob, os
+dirs = []
+try:
+    import nvidia
+    for base in list(nvidia.__path__):
+        dirs += sorted(glob.glob(os.path.join(base, "*", "lib")))
+except Exception:
+    pass
+print(":".join(d for d in dirs if os.path.isdir(d)))
+EOF
+)
+for d in /usr/local/cuda/lib64 /usr/local/cuda/lib; do
+    [ -d "$d" ] && NVLIBS="${NVLIBS:+$NVLIBS:}$d"
+done
+export LD_LIBRARY_PATH="${NVLIBS}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+say "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+
+# ---- 2. the plugin and the test binary ----
+PLUGIN=lib/libklvae_cuda.so
+BIN=build/gpu/test_cuda
+if [ ! -f "$PLUGIN" ]; then
+    INC=$($PY -c 'import nvidia.cudnn, os; print(os.path.join(list(nvidia.cudnn.__path__)[0], "include"))' 2>/dev/null)
+    LIBD=$($PY -c 'import nvidia.cudnn, os; print(os.path.join(list(nvidia.cudnn.__path__)[0], "lib"))' 2>/dev/null)
+    say "no carried $PLUGIN: building it (cuDNN headers: ${INC:-system})"
+    [ -n "$LIBD" ] && [ ! -e "$LIBD/libcudnn.so" ] && ln -s libcudnn.so.9 "$LIBD/libcudnn.so" 2>/dev/null
+    timeout -k 5 "$(limit 240)" make -j8 "$PLUGIN" ${INC:+CUDNN_INCLUDE=$INC} ${LIBD:+CUDNN_LIB=$LIBD} \
+        >>"$LOG" 2>&1 || say "building the plugin failed (see check.log)"
+fi
+if [ ! -x "$BIN" ]; then
+    say "no carried $BIN: building it"
+    timeout -k 5 "$(limit 120)" make -j8 gpu-binaries >>"$LOG" 2>&1 || say "building $BIN failed"
+fi
+ldd "$PLUGIN" >>"$LOG" 2>&1
+
+# ---- 3. the checks ----
+TEST_RC=none
+T=$(limit 250)
+if [ -x "$BIN" ] && [ "$T" -gt 0 ]; then
+    say "== test_cuda (limit ${T} s)"
+    timeout -k 5 "$T" "$BIN" --plugin "$PLUGIN" >"$OUT/test_cuda.log" 2>&1
+    TEST_RC=$?
+    grep -E "^(FAIL|SKIP)" "$OUT/test_cuda.log" | head -40 | tee -a "$LOG"
+    tail -1 "$OUT/test_cuda.log" | tee -a "$LOG"
+fi
+
+# ---- 4. timings ----
+if grep -q "^SKIPPED" "$OUT/test_cuda.log" 2>/dev/null; then
+    say "no usable GPU: no timings"
+    BUDGET=0
+fi
+WHEELS_OK=0
+if ls tools/wheels/*.whl >/dev/null 2>&1; then
+    if $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/klvae-site tools/wheels/*.whl >>"$LOG" 2>&1; then
+        WHEELS_OK=1
+    fi
+fi
+[ "$WHEELS_OK" = 1 ] && export PYTHONPATH="/tmp/klvae-site${PYTHONPATH:+:$PYTHONPATH}"
+$PY -c 'import diffusers' >>"$LOG" 2>&1 || say "diffusers cannot be imported (carry tools/wheels: tools/wheels/fetch.sh)"
+
+klvae_bench() { # cases precision
+    T=$(limit 120)
+    [ "$T" -gt 0 ] || return 1
+    timeout -k 5 "$T" "$BIN" bench "$1" --precision "$2" --runs 5 --plugin "$PLUGIN" \
+        >>"$BENCH" 2>>"$LOG" || say "bench $* failed or timed out"
+}
+torch_bench() { # cases [extra flags]
+    T=$(limit 150)
+    [ "$T" -gt 0 ] || return 1
+    timeout -k 5 "$T" env PYTHONUNBUFFERED=1 $PY tools/bench_cuda_torch.py --cases "$1" --runs 5 \
+        ${2:-} >>"$BENCH" 2>>"$LOG" || say "torch bench $1 ${2:-} failed or timed out"
+}
+say "== timings"
+klvae_bench decode:512:1,decode:1024:1,encode:512:1 bf16
+torch_bench decode:512:1,decode:1024:1 --matmul
+export KLVAE_CUDA_KEEP_CACHE=1 # the allocator's cost of giving memory back
+klvae_bench decode:512:1,decode:1024:1 bf16
+unset KLVAE_CUDA_KEEP_CACHE
+klvae_bench decode:512:1 fp32
+klvae_bench decode:512:1 tf32
+torch_bench encode:512:1,decode:512:1 --cudnn-benchmark
+
+# ---- 5. memcheck ----
+SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
+MEMCHECK="not run"
+T=$(limit 100)
+if [ -n "$SAN" ] && [ -x "$BIN" ] && [ "$T" -gt 0 ]; then
+    say "== compute-sanitizer memcheck (limit ${T} s)"
+    KLVAE_CUDA_CONV_SEARCH=0 timeout -k 5 "$T" "$SAN" --tool memcheck --error-exitcode 9 \
+        --print-limit 20 "$BIN" --plugin "$PLUGIN" --quick --only-ops >"$OUT/memcheck.log" 2>&1
+    rc=$?
+    case $rc in
+    0) MEMCHECK="clean" ;;
+    9) MEMCHECK="ERRORS (memcheck.log)" ;;
+    124 | 137) MEMCHECK="timed out after ${T} s" ;;
+    *) MEMCHECK="exit $rc (memcheck.log)" ;;
+    esac
+    tail -3 "$OUT/memcheck.log" >>"$LOG"
+elif [ -z "$SAN" ]; then
+    MEMCHECK="compute-sanitizer not found"
+fi
+
+# ---- 4b. the rest of the timings, while time is left ----
+REST=decode:256:1,encode:256:1,encode:1024:1,decode:512:8,encode:512:8,decode:256:8,decode:1024:8
+klvae_bench $REST bf16
+torch_bench $REST
+
+# ---- 6. the table ----
+TEST_LINE=$(tail -1 "$OUT/test_cuda.log" 2>/dev/null)
+$PY - "$BENCH" "$TEST_RC" "$TEST_LINE" "$MEMCHECK" "$(($(date +%s) - START))" <<'EOF' | tee "$OUT/summary.txt"
+import json, sys
+bench, test_rc, test_line, memcheck, elapsed = sys.argv[1:6]
+rows = []
+for line in open(bench):
+    line = line.strip()
+    if line.startswith("{"):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            pass
+env = next((r for r in rows if r.get("tool") == "env"), {})
+mm = next((r for r in rows if r.get("tool") == "matmul"), None)
+# decode / encode GFLOP per image (/work/shared/spec/anchors.md 3.1)
+GFLOP = {("decode", 256): 622.2, ("decode", 512): 2514.5, ("decode", 1024): 10470.4,
+         ("encode", 256): 272.7, ("encode", 512): 1116.7, ("encode", 1024): 4879.0}
+
+def find(tool, op, size, batch, prec="bf16", bench=False):
+    for r in rows:
+        if (r.get("tool") == tool and r.get("op") == op and r.get("size") == size
+                and r.get("batch") == batch and r.get("precision", prec) == prec
+                and "median_ms" in r and (tool != "diffusers" or r.get("cudnn_benchmark", False) == bench)
+                and not r.get("keep_cache", False)):
+            return r
+    return None
+
+print()
+print("GPU: %s; torch %s, diffusers %s; matmul bf16 8192^3: %s TFLOP/s; %s s"
+      % (env.get("gpu", "?"), env.get("torch", "?"), env.get("diffusers", env.get("diffusers_error", "?")),
+         mm["tflops"] if mm else "?", elapsed))
+print("%-8s %5s %3s %6s %9s %9s %9s %7s %7s %9s %9s %9s %6s" % (
+    "op", "size", "n", "prec", "klvae ms", "diff. ms", "diff.+bm", "speedup", "TFLOP/s", "klvae MiB",
+    "held MiB", "diff. MiB", "malloc"))
+for r in rows:
+    if r.get("tool") != "klvae" or "median_ms" not in r:
+        continue
+    op, size, batch, prec = r["op"], r["size"], r["batch"], r["precision"]
+    d = find("diffusers", op, size, batch, prec)
+    db = find("diffusers", op, size, batch, prec, bench=True)
+    g = GFLOP.get((op, size))
+    tf = g * batch / r["median_ms"] if g else None
+    print("%-8s %5d %3d %6s %9.2f %9s %9s %7s %7s %9.0f %9.0f %9s %6.1f" % (
+        op, size, batch, prec + ("/k" if r.get("keep_cache") else ""), r["median_ms"],
+        "%.2f" % d["median_ms"] if d else "-", "%.2f" % db["median_ms"] if db else "-",
+        "%.2fx" % (d["median_ms"] / r["median_ms"]) if d else "-", "%.0f" % tf if tf else "-",
+        r["peak_in_use_mb"], r["peak_reserved_mb"], "%.0f" % d["peak_allocated_mb"] if d else "-",
+        r.get("cuda_mallocs_per_call", -1)))
+print("(diff.+bm: diffusers with torch.backends.cudnn.benchmark; /k: KLVAE_CUDA_KEEP_CACHE=1;"
+      " malloc: cudaMalloc calls per klvae call; MiB in use at the peak, held = cudaMalloc'ed)")
+print()
+k512 = find("klvae", "decode", 512, 1)
+d512 = find("diffusers", "decode", 512, 1)
+k1024 = find("klvae", "decode", 1024, 1)
+ok_tests = test_rc == "0"
+print("%-44s %-42s %s" % ("check", "result", "target"))
+print("%-44s %-42s %s" % ("op / model checks (test_cuda)", (test_line or "not run")[:42]
+                          if test_rc in ("0", "1") else "exit %s" % test_rc, "all pass"))
+print("%-44s %-42s %s" % ("compute-sanitizer memcheck", memcheck[:42], "clean"))
+if k512 and d512:
+    ratio = d512["median_ms"] / k512["median_ms"]
+    print("%-44s %-42s %s" % ("decode 512^2 bf16: diffusers ms / klvae ms",
+                              "%.2fx (%.2f / %.2f ms)" % (ratio, d512["median_ms"], k512["median_ms"]),
+                              ">= 1.5x  %s" % ("MET" if ratio >= 1.5 else "NOT MET")))
+else:
+    print("%-44s %-42s %s" % ("decode 512^2 bf16 vs diffusers", "missing", ">= 1.5x"))
+if k512 and mm:
+    rate = GFLOP[("decode", 512)] / k512["median_ms"]
+    share = 100 * rate / mm["tflops"]
+    print("%-44s %-42s %s" % ("decode 512^2 bf16 FLOP rate / matmul rate",
+                              "%.0f %% (%.0f of %.0f TFLOP/s)" % (share, rate, mm["tflops"]),
+                              ">= 40 %%  %s" % ("MET" if share >= 40 else "NOT MET")))
+else:
+    print("%-44s %-42s %s" % ("decode FLOP rate / matmul rate", "missing", ">= 40 %"))
+if k1024:
+    gb = k1024["peak_in_use_mb"] * 1048576 / 1e9
+    print("%-44s %-42s %s" % ("peak memory, 1024^2 bf16 decode (in use)",
+                              "%.2f GB (held %.2f GB)" % (gb, k1024["peak_reserved_mb"] * 1048576 / 1e9),
+                              "<= 1.5 GB  %s" % ("MET" if gb <= 1.5 else "NOT MET")))
+else:
+    print("%-44s %-42s %s" % ("peak memory, 1024^2 bf16 decode", "missing", "<= 1.5 GB"))
+EOF

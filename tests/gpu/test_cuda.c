@@ -1,0 +1,915 @@
+/* test_cuda.c — the CUDA backend against the CPU backend, on fresh random
+ * inputs (the seed is printed; --seed repeats a run).
+ *
+ *   test_cuda [--plugin PATH] [--device N] [--seed S] [--quick] [--only-ops]
+ *   test_cuda bench ...   (in the GPU bundle: tools/bench_cuda.c's program)
+ *
+ * Without a usable plugin or GPU it prints "SKIPPED: ..." and exits 0 (make
+ * check runs it that way on machines without a GPU). With one it checks, in
+ * each precision (fp32, tf32, bf16):
+ *   - every inference op (conv2d in every geometry and prologue, with the
+ *     work cut into bands and chunks too; group_norm_stats; group_norm with
+ *     every activation and in place; add with aliasing; upsample; attention
+ *     in one and in many query blocks; posterior_split; gaussian_sample),
+ *     on the backend's own tensors and on plain float32 device arrays (what
+ *     klvae_*_device passes), against the CPU: relative L2 error at most 1e-5
+ *     in fp32 and 1e-2 in tf32 and bf16; outputs are poisoned with NaN first
+ *     and no NaN or Inf passes;
+ *   - gaussian_sample bit for bit equal to the CPU;
+ *   - whole encode and decode of a random-weight SD-config model at 64^2 and
+ *     256^2 (--quick: 64^2, fp32 and bf16 only);
+ *   - klvae_*_device equal to the host API, through the core's plugin loader
+ *     (skipped with the reason when the loader cannot give a CUDA model);
+ *   - training ops failing cleanly with their message.
+ * One line per check, then "test_cuda: N passed, N failed, N skipped". */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "cuda_harness.h"
+
+typedef struct rng {
+    uint64_t state;
+} rng;
+
+static double uniform(rng *r)
+{
+    r->state ^= r->state >> 12;
+    r->state ^= r->state << 25;
+    r->state ^= r->state >> 27;
+    return (double)((r->state * 2685821657736338717ull) >> 11) * (1.0 / 9007199254740992.0);
+}
+
+static void fill(float *x, size_t n, rng *r, float lo, float hi)
+{
+    for (size_t i = 0; i < n; i++)
+        x[i] = lo + (hi - lo) * (float)uniform(r);
+}
+
+static float *alloc_floats(size_t n)
+{
+    float *p = calloc(n ? n : 1, sizeof *p);
+    if (!p) {
+        fprintf(stderr, "test_cuda: out of host memory\n");
+        exit(2);
+    }
+    return p;
+}
+
+typedef struct suite {
+    const kv_plugin *plugin;
+    int device;
+    kv_backend *cpu;
+    kv_backend *mem; /* an fp32 CUDA backend: its tensors are plain float32 device arrays */
+    rng r;
+    int quick;
+    int passed, failed, skipped;
+} suite;
+
+static const double fp32_tol = 1e-5, low_tol = 1e-2;
+
+static double tolerance(kv_precision p)
+{
+    return p == KV_PRECISION_FP32 ? fp32_tol : low_tol;
+}
+
+/* ||got - want|| / ||want||; infinite when got holds a NaN or an Inf. */
+static double rel_l2(const float *got, const float *want, size_t n)
+{
+    double num = 0.0, den = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        if (!isfinite(got[i]))
+            return INFINITY;
+        double d = (double)got[i] - (double)want[i];
+        num += d * d;
+        den += (double)want[i] * want[i];
+    }
+    return den > 0.0 ? sqrt(num / den) : sqrt(num);
+}
+
+static void verdict(suite *s, const char *what, kv_precision p, double err, double tol)
+{
+    int ok = err <= tol;
+    printf("%s  %-58s [%s] rel %.3g (tol %.0e)\n", ok ? "PASS" : "FAIL", what,
+           harness_precision_name(p), err, tol);
+    if (ok)
+        s->passed++;
+    else
+        s->failed++;
+    fflush(stdout);
+}
+
+static void failed_call(suite *s, const char *what, kv_precision p, klvae_status_t st)
+{
+    printf("FAIL  %-58s [%s] %s: %s\n", what, harness_precision_name(p), klvae_status_string(st),
+           klvae_last_error());
+    s->failed++;
+    fflush(stdout);
+}
+
+static void skip(suite *s, const char *what, const char *why)
+{
+    printf("SKIP  %-58s %s\n", what, why);
+    s->skipped++;
+    fflush(stdout);
+}
+
+/* ---- tensors on a backend ---- */
+
+/* An (n, c, h, w) tensor of be holding host, or NaN when host is NULL. */
+static klvae_status_t put(kv_backend *be, int n, int c, int h, int w, const float *host,
+                          kv_tensor *t)
+{
+    klvae_status_t st = kv_tensor_alloc(be, n, c, h, w, t);
+    if (st != KLVAE_OK)
+        return st;
+    size_t count = kv_tensor_numel(t);
+    float *poison = NULL;
+    if (!host) {
+        poison = alloc_floats(count);
+        for (size_t i = 0; i < count; i++)
+            poison[i] = NAN;
+        host = poison;
+    }
+    st = be->ops->upload(be, t->data, host, count);
+    free(poison);
+    return st;
+}
+
+static klvae_status_t get(kv_backend *be, const kv_tensor *t, float *host)
+{
+    return be->ops->download(be, host, t->data, kv_tensor_numel(t));
+}
+
+/* Where a test's tensors live: the backend's own (gpu) or plain float32
+ * device arrays (mem) that the backend sees as a caller's. */
+static kv_backend *home(suite *s, kv_backend *gpu, int foreign)
+{
+    return foreign ? s->mem : gpu;
+}
+
+/* ---- conv2d ---- */
+
+typedef struct conv_case {
+    const char *name;
+    int n, c, h, w, co, k;
+    kv_conv_geometry g;
+    int act; /* prologue activation, or -1 for none */
+    int bias;
+} conv_case;
+
+static const kv_conv_geometry same3 = {1, 1, 1, 1, 1};
+
+static const conv_case conv_cases[] = {
+    {"conv2d 3x3 conv_in 3->32", 2, 3, 17, 23, 32, 3, {1, 1, 1, 1, 1}, -1, 1},
+    {"conv2d 3x3 GN+SiLU prologue 32->48", 2, 32, 16, 20, 48, 3, {1, 1, 1, 1, 1}, KV_ACT_SILU, 1},
+    {"conv2d 1x1 24->24", 3, 24, 9, 13, 24, 1, {1, 0, 0, 0, 0}, -1, 1},
+    {"conv2d 3x3 stride-2 pad b/r (odd size)", 2, 32, 15, 18, 32, 3, {2, 0, 0, 1, 1}, -1, 1},
+    {"conv2d 3x3 GELU prologue 64->64", 1, 64, 32, 32, 64, 3, {1, 1, 1, 1, 1}, KV_ACT_GELU, 1},
+    {"conv2d 3x3 Mish prologue, no bias", 2, 16, 11, 7, 8, 3, {1, 1, 1, 1, 1}, KV_ACT_MISH, 0},
+    {"conv2d 3x3 conv_out 64->3 SiLU", 2, 64, 24, 24, 3, 3, {1, 1, 1, 1, 1}, KV_ACT_SILU, 1},
+    {"conv2d 3x3 prologue none 40->40", 1, 40, 64, 48, 40, 3, {1, 1, 1, 1, 1}, KV_ACT_NONE, 1},
+};
+
+static void test_conv(suite *s, kv_backend *gpu, kv_precision p, const conv_case *k, int foreign,
+                      const char *tag)
+{
+    char what[160];
+    snprintf(what, sizeof what, "%s%s", k->name, tag);
+    const int ho = (k->h + k->g.pad_top + k->g.pad_bottom - k->k) / k->g.stride + 1;
+    const int wo = (k->w + k->g.pad_left + k->g.pad_right - k->k) / k->g.stride + 1;
+    size_t nx = (size_t)k->n * k->c * k->h * k->w, nw = (size_t)k->co * k->c * k->k * k->k;
+    size_t ny = (size_t)k->n * k->co * ho * wo, nc = (size_t)k->n * k->c;
+    float *x = alloc_floats(nx), *w = alloc_floats(nw), *b = alloc_floats((size_t)k->co);
+    float *sc = alloc_floats(nc), *sh = alloc_floats(nc), *want = alloc_floats(ny),
+          *got = alloc_floats(ny);
+    fill(x, nx, &s->r, -1.5f, 2.5f);
+    float bound = 1.0f / sqrtf((float)(k->c * k->k * k->k));
+    fill(w, nw, &s->r, -bound, bound);
+    fill(b, (size_t)k->co, &s->r, -0.5f, 0.5f);
+    fill(sc, nc, &s->r, 0.3f, 1.2f);
+    fill(sh, nc, &s->r, -0.6f, 0.2f);
+
+    kv_tensor cx = kv_tensor_wrap(x, k->n, k->c, k->h, k->w),
+              cw = kv_tensor_wrap(w, k->co, k->c, k->k, k->k),
+              cb = kv_tensor_wrap(k->bias ? b : NULL, 1, k->co, 1, 1),
+              cs = kv_tensor_wrap(sc, k->n, k->c, 1, 1), ct = kv_tensor_wrap(sh, k->n, k->c, 1, 1),
+              cy = kv_tensor_wrap(want, k->n, k->co, ho, wo);
+    kv_conv_prologue cpro = {&cs, &ct, (kv_activation)(k->act < 0 ? 0 : k->act)};
+    klvae_status_t st = s->cpu->ops->conv2d(s->cpu, &cx, k->act >= 0 ? &cpro : NULL, &cw, &cb, k->g,
+                                            &cy);
+    if (st != KLVAE_OK) {
+        failed_call(s, what, p, st);
+        goto out;
+    }
+    kv_backend *h = home(s, gpu, foreign);
+    kv_tensor gx = {0}, gw = {0}, gb = {0}, gs = {0}, gt = {0}, gy = {0};
+    if ((st = put(h, k->n, k->c, k->h, k->w, x, &gx)) == KLVAE_OK &&
+        (st = put(gpu, k->co, k->c, k->k, k->k, w, &gw)) == KLVAE_OK &&
+        (st = put(gpu, 1, k->co, 1, 1, b, &gb)) == KLVAE_OK &&
+        (st = put(gpu, k->n, k->c, 1, 1, sc, &gs)) == KLVAE_OK &&
+        (st = put(gpu, k->n, k->c, 1, 1, sh, &gt)) == KLVAE_OK &&
+        (st = put(h, k->n, k->co, ho, wo, NULL, &gy)) == KLVAE_OK) {
+        kv_tensor nob = gb;
+        nob.data = NULL;
+        kv_conv_prologue gpro = {&gs, &gt, cpro.act};
+        st = gpu->ops->conv2d(gpu, &gx, k->act >= 0 ? &gpro : NULL, &gw, k->bias ? &gb : &nob,
+                              k->g, &gy);
+        if (st == KLVAE_OK)
+            st = get(h, &gy, got);
+    }
+    if (st != KLVAE_OK)
+        failed_call(s, what, p, st);
+    else
+        verdict(s, what, p, rel_l2(got, want, ny), tolerance(p));
+    kv_tensor_release(h, &gx);
+    kv_tensor_release(gpu, &gw);
+    kv_tensor_release(gpu, &gb);
+    kv_tensor_release(gpu, &gs);
+    kv_tensor_release(gpu, &gt);
+    kv_tensor_release(h, &gy);
+out:
+    free(x);
+    free(w);
+    free(b);
+    free(sc);
+    free(sh);
+    free(want);
+    free(got);
+}
+
+/* ---- group norm ---- */
+
+static void test_group_norm_stats(suite *s, kv_backend *gpu, kv_precision p, int n, int c, int hh,
+                                  int ww, int groups, float lo, float hi)
+{
+    char what[160];
+    snprintf(what, sizeof what, "group_norm_stats %dx%dx%dx%d G=%d x in [%g,%g]", n, c, hh, ww,
+             groups, (double)lo, (double)hi);
+    size_t nx = (size_t)n * c * hh * ww;
+    float *x = alloc_floats(nx), gamma[512], beta[512];
+    float *cs = alloc_floats((size_t)n * c), *ct = alloc_floats((size_t)n * c);
+    float *gs = alloc_floats((size_t)n * c), *gt = alloc_floats((size_t)n * c);
+    float cm[512], cr[512], gm[512], gr[512];
+    fill(x, nx, &s->r, lo, hi);
+    fill(gamma, (size_t)c, &s->r, 0.5f, 1.5f);
+    fill(beta, (size_t)c, &s->r, -0.5f, 0.5f);
+    kv_tensor tx = kv_tensor_wrap(x, n, c, hh, ww), tg = kv_tensor_wrap(gamma, 1, c, 1, 1),
+              tb = kv_tensor_wrap(beta, 1, c, 1, 1), ts = kv_tensor_wrap(cs, n, c, 1, 1),
+              tt = kv_tensor_wrap(ct, n, c, 1, 1), tm = kv_tensor_wrap(cm, n, groups, 1, 1),
+              tr = kv_tensor_wrap(cr, n, groups, 1, 1);
+    klvae_status_t st =
+        s->cpu->ops->group_norm_stats(s->cpu, &tx, &tg, &tb, groups, 1e-6f, &ts, &tt, &tm, &tr);
+    kv_tensor dx = {0}, dg = {0}, db = {0}, ds = {0}, dt = {0}, dm = {0}, dr = {0};
+    if (st == KLVAE_OK && (st = put(gpu, n, c, hh, ww, x, &dx)) == KLVAE_OK &&
+        (st = put(gpu, 1, c, 1, 1, gamma, &dg)) == KLVAE_OK &&
+        (st = put(gpu, 1, c, 1, 1, beta, &db)) == KLVAE_OK &&
+        (st = put(gpu, n, c, 1, 1, NULL, &ds)) == KLVAE_OK &&
+        (st = put(gpu, n, c, 1, 1, NULL, &dt)) == KLVAE_OK &&
+        (st = put(gpu, n, groups, 1, 1, NULL, &dm)) == KLVAE_OK &&
+        (st = put(gpu, n, groups, 1, 1, NULL, &dr)) == KLVAE_OK &&
+        (st = gpu->ops->group_norm_stats(gpu, &dx, &dg, &db, groups, 1e-6f, &ds, &dt, &dm, &dr)) ==
+            KLVAE_OK &&
+        (st = get(gpu, &ds, gs)) == KLVAE_OK && (st = get(gpu, &dt, gt)) == KLVAE_OK &&
+        (st = get(gpu, &dm, gm)) == KLVAE_OK)
+        st = get(gpu, &dr, gr);
+    if (st != KLVAE_OK) {
+        failed_call(s, what, p, st);
+    } else {
+        /* in bf16 mode the input itself is rounded to bf16 before the statistics */
+        double e = rel_l2(gs, cs, (size_t)n * c);
+        double e2 = rel_l2(gt, ct, (size_t)n * c), e3 = rel_l2(gm, cm, (size_t)n * groups);
+        double e4 = rel_l2(gr, cr, (size_t)n * groups);
+        e = fmax(fmax(e, e2), fmax(e3, e4));
+        verdict(s, what, p, e, tolerance(p));
+    }
+    kv_tensor_release(gpu, &dx);
+    kv_tensor_release(gpu, &dg);
+    kv_tensor_release(gpu, &db);
+    kv_tensor_release(gpu, &ds);
+    kv_tensor_release(gpu, &dt);
+    kv_tensor_release(gpu, &dm);
+    kv_tensor_release(gpu, &dr);
+    free(x);
+    free(cs);
+    free(ct);
+    free(gs);
+    free(gt);
+}
+
+static void test_group_norm(suite *s, kv_backend *gpu, kv_precision p, kv_activation act,
+                            int in_place, int foreign)
+{
+    static const char *names[] = {"none", "silu", "gelu", "relu", "mish", "leaky_relu"};
+    char what[160];
+    snprintf(what, sizeof what, "group_norm act %s%s%s", names[act], in_place ? " in place" : "",
+             foreign ? " (float32 arrays)" : "");
+    const int n = 2, c = 64, hh = 19, ww = 21, groups = 16;
+    size_t nx = (size_t)n * c * hh * ww;
+    float *x = alloc_floats(nx), *want = alloc_floats(nx), *got = alloc_floats(nx);
+    float gamma[64], beta[64];
+    fill(x, nx, &s->r, -2.0f, 3.0f);
+    fill(gamma, 64, &s->r, 0.5f, 1.5f);
+    fill(beta, 64, &s->r, -0.5f, 0.5f);
+    kv_tensor tx = kv_tensor_wrap(x, n, c, hh, ww), tg = kv_tensor_wrap(gamma, 1, c, 1, 1),
+              tb = kv_tensor_wrap(beta, 1, c, 1, 1), ty = kv_tensor_wrap(want, n, c, hh, ww);
+    klvae_status_t st = s->cpu->ops->group_norm(s->cpu, &tx, &tg, &tb, groups, 1e-6f, act, &ty);
+    kv_backend *h = home(s, gpu, foreign);
+    kv_tensor dx = {0}, dg = {0}, db = {0}, dy = {0};
+    if (st == KLVAE_OK && (st = put(h, n, c, hh, ww, x, &dx)) == KLVAE_OK &&
+        (st = put(gpu, 1, c, 1, 1, gamma, &dg)) == KLVAE_OK &&
+        (st = put(gpu, 1, c, 1, 1, beta, &db)) == KLVAE_OK &&
+        (in_place || (st = put(h, n, c, hh, ww, NULL, &dy)) == KLVAE_OK)) {
+        kv_tensor *out = in_place ? &dx : &dy;
+        st = gpu->ops->group_norm(gpu, &dx, &dg, &db, groups, 1e-6f, act, out);
+        if (st == KLVAE_OK)
+            st = get(h, out, got);
+    }
+    if (st != KLVAE_OK)
+        failed_call(s, what, p, st);
+    else
+        verdict(s, what, p, rel_l2(got, want, nx), tolerance(p));
+    kv_tensor_release(h, &dx);
+    kv_tensor_release(gpu, &dg);
+    kv_tensor_release(gpu, &db);
+    kv_tensor_release(h, &dy);
+    free(x);
+    free(want);
+    free(got);
+}
+
+/* ---- add, upsample ---- */
+
+static void test_add(suite *s, kv_backend *gpu, kv_precision p)
+{
+    const int n = 3, c = 7, hh = 33, ww = 29;
+    size_t count = (size_t)n * c * hh * ww;
+    float *a = alloc_floats(count), *b = alloc_floats(count), *want = alloc_floats(count),
+          *got = alloc_floats(count);
+    fill(a, count, &s->r, -3, 3);
+    fill(b, count, &s->r, -3, 3);
+    for (size_t i = 0; i < count; i++)
+        want[i] = a[i] + b[i];
+    kv_tensor da = {0}, db = {0};
+    klvae_status_t st;
+    if ((st = put(gpu, n, c, hh, ww, a, &da)) == KLVAE_OK &&
+        (st = put(gpu, n, c, hh, ww, b, &db)) == KLVAE_OK &&
+        (st = gpu->ops->add(gpu, &da, &db, &da)) == KLVAE_OK) /* y is a */
+        st = get(gpu, &da, got);
+    if (st != KLVAE_OK)
+        failed_call(s, "add (y aliases a)", p, st);
+    else
+        verdict(s, "add (y aliases a)", p, rel_l2(got, want, count), tolerance(p));
+    kv_tensor_release(gpu, &da);
+    kv_tensor_release(gpu, &db);
+    free(a);
+    free(b);
+    free(want);
+    free(got);
+}
+
+static void test_upsample(suite *s, kv_backend *gpu, kv_precision p)
+{
+    const int n = 2, c = 5, hh = 7, ww = 9;
+    size_t nx = (size_t)n * c * hh * ww, ny = nx * 4;
+    float *x = alloc_floats(nx), *want = alloc_floats(ny), *got = alloc_floats(ny);
+    fill(x, nx, &s->r, -3, 3);
+    kv_tensor tx = kv_tensor_wrap(x, n, c, hh, ww), ty = kv_tensor_wrap(want, n, c, 2 * hh, 2 * ww);
+    klvae_status_t st = s->cpu->ops->upsample_nearest2x(s->cpu, &tx, &ty);
+    kv_tensor dx = {0}, dy = {0};
+    if (st == KLVAE_OK && (st = put(gpu, n, c, hh, ww, x, &dx)) == KLVAE_OK &&
+        (st = put(gpu, n, c, 2 * hh, 2 * ww, NULL, &dy)) == KLVAE_OK &&
+        (st = gpu->ops->upsample_nearest2x(gpu, &dx, &dy)) == KLVAE_OK)
+        st = get(gpu, &dy, got);
+    if (st != KLVAE_OK)
+        failed_call(s, "upsample_nearest2x", p, st);
+    else
+        verdict(s, "upsample_nearest2x", p, rel_l2(got, want, ny), tolerance(p));
+    kv_tensor_release(gpu, &dx);
+    kv_tensor_release(gpu, &dy);
+    free(x);
+    free(want);
+    free(got);
+}
+
+/* ---- attention ---- */
+
+static void test_attention(suite *s, kv_backend *gpu, kv_precision p, int batch, int c, int hh,
+                           int ww, int foreign, const char *tag)
+{
+    char what[160];
+    snprintf(what, sizeof what, "attention B=%d C=%d N=%d%s", batch, c, hh * ww, tag);
+    size_t count = (size_t)batch * c * hh * ww;
+    float *q = alloc_floats(count), *k = alloc_floats(count), *v = alloc_floats(count),
+          *want = alloc_floats(count), *got = alloc_floats(count);
+    fill(q, count, &s->r, -1, 1);
+    fill(k, count, &s->r, -1, 1);
+    fill(v, count, &s->r, -1, 1);
+    float scale = 1.0f / sqrtf((float)c);
+    kv_tensor tq = kv_tensor_wrap(q, batch, c, hh, ww), tk = kv_tensor_wrap(k, batch, c, hh, ww),
+              tv = kv_tensor_wrap(v, batch, c, hh, ww), to = kv_tensor_wrap(want, batch, c, hh, ww);
+    klvae_status_t st = s->cpu->ops->attention(s->cpu, &tq, &tk, &tv, scale, &to);
+    kv_backend *h = home(s, gpu, foreign);
+    kv_tensor dq = {0}, dk = {0}, dv = {0}, d_out = {0};
+    if (st == KLVAE_OK && (st = put(h, batch, c, hh, ww, q, &dq)) == KLVAE_OK &&
+        (st = put(h, batch, c, hh, ww, k, &dk)) == KLVAE_OK &&
+        (st = put(h, batch, c, hh, ww, v, &dv)) == KLVAE_OK &&
+        (st = put(h, batch, c, hh, ww, NULL, &d_out)) == KLVAE_OK &&
+        (st = gpu->ops->attention(gpu, &dq, &dk, &dv, scale, &d_out)) == KLVAE_OK)
+        st = get(h, &d_out, got);
+    if (st != KLVAE_OK)
+        failed_call(s, what, p, st);
+    else
+        verdict(s, what, p, rel_l2(got, want, count), tolerance(p));
+    kv_tensor_release(h, &dq);
+    kv_tensor_release(h, &dk);
+    kv_tensor_release(h, &dv);
+    kv_tensor_release(h, &d_out);
+    free(q);
+    free(k);
+    free(v);
+    free(want);
+    free(got);
+}
+
+/* ---- posterior ---- */
+
+static void test_posterior_split(suite *s, kv_backend *gpu, kv_precision p, int with_logvar)
+{
+    const char *what = with_logvar ? "posterior_split" : "posterior_split (no logvar)";
+    const int n = 2, z = 4, hh = 5, ww = 6;
+    size_t nm = (size_t)n * 2 * z * hh * ww, nz = nm / 2;
+    float *m = alloc_floats(nm), *cmu = alloc_floats(nz), *clv = alloc_floats(nz),
+          *gmu = alloc_floats(nz), *glv = alloc_floats(nz);
+    fill(m, nm, &s->r, -50, 50);
+    kv_tensor tm = kv_tensor_wrap(m, n, 2 * z, hh, ww), tmu = kv_tensor_wrap(cmu, n, z, hh, ww),
+              tlv = kv_tensor_wrap(clv, n, z, hh, ww);
+    klvae_status_t st = s->cpu->ops->posterior_split(s->cpu, &tm, &tmu, &tlv);
+    kv_tensor dm = {0}, dmu = {0}, dlv = {0};
+    if (st == KLVAE_OK && (st = put(gpu, n, 2 * z, hh, ww, m, &dm)) == KLVAE_OK &&
+        (st = put(gpu, n, z, hh, ww, NULL, &dmu)) == KLVAE_OK &&
+        (st = put(gpu, n, z, hh, ww, NULL, &dlv)) == KLVAE_OK &&
+        (st = gpu->ops->posterior_split(gpu, &dm, &dmu, with_logvar ? &dlv : NULL)) == KLVAE_OK &&
+        (st = get(gpu, &dmu, gmu)) == KLVAE_OK)
+        st = with_logvar ? get(gpu, &dlv, glv) : KLVAE_OK;
+    if (st != KLVAE_OK) {
+        failed_call(s, what, p, st);
+    } else {
+        double e = rel_l2(gmu, cmu, nz);
+        if (with_logvar)
+            e = fmax(e, rel_l2(glv, clv, nz));
+        verdict(s, what, p, e, tolerance(p));
+    }
+    kv_tensor_release(gpu, &dm);
+    kv_tensor_release(gpu, &dmu);
+    kv_tensor_release(gpu, &dlv);
+    free(m);
+    free(cmu);
+    free(clv);
+    free(gmu);
+    free(glv);
+}
+
+/* z must be the CPU's bits whenever mean and logvar hold the same floats:
+ * always in fp32 mode, and in bf16 mode on float32 arrays. */
+static void test_sample(suite *s, kv_backend *gpu, kv_precision p, int foreign, int alias)
+{
+    char what[160];
+    snprintf(what, sizeof what, "gaussian_sample bit-exact%s%s", foreign ? " (float32 arrays)" : "",
+             alias ? " z = mean" : "");
+    const int n = 1, z = 3, hh = 5, ww = 7; /* an odd count: the last pair is half used */
+    size_t count = (size_t)n * z * hh * ww;
+    float *mu = alloc_floats(count), *lv = alloc_floats(count), *want = alloc_floats(count),
+          *got = alloc_floats(count);
+    fill(mu, count, &s->r, -2, 2);
+    fill(lv, count, &s->r, -40, 30);
+    uint64_t seed = (uint64_t)(uniform(&s->r) * 4294967296.0) * 65536 + 17;
+    kv_tensor tm = kv_tensor_wrap(mu, n, z, hh, ww), tl = kv_tensor_wrap(lv, n, z, hh, ww),
+              tz = kv_tensor_wrap(want, n, z, hh, ww);
+    klvae_status_t st = s->cpu->ops->gaussian_sample(s->cpu, &tm, &tl, seed, &tz);
+    kv_backend *h = home(s, gpu, foreign);
+    kv_tensor dm = {0}, dl = {0}, dz = {0};
+    if (st == KLVAE_OK && (st = put(h, n, z, hh, ww, mu, &dm)) == KLVAE_OK &&
+        (st = put(h, n, z, hh, ww, lv, &dl)) == KLVAE_OK &&
+        (alias || (st = put(h, n, z, hh, ww, NULL, &dz)) == KLVAE_OK)) {
+        kv_tensor *out = alias ? &dm : &dz;
+        st = gpu->ops->gaussian_sample(gpu, &dm, &dl, seed, out);
+        if (st == KLVAE_OK)
+            st = get(h, out, got);
+    }
+    if (st != KLVAE_OK) {
+        failed_call(s, what, p, st);
+    } else {
+        size_t differ = 0;
+        for (size_t i = 0; i < count; i++)
+            differ += memcmp(&got[i], &want[i], sizeof(float)) != 0;
+        printf("%s  %-58s [%s] %zu of %zu values differ\n", differ ? "FAIL" : "PASS", what,
+               harness_precision_name(p), differ, count);
+        if (differ)
+            s->failed++;
+        else
+            s->passed++;
+    }
+    kv_tensor_release(h, &dm);
+    kv_tensor_release(h, &dl);
+    kv_tensor_release(h, &dz);
+    free(mu);
+    free(lv);
+    free(want);
+    free(got);
+}
+
+/* ---- training ops ---- */
+
+static void test_training_refused(suite *s, kv_backend *gpu, kv_precision p)
+{
+    kv_tensor dy = {0}, w = {0}, dx = {0};
+    klvae_status_t st = KLVAE_OK;
+    if ((st = put(gpu, 1, 4, 4, 4, NULL, &dy)) == KLVAE_OK &&
+        (st = put(gpu, 4, 4, 3, 3, NULL, &w)) == KLVAE_OK &&
+        (st = put(gpu, 1, 4, 4, 4, NULL, &dx)) == KLVAE_OK)
+        st = gpu->ops->conv2d_backward_data(gpu, &dy, &w, same3, &dx);
+    int ok = st == KLVAE_ERR_UNSUPPORTED && strstr(klvae_last_error(), "training on the CUDA") &&
+             strstr(klvae_last_error(), "conv2d_backward_data");
+    printf("%s  %-58s [%s] %s: %s\n", ok ? "PASS" : "FAIL", "training op refused with a message",
+           harness_precision_name(p), klvae_status_string(st), klvae_last_error());
+    ok ? s->passed++ : s->failed++;
+    kv_tensor_release(gpu, &dy);
+    kv_tensor_release(gpu, &w);
+    kv_tensor_release(gpu, &dx);
+}
+
+/* ---- whole model ---- */
+
+/* Relative L2 error of the moments (mean and logvar as one vector, as the
+ * encoder's output is one tensor): logvar alone can be small everywhere. */
+static double rel_l2_pair(const float *g1, const float *w1, const float *g2, const float *w2,
+                          size_t n)
+{
+    double num = 0.0, den = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        if (!isfinite(g1[i]) || !isfinite(g2[i]))
+            return INFINITY;
+        double d1 = (double)g1[i] - w1[i], d2 = (double)g2[i] - w2[i];
+        num += d1 * d1 + d2 * d2;
+        den += (double)w1[i] * w1[i] + (double)w2[i] * w2[i];
+    }
+    return den > 0.0 ? sqrt(num / den) : sqrt(num);
+}
+
+typedef struct reference {
+    int size, lat;
+    float *images, *mean, *logvar, *z, *decoded;
+} reference;
+
+/* The CPU's encode and decode of the SD config at size^2, seed seed. */
+static klvae_status_t make_reference(suite *s, uint64_t seed, int size, reference *ref)
+{
+    memset(ref, 0, sizeof *ref);
+    ref->size = size;
+    ref->lat = size / 8;
+    size_t ni = (size_t)3 * size * size, nz = (size_t)4 * ref->lat * ref->lat;
+    ref->images = alloc_floats(ni);
+    ref->mean = alloc_floats(nz);
+    ref->logvar = alloc_floats(nz);
+    ref->z = alloc_floats(nz);
+    ref->decoded = alloc_floats(ni);
+    fill(ref->images, ni, &s->r, -1, 1);
+    for (size_t i = 0; i < nz; i++) /* latents of the scale a VAE produces */
+        ref->z[i] = (float)(sqrt(-2.0 * log(1.0 - uniform(&s->r))) *
+                            cos(6.283185307179586 * uniform(&s->r)) * 4.0);
+    klvae_options_t *o = NULL;
+    klvae_model_t *m = NULL;
+    char text[32];
+    snprintf(text, sizeof text, "%llu", (unsigned long long)seed);
+    klvae_status_t st = klvae_options_create(&o);
+    if (st == KLVAE_OK)
+        st = klvae_options_set(o, "config", "sd");
+    if (st == KLVAE_OK)
+        st = klvae_options_set(o, "seed", text);
+    if (st == KLVAE_OK)
+        st = klvae_options_set(o, "backend", "cpu");
+    if (st == KLVAE_OK)
+        st = klvae_model_create(o, &m);
+    klvae_options_free(o);
+    double t0 = harness_now();
+    if (st == KLVAE_OK)
+        st = klvae_encode(m, ref->images, 1, size, size, ref->mean, ref->logvar);
+    if (st == KLVAE_OK)
+        st = klvae_decode(m, ref->z, 1, ref->lat, ref->lat, ref->decoded);
+    printf("      (CPU reference at %d^2: %.1f s)\n", size, harness_now() - t0);
+    klvae_model_free(m);
+    return st;
+}
+
+static void free_reference(reference *ref)
+{
+    free(ref->images);
+    free(ref->mean);
+    free(ref->logvar);
+    free(ref->z);
+    free(ref->decoded);
+}
+
+static void test_model(suite *s, kv_precision p, uint64_t seed, const reference *ref)
+{
+    char what[160];
+    kv_backend *be = NULL;
+    klvae_model_t *m = NULL;
+    klvae_status_t st = harness_backend(s->plugin, s->device, p, &be);
+    if (st == KLVAE_OK)
+        st = harness_model(be, "sd", seed, harness_precision_name(p), &m);
+    snprintf(what, sizeof what, "SD encode %d^2 mean, logvar", ref->size);
+    if (st != KLVAE_OK) {
+        failed_call(s, what, p, st);
+        return;
+    }
+    be = m->be;
+    const int size = ref->size, lat = ref->lat;
+    size_t ni = (size_t)3 * size * size, nz = (size_t)4 * lat * lat;
+    float *mean = alloc_floats(nz), *logvar = alloc_floats(nz), *decoded = alloc_floats(ni);
+    kv_tensor x = {0}, mu = {0}, lv = {0}, z = {0}, y = {0};
+    double t0 = harness_now();
+    if ((st = put(be, 1, 3, size, size, ref->images, &x)) == KLVAE_OK &&
+        (st = put(be, 1, 4, lat, lat, NULL, &mu)) == KLVAE_OK &&
+        (st = put(be, 1, 4, lat, lat, NULL, &lv)) == KLVAE_OK &&
+        (st = kv_vae_encode(m, &x, &mu, &lv)) == KLVAE_OK && (st = get(be, &mu, mean)) == KLVAE_OK)
+        st = get(be, &lv, logvar);
+    double t1 = harness_now();
+    if (st != KLVAE_OK)
+        failed_call(s, what, p, st);
+    else
+        verdict(s, what, p, rel_l2_pair(mean, ref->mean, logvar, ref->logvar, nz), tolerance(p));
+    snprintf(what, sizeof what, "SD decode %d^2", size);
+    if ((st = put(be, 1, 4, lat, lat, ref->z, &z)) == KLVAE_OK &&
+        (st = put(be, 1, 3, size, size, NULL, &y)) == KLVAE_OK &&
+        (st = kv_vae_decode(m, &z, &y)) == KLVAE_OK)
+        st = get(be, &y, decoded);
+    if (st != KLVAE_OK)
+        failed_call(s, what, p, st);
+    else
+        verdict(s, what, p, rel_l2(decoded, ref->decoded, ni), tolerance(p));
+    printf("      (first encode %.2f s, decode %.2f s, with cuDNN's algorithm search)\n", t1 - t0,
+           harness_now() - t1);
+    kv_tensor_release(be, &x);
+    kv_tensor_release(be, &mu);
+    kv_tensor_release(be, &lv);
+    kv_tensor_release(be, &z);
+    kv_tensor_release(be, &y);
+    free(mean);
+    free(logvar);
+    free(decoded);
+    kv_model_destroy(m);
+}
+
+/* ---- the public device-pointer API, through the core's loader ---- */
+
+static void test_device_api(suite *s, kv_precision p, uint64_t seed, const char *plugin_path)
+{
+    const char *what = "klvae_*_device equal to the host API (tiny)";
+    klvae_options_t *o = NULL;
+    klvae_model_t *m = NULL;
+    char text[32];
+    snprintf(text, sizeof text, "%llu", (unsigned long long)seed);
+    setenv("KLVAE_CUDA_PLUGIN", plugin_path, 1);
+    klvae_status_t st = klvae_options_create(&o);
+    if (st == KLVAE_OK)
+        st = klvae_options_set(o, "config", "tiny");
+    if (st == KLVAE_OK)
+        st = klvae_options_set(o, "seed", text);
+    if (st == KLVAE_OK)
+        st = klvae_options_set(o, "backend", "cuda");
+    if (st == KLVAE_OK)
+        st = klvae_options_set(o, "precision", harness_precision_name(p));
+    if (st == KLVAE_OK)
+        st = klvae_model_create(o, &m);
+    klvae_options_free(o);
+    if (st != KLVAE_OK) {
+        char why[600];
+        snprintf(why, sizeof why, "(the core cannot give a CUDA model: %s)", klvae_last_error());
+        skip(s, what, why);
+        return;
+    }
+    const int size = 32, f = klvae_model_downsampling_factor(m), lat = size / f;
+    const int zc = klvae_model_latent_channels(m);
+    size_t ni = (size_t)3 * size * size, nz = (size_t)zc * lat * lat;
+    float *img = alloc_floats(ni), *hm = alloc_floats(nz), *hl = alloc_floats(nz),
+          *hz = alloc_floats(nz), *hy = alloc_floats(ni), *dm_host = alloc_floats(nz),
+          *dl_host = alloc_floats(nz), *dz_host = alloc_floats(nz), *dy_host = alloc_floats(ni);
+    fill(img, ni, &s->r, -1, 1);
+    kv_tensor di = {0}, dm = {0}, dl = {0}, dz = {0}, dy = {0};
+    double err = 0.0;
+    if ((st = klvae_encode(m, img, 1, size, size, hm, hl)) == KLVAE_OK &&
+        (st = klvae_sample(m, hm, hl, 1, lat, lat, 99, hz)) == KLVAE_OK &&
+        (st = klvae_decode(m, hz, 1, lat, lat, hy)) == KLVAE_OK &&
+        (st = put(s->mem, 1, 3, size, size, img, &di)) == KLVAE_OK &&
+        (st = put(s->mem, 1, zc, lat, lat, NULL, &dm)) == KLVAE_OK &&
+        (st = put(s->mem, 1, zc, lat, lat, NULL, &dl)) == KLVAE_OK &&
+        (st = put(s->mem, 1, zc, lat, lat, NULL, &dz)) == KLVAE_OK &&
+        (st = put(s->mem, 1, 3, size, size, NULL, &dy)) == KLVAE_OK &&
+        (st = klvae_encode_device(m, di.data, 1, size, size, dm.data, dl.data, NULL)) ==
+            KLVAE_OK &&
+        (st = klvae_sample_device(m, dm.data, dl.data, 1, lat, lat, 99, dz.data, NULL)) ==
+            KLVAE_OK &&
+        (st = klvae_decode_device(m, dz.data, 1, lat, lat, dy.data, NULL)) == KLVAE_OK &&
+        (st = get(s->mem, &dm, dm_host)) == KLVAE_OK && (st = get(s->mem, &dl, dl_host)) == KLVAE_OK &&
+        (st = get(s->mem, &dz, dz_host)) == KLVAE_OK && (st = get(s->mem, &dy, dy_host)) == KLVAE_OK) {
+        err = fmax(fmax(rel_l2(dm_host, hm, nz), rel_l2(dl_host, hl, nz)),
+                   fmax(rel_l2(dz_host, hz, nz), rel_l2(dy_host, hy, ni)));
+    }
+    if (st != KLVAE_OK)
+        failed_call(s, what, p, st);
+    else /* the same ops in fp32 (0 when the algorithms agree); in bf16 the device API
+          * keeps float32 outputs where the host API's tensors round them to bf16 */
+        verdict(s, what, p, err, p == KV_PRECISION_FP32 ? 1e-6 : low_tol);
+    kv_tensor_release(s->mem, &di);
+    kv_tensor_release(s->mem, &dm);
+    kv_tensor_release(s->mem, &dl);
+    kv_tensor_release(s->mem, &dz);
+    kv_tensor_release(s->mem, &dy);
+    free(img);
+    free(hm);
+    free(hl);
+    free(hz);
+    free(hy);
+    free(dm_host);
+    free(dl_host);
+    free(dz_host);
+    free(dy_host);
+
+    /* training on this model must fail cleanly, not crash */
+    klvae_trainer_t *t = NULL;
+    o = NULL;
+    st = klvae_options_create(&o);
+    if (st == KLVAE_OK)
+        st = klvae_options_set(o, "perceptual_weight", "0");
+    if (st == KLVAE_OK)
+        st = klvae_trainer_create(m, o, &t);
+    klvae_options_free(o);
+    if (st == KLVAE_OK) {
+        float *batch = alloc_floats((size_t)2 * 3 * size * size);
+        fill(batch, (size_t)2 * 3 * size * size, &s->r, -1, 1);
+        st = klvae_trainer_step(t, batch, 2, size, size, NULL);
+        free(batch);
+        klvae_trainer_free(t);
+    }
+    int ok = st != KLVAE_OK && strstr(klvae_last_error(), "training on the CUDA backend");
+    printf("%s  %-58s [%s] %s: %s\n", ok ? "PASS" : "FAIL", "klvae_trainer on CUDA fails cleanly",
+           harness_precision_name(p), klvae_status_string(st), klvae_last_error());
+    ok ? s->passed++ : s->failed++;
+    klvae_model_free(m);
+}
+
+/* ---- main ---- */
+
+static void run_ops(suite *s, kv_precision p)
+{
+    kv_backend *gpu = NULL, *small = NULL;
+    klvae_status_t st = harness_backend(s->plugin, s->device, p, &gpu);
+    if (st != KLVAE_OK) {
+        failed_call(s, "create the backend", p, st);
+        return;
+    }
+    /* a backend with tiny buffer budgets: convs in bands and chunks, attention
+     * in many query blocks */
+    setenv("KLVAE_CUDA_CONV_BUDGET", "60000", 1);
+    setenv("KLVAE_CUDA_ATTENTION_BUDGET", "300000", 1);
+    st = harness_backend(s->plugin, s->device, p, &small);
+    unsetenv("KLVAE_CUDA_CONV_BUDGET");
+    unsetenv("KLVAE_CUDA_ATTENTION_BUDGET");
+    if (st != KLVAE_OK)
+        failed_call(s, "create a small-budget backend", p, st);
+    for (size_t i = 0; i < sizeof conv_cases / sizeof conv_cases[0]; i++) {
+        test_conv(s, gpu, p, &conv_cases[i], 0, "");
+        if (small)
+            test_conv(s, small, p, &conv_cases[i], 0, " (bands)");
+    }
+    test_conv(s, gpu, p, &conv_cases[1], 1, " (float32 arrays)");
+    test_conv(s, gpu, p, &conv_cases[3], 1, " (float32 arrays)");
+    if (small)
+        test_conv(s, small, p, &conv_cases[7], 1, " (bands, float32 arrays)");
+    test_group_norm_stats(s, gpu, p, 2, 32, 13, 11, 8, -1.0f, 1.0f);
+    test_group_norm_stats(s, gpu, p, 1, 128, 96, 96, 32, 2.0f, 4.0f); /* several chunks */
+    test_group_norm_stats(s, gpu, p, 2, 64, 160, 130, 32, -3.0f, 1.0f);
+    for (int a = 0; a <= KV_ACT_LEAKY_RELU; a++)
+        test_group_norm(s, gpu, p, (kv_activation)a, 0, 0);
+    test_group_norm(s, gpu, p, KV_ACT_SILU, 1, 0);
+    test_group_norm(s, gpu, p, KV_ACT_NONE, 0, 1);
+    test_add(s, gpu, p);
+    test_upsample(s, gpu, p);
+    test_attention(s, gpu, p, 2, 32, 9, 11, 0, "");
+    test_attention(s, gpu, p, 1, 64, 32, 32, 0, "");
+    if (small) {
+        test_attention(s, small, p, 2, 64, 24, 20, 0, " (many blocks)");
+        test_attention(s, small, p, 1, 32, 16, 16, 1, " (many blocks, float32 arrays)");
+    }
+    test_attention(s, gpu, p, 1, 16, 5, 7, 1, " (float32 arrays)");
+    test_posterior_split(s, gpu, p, 1);
+    test_posterior_split(s, gpu, p, 0);
+    if (p == KV_PRECISION_FP32) {
+        test_sample(s, gpu, p, 0, 0);
+        test_sample(s, gpu, p, 0, 1);
+    }
+    test_sample(s, gpu, p, 1, 0);
+    test_training_refused(s, gpu, p);
+    kv_backend_destroy(small);
+    kv_backend_destroy(gpu);
+}
+
+#ifdef KV_WITH_BENCH
+int bench_cuda_main(int argc, char **argv);
+#endif
+
+int main(int argc, char **argv)
+{
+#ifdef KV_WITH_BENCH
+    if (argc > 1 && strcmp(argv[1], "bench") == 0)
+        return bench_cuda_main(argc - 1, argv + 1);
+#endif
+    const char *plugin_path = NULL;
+    int only_ops = 0;
+    suite s;
+    memset(&s, 0, sizeof s);
+    uint64_t seed = (uint64_t)time(NULL) * 1000003u + (uint64_t)getpid();
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--plugin") == 0 && i + 1 < argc)
+            plugin_path = argv[++i];
+        else if (strcmp(argv[i], "--device") == 0 && i + 1 < argc)
+            s.device = atoi(argv[++i]);
+        else if (strcmp(argv[i], "--seed") == 0 && i + 1 < argc)
+            seed = strtoull(argv[++i], NULL, 10);
+        else if (strcmp(argv[i], "--quick") == 0)
+            s.quick = 1;
+        else if (strcmp(argv[i], "--only-ops") == 0)
+            only_ops = 1;
+        else {
+            fprintf(stderr, "usage: test_cuda [--plugin PATH] [--device N] [--seed S] [--quick] "
+                            "[--only-ops]\n");
+            return 2;
+        }
+    }
+    if (!plugin_path)
+        plugin_path = getenv("KLVAE_CUDA_PLUGIN");
+    if (!plugin_path || !*plugin_path)
+        plugin_path = "lib/libklvae_cuda.so";
+    char why[1024];
+    s.plugin = harness_open(plugin_path, why, sizeof why);
+    if (!s.plugin) {
+        printf("SKIPPED: no CUDA plugin (%s)\n", why);
+        return 0;
+    }
+    if (harness_probe(s.plugin, s.device) != KLVAE_OK) {
+        printf("SKIPPED: no CUDA device (%s)\n", klvae_last_error());
+        return 0;
+    }
+    s.r.state = seed * 2654435761u + 0x9E3779B97F4A7C15ull;
+    printf("test_cuda: plugin %s, device %d, seed %llu%s\n", plugin_path, s.device,
+           (unsigned long long)seed, s.quick ? ", quick" : "");
+    kv_backend_settings cs;
+    memset(&cs, 0, sizeof cs);
+    cs.threads = kv_cpu_count();
+    klvae_status_t st = kv_cpu_backend_create(&cs, &s.cpu);
+    if (st == KLVAE_OK)
+        st = harness_backend(s.plugin, s.device, KV_PRECISION_FP32, &s.mem);
+    if (st != KLVAE_OK) {
+        printf("FAIL  cannot create the backends: %s\n", klvae_last_error());
+        return 1;
+    }
+    const kv_precision precisions[] = {KV_PRECISION_FP32, KV_PRECISION_TF32, KV_PRECISION_BF16};
+    for (int i = 0; i < 3; i++) {
+        if (s.quick && precisions[i] == KV_PRECISION_TF32)
+            continue;
+        run_ops(&s, precisions[i]);
+    }
+    const int sizes[] = {64, 256};
+    if (only_ops)
+        goto done;
+    uint64_t model_seed = seed % 1000 + 1;
+    for (int i = 0; i < 2; i++) {
+        if (s.quick && sizes[i] > 64)
+            continue;
+        reference ref;
+        st = make_reference(&s, model_seed, sizes[i], &ref);
+        if (st != KLVAE_OK) {
+            failed_call(&s, "the CPU reference model", KV_PRECISION_FP32, st);
+        } else {
+            for (int j = 0; j < 3; j++) {
+                if (s.quick && precisions[j] == KV_PRECISION_TF32)
+                    continue;
+                test_model(&s, precisions[j], model_seed, &ref);
+            }
+        }
+        free_reference(&ref);
+    }
+    test_device_api(&s, KV_PRECISION_FP32, model_seed, plugin_path);
+    if (!s.quick)
+        test_device_api(&s, KV_PRECISION_BF16, model_seed, plugin_path);
+done:
+    kv_backend_destroy(s.mem);
+    kv_backend_destroy(s.cpu);
+    printf("test_cuda: %d passed, %d failed, %d skipped\n", s.passed, s.failed, s.skipped);
+    return s.failed ? 1 : 0;
+}

@@ -1,0 +1,245 @@
+/* bench_cuda.c — times encode and decode of a random-weight model on the CUDA
+ * backend, tensors already on the device (as diffusers is timed on tensors
+ * already on the GPU), for tests/gpu/check.sh. Prints one line of JSON per
+ * case:
+ *   {"tool": "klvae", "op", "size", "batch", "precision", "config", "times_ms": [...],
+ *    "median_ms", "first_ms", "peak_in_use_mb", "peak_reserved_mb",
+ *    "cuda_mallocs_per_call", "keep_cache"}
+ *
+ *   bench_cuda OP:SIZE:BATCH[,OP:SIZE:BATCH...] [--precision fp32|tf32|bf16]
+ *              [--runs R] [--warmup W] [--config NAME] [--plugin PATH] [--device D]
+ *
+ * OP is encode or decode. One model serves every case (its creation, about a
+ * second of CPU, is paid once); cuDNN's algorithm choices stay cached across
+ * cases, as PyTorch's do. Per case: the first call (first_ms, with cuDNN's
+ * algorithm search for shapes not seen yet), W more untimed calls, a trim
+ * (the memory statistics restart), one more untimed call, and R timed calls,
+ * each ended by a synchronize; then a trim. The peaks are the backend's
+ * device memory over the last R + 1 calls: blocks in use (tensors, weights
+ * and work buffers: what torch.cuda.max_memory_allocated counts) and blocks
+ * held from cudaMalloc (in use or cached), read from the plugin's
+ * KLVAE_CUDA_MEMSTATS file; cuda_mallocs_per_call counts the cudaMalloc calls
+ * of the timed calls (KLVAE_CUDA_KEEP_CACHE=1 shows the cost of the allocator's
+ * giving memory back, see cuda/device_cache.cuh). It links lib/libklvae.a
+ * (the model is built on the plugin's backend with the library's internal
+ * functions).
+ *
+ * Built alone (make build/bench_cuda) it is its own program; in the GPU
+ * bundle (make gpu-binaries) it is `test_cuda bench ...`, so that only one
+ * binary with OpenBLAS linked in travels. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "cuda_harness.h"
+
+static int compare(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static void usage(void)
+{
+    fprintf(stderr, "usage: bench_cuda OP:SIZE:BATCH[,...] [--precision P] [--runs R] "
+                    "[--warmup W] [--config NAME] [--plugin PATH] [--device D]\n");
+    exit(2);
+}
+
+/* The last statistics line of the plugin's file (it writes one at every
+ * synchronize and trim). */
+static void read_last(const char *path, double *in_use_mb, double *reserved_mb, double *allocs)
+{
+    *in_use_mb = *reserved_mb = *allocs = -1.0;
+    FILE *fp = fopen(path, "r");
+    if (!fp)
+        return;
+    char line[512];
+    while (fgets(line, sizeof line, fp)) {
+        const char *a = strstr(line, "peak_in_use="), *b = strstr(line, "peak_reserved=");
+        const char *c = strstr(line, "device_allocs=");
+        if (a && b && c) {
+            *in_use_mb = strtod(a + 12, NULL) / 1048576.0;
+            *reserved_mb = strtod(b + 14, NULL) / 1048576.0;
+            *allocs = strtod(c + 14, NULL);
+        }
+    }
+    fclose(fp);
+}
+
+typedef struct options {
+    int runs, warmup;
+    const char *config, *precision;
+} options;
+
+/* One case; returns 0, or 1 after printing why on stderr. */
+static int run_case(klvae_model_t *m, const kv_plugin *plugin, const options *o,
+                    const char *stats, const char *op, int size, int batch)
+{
+    kv_backend *be = m->be;
+    const int f = kv_config_factor(&m->cfg), lat = size / f, zc = m->cfg.latent_channels;
+    const int in_c = m->cfg.in_channels, out_c = m->cfg.out_channels;
+    const int decode = strcmp(op, "decode") == 0;
+    if ((!decode && strcmp(op, "encode") != 0) || size <= 0 || size % f || batch < 1) {
+        fprintf(stderr, "bench_cuda: bad case %s:%d:%d\n", op, size, batch);
+        return 1;
+    }
+    size_t n_img = (size_t)batch * in_c * size * size, n_lat = (size_t)batch * zc * lat * lat;
+    size_t n_in = decode ? n_lat : n_img;
+    float *host = malloc(n_in * sizeof *host);
+    double *times = malloc((size_t)o->runs * sizeof *times), first = 0.0;
+    if (!host || !times) {
+        fprintf(stderr, "bench_cuda: out of host memory\n");
+        free(host);
+        free(times);
+        return 1;
+    }
+    uint64_t state = 12345;
+    for (size_t i = 0; i < n_in; i++) {
+        state = state * 6364136223846793005ull + 1442695040888963407ull;
+        host[i] = (float)((double)(state >> 11) / 9007199254740992.0 * 2.0 - 1.0);
+        if (decode)
+            host[i] *= 6.0f; /* latents of the scale an SD encoder gives */
+    }
+    kv_tensor in = {0}, out = {0}, out2 = {0};
+    klvae_status_t st;
+    if (decode) {
+        st = kv_tensor_alloc(be, batch, zc, lat, lat, &in);
+        if (st == KLVAE_OK)
+            st = kv_tensor_alloc(be, batch, out_c, size, size, &out);
+    } else {
+        st = kv_tensor_alloc(be, batch, in_c, size, size, &in);
+        if (st == KLVAE_OK)
+            st = kv_tensor_alloc(be, batch, zc, lat, lat, &out);
+        if (st == KLVAE_OK)
+            st = kv_tensor_alloc(be, batch, zc, lat, lat, &out2);
+    }
+    if (st == KLVAE_OK)
+        st = be->ops->upload(be, in.data, host, n_in);
+    free(host);
+    double unused, allocs0 = -1.0, allocs1 = -1.0;
+    for (int r = -o->warmup - 2; r < o->runs && st == KLVAE_OK; r++) {
+        if (r == -1) /* the statistics of the last calls only */
+            be->ops->trim(be);
+        if (r == 0) /* after the call that refilled the cache */
+            read_last(stats, &unused, &unused, &allocs0);
+        double t0 = harness_now();
+        st = decode ? kv_vae_decode(m, &in, &out) : kv_vae_encode(m, &in, &out, &out2);
+        if (st == KLVAE_OK)
+            st = plugin->synchronize(be);
+        double ms = (harness_now() - t0) * 1e3;
+        if (r == -o->warmup - 2)
+            first = ms;
+        if (r >= 0)
+            times[r] = ms;
+    }
+    if (st != KLVAE_OK) {
+        fprintf(stderr, "bench_cuda: %s %d batch %d %s: %s\n", op, size, batch, o->precision,
+                klvae_last_error());
+    } else {
+        read_last(stats, &unused, &unused, &allocs1);
+        be->ops->trim(be);
+        double in_use_mb, reserved_mb;
+        read_last(stats, &in_use_mb, &reserved_mb, &unused);
+        double mallocs = allocs0 >= 0.0 && allocs1 >= 0.0 ? (allocs1 - allocs0) / o->runs : -1.0;
+        const char *keep = getenv("KLVAE_CUDA_KEEP_CACHE");
+        printf("{\"tool\": \"klvae\", \"op\": \"%s\", \"size\": %d, \"batch\": %d, "
+               "\"precision\": \"%s\", \"config\": \"%s\", \"times_ms\": [",
+               op, size, batch, o->precision, o->config);
+        for (int r = 0; r < o->runs; r++)
+            printf("%s%.3f", r ? ", " : "", times[r]);
+        qsort(times, (size_t)o->runs, sizeof *times, compare);
+        int n = o->runs;
+        double median = n % 2 ? times[n / 2] : 0.5 * (times[n / 2 - 1] + times[n / 2]);
+        printf("], \"median_ms\": %.3f, \"first_ms\": %.1f, \"peak_in_use_mb\": %.1f, "
+               "\"peak_reserved_mb\": %.1f, \"cuda_mallocs_per_call\": %.1f, \"keep_cache\": %s}\n",
+               median, first, in_use_mb, reserved_mb, mallocs,
+               keep && strcmp(keep, "1") == 0 ? "true" : "false");
+        fflush(stdout);
+    }
+    free(times);
+    kv_tensor_release(be, &in);
+    kv_tensor_release(be, &out);
+    kv_tensor_release(be, &out2);
+    be->ops->trim(be);
+    return st == KLVAE_OK ? 0 : 1;
+}
+
+#ifdef KV_BENCH_NO_MAIN
+int bench_cuda_main(int argc, char **argv)
+#else
+int main(int argc, char **argv)
+#endif
+{
+    if (argc < 2)
+        usage();
+    const char *cases = argv[1], *plugin_path = NULL;
+    options o = {5, 1, "sd", "bf16"};
+    int device = 0;
+    for (int i = 2; i < argc; i += 2) {
+        if (i + 1 >= argc)
+            usage();
+        if (strcmp(argv[i], "--precision") == 0)
+            o.precision = argv[i + 1];
+        else if (strcmp(argv[i], "--runs") == 0)
+            o.runs = atoi(argv[i + 1]);
+        else if (strcmp(argv[i], "--warmup") == 0)
+            o.warmup = atoi(argv[i + 1]);
+        else if (strcmp(argv[i], "--config") == 0)
+            o.config = argv[i + 1];
+        else if (strcmp(argv[i], "--plugin") == 0)
+            plugin_path = argv[i + 1];
+        else if (strcmp(argv[i], "--device") == 0)
+            device = atoi(argv[i + 1]);
+        else
+            usage();
+    }
+    int precision = harness_precision_parse(o.precision);
+    if (precision < 0 || o.runs < 1 || o.warmup < 0)
+        usage();
+
+    char stats[64];
+    snprintf(stats, sizeof stats, "/tmp/klvae-memstats-XXXXXX");
+    int fd = mkstemp(stats);
+    if (fd < 0) {
+        perror("bench_cuda: mkstemp");
+        return 1;
+    }
+    close(fd);
+    setenv("KLVAE_CUDA_MEMSTATS", stats, 1);
+
+    char why[1024];
+    const kv_plugin *plugin = harness_open(plugin_path, why, sizeof why);
+    if (!plugin) {
+        fprintf(stderr, "bench_cuda: %s\n", why);
+        unlink(stats);
+        return 3;
+    }
+    kv_backend *be = NULL;
+    klvae_model_t *m = NULL;
+    klvae_status_t st = harness_backend(plugin, device, (kv_precision)precision, &be);
+    if (st == KLVAE_OK)
+        st = harness_model(be, o.config, 1, o.precision, &m);
+    if (st != KLVAE_OK) {
+        fprintf(stderr, "bench_cuda: creating the model: %s\n", klvae_last_error());
+        unlink(stats);
+        return 1;
+    }
+    int failures = 0;
+    char *list = strdup(cases), *save = NULL;
+    for (char *c = list ? strtok_r(list, ",", &save) : NULL; c; c = strtok_r(NULL, ",", &save)) {
+        char op[16];
+        int size = 0, batch = 0;
+        if (sscanf(c, "%15[a-z]:%d:%d", op, &size, &batch) != 3) {
+            fprintf(stderr, "bench_cuda: bad case '%s' (expected OP:SIZE:BATCH)\n", c);
+            failures++;
+            continue;
+        }
+        failures += run_case(m, plugin, &o, stats, op, size, batch);
+    }
+    free(list);
+    kv_model_destroy(m);
+    unlink(stats);
+    return failures ? 1 : 0;
+}
