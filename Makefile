@@ -4,6 +4,7 @@
 #   make demo         trains the small config on procedural images for 3 minutes (demo-run/)
 #   make check        the test suite (Check), then the CLI and install tests
 #   make check-asan   the same suite under AddressSanitizer and UBSan
+#   make abi-check    the ABI of lib/libklvae.so against tests/abi/ (abigail-tools)
 #   make install      PREFIX=/usr/local DESTDIR= (GNU conventions)
 #   make deps         installs the Debian packages the build and tests need
 #   make bench        times encode/decode and a training step against PyTorch (tools/bench.py)
@@ -52,7 +53,7 @@ STATIC := lib/libklvae.a
 CLI := bin/klvae
 TEST_BIN := build/tests/check_klvae
 
-.PHONY: all lib examples check check-unit check-asan install uninstall clean deps bench demo \
+.PHONY: all lib examples check check-unit check-asan check-python check-rust install uninstall clean deps bench demo \
         parity fixtures
 
 all: lib $(CLI) examples build/klvae-uninstalled.pc
@@ -103,6 +104,17 @@ build/examples/%: examples/c/%.c lib/libklvae.so include/klvae.h
 	$(CC) -std=c11 -Wall -Wextra $(CFLAGS) -Iinclude $< -o $@ -Llib -lklvae \
 	    -Wl,-rpath,'$$ORIGIN/../../lib' -lm
 
+# The C++ examples (examples/cpp/*.cpp, with the header-only wrapper klvae.hpp)
+# go to build/examples/cpp/.
+CXXFLAGS ?= -O2 -g
+CPP_EXAMPLES := $(patsubst examples/cpp/%.cpp,build/examples/cpp/%,$(wildcard examples/cpp/*.cpp))
+examples: $(CPP_EXAMPLES)
+
+build/examples/cpp/%: examples/cpp/%.cpp examples/cpp/klvae.hpp lib/libklvae.so include/klvae.h
+	@mkdir -p build/examples/cpp
+	$(CXX) -std=c++17 -Wall -Wextra -Wpedantic $(CXXFLAGS) -Iinclude -Iexamples/cpp $< -o $@ \
+	    -Llib -lklvae -Wl,-rpath,'$$ORIGIN/../../../lib'
+
 build/klvae-uninstalled.pc: pkgconfig/klvae-uninstalled.pc.in include/klvae.h
 	@mkdir -p build
 	sed -e 's|@TOP@|$(CURDIR)|' -e 's|@VERSION@|$(VERSION)|' $< > $@
@@ -135,7 +147,16 @@ check: all $(TEST_BIN)
 	sh tests/cli_test.sh || status=1; \
 	sh tests/install_test.sh || status=1; \
 	sh tests/docs_test.sh || status=1; \
+	sh tests/bindings_test.sh || status=1; \
 	exit $$status
+
+# One binding at a time (tests/bindings_test.sh runs both).
+PYTHON ?= python3
+check-python: lib
+	KLVAE_LIBRARY=$(CURDIR)/lib/$(SONAME) $(PYTHON) -m pytest -q examples/python/tests
+check-rust: lib build/klvae-uninstalled.pc
+	cd examples/rust && PKG_CONFIG_PATH=$(CURDIR)/build CARGO_TARGET_DIR=$(CURDIR)/build/rust \
+	    cargo test --offline
 
 ASAN_FLAGS := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 check-asan:
@@ -147,6 +168,51 @@ check-asan:
 .PHONY: clean-objects
 clean-objects:
 	rm -rf build/obj build/tests lib/*.so* lib/*.a bin/klvae
+
+# ---- ABI ----
+
+# tests/abi/$(SONAME).abi is the ABI this soname promises, as abidw
+# (abigail-tools) reads it from the DWARF of the -g build: the exported
+# symbols with their version node, the public types and the functions'
+# signatures. abi-check compares a fresh description of lib/ with it and fails
+# on any difference; abi-baseline accepts the current ABI (docs/abi.md says
+# when that is right). The flags keep out what differs between machines and
+# build folders: paths, architecture, DT_NEEDED, parameter names.
+ABI_BASELINE := tests/abi/$(SONAME).abi
+ABIDW_FLAGS := --headers-dir include --drop-private-types --drop-undefined-syms \
+               --no-corpus-path --no-comp-dir-path --no-show-locs --no-elf-needed \
+               --no-architecture --no-parameter-names --type-id-style hash
+ABI_TOOLS = command -v abidw >/dev/null && command -v abidiff >/dev/null || \
+    { echo "$@ needs abidw and abidiff: apt-get install abigail-tools" >&2; exit 1; }; \
+    readelf -S $(SHARED) | grep -q '\.debug_info' || \
+    { echo "$@: $(SHARED) has no debug info; build it with -g in CFLAGS" >&2; exit 1; }
+.PHONY: abi-check abi-baseline
+
+abi-check: $(SHARED)
+	@$(ABI_TOOLS)
+	@[ -f $(ABI_BASELINE) ] || { echo "abi-check: no baseline $(ABI_BASELINE) for soname" \
+	    "$(SONAME); 'make abi-baseline' makes it (docs/abi.md)" >&2; exit 1; }
+	@mkdir -p build/abi
+	abidw $(ABIDW_FLAGS) --out-file build/abi/$(SONAME).abi $(SHARED)
+	@status=0; abidiff --no-architecture --harmless $(ABI_BASELINE) build/abi/$(SONAME).abi || status=$$?; \
+	if [ $$status -eq 0 ]; then echo "abi-check: $(SHARED) has the ABI of $(ABI_BASELINE)"; \
+	elif [ $$((status & 3)) -ne 0 ]; then echo "abi-check: abidiff failed (exit status $$status)" >&2; \
+	else \
+	    what="changed"; [ $$((status & 8)) -eq 0 ] || what="changed INCOMPATIBLY"; \
+	    echo "" >&2; \
+	    echo "abi-check: the ABI of $(SHARED) $$what against $(ABI_BASELINE)" \
+	         "(abidiff exit status $$status, report above)." >&2; \
+	    echo "If the change is intended: added functions need a minor version bump and a new" >&2; \
+	    echo "node in src/libklvae.map; changed or removed ones a major bump (new soname)." >&2; \
+	    echo "Then run 'make abi-baseline' and commit $(ABI_BASELINE) with the change" >&2; \
+	    echo "(docs/abi.md). Otherwise undo the change." >&2; \
+	fi; exit $$status
+
+abi-baseline: $(SHARED)
+	@$(ABI_TOOLS)
+	@mkdir -p tests/abi
+	abidw $(ABIDW_FLAGS) --out-file $(ABI_BASELINE) $(SHARED)
+	@echo "wrote $(ABI_BASELINE): commit it with the change it records (docs/abi.md)"
 
 # ---- install ----
 
@@ -175,9 +241,12 @@ uninstall:
 # ---- everything else ----
 
 # Debian packages: compiler, pkg-config, Check, OpenBLAS (CBLAS), jansson,
-# libpng, libjpeg-turbo.
+# libpng, libjpeg-turbo; abigail-tools for abi-check; Python 3 with numpy and
+# pytest for the Python binding's tests. Rust's cargo comes from Debian when
+# no cargo is on PATH, and numpy/pytest from pip when python3 is not
+# Debian's own.
 DEB_PACKAGES := build-essential pkgconf check libopenblas-dev libjansson-dev libpng-dev \
-                libjpeg62-turbo-dev
+                libjpeg62-turbo-dev abigail-tools python3 python3-numpy python3-pytest
 deps:
 	@missing=""; for p in $(DEB_PACKAGES); do \
 	    dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -185,7 +254,11 @@ deps:
 	    echo "installing:$$missing"; \
 	    SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
 	    $$SUDO apt-get update -q && $$SUDO apt-get install -y -q $$missing; \
-	else echo "all build and test dependencies are installed"; fi
+	else echo "all Debian packages needed are installed"; fi
+	@command -v cargo >/dev/null 2>&1 || { echo "installing: cargo"; \
+	    SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; $$SUDO apt-get install -y -q cargo; }
+	@$(PYTHON) -c "import numpy, pytest" 2>/dev/null || { echo "installing: numpy pytest (pip)"; \
+	    $(PYTHON) -m pip install -q numpy pytest; }
 
 build/bench_klvae: tools/bench_klvae.c lib/libklvae.so include/klvae.h
 	$(CC) -std=c11 -D_GNU_SOURCE -Wall -Wextra -O2 -Iinclude $< -o $@ -Llib -lklvae -Wl,-rpath,'$$ORIGIN/../lib'

@@ -14,7 +14,7 @@ HEADER=include/klvae.h
 OPTIONS_DOC=docs/options.md
 API_DOC=docs/api.md
 GUIDE_DOC=docs/guide.md
-NAMED_DOCS="docs/guide.md docs/cli.md docs/options.md docs/api.md docs/design.md docs/training.md"
+NAMED_DOCS="docs/guide.md docs/cli.md docs/options.md docs/api.md docs/design.md docs/training.md docs/abi.md"
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/klvae-docs-XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 passed=0
