@@ -125,6 +125,8 @@ cmp -s "$tmp/run/model/diffusion_pytorch_model.safetensors" "$tmp/half/model/dif
     && ok || bad "2 steps + resume + 2 steps differ from 4 steps"
 cut -d, -f1,4- "$tmp/run/log.csv" > "$tmp/a.csv"; cut -d, -f1,4- "$tmp/half/log.csv" > "$tmp/b.csv"
 cmp -s "$tmp/a.csv" "$tmp/b.csv" && ok || bad "resumed log.csv differs: $(diff "$tmp/a.csv" "$tmp/b.csv" | head -5)"
+# the resumed run evaluates the same held-out images (its --eval-images came from the checkpoint)
+cmp -s "$tmp/run/eval.csv" "$tmp/half/eval.csv" && ok || bad "resumed eval.csv differs: $(diff "$tmp/run/eval.csv" "$tmp/half/eval.csv" | head -5)"
 check_fails "resume past the end" 1 "already at step 4" $KLVAE train --resume "$tmp/half" --steps 4
 
 # Ctrl-C: the step finishes, a checkpoint and the model are written, exit 130.

@@ -48,7 +48,8 @@ const char *const train_help =
     "  --lpips FILE          LPIPS-VGG16 weights (tools/export_lpips.py makes them);\n"
     "                        without them the perceptual weight is 0\n"
     "  --resume R            continue the run in folder R (or from checkpoint R)\n"
-    "                        exactly where it stopped: same data, same steps\n"
+    "                        exactly where it stopped, with its options, data, size,\n"
+    "                        batch and intervals (flags given again override them)\n"
     "  --eval-images N       held-out images for PSNR/SSIM and the grid (default 8)\n"
     "  --grid-every K        evaluate and write a grid every K steps (default 100)\n"
     "  --checkpoint-every K  checkpoint every K steps (default 500)\n"
@@ -181,11 +182,21 @@ static void adopt_checkpoint_settings(run *r, const char *path, const char **dat
     r->position = pos ? strtoull(pos, NULL, 10) : 0;
     const char *data = checkpoint_note(&st, "data");
     *data_note = data && strcmp(data, "procedural") != 0 ? strdup(data) : NULL;
-    const char *size = checkpoint_note(&st, "size"), *batch = checkpoint_note(&st, "batch");
-    if (size && !cli_flag(r->c, "size"))
-        r->size = atoi(size);
-    if (batch && !cli_flag(r->c, "batch"))
-        r->batch = atoi(batch);
+    /* the run's shape, unless given again */
+    struct {
+        const char *flag;
+        int *value;
+    } kept[] = {{"size", &r->size},
+                {"batch", &r->batch},
+                {"eval-images", &r->eval_n},
+                {"grid-every", &r->grid_every},
+                {"checkpoint-every", &r->ckpt_every},
+                {"log-every", &r->log_every}};
+    for (size_t i = 0; i < sizeof kept / sizeof kept[0]; i++) {
+        const char *text = checkpoint_note(&st, kept[i].flag);
+        if (text && !cli_flag(r->c, kept[i].flag))
+            *kept[i].value = atoi(text);
+    }
     kv_st_close(&st);
 }
 
@@ -443,10 +454,19 @@ static void save_checkpoint(run *r)
     check(klvae_trainer_set_note(r->trainer, "data_position", text), "checkpoint note");
     check(klvae_trainer_set_note(r->trainer, "data", r->data_dir ? r->data_dir : "procedural"),
           "checkpoint note");
-    snprintf(text, sizeof text, "%d", r->size);
-    check(klvae_trainer_set_note(r->trainer, "size", text), "checkpoint note");
-    snprintf(text, sizeof text, "%d", r->batch);
-    check(klvae_trainer_set_note(r->trainer, "batch", text), "checkpoint note");
+    const struct {
+        const char *flag;
+        int value;
+    } kept[] = {{"size", r->size},
+                {"batch", r->batch},
+                {"eval-images", r->eval_n},
+                {"grid-every", r->grid_every},
+                {"checkpoint-every", r->ckpt_every},
+                {"log-every", r->log_every}};
+    for (size_t i = 0; i < sizeof kept / sizeof kept[0]; i++) {
+        snprintf(text, sizeof text, "%d", kept[i].value);
+        check(klvae_trainer_set_note(r->trainer, kept[i].flag, text), "checkpoint note");
+    }
     char *path = join(r->dir, "checkpoint.safetensors");
     check(klvae_trainer_save(r->trainer, path), "cannot write the checkpoint");
     free(path);
