@@ -82,7 +82,35 @@ void kv_lpips_free(kv_lpips *l)
     }
     for (int k = 0; k < KV_LPIPS_TAPS; k++)
         kv_tensor_release(l->be, &l->lin[k]);
+    for (int i = 0; i < KV_LPIPS_CONVS; i++)
+        kv_tensor_release(l->be, &l->transposed[i]);
     free(l);
+}
+
+/* l->transposed[i][ci][co][ky][kx] = weight[co][ci][2 - ky][2 - kx]: the
+ * kernel of conv2d_backward_data for a 3x3, pad 1, stride 1 convolution. */
+static klvae_status_t make_transposed(kv_lpips *l, int i)
+{
+    const kv_tensor *w = &l->convs[i].weight;
+    const int co = w->shape[0], ci = w->shape[1];
+    const size_t count = kv_tensor_numel(w);
+    float *host = malloc(2 * count * sizeof(float));
+    if (!host)
+        return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory for LPIPS gradients");
+    float *flipped = host + count;
+    klvae_status_t st = l->be->ops->download(l->be, host, w->data, count);
+    for (int o = 0; st == KLVAE_OK && o < co; o++)
+        for (int c = 0; c < ci; c++)
+            for (int t = 0; t < 9; t++)
+                flipped[((size_t)c * co + o) * 9 + t] = host[((size_t)o * ci + c) * 9 + 8 - t];
+    if (st == KLVAE_OK)
+        st = kv_tensor_alloc(l->be, ci, co, 3, 3, &l->transposed[i]);
+    if (st == KLVAE_OK)
+        st = l->be->ops->upload(l->be, l->transposed[i].data, flipped, count);
+    if (st != KLVAE_OK)
+        kv_tensor_release(l->be, &l->transposed[i]);
+    free(host);
+    return st;
 }
 
 klvae_status_t kv_lpips_load(kv_backend *be, const char *path, kv_lpips **out)
@@ -285,8 +313,10 @@ klvae_status_t kv_lpips_forward(kv_lpips *l, const kv_tensor *a, const kv_tensor
         int ci = w->shape[1], h = tb.y[i].shape[2], wd = tb.y[i].shape[3];
         if (st == KLVAE_OK)
             st = kv_tensor_alloc(be, n, ci, h, wd, &din);
-        if (st == KLVAE_OK)
-            st = be->ops->conv2d_backward_data(be, &d, w, same_3x3, &din);
+        if (st == KLVAE_OK && !l->transposed[i].data)
+            st = make_transposed(l, i);
+        if (st == KLVAE_OK) /* the transposed convolution, as backend.h defines it */
+            st = be->ops->conv2d(be, &d, NULL, &l->transposed[i], NULL, same_3x3, &din);
         kv_tensor_release(be, &d);
         d = din;
         memset(&din, 0, sizeof din);

@@ -22,6 +22,10 @@ typedef struct kv_lpips {
     kv_backend *be; /* borrowed */
     kv_conv convs[KV_LPIPS_CONVS];
     kv_tensor lin[KV_LPIPS_TAPS]; /* (1, C_k, 1, 1) */
+    /* The trunk's weights transposed and flipped, (ci, co, 3, 3), made on the
+     * first gradient: the data gradient of a frozen convolution is then a
+     * plain convolution, without flipping the weights on every step. */
+    kv_tensor transposed[KV_LPIPS_CONVS];
     int widths[KV_LPIPS_TAPS];
 } kv_lpips;
 
