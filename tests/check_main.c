@@ -1,6 +1,8 @@
 /* check_main.c — runs every suite and ends with a plain
  * "N passed, N failed" line. CK_RUN_SUITE / CK_RUN_CASE select a part. */
+#include <dirent.h>
 #include <ftw.h>
+#include <sys/stat.h>
 #include <stdbool.h>
 #include <unistd.h>
 
@@ -13,6 +15,56 @@ static int remove_entry(const char *path, const struct stat *sb, int flag, struc
     (void)flag;
     (void)ftw;
     return remove(path);
+}
+
+char *test_join(const char *dir, const char *name)
+{
+    size_t n = strlen(dir) + strlen(name) + 2;
+    char *p = malloc(n);
+    ck_assert_ptr_nonnull(p);
+    snprintf(p, n, "%s/%s", dir, name);
+    return p;
+}
+
+bool test_path_exists(const char *path)
+{
+    struct stat sb;
+    return stat(path, &sb) == 0;
+}
+
+int test_count_entries(const char *dir, int *tmp_found)
+{
+    DIR *d = opendir(dir);
+    ck_assert_ptr_nonnull(d);
+    int count = 0;
+    *tmp_found = 0;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
+            continue;
+        count++;
+        if (strstr(e->d_name, ".tmp."))
+            *tmp_found = 1;
+    }
+    closedir(d);
+    return count;
+}
+
+unsigned char *test_read_file(const char *path, size_t *len)
+{
+    FILE *fp = fopen(path, "rb");
+    ck_assert_msg(fp != NULL, "cannot open %s", path);
+    fseek(fp, 0, SEEK_END);
+    long size = ftell(fp);
+    ck_assert_int_ge(size, 0);
+    rewind(fp);
+    unsigned char *buf = malloc((size_t)size + 1);
+    ck_assert_ptr_nonnull(buf);
+    ck_assert_uint_eq(fread(buf, 1, (size_t)size, fp), (size_t)size);
+    fclose(fp);
+    buf[size] = 0;
+    *len = (size_t)size;
+    return buf;
 }
 
 void test_rmtree(const char *path)

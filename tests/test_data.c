@@ -16,19 +16,10 @@
 
 /* ---- helpers ---- */
 
-static char *join(const char *dir, const char *name)
-{
-    size_t n = strlen(dir) + strlen(name) + 2;
-    char *p = malloc(n);
-    ck_assert_ptr_nonnull(p);
-    snprintf(p, n, "%s/%s", dir, name);
-    return p;
-}
-
 /* root/rel, creating the folders of rel on the way. */
 static char *make_path(const char *root, const char *rel)
 {
-    char *path = join(root, rel);
+    char *path = test_join(root, rel);
     for (char *slash = path + strlen(root) + 1; (slash = strchr(slash, '/')) != NULL; slash++) {
         *slash = '\0';
         if (mkdir(path, 0755) != 0)
@@ -359,7 +350,7 @@ START_TEST(folder_walk_finds_sorted_images)
         const char *base = strrchr(r, '/');
         ck_assert_ptr_nonnull(base);
         int k = atoi(base + 2);
-        char *want = join(root, sorted[k]);
+        char *want = test_join(root, sorted[k]);
         ck_assert_str_eq(kv_dataset_path(ds, p), want);
         free(want);
     }
@@ -410,8 +401,8 @@ START_TEST(folder_walk_follows_links_without_loops)
 {
     char *root = test_tmpdir();
     write_png8_at(root, "real/a.png", 8, 8, flat, 0);
-    char *loop = join(root, "real/loop"), *link = join(root, "link.png");
-    char *dangling = join(root, "dangling.png");
+    char *loop = test_join(root, "real/loop"), *link = test_join(root, "link.png");
+    char *dangling = test_join(root, "dangling.png");
     ck_assert_int_eq(symlink(root, loop), 0);
     ck_assert_int_eq(symlink("real/a.png", link), 0);
     ck_assert_int_eq(symlink("nowhere.png", dangling), 0); /* kept: reading reports it */
@@ -451,7 +442,7 @@ START_TEST(epochs_are_permutations)
         char name[32];
         snprintf(name, sizeof name, "%s/img%02d.png", i % 3 == 0 ? "one" : "two/three", i);
         write_png8_at(root, name, 9, 10, flat, (unsigned)i);
-        paths[i] = join(root, name);
+        paths[i] = test_join(root, name);
     }
     kv_dataset *ds = NULL, *other_seed = NULL;
     ck_assert_ok(kv_dataset_open_folder(root, 8, 77, &ds));
@@ -858,10 +849,10 @@ START_TEST(open_errors)
     ck_assert_ptr_null(ds);
 
     /* Missing folder; a file given as the folder. */
-    char *missing = join(root, "no-such-folder");
+    char *missing = test_join(root, "no-such-folder");
     ck_assert_status(kv_dataset_open_folder(missing, 32, 0, &ds), KLVAE_ERR_IO);
     ck_assert_error_mentions(missing);
-    char *file = join(root, "notes.txt");
+    char *file = test_join(root, "notes.txt");
     ck_assert_status(kv_dataset_open_folder(file, 32, 0, &ds), KLVAE_ERR_IO);
     ck_assert_error_mentions(file);
     ck_assert_ptr_null(ds);
@@ -1140,7 +1131,7 @@ START_TEST(loader_default_warning_goes_to_stderr)
     write_png8_at(root, "good.png", 8, 8, noise, 3);
     char *bad = make_path(root, "bad.png");
     write_text(bad, "no");
-    char *log = join(root, "stderr.log");
+    char *log = test_join(root, "stderr.log");
     kv_dataset *ds = NULL;
     ck_assert_ok(kv_dataset_open_folder(root, 8, 4, &ds));
 

@@ -16,62 +16,10 @@
 
 /* ---- helpers ---- */
 
-static char *join(const char *dir, const char *name)
-{
-    size_t n = strlen(dir) + strlen(name) + 2;
-    char *p = malloc(n);
-    ck_assert_ptr_nonnull(p);
-    snprintf(p, n, "%s/%s", dir, name);
-    return p;
-}
-
-static bool path_exists(const char *path)
-{
-    struct stat sb;
-    return stat(path, &sb) == 0;
-}
-
-/* Entries of dir without . and ..; *tmp_found when one is a temporary
- * file of an atomic write. */
-static int count_entries(const char *dir, int *tmp_found)
-{
-    DIR *d = opendir(dir);
-    ck_assert_ptr_nonnull(d);
-    int count = 0;
-    *tmp_found = 0;
-    struct dirent *e;
-    while ((e = readdir(d)) != NULL) {
-        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
-            continue;
-        count++;
-        if (strstr(e->d_name, ".tmp."))
-            *tmp_found = 1;
-    }
-    closedir(d);
-    return count;
-}
-
-static unsigned char *read_whole_file(const char *path, size_t *len)
-{
-    FILE *fp = fopen(path, "rb");
-    ck_assert_msg(fp != NULL, "cannot open %s", path);
-    fseek(fp, 0, SEEK_END);
-    long size = ftell(fp);
-    ck_assert_int_ge(size, 0);
-    rewind(fp);
-    unsigned char *buf = malloc((size_t)size + 1);
-    ck_assert_ptr_nonnull(buf);
-    ck_assert_uint_eq(fread(buf, 1, (size_t)size, fp), (size_t)size);
-    fclose(fp);
-    buf[size] = 0;
-    *len = (size_t)size;
-    return buf;
-}
-
 static void copy_file(const char *from, const char *to)
 {
     size_t len;
-    unsigned char *buf = read_whole_file(from, &len);
+    unsigned char *buf = test_read_file(from, &len);
     test_write_file(to, buf, len);
     free(buf);
 }
@@ -231,10 +179,10 @@ static void write_noattn_config(const char *path, const char *block_out_channels
 static char *noattn_folder(const char *dir, const char *channels, const char *down,
                            const char *latent, const char *groups)
 {
-    char *folder = join(dir, "model");
+    char *folder = test_join(dir, "model");
     ck_assert_int_eq(mkdir(folder, 0755), 0);
-    char *weights = join(folder, "diffusion_pytorch_model.safetensors");
-    char *config = join(folder, "config.json");
+    char *weights = test_join(folder, "diffusion_pytorch_model.safetensors");
+    char *config = test_join(folder, "config.json");
     copy_file(NOATTN_WEIGHTS, weights);
     write_noattn_config(config, channels, down, latent, groups);
     free(weights);
@@ -247,7 +195,7 @@ static char *noattn_folder(const char *dir, const char *channels, const char *do
 START_TEST(load_nonexistent_path_is_io)
 {
     char *dir = test_tmpdir();
-    char *path = join(dir, "no-such-model.safetensors");
+    char *path = test_join(dir, "no-such-model.safetensors");
     expect_load_failure(path, NULL, KLVAE_ERR_IO);
     ck_assert_error_mentions(path);
     test_rmtree(dir);
@@ -259,7 +207,7 @@ END_TEST
 START_TEST(load_empty_file_is_format)
 {
     char *dir = test_tmpdir();
-    char *path = join(dir, "empty.safetensors");
+    char *path = test_join(dir, "empty.safetensors");
     test_write_file(path, "", 0);
     expect_load_failure(path, NULL, KLVAE_ERR_FORMAT);
     ck_assert_error_mentions(path);
@@ -272,7 +220,7 @@ END_TEST
 START_TEST(load_file_shorter_than_length_field_is_format)
 {
     char *dir = test_tmpdir();
-    char *path = join(dir, "five.safetensors");
+    char *path = test_join(dir, "five.safetensors");
     test_write_file(path, "\x10\0\0\0\0", 5);
     expect_load_failure(path, NULL, KLVAE_ERR_FORMAT);
     ck_assert_error_mentions(path);
@@ -285,14 +233,14 @@ END_TEST
 START_TEST(load_truncated_fixture_is_format)
 {
     size_t len;
-    unsigned char *buf = read_whole_file(NOATTN_LEGACY, &len);
+    unsigned char *buf = test_read_file(NOATTN_LEGACY, &len);
     uint64_t hlen = 0;
     for (int i = 7; i >= 0; i--)
         hlen = (hlen << 8) | buf[i];
     size_t keep = 8 + (size_t)hlen + 1000; /* the whole header, a little data */
     ck_assert_uint_lt(keep, len);
     char *dir = test_tmpdir();
-    char *path = join(dir, "truncated.safetensors");
+    char *path = test_join(dir, "truncated.safetensors");
     test_write_file(path, buf, keep);
     klvae_options_t *o = noattn_options();
     expect_load_failure(path, o, KLVAE_ERR_FORMAT);
@@ -310,7 +258,7 @@ END_TEST
 START_TEST(load_header_length_past_end_is_format)
 {
     char *dir = test_tmpdir();
-    char *path = join(dir, "short.safetensors");
+    char *path = test_join(dir, "short.safetensors");
     unsigned char buf[8 + 30];
     memset(buf, ' ', sizeof buf);
     buf[0] = 0xE8; /* 1000 */
@@ -334,7 +282,7 @@ START_TEST(load_header_length_over_limit_is_format)
     /* A sparse file large enough to hold the claimed header, so that only
      * the 100,000,000-byte limit can reject it. */
     char *dir = test_tmpdir();
-    char *path = join(dir, "huge-header.safetensors");
+    char *path = test_join(dir, "huge-header.safetensors");
     const uint64_t hlen = 100000001u;
     int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
     ck_assert_int_ge(fd, 0);
@@ -358,7 +306,7 @@ END_TEST
 START_TEST(load_invalid_json_header_is_format)
 {
     char *dir = test_tmpdir();
-    char *path = join(dir, "badjson.safetensors");
+    char *path = test_join(dir, "badjson.safetensors");
     write_st_bytes(path, "{\"decoder.conv_in.weight\": {\"dtype\": \"F32\", \"shape\": [1", NULL,
                    16);
     expect_load_failure(path, NULL, KLVAE_ERR_FORMAT);
@@ -373,7 +321,7 @@ END_TEST
 START_TEST(load_header_json_array_is_format)
 {
     char *dir = test_tmpdir();
-    char *path = join(dir, "array.safetensors");
+    char *path = test_join(dir, "array.safetensors");
     write_st_bytes(path, "[{\"dtype\": \"F32\", \"shape\": [2], \"data_offsets\": [0, 8]}]", NULL, 8);
     expect_load_failure(path, NULL, KLVAE_ERR_FORMAT);
     ck_assert_error_mentions(path);
@@ -386,7 +334,7 @@ END_TEST
 START_TEST(load_tensor_entry_not_object_is_format)
 {
     char *dir = test_tmpdir();
-    char *path = join(dir, "entry.safetensors");
+    char *path = test_join(dir, "entry.safetensors");
     write_st_bytes(path, "{\"encoder.conv_in.weight\": [0, 8]}", NULL, 8);
     expect_load_failure(path, NULL, KLVAE_ERR_FORMAT);
     ck_assert_error_mentions("encoder.conv_in.weight");
@@ -399,7 +347,7 @@ END_TEST
 START_TEST(load_entry_without_data_offsets_is_format)
 {
     char *dir = test_tmpdir();
-    char *path = join(dir, "nooffsets.safetensors");
+    char *path = test_join(dir, "nooffsets.safetensors");
     write_st_bytes(path, "{\"encoder.conv_in.bias\": {\"dtype\": \"F32\", \"shape\": [2]}}", NULL,
                    8);
     expect_load_failure(path, NULL, KLVAE_ERR_FORMAT);
@@ -415,7 +363,7 @@ END_TEST
 START_TEST(load_unknown_dtype_is_format)
 {
     char *dir = test_tmpdir();
-    char *path = join(dir, "dtype.safetensors");
+    char *path = test_join(dir, "dtype.safetensors");
     write_st_bytes(path,
                    "{\"encoder.conv_in.bias\": {\"dtype\": \"F17\", \"shape\": [2], "
                    "\"data_offsets\": [0, 8]}}",
@@ -433,7 +381,7 @@ START_TEST(load_byte_range_mismatch_is_format)
 {
     /* 3 float32 elements need 12 bytes; the range holds 8. */
     char *dir = test_tmpdir();
-    char *path = join(dir, "range.safetensors");
+    char *path = test_join(dir, "range.safetensors");
     write_st_bytes(path,
                    "{\"decoder.conv_out.bias\": {\"dtype\": \"F32\", \"shape\": [3], "
                    "\"data_offsets\": [0, 8]}}",
@@ -453,7 +401,7 @@ START_TEST(load_byte_count_overflow_is_format)
      * 2^59 float32 values in an empty range: 2^59 * 32 bits wraps to 0 in
      * 64-bit arithmetic. The file is malformed and must be refused. */
     size_t len;
-    unsigned char *buf = read_whole_file(NOATTN_LEGACY, &len);
+    unsigned char *buf = test_read_file(NOATTN_LEGACY, &len);
     uint64_t hlen = 0;
     for (int i = 7; i >= 0; i--)
         hlen = (hlen << 8) | buf[i];
@@ -470,7 +418,7 @@ START_TEST(load_byte_count_overflow_is_format)
     memcpy(out + 9, extra, elen);
     memcpy(out + 9 + elen, buf + 9, len - 9);
     char *dir = test_tmpdir();
-    char *path = join(dir, "overflow.safetensors");
+    char *path = test_join(dir, "overflow.safetensors");
     test_write_file(path, out, len + elen);
     free(out);
     free(buf);
@@ -498,7 +446,7 @@ END_TEST
 START_TEST(load_overlapping_offsets_is_format)
 {
     char *dir = test_tmpdir();
-    char *path = join(dir, "overlap.safetensors");
+    char *path = test_join(dir, "overlap.safetensors");
     write_st_bytes(path,
                    "{\"first.tensor\": {\"dtype\": \"F32\", \"shape\": [4], "
                    "\"data_offsets\": [0, 16]}, "
@@ -518,7 +466,7 @@ END_TEST
 START_TEST(load_duplicate_keys_is_format)
 {
     char *dir = test_tmpdir();
-    char *path = join(dir, "dup.safetensors");
+    char *path = test_join(dir, "dup.safetensors");
     write_st_bytes(path,
                    "{\"dup.tensor\": {\"dtype\": \"F32\", \"shape\": [2], "
                    "\"data_offsets\": [0, 8]}, "
@@ -540,7 +488,7 @@ START_TEST(rewritten_fixture_loads)
 {
     /* Control for the next tests: the rewrite itself produces a valid file. */
     char *dir = test_tmpdir();
-    char *path = join(dir, "same.safetensors");
+    char *path = test_join(dir, "same.safetensors");
     rewrite_fixture(NOATTN_LEGACY, path, NULL, NULL, 0, NULL);
     klvae_options_t *o = noattn_options();
     klvae_model_t *m = NULL;
@@ -559,7 +507,7 @@ START_TEST(load_missing_tensor)
 {
     const char *gone = "decoder.up_blocks.1.resnets.2.norm1.weight";
     char *dir = test_tmpdir();
-    char *path = join(dir, "missing.safetensors");
+    char *path = test_join(dir, "missing.safetensors");
     rewrite_fixture(NOATTN_LEGACY, path, gone, NULL, 0, NULL);
     klvae_options_t *o = noattn_options();
     expect_load_failure(path, o, KLVAE_ERR_MISSING_TENSOR);
@@ -576,7 +524,7 @@ START_TEST(load_wrong_shape_bias)
 {
     const int64_t shape[1] = {4};
     char *dir = test_tmpdir();
-    char *path = join(dir, "bias.safetensors");
+    char *path = test_join(dir, "bias.safetensors");
     rewrite_fixture(NOATTN_LEGACY, path, NULL, "decoder.conv_out.bias", 1, shape);
     klvae_options_t *o = noattn_options();
     expect_load_failure(path, o, KLVAE_ERR_SHAPE);
@@ -595,7 +543,7 @@ START_TEST(load_wrong_shape_middle_conv)
     const int64_t shape[4] = {16, 16, 1, 1};
     const char *name = "decoder.up_blocks.0.resnets.1.conv1.weight";
     char *dir = test_tmpdir();
-    char *path = join(dir, "conv.safetensors");
+    char *path = test_join(dir, "conv.safetensors");
     rewrite_fixture(NOATTN_LEGACY, path, NULL, name, 4, shape);
     klvae_options_t *o = noattn_options();
     expect_load_failure(path, o, KLVAE_ERR_SHAPE);
@@ -657,7 +605,7 @@ END_TEST
 START_TEST(folder_without_config_is_io)
 {
     char *dir = test_tmpdir();
-    char *weights = join(dir, "diffusion_pytorch_model.safetensors");
+    char *weights = test_join(dir, "diffusion_pytorch_model.safetensors");
     copy_file(NOATTN_WEIGHTS, weights);
     expect_load_failure(dir, NULL, KLVAE_ERR_IO);
     ck_assert_error_mentions(dir);
@@ -671,7 +619,7 @@ END_TEST
 START_TEST(folder_without_weights_is_io)
 {
     char *dir = test_tmpdir();
-    char *config = join(dir, "config.json");
+    char *config = test_join(dir, "config.json");
     write_noattn_config(config, OK_CHANNELS, OK_DOWN, OK_LATENT, OK_GROUPS);
     expect_load_failure(dir, NULL, KLVAE_ERR_IO);
     ck_assert_error_mentions(dir);
@@ -686,7 +634,7 @@ START_TEST(folder_config_invalid_json_is_format)
 {
     char *dir = test_tmpdir();
     char *folder = noattn_folder(dir, OK_CHANNELS, OK_DOWN, OK_LATENT, OK_GROUPS);
-    char *config = join(folder, "config.json");
+    char *config = test_join(folder, "config.json");
     const char *bad = "{\n  \"latent_channels\": 4,\n  \"block_out_channels\": [8, 16\n}\n";
     test_write_file(config, bad, strlen(bad));
     expect_load_failure(folder, NULL, KLVAE_ERR_FORMAT);
@@ -1123,10 +1071,10 @@ END_TEST
 START_TEST(save_null_model)
 {
     char *dir = test_tmpdir();
-    char *path = join(dir, "saved");
+    char *path = test_join(dir, "saved");
     ck_assert_status(klvae_model_save(NULL, path), KLVAE_ERR_INVALID_ARGUMENT);
     ck_assert_error_mentions("model");
-    ck_assert(!path_exists(path));
+    ck_assert(!test_path_exists(path));
     test_rmtree(dir);
     free(path);
     free(dir);
@@ -1348,11 +1296,11 @@ END_TEST
 START_TEST(image_write_null_pixels)
 {
     char *dir = test_tmpdir();
-    char *path = join(dir, "x.png");
+    char *path = test_join(dir, "x.png");
     ck_assert_status(klvae_image_write_png(path, NULL, 2, 2), KLVAE_ERR_INVALID_ARGUMENT);
     ck_assert_error_mentions("pixels");
     int tmp_found;
-    ck_assert_int_eq(count_entries(dir, &tmp_found), 0);
+    ck_assert_int_eq(test_count_entries(dir, &tmp_found), 0);
     test_rmtree(dir);
     free(path);
     free(dir);
@@ -1477,19 +1425,19 @@ START_TEST(save_under_regular_file_is_io)
 {
     klvae_model_t *m = tiny();
     char *dir = test_tmpdir();
-    char *file = join(dir, "plain-file");
-    char *target = join(file, "model");
+    char *file = test_join(dir, "plain-file");
+    char *target = test_join(file, "model");
     const char *content = "precious contents";
     test_write_file(file, content, strlen(content));
     ck_assert_status(klvae_model_save(m, target), KLVAE_ERR_IO);
     ck_assert_error_mentions(target);
-    ck_assert(!path_exists(target));
+    ck_assert(!test_path_exists(target));
     size_t len;
-    unsigned char *after = read_whole_file(file, &len);
+    unsigned char *after = test_read_file(file, &len);
     ck_assert_uint_eq(len, strlen(content));
     ck_assert(memcmp(after, content, len) == 0);
     int tmp_found;
-    ck_assert_int_eq(count_entries(dir, &tmp_found), 1);
+    ck_assert_int_eq(test_count_entries(dir, &tmp_found), 1);
     free(after);
     test_rmtree(dir);
     free(target);
@@ -1505,15 +1453,15 @@ START_TEST(save_weights_name_taken_by_folder_is_io)
      * temporary file and not a config.json for missing weights. */
     klvae_model_t *m = tiny();
     char *dir = test_tmpdir();
-    char *blocker = join(dir, "diffusion_pytorch_model.safetensors");
+    char *blocker = test_join(dir, "diffusion_pytorch_model.safetensors");
     ck_assert_int_eq(mkdir(blocker, 0755), 0);
     ck_assert_status(klvae_model_save(m, dir), KLVAE_ERR_IO);
     ck_assert_error_mentions("diffusion_pytorch_model.safetensors");
     int tmp_found;
-    ck_assert_int_eq(count_entries(dir, &tmp_found), 1);
+    ck_assert_int_eq(test_count_entries(dir, &tmp_found), 1);
     ck_assert_int_eq(tmp_found, 0);
-    char *config = join(dir, "config.json");
-    ck_assert(!path_exists(config));
+    char *config = test_join(dir, "config.json");
+    ck_assert(!test_path_exists(config));
     free(config);
     test_rmtree(dir);
     free(blocker);
@@ -1529,8 +1477,8 @@ START_TEST(save_failing_config_leaves_earlier_folder_intact)
     klvae_model_t *m = tiny();
     char *dir = test_tmpdir();
     ck_assert_ok(klvae_model_save(m, dir));
-    char *weights = join(dir, "diffusion_pytorch_model.safetensors");
-    char *config = join(dir, "config.json");
+    char *weights = test_join(dir, "diffusion_pytorch_model.safetensors");
+    char *config = test_join(dir, "config.json");
     FILE *fp = fopen(weights, "rb");
     ck_assert_ptr_nonnull(fp);
     fseek(fp, 0, SEEK_END);
@@ -1551,7 +1499,7 @@ START_TEST(save_failing_config_leaves_earlier_folder_intact)
     ck_assert_int_eq(ftell(fp), before);
     fclose(fp);
     int tmp_found;
-    count_entries(dir, &tmp_found);
+    test_count_entries(dir, &tmp_found);
     ck_assert_int_eq(tmp_found, 0);
     klvae_model_free(other);
     klvae_options_free(o);

@@ -12,41 +12,6 @@
 
 /* ---- helpers ---- */
 
-static char *join(const char *dir, const char *name)
-{
-    size_t n = strlen(dir) + strlen(name) + 2;
-    char *p = malloc(n);
-    ck_assert_ptr_nonnull(p);
-    snprintf(p, n, "%s/%s", dir, name);
-    return p;
-}
-
-static bool path_exists(const char *path)
-{
-    struct stat sb;
-    return stat(path, &sb) == 0;
-}
-
-/* Counts the entries of dir (without . and ..) and whether any is a
- * temporary file of an atomic write (".tmp." in its name). */
-static int count_entries(const char *dir, int *tmp_found)
-{
-    DIR *d = opendir(dir);
-    ck_assert_ptr_nonnull(d);
-    int count = 0;
-    *tmp_found = 0;
-    struct dirent *e;
-    while ((e = readdir(d)) != NULL) {
-        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
-            continue;
-        count++;
-        if (strstr(e->d_name, ".tmp."))
-            *tmp_found = 1;
-    }
-    closedir(d);
-    return count;
-}
-
 /* The value an 8-bit (max 255) or 16-bit (max 65535) sample must read as. */
 static double sample_value(unsigned s, unsigned max)
 {
@@ -148,7 +113,7 @@ static void run_variant(const variant *v, const unsigned *samples, const unsigne
             put_sample(data + (size_t)y * rowbytes, i, s->depth,
                        samples[(size_t)y * s->w * v->channels + i]);
     char *dir = test_tmpdir();
-    char *path = join(dir, "variant.png");
+    char *path = test_join(dir, "variant.png");
     write_png_file(path, s, data, rowbytes);
     float *px = NULL;
     int h = -1, w = -1;
@@ -240,7 +205,7 @@ START_TEST(png_write_read_round_trip)
     img[8] = -NAN;
     img[n - 1] = 1.0001f;
     char *dir = test_tmpdir();
-    char *path = join(dir, "out.png");
+    char *path = test_join(dir, "out.png");
     ck_assert_ok(klvae_image_write_png(path, img, h, w));
     float *px = NULL;
     int rh = 0, rw = 0;
@@ -281,7 +246,7 @@ START_TEST(png_write_read_round_trip)
     fclose(fp);
 
     int tmp_found;
-    ck_assert_int_eq(count_entries(dir, &tmp_found), 1);
+    ck_assert_int_eq(test_count_entries(dir, &tmp_found), 1);
     ck_assert_int_eq(tmp_found, 0);
     klvae_free(px);
     free(img);
@@ -295,7 +260,7 @@ START_TEST(png_write_one_pixel)
 {
     const float img[3] = {0.25f, -0.6f, 0.999f};
     char *dir = test_tmpdir();
-    char *path = join(dir, "one.png");
+    char *path = test_join(dir, "one.png");
     ck_assert_ok(klvae_image_write_png(path, img, 1, 1));
     float *px = NULL;
     int h = 0, w = 0;
@@ -315,7 +280,7 @@ END_TEST
 START_TEST(png_overwrite_replaces_file)
 {
     char *dir = test_tmpdir();
-    char *path = join(dir, "img.png");
+    char *path = test_join(dir, "img.png");
     /* A larger image first, then a smaller one over it. */
     const int h1 = 24, w1 = 40, h2 = 5, w2 = 7;
     float *big = test_alloc(3 * (size_t)h1 * w1);
@@ -340,7 +305,7 @@ START_TEST(png_overwrite_replaces_file)
         ck_assert(fabs((double)px[i] - (q / 255.0 * 2.0 - 1.0)) < 1e-6);
     }
     int tmp_found;
-    ck_assert_int_eq(count_entries(dir, &tmp_found), 1);
+    ck_assert_int_eq(test_count_entries(dir, &tmp_found), 1);
     ck_assert_int_eq(tmp_found, 0);
     klvae_free(px);
     free(big);
@@ -628,7 +593,7 @@ START_TEST(jpeg_rgb)
             for (int c = 0; c < 3; c++)
                 rgb[((size_t)y * w + x) * 3 + c] = pattern(x, y, c);
     char *dir = test_tmpdir();
-    char *path = join(dir, "photo.jpg");
+    char *path = test_join(dir, "photo.jpg");
     write_jpeg_file(path, rgb, w, h, 3);
     float *px = NULL;
     int rh = 0, rw = 0;
@@ -671,7 +636,7 @@ START_TEST(jpeg_grey_gives_equal_channels)
         for (int x = 0; x < w; x++)
             grey[(size_t)y * w + x] = pattern(x, y, 1);
     char *dir = test_tmpdir();
-    char *path = join(dir, "grey.jpeg");
+    char *path = test_join(dir, "grey.jpeg");
     write_jpeg_file(path, grey, w, h, 1);
     float *px = NULL;
     int rh = 0, rw = 0;
@@ -712,7 +677,7 @@ static void expect_read_failure(const char *path, klvae_status_t status)
 START_TEST(read_nonexistent_file_is_io)
 {
     char *dir = test_tmpdir();
-    char *path = join(dir, "no-such-image.png");
+    char *path = test_join(dir, "no-such-image.png");
     expect_read_failure(path, KLVAE_ERR_IO);
     ck_assert_error_mentions(path);
     test_rmtree(dir);
@@ -724,7 +689,7 @@ END_TEST
 START_TEST(read_empty_file_is_format)
 {
     char *dir = test_tmpdir();
-    char *path = join(dir, "empty.png");
+    char *path = test_join(dir, "empty.png");
     test_write_file(path, "", 0);
     expect_read_failure(path, KLVAE_ERR_FORMAT);
     ck_assert_error_mentions(path);
@@ -737,7 +702,7 @@ END_TEST
 START_TEST(read_text_file_is_format)
 {
     char *dir = test_tmpdir();
-    char *path = join(dir, "notes.png");
+    char *path = test_join(dir, "notes.png");
     const char *text = "This is a text file, not an image.\nSecond line.\n";
     test_write_file(path, text, strlen(text));
     expect_read_failure(path, KLVAE_ERR_FORMAT);
@@ -751,8 +716,8 @@ END_TEST
 START_TEST(read_truncated_png_is_format)
 {
     char *dir = test_tmpdir();
-    char *path = join(dir, "whole.png");
-    char *cut = join(dir, "cut.png");
+    char *path = test_join(dir, "whole.png");
+    char *cut = test_join(dir, "cut.png");
     float *img = test_alloc(3 * 16 * 16);
     test_rng rng = test_rng_new(60);
     test_fill(img, 3 * 16 * 16, &rng, -1.0f, 1.0f);
@@ -778,8 +743,8 @@ START_TEST(read_png_cut_in_image_data_is_format)
 {
     /* Cut inside the IDAT stream, well after the header. */
     char *dir = test_tmpdir();
-    char *path = join(dir, "whole.png");
-    char *cut = join(dir, "cut.png");
+    char *path = test_join(dir, "whole.png");
+    char *cut = test_join(dir, "cut.png");
     const int h = 40, w = 40;
     float *img = test_alloc(3 * (size_t)h * w);
     test_rng rng = test_rng_new(61);
@@ -807,7 +772,7 @@ END_TEST
 START_TEST(read_corrupt_jpeg_is_format)
 {
     char *dir = test_tmpdir();
-    char *path = join(dir, "bad.jpg");
+    char *path = test_join(dir, "bad.jpg");
     /* A JPEG start-of-image marker followed by junk. */
     unsigned char junk[64] = {0xFF, 0xD8, 0xFF, 0x01, 0x02, 0x03};
     for (int i = 6; i < 64; i++)
@@ -833,8 +798,8 @@ START_TEST(read_truncated_jpeg_is_format)
     for (size_t i = 0; i < (size_t)w * h * 3; i++)
         rgb[i] = (unsigned char)(test_uniform(&rng) * 256.0); /* noise: a long scan */
     char *dir = test_tmpdir();
-    char *path = join(dir, "whole.jpg");
-    char *cut = join(dir, "cut.jpg");
+    char *path = test_join(dir, "whole.jpg");
+    char *cut = test_join(dir, "cut.jpg");
     write_jpeg_file(path, rgb, w, h, 3);
     FILE *fp = fopen(path, "rb");
     ck_assert_ptr_nonnull(fp);
@@ -898,15 +863,15 @@ END_TEST
 START_TEST(write_to_missing_folder_is_io)
 {
     char *dir = test_tmpdir();
-    char *missing = join(dir, "no-such-folder");
-    char *path = join(missing, "out.png");
+    char *missing = test_join(dir, "no-such-folder");
+    char *path = test_join(missing, "out.png");
     float img[3 * 2 * 3] = {0};
     ck_assert_status(klvae_image_write_png(path, img, 2, 3), KLVAE_ERR_IO);
     ck_assert_error_mentions(path);
-    ck_assert(!path_exists(path));
-    ck_assert(!path_exists(missing));
+    ck_assert(!test_path_exists(path));
+    ck_assert(!test_path_exists(missing));
     int tmp_found;
-    ck_assert_int_eq(count_entries(dir, &tmp_found), 0);
+    ck_assert_int_eq(test_count_entries(dir, &tmp_found), 0);
     test_rmtree(dir);
     free(path);
     free(missing);
@@ -919,7 +884,7 @@ START_TEST(write_over_folder_is_io_and_leaves_no_temporary)
     /* The temporary file is written, then the rename onto a folder fails:
      * the temporary must be removed. */
     char *dir = test_tmpdir();
-    char *target = join(dir, "target.png");
+    char *target = test_join(dir, "target.png");
     ck_assert_int_eq(mkdir(target, 0755), 0);
     float img[3 * 4 * 4];
     test_rng rng = test_rng_new(62);
@@ -930,7 +895,7 @@ START_TEST(write_over_folder_is_io_and_leaves_no_temporary)
     ck_assert_int_eq(stat(target, &sb), 0);
     ck_assert(S_ISDIR(sb.st_mode));
     int tmp_found;
-    ck_assert_int_eq(count_entries(dir, &tmp_found), 1);
+    ck_assert_int_eq(test_count_entries(dir, &tmp_found), 1);
     ck_assert_int_eq(tmp_found, 0);
     test_rmtree(dir);
     free(target);
@@ -941,15 +906,15 @@ END_TEST
 static void expect_write_size_rejected(int h, int w)
 {
     char *dir = test_tmpdir();
-    char *path = join(dir, "bad-size.png");
+    char *path = test_join(dir, "bad-size.png");
     float img[3 * 4 * 4] = {0};
     ck_assert_status(klvae_image_write_png(path, img, h, w), KLVAE_ERR_INVALID_ARGUMENT);
     char size[64];
     snprintf(size, sizeof size, "%d x %d", h, w);
     ck_assert_error_mentions(size);
-    ck_assert(!path_exists(path));
+    ck_assert(!test_path_exists(path));
     int tmp_found;
-    ck_assert_int_eq(count_entries(dir, &tmp_found), 0);
+    ck_assert_int_eq(test_count_entries(dir, &tmp_found), 0);
     test_rmtree(dir);
     free(path);
     free(dir);

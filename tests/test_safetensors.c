@@ -24,16 +24,6 @@ static float bits_float(uint32_t u)
     return f;
 }
 
-/* path = dir/name, malloc'ed. */
-static char *join(const char *dir, const char *name)
-{
-    size_t n = strlen(dir) + strlen(name) + 2;
-    char *p = malloc(n);
-    ck_assert_ptr_nonnull(p);
-    snprintf(p, n, "%s/%s", dir, name);
-    return p;
-}
-
 /* Writes a safetensors file: the 8-byte little-endian length of header,
  * header itself, then exactly the given data bytes. */
 static void write_st_bytes(const char *path, const char *header, const void *data, size_t len)
@@ -48,42 +38,6 @@ static void write_st_bytes(const char *path, const char *header, const void *dat
         memcpy(buf + 8 + hlen, data, len);
     test_write_file(path, buf, 8 + hlen + len);
     free(buf);
-}
-
-static unsigned char *read_whole_file(const char *path, size_t *len)
-{
-    FILE *fp = fopen(path, "rb");
-    ck_assert_msg(fp != NULL, "cannot open %s", path);
-    fseek(fp, 0, SEEK_END);
-    long size = ftell(fp);
-    ck_assert_int_ge(size, 0);
-    rewind(fp);
-    unsigned char *buf = malloc((size_t)size + 1);
-    ck_assert_ptr_nonnull(buf);
-    ck_assert_uint_eq(fread(buf, 1, (size_t)size, fp), (size_t)size);
-    fclose(fp);
-    *len = (size_t)size;
-    return buf;
-}
-
-/* Number of entries of dir other than . and .. ; *tmp_found is set when one
- * of them has ".tmp." in its name. */
-static int count_entries(const char *dir, int *tmp_found)
-{
-    DIR *d = opendir(dir);
-    ck_assert_ptr_nonnull(d);
-    int count = 0;
-    *tmp_found = 0;
-    struct dirent *e;
-    while ((e = readdir(d)) != NULL) {
-        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
-            continue;
-        count++;
-        if (strstr(e->d_name, ".tmp."))
-            *tmp_found = 1;
-    }
-    closedir(d);
-    return count;
 }
 
 static void assert_bits_equal(const float *got, const float *want, size_t n, const char *what)
@@ -170,7 +124,7 @@ static void rt_free(rt_tensor t[RT_COUNT])
 START_TEST(write_read_round_trip)
 {
     char *dir = test_tmpdir();
-    char *path = join(dir, "model.safetensors");
+    char *path = test_join(dir, "model.safetensors");
     test_rng rng = test_rng_new(11);
     rt_tensor t[RT_COUNT];
     rt_make(t, &rng);
@@ -219,7 +173,7 @@ START_TEST(write_read_round_trip)
     kv_st_close(&st);
 
     size_t len;
-    unsigned char *raw = read_whole_file(path, &len);
+    unsigned char *raw = test_read_file(path, &len);
     uint64_t hlen = 0;
     for (int i = 7; i >= 0; i--)
         hlen = (hlen << 8) | raw[i];
@@ -233,7 +187,7 @@ START_TEST(write_read_round_trip)
     free(raw);
 
     int tmp_found;
-    ck_assert_int_eq(count_entries(dir, &tmp_found), 1);
+    ck_assert_int_eq(test_count_entries(dir, &tmp_found), 1);
     ck_assert_int_eq(tmp_found, 0);
     rt_free(t);
     test_rmtree(dir);
@@ -245,7 +199,7 @@ END_TEST
 START_TEST(write_fetch_failure_leaves_nothing)
 {
     char *dir = test_tmpdir();
-    char *path = join(dir, "model.safetensors");
+    char *path = test_join(dir, "model.safetensors");
     test_rng rng = test_rng_new(12);
     rt_tensor t[RT_COUNT];
     rt_make(t, &rng);
@@ -261,7 +215,7 @@ START_TEST(write_fetch_failure_leaves_nothing)
     struct stat sb;
     ck_assert_int_ne(stat(path, &sb), 0);
     int tmp_found;
-    ck_assert_int_eq(count_entries(dir, &tmp_found), 0);
+    ck_assert_int_eq(test_count_entries(dir, &tmp_found), 0);
     rt_free(t);
     test_rmtree(dir);
     free(path);
@@ -272,7 +226,7 @@ END_TEST
 START_TEST(write_replaces_existing_file)
 {
     char *dir = test_tmpdir();
-    char *path = join(dir, "w.safetensors");
+    char *path = test_join(dir, "w.safetensors");
     test_write_file(path, "old contents that are not safetensors at all, and long", 55);
     float v[3] = {1.5f, -2.25f, 3.125f};
     rt_tensor t = {"v", 1, {3}, v, 3};
@@ -288,7 +242,7 @@ START_TEST(write_replaces_existing_file)
     assert_bits_equal(got, v, 3, "v");
     kv_st_close(&st);
     int tmp_found;
-    ck_assert_int_eq(count_entries(dir, &tmp_found), 1);
+    ck_assert_int_eq(test_count_entries(dir, &tmp_found), 1);
     ck_assert_int_eq(tmp_found, 0);
     test_rmtree(dir);
     free(path);
@@ -384,7 +338,7 @@ START_TEST(f16_known_values)
     for (size_t i = 0; i < n; i++)
         raw[i] = cases[i].bits;
     char *dir = test_tmpdir();
-    char *path = join(dir, "f16.safetensors");
+    char *path = test_join(dir, "f16.safetensors");
     write_one_tensor(path, "F16", raw, n, 2);
     float *got = read_tensor(path, "t", n);
     for (size_t i = 0; i < n; i++)
@@ -407,7 +361,7 @@ START_TEST(f16_every_bit_pattern)
     for (size_t i = 0; i < n; i++)
         raw[i] = (uint16_t)(i * 40503u + 12345u);
     char *dir = test_tmpdir();
-    char *path = join(dir, "f16all.safetensors");
+    char *path = test_join(dir, "f16all.safetensors");
     char header[128];
     snprintf(header, sizeof header,
              "{\"t\":{\"dtype\":\"F16\",\"shape\":[256,16,16],\"data_offsets\":[0,%zu]}}", n * 2);
@@ -470,7 +424,7 @@ START_TEST(bf16_known_values)
     for (size_t i = 0; i < n; i++)
         raw[i] = cases[i].bits;
     char *dir = test_tmpdir();
-    char *path = join(dir, "bf16.safetensors");
+    char *path = test_join(dir, "bf16.safetensors");
     write_one_tensor(path, "BF16", raw, n, 2);
     float *got = read_tensor(path, "t", n);
     for (size_t i = 0; i < n; i++) {
@@ -495,7 +449,7 @@ START_TEST(bf16_every_bit_pattern)
     for (size_t i = 0; i < n; i++)
         raw[i] = (uint16_t)(i * 24571u + 999u);
     char *dir = test_tmpdir();
-    char *path = join(dir, "bf16all.safetensors");
+    char *path = test_join(dir, "bf16all.safetensors");
     write_one_tensor(path, "BF16", raw, n, 2);
     float *got = read_tensor(path, "t", n);
     for (size_t i = 0; i < n; i++) {
@@ -556,7 +510,7 @@ START_TEST(f64_converts_with_correct_rounding)
         raw[i] = cases[i].in;
     raw[n] = NAN;
     char *dir = test_tmpdir();
-    char *path = join(dir, "f64.safetensors");
+    char *path = test_join(dir, "f64.safetensors");
     write_one_tensor(path, "F64", raw, n + 1, 8);
     float *got = read_tensor(path, "t", n + 1);
     for (size_t i = 0; i < n; i++)
@@ -574,7 +528,7 @@ END_TEST
 START_TEST(integer_dtype_opens_but_does_not_convert)
 {
     char *dir = test_tmpdir();
-    char *path = join(dir, "ints.safetensors");
+    char *path = test_join(dir, "ints.safetensors");
     unsigned char data[24 + 8];
     int64_t ids[3] = {1, -2, 300000000000LL};
     float w[2] = {0.5f, -7.0f};
@@ -642,7 +596,7 @@ START_TEST(unaligned_header_and_data)
     memcpy(data + 85, h, 10);
     memcpy(data + 95, d, 24);
     char *dir = test_tmpdir();
-    char *path = join(dir, "unaligned.safetensors");
+    char *path = test_join(dir, "unaligned.safetensors");
     write_st_bytes(path, header, data, sizeof data);
 
     kv_safetensors st;
@@ -679,7 +633,7 @@ START_TEST(holes_and_empty_tensors_are_accepted)
     memcpy(data + 16, b, 12);
     memcpy(data + 40, c, 4);
     char *dir = test_tmpdir();
-    char *path = join(dir, "holes.safetensors");
+    char *path = test_join(dir, "holes.safetensors");
     write_st_bytes(path,
                    "{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},"
                    "\"e_in_a\":{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[4,4]},"
@@ -729,7 +683,7 @@ START_TEST(lookup_ignores_json_key_order)
     memcpy(data + 20, under, 4);
     memcpy(data + 24, alpha, 12);
     char *dir = test_tmpdir();
-    char *path = join(dir, "order.safetensors");
+    char *path = test_join(dir, "order.safetensors");
     write_st_bytes(path,
                    "{\"zeta\":{\"data_offsets\":[12,20],\"shape\":[2],\"dtype\":\"F32\"},"
                    "\"__metadata__\":{\"z\":\"last\",\"a\":\"first\"},"
@@ -772,7 +726,7 @@ START_TEST(open_rejects_shape_whose_byte_count_overflows)
     /* 2^59 float32 elements are 2^61 bytes; a byte count computed in bits
      * wraps to 0 and would make data_offsets [0, 0] look right. */
     char *dir = test_tmpdir();
-    char *path = join(dir, "huge.safetensors");
+    char *path = test_join(dir, "huge.safetensors");
     write_st_bytes(path,
                    "{\"huge\":{\"dtype\":\"F32\",\"shape\":[576460752303423488],"
                    "\"data_offsets\":[0,0]}}",
@@ -798,7 +752,7 @@ START_TEST(open_rejects_two_dim_shape_whose_byte_count_overflows)
 {
     /* 2^31 x 2^31 F64 elements: 2^68 bits, which wrap to 0 in 64 bits. */
     char *dir = test_tmpdir();
-    char *path = join(dir, "huge2.safetensors");
+    char *path = test_join(dir, "huge2.safetensors");
     write_st_bytes(path,
                    "{\"big\":{\"dtype\":\"F64\",\"shape\":[2147483648,2147483648],"
                    "\"data_offsets\":[0,0]}}",
@@ -822,7 +776,7 @@ END_TEST
 START_TEST(open_message_starts_with_path)
 {
     char *dir = test_tmpdir();
-    char *path = join(dir, "bad.safetensors");
+    char *path = test_join(dir, "bad.safetensors");
     write_st_bytes(path, "{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,4]}}",
                    "abcd", 4);
     kv_safetensors st;

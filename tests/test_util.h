@@ -77,6 +77,14 @@ static inline double test_max_abs_diff(const float *a, const float *b, size_t n)
  * and removes the folder with test_rmtree. */
 char *test_tmpdir(void);
 void test_rmtree(const char *path);
+/* dir/name, newly allocated. */
+char *test_join(const char *dir, const char *name);
+bool test_path_exists(const char *path);
+/* Entries of dir other than . and ..; *tmp_found is set when one is the
+ * temporary file of an atomic write (".tmp." in its name). */
+int test_count_entries(const char *dir, int *tmp_found);
+/* The whole file, NUL-terminated (not counted in *len); free() it. */
+unsigned char *test_read_file(const char *path, size_t *len);
 
 /* Writes bytes to path (replacing it). */
 void test_write_file(const char *path, const void *data, size_t len);
