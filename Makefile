@@ -150,6 +150,13 @@ check: all $(TEST_BIN)
 	sh tests/bindings_test.sh || status=1; \
 	exit $$status
 
+# Records the outputs tests/test_golden.c compares with (only for a change
+# that is meant to change results; say so in its commit).
+.PHONY: golden-record
+golden-record: $(TEST_BIN)
+	cd tests && KLVAE_GOLDEN_RECORD=fixtures/golden/outputs.safetensors CK_RUN_SUITE=golden \
+	    CK_FORK=no ../$(TEST_BIN)
+
 # One binding at a time (tests/bindings_test.sh runs both).
 PYTHON ?= python3
 check-python: lib

@@ -116,5 +116,6 @@ Suite *suite_train(void);
 Suite *suite_cli(void);
 Suite *suite_plugin(void);
 Suite *suite_cuda_host(void);
+Suite *suite_golden(void);
 
 #endif
