@@ -34,10 +34,14 @@ DEP_CFLAGS := $(shell $(PKG_CONFIG) --cflags $(DEP_PACKAGES) 2>/dev/null)
 DEP_LIBS := $(shell $(PKG_CONFIG) --libs $(DEP_PACKAGES) 2>/dev/null || echo -lopenblas -ljansson -lpng16 -ljpeg)
 # -ffp-contract=off: the Philox sampler must round exactly as the CUDA one does.
 KV_CFLAGS := -std=c11 -D_GNU_SOURCE -Wall -Wextra -fPIC -fvisibility=hidden -ffp-contract=off \
-             -pthread -Iinclude $(DEP_CFLAGS)
+             -pthread -Iinclude -Isrc $(DEP_CFLAGS)
 SYS_LIBS := -lm -lpthread -ldl
 
-LIB_SOURCES := $(wildcard src/*.c) $(wildcard src/cpu/*.c)
+# The library's layers, bottom up (docs/design.md): each includes only from
+# the layers before it (tests/layers_test.sh checks).
+LAYERS := base formats backend model train
+LIB_SOURCES := $(foreach l,$(LAYERS),$(wildcard src/$(l)/*.c)) $(wildcard src/backend/cpu/*.c)
+LIB_HEADERS := $(wildcard src/*/*.h src/*/*/*.h include/*.h)
 LIB_OBJECTS := $(patsubst src/%.c,build/obj/%.o,$(LIB_SOURCES))
 CLI_SOURCES := $(wildcard src/cli/*.c)
 CLI_OBJECTS := $(patsubst src/%.c,build/obj/%.o,$(CLI_SOURCES))
@@ -60,14 +64,14 @@ all: lib $(CLI) examples build/klvae-uninstalled.pc
 
 lib: $(SHARED) lib/$(SONAME) lib/libklvae.so $(STATIC)
 
-build/obj/%.o: src/%.c $(wildcard src/*.h src/cpu/*.h include/*.h)
+build/obj/%.o: src/%.c $(LIB_HEADERS)
 	@mkdir -p $(dir $@)
 	$(CC) $(KV_CFLAGS) $(CFLAGS) -c $< -o $@
 
 # The CPU ops are streaming loops: let the vectoriser take every loop it can
 # (GCC's -O2 only takes loops that need no remainder or alias checks, and
 # -fno-trapping-math lets it turn float comparisons into selects).
-build/obj/cpu/%.o: src/cpu/%.c $(wildcard src/*.h src/cpu/*.h include/*.h)
+build/obj/backend/cpu/%.o: src/backend/cpu/%.c $(LIB_HEADERS)
 	@mkdir -p $(dir $@)
 	$(CC) $(KV_CFLAGS) $(CFLAGS) -ftree-vectorize -fvect-cost-model=dynamic -fno-trapping-math -c $< -o $@
 
@@ -89,9 +93,9 @@ $(STATIC): $(LIB_OBJECTS)
 
 # The CLI links the static library: besides the API it uses the library's
 # safetensors code for latent files, which the shared library keeps hidden.
-build/obj/cli/%.o: src/cli/%.c $(wildcard src/*.h src/cli/*.h include/*.h)
+build/obj/cli/%.o: src/cli/%.c $(LIB_HEADERS)
 	@mkdir -p $(dir $@)
-	$(CC) $(KV_CFLAGS) -Isrc $(CFLAGS) -c $< -o $@
+	$(CC) $(KV_CFLAGS) $(CFLAGS) -c $< -o $@
 
 $(CLI): $(CLI_OBJECTS) $(STATIC)
 	@mkdir -p bin
@@ -124,13 +128,13 @@ build/klvae-uninstalled.pc: pkgconfig/klvae-uninstalled.pc.in include/klvae.h
 CHECK_CFLAGS := $(shell $(PKG_CONFIG) --cflags check 2>/dev/null)
 CHECK_LIBS := $(shell $(PKG_CONFIG) --libs check 2>/dev/null || echo -lcheck -lsubunit -lrt -lm)
 
-build/tests/%.o: tests/%.c tests/test_util.h $(wildcard src/*.h src/cpu/*.h src/cli/*.h include/*.h)
+build/tests/%.o: tests/%.c tests/test_util.h $(LIB_HEADERS)
 	@mkdir -p build/tests
-	$(CC) $(KV_CFLAGS) -Isrc $(CHECK_CFLAGS) $(CFLAGS) -c $< -o $@
+	$(CC) $(KV_CFLAGS) $(CHECK_CFLAGS) $(CFLAGS) -c $< -o $@
 
 # Stand-ins for the CUDA plugin that tests/test_plugin.c loads, one per mode.
 FAKE_PLUGINS := $(patsubst %,build/tests/plugins/fake_%.so,working no_entry bad_abi no_driver create_oom incomplete)
-build/tests/plugins/fake_%.so: tests/plugins/fake_plugin.c tests/plugins/fake_plugin.h src/plugin.h src/backend.h src/common.h include/klvae.h
+build/tests/plugins/fake_%.so: tests/plugins/fake_plugin.c tests/plugins/fake_plugin.h $(LIB_HEADERS)
 	@mkdir -p $(dir $@)
 	$(CC) -std=c11 -Wall -Wextra -O1 -g -fPIC -shared -fvisibility=hidden -Iinclude -Isrc -DFAKE_MODE_$* $< -o $@
 
@@ -144,6 +148,7 @@ check-unit: $(TEST_BIN)
 check: all $(TEST_BIN)
 	@status=0; \
 	(cd tests && ../$(TEST_BIN)) || status=1; \
+	sh tests/layers_test.sh || status=1; \
 	sh tests/cli_test.sh || status=1; \
 	sh tests/install_test.sh || status=1; \
 	sh tests/docs_test.sh || status=1; \
@@ -271,8 +276,8 @@ build/bench_klvae: tools/bench_klvae.c lib/libklvae.so include/klvae.h
 	$(CC) -std=c11 -D_GNU_SOURCE -Wall -Wextra -O2 -Iinclude $< -o $@ -Llib -lklvae -Wl,-rpath,'$$ORIGIN/../lib'
 
 # the procedural images as raw floats, for tools/demo_pytorch.py
-build/dump_procedural: tools/dump_procedural.c $(STATIC) src/data.h
-	$(CC) $(KV_CFLAGS) -Isrc $(CFLAGS) $< -o $@ $(STATIC) $(LDFLAGS) $(DEP_LIBS) $(SYS_LIBS)
+build/dump_procedural: tools/dump_procedural.c $(STATIC) src/train/data.h
+	$(CC) $(KV_CFLAGS) $(CFLAGS) $< -o $@ $(STATIC) $(LDFLAGS) $(DEP_LIBS) $(SYS_LIBS)
 
 bench: all build/bench_klvae
 	python3 tools/bench.py $(BENCH_ARGS)
@@ -339,8 +344,7 @@ CUDA_PLUGIN_BUILT := $(CUDA_PLUGIN)
 all: $(CUDA_PLUGIN)
 install: install-cuda
 
-build/cuda/%.o: cuda/%.cu $(wildcard cuda/*.h cuda/*.cuh) src/backend.h src/plugin.h \
-                src/philox.h src/common.h include/klvae.h
+build/cuda/%.o: cuda/%.cu $(wildcard cuda/*.h cuda/*.cuh src/base/*.h src/backend/*.h) include/klvae.h
 	@mkdir -p build/cuda
 	$(NVCC) $(NVCC_FLAGS) -c $< -o $@
 
@@ -365,9 +369,9 @@ uninstall-cuda:
 	rm -f $(DESTDIR)$(LIBDIR)/libklvae_cuda.so
 
 GPU_TEST_SOURCES := tests/gpu/test_cuda.c tests/gpu/cuda_harness.c
-$(GPU_TEST): $(GPU_TEST_SOURCES) tests/gpu/cuda_harness.h $(STATIC) $(wildcard src/*.h)
+$(GPU_TEST): $(GPU_TEST_SOURCES) tests/gpu/cuda_harness.h $(STATIC) $(LIB_HEADERS)
 	@mkdir -p build/tests
-	$(CC) $(KV_CFLAGS) -Isrc -Itests/gpu $(CFLAGS) $(GPU_TEST_SOURCES) -o $@ $(STATIC) $(LDFLAGS) \
+	$(CC) $(KV_CFLAGS) -Itests/gpu $(CFLAGS) $(GPU_TEST_SOURCES) -o $@ $(STATIC) $(LDFLAGS) \
 	    $(DEP_LIBS) $(SYS_LIBS)
 
 check: check-cuda
@@ -381,18 +385,18 @@ GPU_STATIC_LIBS := $(filter -L%,$(DEP_LIBS)) -Wl,-Bstatic -lopenblas -ljansson -
                    -lgfortran -lquadmath -Wl,-Bdynamic $(SYS_LIBS)
 gpu-binaries: build/gpu/test_cuda
 build/gpu/test_cuda: $(GPU_TEST_SOURCES) tools/bench_cuda.c tests/gpu/cuda_harness.h $(STATIC) \
-                     $(wildcard src/*.h)
+                     $(LIB_HEADERS)
 	@mkdir -p build/gpu
-	$(CC) $(KV_CFLAGS) -Isrc -Itests/gpu $(CFLAGS) -DKV_WITH_BENCH -c tests/gpu/test_cuda.c \
+	$(CC) $(KV_CFLAGS) -Itests/gpu $(CFLAGS) -DKV_WITH_BENCH -c tests/gpu/test_cuda.c \
 	    -o build/gpu/test_cuda.o
-	$(CC) $(KV_CFLAGS) -Isrc -Itests/gpu $(CFLAGS) -DKV_BENCH_NO_MAIN -c tools/bench_cuda.c \
+	$(CC) $(KV_CFLAGS) -Itests/gpu $(CFLAGS) -DKV_BENCH_NO_MAIN -c tools/bench_cuda.c \
 	    -o build/gpu/bench_cuda.o
-	$(CC) $(KV_CFLAGS) -Isrc -Itests/gpu $(CFLAGS) -c tests/gpu/cuda_harness.c \
+	$(CC) $(KV_CFLAGS) -Itests/gpu $(CFLAGS) -c tests/gpu/cuda_harness.c \
 	    -o build/gpu/cuda_harness.o
 	$(CC) -o $@ build/gpu/test_cuda.o build/gpu/bench_cuda.o build/gpu/cuda_harness.o $(STATIC) -s \
 	    $(GPU_STATIC_LIBS)
 build/bench_cuda: tools/bench_cuda.c tests/gpu/cuda_harness.c tests/gpu/cuda_harness.h $(STATIC)
-	$(CC) $(KV_CFLAGS) -Isrc -Itests/gpu $(CFLAGS) tools/bench_cuda.c tests/gpu/cuda_harness.c \
+	$(CC) $(KV_CFLAGS) -Itests/gpu $(CFLAGS) tools/bench_cuda.c tests/gpu/cuda_harness.c \
 	    -o $@ $(STATIC) $(LDFLAGS) $(DEP_LIBS) $(SYS_LIBS)
 build/tests/test_cuda_host.o: $(wildcard cuda/*.cuh)
 # ==== end of the CUDA block ===========================================================

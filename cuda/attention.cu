@@ -1,6 +1,6 @@
 /* attention.cu — single-head self-attention over the N = H*W positions of
  * channel-major (B, C, H, W) tensors, in blocks of queries so that memory
- * grows linearly with N (cuda/attention_plan.cuh), as src/cpu/attention.c.
+ * grows linearly with N (cuda/attention_plan.cuh), as src/backend/cpu/attention.c.
  *
  * In column-major terms (cuBLAS's), q, k, v and out of one image are N x C
  * matrices with leading dimension N. For a block of queries [n0, n0 + nb):

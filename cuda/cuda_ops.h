@@ -1,7 +1,7 @@
 /* cuda_ops.h — the CUDA backend's context and its ops (one file per op
- * family, as src/cpu/: conv2d.cu, group_norm.cu, elementwise.cu,
+ * family, as src/backend/cpu/: conv2d.cu, group_norm.cu, elementwise.cu,
  * attention.cu, posterior.cu; memory, errors and the op table in
- * cuda_backend.cu). The math of each op is specified in src/backend.h. */
+ * cuda_backend.cu). The math of each op is specified in src/backend/backend.h. */
 #ifndef KV_CUDA_OPS_H
 #define KV_CUDA_OPS_H
 
@@ -9,7 +9,7 @@
 #include <cuda_runtime.h>
 #include <cudnn.h>
 
-#include "../src/plugin.h"
+#include "backend/plugin.h"
 #include "conv2d_plan.cuh"
 #include "device_cache.cuh"
 #include "kv_cuda_math.cuh"

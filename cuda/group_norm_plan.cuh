@@ -37,7 +37,7 @@ static inline KV_HD void kv_gn_chunk_range(size_t count, int chunks, int k, size
 /* backend.h's formula from the group's sum and sum of squares (in double):
  * mean, biased variance (clamped at 0), rstd = 1/sqrt(var + eps),
  * scale = gamma * rstd, shift = beta - scale * mean; the same operations in
- * the same order as src/cpu/group_norm.c. */
+ * the same order as src/backend/cpu/group_norm.c. */
 static inline KV_HD void kv_gn_finalize(double sum, double sumsq, size_t count, float eps,
                                         float gamma, float beta, float *scale, float *shift,
                                         double *mean_out, double *rstd_out)

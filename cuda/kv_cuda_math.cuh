@@ -15,7 +15,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "../src/backend.h"
+#include "backend/backend.h"
 
 #ifndef KV_HD
 #if defined(__CUDACC__)

@@ -1,11 +1,11 @@
 /* posterior.cu — splitting the encoder's moments into mean and logvar, and
- * drawing z from the posterior with the generator of src/philox.h, so that
+ * drawing z from the posterior with the generator of src/base/philox.h, so that
  * the same seed gives the CPU's bits: eps comes from the same double
  * arithmetic (IEEE on the device too, every multiply-add an explicit fma),
  * and z = mean + std * eps is rounded as two separate float operations,
  * as the CPU (built with -ffp-contract=off) does. The plugin is compiled
  * with --fmad=false besides, so no other product is fused either. */
-#include "../src/philox.h"
+#include "base/philox.h"
 #include "cuda_ops.h"
 
 static __global__ void posterior_split_kernel(const void *moments, int m16, void *mean, int mean16,

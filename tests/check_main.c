@@ -6,7 +6,7 @@
 #include <stdbool.h>
 #include <unistd.h>
 
-#include "safetensors.h"
+#include "formats/safetensors.h"
 #include "test_util.h"
 
 static int remove_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw)

@@ -115,7 +115,7 @@ else ok; fi
 for doc in $NAMED_DOCS; do
     [ -f "$doc" ] || continue
     # a bare "klvae_" is the prefix itself ("only klvae_* is exported");
-    # klvae_plugin_entry is the CUDA plugin's entry point (src/plugin.h), not the API's
+    # klvae_plugin_entry is the CUDA plugin's entry point (src/backend/plugin.h), not the API's
     identifiers "$doc" klvae_ | grep -v -E '^klvae_(plugin_entry)?$' |
         comm -23 - "$tmp/header.decl" >"$tmp/undeclared"
     if [ -s "$tmp/undeclared" ]; then bad "$doc names klvae_ identifiers that $HEADER does not declare:

@@ -1,6 +1,6 @@
 /* test_config.c — config.json: class defaults for missing keys, named
  * configs, validation, JSON written back. */
-#include "config.h"
+#include "model/config.h"
 #include "test_util.h"
 
 static char *write_config(const char *json)

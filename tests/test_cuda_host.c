@@ -10,8 +10,8 @@
 #include "../cuda/device_cache.cuh"
 #include "../cuda/group_norm_plan.cuh"
 #include "../cuda/kv_cuda_math.cuh"
-#include "backend.h"
-#include "cpu/cpu_ops.h"
+#include "backend/backend.h"
+#include "backend/cpu/cpu_ops.h"
 
 /* ---- bf16 ---- */
 

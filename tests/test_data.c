@@ -1,4 +1,4 @@
-/* test_data.c — training data (src/data.h): the procedural generator, folder
+/* test_data.c — training data (src/train/data.h): the procedural generator, folder
  * datasets (walk, order, epoch permutations, resize, crop, flip, formats,
  * errors) and the loader thread (batches, positions, skipping unreadable
  * files, failing when nothing can be read, stopping early). */
@@ -11,8 +11,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "data.h"
 #include "test_util.h"
+#include "train/data.h"
 
 /* ---- helpers ---- */
 

@@ -7,7 +7,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "safetensors.h"
+#include "formats/safetensors.h"
 #include "test_util.h"
 
 #define NOATTN_LEGACY "fixtures/noattn/legacy.safetensors"

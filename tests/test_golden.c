@@ -13,11 +13,12 @@
  * KLVAE_GOLDEN_RECORD=path writes a new recording instead of comparing
  * (make golden-record): do that only for a change that is meant to change
  * results, and say so in its commit. */
-#include "model.h"
-#include "safetensors.h"
+#include "formats/safetensors.h"
+#include "model/model.h"
+#include "model/vae.h"
 #include "test_util.h"
-#include "train.h"
-#include "discriminator.h"
+#include "train/discriminator.h"
+#include "train/trainer.h"
 
 #define GOLDEN "fixtures/golden/outputs.safetensors"
 #define GOLDEN_TOLERANCE 1e-4

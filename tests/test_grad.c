@@ -8,9 +8,9 @@
  * below GRAD_TOLERANCE times the largest |numeric| of that gradient. Where a
  * gradient has thousands of elements, a fixed random sample of them is
  * differentiated. */
-#include "backend.h"
-#include "cpu/cpu_ops.h"
-#include "philox.h"
+#include "backend/backend.h"
+#include "backend/cpu/cpu_ops.h"
+#include "base/philox.h"
 #include "test_util.h"
 
 #define GRAD_TOLERANCE 1e-4

@@ -5,7 +5,7 @@
  * mean, logvar and decoded images. */
 #include <unistd.h>
 
-#include "safetensors.h"
+#include "formats/safetensors.h"
 #include "test_util.h"
 
 #define PARITY_TOLERANCE 1e-4

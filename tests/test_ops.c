@@ -1,10 +1,10 @@
 /* test_ops.c — every CPU op against a naive float64 loop written from the
- * op's specification in src/backend.h, on small random tensors with odd
+ * op's specification in src/backend/backend.h, on small random tensors with odd
  * sizes and batch > 1. The float32 op must agree within 1e-5 relative to
  * the size of the values (float32 rounding over sums of at most a few
  * thousand terms stays near 1e-6). */
-#include "backend.h"
-#include "cpu/cpu_ops.h"
+#include "backend/backend.h"
+#include "backend/cpu/cpu_ops.h"
 #include "test_util.h"
 
 #define OP_TOLERANCE 1e-5

@@ -12,7 +12,7 @@
 #include <pthread.h>
 #include <unistd.h>
 
-#include "plugin_loader.h"
+#include "backend/plugin_loader.h"
 #include "plugins/fake_plugin.h"
 #include "test_util.h"
 

@@ -5,7 +5,7 @@
 #include <float.h>
 #include <sys/stat.h>
 
-#include "safetensors.h"
+#include "formats/safetensors.h"
 #include "test_util.h"
 
 /* ---- helpers ---- */

@@ -1,5 +1,5 @@
 /* test_sample.c — klvae_sample and the Philox generator behind it. */
-#include "philox.h"
+#include "base/philox.h"
 #include "test_util.h"
 
 /* Random123's known-answer vectors for Philox-4x32-10 (kat_vectors). */

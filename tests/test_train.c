@@ -9,11 +9,12 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "discriminator.h"
-#include "lpips.h"
-#include "safetensors.h"
-#include "train.h"
+#include "formats/safetensors.h"
+#include "model/vae.h"
 #include "test_util.h"
+#include "train/discriminator.h"
+#include "train/lpips.h"
+#include "train/trainer.h"
 
 #define REL 1e-4
 #define TRAIN "fixtures/train/"

@@ -9,6 +9,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "base/common.h"
 #include "klvae.h"
 
 #define EXIT_USAGE 2
@@ -36,7 +37,6 @@ void die_status(klvae_status_t st, const char *what) __attribute__((noreturn));
 void die(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
 /* A progress or result line on stderr, unless -q. */
 void note(const cli *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-double now_seconds(void);
 void *xmalloc(size_t n);
 void need_args(const cli *c, int n);
 klvae_model_t *load_model(const cli *c, const char *path);

@@ -7,7 +7,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "cli.h"
+#include "cli/cli.h"
 
 const char *const program = "klvae";
 
@@ -50,13 +50,6 @@ void note(const cli *c, const char *fmt, ...)
     va_end(ap);
 }
 
-double now_seconds(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 void *xmalloc(size_t n)
 {
     void *p = malloc(n ? n : 1);
@@ -77,12 +70,12 @@ void need_args(const cli *c, int n)
 klvae_model_t *load_model(const cli *c, const char *path)
 {
     klvae_model_t *m = NULL;
-    double t0 = now_seconds();
+    double t0 = kv_now_seconds();
     klvae_status_t st = klvae_model_load(path, c->opts, &m);
     if (st != KLVAE_OK)
         die_status(st, "cannot load the model");
     note(c, "loaded %s (%.1f M parameters, %s backend) in %.2f s\n", path,
-         (double)klvae_model_parameter_count(m) / 1e6, klvae_model_backend(m), now_seconds() - t0);
+         (double)klvae_model_parameter_count(m) / 1e6, klvae_model_backend(m), kv_now_seconds() - t0);
     return m;
 }
 

@@ -4,11 +4,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cli.h"
-#include "data.h"
-#include "lpips.h"
-#include "model.h"
-#include "options.h"
+#include "base/options.h"
+#include "cli/cli.h"
+#include "model/model.h"
+#include "train/data.h"
+#include "train/lpips.h"
 
 const char *const eval_help =
     "usage: klvae eval MODEL [--data DIR] [--size N] [--images N] [--lpips FILE]\n"

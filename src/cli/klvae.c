@@ -12,9 +12,9 @@
 
 #include <math.h>
 
-#include "cli.h"
+#include "cli/cli.h"
+#include "formats/safetensors.h"
 #include "klvae.h"
-#include "safetensors.h"
 
 /* The flags of train and eval that are not library options. */
 static const char *const train_flags[] = {"data", "out", "size", "batch", "steps", "minutes",
@@ -234,12 +234,12 @@ static encoded encode_image(const cli *c, klvae_model_t *m, const char *path)
     e.mean = xmalloc(nz * sizeof(float));
     e.logvar = xmalloc(nz * sizeof(float));
     e.latent = xmalloc(nz * sizeof(float));
-    double t0 = now_seconds();
+    double t0 = kv_now_seconds();
     st = klvae_encode(m, padded, 1, e.ph, e.pw, e.mean, e.logvar);
     if (st != KLVAE_OK)
         die_status(st, "encode failed");
     note(c, "encoded %d x %d%s in %.2f s\n", e.h, e.w, e.ph != e.h || e.pw != e.w ? " (padded)" : "",
-         now_seconds() - t0);
+         kv_now_seconds() - t0);
     free(padded);
     if (c->sample) {
         st = klvae_sample(m, e.mean, e.logvar, 1, e.lh, e.lw, c->seed, e.latent);
@@ -268,11 +268,11 @@ static float *decode_latent(const cli *c, klvae_model_t *m, const float *z, int 
         exit(1);
     }
     float *full = xmalloc((size_t)3 * lh * f * lw * f * sizeof(float));
-    double t0 = now_seconds();
+    double t0 = kv_now_seconds();
     klvae_status_t st = klvae_decode(m, z, 1, lh, lw, full);
     if (st != KLVAE_OK)
         die_status(st, "decode failed");
-    note(c, "decoded %d x %d latent in %.2f s\n", lh, lw, now_seconds() - t0);
+    note(c, "decoded %d x %d latent in %.2f s\n", lh, lw, kv_now_seconds() - t0);
     if (h == lh * f && w == lw * f)
         return full;
     float *out = xmalloc((size_t)3 * h * w * sizeof(float));

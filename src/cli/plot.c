@@ -1,7 +1,7 @@
 /* plot — the line-plot rasterizer behind `klvae train`'s loss-curve picture.
  * See plot.h for the contract. Drawing happens on a planar RGB canvas with
  * values in [0, 1] (1 = white); the last step maps it to [-1, 1]. */
-#include "plot.h"
+#include "cli/plot.h"
 
 #include <ctype.h>
 #include <math.h>

@@ -4,10 +4,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cli.h"
-#include "io.h"
-#include "plot.h"
-#include "plot_run.h"
+#include "base/io.h"
+#include "cli/cli.h"
+#include "cli/plot.h"
+#include "cli/plot_run.h"
 
 #define MAX_COLUMNS 32
 

@@ -18,13 +18,13 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "cli.h"
-#include "data.h"
-#include "io.h"
-#include "plot_run.h"
-#include "options.h"
-#include "plot.h"
-#include "safetensors.h"
+#include "base/io.h"
+#include "base/options.h"
+#include "cli/cli.h"
+#include "cli/plot.h"
+#include "cli/plot_run.h"
+#include "formats/safetensors.h"
+#include "train/data.h"
 
 const char *const train_help =
     "usage: klvae train [--data DIR] [--out RUN_DIR] [--size N] [--batch N]\n"
@@ -481,24 +481,24 @@ static void end_line(run *r)
 /* Trains until --steps, --minutes or Ctrl-C. */
 static void train_loop(run *r)
 {
-    const double start = now_seconds(), budget = r->minutes * 60.0;
+    const double start = kv_now_seconds(), budget = r->minutes * 60.0;
     double step_time = 0; /* a running mean for the ETA */
     int64_t step = klvae_trainer_step_count(r->trainer);
     const int64_t first = step;
     while (step < r->steps && !stop_requested) {
-        if (budget > 0 && now_seconds() - start >= budget)
+        if (budget > 0 && kv_now_seconds() - start >= budget)
             break;
         uint64_t next = 0;
         check(kv_loader_next(r->loader, r->images, &next), "cannot load training data");
         klvae_step_stats_t stats = KLVAE_STEP_STATS_INIT;
-        double t0 = now_seconds();
+        double t0 = kv_now_seconds();
         klvae_status_t st =
             klvae_trainer_step(r->trainer, r->images, r->batch, r->size, r->size, &stats);
         if (st != KLVAE_OK) {
             end_line(r);
             die_status(st, "training step failed (resume from the last checkpoint)");
         }
-        double dt = now_seconds() - t0;
+        double dt = kv_now_seconds() - t0;
         if (!isfinite(stats.total_loss)) {
             end_line(r);
             die("step %lld: the loss is %g; stopping (lower --learning-rate, resume from the "
@@ -508,10 +508,10 @@ static void train_loop(run *r)
         r->position = next;
         step = stats.step + 1;
         step_time = step - first == 1 ? dt : 0.9 * step_time + 0.1 * dt;
-        log_step(r, &stats, now_seconds() - start);
+        log_step(r, &stats, kv_now_seconds() - start);
         double eta = (double)(r->steps - step) * step_time;
-        if (budget > 0 && budget - (now_seconds() - start) < eta)
-            eta = budget - (now_seconds() - start);
+        if (budget > 0 && budget - (kv_now_seconds() - start) < eta)
+            eta = budget - (kv_now_seconds() - start);
         if (r->tty || step % r->log_every == 0 || step == r->steps)
             show_progress(r, &stats, r->batch / step_time, eta > 0 ? eta : 0);
         if (step % r->grid_every == 0) {

@@ -1,12 +1,12 @@
 /* cuda_harness.h — what tests/gpu/test_cuda.c and tools/bench_cuda.c share:
- * loading the CUDA plugin directly (dlopen, src/plugin.h), creating its
+ * loading the CUDA plugin directly (dlopen, src/backend/plugin.h), creating its
  * backends, and building a model on a given backend with the library's
  * internal functions (both programs link lib/libklvae.a). */
 #ifndef KV_CUDA_HARNESS_H
 #define KV_CUDA_HARNESS_H
 
-#include "model.h"
-#include "plugin.h"
+#include "backend/plugin.h"
+#include "model/model.h"
 
 /* Opens the plugin at path (NULL: $KLVAE_CUDA_PLUGIN, else
  * lib/libklvae_cuda.so). On failure returns NULL and writes why. */

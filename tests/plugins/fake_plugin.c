@@ -21,8 +21,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend/plugin.h"
 #include "fake_plugin.h"
-#include "plugin.h"
 
 #pragma GCC diagnostic ignored "-Wunused-parameter"
 #pragma GCC diagnostic ignored "-Wunused-function" /* fake_adam in mode incomplete */

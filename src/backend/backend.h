@@ -1,0 +1,332 @@
+/* backend.h — the interface between the network and the hardware.
+ *
+ * The network (src/model/vae.c) is written once against this table of function
+ * pointers. A backend owns its memory and implements every op; the CPU
+ * backend lives in src/backend/cpu/ and the CUDA backend in cuda/, one file per op
+ * family with the same names on both sides.
+ *
+ * Every op is specified here, once:
+ *
+ *   conv2d          y[n,co,oy,ox] = b[co] + sum_{ci,ky,kx} w[co,ci,ky,kx] *
+ *                                   xpad[n,ci,oy*s+ky,ox*s+kx]
+ *                   where xpad is x' with pad_top/left/bottom/right zero rows
+ *                   and columns; w is (co, ci, kh, kw), b is (co) or absent
+ *                   (NULL). Output size: (H + top + bottom - kh) / s + 1.
+ *                   A 1x1 conv with no padding is a per-pixel linear layer.
+ *                   x' = x, or with a prologue p:
+ *                   x'[n,c,y,x] = p.act(x[n,c,y,x] * p.scale[n,c] + p.shift[n,c])
+ *                   (padding stays zero): a group norm fused into the conv
+ *                   that consumes it, so the normalised tensor is never
+ *                   stored.
+ *   group_norm_stats
+ *                   per (n, group of C/G contiguous channels): mean and biased
+ *                   variance over (C/G)*H*W values, accumulated in double;
+ *                   scale[n,c] = gamma[c] / sqrt(var + eps) and
+ *                   shift[n,c] = beta[c] - scale[n,c] * mean, (N, C) tensors.
+ *   group_norm      y = act(x * scale[n,c] + shift[n,c]) with the statistics
+ *                   above. y may be x (in place).
+ *   add             y = a + b, elementwise. y may be a or b.
+ *   upsample_nearest2x
+ *                   y[n,c,y,x] = x[n,c,y/2,x/2] (integer division), y is
+ *                   (N, C, 2H, 2W).
+ *   attention       single-head self-attention over the N = H*W positions of
+ *                   (B, C, H, W) tensors q, k, v (channel-major, so position
+ *                   m of channel c is q[b, c, m]):
+ *                   out[b,c,n] = sum_m softmax_m(scale * sum_c' q[b,c',n]
+ *                   k[b,c',m]) v[b,c,m]; softmax subtracts the row maximum
+ *                   and sums in double. out must not alias q, k or v.
+ *   posterior_split moments (N, 2Z, H, W) -> mean = channels [0, Z),
+ *                   logvar = clamp(channels [Z, 2Z), -30, 20).
+ *   gaussian_sample z = mean + (float)exp(0.5 * (double)clamp(logvar)) * eps,
+ *                   with eps from kv_philox_normal(seed, i) for element i of
+ *                   the whole tensor (src/base/philox.h), so every backend gives
+ *                   the same bits.
+ *
+ * Training ops (gradients; "+=" accumulates into the output, "=" overwrites):
+ *
+ *   conv2d_backward_data
+ *                   dx = d/dx' of sum(dy * conv2d(x')): the transposed
+ *                   convolution of dy with w for the forward geometry; dx has
+ *                   the forward input's shape (rows and columns the forward
+ *                   never read get 0).
+ *   conv2d_backward_weight
+ *                   dw += sum_{n,oy,ox} dy[n,co,oy,ox] * xpad[n,ci,oy*s+ky,ox*s+kx]
+ *                   and db[co] += sum dy[n,co,:,:] (db may be absent), with
+ *                   xpad from x' = prologue(x) as in the forward.
+ *   group_norm_stats also gives mean[n,g] and rstd[n,g] = 1/sqrt(var + eps)
+ *                   when those outputs are present, for the backward.
+ *   group_norm_backward
+ *                   for u = x*scale + shift (the norm's output) and da the
+ *                   gradient of act(u): du = da * act'(u),
+ *                   dgamma[c] += sum du * xhat, dbeta[c] += sum du, and
+ *                   dx = rstd * (dxh - mean_g(dxh) - xhat * mean_g(dxh * xhat))
+ *                   with xhat = (x - mean) * rstd and dxh = du * gamma[c]; dx =.
+ *   attention_backward
+ *                   dq, dk, dv = of sum(dout * attention(q, k, v)); all =.
+ *   upsample_nearest2x_backward
+ *                   dx[n,c,y,x] = sum of the four dy values it was copied to.
+ *   activation      y = act(x) elementwise (y may be x);
+ *   activation_backward
+ *                   dx = dy * act'(x) for act in {relu, leaky_relu(0.2)}
+ *                   computed from the output y (y > 0 exactly where x > 0);
+ *                   dx may be dy.
+ *   channel_affine  y[n,c] = x[n,c] * a[c] + b[c] with host arrays a, b.
+ *   max_pool2x2     y = max over each 2x2 window, stride 2 (floor sizes);
+ *   max_pool2x2_backward
+ *                   dx = dy routed to the first maximum of each window in
+ *                   row-major order (as PyTorch), 0 elsewhere; dx =.
+ *   unit_normalize  y[n,c,p] = x[n,c,p] / (r[n,p] + 1e-10),
+ *                   r = sqrt(sum_c x[n,c,p]^2) (LPIPS);
+ *   unit_normalize_backward
+ *                   dx = dy/(r+e) - x * sum_c(dy*x) / ((r+e)^2 r), and 0 where
+ *                   r = 0 (PyTorch gives NaN there).
+ *   lpips_distance  value[n] = mean_p sum_c w[c] m[n,c,p] (a - b)^2 for unit
+ *                   normalised a, b and a dropout mask m (1, or 0 / 1/(1-p)
+ *                   drawn from Philox(seed)); with grad_scale[n] != 0 also
+ *                   db = grad_scale[n] * 2/P * w[c] m (b - a) (=).
+ *   batch_norm      training mode: per channel, mean and biased variance over
+ *                   (N, H, W); y = (x - mean) * invstd * gamma + beta; saves
+ *                   mean and invstd; running_mean/var (host arrays) move by
+ *                   momentum towards the batch mean and the unbiased variance.
+ *   batch_norm_backward
+ *                   dx (=), dgamma and dbeta (+=), the full training-mode
+ *                   gradient (through the batch statistics).
+ *   pixel_loss      sum over all elements of |xhat - x| (l1) or (xhat - x)^2
+ *                   (l2), returned in double; with grad present,
+ *                   grad = scale * sign(xhat - x) (sign(0) = 0) or
+ *                   scale * 2 (xhat - x) (=).
+ *   logit_loss      the PatchGAN losses over a logits tensor, mean over its
+ *                   elements, returned in double: hinge_real mean relu(1 - l),
+ *                   hinge_fake mean relu(1 + l), vanilla_real mean softplus(-l),
+ *                   vanilla_fake mean softplus(l), generator -mean(l); with
+ *                   grad present, grad = scale * d(mean)/dl (=).
+ *   posterior_backward
+ *                   from moments (N, 2Z, H, W) (mean mu, raw logvar l), the
+ *                   gradient dz of z and the KL weight k:
+ *                   s = clamp(l), ds = k * 0.5 * (exp(s) - 1) + (sampled ?
+ *                   dz * 0.5 * exp(0.5 s) * eps : 0), dmu = dz + k * mu,
+ *                   dl = ds where -30 <= l <= 20, else 0; eps regenerated
+ *                   from the sampling seed; dmoments =.
+ *   kl_sum          sum over the batch of 0.5 * (mu^2 + exp(s) - 1 - s), in
+ *                   double.
+ *   adam            m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+ *                   p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)
+ *                   (PyTorch's Adam) for one tensor.
+ *   sum_squares     sum of x^2 in double; scale: x *= a; lerp: x += t (y - x);
+ *                   axpy: y += a x; fill: x = v.
+ *
+ * Ops return KLVAE_OK or a status with kv_error set. Shapes are checked by
+ * the caller (src/model/vae.c builds them); backends may assume they agree.
+ */
+#ifndef KV_BACKEND_H
+#define KV_BACKEND_H
+
+#include "base/common.h"
+
+typedef enum kv_dtype {
+    KV_F32 = 0
+} kv_dtype;
+
+/* A dense row-major tensor of up to 4 dimensions whose data lives in a
+ * backend's memory. Activations are (N, C, H, W). */
+typedef struct kv_tensor {
+    void *data;
+    int ndim;
+    int shape[4];
+    kv_dtype dtype;
+    bool owned; /* allocated by the backend (released by kv_tensor_release) */
+} kv_tensor;
+
+typedef enum kv_activation {
+    KV_ACT_NONE = 0,
+    KV_ACT_SILU,
+    KV_ACT_GELU, /* exact, with erf */
+    KV_ACT_RELU,
+    KV_ACT_MISH,
+    KV_ACT_LEAKY_RELU /* slope 0.2, the PatchGAN's */
+} kv_activation;
+
+typedef enum kv_pixel_loss {
+    KV_LOSS_L1 = 0,
+    KV_LOSS_L2
+} kv_pixel_loss;
+
+typedef enum kv_logit_loss {
+    KV_LOGITS_HINGE_REAL = 0,
+    KV_LOGITS_HINGE_FAKE,
+    KV_LOGITS_VANILLA_REAL,
+    KV_LOGITS_VANILLA_FAKE,
+    KV_LOGITS_GENERATOR
+} kv_logit_loss;
+
+typedef struct kv_conv_geometry {
+    int stride;
+    int pad_top, pad_left, pad_bottom, pad_right;
+} kv_conv_geometry;
+
+/* What conv2d applies to each input value before convolving (see above). */
+typedef struct kv_conv_prologue {
+    const struct kv_tensor *scale, *shift; /* (N, C) */
+    kv_activation act;
+} kv_conv_prologue;
+
+typedef struct kv_backend kv_backend;
+
+typedef struct kv_backend_ops {
+    const char *name;
+    void (*destroy)(kv_backend *be);
+
+    /* memory */
+    klvae_status_t (*alloc)(kv_backend *be, size_t bytes, void **out);
+    void (*release)(kv_backend *be, void *ptr);
+    /* Gives memory the backend keeps for reuse back to the system; called at
+     * the end of every API call. */
+    void (*trim)(kv_backend *be);
+    klvae_status_t (*upload)(kv_backend *be, void *dst, const float *src, size_t count);
+    klvae_status_t (*download)(kv_backend *be, float *dst, const void *src, size_t count);
+
+    /* ops, specified above */
+    klvae_status_t (*conv2d)(kv_backend *be, const kv_tensor *x, const kv_conv_prologue *prologue,
+                             const kv_tensor *w, const kv_tensor *b, kv_conv_geometry geometry,
+                             kv_tensor *y);
+    klvae_status_t (*group_norm_stats)(kv_backend *be, const kv_tensor *x,
+                                       const kv_tensor *gamma, const kv_tensor *beta, int groups,
+                                       float eps, kv_tensor *scale, kv_tensor *shift,
+                                       kv_tensor *mean, kv_tensor *rstd);
+    klvae_status_t (*group_norm)(kv_backend *be, const kv_tensor *x, const kv_tensor *gamma,
+                                 const kv_tensor *beta, int groups, float eps,
+                                 kv_activation act, kv_tensor *y);
+    klvae_status_t (*add)(kv_backend *be, const kv_tensor *a, const kv_tensor *b, kv_tensor *y);
+    klvae_status_t (*upsample_nearest2x)(kv_backend *be, const kv_tensor *x, kv_tensor *y);
+    klvae_status_t (*attention)(kv_backend *be, const kv_tensor *q, const kv_tensor *k,
+                                const kv_tensor *v, float scale, kv_tensor *out);
+    klvae_status_t (*posterior_split)(kv_backend *be, const kv_tensor *moments, kv_tensor *mean,
+                                      kv_tensor *logvar);
+    klvae_status_t (*gaussian_sample)(kv_backend *be, const kv_tensor *mean,
+                                      const kv_tensor *logvar, uint64_t seed, kv_tensor *z);
+
+    /* training ops, specified above */
+    klvae_status_t (*conv2d_backward_data)(kv_backend *be, const kv_tensor *dy, const kv_tensor *w,
+                                           kv_conv_geometry geometry, kv_tensor *dx);
+    klvae_status_t (*conv2d_backward_weight)(kv_backend *be, const kv_tensor *x,
+                                             const kv_conv_prologue *prologue,
+                                             const kv_tensor *dy, kv_conv_geometry geometry,
+                                             kv_tensor *dw, kv_tensor *db);
+    klvae_status_t (*group_norm_backward)(kv_backend *be, const kv_tensor *x,
+                                          const kv_tensor *gamma, const kv_tensor *scale,
+                                          const kv_tensor *shift, const kv_tensor *mean,
+                                          const kv_tensor *rstd, int groups, kv_activation act,
+                                          const kv_tensor *da, kv_tensor *dx, kv_tensor *dgamma,
+                                          kv_tensor *dbeta);
+    klvae_status_t (*attention_backward)(kv_backend *be, const kv_tensor *q, const kv_tensor *k,
+                                         const kv_tensor *v, float scale, const kv_tensor *dout,
+                                         kv_tensor *dq, kv_tensor *dk, kv_tensor *dv);
+    klvae_status_t (*upsample_nearest2x_backward)(kv_backend *be, const kv_tensor *dy,
+                                                  kv_tensor *dx);
+    klvae_status_t (*activation)(kv_backend *be, const kv_tensor *x, kv_activation act,
+                                 kv_tensor *y);
+    klvae_status_t (*activation_backward)(kv_backend *be, const kv_tensor *y, const kv_tensor *dy,
+                                          kv_activation act, kv_tensor *dx);
+    klvae_status_t (*channel_affine)(kv_backend *be, const kv_tensor *x, const float *a,
+                                     const float *b, kv_tensor *y);
+    klvae_status_t (*max_pool2x2)(kv_backend *be, const kv_tensor *x, kv_tensor *y);
+    klvae_status_t (*max_pool2x2_backward)(kv_backend *be, const kv_tensor *x,
+                                           const kv_tensor *dy, kv_tensor *dx);
+    klvae_status_t (*unit_normalize)(kv_backend *be, const kv_tensor *x, kv_tensor *y,
+                                     kv_tensor *norms);
+    klvae_status_t (*unit_normalize_backward)(kv_backend *be, const kv_tensor *x,
+                                              const kv_tensor *norms, const kv_tensor *dy,
+                                              kv_tensor *dx);
+    klvae_status_t (*lpips_distance)(kv_backend *be, const kv_tensor *a, const kv_tensor *b,
+                                     const kv_tensor *w, float dropout, uint64_t dropout_seed,
+                                     double *values, const float *grad_scale, kv_tensor *db);
+    klvae_status_t (*batch_norm)(kv_backend *be, const kv_tensor *x, const kv_tensor *gamma,
+                                 const kv_tensor *beta, float eps, float momentum,
+                                 float *running_mean, float *running_var, kv_tensor *y,
+                                 kv_tensor *mean, kv_tensor *invstd);
+    klvae_status_t (*batch_norm_backward)(kv_backend *be, const kv_tensor *x,
+                                          const kv_tensor *gamma, const kv_tensor *mean,
+                                          const kv_tensor *invstd, const kv_tensor *dy,
+                                          kv_tensor *dx, kv_tensor *dgamma, kv_tensor *dbeta);
+    klvae_status_t (*pixel_loss)(kv_backend *be, const kv_tensor *x, const kv_tensor *xhat,
+                                 kv_pixel_loss kind, float scale, double *sum, kv_tensor *grad);
+    klvae_status_t (*logit_loss)(kv_backend *be, const kv_tensor *logits, kv_logit_loss kind,
+                                 float scale, double *mean, kv_tensor *grad);
+    klvae_status_t (*posterior_backward)(kv_backend *be, const kv_tensor *moments,
+                                         const kv_tensor *dz, float kl_weight, bool sampled,
+                                         uint64_t seed, kv_tensor *dmoments);
+    klvae_status_t (*kl_sum)(kv_backend *be, const kv_tensor *moments, double *sum);
+    klvae_status_t (*adam)(kv_backend *be, kv_tensor *param, const kv_tensor *grad, kv_tensor *m,
+                           kv_tensor *v, float lr, float beta1, float beta2, float eps,
+                           int64_t step);
+    klvae_status_t (*sum_squares)(kv_backend *be, const kv_tensor *x, double *sum);
+    klvae_status_t (*scale)(kv_backend *be, kv_tensor *x, float a);
+    klvae_status_t (*lerp)(kv_backend *be, kv_tensor *x, const kv_tensor *y, float t);
+    klvae_status_t (*axpy)(kv_backend *be, float a, const kv_tensor *x, kv_tensor *y);
+    klvae_status_t (*fill)(kv_backend *be, kv_tensor *x, float value);
+} kv_backend_ops;
+
+struct kv_backend {
+    const kv_backend_ops *ops;
+    void *ctx;
+    /* True when backend memory is ordinary host memory, so caller arrays can
+     * be used as tensors without a copy. */
+    bool host_memory;
+};
+
+/* Numerical mode of the backend (option precision). */
+typedef enum kv_precision {
+    KV_PRECISION_FP32 = 0, /* strict float32 */
+    KV_PRECISION_TF32,     /* float32 storage, TF32 tensor-core products */
+    KV_PRECISION_BF16      /* bf16 activations, fp32 accumulation and statistics */
+} kv_precision;
+
+/* Settings a backend is created with (the core's own struct: a plugin gets
+ * kv_plugin_settings, src/backend/plugin.h). */
+typedef struct kv_backend_settings {
+    int threads;            /* CPU worker threads, >= 1 */
+    int device;             /* GPU index */
+    kv_precision precision; /* the CPU backend computes in fp32 whatever this says */
+} kv_backend_settings;
+
+/* Creates the CPU backend (src/backend/cpu/cpu_backend.c). */
+klvae_status_t kv_cpu_backend_create(const kv_backend_settings *settings, kv_backend **out);
+
+struct kv_plugin;
+
+/* What kv_backend_create chose, besides the backend (core only). */
+typedef struct kv_backend_info {
+    /* The plugin whose backend it is (it stays loaded for the life of the
+     * process), or NULL for the CPU backend. */
+    const struct kv_plugin *plugin;
+    /* Why "auto" did not use CUDA ("" when it did, or for "cpu"). */
+    char reason[1024];
+} kv_backend_info;
+
+/* Picks and creates a backend by name (src/backend/backend.c):
+ *   "cpu"   the CPU backend;
+ *   "cuda"  the CUDA plugin's backend on settings->device: the plugin is
+ *           loaded (once per process, src/backend/plugin_loader.c), probed and asked
+ *           to create it; every reason it cannot be used is an error
+ *           (KLVAE_ERR_BACKEND_UNAVAILABLE, or the plugin's
+ *           KLVAE_ERR_OUT_OF_MEMORY / KLVAE_ERR_BACKEND from create), never a
+ *           switch to the CPU;
+ *   "auto"  "cuda" when that succeeds, else the CPU backend with the reason
+ *           in info->reason.
+ * info may be NULL. */
+klvae_status_t kv_backend_create(const char *name, const kv_backend_settings *settings,
+                                 kv_backend **out, kv_backend_info *info);
+
+void kv_backend_destroy(kv_backend *be);
+
+/* Tensor helpers (src/backend/backend.c). */
+size_t kv_tensor_numel(const kv_tensor *t);
+kv_tensor kv_tensor_view4(const kv_tensor *t, int n, int c, int h, int w);
+/* A non-owning tensor over memory the caller manages. */
+kv_tensor kv_tensor_wrap(void *data, int n, int c, int h, int w);
+/* Allocates an (n, c, h, w) float32 tensor in backend memory. */
+klvae_status_t kv_tensor_alloc(kv_backend *be, int n, int c, int h, int w, kv_tensor *out);
+/* Releases owned memory and clears the tensor; safe to call twice. */
+void kv_tensor_release(kv_backend *be, kv_tensor *t);
+
+#endif /* KV_BACKEND_H */

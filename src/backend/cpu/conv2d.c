@@ -1,0 +1,197 @@
+/* conv2d.c — convolution as a matrix product: for each image and each band
+ * of output rows, the input patches of the band are laid out as columns
+ * (im2col, K = Cin*kh*kw rows) and multiplied by the weight matrix
+ * (Cout x K) with sgemm. Working band by band keeps the column buffer small
+ * (a few MB) however large the image is. A 1x1 convolution without stride or
+ * padding needs no columns: the input already is the matrix. */
+#include <cblas.h>
+#include <string.h>
+
+#include "backend/cpu/conv2d_internal.h"
+
+/* Target size of one band's column buffer, in floats. Bands are sized from
+ * the shapes only, never from the thread count, so the result is the same
+ * for any number of threads. */
+#define KV_CONV_BAND_FLOATS ((size_t)1 << 21)
+/* Split the output channels when a layer has too few bands to keep every
+ * thread busy (small late-stage layers). */
+#define KV_CONV_MIN_TASKS 8
+
+typedef struct conv_job {
+    const float *x, *w, *b;
+    float *y;
+    int ci, h, w_in, co, kh, kw, ho, wo;
+    kv_conv_geometry g;
+    bool direct;
+    int rows_per_band, bands, co_splits;
+    kv_cpu *cpu;
+} conv_job;
+
+/* Writes the (K x band_rows*wo) column matrix of output rows [oy0, oy1). */
+static void im2col_band(const conv_job *j, const float *x, int oy0, int oy1, float *col)
+{
+    const int s = j->g.stride, wo = j->wo, cols = (oy1 - oy0) * wo;
+    for (int c = 0; c < j->ci; c++) {
+        const float *plane = x + (size_t)c * j->h * j->w_in;
+        for (int ky = 0; ky < j->kh; ky++) {
+            for (int kx = 0; kx < j->kw; kx++) {
+                float *dst = col + ((size_t)(c * j->kh + ky) * j->kw + kx) * cols;
+                /* Output columns whose input column ix = ox*s - pad_left + kx
+                 * lies inside the image: [ox_lo, ox_hi). */
+                int shift = j->g.pad_left - kx;
+                int ox_lo = shift > 0 ? (shift + s - 1) / s : 0;
+                int ox_hi = (j->w_in - 1 + shift) >= 0 ? (j->w_in - 1 + shift) / s + 1 : 0;
+                if (ox_hi > wo)
+                    ox_hi = wo;
+                if (ox_lo > ox_hi)
+                    ox_lo = ox_hi;
+                for (int oy = oy0; oy < oy1; oy++, dst += wo) {
+                    int iy = oy * s - j->g.pad_top + ky;
+                    if (iy < 0 || iy >= j->h) {
+                        memset(dst, 0, (size_t)wo * sizeof(float));
+                        continue;
+                    }
+                    const float *src = plane + (size_t)iy * j->w_in;
+                    for (int ox = 0; ox < ox_lo; ox++)
+                        dst[ox] = 0.0f;
+                    if (s == 1) {
+                        memcpy(dst + ox_lo, src + ox_lo - shift,
+                               (size_t)(ox_hi - ox_lo) * sizeof(float));
+                    } else {
+                        for (int ox = ox_lo; ox < ox_hi; ox++)
+                            dst[ox] = src[ox * s - shift];
+                    }
+                    for (int ox = ox_hi; ox < wo; ox++)
+                        dst[ox] = 0.0f;
+                }
+            }
+        }
+    }
+}
+
+static void conv_task(void *arg, int task, int thread)
+{
+    const conv_job *j = arg;
+    int split = task % j->co_splits;
+    int band = (task / j->co_splits) % j->bands;
+    int n = task / (j->co_splits * j->bands);
+    int oy0 = band * j->rows_per_band;
+    int oy1 = KV_MIN(j->ho, oy0 + j->rows_per_band);
+    int co_per = (j->co + j->co_splits - 1) / j->co_splits;
+    int co0 = split * co_per, co1 = KV_MIN(j->co, co0 + co_per);
+    if (co0 >= co1)
+        return;
+    const int K = j->ci * j->kh * j->kw;
+    const size_t P = (size_t)j->ho * j->wo;
+    const size_t p0 = (size_t)oy0 * j->wo;
+    const int cols = (oy1 - oy0) * j->wo;
+    const float *x = j->x + (size_t)n * j->ci * j->h * j->w_in;
+    float *y = j->y + (size_t)n * j->co * P + p0;
+
+    for (int c = co0; c < co1; c++) {
+        float bias = j->b ? j->b[c] : 0.0f;
+        float *row = y + (size_t)c * P;
+        for (int p = 0; p < cols; p++)
+            row[p] = bias;
+    }
+    const float *B;
+    int ldb;
+    if (j->direct) {
+        B = x + p0;
+        ldb = (int)P;
+    } else {
+        float *col = j->cpu->scratch[thread];
+        /* Several channel splits of one band each build the same columns;
+         * that only happens for small layers, where it is cheap. */
+        im2col_band(j, x, oy0, oy1, col);
+        B = col;
+        ldb = cols;
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, co1 - co0, cols, K, 1.0f,
+                j->w + (size_t)co0 * K, K, B, ldb, 1.0f, y + (size_t)co0 * P, (int)P);
+}
+
+typedef struct prologue_job {
+    const float *x, *scale, *shift;
+    float *y;
+    size_t plane;
+    kv_activation act;
+} prologue_job;
+
+static void prologue_task(void *arg, int task, int thread)
+{
+    (void)thread;
+    const prologue_job *j = arg;
+    kv_cpu_scale_shift_act(j->x + (size_t)task * j->plane, j->y + (size_t)task * j->plane,
+                           j->plane, j->scale[task], j->shift[task], j->act);
+}
+
+static klvae_status_t conv2d_im2col(kv_cpu *cpu, const kv_tensor *x, const kv_tensor *w,
+                                    const kv_tensor *b, kv_conv_geometry g, kv_tensor *y);
+
+klvae_status_t kv_cpu_conv2d(kv_backend *be, const kv_tensor *x, const kv_conv_prologue *prologue,
+                             const kv_tensor *w, const kv_tensor *b, kv_conv_geometry g,
+                             kv_tensor *y)
+{
+    kv_cpu *cpu = kv_cpu_of(be);
+    if (w->ndim == 4 && kv_winograd_applies(x->shape[1], w->shape[0], w->shape[2], w->shape[3], g))
+        return kv_conv2d_winograd(cpu, x, prologue, w, b, y);
+    if (!prologue)
+        return conv2d_im2col(cpu, x, w, b, g, y);
+    /* The im2col path reads every input value kh * kw times, so it applies
+     * the prologue once into a temporary copy instead. It serves only the
+     * layers with few channels (conv_out), where the copy is small. */
+    kv_tensor normed;
+    klvae_status_t st =
+        kv_tensor_alloc(be, x->shape[0], x->shape[1], x->shape[2], x->shape[3], &normed);
+    if (st != KLVAE_OK)
+        return st;
+    prologue_job pj = {x->data, prologue->scale->data, prologue->shift->data, normed.data,
+                       (size_t)x->shape[2] * x->shape[3], prologue->act};
+    kv_pool_run(cpu->pool, x->shape[0] * x->shape[1], prologue_task, &pj);
+    st = conv2d_im2col(cpu, &normed, w, b, g, y);
+    kv_tensor_release(be, &normed);
+    return st;
+}
+
+static klvae_status_t conv2d_im2col(kv_cpu *cpu, const kv_tensor *x, const kv_tensor *w,
+                                    const kv_tensor *b, kv_conv_geometry g, kv_tensor *y)
+{
+    conv_job j;
+    memset(&j, 0, sizeof j);
+    j.x = x->data;
+    j.w = w->data;
+    j.b = b ? b->data : NULL;
+    j.y = y->data;
+    j.ci = x->shape[1];
+    j.h = x->shape[2];
+    j.w_in = x->shape[3];
+    j.co = w->shape[0];
+    j.kh = w->ndim == 4 ? w->shape[2] : 1;
+    j.kw = w->ndim == 4 ? w->shape[3] : 1;
+    j.ho = y->shape[2];
+    j.wo = y->shape[3];
+    j.g = g;
+    j.cpu = cpu;
+    j.direct = j.kh == 1 && j.kw == 1 && g.stride == 1 && g.pad_top == 0 && g.pad_left == 0 &&
+               g.pad_bottom == 0 && g.pad_right == 0;
+    const size_t K = (size_t)j.ci * j.kh * j.kw;
+    size_t band_cols = KV_CONV_BAND_FLOATS / K;
+    if (band_cols < (size_t)j.wo)
+        band_cols = (size_t)j.wo;
+    j.rows_per_band = (int)KV_MIN((size_t)j.ho, band_cols / (size_t)j.wo);
+    j.bands = (j.ho + j.rows_per_band - 1) / j.rows_per_band;
+    int per_image = j.bands;
+    j.co_splits = 1;
+    while (per_image * j.co_splits < KV_CONV_MIN_TASKS && j.co / (j.co_splits * 2) >= 16)
+        j.co_splits *= 2;
+    if (!j.direct) {
+        klvae_status_t st =
+            kv_cpu_reserve_scratch(cpu, K * (size_t)j.rows_per_band * (size_t)j.wo);
+        if (st != KLVAE_OK)
+            return st;
+    }
+    int batch = x->shape[0];
+    kv_pool_run(cpu->pool, batch * j.bands * j.co_splits, conv_task, &j);
+    return KLVAE_OK;
+}

@@ -1,0 +1,290 @@
+/* cpu_backend.c — the CPU reference backend: memory, threads and the op
+ * table. Matrix products go to CBLAS; libklvae parallelises over its own
+ * pool of threads, so it asks OpenBLAS (when that is the CBLAS) to stay
+ * single-threaded instead of starting a second pool that would fight ours. */
+#include <cblas.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+
+#include "backend/cpu/cpu_ops.h"
+
+/* Present when the CBLAS is OpenBLAS; weak so that any other CBLAS links. */
+extern void openblas_set_num_threads(int threads) __attribute__((weak));
+
+/* Allocations at least this big are mapped directly, so that releasing them
+ * can return the memory to the system and the peak resident size of a
+ * forward pass is the peak of what is live, not of the heap's history. */
+#define KV_CPU_MMAP_THRESHOLD ((size_t)1 << 20)
+#define KV_CPU_HEADER 64 /* keeps data 64-byte aligned */
+/* A forward pass releases and allocates tensors of the same few sizes over
+ * and over; a fresh mapping costs a page fault and a zeroed page per 4 KB on
+ * first touch, which made the memory-bound passes (group norm) twice as
+ * slow. So released blocks wait in a small cache, up to this many bytes,
+ * and the cache is emptied at the end of every call (cpu_trim). */
+#define KV_CPU_CACHE_BYTES ((size_t)256 << 20)
+
+static void cache_evict_largest(kv_cpu *cpu)
+{
+    int largest = 0;
+    for (int i = 1; i < cpu->cached; i++)
+        if (cpu->cache[i].total > cpu->cache[largest].total)
+            largest = i;
+    munmap(cpu->cache[largest].base, cpu->cache[largest].total);
+    cpu->cached_bytes -= cpu->cache[largest].total;
+    cpu->cache[largest] = cpu->cache[--cpu->cached];
+}
+
+/* A cached block of total bytes or up to a quarter more, or NULL. */
+static unsigned char *cache_take(kv_cpu *cpu, size_t total)
+{
+    int best = -1;
+    for (int i = 0; i < cpu->cached; i++) {
+        size_t size = cpu->cache[i].total;
+        if (size >= total && size - total <= total / 4 &&
+            (best < 0 || size < cpu->cache[best].total))
+            best = i;
+    }
+    if (best < 0)
+        return NULL;
+    unsigned char *base = cpu->cache[best].base;
+    size_t size = cpu->cache[best].total;
+    cpu->cached_bytes -= size;
+    cpu->cache[best] = cpu->cache[--cpu->cached];
+    memcpy(base, &size, sizeof size); /* the block keeps its own size */
+    return base;
+}
+
+static klvae_status_t cpu_alloc(kv_backend *be, size_t bytes, void **out)
+{
+    kv_cpu *cpu = kv_cpu_of(be);
+    size_t total;
+    *out = NULL;
+    if (!kv_add_size(bytes, KV_CPU_HEADER, &total))
+        return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "allocation of %zu bytes is too large", bytes);
+    unsigned char *base = NULL;
+    if (total >= KV_CPU_MMAP_THRESHOLD) {
+        base = cache_take(cpu, total);
+        if (!base) {
+            base = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            if (base == MAP_FAILED)
+                base = NULL;
+            if (base)
+                memcpy(base, &total, sizeof total);
+        }
+    } else {
+        void *p = NULL;
+        base = posix_memalign(&p, KV_CPU_HEADER, total) == 0 ? p : NULL;
+        if (base)
+            memcpy(base, &total, sizeof total);
+    }
+    if (!base)
+        return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory allocating %zu bytes", bytes);
+    *out = base + KV_CPU_HEADER;
+    return KLVAE_OK;
+}
+
+static void cpu_release(kv_backend *be, void *ptr)
+{
+    kv_cpu *cpu = kv_cpu_of(be);
+    if (!ptr)
+        return;
+    unsigned char *base = (unsigned char *)ptr - KV_CPU_HEADER;
+    size_t total;
+    memcpy(&total, base, sizeof total);
+    if (total < KV_CPU_MMAP_THRESHOLD) {
+        free(base);
+        return;
+    }
+    if (total > KV_CPU_CACHE_BYTES) {
+        munmap(base, total);
+        return;
+    }
+    while (cpu->cached > 0 &&
+           (cpu->cached == KV_CPU_CACHE_SLOTS || cpu->cached_bytes + total > KV_CPU_CACHE_BYTES))
+        cache_evict_largest(cpu);
+    cpu->cache[cpu->cached].base = base;
+    cpu->cache[cpu->cached].total = total;
+    cpu->cached++;
+    cpu->cached_bytes += total;
+}
+
+/* Returns the cached blocks to the system. */
+static void cpu_trim(kv_backend *be)
+{
+    kv_cpu *cpu = kv_cpu_of(be);
+    while (cpu->cached > 0)
+        cache_evict_largest(cpu);
+}
+
+static klvae_status_t cpu_upload(kv_backend *be, void *dst, const float *src, size_t count)
+{
+    (void)be;
+    if (dst != src)
+        memmove(dst, src, count * sizeof(float));
+    return KLVAE_OK;
+}
+
+static klvae_status_t cpu_download(kv_backend *be, float *dst, const void *src, size_t count)
+{
+    (void)be;
+    if (dst != src)
+        memmove(dst, src, count * sizeof(float));
+    return KLVAE_OK;
+}
+
+klvae_status_t kv_cpu_reserve_scratch(kv_cpu *cpu, size_t floats)
+{
+    for (int t = 0; t < cpu->threads; t++) {
+        if (cpu->scratch_floats[t] >= floats)
+            continue;
+        size_t bytes;
+        if (!kv_mul_size(floats, sizeof(float), &bytes))
+            return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "scratch buffer of %zu floats is too large",
+                            floats);
+        void *p = NULL;
+        if (posix_memalign(&p, 64, bytes) != 0)
+            return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory allocating a %zu-byte scratch buffer",
+                            bytes);
+        free(cpu->scratch[t]);
+        cpu->scratch[t] = p;
+        cpu->scratch_floats[t] = floats;
+    }
+    return KLVAE_OK;
+}
+
+klvae_status_t kv_cpu_reserve_shared(kv_cpu *cpu, size_t floats)
+{
+    if (cpu->shared_floats >= floats)
+        return KLVAE_OK;
+    size_t bytes;
+    void *p = NULL;
+    if (!kv_mul_size(floats, sizeof(float), &bytes) || posix_memalign(&p, 64, bytes) != 0)
+        return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory allocating %zu floats of scratch",
+                        floats);
+    free(cpu->shared);
+    cpu->shared = p;
+    cpu->shared_floats = floats;
+    return KLVAE_OK;
+}
+
+typedef struct gemm_job {
+    CBLAS_TRANSPOSE ta, tb;
+    int m, n, k, chunk;
+    float alpha, beta;
+    const float *a, *b;
+    int lda, ldb, ldc;
+    float *c;
+} gemm_job;
+
+static void gemm_task(void *arg, int task, int thread)
+{
+    (void)thread;
+    const gemm_job *j = arg;
+    int n0 = task * j->chunk, n1 = KV_MIN(j->n, n0 + j->chunk);
+    const float *b = j->tb == CblasNoTrans ? j->b + n0 : j->b + (size_t)n0 * j->ldb;
+    cblas_sgemm(CblasRowMajor, j->ta, j->tb, j->m, n1 - n0, j->k, j->alpha, j->a, j->lda, b,
+                j->ldb, j->beta, j->c + n0, j->ldc);
+}
+
+void kv_cpu_gemm(kv_cpu *cpu, CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int m, int n, int k,
+                 float alpha, const float *a, int lda, const float *b, int ldb, float beta,
+                 float *c, int ldc)
+{
+    /* Column chunks of at least 64, at most 16 of them: sized from the shape
+     * only, so the result does not depend on the thread count. */
+    int chunks = KV_MAX(1, KV_MIN(16, n / 64));
+    gemm_job j = {ta, tb, m, n, k, (n + chunks - 1) / chunks, alpha, beta, a, b, lda, ldb, ldc, c};
+    kv_pool_run(cpu->pool, chunks, gemm_task, &j);
+}
+
+static void cpu_destroy(kv_backend *be)
+{
+    kv_cpu *cpu = kv_cpu_of(be);
+    if (cpu) {
+        cpu_trim(be);
+        kv_pool_free(cpu->pool);
+        if (cpu->scratch)
+            for (int t = 0; t < cpu->threads; t++)
+                free(cpu->scratch[t]);
+        free(cpu->scratch);
+        free(cpu->scratch_floats);
+        free(cpu->shared);
+        free(cpu);
+    }
+    free(be);
+}
+
+static const kv_backend_ops cpu_ops = {
+    .name = "cpu",
+    .destroy = cpu_destroy,
+    .alloc = cpu_alloc,
+    .release = cpu_release,
+    .trim = cpu_trim,
+    .upload = cpu_upload,
+    .download = cpu_download,
+    .conv2d = kv_cpu_conv2d,
+    .group_norm_stats = kv_cpu_group_norm_stats,
+    .group_norm = kv_cpu_group_norm,
+    .add = kv_cpu_add,
+    .upsample_nearest2x = kv_cpu_upsample_nearest2x,
+    .attention = kv_cpu_attention,
+    .posterior_split = kv_cpu_posterior_split,
+    .gaussian_sample = kv_cpu_gaussian_sample,
+    .conv2d_backward_data = kv_cpu_conv2d_backward_data,
+    .conv2d_backward_weight = kv_cpu_conv2d_backward_weight,
+    .group_norm_backward = kv_cpu_group_norm_backward,
+    .attention_backward = kv_cpu_attention_backward,
+    .upsample_nearest2x_backward = kv_cpu_upsample_nearest2x_backward,
+    .activation = kv_cpu_activation,
+    .activation_backward = kv_cpu_activation_backward,
+    .channel_affine = kv_cpu_channel_affine,
+    .max_pool2x2 = kv_cpu_max_pool2x2,
+    .max_pool2x2_backward = kv_cpu_max_pool2x2_backward,
+    .unit_normalize = kv_cpu_unit_normalize,
+    .unit_normalize_backward = kv_cpu_unit_normalize_backward,
+    .lpips_distance = kv_cpu_lpips_distance,
+    .batch_norm = kv_cpu_batch_norm,
+    .batch_norm_backward = kv_cpu_batch_norm_backward,
+    .pixel_loss = kv_cpu_pixel_loss,
+    .logit_loss = kv_cpu_logit_loss,
+    .posterior_backward = kv_cpu_posterior_backward,
+    .kl_sum = kv_cpu_kl_sum,
+    .adam = kv_cpu_adam,
+    .sum_squares = kv_cpu_sum_squares,
+    .scale = kv_cpu_scale,
+    .lerp = kv_cpu_lerp,
+    .axpy = kv_cpu_axpy,
+    .fill = kv_cpu_fill,
+};
+
+klvae_status_t kv_cpu_backend_create(const kv_backend_settings *settings, kv_backend **out)
+{
+    *out = NULL;
+    kv_backend *be = calloc(1, sizeof *be);
+    kv_cpu *cpu = calloc(1, sizeof *cpu);
+    if (!be || !cpu) {
+        free(be);
+        free(cpu);
+        return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory creating the CPU backend");
+    }
+    be->ops = &cpu_ops;
+    be->ctx = cpu;
+    be->host_memory = true;
+    cpu->threads = settings->threads > 0 ? settings->threads : kv_cpu_count();
+    cpu->scratch = calloc((size_t)cpu->threads, sizeof *cpu->scratch);
+    cpu->scratch_floats = calloc((size_t)cpu->threads, sizeof *cpu->scratch_floats);
+    if (!cpu->scratch || !cpu->scratch_floats) {
+        cpu_destroy(be);
+        return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory creating the CPU backend");
+    }
+    cpu->pool = kv_pool_create(cpu->threads);
+    if (!cpu->pool) {
+        cpu_destroy(be);
+        return KLVAE_ERR_OUT_OF_MEMORY;
+    }
+    if (openblas_set_num_threads)
+        openblas_set_num_threads(1);
+    *out = be;
+    return KLVAE_OK;
+}

@@ -1,0 +1,65 @@
+/* plugin.h — the contract between libklvae.so and a backend plugin
+ * (libklvae_cuda.so), which the core loads with dlopen on first use.
+ *
+ * The plugin exports one symbol, KV_PLUGIN_ENTRY_NAME, a function returning
+ * its kv_plugin table. The core checks abi_version before it touches
+ * anything else: the table, kv_backend_ops, kv_tensor and every struct in
+ * src/backend/backend.h are the ABI, and any change to them increments
+ * KV_PLUGIN_ABI_VERSION (a plugin built against another version is refused
+ * with KLVAE_ERR_BACKEND_UNAVAILABLE, "version mismatch").
+ *
+ * The plugin never links libklvae.so (the core exports only klvae_*): what
+ * it needs from the core comes in kv_plugin_host, passed to every call. */
+#ifndef KV_PLUGIN_H
+#define KV_PLUGIN_H
+
+#include "backend/backend.h"
+
+#define KV_PLUGIN_ABI_VERSION 1
+#define KV_PLUGIN_ENTRY_NAME "klvae_plugin_entry"
+
+/* Services of the core for the plugin. */
+typedef struct kv_plugin_host {
+    uint32_t struct_size;
+    /* Records the calling thread's error message (what klvae_last_error
+     * returns) and returns status. */
+    klvae_status_t (*set_error)(klvae_status_t status, const char *message);
+} kv_plugin_host;
+
+/* kv_precision (option precision) is declared in backend.h, which the core's
+ * kv_backend_settings also uses. */
+typedef struct kv_plugin_settings {
+    uint32_t struct_size;
+    int device;             /* GPU index (option device) */
+    kv_precision precision;
+} kv_plugin_settings;
+
+typedef struct kv_plugin {
+    uint32_t abi_version; /* KV_PLUGIN_ABI_VERSION of the plugin's build */
+    uint32_t struct_size; /* sizeof(kv_plugin) of the plugin's build */
+    const char *name;     /* "cuda" */
+    const char *version;  /* the plugin's libklvae version, e.g. "0.1.0" */
+
+    /* Whether a driver and a device are usable, without creating anything:
+     * KLVAE_OK, or KLVAE_ERR_BACKEND_UNAVAILABLE with the reason ("no CUDA
+     * driver", "no CUDA device", "device 3 does not exist (2 devices)",
+     * "driver too old for this plugin") set through host. */
+    klvae_status_t (*probe)(const kv_plugin_host *host, int device);
+
+    /* Creates a backend on the device. Errors: KLVAE_ERR_BACKEND_UNAVAILABLE
+     * (as probe), KLVAE_ERR_OUT_OF_MEMORY, KLVAE_ERR_BACKEND. */
+    klvae_status_t (*create)(const kv_plugin_host *host, const kv_plugin_settings *settings,
+                             kv_backend **out);
+
+    /* Runs the backend's following work on the caller's stream (a
+     * cudaStream_t as void *; NULL: the backend's own stream). Used by the
+     * klvae_*_device entry points, which also wrap the caller's device
+     * pointers as tensors. */
+    klvae_status_t (*set_stream)(kv_backend *be, void *stream);
+    /* Waits until the backend's work on its current stream is done. */
+    klvae_status_t (*synchronize)(kv_backend *be);
+} kv_plugin;
+
+typedef const kv_plugin *(*kv_plugin_entry_fn)(void);
+
+#endif

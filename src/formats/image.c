@@ -1,0 +1,326 @@
+/* image.c — PNG (libpng) and JPEG (libjpeg-turbo) to float CHW in [-1, 1],
+ * and float CHW to 8-bit RGB PNG. */
+#include <errno.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <jpeglib.h>
+#include <jerror.h>
+#include <math.h>
+#include <png.h>
+#include <setjmp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "base/io.h"
+
+#define KV_IMAGE_MAX_SIDE 65536
+
+/* ---- PNG ---- */
+
+typedef struct png_failure {
+    jmp_buf jump;
+    char message[200];
+} png_failure;
+
+static void png_error_handler(png_structp png, png_const_charp message)
+{
+    png_failure *failure = png_get_error_ptr(png);
+    snprintf(failure->message, sizeof failure->message, "%s", message);
+    longjmp(failure->jump, 1);
+}
+
+static void png_warning_handler(png_structp png, png_const_charp message)
+{
+    (void)png;
+    (void)message; /* benign: unknown chunks, bad gamma, ... */
+}
+
+static klvae_status_t read_png(FILE *fp, const char *path, float **pixels, int *h, int *w)
+{
+    png_failure failure;
+    failure.message[0] = '\0';
+    png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, &failure, png_error_handler,
+                                             png_warning_handler);
+    if (!png)
+        return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory reading %s", path);
+    png_infop info = png_create_info_struct(png);
+    /* Declared volatile: they change between setjmp and a possible longjmp. */
+    float *volatile out = NULL;
+    png_bytep volatile row = NULL;
+    if (!info) {
+        png_destroy_read_struct(&png, NULL, NULL);
+        return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory reading %s", path);
+    }
+    if (setjmp(failure.jump)) {
+        png_destroy_read_struct(&png, &info, NULL);
+        free(out);
+        free(row);
+        return kv_error(KLVAE_ERR_FORMAT, "%s: corrupt PNG: %s", path, failure.message);
+    }
+    png_init_io(png, fp);
+    png_set_user_limits(png, KV_IMAGE_MAX_SIDE, KV_IMAGE_MAX_SIDE);
+    png_read_info(png, info);
+    png_uint_32 width = png_get_image_width(png, info);
+    png_uint_32 height = png_get_image_height(png, info);
+    int depth = png_get_bit_depth(png, info);
+    int color = png_get_color_type(png, info);
+    /* Everything becomes RGB with 8 or 16 bits per sample. */
+    if (color == PNG_COLOR_TYPE_PALETTE)
+        png_set_palette_to_rgb(png);
+    if (color == PNG_COLOR_TYPE_GRAY && depth < 8)
+        png_set_expand_gray_1_2_4_to_8(png);
+    if (png_get_valid(png, info, PNG_INFO_tRNS))
+        png_set_tRNS_to_alpha(png);
+    if (color == PNG_COLOR_TYPE_GRAY || color == PNG_COLOR_TYPE_GRAY_ALPHA)
+        png_set_gray_to_rgb(png);
+    png_set_strip_alpha(png);
+    if (depth == 16)
+        png_set_swap(png); /* network order to little-endian */
+    int passes = png_set_interlace_handling(png);
+    png_read_update_info(png, info);
+    int out_depth = png_get_bit_depth(png, info);
+    size_t rowbytes = png_get_rowbytes(png, info);
+    size_t plane = (size_t)width * height;
+    out = malloc(3 * plane * sizeof(float));
+    /* Interlaced images need the whole image before rows are final. */
+    row = malloc(passes > 1 ? rowbytes * height : rowbytes);
+    if (!out || !row) {
+        png_destroy_read_struct(&png, &info, NULL);
+        free(out);
+        free(row);
+        return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory reading %s (%u x %u)", path,
+                        (unsigned)width, (unsigned)height);
+    }
+    const float scale = out_depth == 16 ? 2.0f / 65535.0f : 2.0f / 255.0f;
+    if (passes > 1) {
+        png_bytep *rows = malloc(height * sizeof *rows);
+        if (!rows) {
+            png_destroy_read_struct(&png, &info, NULL);
+            free(out);
+            free(row);
+            return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory reading %s", path);
+        }
+        for (png_uint_32 y = 0; y < height; y++)
+            rows[y] = row + y * rowbytes;
+        png_read_image(png, rows);
+        free(rows);
+    }
+    for (png_uint_32 y = 0; y < height; y++) {
+        png_bytep src = passes > 1 ? row + y * rowbytes : row;
+        if (passes <= 1)
+            png_read_row(png, src, NULL);
+        for (png_uint_32 x = 0; x < width; x++) {
+            for (int c = 0; c < 3; c++) {
+                float v;
+                if (out_depth == 16) {
+                    uint16_t s;
+                    memcpy(&s, src + 2 * (3 * x + (png_uint_32)c), 2);
+                    v = (float)s;
+                } else {
+                    v = (float)src[3 * x + (png_uint_32)c];
+                }
+                out[(size_t)c * plane + (size_t)y * width + x] = v * scale - 1.0f;
+            }
+        }
+    }
+    png_read_end(png, NULL);
+    png_destroy_read_struct(&png, &info, NULL);
+    free(row);
+    *pixels = out;
+    *h = (int)height;
+    *w = (int)width;
+    return KLVAE_OK;
+}
+
+/* ---- JPEG ---- */
+
+typedef struct jpeg_failure {
+    struct jpeg_error_mgr base;
+    jmp_buf jump;
+    char message[JMSG_LENGTH_MAX];
+    bool truncated;
+} jpeg_failure;
+
+static void jpeg_error_exit(j_common_ptr cinfo)
+{
+    jpeg_failure *failure = (jpeg_failure *)cinfo->err;
+    cinfo->err->format_message(cinfo, failure->message);
+    longjmp(failure->jump, 1);
+}
+
+/* Silent; remembers whether the data ended early, which libjpeg only warns
+ * about (and pads the rest of the image with grey). Other warnings, such as
+ * stray bytes between markers, leave a usable image. */
+static void jpeg_quiet(j_common_ptr cinfo, int level)
+{
+    if (level < 0 && cinfo->err->msg_code == JWRN_JPEG_EOF)
+        ((jpeg_failure *)cinfo->err)->truncated = true;
+}
+
+static klvae_status_t read_jpeg(FILE *fp, const char *path, float **pixels, int *h, int *w)
+{
+    struct jpeg_decompress_struct cinfo;
+    jpeg_failure failure;
+    float *volatile out = NULL;
+    JSAMPLE *volatile row = NULL;
+    cinfo.err = jpeg_std_error(&failure.base);
+    failure.base.error_exit = jpeg_error_exit;
+    failure.base.emit_message = jpeg_quiet;
+    failure.message[0] = '\0';
+    failure.truncated = false;
+    if (setjmp(failure.jump)) {
+        jpeg_destroy_decompress(&cinfo);
+        free(out);
+        free(row);
+        return kv_error(KLVAE_ERR_FORMAT, "%s: corrupt JPEG: %s", path, failure.message);
+    }
+    jpeg_create_decompress(&cinfo);
+    jpeg_stdio_src(&cinfo, fp);
+    jpeg_read_header(&cinfo, TRUE);
+    bool cmyk = cinfo.jpeg_color_space == JCS_CMYK || cinfo.jpeg_color_space == JCS_YCCK;
+    cinfo.out_color_space = cmyk ? JCS_CMYK : JCS_RGB;
+    jpeg_start_decompress(&cinfo);
+    unsigned width = cinfo.output_width, height = cinfo.output_height;
+    int comps = cinfo.output_components;
+    if (width > KV_IMAGE_MAX_SIDE || height > KV_IMAGE_MAX_SIDE) {
+        jpeg_destroy_decompress(&cinfo);
+        return kv_error(KLVAE_ERR_FORMAT, "%s: %u x %u is larger than %d on a side", path, width,
+                        height, KV_IMAGE_MAX_SIDE);
+    }
+    size_t plane = (size_t)width * height;
+    out = malloc(3 * plane * sizeof(float));
+    row = malloc((size_t)width * comps);
+    if (!out || !row) {
+        jpeg_destroy_decompress(&cinfo);
+        free(out);
+        free(row);
+        return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory reading %s", path);
+    }
+    while (cinfo.output_scanline < height) {
+        unsigned y = cinfo.output_scanline;
+        JSAMPROW rows[1] = {row};
+        jpeg_read_scanlines(&cinfo, rows, 1);
+        for (unsigned x = 0; x < width; x++) {
+            float rgb[3];
+            if (cmyk) {
+                /* Adobe writes inverted CMYK: R = C * K / 255. */
+                const JSAMPLE *p = row + 4 * x;
+                for (int c = 0; c < 3; c++)
+                    rgb[c] = (float)p[c] * (float)p[3] / 255.0f;
+            } else {
+                for (int c = 0; c < 3; c++)
+                    rgb[c] = (float)row[3 * x + (unsigned)c];
+            }
+            for (int c = 0; c < 3; c++)
+                out[(size_t)c * plane + (size_t)y * width + x] = rgb[c] * (2.0f / 255.0f) - 1.0f;
+        }
+    }
+    jpeg_finish_decompress(&cinfo);
+    jpeg_destroy_decompress(&cinfo);
+    free(row);
+    if (failure.truncated) {
+        free(out);
+        return kv_error(KLVAE_ERR_FORMAT, "%s: corrupt JPEG: the data ends early", path);
+    }
+    *pixels = out;
+    *h = (int)height;
+    *w = (int)width;
+    return KLVAE_OK;
+}
+
+KLVAE_API klvae_status_t klvae_image_read(const char *path, float **pixels, int *h, int *w)
+{
+    kv_error_clear();
+    if (pixels)
+        *pixels = NULL;
+    if (h)
+        *h = 0;
+    if (w)
+        *w = 0;
+    if (!path || !pixels || !h || !w)
+        return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "klvae_image_read: %s is NULL",
+                        !path ? "path" : !pixels ? "pixels" : !h ? "h" : "w");
+    FILE *fp = fopen(path, "rb");
+    if (!fp)
+        return kv_error(KLVAE_ERR_IO, "cannot open %s: %s", path, strerror(errno));
+    struct stat info;
+    if (fstat(fileno(fp), &info) != 0 || !S_ISREG(info.st_mode)) {
+        fclose(fp);
+        return kv_error(KLVAE_ERR_IO, "%s is not a regular file", path);
+    }
+    unsigned char magic[8] = {0};
+    size_t got = fread(magic, 1, sizeof magic, fp);
+    rewind(fp);
+    klvae_status_t st;
+    if (got == 8 && png_sig_cmp(magic, 0, 8) == 0)
+        st = read_png(fp, path, pixels, h, w);
+    else if (got >= 3 && magic[0] == 0xFF && magic[1] == 0xD8 && magic[2] == 0xFF)
+        st = read_jpeg(fp, path, pixels, h, w);
+    else
+        st = kv_error(KLVAE_ERR_FORMAT, "%s is neither a PNG nor a JPEG file%s", path,
+                      got == 0 ? " (it is empty)" : "");
+    fclose(fp);
+    return st;
+}
+
+KLVAE_API klvae_status_t klvae_image_write_png(const char *path, const float *pixels, int h,
+                                               int w)
+{
+    kv_error_clear();
+    if (!path || !pixels)
+        return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "klvae_image_write_png: %s is NULL",
+                        !path ? "path" : "pixels");
+    size_t count;
+    if (h <= 0 || w <= 0 || h > KV_IMAGE_MAX_SIDE || w > KV_IMAGE_MAX_SIDE ||
+        !kv_numel4(1, 3, h, w, &count))
+        return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
+                        "klvae_image_write_png: size %d x %d is not between 1 and %d on a side", h,
+                        w, KV_IMAGE_MAX_SIDE);
+    unsigned char *volatile row = malloc((size_t)w * 3);
+    if (!row)
+        return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory writing %s", path);
+    kv_atomic_file f;
+    klvae_status_t st = kv_atomic_open(&f, path);
+    if (st != KLVAE_OK) {
+        free(row);
+        return st;
+    }
+    png_failure failure;
+    failure.message[0] = '\0';
+    png_structp png = png_create_write_struct(PNG_LIBPNG_VER_STRING, &failure, png_error_handler,
+                                              png_warning_handler);
+    png_infop info = png ? png_create_info_struct(png) : NULL;
+    if (!png || !info) {
+        png_destroy_write_struct(&png, &info);
+        kv_atomic_abort(&f);
+        free(row);
+        return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory writing %s", path);
+    }
+    if (setjmp(failure.jump)) {
+        png_destroy_write_struct(&png, &info);
+        kv_atomic_abort(&f);
+        free(row);
+        return kv_error(KLVAE_ERR_IO, "cannot write %s: %s", path, failure.message);
+    }
+    png_init_io(png, f.fp);
+    png_set_IHDR(png, info, (png_uint_32)w, (png_uint_32)h, 8, PNG_COLOR_TYPE_RGB,
+                 PNG_INTERLACE_NONE, PNG_COMPRESSION_TYPE_DEFAULT, PNG_FILTER_TYPE_DEFAULT);
+    png_write_info(png, info);
+    const size_t plane = (size_t)h * w;
+    for (int y = 0; y < h; y++) {
+        for (int x = 0; x < w; x++) {
+            for (int c = 0; c < 3; c++) {
+                float v = pixels[(size_t)c * plane + (size_t)y * w + x] * 0.5f + 0.5f;
+                v = v > 0.0f ? (v < 1.0f ? v : 1.0f) : 0.0f; /* NaN becomes 0 */
+                row[3 * x + c] = (unsigned char)nearbyintf(v * 255.0f);
+            }
+        }
+        png_write_row(png, row);
+    }
+    png_write_end(png, NULL);
+    png_destroy_write_struct(&png, &info);
+    free(row);
+    return kv_atomic_commit(&f);
+}

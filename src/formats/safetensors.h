@@ -1,0 +1,78 @@
+/* safetensors.h — reading and writing the safetensors format.
+ *
+ * Format: 8 bytes little-endian header length N, N bytes of UTF-8 JSON
+ * ({name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__":
+ * {string: string}}), then the data buffer; offsets are relative to its
+ * start. kv_st_open validates the whole header before any tensor data is
+ * read, and makes no assumption about alignment. */
+#ifndef KV_SAFETENSORS_H
+#define KV_SAFETENSORS_H
+
+#include "base/common.h"
+
+#define KV_ST_MAX_DIMS 8
+#define KV_ST_MAX_HEADER 100000000u /* the reference reader's limit */
+
+typedef struct kv_st_tensor {
+    char *name;
+    char dtype[12];
+    int bits; /* bits per element */
+    int ndim;
+    int64_t shape[KV_ST_MAX_DIMS];
+    uint64_t begin, end; /* byte range in the data buffer */
+} kv_st_tensor;
+
+typedef struct kv_st_meta {
+    char *key, *value;
+} kv_st_meta;
+
+typedef struct kv_safetensors {
+    char *path;
+    int fd;
+    uint64_t file_size, data_start;
+    kv_st_tensor *tensors; /* sorted by name */
+    size_t count;
+    kv_st_meta *metadata;
+    size_t metadata_count;
+} kv_safetensors;
+
+/* Opens and validates: the file is large enough, the header length fits,
+ * the header is a JSON object, every dtype is known, every byte range
+ * matches dtype x shape, lies inside the data buffer and overlaps no other.
+ * Errors: KLVAE_ERR_IO, KLVAE_ERR_FORMAT, KLVAE_ERR_OUT_OF_MEMORY; the
+ * message starts with the path. */
+klvae_status_t kv_st_open(const char *path, kv_safetensors *st);
+void kv_st_close(kv_safetensors *st);
+
+const kv_st_tensor *kv_st_find(const kv_safetensors *st, const char *name);
+const char *kv_st_metadata(const kv_safetensors *st, const char *key);
+size_t kv_st_numel(const kv_st_tensor *t);
+
+/* Reads a F32, F16, BF16 or F64 tensor as float32 into dst (numel floats).
+ * Other dtypes: KLVAE_ERR_UNSUPPORTED. */
+klvae_status_t kv_st_read_f32(const kv_safetensors *st, const kv_st_tensor *t, float *dst);
+
+/* Writing: float32 tensors fetched one at a time through a callback. */
+typedef struct kv_st_entry {
+    const char *name;
+    int ndim;
+    int64_t shape[KV_ST_MAX_DIMS];
+} kv_st_entry;
+
+/* Fills dst with the numel values of entry index. */
+typedef klvae_status_t (*kv_st_fetch_fn)(void *ctx, size_t index, float *dst);
+
+struct kv_atomic_file;
+
+/* Writes path atomically (temporary file, fsync, rename). metadata is
+ * metadata_count key/value pairs (may be 0). With pending non-NULL the file
+ * is finished but not renamed: the caller publishes or aborts *pending. */
+klvae_status_t kv_st_write(const char *path, const kv_st_entry *entries, size_t count,
+                           const kv_st_meta *metadata, size_t metadata_count,
+                           kv_st_fetch_fn fetch, void *ctx, struct kv_atomic_file *pending);
+
+/* IEEE half and bfloat16 to float. */
+float kv_half_to_float(uint16_t h);
+float kv_bf16_to_float(uint16_t b);
+
+#endif

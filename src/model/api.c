@@ -1,0 +1,558 @@
+/* api.c — the public model entry points: argument checking, backend choice,
+ * moving tensors between caller memory and backend memory. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/plugin.h"
+#include "base/io.h"
+#include "formats/safetensors.h"
+#include "model/vae.h"
+
+#define DIFFUSERS_WEIGHTS "diffusion_pytorch_model.safetensors"
+
+/* backend and precision from options and the environment. */
+static klvae_status_t choose_backend(const klvae_options_t *opts, klvae_model_t *m)
+{
+    const char *name = kv_options_value(opts, "backend");
+    if (!name) {
+        const char *env = getenv("KLVAE_BACKEND");
+        if (env && *env) {
+            if (strcmp(env, "auto") != 0 && strcmp(env, "cpu") != 0 && strcmp(env, "cuda") != 0)
+                return kv_error(KLVAE_ERR_OPTION,
+                                "bad value '%s' in environment variable KLVAE_BACKEND: expected "
+                                "auto, cpu or cuda",
+                                env);
+            name = env;
+        } else {
+            name = "auto";
+        }
+    }
+    const char *precision = kv_options_string(opts, "precision");
+    kv_backend_settings settings = {kv_options_int(opts, "threads"), kv_options_int(opts, "device"),
+                                    KV_PRECISION_FP32};
+    if (strcmp(precision, "tf32") == 0)
+        settings.precision = KV_PRECISION_TF32;
+    else if (strcmp(precision, "bf16") == 0)
+        settings.precision = KV_PRECISION_BF16;
+    if (settings.threads <= 0)
+        settings.threads = kv_cpu_count();
+    kv_backend_info info;
+    klvae_status_t st = kv_backend_create(name, &settings, &m->be, &info);
+    if (st != KLVAE_OK)
+        return st;
+    m->plugin = info.plugin;
+    snprintf(m->backend_reason, sizeof m->backend_reason, "%s", info.reason);
+    snprintf(m->backend_name, sizeof m->backend_name, "%s",
+             info.plugin ? info.plugin->name : m->be->ops->name);
+    m->threads = settings.threads;
+    if (!m->plugin && strcmp(precision, "fp32") != 0) {
+        if (strcmp(name, "cpu") == 0)
+            return kv_error(KLVAE_ERR_UNSUPPORTED,
+                            "precision=%s needs the CUDA backend; the CPU backend computes in "
+                            "fp32",
+                            precision);
+        precision = "fp32"; /* auto fell back to the CPU */
+    }
+    snprintf(m->precision, sizeof m->precision, "%s", precision);
+    return KLVAE_OK;
+}
+
+static klvae_model_t *model_new(void)
+{
+    klvae_model_t *m = calloc(1, sizeof *m);
+    if (!m)
+        kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory creating a model");
+    return m;
+}
+
+KLVAE_API klvae_status_t klvae_model_create(const klvae_options_t *opts, klvae_model_t **out)
+{
+    kv_error_clear();
+    if (!out)
+        return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "klvae_model_create: out is NULL");
+    *out = NULL;
+    klvae_model_t *m = model_new();
+    if (!m)
+        return KLVAE_ERR_OUT_OF_MEMORY;
+    klvae_status_t st = kv_config_from_options(opts, &m->cfg);
+    if (st == KLVAE_OK)
+        st = choose_backend(opts, m);
+    if (st == KLVAE_OK)
+        st = kv_model_build(m);
+    if (st == KLVAE_OK)
+        st = kv_model_alloc_params(m);
+    if (st == KLVAE_OK)
+        st = kv_model_init_params(m, kv_options_uint64(opts, "seed"));
+    if (st != KLVAE_OK) {
+        kv_model_destroy(m);
+        return st;
+    }
+    *out = m;
+    return KLVAE_OK;
+}
+
+/* Resolves path to the weights file and, for a folder, its config.json. */
+static klvae_status_t locate_files(const char *path, char **weights, char **config)
+{
+    *weights = NULL;
+    *config = NULL;
+    if (!kv_is_directory(path)) {
+        *weights = kv_strdup(path);
+        return *weights ? KLVAE_OK : KLVAE_ERR_OUT_OF_MEMORY;
+    }
+    *config = kv_path_join(path, "config.json");
+    *weights = kv_path_join(path, DIFFUSERS_WEIGHTS);
+    if (!*config || !*weights)
+        return KLVAE_ERR_OUT_OF_MEMORY;
+    FILE *fp = fopen(*config, "rb");
+    if (!fp)
+        return kv_error(KLVAE_ERR_IO,
+                        "%s is a folder without config.json; a diffusers model folder holds "
+                        "config.json and " DIFFUSERS_WEIGHTS,
+                        path);
+    fclose(fp);
+    fp = fopen(*weights, "rb");
+    if (!fp) {
+        /* Some repositories ship only the fp16 variant. */
+        char *variant = kv_path_join(path, "diffusion_pytorch_model.fp16.safetensors");
+        if (!variant)
+            return KLVAE_ERR_OUT_OF_MEMORY;
+        fp = fopen(variant, "rb");
+        if (!fp) {
+            free(variant);
+            return kv_error(KLVAE_ERR_IO, "%s has config.json but no " DIFFUSERS_WEIGHTS, path);
+        }
+        free(*weights);
+        *weights = variant;
+    }
+    fclose(fp);
+    return KLVAE_OK;
+}
+
+KLVAE_API klvae_status_t klvae_model_load(const char *path, const klvae_options_t *opts,
+                                          klvae_model_t **out)
+{
+    kv_error_clear();
+    if (!out)
+        return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "klvae_model_load: out is NULL");
+    *out = NULL;
+    if (!path)
+        return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "klvae_model_load: path is NULL");
+    char *weights = NULL, *config = NULL;
+    kv_safetensors st;
+    memset(&st, 0, sizeof st);
+    st.fd = -1;
+    klvae_model_t *m = model_new();
+    klvae_status_t status = m ? locate_files(path, &weights, &config) : KLVAE_ERR_OUT_OF_MEMORY;
+    if (status == KLVAE_OK)
+        status = kv_st_open(weights, &st);
+    const char *prefix = "";
+    kv_naming naming = KV_NAMING_DIFFUSERS;
+    if (status == KLVAE_OK)
+        status = kv_weights_detect(&st, &prefix, &naming);
+    if (status == KLVAE_OK)
+        status = config ? kv_config_read_json(config, &m->cfg)
+                        : kv_weights_infer_config(&st, prefix, naming, &m->cfg);
+    if (status == KLVAE_OK)
+        status = kv_config_apply_load_options(opts, config == NULL, &m->cfg);
+    if (status == KLVAE_OK)
+        status = choose_backend(opts, m);
+    if (status == KLVAE_OK)
+        status = kv_model_build(m);
+    if (status == KLVAE_OK)
+        status = kv_model_alloc_params(m);
+    if (status == KLVAE_OK)
+        status = kv_weights_load(m, &st, prefix, naming, config != NULL);
+    kv_st_close(&st);
+    free(weights);
+    free(config);
+    if (status != KLVAE_OK) {
+        kv_model_destroy(m);
+        return status;
+    }
+    *out = m;
+    return KLVAE_OK;
+}
+
+KLVAE_API klvae_status_t klvae_model_save(const klvae_model_t *model, const char *path)
+{
+    kv_error_clear();
+    if (!model || !path)
+        return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "klvae_model_save: %s is NULL",
+                        !model ? "model" : "path");
+    return kv_weights_save(model, path);
+}
+
+KLVAE_API void klvae_model_free(klvae_model_t *model)
+{
+    kv_model_destroy(model);
+}
+
+KLVAE_API int klvae_model_in_channels(const klvae_model_t *m)
+{
+    return m ? m->cfg.in_channels : 0;
+}
+
+KLVAE_API int klvae_model_out_channels(const klvae_model_t *m)
+{
+    return m ? m->cfg.out_channels : 0;
+}
+
+KLVAE_API int klvae_model_latent_channels(const klvae_model_t *m)
+{
+    return m ? m->cfg.latent_channels : 0;
+}
+
+KLVAE_API int klvae_model_downsampling_factor(const klvae_model_t *m)
+{
+    return m ? kv_config_factor(&m->cfg) : 0;
+}
+
+KLVAE_API float klvae_model_scaling_factor(const klvae_model_t *m)
+{
+    return m ? (float)m->cfg.scaling_factor : 0.0f;
+}
+
+KLVAE_API float klvae_model_shift_factor(const klvae_model_t *m)
+{
+    return m && m->cfg.has_shift_factor ? (float)m->cfg.shift_factor : 0.0f;
+}
+
+KLVAE_API int64_t klvae_model_parameter_count(const klvae_model_t *m)
+{
+    return m ? m->parameter_count : 0;
+}
+
+KLVAE_API const char *klvae_model_backend(const klvae_model_t *m)
+{
+    return !m ? "" : m->plugin ? "cuda" : "cpu";
+}
+
+KLVAE_API klvae_status_t klvae_model_get(const klvae_model_t *m, const char *key, char *buf,
+                                         size_t size)
+{
+    kv_error_clear();
+    if (!m || !key || !buf)
+        return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "klvae_model_get: %s is NULL",
+                        !m ? "model" : !key ? "key" : "buf");
+    char normal[64], text[32];
+    size_t len = strlen(key);
+    if (len >= sizeof normal)
+        return kv_error(KLVAE_ERR_OPTION, "'%s' is not a model key", key);
+    for (size_t i = 0; i <= len; i++)
+        normal[i] = key[i] == '-' ? '_' : key[i];
+    key = normal;
+    const char *runtime = NULL;
+    if (strcmp(key, "config") == 0)
+        return kv_error(KLVAE_ERR_OPTION, "'config' names a starting point of "
+                                          "klvae_model_create; a model has no value for it");
+    if (strcmp(key, "backend") == 0) {
+        runtime = m->backend_name;
+    } else if (strcmp(key, "backend_reason") == 0) {
+        runtime = m->backend_reason;
+    } else if (strcmp(key, "precision") == 0) {
+        runtime = m->precision;
+    } else if (strcmp(key, "threads") == 0) {
+        snprintf(text, sizeof text, "%d", m->threads);
+        runtime = text;
+    }
+    if (!runtime)
+        return kv_config_get(&m->cfg, key, buf, size);
+    len = strlen(runtime);
+    if (len >= size)
+        return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
+                        "klvae_model_get: buffer of %zu bytes is too small for '%s'", size, key);
+    memcpy(buf, runtime, len + 1);
+    return KLVAE_OK;
+}
+
+/* ---- inference ---- */
+
+static bool overlaps(const float *a, size_t na, const float *b, size_t nb)
+{
+    return a && b && a < b + nb && b < a + na;
+}
+
+/* A tensor holding caller data: the caller's array itself when the backend
+ * computes in host memory, else a backend copy (uploaded when upload). */
+static klvae_status_t stage(kv_backend *be, float *host, int n, int c, int h, int w, bool upload,
+                            kv_tensor *t)
+{
+    if (be->host_memory) {
+        *t = kv_tensor_wrap(host, n, c, h, w);
+        return KLVAE_OK;
+    }
+    klvae_status_t st = kv_tensor_alloc(be, n, c, h, w, t);
+    if (st == KLVAE_OK && upload)
+        st = be->ops->upload(be, t->data, host, kv_tensor_numel(t));
+    if (st != KLVAE_OK)
+        kv_tensor_release(be, t);
+    return st;
+}
+
+static klvae_status_t unstage(kv_backend *be, kv_tensor *t, float *host, klvae_status_t st)
+{
+    if (st == KLVAE_OK && t->owned && host)
+        st = be->ops->download(be, host, t->data, kv_tensor_numel(t));
+    kv_tensor_release(be, t);
+    return st;
+}
+
+static klvae_status_t check_sizes(const char *fn, int n, int h, int w, const char *hname,
+                                  const char *wname)
+{
+    if (n <= 0)
+        return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "%s: n is %d; it must be at least 1", fn, n);
+    if (h <= 0 || w <= 0)
+        return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "%s: %s x %s is %d x %d; both must be positive",
+                        fn, hname, wname, h, w);
+    return KLVAE_OK;
+}
+
+/* The arguments of klvae_encode and klvae_encode_device (fn). */
+static klvae_status_t check_encode(const char *fn, const klvae_model_t *m, const float *images,
+                                   int n, int h, int w, const float *mean, const float *logvar)
+{
+    if (!m || !images || !mean)
+        return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "%s: %s is NULL", fn,
+                        !m ? "model" : !images ? "images" : "mean");
+    klvae_status_t st = check_sizes(fn, n, h, w, "h", "w");
+    if (st != KLVAE_OK)
+        return st;
+    const int f = kv_config_factor(&m->cfg);
+    if (h % f != 0 || w % f != 0)
+        return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
+                        "%s: image size %d x %d is not a multiple of the downsampling "
+                        "factor %d (pad or crop it first)",
+                        fn, h, w, f);
+    const int c = m->cfg.in_channels, z = m->cfg.latent_channels;
+    size_t n_in, n_out;
+    if (!kv_numel4(n, c, h, w, &n_in) || !kv_numel4(n, z, h / f, w / f, &n_out))
+        return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
+                        "%s: %d images of %d x %d are too large to address", fn, n, h, w);
+    if (overlaps(images, n_in, mean, n_out) || overlaps(images, n_in, logvar, n_out) ||
+        overlaps(mean, n_out, logvar, n_out))
+        return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
+                        "%s: images, mean and logvar must not overlap", fn);
+    return KLVAE_OK;
+}
+
+/* The arguments of klvae_decode and klvae_decode_device (fn). */
+static klvae_status_t check_decode(const char *fn, const klvae_model_t *m, const float *z, int n,
+                                   int lat_h, int lat_w, const float *images)
+{
+    if (!m || !z || !images)
+        return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "%s: %s is NULL", fn,
+                        !m ? "model" : !z ? "z" : "images");
+    klvae_status_t st = check_sizes(fn, n, lat_h, lat_w, "lat_h", "lat_w");
+    if (st != KLVAE_OK)
+        return st;
+    const int f = kv_config_factor(&m->cfg);
+    const int zc = m->cfg.latent_channels, c = m->cfg.out_channels;
+    size_t n_in, n_out;
+    if (lat_h > (1 << 28) / f || lat_w > (1 << 28) / f || !kv_numel4(n, zc, lat_h, lat_w, &n_in) ||
+        !kv_numel4(n, c, lat_h * f, lat_w * f, &n_out))
+        return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
+                        "%s: %d latents of %d x %d are too large to address", fn, n, lat_h,
+                        lat_w);
+    if (overlaps(z, n_in, images, n_out))
+        return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "%s: z and images must not overlap", fn);
+    return KLVAE_OK;
+}
+
+/* The arguments of klvae_sample and klvae_sample_device (fn). */
+static klvae_status_t check_sample(const char *fn, const klvae_model_t *m, const float *mean,
+                                   const float *logvar, int n, int lat_h, int lat_w,
+                                   const float *z)
+{
+    if (!m || !mean || !logvar || !z)
+        return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "%s: %s is NULL", fn,
+                        !m ? "model" : !mean ? "mean" : !logvar ? "logvar" : "z");
+    klvae_status_t st = check_sizes(fn, n, lat_h, lat_w, "lat_h", "lat_w");
+    if (st != KLVAE_OK)
+        return st;
+    const int zc = m->cfg.latent_channels;
+    size_t count;
+    if (!kv_numel4(n, zc, lat_h, lat_w, &count))
+        return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
+                        "%s: %d latents of %d x %d are too large to address", fn, n, lat_h,
+                        lat_w);
+    /* z may be mean or logvar exactly (elementwise in place), never a part. */
+    if ((overlaps(z, count, mean, count) && z != mean) ||
+        (overlaps(z, count, logvar, count) && z != logvar))
+        return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
+                        "%s: z must be mean, logvar or a separate array, not a partly "
+                        "overlapping one",
+                        fn);
+    return KLVAE_OK;
+}
+
+KLVAE_API klvae_status_t klvae_encode(klvae_model_t *m, const float *images, int n, int h, int w,
+                                      float *mean, float *logvar)
+{
+    kv_error_clear();
+    klvae_status_t st = check_encode("klvae_encode", m, images, n, h, w, mean, logvar);
+    if (st != KLVAE_OK)
+        return st;
+    const int f = kv_config_factor(&m->cfg);
+    const int c = m->cfg.in_channels, z = m->cfg.latent_channels;
+    kv_backend *be = m->be;
+    kv_tensor x = {0}, mu = {0}, lv = {0};
+    st = stage(be, (float *)images, n, c, h, w, true, &x);
+    if (st == KLVAE_OK)
+        st = stage(be, mean, n, z, h / f, w / f, false, &mu);
+    if (st == KLVAE_OK && logvar)
+        st = stage(be, logvar, n, z, h / f, w / f, false, &lv);
+    if (st == KLVAE_OK)
+        st = kv_vae_encode(m, &x, &mu, logvar ? &lv : NULL);
+    kv_tensor_release(be, &x);
+    st = unstage(be, &mu, mean, st);
+    st = unstage(be, &lv, logvar, st);
+    be->ops->trim(be);
+    return st;
+}
+
+KLVAE_API klvae_status_t klvae_decode(klvae_model_t *m, const float *z, int n, int lat_h,
+                                      int lat_w, float *images)
+{
+    kv_error_clear();
+    klvae_status_t st = check_decode("klvae_decode", m, z, n, lat_h, lat_w, images);
+    if (st != KLVAE_OK)
+        return st;
+    const int f = kv_config_factor(&m->cfg);
+    const int zc = m->cfg.latent_channels, c = m->cfg.out_channels;
+    kv_backend *be = m->be;
+    kv_tensor zt = {0}, out = {0};
+    st = stage(be, (float *)z, n, zc, lat_h, lat_w, true, &zt);
+    if (st == KLVAE_OK)
+        st = stage(be, images, n, c, lat_h * f, lat_w * f, false, &out);
+    if (st == KLVAE_OK)
+        st = kv_vae_decode(m, &zt, &out);
+    kv_tensor_release(be, &zt);
+    st = unstage(be, &out, images, st);
+    be->ops->trim(be);
+    return st;
+}
+
+KLVAE_API klvae_status_t klvae_sample(klvae_model_t *m, const float *mean, const float *logvar,
+                                      int n, int lat_h, int lat_w, uint64_t seed, float *z)
+{
+    kv_error_clear();
+    klvae_status_t st = check_sample("klvae_sample", m, mean, logvar, n, lat_h, lat_w, z);
+    if (st != KLVAE_OK)
+        return st;
+    const int zc = m->cfg.latent_channels;
+    kv_backend *be = m->be;
+    kv_tensor mu = {0}, lv = {0}, zt = {0};
+    st = stage(be, (float *)mean, n, zc, lat_h, lat_w, true, &mu);
+    if (st == KLVAE_OK)
+        st = stage(be, (float *)logvar, n, zc, lat_h, lat_w, true, &lv);
+    if (st == KLVAE_OK)
+        st = stage(be, z, n, zc, lat_h, lat_w, false, &zt);
+    if (st == KLVAE_OK)
+        st = be->ops->gaussian_sample(be, &mu, &lv, seed, &zt);
+    kv_tensor_release(be, &mu);
+    kv_tensor_release(be, &lv);
+    return unstage(be, &zt, z, st);
+}
+
+/* ---- inference on device memory ---- */
+
+/* A status a plugin returned, made a valid error status. */
+static klvae_status_t plugin_error(klvae_status_t st)
+{
+    return st == KLVAE_OK || (st > KLVAE_OK && st <= KLVAE_ERR_INTERNAL) ? st : KLVAE_ERR_BACKEND;
+}
+
+/* Starts a klvae_*_device call: the model must run on a plugin's backend,
+ * which then works on the caller's stream. */
+static klvae_status_t device_begin(const char *fn, const char *host_fn, klvae_model_t *m,
+                                   void *stream)
+{
+    if (!m->plugin)
+        return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
+                        "%s: the model runs on the %s backend, which has no device memory; use "
+                        "%s with host arrays (or load the model with backend=cuda)",
+                        fn, m->backend_name, host_fn);
+    return plugin_error(m->plugin->set_stream(m->be, stream));
+}
+
+/* Ends a klvae_*_device call whose work returned st: waits for the work on
+ * the caller's stream, puts the backend back on its own stream, and returns
+ * the first error with its message. */
+static klvae_status_t device_end(klvae_model_t *m, klvae_status_t st)
+{
+    char saved[1024] = "";
+    if (st != KLVAE_OK)
+        snprintf(saved, sizeof saved, "%s", kv_error_message());
+    klvae_status_t sync = plugin_error(m->plugin->synchronize(m->be));
+    if (st == KLVAE_OK && sync != KLVAE_OK) {
+        st = sync;
+        snprintf(saved, sizeof saved, "%s", kv_error_message());
+    }
+    klvae_status_t reset = plugin_error(m->plugin->set_stream(m->be, NULL));
+    if (st == KLVAE_OK && reset != KLVAE_OK) {
+        st = reset;
+        snprintf(saved, sizeof saved, "%s", kv_error_message());
+    }
+    m->be->ops->trim(m->be);
+    if (st != KLVAE_OK)
+        return kv_error(st, "%s", saved);
+    kv_error_clear();
+    return KLVAE_OK;
+}
+
+KLVAE_API klvae_status_t klvae_encode_device(klvae_model_t *m, const float *images, int n, int h,
+                                             int w, float *mean, float *logvar, void *stream)
+{
+    kv_error_clear();
+    klvae_status_t st = check_encode("klvae_encode_device", m, images, n, h, w, mean, logvar);
+    if (st == KLVAE_OK)
+        st = device_begin("klvae_encode_device", "klvae_encode", m, stream);
+    if (st != KLVAE_OK)
+        return st;
+    const int f = kv_config_factor(&m->cfg);
+    const int c = m->cfg.in_channels, z = m->cfg.latent_channels;
+    kv_tensor x = kv_tensor_wrap((float *)images, n, c, h, w);
+    kv_tensor mu = kv_tensor_wrap(mean, n, z, h / f, w / f);
+    kv_tensor lv = kv_tensor_wrap(logvar, n, z, h / f, w / f);
+    st = kv_vae_encode(m, &x, &mu, logvar ? &lv : NULL);
+    return device_end(m, st);
+}
+
+KLVAE_API klvae_status_t klvae_decode_device(klvae_model_t *m, const float *z, int n, int lat_h,
+                                             int lat_w, float *images, void *stream)
+{
+    kv_error_clear();
+    klvae_status_t st = check_decode("klvae_decode_device", m, z, n, lat_h, lat_w, images);
+    if (st == KLVAE_OK)
+        st = device_begin("klvae_decode_device", "klvae_decode", m, stream);
+    if (st != KLVAE_OK)
+        return st;
+    const int f = kv_config_factor(&m->cfg);
+    const int zc = m->cfg.latent_channels, c = m->cfg.out_channels;
+    kv_tensor zt = kv_tensor_wrap((float *)z, n, zc, lat_h, lat_w);
+    kv_tensor out = kv_tensor_wrap(images, n, c, lat_h * f, lat_w * f);
+    st = kv_vae_decode(m, &zt, &out);
+    return device_end(m, st);
+}
+
+KLVAE_API klvae_status_t klvae_sample_device(klvae_model_t *m, const float *mean,
+                                             const float *logvar, int n, int lat_h, int lat_w,
+                                             uint64_t seed, float *z, void *stream)
+{
+    kv_error_clear();
+    klvae_status_t st =
+        check_sample("klvae_sample_device", m, mean, logvar, n, lat_h, lat_w, z);
+    if (st == KLVAE_OK)
+        st = device_begin("klvae_sample_device", "klvae_sample", m, stream);
+    if (st != KLVAE_OK)
+        return st;
+    const int zc = m->cfg.latent_channels;
+    kv_tensor mu = kv_tensor_wrap((float *)mean, n, zc, lat_h, lat_w);
+    kv_tensor lv = kv_tensor_wrap((float *)logvar, n, zc, lat_h, lat_w);
+    kv_tensor zt = kv_tensor_wrap(z, n, zc, lat_h, lat_w);
+    st = m->be->ops->gaussian_sample(m->be, &mu, &lv, seed, &zt);
+    return device_end(m, st);
+}

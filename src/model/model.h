@@ -1,0 +1,134 @@
+/* model.h — the AutoencoderKL network's parameters and the model handle.
+ *
+ * The structs mirror diffusers' module tree. Every parameter is also listed
+ * once in the registry (model->params), in diffusers' state_dict order with
+ * its diffusers and CompVis names; loading, saving, initialising and
+ * counting all walk the registry, so none of them repeats the tree. */
+#ifndef KV_MODEL_H
+#define KV_MODEL_H
+
+#include "backend/backend.h"
+#include "model/config.h"
+
+typedef struct kv_conv {
+    kv_tensor weight, bias;
+} kv_conv;
+
+typedef struct kv_norm {
+    kv_tensor weight, bias;
+} kv_norm;
+
+typedef struct kv_resnet {
+    int in_channels, out_channels;
+    kv_norm norm1;
+    kv_conv conv1;
+    kv_norm norm2;
+    kv_conv conv2;
+    bool has_shortcut; /* 1x1 conv when in != out */
+    kv_conv shortcut;
+} kv_resnet;
+
+typedef struct kv_attention {
+    int channels;
+    kv_norm norm;
+    kv_conv to_q, to_k, to_v, to_out; /* Linear (C, C) weights, used as 1x1 convs */
+} kv_attention;
+
+typedef struct kv_mid_block {
+    kv_resnet resnets[2];
+    bool has_attention;
+    kv_attention attention;
+} kv_mid_block;
+
+typedef struct kv_level {
+    int num_resnets;
+    kv_resnet resnets[KV_MAX_LAYERS + 1];
+    bool has_sampler; /* downsample (encoder) or upsample (decoder) conv */
+    kv_conv sampler;
+} kv_level;
+
+typedef struct kv_encoder {
+    kv_conv conv_in;
+    kv_level down[KV_MAX_BLOCKS];
+    kv_mid_block mid;
+    kv_norm norm_out;
+    kv_conv conv_out;
+} kv_encoder;
+
+typedef struct kv_decoder {
+    kv_conv conv_in;
+    kv_mid_block mid;
+    kv_level up[KV_MAX_BLOCKS];
+    kv_norm norm_out;
+    kv_conv conv_out;
+} kv_decoder;
+
+typedef enum kv_param_kind {
+    KV_PARAM_WEIGHT,      /* conv or linear weight: uniform(+-1/sqrt(fan_in)) */
+    KV_PARAM_BIAS,        /* conv or linear bias: the same bound */
+    KV_PARAM_NORM_WEIGHT, /* ones */
+    KV_PARAM_NORM_BIAS    /* zeros */
+} kv_param_kind;
+
+#define KV_PARAM_NAME 112
+
+typedef struct kv_param {
+    char name[KV_PARAM_NAME];     /* current diffusers name */
+    char ldm_name[KV_PARAM_NAME]; /* original CompVis name */
+    kv_tensor *tensor;            /* its slot in the module tree */
+    kv_param_kind kind;
+    int fan_in;
+    bool linear; /* a Linear weight that CompVis stores as a 1x1 conv */
+} kv_param;
+
+typedef enum kv_naming {
+    KV_NAMING_DIFFUSERS = 0, /* current or legacy attention names */
+    KV_NAMING_COMPVIS = 1
+} kv_naming;
+
+struct klvae_model {
+    kv_config cfg;
+    kv_backend *be;
+    const struct kv_plugin *plugin; /* the CUDA plugin of be; NULL on the CPU */
+    char backend_name[8];
+    char backend_reason[1024]; /* why backend=auto did not use CUDA, or "" */
+    char precision[8];
+    int threads;
+    kv_encoder enc;
+    kv_decoder dec;
+    kv_conv quant_conv, post_quant_conv;
+    kv_param *params;
+    size_t num_params;
+    int64_t parameter_count;
+};
+
+/* Fills the module tree's shapes from model->cfg and builds the registry
+ * (no memory for the tensors yet). */
+klvae_status_t kv_model_build(klvae_model_t *m);
+
+/* Allocates every parameter in backend memory. */
+klvae_status_t kv_model_alloc_params(klvae_model_t *m);
+
+/* PyTorch's default initialisation from a seed (see klvae_model_create). */
+klvae_status_t kv_model_init_params(klvae_model_t *m, uint64_t seed);
+
+/* Releases parameters, registry and backend. */
+void kv_model_destroy(klvae_model_t *m);
+
+/* src/model/weights.c: reading and writing weight files. */
+struct kv_safetensors;
+/* Finds the weights in st: sets *prefix ("", "first_stage_model." or
+ * "vae.") and *naming. */
+klvae_status_t kv_weights_detect(const struct kv_safetensors *st, const char **prefix,
+                                 kv_naming *naming);
+/* Infers the structural config from tensor shapes (single files). */
+klvae_status_t kv_weights_infer_config(const struct kv_safetensors *st, const char *prefix,
+                                       kv_naming naming, kv_config *cfg);
+/* Reads every registry parameter from st into backend memory. config_from_json
+ * turns shape mismatches into KLVAE_ERR_CONFIG (config.json disagrees). */
+klvae_status_t kv_weights_load(klvae_model_t *m, const struct kv_safetensors *st,
+                               const char *prefix, kv_naming naming, bool config_from_json);
+/* Writes the diffusers folder. */
+klvae_status_t kv_weights_save(const klvae_model_t *m, const char *folder);
+
+#endif
