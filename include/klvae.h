@@ -71,11 +71,11 @@ extern "C" {
 /* ------------------------------------------------------------------------ */
 
 #define KLVAE_VERSION_MAJOR 0
-#define KLVAE_VERSION_MINOR 1
+#define KLVAE_VERSION_MINOR 2
 #define KLVAE_VERSION_PATCH 0
 #define KLVAE_VERSION_NUMBER \
     (KLVAE_VERSION_MAJOR * 10000 + KLVAE_VERSION_MINOR * 100 + KLVAE_VERSION_PATCH)
-#define KLVAE_VERSION_STRING "0.1.0"
+#define KLVAE_VERSION_STRING "0.2.0"
 
 /* The version of the library actually loaded, as MAJOR*10000 + MINOR*100 +
  * PATCH. Compare it with KLVAE_VERSION_NUMBER to detect a header/library
@@ -124,7 +124,18 @@ typedef enum klvae_status {
      * the library's own text is in the message). */
     KLVAE_ERR_BACKEND = 11,
     /* A bug in libklvae. Please report it with the message. */
-    KLVAE_ERR_INTERNAL = 12
+    KLVAE_ERR_INTERNAL = 12,
+    /* A NaN or infinity where a finite value is needed: in a training
+     * batch, a training loss, or weights being loaded (the message names
+     * which). Nothing was changed. */
+    KLVAE_ERR_NONFINITE = 13,
+    /* The handle is being used by another thread at this moment (one handle
+     * is used by one thread at a time; see "Threads" above). Nothing was
+     * done; the call may be retried once the other thread's call returns. */
+    KLVAE_ERR_BUSY = 14,
+    /* A *_get function's buffer is too small for the value;
+     * klvae_last_needed_size() gives the size it needs. */
+    KLVAE_ERR_BUFFER_TOO_SMALL = 15
 } klvae_status_t;
 
 /* A short, static, English description of a status ("invalid argument").
@@ -138,6 +149,19 @@ KLVAE_API const char *klvae_status_string(klvae_status_t status);
  * The string is owned by the library and stays valid until the next libklvae
  * call on the same thread. Never NULL. */
 KLVAE_API const char *klvae_last_error(void);
+
+/* After a *_get function (klvae_options_get, klvae_model_get,
+ * klvae_trainer_get, klvae_trainer_get_note) returned
+ * KLVAE_ERR_BUFFER_TOO_SMALL on the calling thread: the buffer size in bytes
+ * that the value needs, terminating NUL included; 0 after one succeeded.
+ * Each *_get also accepts buf == NULL with size 0, to ask for that size:
+ *
+ *     if (klvae_model_get(m, "backend_reason", NULL, 0) ==
+ *         KLVAE_ERR_BUFFER_TOO_SMALL) {
+ *         char *text = malloc(klvae_last_needed_size());
+ *         klvae_model_get(m, "backend_reason", text, klvae_last_needed_size());
+ *     } */
+KLVAE_API size_t klvae_last_needed_size(void);
 
 /* Releases memory that the library allocated for the caller (the pixels of
  * klvae_image_read). NULL is a no-op. */
@@ -164,8 +188,11 @@ KLVAE_API klvae_status_t klvae_options_set(klvae_options_t *opts, const char *ke
 
 /* Copies the value of key (the one set, or else its default; "" for keys
  * with no default) into buf, NUL-terminated. Returns KLVAE_ERR_OPTION for an
- * unknown key and KLVAE_ERR_INVALID_ARGUMENT when buf is NULL or too small
- * (size must exceed the value's length). opts may be NULL: defaults. */
+ * unknown key, KLVAE_ERR_INVALID_ARGUMENT when key is NULL or buf is NULL
+ * with size > 0, and KLVAE_ERR_BUFFER_TOO_SMALL when the value does not fit
+ * (size must exceed its length; klvae_last_needed_size() tells the size,
+ * and buf = NULL, size = 0 asks for it). buf is unchanged on error. opts may
+ * be NULL: defaults. */
 KLVAE_API klvae_status_t klvae_options_get(const klvae_options_t *opts, const char *key,
                                            char *buf, size_t size);
 
@@ -260,9 +287,11 @@ KLVAE_API const char *klvae_model_backend(const klvae_model_t *model);
  * model actually uses), or the read-only key "backend_reason": why
  * backend=auto chose the CPU (for example "CUDA plugin not found (looked in:
  * ...)"), "" when the model runs on CUDA or the CPU was asked for. Dashes
- * work as underscores. Errors:
- * KLVAE_ERR_INVALID_ARGUMENT (NULL pointer, buf too small), KLVAE_ERR_OPTION
- * (a key the model has no value for). */
+ * work as underscores. Errors: KLVAE_ERR_INVALID_ARGUMENT (model or key
+ * NULL, buf NULL with size > 0), KLVAE_ERR_BUFFER_TOO_SMALL (the value does
+ * not fit: klvae_last_needed_size() tells the size needed; buf = NULL,
+ * size = 0 asks for it), KLVAE_ERR_OPTION (a key the model has no value
+ * for). buf is unchanged on error. */
 KLVAE_API klvae_status_t klvae_model_get(const klvae_model_t *model, const char *key,
                                          char *buf, size_t size);
 
@@ -445,7 +474,8 @@ KLVAE_API klvae_status_t klvae_trainer_get(const klvae_trainer_t *trainer, const
 /* Notes: small key/value strings saved in checkpoints and restored by
  * klvae_trainer_load, for the caller's own state (the klvae tool keeps its
  * data position there). Keys and values up to 255 bytes, at most 32 notes.
- * get copies the value into buf; a missing key is KLVAE_ERR_OPTION. */
+ * get copies the value into buf; a missing key is KLVAE_ERR_OPTION, and a
+ * buffer that is too small is handled as by klvae_model_get. */
 KLVAE_API klvae_status_t klvae_trainer_set_note(klvae_trainer_t *trainer, const char *key,
                                                 const char *value);
 KLVAE_API klvae_status_t klvae_trainer_get_note(const klvae_trainer_t *trainer, const char *key,

@@ -16,11 +16,11 @@ bad() { failed=$((failed + 1)); echo "FAIL: $*"; }
 
 if make -s install PREFIX=$prefix DESTDIR="$stage" >"$tmp/log" 2>&1; then ok; else bad "make install: $(cat "$tmp/log")"; fi
 root="$stage$prefix"
-for f in include/klvae.h lib/libklvae.so.0.1.0 lib/libklvae.a lib/pkgconfig/klvae.pc bin/klvae \
+for f in include/klvae.h lib/libklvae.so.0.2.0 lib/libklvae.a lib/pkgconfig/klvae.pc bin/klvae \
          share/man/man1/klvae.1; do
     [ -f "$root/$f" ] && ok || bad "$f not installed"
 done
-[ "$(readlink "$root/lib/libklvae.so.0")" = libklvae.so.0.1.0 ] && ok || bad "libklvae.so.0 link"
+[ "$(readlink "$root/lib/libklvae.so.0")" = libklvae.so.0.2.0 ] && ok || bad "libklvae.so.0 link"
 [ "$(readlink "$root/lib/libklvae.so")" = libklvae.so.0 ] && ok || bad "libklvae.so link"
 # The .pc file names the real prefix, never the staging folder.
 grep -q "^prefix=$prefix\$" "$root/lib/pkgconfig/klvae.pc" && ok || bad "klvae.pc prefix: $(head -3 "$root/lib/pkgconfig/klvae.pc")"
@@ -46,7 +46,7 @@ int main(void) {
 C
 export PKG_CONFIG_PATH="$root/lib/pkgconfig" PKG_CONFIG_SYSROOT_DIR="$stage"
 flags=$(pkg-config --cflags --libs klvae 2>"$tmp/err") && ok || bad "pkg-config: $(cat "$tmp/err")"
-[ "$(pkg-config --modversion klvae)" = 0.1.0 ] && ok || bad "pkg-config version"
+[ "$(pkg-config --modversion klvae)" = 0.2.0 ] && ok || bad "pkg-config version"
 if cc "$tmp/user.c" $flags -o "$tmp/user" 2>"$tmp/err"; then ok; else bad "compile against the installed copy: $(cat "$tmp/err")"; fi
 if LD_LIBRARY_PATH="$root/lib" "$tmp/user" >"$tmp/out" 2>"$tmp/err" && grep -q "works" "$tmp/out"; then ok
 else bad "run against the installed copy: $(cat "$tmp/err")"; fi
@@ -139,7 +139,7 @@ if ! run reconstruct-cpp "$tmp/no-such-model" "$tmp/pics/a.png" "$tmp/x.png" \
 else bad "examples/cpp/reconstruct does not report a missing model: $(cat "$tmp/err")"; fi
 unset PKG_CONFIG_PATH PKG_CONFIG_SYSROOT_DIR
 if make -s uninstall PREFIX=$prefix DESTDIR="$stage" >/dev/null 2>&1 && [ ! -e "$root/include/klvae.h" ] \
-   && [ ! -e "$root/lib/libklvae.so.0.1.0" ]; then ok; else bad "make uninstall"; fi
+   && [ ! -e "$root/lib/libklvae.so.0.2.0" ]; then ok; else bad "make uninstall"; fi
 
 echo "install: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

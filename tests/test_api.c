@@ -19,8 +19,8 @@ END_TEST
 
 START_TEST(every_status_has_its_own_string)
 {
-    const char *seen[KLVAE_ERR_INTERNAL + 1];
-    for (int s = KLVAE_OK; s <= KLVAE_ERR_INTERNAL; s++) {
+    const char *seen[KLVAE_ERR_BUFFER_TOO_SMALL + 1];
+    for (int s = KLVAE_OK; s <= KLVAE_ERR_BUFFER_TOO_SMALL; s++) {
         seen[s] = klvae_status_string((klvae_status_t)s);
         ck_assert_ptr_nonnull(seen[s]);
         ck_assert_str_ne(seen[s], "unknown status");
@@ -33,6 +33,9 @@ START_TEST(every_status_has_its_own_string)
     ck_assert_int_eq(KLVAE_ERR_INVALID_ARGUMENT, 1);
     ck_assert_int_eq(KLVAE_ERR_BACKEND_UNAVAILABLE, 10);
     ck_assert_int_eq(KLVAE_ERR_INTERNAL, 12);
+    ck_assert_int_eq(KLVAE_ERR_NONFINITE, 13);
+    ck_assert_int_eq(KLVAE_ERR_BUSY, 14);
+    ck_assert_int_eq(KLVAE_ERR_BUFFER_TOO_SMALL, 15);
 }
 END_TEST
 

@@ -1539,8 +1539,14 @@ START_TEST(model_get_rejects_config_and_accepts_dashes)
     ck_assert_error_mentions("colour");
     ck_assert_ok(klvae_model_get(m, "latent-channels", buf, sizeof buf));
     ck_assert_str_eq(buf, "4");
-    ck_assert_status(klvae_model_get(m, "block_out_channels", buf, 3), KLVAE_ERR_INVALID_ARGUMENT);
+    ck_assert_status(klvae_model_get(m, "block_out_channels", buf, 3), KLVAE_ERR_BUFFER_TOO_SMALL);
     ck_assert_error_mentions("too small");
+    char expect[64];
+    ck_assert_ok(klvae_model_get(m, "block_out_channels", expect, sizeof expect));
+    ck_assert_status(klvae_model_get(m, "block_out_channels", NULL, 0), KLVAE_ERR_BUFFER_TOO_SMALL);
+    ck_assert_uint_eq(klvae_last_needed_size(), strlen(expect) + 1);
+    ck_assert_status(klvae_model_get(m, "backend", buf, 1), KLVAE_ERR_BUFFER_TOO_SMALL);
+    ck_assert_uint_eq(klvae_last_needed_size(), 4); /* "cpu" */
     klvae_model_free(m);
 }
 END_TEST

@@ -53,10 +53,23 @@ END_TEST
 
 START_TEST(get_refuses_a_small_buffer)
 {
-    char buf[4];
+    char buf[4] = "abc";
     ck_assert_status(klvae_options_get(NULL, "block_out_channels", buf, sizeof buf),
-                     KLVAE_ERR_INVALID_ARGUMENT);
+                     KLVAE_ERR_BUFFER_TOO_SMALL);
     ck_assert_error_mentions("too small");
+    ck_assert_str_eq(buf, "abc"); /* unchanged */
+    ck_assert_uint_eq(klvae_last_needed_size(), strlen("128,256,512,512") + 1);
+    /* the size query: no buffer at all */
+    ck_assert_status(klvae_options_get(NULL, "block_out_channels", NULL, 0),
+                     KLVAE_ERR_BUFFER_TOO_SMALL);
+    ck_assert_uint_eq(klvae_last_needed_size(), strlen("128,256,512,512") + 1);
+    char fits[17];
+    ck_assert_ok(klvae_options_get(NULL, "block_out_channels", fits, sizeof fits));
+    ck_assert_str_eq(fits, "128,256,512,512");
+    ck_assert_uint_eq(klvae_last_needed_size(), 0);
+    /* a NULL buffer that claims a size is still a bad argument */
+    ck_assert_status(klvae_options_get(NULL, "block_out_channels", NULL, 8),
+                     KLVAE_ERR_INVALID_ARGUMENT);
 }
 END_TEST
 

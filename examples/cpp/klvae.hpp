@@ -99,18 +99,20 @@ inline std::size_t product(const char *call, int a, int b, int c, int d)
     return n;
 }
 
-// Calls get(buf, size) with a growing buffer: the getters of the C API answer
-// KLVAE_ERR_INVALID_ARGUMENT when the value does not fit.
+// Calls get(buf, size) with a buffer of the size the value needs: 256 bytes
+// first, then what klvae_last_needed_size() reports when that was too small.
 template <class Get>
 std::string get_string(const char *call, Get get)
 {
-    for (std::size_t size = 256;; size *= 4) {
+    std::size_t size = 256;
+    for (;;) {
         std::vector<char> buf(size);
         klvae_status_t st = get(buf.data(), buf.size());
         if (st == KLVAE_OK)
             return std::string(buf.data());
-        if (st != KLVAE_ERR_INVALID_ARGUMENT || size >= (std::size_t{1} << 24))
+        if (st != KLVAE_ERR_BUFFER_TOO_SMALL || klvae_last_needed_size() <= size)
             check(st, call);
+        size = klvae_last_needed_size();
     }
 }
 

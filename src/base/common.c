@@ -75,6 +75,9 @@ KLVAE_API const char *klvae_status_string(klvae_status_t status)
     case KLVAE_ERR_BACKEND_UNAVAILABLE: return "backend unavailable";
     case KLVAE_ERR_BACKEND: return "backend failure";
     case KLVAE_ERR_INTERNAL: return "internal error";
+    case KLVAE_ERR_NONFINITE: return "non-finite value";
+    case KLVAE_ERR_BUSY: return "handle in use by another thread";
+    case KLVAE_ERR_BUFFER_TOO_SMALL: return "buffer too small";
     }
     return "unknown status";
 }
@@ -142,6 +145,29 @@ int kv_cpu_count(void)
     }
     long online = sysconf(_SC_NPROCESSORS_ONLN);
     return online > 0 ? (int)online : 1;
+}
+
+static _Thread_local size_t needed_size;
+
+KLVAE_API size_t klvae_last_needed_size(void)
+{
+    return needed_size;
+}
+
+klvae_status_t kv_copy_out(const char *function, const char *key, const char *value, char *buf,
+                           size_t size)
+{
+    size_t len = strlen(value);
+    if (len >= size || !buf) {
+        needed_size = len + 1;
+        return kv_error(KLVAE_ERR_BUFFER_TOO_SMALL,
+                        "%s: a buffer of %zu bytes is too small for the value of '%s' (%zu "
+                        "needed)",
+                        function, size, key, len + 1);
+    }
+    needed_size = 0;
+    memcpy(buf, value, len + 1);
+    return KLVAE_OK;
 }
 
 double kv_now_seconds(void)

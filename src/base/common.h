@@ -64,6 +64,13 @@ char *kv_strdup(const char *s);
 /* Joins dir and name with a '/'; returns NULL (with kv_error) on OOM. */
 char *kv_path_join(const char *dir, const char *name);
 
+/* Copies value (NUL-terminated) into the caller's buf of size bytes, as
+ * every *_get of the API does. When it does not fit (buf may then be NULL
+ * with size 0): KLVAE_ERR_BUFFER_TOO_SMALL, a message naming function and
+ * key, and klvae_last_needed_size() = strlen(value) + 1 for this thread. */
+klvae_status_t kv_copy_out(const char *function, const char *key, const char *value, char *buf,
+                           size_t size);
+
 /* Seconds on a monotonic clock (for durations). */
 double kv_now_seconds(void);
 

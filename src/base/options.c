@@ -394,7 +394,7 @@ KLVAE_API klvae_status_t klvae_options_get(const klvae_options_t *opts, const ch
                                            char *buf, size_t size)
 {
     kv_error_clear();
-    if (!key || !buf)
+    if (!key || (!buf && size))
         return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "klvae_options_get: %s is NULL",
                         !key ? "key" : "buf");
     int index = find_option(key);
@@ -402,13 +402,7 @@ KLVAE_API klvae_status_t klvae_options_get(const klvae_options_t *opts, const ch
         return kv_error(KLVAE_ERR_OPTION, "unknown option '%s'", key);
     const char *value = opts && opts->values[index] ? opts->values[index]
                                                     : option_table[index].default_value;
-    size_t len = strlen(value);
-    if (len >= size)
-        return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
-                        "klvae_options_get: buffer of %zu bytes is too small for '%s' (%zu needed)",
-                        size, key, len + 1);
-    memcpy(buf, value, len + 1);
-    return KLVAE_OK;
+    return kv_copy_out("klvae_options_get", key, value, buf, size);
 }
 
 KLVAE_API void klvae_options_free(klvae_options_t *opts)

@@ -233,7 +233,7 @@ KLVAE_API klvae_status_t klvae_model_get(const klvae_model_t *m, const char *key
                                          size_t size)
 {
     kv_error_clear();
-    if (!m || !key || !buf)
+    if (!m || !key || (!buf && size))
         return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "klvae_model_get: %s is NULL",
                         !m ? "model" : !key ? "key" : "buf");
     char normal[64], text[32];
@@ -259,12 +259,7 @@ KLVAE_API klvae_status_t klvae_model_get(const klvae_model_t *m, const char *key
     }
     if (!runtime)
         return kv_config_get(&m->cfg, key, buf, size);
-    len = strlen(runtime);
-    if (len >= size)
-        return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
-                        "klvae_model_get: buffer of %zu bytes is too small for '%s'", size, key);
-    memcpy(buf, runtime, len + 1);
-    return KLVAE_OK;
+    return kv_copy_out("klvae_model_get", key, runtime, buf, size);
 }
 
 /* ---- inference ---- */
@@ -462,7 +457,7 @@ KLVAE_API klvae_status_t klvae_sample(klvae_model_t *m, const float *mean, const
 /* A status a plugin returned, made a valid error status. */
 static klvae_status_t plugin_error(klvae_status_t st)
 {
-    return st == KLVAE_OK || (st > KLVAE_OK && st <= KLVAE_ERR_INTERNAL) ? st : KLVAE_ERR_BACKEND;
+    return st == KLVAE_OK || (st > KLVAE_OK && st <= KLVAE_ERR_BUFFER_TOO_SMALL) ? st : KLVAE_ERR_BACKEND;
 }
 
 /* Starts a klvae_*_device call: the model must run on a plugin's backend,

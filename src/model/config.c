@@ -254,13 +254,7 @@ klvae_status_t kv_config_get(const kv_config *cfg, const char *key, char *buf, s
             snprintf(text, sizeof text, "none");
     } else
         return kv_error(KLVAE_ERR_OPTION, "'%s' is not a model config key", key);
-    size_t len = strlen(text);
-    if (len >= size)
-        return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
-                        "buffer of %zu bytes is too small for '%s' (%zu needed)", size, key,
-                        len + 1);
-    memcpy(buf, text, len + 1);
-    return KLVAE_OK;
+    return kv_copy_out("klvae_model_get", key, text, buf, size);
 }
 
 klvae_status_t kv_config_copy(kv_config *dst, const kv_config *src)

@@ -682,7 +682,7 @@ KLVAE_API klvae_status_t klvae_trainer_get(const klvae_trainer_t *t, const char 
                                            size_t size)
 {
     kv_error_clear();
-    if (!t || !key || !buf)
+    if (!t || !key || (!buf && size))
         return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "klvae_trainer_get: %s is NULL",
                         !t ? "trainer" : !key ? "key" : "buf");
     const trainer_settings *s = &t->s;
@@ -739,12 +739,7 @@ KLVAE_API klvae_status_t klvae_trainer_get(const klvae_trainer_t *t, const char 
         word = s->train_encoder ? "true" : "false";
     if (!word)
         return kv_error(KLVAE_ERR_OPTION, "'%s' is not a trainer setting", key);
-    len = strlen(word);
-    if (len >= size)
-        return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
-                        "klvae_trainer_get: buffer of %zu bytes is too small for '%s'", size, key);
-    memcpy(buf, word, len + 1);
-    return KLVAE_OK;
+    return kv_copy_out("klvae_trainer_get", key, word, buf, size);
 }
 
 static int find_note(const klvae_trainer_t *t, const char *key)
@@ -782,18 +777,13 @@ KLVAE_API klvae_status_t klvae_trainer_get_note(const klvae_trainer_t *t, const 
                                                 char *buf, size_t size)
 {
     kv_error_clear();
-    if (!t || !key || !buf)
+    if (!t || !key || (!buf && size))
         return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "klvae_trainer_get_note: %s is NULL",
                         !t ? "trainer" : !key ? "key" : "buf");
     int i = find_note(t, key);
     if (i < 0)
         return kv_error(KLVAE_ERR_OPTION, "the trainer has no note '%s'", key);
-    size_t len = strlen(t->note_value[i]);
-    if (len >= size)
-        return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
-                        "klvae_trainer_get_note: buffer of %zu bytes is too small", size);
-    memcpy(buf, t->note_value[i], len + 1);
-    return KLVAE_OK;
+    return kv_copy_out("klvae_trainer_get_note", key, t->note_value[i], buf, size);
 }
 
 /* ---- checkpoints ---- */

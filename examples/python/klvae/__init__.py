@@ -21,7 +21,7 @@ before any C call; a closed handle raises ValueError("model is closed").
 from ._lib import STEP_STATS_FIELDS, KlvaeError, LibraryError, Status, lib as _cdll, library_path
 from ._api import Model, Trainer, options, read_image, write_png
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 #: The loaded library's version string, e.g. "0.1.0".
 library_version = _cdll.klvae_version_string().decode()

@@ -88,18 +88,20 @@ class _Options:
 
 
 def _get_text(fn, handle, key: str) -> str:
-    """Calls a klvae_*_get(handle, key, buf, size) function, growing buf as needed."""
+    """Calls a klvae_*_get(handle, key, buf, size) function with a buffer of the
+    size it needs: a first call with 256 bytes, and when that is too small, a
+    second with the size klvae_last_needed_size() reports."""
     ckey = _cstr(key, "key")
     size = 256
-    while True:
+    for _ in range(3):
         buf = ctypes.create_string_buffer(size)
         status = fn(handle, ckey, buf, size)
-        # INVALID_ARGUMENT here can only mean "buf too small": nothing else is NULL.
-        if status == Status.INVALID_ARGUMENT and size < (1 << 20):
-            size *= 16
+        if status == Status.BUFFER_TOO_SMALL:
+            size = max(int(_lib.lib.klvae_last_needed_size()), size + 1)
             continue
         check(status)
         return buf.value.decode("utf-8", "replace")
+    check(status)
 
 
 def _pointer(arr: np.ndarray):

@@ -28,7 +28,7 @@ from ctypes import (POINTER, c_char_p, c_double, c_float, c_int, c_int64, c_size
 
 # The version of klvae.h this module was written against.
 VERSION_MAJOR = 0
-VERSION_MINOR = 1
+VERSION_MINOR = 2
 VERSION_PATCH = 0
 
 SONAME = "libklvae.so.0"
@@ -55,6 +55,9 @@ class Status(enum.IntEnum):
     BACKEND_UNAVAILABLE = 10
     BACKEND = 11
     INTERNAL = 12
+    NONFINITE = 13
+    BUSY = 14
+    BUFFER_TOO_SMALL = 15
 
 
 class KlvaeError(Exception):
@@ -116,6 +119,7 @@ _PROTOTYPES = {
     "klvae_version_string": (c_char_p, []),
     "klvae_status_string": (c_char_p, [_status]),
     "klvae_last_error": (c_char_p, []),
+    "klvae_last_needed_size": (c_size_t, []),
     "klvae_free": (None, [c_void_p]),
     "klvae_options_create": (_status, [POINTER(c_void_p)]),
     "klvae_options_set": (_status, [c_void_p, c_char_p, c_char_p]),

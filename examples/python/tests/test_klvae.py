@@ -146,7 +146,7 @@ def tiny():
 # ---------------------------------------------------------------------------
 
 def test_library_version_and_path():
-    assert klvae.__version__ == "0.1.0"
+    assert klvae.__version__ == "0.2.0"
     assert klvae.library_version_number // 10000 == 0
     assert klvae.library_version == "%d.%d.%d" % (klvae.library_version_number // 10000,
                                                    klvae.library_version_number // 100 % 100,
@@ -187,7 +187,7 @@ def fake_libraries(tmp_path_factory):
     src = d / "fake.c"
     src.write_text("unsigned klvae_version(void) { return VERSION; }\n")
     libs = {}
-    for name, version in [("major1", 10100), ("minor0", 5), ("symbols", 100)]:
+    for name, version in [("major1", 10100), ("minor0", 5), ("symbols", 200)]:
         out = d / name / "libklvae.so.0"
         out.parent.mkdir()
         subprocess.run([cc, "-shared", "-fPIC", f"-DVERSION={version}", str(src), "-o", str(out)],
@@ -203,8 +203,8 @@ def fake_libraries(tmp_path_factory):
 
 
 @pytest.mark.parametrize("which, expected", [
-    ("major1", ["is libklvae 1.1.0", "klvae_version() = 10100", "written for libklvae 0.1.0"]),
-    ("minor0", ["is libklvae 0.0.5", "written for libklvae 0.1.0", "minor at least 1"]),
+    ("major1", ["is libklvae 1.1.0", "klvae_version() = 10100", "written for libklvae 0.2.0"]),
+    ("minor0", ["is libklvae 0.0.5", "written for libklvae 0.2.0", "minor at least 2"]),
     ("symbols", ["lacks the function klvae_version_string"]),
     ("other", ["is not libklvae"]),
 ])
@@ -251,7 +251,7 @@ def test_pip_install_target_and_vendored_library(tmp_path):
                         str(src)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert (target / "klvae" / "__init__.py").exists()
-    dist = list(target.glob("klvae-0.1.0.dist-info"))
+    dist = list(target.glob("klvae-0.2.0.dist-info"))
     assert dist, list(target.iterdir())
     assert "Requires-Dist: numpy" in (dist[0] / "METADATA").read_text()
     probe = """

@@ -94,6 +94,12 @@ pub enum Status {
     Backend,
     /// A bug in libklvae.
     Internal,
+    /// A NaN or infinity where a finite value is needed.
+    NonFinite,
+    /// The handle is in use by another thread.
+    Busy,
+    /// A buffer is too small for the value.
+    BufferTooSmall,
     /// A status this binding does not know (from a newer library).
     Unknown(i32),
 }
@@ -115,6 +121,9 @@ impl Status {
             sys::KLVAE_ERR_BACKEND_UNAVAILABLE => Status::BackendUnavailable,
             sys::KLVAE_ERR_BACKEND => Status::Backend,
             sys::KLVAE_ERR_INTERNAL => Status::Internal,
+            sys::KLVAE_ERR_NONFINITE => Status::NonFinite,
+            sys::KLVAE_ERR_BUSY => Status::Busy,
+            sys::KLVAE_ERR_BUFFER_TOO_SMALL => Status::BufferTooSmall,
             other => Status::Unknown(other),
         })
     }
@@ -134,6 +143,9 @@ impl Status {
             Status::BackendUnavailable => sys::KLVAE_ERR_BACKEND_UNAVAILABLE,
             Status::Backend => sys::KLVAE_ERR_BACKEND,
             Status::Internal => sys::KLVAE_ERR_INTERNAL,
+            Status::NonFinite => sys::KLVAE_ERR_NONFINITE,
+            Status::Busy => sys::KLVAE_ERR_BUSY,
+            Status::BufferTooSmall => sys::KLVAE_ERR_BUFFER_TOO_SMALL,
             Status::Unknown(code) => code,
         }
     }
@@ -243,7 +255,8 @@ fn c_path(path: &Path) -> Result<CString> {
     CString::new(bytes).map_err(|_| Error::invalid(format!("path {:?} contains a NUL byte", path)))
 }
 
-/// Calls a `(buf, size)` getter with a growing buffer until the value fits.
+/// Calls a `(buf, size)` getter with a buffer of the size it needs: 256 bytes
+/// first, then the size `klvae_last_needed_size` reports when that was too small.
 fn get_string(mut call: impl FnMut(*mut c_char, usize) -> sys::klvae_status_t) -> Result<String> {
     let mut size = 256usize;
     loop {
@@ -254,11 +267,12 @@ fn get_string(mut call: impl FnMut(*mut c_char, usize) -> sys::klvae_status_t) -
             buf.truncate(len);
             return Ok(String::from_utf8_lossy(&buf).into_owned());
         }
-        // The getters answer KLVAE_ERR_INVALID_ARGUMENT for a buffer that is too small
-        // (all other pointers we pass are valid): grow and retry, within reason.
-        if code == sys::KLVAE_ERR_INVALID_ARGUMENT && size < (1 << 20) {
-            size *= 8;
-            continue;
+        if code == sys::KLVAE_ERR_BUFFER_TOO_SMALL {
+            let needed = unsafe { sys::klvae_last_needed_size() };
+            if needed > size {
+                size = needed;
+                continue;
+            }
         }
         return Err(Error::from_last(code));
     }

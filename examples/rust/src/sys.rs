@@ -19,11 +19,11 @@ use std::os::raw::{c_char, c_int, c_uint, c_void};
 
 /// The header version these declarations were written from.
 pub const KLVAE_VERSION_MAJOR: c_uint = 0;
-pub const KLVAE_VERSION_MINOR: c_uint = 1;
+pub const KLVAE_VERSION_MINOR: c_uint = 2;
 pub const KLVAE_VERSION_PATCH: c_uint = 0;
 pub const KLVAE_VERSION_NUMBER: c_uint =
     KLVAE_VERSION_MAJOR * 10000 + KLVAE_VERSION_MINOR * 100 + KLVAE_VERSION_PATCH;
-pub const KLVAE_VERSION_STRING: &str = "0.1.0";
+pub const KLVAE_VERSION_STRING: &str = "0.2.0";
 
 /* ---- status codes ---- */
 
@@ -42,6 +42,9 @@ pub const KLVAE_ERR_UNSUPPORTED: klvae_status_t = 9;
 pub const KLVAE_ERR_BACKEND_UNAVAILABLE: klvae_status_t = 10;
 pub const KLVAE_ERR_BACKEND: klvae_status_t = 11;
 pub const KLVAE_ERR_INTERNAL: klvae_status_t = 12;
+pub const KLVAE_ERR_NONFINITE: klvae_status_t = 13;
+pub const KLVAE_ERR_BUSY: klvae_status_t = 14;
+pub const KLVAE_ERR_BUFFER_TOO_SMALL: klvae_status_t = 15;
 
 /* ---- opaque handles ---- */
 
@@ -136,6 +139,7 @@ extern "C" {
     // status codes and errors
     pub fn klvae_status_string(status: klvae_status_t) -> *const c_char;
     pub fn klvae_last_error() -> *const c_char;
+    pub fn klvae_last_needed_size() -> usize;
     pub fn klvae_free(ptr: *mut c_void);
 
     // options
