@@ -12,7 +12,7 @@
 #ifndef KV_ATTENTION_PLAN_CUH
 #define KV_ATTENTION_PLAN_CUH
 
-#include "kv_cuda_math.cuh"
+#include "backend/backend.h"
 
 #define KV_ATTENTION_ALIGN 64
 

@@ -278,7 +278,7 @@ static __global__ void stage_kernel(stage_args a)
             if (src >= 0) {
                 v = kv_ld(a.x, a.x16, (size_t)src);
                 if (a.scale)
-                    v = kv_cuda_activate(a.act, v * s + t);
+                    v = kv_activate(a.act, v * s + t);
             }
             kv_st(a.dst, a.dst16, (size_t)lp * pixels + pix, v);
         }

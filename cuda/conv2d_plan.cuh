@@ -24,7 +24,7 @@
 #ifndef KV_CONV2D_PLAN_CUH
 #define KV_CONV2D_PLAN_CUH
 
-#include "kv_cuda_math.cuh"
+#include "backend/backend.h"
 
 typedef struct kv_conv_plan {
     int n, c, h, w;                 /* input */

@@ -18,9 +18,6 @@
     KV_CUDA_STR(KLVAE_VERSION_MAJOR) "." KV_CUDA_STR(KLVAE_VERSION_MINOR) "." KV_CUDA_STR(        \
         KLVAE_VERSION_PATCH)
 
-/* The status of ops this version does not implement on the GPU. */
-#define KV_CUDA_TRAINING_STATUS KLVAE_ERR_UNSUPPORTED
-
 /* ---- errors ---- */
 
 static klvae_status_t report(klvae_status_t (*set_error)(klvae_status_t, const char *),
@@ -296,158 +293,35 @@ static klvae_status_t cuda_download(kv_backend *be, float *dst, const void *src,
     return KLVAE_OK;
 }
 
-/* ---- training ops: not on the GPU in this version ---- */
-
-static klvae_status_t training_op(kv_backend *be, const char *op)
-{
-    return kv_cuda_error(kv_cuda_of(be), KV_CUDA_TRAINING_STATUS,
-                         "training on the CUDA backend is not implemented yet (use "
-                         "backend=cpu): the op %s has no CUDA version",
-                         op);
-}
-
-typedef const kv_tensor ct;
-static klvae_status_t no_conv2d_backward_data(kv_backend *be, ct *, ct *, kv_conv_geometry,
-                                              kv_tensor *)
-{
-    return training_op(be, "conv2d_backward_data");
-}
-static klvae_status_t no_conv2d_backward_weight(kv_backend *be, ct *, const kv_conv_prologue *,
-                                                ct *, kv_conv_geometry, kv_tensor *, kv_tensor *)
-{
-    return training_op(be, "conv2d_backward_weight");
-}
-static klvae_status_t no_group_norm_backward(kv_backend *be, ct *, ct *, ct *, ct *, ct *, ct *,
-                                             int, kv_activation, ct *, kv_tensor *, kv_tensor *,
-                                             kv_tensor *)
-{
-    return training_op(be, "group_norm_backward");
-}
-static klvae_status_t no_attention_backward(kv_backend *be, ct *, ct *, ct *, float, ct *,
-                                            kv_tensor *, kv_tensor *, kv_tensor *)
-{
-    return training_op(be, "attention_backward");
-}
-static klvae_status_t no_upsample_backward(kv_backend *be, ct *, kv_tensor *)
-{
-    return training_op(be, "upsample_nearest2x_backward");
-}
-static klvae_status_t no_activation_backward(kv_backend *be, ct *, ct *, kv_activation,
-                                             kv_tensor *)
-{
-    return training_op(be, "activation_backward");
-}
-static klvae_status_t no_channel_affine(kv_backend *be, ct *, const float *, const float *,
-                                        kv_tensor *)
-{
-    return training_op(be, "channel_affine");
-}
-static klvae_status_t no_max_pool(kv_backend *be, ct *, kv_tensor *)
-{
-    return training_op(be, "max_pool2x2");
-}
-static klvae_status_t no_max_pool_backward(kv_backend *be, ct *, ct *, kv_tensor *)
-{
-    return training_op(be, "max_pool2x2_backward");
-}
-static klvae_status_t no_unit_normalize(kv_backend *be, ct *, kv_tensor *, kv_tensor *)
-{
-    return training_op(be, "unit_normalize");
-}
-static klvae_status_t no_unit_normalize_backward(kv_backend *be, ct *, ct *, ct *, kv_tensor *)
-{
-    return training_op(be, "unit_normalize_backward");
-}
-static klvae_status_t no_lpips_distance(kv_backend *be, ct *, ct *, ct *, float, uint64_t,
-                                        double *, const float *, kv_tensor *)
-{
-    return training_op(be, "lpips_distance");
-}
-static klvae_status_t no_batch_norm(kv_backend *be, ct *, ct *, ct *, float, float, float *,
-                                    float *, kv_tensor *, kv_tensor *, kv_tensor *)
-{
-    return training_op(be, "batch_norm");
-}
-static klvae_status_t no_batch_norm_backward(kv_backend *be, ct *, ct *, ct *, ct *, ct *,
-                                             kv_tensor *, kv_tensor *, kv_tensor *)
-{
-    return training_op(be, "batch_norm_backward");
-}
-static klvae_status_t no_pixel_loss(kv_backend *be, ct *, ct *, kv_pixel_loss, float, double *,
-                                    kv_tensor *)
-{
-    return training_op(be, "pixel_loss");
-}
-static klvae_status_t no_logit_loss(kv_backend *be, ct *, kv_logit_loss, float, double *,
-                                    kv_tensor *)
-{
-    return training_op(be, "logit_loss");
-}
-static klvae_status_t no_posterior_backward(kv_backend *be, ct *, ct *, float, bool, uint64_t,
-                                            kv_tensor *)
-{
-    return training_op(be, "posterior_backward");
-}
-static klvae_status_t no_kl_sum(kv_backend *be, ct *, double *)
-{
-    return training_op(be, "kl_sum");
-}
-static klvae_status_t no_adam(kv_backend *be, kv_tensor *, ct *, kv_tensor *, kv_tensor *, float,
-                              float, float, float, int64_t)
-{
-    return training_op(be, "adam");
-}
-static klvae_status_t no_sum_squares(kv_backend *be, ct *, double *)
-{
-    return training_op(be, "sum_squares");
-}
-
 /* ---- the backend ---- */
 
 static void cuda_destroy(kv_backend *be);
 
-static const kv_backend_ops cuda_ops = {
-    "cuda",
-    cuda_destroy,
-    cuda_alloc,
-    cuda_release,
-    cuda_trim,
-    cuda_upload,
-    cuda_download,
-    kv_cuda_conv2d,
-    kv_cuda_group_norm_stats,
-    kv_cuda_group_norm,
-    kv_cuda_add,
-    kv_cuda_upsample_nearest2x,
-    kv_cuda_attention,
-    kv_cuda_posterior_split,
-    kv_cuda_gaussian_sample,
-    no_conv2d_backward_data,
-    no_conv2d_backward_weight,
-    no_group_norm_backward,
-    no_attention_backward,
-    no_upsample_backward,
-    kv_cuda_activation,
-    no_activation_backward,
-    no_channel_affine,
-    no_max_pool,
-    no_max_pool_backward,
-    no_unit_normalize,
-    no_unit_normalize_backward,
-    no_lpips_distance,
-    no_batch_norm,
-    no_batch_norm_backward,
-    no_pixel_loss,
-    no_logit_loss,
-    no_posterior_backward,
-    no_kl_sum,
-    no_adam,
-    no_sum_squares,
-    kv_cuda_scale,
-    kv_cuda_lerp,
-    kv_cuda_axpy,
-    kv_cuda_fill,
-};
+/* The ops this backend has, by name; every other op of KV_BACKEND_OPS is
+ * NULL in its table (the core asks before it needs one: a CUDA model cannot
+ * create a trainer until the training ops are here). */
+#define KV_CUDA_OPS(X)                                                                          \
+    X(conv2d) X(group_norm_stats) X(group_norm) X(add) X(upsample_nearest2x) X(attention)       \
+    X(posterior_split) X(gaussian_sample) X(activation) X(scale) X(lerp) X(axpy) X(fill)
+
+static kv_backend_ops cuda_table(void)
+{
+    kv_backend_ops t;
+    memset(&t, 0, sizeof t);
+    t.name = "cuda";
+    t.destroy = cuda_destroy;
+    t.alloc = cuda_alloc;
+    t.release = cuda_release;
+    t.trim = cuda_trim;
+    t.upload = cuda_upload;
+    t.download = cuda_download;
+#define KV_CUDA_SET(name) t.name = kv_cuda_##name;
+    KV_CUDA_OPS(KV_CUDA_SET)
+#undef KV_CUDA_SET
+    return t;
+}
+
+static const kv_backend_ops cuda_ops = cuda_table();
 
 /* Releases what create made, also when it stopped half way. */
 static void context_free(kv_cuda *cu)

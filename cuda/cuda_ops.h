@@ -12,7 +12,9 @@
 #include "backend/plugin.h"
 #include "conv2d_plan.cuh"
 #include "device_cache.cuh"
-#include "kv_cuda_math.cuh"
+#include "base/numerics.h"
+#include "posterior_plan.cuh"
+#include "upsample_plan.cuh"
 
 /* Buffer budgets (bytes), overridable for tests through the environment
  * (KLVAE_CUDA_CONV_BUDGET, KLVAE_CUDA_ATTENTION_BUDGET; cuda/README.md). */
@@ -194,30 +196,13 @@ klvae_status_t kv_cuda_convert(kv_cuda *cu, const void *x, kv_cuda_dtype tx, voi
 
 /* ---- ops ---- */
 
-klvae_status_t kv_cuda_conv2d(kv_backend *be, const kv_tensor *x, const kv_conv_prologue *prologue,
-                              const kv_tensor *w, const kv_tensor *b, kv_conv_geometry geometry,
-                              kv_tensor *y);
+/* The ops: kv_cuda_NAME for NAME of KV_BACKEND_OPS (src/backend/backend.h),
+ * each in the file of its family. All are declared; cuda_backend.cu's
+ * KV_CUDA_OPS lists the ones this backend defines. */
+#define KV_CUDA_DECLARE(family, name, needed_by, params) klvae_status_t kv_cuda_##name params;
+KV_BACKEND_OPS(KV_CUDA_DECLARE)
+#undef KV_CUDA_DECLARE
+
 void kv_cuda_conv_forget(kv_cuda *cu); /* frees the algorithm table */
-klvae_status_t kv_cuda_group_norm_stats(kv_backend *be, const kv_tensor *x,
-                                        const kv_tensor *gamma, const kv_tensor *beta, int groups,
-                                        float eps, kv_tensor *scale, kv_tensor *shift,
-                                        kv_tensor *mean, kv_tensor *rstd);
-klvae_status_t kv_cuda_group_norm(kv_backend *be, const kv_tensor *x, const kv_tensor *gamma,
-                                  const kv_tensor *beta, int groups, float eps, kv_activation act,
-                                  kv_tensor *y);
-klvae_status_t kv_cuda_add(kv_backend *be, const kv_tensor *a, const kv_tensor *b, kv_tensor *y);
-klvae_status_t kv_cuda_upsample_nearest2x(kv_backend *be, const kv_tensor *x, kv_tensor *y);
-klvae_status_t kv_cuda_activation(kv_backend *be, const kv_tensor *x, kv_activation act,
-                                  kv_tensor *y);
-klvae_status_t kv_cuda_scale(kv_backend *be, kv_tensor *x, float a);
-klvae_status_t kv_cuda_axpy(kv_backend *be, float a, const kv_tensor *x, kv_tensor *y);
-klvae_status_t kv_cuda_lerp(kv_backend *be, kv_tensor *x, const kv_tensor *y, float t);
-klvae_status_t kv_cuda_fill(kv_backend *be, kv_tensor *x, float value);
-klvae_status_t kv_cuda_attention(kv_backend *be, const kv_tensor *q, const kv_tensor *k,
-                                 const kv_tensor *v, float scale, kv_tensor *out);
-klvae_status_t kv_cuda_posterior_split(kv_backend *be, const kv_tensor *moments, kv_tensor *mean,
-                                       kv_tensor *logvar);
-klvae_status_t kv_cuda_gaussian_sample(kv_backend *be, const kv_tensor *mean,
-                                       const kv_tensor *logvar, uint64_t seed, kv_tensor *z);
 
 #endif /* KV_CUDA_OPS_H */

@@ -1,5 +1,5 @@
-/* elementwise.cu — add, nearest 2x upsampling, and the small elementwise
- * ops of the table (activation, scale, axpy, lerp, fill).
+/* elementwise.cu — add, and the vector ops of the trainer (scale, axpy,
+ * lerp, fill).
  *
  * Every operand may be float32 or bf16 (cuda/README.md: the backend's own
  * tensors are bf16 in bf16 mode, a caller's device arrays float32), so the
@@ -42,75 +42,41 @@ klvae_status_t kv_cuda_add(kv_backend *be, const kv_tensor *a, const kv_tensor *
     return KLVAE_OK;
 }
 
-/* Over (plane, output pixel): consecutive threads write consecutive outputs
- * (coalesced) and read each input twice from the cache. */
-static __global__ void upsample_kernel(const void *x, int x16, void *y, int y16, int h, int w,
-                                       size_t planes)
-{
-    const int opix = 4 * h * w;
-    for (size_t plane = blockIdx.y; plane < planes; plane += gridDim.y)
-        for (int pix = blockIdx.x * blockDim.x + threadIdx.x; pix < opix;
-             pix += gridDim.x * blockDim.x)
-            kv_st(y, y16, plane * opix + pix, kv_ld(x, x16, kv_upsample_source(plane, pix, h, w)));
-}
-
-klvae_status_t kv_cuda_upsample_nearest2x(kv_backend *be, const kv_tensor *x, kv_tensor *y)
-{
-    kv_cuda *cu = kv_cuda_of(be);
-    size_t count = kv_cuda_numel(y);
-    if (!count)
-        return KLVAE_OK;
-    KV_CU(cu, cudaSetDevice(cu->device));
-    size_t planes = (size_t)x->shape[0] * x->shape[1];
-    upsample_kernel<<<kv_cuda_grid2(cu, planes, count / planes), 256, 0, cu->stream>>>(
-        x->data, kv_cuda_dtype_of(cu, x->data), y->data, kv_cuda_dtype_of(cu, y->data),
-        x->shape[2], x->shape[3], planes);
-    KV_LAUNCHED(cu, upsample_kernel);
-    return KLVAE_OK;
-}
-
-/* y = act(alpha * x + beta * y0) covers activation (alpha 1, y0 unused),
- * scale (act none, x is y), axpy (y = a x + y) and lerp (x + t (y - x)). */
+/* y = alpha * x + beta * y0 covers scale (y0 unused, x is y) and axpy
+ * (y = a x + y). */
 static __global__ void affine_kernel(const void *x, int x16, float alpha, const void *y0,
-                                     int y016, float beta, void *y, int y16, int act, size_t count)
+                                     int y016, float beta, void *y, int y16, size_t count)
 {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < count;
          i += (size_t)gridDim.x * blockDim.x) {
         float v = alpha * kv_ld(x, x16, i);
         if (y0)
             v = v + beta * kv_ld(y0, y016, i);
-        kv_st(y, y16, i, kv_cuda_activate(act, v));
+        kv_st(y, y16, i, v);
     }
 }
 
 static klvae_status_t affine(kv_cuda *cu, const void *x, float alpha, const void *y0, float beta,
-                             void *y, int act, size_t count)
+                             void *y, size_t count)
 {
     if (!count)
         return KLVAE_OK;
     KV_CU(cu, cudaSetDevice(cu->device));
     affine_kernel<<<kv_cuda_blocks(count, cu), 256, 0, cu->stream>>>(
         x, kv_cuda_dtype_of(cu, x), alpha, y0, y0 ? kv_cuda_dtype_of(cu, y0) : 0, beta, y,
-        kv_cuda_dtype_of(cu, y), act, count);
+        kv_cuda_dtype_of(cu, y), count);
     KV_LAUNCHED(cu, affine_kernel);
     return KLVAE_OK;
 }
 
-klvae_status_t kv_cuda_activation(kv_backend *be, const kv_tensor *x, kv_activation act,
-                                  kv_tensor *y)
-{
-    return affine(kv_cuda_of(be), x->data, 1.0f, NULL, 0.0f, y->data, act, kv_cuda_numel(y));
-}
-
 klvae_status_t kv_cuda_scale(kv_backend *be, kv_tensor *x, float a)
 {
-    return affine(kv_cuda_of(be), x->data, a, NULL, 0.0f, x->data, KV_ACT_NONE, kv_cuda_numel(x));
+    return affine(kv_cuda_of(be), x->data, a, NULL, 0.0f, x->data, kv_cuda_numel(x));
 }
 
 klvae_status_t kv_cuda_axpy(kv_backend *be, float a, const kv_tensor *x, kv_tensor *y)
 {
-    return affine(kv_cuda_of(be), x->data, a, y->data, 1.0f, y->data, KV_ACT_NONE,
-                  kv_cuda_numel(y));
+    return affine(kv_cuda_of(be), x->data, a, y->data, 1.0f, y->data, kv_cuda_numel(y));
 }
 
 /* x += t (y - x), computed as (1 - t) x + t y would round differently from

@@ -164,7 +164,7 @@ static __global__ void gn_apply_kernel(const void *x, int x16, const float *scal
         for (size_t pix = blockIdx.x * (size_t)blockDim.x + threadIdx.x; pix < plane_size;
              pix += (size_t)gridDim.x * blockDim.x) {
             float v = kv_ld(x, x16, base + pix) * s + t;
-            kv_st(y, y16, base + pix, kv_cuda_activate(act, v));
+            kv_st(y, y16, base + pix, kv_activate(act, v));
         }
     }
 }

@@ -11,7 +11,7 @@
 #ifndef KV_GROUP_NORM_PLAN_CUH
 #define KV_GROUP_NORM_PLAN_CUH
 
-#include "kv_cuda_math.cuh"
+#include "backend/backend.h"
 
 #define KV_GN_CHUNK_MIN 16384 /* values per chunk, at least (but one chunk for small groups) */
 #define KV_GN_CHUNKS_MAX 128

@@ -9,7 +9,8 @@
 #include "../cuda/conv2d_plan.cuh"
 #include "../cuda/device_cache.cuh"
 #include "../cuda/group_norm_plan.cuh"
-#include "../cuda/kv_cuda_math.cuh"
+#include "../cuda/posterior_plan.cuh"
+#include "../cuda/upsample_plan.cuh"
 #include "backend/backend.h"
 #include "backend/cpu/cpu_ops.h"
 
@@ -90,7 +91,7 @@ START_TEST(activations_are_the_cpu_formulas)
     for (size_t a = 0; a < sizeof acts / sizeof acts[0]; a++)
         for (int i = 0; i < 20000; i++) {
             float v = (float)((test_uniform(&rng) - 0.5) * (i % 2 ? 60.0 : 8.0));
-            float got = kv_cuda_activate(acts[a], v), want = kv_cpu_activate(acts[a], v);
+            float got = kv_activate(acts[a], v), want = kv_activate(acts[a], v);
             ck_assert_msg(got == want || fabsf(got - want) <= 1e-6f * fabsf(want),
                           "act %d at %g: %g vs %g", (int)acts[a], (double)v, (double)got,
                           (double)want);
@@ -206,7 +207,7 @@ END_TEST
 
 static double act_ref(int act, double v)
 {
-    return kv_cpu_activate((kv_activation)act, (float)v);
+    return kv_activate((kv_activation)act, (float)v);
 }
 
 /* y from the specification: b + sum w * xpad(prologue(x)), in double. */
@@ -260,7 +261,7 @@ static void conv_by_plan(const kv_conv_plan *p, const float *x, const float *wt,
                         if (s >= 0) {
                             v = x[s];
                             if (scale)
-                                v = kv_cuda_activate(act, v * scale[plane] + shift[plane]);
+                                v = kv_activate(act, v * scale[plane] + shift[plane]);
                         }
                         in[(size_t)lp * pixels + pix] = v;
                     }

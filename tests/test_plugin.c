@@ -200,7 +200,7 @@ START_TEST(abi_version_mismatch)
 {
     use_plugin(fake("bad_abi"));
     expect_cuda_failure(KLVAE_ERR_BACKEND_UNAVAILABLE, "fake_bad_abi.so",
-                        "ABI version 7, this libklvae needs 1");
+                        "ABI version 7, this libklvae needs 2");
     ck_assert_error_mentions("version mismatch");
     ck_assert_ptr_null(dlopen(fake("bad_abi"), RTLD_NOW | RTLD_NOLOAD));
     expect_auto_cpu("ABI version 7", NULL);
@@ -232,7 +232,7 @@ END_TEST
 START_TEST(backend_lacking_an_op)
 {
     use_plugin(fake("incomplete"));
-    expect_cuda_failure(KLVAE_ERR_BACKEND_UNAVAILABLE, "lacks the op adam", NULL);
+    expect_cuda_failure(KLVAE_ERR_BACKEND_UNAVAILABLE, "lacks the op attention", NULL);
     fake_record *r = record_of("incomplete");
     ck_assert_int_eq(r->creates, 1);
     ck_assert_int_eq(r->destroys, 1);
@@ -326,6 +326,26 @@ START_TEST(op_errors_come_back_with_their_message)
     free(mean);
     free(logvar);
     free(z);
+}
+END_TEST
+
+START_TEST(trainer_asks_the_table_before_allocating)
+{
+    /* the fake, like the real plugin of this version, has no training ops */
+    use_plugin(fake("working"));
+    klvae_model_t *m = NULL;
+    ck_assert_ok(create("cuda", NULL, NULL, &m));
+    fake_record *r = record_of("working");
+    const int live = r->live_allocations, allocs = r->uploads;
+    klvae_trainer_t *t = (klvae_trainer_t *)&t; /* must become NULL */
+    ck_assert_status(klvae_trainer_create(m, NULL, &t), KLVAE_ERR_UNSUPPORTED);
+    ck_assert_ptr_null(t);
+    ck_assert_error_mentions("the cuda backend cannot train");
+    ck_assert_error_mentions("conv2d_backward_data"); /* the first training op of the list */
+    ck_assert_int_eq(r->live_allocations, live);   /* nothing was allocated */
+    ck_assert_int_eq(r->uploads, allocs);
+    klvae_model_free(m);
+    ck_assert_int_eq(r->live_allocations, 0);
 }
 END_TEST
 
@@ -549,6 +569,7 @@ Suite *suite_plugin(void)
     tcase_add_test(tc, not_a_shared_object);
     tcase_add_test(tc, no_entry_point);
     tcase_add_test(tc, abi_version_mismatch);
+    tcase_add_test(tc, trainer_asks_the_table_before_allocating);
     tcase_add_test(tc, probe_without_driver);
     tcase_add_test(tc, create_out_of_memory);
     tcase_add_test(tc, backend_lacking_an_op);

@@ -1,12 +1,19 @@
 /* backend.h — the interface between the network and the hardware.
  *
- * The network (src/model/vae.c) is written once against this table of function
- * pointers. A backend owns its memory and implements every op; the CPU
- * backend lives in src/backend/cpu/ and the CUDA backend in cuda/, one file per op
- * family with the same names on both sides.
+ * The network (src/model/vae.c, src/train/) is written once against a table
+ * of ops; a backend owns its memory and implements the ops. The CPU backend
+ * lives in src/backend/cpu/, the CUDA backend in cuda/. Ops come in
+ * families, and each family FAMILY has its specification below, its CPU code
+ * in src/backend/cpu/FAMILY.c (conv2d also in conv2d_*.c), its CUDA code in
+ * cuda/FAMILY.cu where the CUDA backend has it, and its test in
+ * tests/ops/test_FAMILY.c. The list of ops, KV_BACKEND_OPS below, is the
+ * only place that names them all: it generates the table's members, the CPU
+ * backend's table and declarations, the CUDA plugin's declarations, and the
+ * query kv_backend_missing_op. An op a backend lacks is NULL in its table,
+ * never a stub: whoever needs an op asks the table up front (the trainer
+ * asks for every training op before it allocates anything).
  *
- * Every op is specified here, once:
- *
+ * Family conv2d
  *   conv2d          y[n,co,oy,ox] = b[co] + sum_{ci,ky,kx} w[co,ci,ky,kx] *
  *                                   xpad[n,ci,oy*s+ky,ox*s+kx]
  *                   where xpad is x' with pad_top/left/bottom/right zero rows
@@ -18,32 +25,6 @@
  *                   (padding stays zero): a group norm fused into the conv
  *                   that consumes it, so the normalised tensor is never
  *                   stored.
- *   group_norm_stats
- *                   per (n, group of C/G contiguous channels): mean and biased
- *                   variance over (C/G)*H*W values, accumulated in double;
- *                   scale[n,c] = gamma[c] / sqrt(var + eps) and
- *                   shift[n,c] = beta[c] - scale[n,c] * mean, (N, C) tensors.
- *   group_norm      y = act(x * scale[n,c] + shift[n,c]) with the statistics
- *                   above. y may be x (in place).
- *   add             y = a + b, elementwise. y may be a or b.
- *   upsample_nearest2x
- *                   y[n,c,y,x] = x[n,c,y/2,x/2] (integer division), y is
- *                   (N, C, 2H, 2W).
- *   attention       single-head self-attention over the N = H*W positions of
- *                   (B, C, H, W) tensors q, k, v (channel-major, so position
- *                   m of channel c is q[b, c, m]):
- *                   out[b,c,n] = sum_m softmax_m(scale * sum_c' q[b,c',n]
- *                   k[b,c',m]) v[b,c,m]; softmax subtracts the row maximum
- *                   and sums in double. out must not alias q, k or v.
- *   posterior_split moments (N, 2Z, H, W) -> mean = channels [0, Z),
- *                   logvar = clamp(channels [Z, 2Z), -30, 20).
- *   gaussian_sample z = mean + (float)exp(0.5 * (double)clamp(logvar)) * eps,
- *                   with eps from kv_philox_normal(seed, i) for element i of
- *                   the whole tensor (src/base/philox.h), so every backend gives
- *                   the same bits.
- *
- * Training ops (gradients; "+=" accumulates into the output, "=" overwrites):
- *
  *   conv2d_backward_data
  *                   dx = d/dx' of sum(dy * conv2d(x')): the transposed
  *                   convolution of dy with w for the forward geometry; dx has
@@ -53,37 +34,25 @@
  *                   dw += sum_{n,oy,ox} dy[n,co,oy,ox] * xpad[n,ci,oy*s+ky,ox*s+kx]
  *                   and db[co] += sum dy[n,co,:,:] (db may be absent), with
  *                   xpad from x' = prologue(x) as in the forward.
- *   group_norm_stats also gives mean[n,g] and rstd[n,g] = 1/sqrt(var + eps)
- *                   when those outputs are present, for the backward.
+ *
+ * Family group_norm
+ *   group_norm_stats
+ *                   per (n, group of C/G contiguous channels): mean and biased
+ *                   variance over (C/G)*H*W values, accumulated in double;
+ *                   scale[n,c] = gamma[c] / sqrt(var + eps) and
+ *                   shift[n,c] = beta[c] - scale[n,c] * mean, (N, C) tensors;
+ *                   also mean[n,g] and rstd[n,g] = 1/sqrt(var + eps) when
+ *                   those outputs are present (for the backward).
+ *   group_norm      y = act(x * scale[n,c] + shift[n,c]) with the statistics
+ *                   above. y may be x (in place).
  *   group_norm_backward
  *                   for u = x*scale + shift (the norm's output) and da the
  *                   gradient of act(u): du = da * act'(u),
  *                   dgamma[c] += sum du * xhat, dbeta[c] += sum du, and
  *                   dx = rstd * (dxh - mean_g(dxh) - xhat * mean_g(dxh * xhat))
  *                   with xhat = (x - mean) * rstd and dxh = du * gamma[c]; dx =.
- *   attention_backward
- *                   dq, dk, dv = of sum(dout * attention(q, k, v)); all =.
- *   upsample_nearest2x_backward
- *                   dx[n,c,y,x] = sum of the four dy values it was copied to.
- *   activation      y = act(x) elementwise (y may be x);
- *   activation_backward
- *                   dx = dy * act'(x) for act in {relu, leaky_relu(0.2)}
- *                   computed from the output y (y > 0 exactly where x > 0);
- *                   dx may be dy.
- *   channel_affine  y[n,c] = x[n,c] * a[c] + b[c] with host arrays a, b.
- *   max_pool2x2     y = max over each 2x2 window, stride 2 (floor sizes);
- *   max_pool2x2_backward
- *                   dx = dy routed to the first maximum of each window in
- *                   row-major order (as PyTorch), 0 elsewhere; dx =.
- *   unit_normalize  y[n,c,p] = x[n,c,p] / (r[n,p] + 1e-10),
- *                   r = sqrt(sum_c x[n,c,p]^2) (LPIPS);
- *   unit_normalize_backward
- *                   dx = dy/(r+e) - x * sum_c(dy*x) / ((r+e)^2 r), and 0 where
- *                   r = 0 (PyTorch gives NaN there).
- *   lpips_distance  value[n] = mean_p sum_c w[c] m[n,c,p] (a - b)^2 for unit
- *                   normalised a, b and a dropout mask m (1, or 0 / 1/(1-p)
- *                   drawn from Philox(seed)); with grad_scale[n] != 0 also
- *                   db = grad_scale[n] * 2/P * w[c] m (b - a) (=).
+ *
+ * Family batch_norm
  *   batch_norm      training mode: per channel, mean and biased variance over
  *                   (N, H, W); y = (x - mean) * invstd * gamma + beta; saves
  *                   mean and invstd; running_mean/var (host arrays) move by
@@ -91,15 +60,54 @@
  *   batch_norm_backward
  *                   dx (=), dgamma and dbeta (+=), the full training-mode
  *                   gradient (through the batch statistics).
- *   pixel_loss      sum over all elements of |xhat - x| (l1) or (xhat - x)^2
- *                   (l2), returned in double; with grad present,
- *                   grad = scale * sign(xhat - x) (sign(0) = 0) or
- *                   scale * 2 (xhat - x) (=).
- *   logit_loss      the PatchGAN losses over a logits tensor, mean over its
- *                   elements, returned in double: hinge_real mean relu(1 - l),
- *                   hinge_fake mean relu(1 + l), vanilla_real mean softplus(-l),
- *                   vanilla_fake mean softplus(l), generator -mean(l); with
- *                   grad present, grad = scale * d(mean)/dl (=).
+ *
+ * Family attention
+ *   attention       single-head self-attention over the N = H*W positions of
+ *                   (B, C, H, W) tensors q, k, v (channel-major, so position
+ *                   m of channel c is q[b, c, m]):
+ *                   out[b,c,n] = sum_m softmax_m(scale * sum_c' q[b,c',n]
+ *                   k[b,c',m]) v[b,c,m]; softmax subtracts the row maximum
+ *                   and sums in double. out must not alias q, k or v.
+ *   attention_backward
+ *                   dq, dk, dv = of sum(dout * attention(q, k, v)); all =.
+ *
+ * Family upsample
+ *   upsample_nearest2x
+ *                   y[n,c,y,x] = x[n,c,y/2,x/2] (integer division), y is
+ *                   (N, C, 2H, 2W).
+ *   upsample_nearest2x_backward
+ *                   dx[n,c,y,x] = sum of the four dy values it was copied to.
+ *
+ * Family pool
+ *   max_pool2x2     y = max over each 2x2 window, stride 2 (floor sizes);
+ *   max_pool2x2_backward
+ *                   dx = dy routed to the first maximum of each window in
+ *                   row-major order (as PyTorch), 0 elsewhere; dx =.
+ *
+ * Family activation (base/numerics.h defines each activation)
+ *   activation      y = act(x) elementwise (y may be x);
+ *   activation_backward
+ *                   dx = dy * act'(x) for act in {relu, leaky_relu(0.2)}
+ *                   computed from the output y (y > 0 exactly where x > 0);
+ *                   dx may be dy.
+ *
+ * Family elementwise
+ *   add             y = a + b, elementwise. y may be a or b.
+ *   channel_affine  y[n,c] = x[n,c] * a[c] + b[c] with host arrays a, b
+ *                   (either may be NULL: 1 and 0).
+ *   scale           x *= a.
+ *   axpy            y += a x.
+ *   lerp            x += t (y - x).
+ *   fill            x = v.
+ *
+ * Family posterior (the clamp of logvar is kv_clamp_logvar, base/numerics.h)
+ *   posterior_split moments (N, 2Z, H, W) -> mean = channels [0, Z),
+ *                   logvar = clamp(channels [Z, 2Z), -30, 20). logvar may be
+ *                   absent.
+ *   gaussian_sample z = mean + (float)exp(0.5 * (double)clamp(logvar)) * eps,
+ *                   with eps from kv_philox_normal(seed, i) for element i of
+ *                   the whole tensor (src/base/philox.h), so every backend
+ *                   gives the same bits.
  *   posterior_backward
  *                   from moments (N, 2Z, H, W) (mean mu, raw logvar l), the
  *                   gradient dz of z and the KL weight k:
@@ -109,19 +117,44 @@
  *                   from the sampling seed; dmoments =.
  *   kl_sum          sum over the batch of 0.5 * (mu^2 + exp(s) - 1 - s), in
  *                   double.
+ *
+ * Family lpips (the network is src/train/lpips.c)
+ *   unit_normalize  y[n,c,p] = x[n,c,p] / (r[n,p] + 1e-10),
+ *                   r = sqrt(sum_c x[n,c,p]^2);
+ *   unit_normalize_backward
+ *                   dx = dy/(r+e) - x * sum_c(dy*x) / ((r+e)^2 r), and 0 where
+ *                   r = 0 (PyTorch gives NaN there).
+ *   lpips_distance  value[n] = mean_p sum_c w[c] m[n,c,p] (a - b)^2 for unit
+ *                   normalised a, b and a dropout mask m (1, or 0 / 1/(1-p)
+ *                   drawn from Philox(seed)); with grad_scale[n] != 0 also
+ *                   db = grad_scale[n] * 2/P * w[c] m (b - a) (=).
+ *
+ * Family losses
+ *   pixel_loss      sum over all elements of |xhat - x| (l1) or (xhat - x)^2
+ *                   (l2), returned in double; with grad present,
+ *                   grad = scale * sign(xhat - x) (sign(0) = 0) or
+ *                   scale * 2 (xhat - x) (=).
+ *   logit_loss      the PatchGAN losses over a logits tensor, mean over its
+ *                   elements, returned in double: hinge_real mean relu(1 - l),
+ *                   hinge_fake mean relu(1 + l), vanilla_real mean softplus(-l),
+ *                   vanilla_fake mean softplus(l), generator -mean(l); with
+ *                   grad present, grad = scale * d(mean)/dl (=).
+ *
+ * Family optimizer
  *   adam            m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
  *                   p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)
  *                   (PyTorch's Adam) for one tensor.
- *   sum_squares     sum of x^2 in double; scale: x *= a; lerp: x += t (y - x);
- *                   axpy: y += a x; fill: x = v.
+ *   sum_squares     sum of x^2 in double (gradient norms).
  *
- * Ops return KLVAE_OK or a status with kv_error set. Shapes are checked by
- * the caller (src/model/vae.c builds them); backends may assume they agree.
+ * "+=" accumulates into an output, "=" overwrites it. Ops return KLVAE_OK
+ * or a status with kv_error set. Shapes are checked by the caller (the
+ * network builds them); backends may assume they agree.
  */
 #ifndef KV_BACKEND_H
 #define KV_BACKEND_H
 
 #include "base/common.h"
+#include "base/numerics.h" /* kv_activation */
 
 typedef enum kv_dtype {
     KV_F32 = 0
@@ -136,15 +169,6 @@ typedef struct kv_tensor {
     kv_dtype dtype;
     bool owned; /* allocated by the backend (released by kv_tensor_release) */
 } kv_tensor;
-
-typedef enum kv_activation {
-    KV_ACT_NONE = 0,
-    KV_ACT_SILU,
-    KV_ACT_GELU, /* exact, with erf */
-    KV_ACT_RELU,
-    KV_ACT_MISH,
-    KV_ACT_LEAKY_RELU /* slope 0.2, the PatchGAN's */
-} kv_activation;
 
 typedef enum kv_pixel_loss {
     KV_LOSS_L1 = 0,
@@ -172,6 +196,102 @@ typedef struct kv_conv_prologue {
 
 typedef struct kv_backend kv_backend;
 
+/* Who needs an op: inference (encode, sample, decode) or training. */
+#define KV_OP_INFERENCE 1u
+#define KV_OP_TRAINING 2u
+
+/* Every op of the interface, once, in the table's order:
+ * X(family, name, who needs it, parameters). The return type is always
+ * klvae_status_t. */
+#define KV_BACKEND_OPS(X)                                                                       \
+    X(conv2d, conv2d, KV_OP_INFERENCE,                                                          \
+      (kv_backend *be, const kv_tensor *x, const kv_conv_prologue *prologue, const kv_tensor *w, \
+       const kv_tensor *b, kv_conv_geometry geometry, kv_tensor *y))                            \
+    X(group_norm, group_norm_stats, KV_OP_INFERENCE,                                            \
+      (kv_backend *be, const kv_tensor *x, const kv_tensor *gamma, const kv_tensor *beta,      \
+       int groups, float eps, kv_tensor *scale, kv_tensor *shift, kv_tensor *mean,              \
+       kv_tensor *rstd))                                                                        \
+    X(group_norm, group_norm, KV_OP_INFERENCE,                                                  \
+      (kv_backend *be, const kv_tensor *x, const kv_tensor *gamma, const kv_tensor *beta,      \
+       int groups, float eps, kv_activation act, kv_tensor *y))                                 \
+    X(elementwise, add, KV_OP_INFERENCE,                                                        \
+      (kv_backend *be, const kv_tensor *a, const kv_tensor *b, kv_tensor *y))                  \
+    X(upsample, upsample_nearest2x, KV_OP_INFERENCE,                                            \
+      (kv_backend *be, const kv_tensor *x, kv_tensor *y))                                      \
+    X(attention, attention, KV_OP_INFERENCE,                                                    \
+      (kv_backend *be, const kv_tensor *q, const kv_tensor *k, const kv_tensor *v, float scale, \
+       kv_tensor *out))                                                                         \
+    X(posterior, posterior_split, KV_OP_INFERENCE,                                              \
+      (kv_backend *be, const kv_tensor *moments, kv_tensor *mean, kv_tensor *logvar))          \
+    X(posterior, gaussian_sample, KV_OP_INFERENCE,                                              \
+      (kv_backend *be, const kv_tensor *mean, const kv_tensor *logvar, uint64_t seed,          \
+       kv_tensor *z))                                                                           \
+    X(conv2d, conv2d_backward_data, KV_OP_TRAINING,                                             \
+      (kv_backend *be, const kv_tensor *dy, const kv_tensor *w, kv_conv_geometry geometry,     \
+       kv_tensor *dx))                                                                          \
+    X(conv2d, conv2d_backward_weight, KV_OP_TRAINING,                                           \
+      (kv_backend *be, const kv_tensor *x, const kv_conv_prologue *prologue,                   \
+       const kv_tensor *dy, kv_conv_geometry geometry, kv_tensor *dw, kv_tensor *db))           \
+    X(group_norm, group_norm_backward, KV_OP_TRAINING,                                          \
+      (kv_backend *be, const kv_tensor *x, const kv_tensor *gamma, const kv_tensor *scale,     \
+       const kv_tensor *shift, const kv_tensor *mean, const kv_tensor *rstd, int groups,        \
+       kv_activation act, const kv_tensor *da, kv_tensor *dx, kv_tensor *dgamma,                \
+       kv_tensor *dbeta))                                                                       \
+    X(attention, attention_backward, KV_OP_TRAINING,                                            \
+      (kv_backend *be, const kv_tensor *q, const kv_tensor *k, const kv_tensor *v, float scale, \
+       const kv_tensor *dout, kv_tensor *dq, kv_tensor *dk, kv_tensor *dv))                     \
+    X(upsample, upsample_nearest2x_backward, KV_OP_TRAINING,                                    \
+      (kv_backend *be, const kv_tensor *dy, kv_tensor *dx))                                    \
+    X(activation, activation, KV_OP_TRAINING,                                                   \
+      (kv_backend *be, const kv_tensor *x, kv_activation act, kv_tensor *y))                   \
+    X(activation, activation_backward, KV_OP_TRAINING,                                          \
+      (kv_backend *be, const kv_tensor *y, const kv_tensor *dy, kv_activation act,             \
+       kv_tensor *dx))                                                                          \
+    X(elementwise, channel_affine, KV_OP_TRAINING,                                              \
+      (kv_backend *be, const kv_tensor *x, const float *a, const float *b, kv_tensor *y))      \
+    X(pool, max_pool2x2, KV_OP_TRAINING, (kv_backend *be, const kv_tensor *x, kv_tensor *y))   \
+    X(pool, max_pool2x2_backward, KV_OP_TRAINING,                                               \
+      (kv_backend *be, const kv_tensor *x, const kv_tensor *dy, kv_tensor *dx))                \
+    X(lpips, unit_normalize, KV_OP_TRAINING,                                                    \
+      (kv_backend *be, const kv_tensor *x, kv_tensor *y, kv_tensor *norms))                    \
+    X(lpips, unit_normalize_backward, KV_OP_TRAINING,                                           \
+      (kv_backend *be, const kv_tensor *x, const kv_tensor *norms, const kv_tensor *dy,        \
+       kv_tensor *dx))                                                                          \
+    X(lpips, lpips_distance, KV_OP_TRAINING,                                                    \
+      (kv_backend *be, const kv_tensor *a, const kv_tensor *b, const kv_tensor *w,             \
+       float dropout, uint64_t dropout_seed, double *values, const float *grad_scale,           \
+       kv_tensor *db))                                                                          \
+    X(batch_norm, batch_norm, KV_OP_TRAINING,                                                   \
+      (kv_backend *be, const kv_tensor *x, const kv_tensor *gamma, const kv_tensor *beta,      \
+       float eps, float momentum, float *running_mean, float *running_var, kv_tensor *y,        \
+       kv_tensor *mean, kv_tensor *invstd))                                                     \
+    X(batch_norm, batch_norm_backward, KV_OP_TRAINING,                                          \
+      (kv_backend *be, const kv_tensor *x, const kv_tensor *gamma, const kv_tensor *mean,      \
+       const kv_tensor *invstd, const kv_tensor *dy, kv_tensor *dx, kv_tensor *dgamma,          \
+       kv_tensor *dbeta))                                                                       \
+    X(losses, pixel_loss, KV_OP_TRAINING,                                                       \
+      (kv_backend *be, const kv_tensor *x, const kv_tensor *xhat, kv_pixel_loss kind,          \
+       float scale, double *sum, kv_tensor *grad))                                              \
+    X(losses, logit_loss, KV_OP_TRAINING,                                                       \
+      (kv_backend *be, const kv_tensor *logits, kv_logit_loss kind, float scale, double *mean, \
+       kv_tensor *grad))                                                                        \
+    X(posterior, posterior_backward, KV_OP_TRAINING,                                            \
+      (kv_backend *be, const kv_tensor *moments, const kv_tensor *dz, float kl_weight,         \
+       bool sampled, uint64_t seed, kv_tensor *dmoments))                                       \
+    X(posterior, kl_sum, KV_OP_TRAINING,                                                        \
+      (kv_backend *be, const kv_tensor *moments, double *sum))                                 \
+    X(optimizer, adam, KV_OP_TRAINING,                                                          \
+      (kv_backend *be, kv_tensor *param, const kv_tensor *grad, kv_tensor *m, kv_tensor *v,    \
+       float lr, float beta1, float beta2, float eps, int64_t step))                            \
+    X(optimizer, sum_squares, KV_OP_TRAINING,                                                   \
+      (kv_backend *be, const kv_tensor *x, double *sum))                                       \
+    X(elementwise, scale, KV_OP_TRAINING, (kv_backend *be, kv_tensor *x, float a))             \
+    X(elementwise, lerp, KV_OP_TRAINING,                                                        \
+      (kv_backend *be, kv_tensor *x, const kv_tensor *y, float t))                             \
+    X(elementwise, axpy, KV_OP_TRAINING,                                                        \
+      (kv_backend *be, float a, const kv_tensor *x, kv_tensor *y))                             \
+    X(elementwise, fill, KV_OP_TRAINING, (kv_backend *be, kv_tensor *x, float value))
+
 typedef struct kv_backend_ops {
     const char *name;
     void (*destroy)(kv_backend *be);
@@ -185,85 +305,10 @@ typedef struct kv_backend_ops {
     klvae_status_t (*upload)(kv_backend *be, void *dst, const float *src, size_t count);
     klvae_status_t (*download)(kv_backend *be, float *dst, const void *src, size_t count);
 
-    /* ops, specified above */
-    klvae_status_t (*conv2d)(kv_backend *be, const kv_tensor *x, const kv_conv_prologue *prologue,
-                             const kv_tensor *w, const kv_tensor *b, kv_conv_geometry geometry,
-                             kv_tensor *y);
-    klvae_status_t (*group_norm_stats)(kv_backend *be, const kv_tensor *x,
-                                       const kv_tensor *gamma, const kv_tensor *beta, int groups,
-                                       float eps, kv_tensor *scale, kv_tensor *shift,
-                                       kv_tensor *mean, kv_tensor *rstd);
-    klvae_status_t (*group_norm)(kv_backend *be, const kv_tensor *x, const kv_tensor *gamma,
-                                 const kv_tensor *beta, int groups, float eps,
-                                 kv_activation act, kv_tensor *y);
-    klvae_status_t (*add)(kv_backend *be, const kv_tensor *a, const kv_tensor *b, kv_tensor *y);
-    klvae_status_t (*upsample_nearest2x)(kv_backend *be, const kv_tensor *x, kv_tensor *y);
-    klvae_status_t (*attention)(kv_backend *be, const kv_tensor *q, const kv_tensor *k,
-                                const kv_tensor *v, float scale, kv_tensor *out);
-    klvae_status_t (*posterior_split)(kv_backend *be, const kv_tensor *moments, kv_tensor *mean,
-                                      kv_tensor *logvar);
-    klvae_status_t (*gaussian_sample)(kv_backend *be, const kv_tensor *mean,
-                                      const kv_tensor *logvar, uint64_t seed, kv_tensor *z);
-
-    /* training ops, specified above */
-    klvae_status_t (*conv2d_backward_data)(kv_backend *be, const kv_tensor *dy, const kv_tensor *w,
-                                           kv_conv_geometry geometry, kv_tensor *dx);
-    klvae_status_t (*conv2d_backward_weight)(kv_backend *be, const kv_tensor *x,
-                                             const kv_conv_prologue *prologue,
-                                             const kv_tensor *dy, kv_conv_geometry geometry,
-                                             kv_tensor *dw, kv_tensor *db);
-    klvae_status_t (*group_norm_backward)(kv_backend *be, const kv_tensor *x,
-                                          const kv_tensor *gamma, const kv_tensor *scale,
-                                          const kv_tensor *shift, const kv_tensor *mean,
-                                          const kv_tensor *rstd, int groups, kv_activation act,
-                                          const kv_tensor *da, kv_tensor *dx, kv_tensor *dgamma,
-                                          kv_tensor *dbeta);
-    klvae_status_t (*attention_backward)(kv_backend *be, const kv_tensor *q, const kv_tensor *k,
-                                         const kv_tensor *v, float scale, const kv_tensor *dout,
-                                         kv_tensor *dq, kv_tensor *dk, kv_tensor *dv);
-    klvae_status_t (*upsample_nearest2x_backward)(kv_backend *be, const kv_tensor *dy,
-                                                  kv_tensor *dx);
-    klvae_status_t (*activation)(kv_backend *be, const kv_tensor *x, kv_activation act,
-                                 kv_tensor *y);
-    klvae_status_t (*activation_backward)(kv_backend *be, const kv_tensor *y, const kv_tensor *dy,
-                                          kv_activation act, kv_tensor *dx);
-    klvae_status_t (*channel_affine)(kv_backend *be, const kv_tensor *x, const float *a,
-                                     const float *b, kv_tensor *y);
-    klvae_status_t (*max_pool2x2)(kv_backend *be, const kv_tensor *x, kv_tensor *y);
-    klvae_status_t (*max_pool2x2_backward)(kv_backend *be, const kv_tensor *x,
-                                           const kv_tensor *dy, kv_tensor *dx);
-    klvae_status_t (*unit_normalize)(kv_backend *be, const kv_tensor *x, kv_tensor *y,
-                                     kv_tensor *norms);
-    klvae_status_t (*unit_normalize_backward)(kv_backend *be, const kv_tensor *x,
-                                              const kv_tensor *norms, const kv_tensor *dy,
-                                              kv_tensor *dx);
-    klvae_status_t (*lpips_distance)(kv_backend *be, const kv_tensor *a, const kv_tensor *b,
-                                     const kv_tensor *w, float dropout, uint64_t dropout_seed,
-                                     double *values, const float *grad_scale, kv_tensor *db);
-    klvae_status_t (*batch_norm)(kv_backend *be, const kv_tensor *x, const kv_tensor *gamma,
-                                 const kv_tensor *beta, float eps, float momentum,
-                                 float *running_mean, float *running_var, kv_tensor *y,
-                                 kv_tensor *mean, kv_tensor *invstd);
-    klvae_status_t (*batch_norm_backward)(kv_backend *be, const kv_tensor *x,
-                                          const kv_tensor *gamma, const kv_tensor *mean,
-                                          const kv_tensor *invstd, const kv_tensor *dy,
-                                          kv_tensor *dx, kv_tensor *dgamma, kv_tensor *dbeta);
-    klvae_status_t (*pixel_loss)(kv_backend *be, const kv_tensor *x, const kv_tensor *xhat,
-                                 kv_pixel_loss kind, float scale, double *sum, kv_tensor *grad);
-    klvae_status_t (*logit_loss)(kv_backend *be, const kv_tensor *logits, kv_logit_loss kind,
-                                 float scale, double *mean, kv_tensor *grad);
-    klvae_status_t (*posterior_backward)(kv_backend *be, const kv_tensor *moments,
-                                         const kv_tensor *dz, float kl_weight, bool sampled,
-                                         uint64_t seed, kv_tensor *dmoments);
-    klvae_status_t (*kl_sum)(kv_backend *be, const kv_tensor *moments, double *sum);
-    klvae_status_t (*adam)(kv_backend *be, kv_tensor *param, const kv_tensor *grad, kv_tensor *m,
-                           kv_tensor *v, float lr, float beta1, float beta2, float eps,
-                           int64_t step);
-    klvae_status_t (*sum_squares)(kv_backend *be, const kv_tensor *x, double *sum);
-    klvae_status_t (*scale)(kv_backend *be, kv_tensor *x, float a);
-    klvae_status_t (*lerp)(kv_backend *be, kv_tensor *x, const kv_tensor *y, float t);
-    klvae_status_t (*axpy)(kv_backend *be, float a, const kv_tensor *x, kv_tensor *y);
-    klvae_status_t (*fill)(kv_backend *be, kv_tensor *x, float value);
+    /* the ops of KV_BACKEND_OPS, by name; NULL where the backend lacks one */
+#define KV_OP_MEMBER(family, name, needed_by, params) klvae_status_t(*name) params;
+    KV_BACKEND_OPS(KV_OP_MEMBER)
+#undef KV_OP_MEMBER
 } kv_backend_ops;
 
 struct kv_backend {
@@ -288,6 +333,11 @@ typedef struct kv_backend_settings {
     int device;             /* GPU index */
     kv_precision precision; /* the CPU backend computes in fp32 whatever this says */
 } kv_backend_settings;
+
+/* The name of the first op of KV_BACKEND_OPS needed by any of who
+ * (KV_OP_INFERENCE, KV_OP_TRAINING, or both) that be's table lacks, or NULL
+ * when it has them all. */
+const char *kv_backend_missing_op(const kv_backend *be, unsigned who);
 
 /* Creates the CPU backend (src/backend/cpu/cpu_backend.c). */
 klvae_status_t kv_cpu_backend_create(const kv_backend_settings *settings, kv_backend **out);
@@ -319,7 +369,7 @@ klvae_status_t kv_backend_create(const char *name, const kv_backend_settings *se
 
 void kv_backend_destroy(kv_backend *be);
 
-/* Tensor helpers (src/backend/backend.c). */
+/* Tensor helpers (src/backend/tensor.c). */
 size_t kv_tensor_numel(const kv_tensor *t);
 kv_tensor kv_tensor_view4(const kv_tensor *t, int n, int c, int h, int w);
 /* A non-owning tensor over memory the caller manages. */

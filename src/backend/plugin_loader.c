@@ -18,25 +18,6 @@
 
 #define REASON_CAPACITY 1024
 
-/* Every function of kv_backend_ops; a plugin's backend must fill them all
- * (ops it cannot do return KLVAE_ERR_UNSUPPORTED), so that the core never
- * calls a NULL pointer. The assertion below notices a member added to
- * backend.h and not here. */
-#define KV_BACKEND_FUNCTIONS(X)                                                                 \
-    X(destroy) X(alloc) X(release) X(trim) X(upload) X(download) X(conv2d)                     \
-    X(group_norm_stats) X(group_norm) X(add) X(upsample_nearest2x) X(attention)                \
-    X(posterior_split) X(gaussian_sample) X(conv2d_backward_data) X(conv2d_backward_weight)    \
-    X(group_norm_backward) X(attention_backward) X(upsample_nearest2x_backward) X(activation)  \
-    X(activation_backward) X(channel_affine) X(max_pool2x2) X(max_pool2x2_backward)            \
-    X(unit_normalize) X(unit_normalize_backward) X(lpips_distance) X(batch_norm)               \
-    X(batch_norm_backward) X(pixel_loss) X(logit_loss) X(posterior_backward) X(kl_sum) X(adam) \
-    X(sum_squares) X(scale) X(lerp) X(axpy) X(fill)
-#define KV_COUNT_ONE(op) +1
-#define KV_BACKEND_FUNCTION_COUNT (0 KV_BACKEND_FUNCTIONS(KV_COUNT_ONE))
-_Static_assert(sizeof(kv_backend_ops) ==
-                   sizeof(const char *) + KV_BACKEND_FUNCTION_COUNT * sizeof(void (*)(void)),
-               "KV_BACKEND_FUNCTIONS must list every function of kv_backend_ops");
-
 /* ---- the core's services for the plugin ---- */
 
 static klvae_status_t host_set_error(klvae_status_t status, const char *message)
@@ -332,18 +313,21 @@ klvae_status_t kv_cuda_backend_create(const kv_backend_settings *settings, kv_ba
     if (!be || !be->ops)
         return kv_error(KLVAE_ERR_BACKEND_UNAVAILABLE,
                         "CUDA plugin %s: create succeeded but returned no backend", path);
-    const char *missing = NULL;
-#define KV_FIND_MISSING(op)                                                                     \
-    if (!missing && !be->ops->op)                                                               \
-        missing = #op;
-    KV_BACKEND_FUNCTIONS(KV_FIND_MISSING)
-#undef KV_FIND_MISSING
+    /* The memory functions and every inference op must be there; training
+     * ops may be NULL (the trainer asks for them before it starts). */
+    const kv_backend_ops *ops = be->ops;
+    const char *missing = !ops->destroy    ? "destroy"
+                          : !ops->alloc    ? "alloc"
+                          : !ops->release  ? "release"
+                          : !ops->trim     ? "trim"
+                          : !ops->upload   ? "upload"
+                          : !ops->download ? "download"
+                                           : kv_backend_missing_op(be, KV_OP_INFERENCE);
     if (missing) {
-        if (be->ops->destroy)
-            be->ops->destroy(be);
+        if (ops->destroy)
+            ops->destroy(be);
         return kv_error(KLVAE_ERR_BACKEND_UNAVAILABLE,
-                        "CUDA plugin %s: its backend lacks the op %s (an op it cannot do must "
-                        "return KLVAE_ERR_UNSUPPORTED, not be NULL)",
+                        "CUDA plugin %s: its backend lacks the op %s, which inference needs",
                         path, missing);
     }
     kv_error_clear();

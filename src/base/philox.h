@@ -23,11 +23,7 @@
 #include <math.h>
 #include <stdint.h>
 
-#if defined(__CUDACC__)
-#define KV_HD __host__ __device__
-#else
-#define KV_HD
-#endif
+#include "base/numerics.h" /* KV_HD, kv_clamp_logvar */
 
 typedef struct kv_philox_block {
     uint32_t w[4];
@@ -195,8 +191,7 @@ static inline KV_HD float kv_philox_normal(uint64_t seed, uint64_t i)
 /* The standard deviation used by gaussian_sample for a logvar value. */
 static inline KV_HD float kv_posterior_std(float logvar)
 {
-    float clamped = logvar < -30.0f ? -30.0f : (logvar > 20.0f ? 20.0f : logvar);
-    return (float)kv_det_exp(0.5 * (double)clamped);
+    return (float)kv_det_exp(0.5 * (double)kv_clamp_logvar(logvar));
 }
 
 /* A uniform float in [0, 1) for element i (24 bits), used for seeded
@@ -205,6 +200,57 @@ static inline KV_HD float kv_philox_uniform(uint64_t seed, uint64_t i)
 {
     kv_philox_block b = kv_philox4x32_10(i >> 2, seed);
     return (float)(b.w[i & 3] >> 8) * (1.0f / 16777216.0f);
+}
+
+/* A stream of 32-bit words for sequential draws (data order, crops,
+ * procedural pictures): block k of the stream for (seed, tag, id) is
+ * Philox(counter (k, tag, lo32(id), hi32(id)), key (lo32(seed),
+ * hi32(seed))), its four words used in order. A tag keeps the streams of
+ * different purposes apart for the same seed and id. */
+typedef struct kv_philox_stream {
+    uint32_t counter[4];
+    uint32_t key[2];
+    kv_philox_block block;
+    int used;
+} kv_philox_stream;
+
+static inline KV_HD kv_philox_stream kv_philox_stream_start(uint64_t seed, uint32_t tag,
+                                                            uint64_t id)
+{
+    kv_philox_stream s;
+    s.counter[0] = 0;
+    s.counter[1] = tag;
+    s.counter[2] = (uint32_t)id;
+    s.counter[3] = (uint32_t)(id >> 32);
+    s.key[0] = (uint32_t)seed;
+    s.key[1] = (uint32_t)(seed >> 32);
+    s.used = 4;
+    return s;
+}
+
+static inline KV_HD uint32_t kv_philox_stream_next(kv_philox_stream *s)
+{
+    if (s->used == 4) {
+        s->block = kv_philox4x32_10_full(s->counter, s->key);
+        s->counter[0]++;
+        s->used = 0;
+    }
+    return s->block.w[s->used++];
+}
+
+/* Exactly uniform in [0, bound), bound >= 1 (Lemire 2019). */
+static inline KV_HD uint32_t kv_philox_stream_below(kv_philox_stream *s, uint32_t bound)
+{
+    uint64_t m = (uint64_t)kv_philox_stream_next(s) * bound;
+    uint32_t low = (uint32_t)m;
+    if (low < bound) {
+        uint32_t threshold = (uint32_t)(0u - bound) % bound;
+        while (low < threshold) {
+            m = (uint64_t)kv_philox_stream_next(s) * bound;
+            low = (uint32_t)m;
+        }
+    }
+    return (uint32_t)(m >> 32);
 }
 
 #endif /* KV_PHILOX_H */

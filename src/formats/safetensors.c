@@ -56,14 +56,6 @@ float kv_half_to_float(uint16_t h)
     return f;
 }
 
-float kv_bf16_to_float(uint16_t b)
-{
-    uint32_t bits = (uint32_t)b << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
 static int compare_by_name(const void *a, const void *b)
 {
     return strcmp(((const kv_st_tensor *)a)->name, ((const kv_st_tensor *)b)->name);

@@ -9,6 +9,7 @@
 #define KV_SAFETENSORS_H
 
 #include "base/common.h"
+#include "base/numerics.h"
 
 #define KV_ST_MAX_DIMS 8
 #define KV_ST_MAX_HEADER 100000000u /* the reference reader's limit */
@@ -71,8 +72,7 @@ klvae_status_t kv_st_write(const char *path, const kv_st_entry *entries, size_t 
                            const kv_st_meta *metadata, size_t metadata_count,
                            kv_st_fetch_fn fetch, void *ctx, struct kv_atomic_file *pending);
 
-/* IEEE half and bfloat16 to float. */
+/* IEEE half to float (bfloat16: kv_bf16_to_float, base/numerics.h). */
 float kv_half_to_float(uint16_t h);
-float kv_bf16_to_float(uint16_t b);
 
 #endif

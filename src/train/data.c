@@ -49,53 +49,6 @@
 #define KV_TAG_PERM 0x7065726Du
 #define KV_TAG_CROP 0x63726F70u
 
-/* ---- Philox word stream ---- */
-
-typedef struct word_stream {
-    uint32_t counter[4];
-    uint32_t key[2];
-    kv_philox_block block;
-    int used;
-} word_stream;
-
-static word_stream stream_start(uint64_t seed, uint32_t tag, uint64_t id)
-{
-    word_stream s;
-    s.counter[0] = 0;
-    s.counter[1] = tag;
-    s.counter[2] = (uint32_t)id;
-    s.counter[3] = (uint32_t)(id >> 32);
-    s.key[0] = (uint32_t)seed;
-    s.key[1] = (uint32_t)(seed >> 32);
-    s.used = 4;
-    return s;
-}
-
-static uint32_t stream_next(word_stream *s)
-{
-    if (s->used == 4) {
-        s->block = kv_philox4x32_10_full(s->counter, s->key);
-        s->counter[0]++;
-        s->used = 0;
-    }
-    return s->block.w[s->used++];
-}
-
-/* Exactly uniform in [0, bound), bound >= 1 (Lemire 2019). */
-static uint32_t stream_below(word_stream *s, uint32_t bound)
-{
-    uint64_t m = (uint64_t)stream_next(s) * bound;
-    uint32_t low = (uint32_t)m;
-    if (low < bound) {
-        uint32_t threshold = (uint32_t)(0u - bound) % bound;
-        while (low < threshold) {
-            m = (uint64_t)stream_next(s) * bound;
-            low = (uint32_t)m;
-        }
-    }
-    return (uint32_t)(m >> 32);
-}
-
 /* ---- the dataset ---- */
 
 typedef struct perm_slot {
@@ -356,9 +309,9 @@ static void shuffle(uint32_t *order, size_t count, uint64_t seed, uint64_t epoch
 {
     for (size_t i = 0; i < count; i++)
         order[i] = (uint32_t)i;
-    word_stream s = stream_start(seed, KV_TAG_PERM, epoch);
+    kv_philox_stream s = kv_philox_stream_start(seed, KV_TAG_PERM, epoch);
     for (size_t i = count; i > 1; i--) {
-        uint32_t j = stream_below(&s, (uint32_t)i); /* in [0, i - 1] */
+        uint32_t j = kv_philox_stream_below(&s, (uint32_t)i); /* in [0, i - 1] */
         uint32_t t = order[i - 1];
         order[i - 1] = order[j];
         order[j] = t;
@@ -454,10 +407,10 @@ static klvae_status_t crop_image(const kv_dataset *ds, uint64_t position, const 
         nw = KV_MAX(nw, usize);
     }
     /* nh, nw <= 65536 * 8192 = 2^29: the ranges fit in 32 bits. */
-    word_stream s = stream_start(ds->seed, KV_TAG_CROP, position);
-    bool flip = (stream_next(&s) >> 31) != 0;
-    uint64_t ox = stream_below(&s, (uint32_t)(nw - usize + 1));
-    uint64_t oy = stream_below(&s, (uint32_t)(nh - usize + 1));
+    kv_philox_stream s = kv_philox_stream_start(ds->seed, KV_TAG_CROP, position);
+    bool flip = (kv_philox_stream_next(&s) >> 31) != 0;
+    uint64_t ox = kv_philox_stream_below(&s, (uint32_t)(nw - usize + 1));
+    uint64_t oy = kv_philox_stream_below(&s, (uint32_t)(nh - usize + 1));
 
     const size_t in_plane = (size_t)h * (size_t)w;
     const size_t out_plane = (size_t)size * (size_t)size;

@@ -54,34 +54,16 @@
 
 /* ---- random numbers ---- */
 
-typedef struct rng {
-    uint32_t counter[4];
-    uint32_t key[2];
-    kv_philox_block block;
-    int used;
-} rng;
+typedef kv_philox_stream rng;
 
 static rng rng_start(uint64_t seed, uint64_t index)
 {
-    rng r;
-    r.counter[0] = 0;
-    r.counter[1] = KV_TAG_PROC;
-    r.counter[2] = (uint32_t)index;
-    r.counter[3] = (uint32_t)(index >> 32);
-    r.key[0] = (uint32_t)seed;
-    r.key[1] = (uint32_t)(seed >> 32);
-    r.used = 4;
-    return r;
+    return kv_philox_stream_start(seed, KV_TAG_PROC, index);
 }
 
 static uint32_t rng_word(rng *r)
 {
-    if (r->used == 4) {
-        r->block = kv_philox4x32_10_full(r->counter, r->key);
-        r->counter[0]++;
-        r->used = 0;
-    }
-    return r->block.w[r->used++];
+    return kv_philox_stream_next(r);
 }
 
 /* Uniform in [0, 1), 24 bits. */

@@ -210,6 +210,13 @@ KLVAE_API klvae_status_t klvae_trainer_create(klvae_model_t *model, const klvae_
     *out = NULL;
     if (!model)
         return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "klvae_trainer_create: model is NULL");
+    const char *missing = kv_backend_missing_op(model->be, KV_OP_TRAINING);
+    if (missing)
+        return kv_error(KLVAE_ERR_UNSUPPORTED,
+                        "klvae_trainer_create: the %s backend cannot train this model: it has "
+                        "no %s op (training needs every training op of the backend interface; "
+                        "backend=cpu has them all)",
+                        model->be->ops->name, missing);
     klvae_trainer_t *t = calloc(1, sizeof *t);
     if (!t)
         return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory creating the trainer");

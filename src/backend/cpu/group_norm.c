@@ -24,48 +24,6 @@ typedef struct gn_job {
     float eps;
 } gn_job;
 
-float kv_cpu_activate(kv_activation act, float v)
-{
-    switch (act) {
-    case KV_ACT_NONE: return v;
-    case KV_ACT_SILU: return v / (1.0f + expf(-v));
-    case KV_ACT_GELU: return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
-    case KV_ACT_RELU: return v > 0.0f ? v : 0.0f;
-    case KV_ACT_MISH: {
-        /* softplus with PyTorch's threshold of 20 */
-        float sp = v > 20.0f ? v : log1pf(expf(v));
-        return v * tanhf(sp);
-    }
-    case KV_ACT_LEAKY_RELU: return v > 0.0f ? v : 0.2f * v;
-    }
-    return v;
-}
-
-float kv_cpu_activate_grad(kv_activation act, float v)
-{
-    switch (act) {
-    case KV_ACT_NONE: return 1.0f;
-    case KV_ACT_SILU: {
-        float sig = 1.0f / (1.0f + expf(-v));
-        return sig * (1.0f + v * (1.0f - sig));
-    }
-    case KV_ACT_GELU: {
-        float cdf = 0.5f * (1.0f + erff(v * 0.70710678118654752f));
-        float pdf = 0.39894228040143268f * expf(-0.5f * v * v);
-        return cdf + v * pdf;
-    }
-    case KV_ACT_RELU: return v > 0.0f ? 1.0f : 0.0f;
-    case KV_ACT_MISH: {
-        float sp = v > 20.0f ? v : log1pf(expf(v));
-        float tsp = tanhf(sp);
-        float sig = 1.0f / (1.0f + expf(-v));
-        return tsp + v * (1.0f - tsp * tsp) * sig;
-    }
-    case KV_ACT_LEAKY_RELU: return v > 0.0f ? 1.0f : 0.2f;
-    }
-    return 1.0f;
-}
-
 /* Sum and sum of squares in double, in KV_LANES independent lanes so that
  * the loop vectorises without reassociating anything. */
 KV_VECTOR_CLONES
@@ -123,9 +81,12 @@ static void gn_stats_task(void *arg, int task, int thread)
  * vectorise (libm's expf is a call per element). */
 static inline float fast_expf(float x)
 {
-    /* Clamp without branches: exp(-87) is near FLT_MIN, exp(88) near FLT_MAX. */
-    x = x < -87.0f ? -87.0f : x;
-    x = x > 88.0f ? 88.0f : x;
+    /* Clamp without branches: exp(-87) is near FLT_MIN, exp(88) near FLT_MAX.
+     * Written so that NaN fails both tests and becomes -87: the conversion
+     * of k to an integer below is then defined for every input. (SiLU still
+     * gives NaN for NaN: it multiplies by v.) */
+    x = x > -87.0f ? x : -87.0f;
+    x = x < 88.0f ? x : 88.0f;
     /* k = round(x / ln 2) by the 1.5 * 2^23 trick: no call to a rounding
      * function, so the loop vectorises. */
     const float shifter = 12582912.0f;
@@ -186,7 +147,7 @@ void kv_cpu_scale_shift_act(const float *x, float *y, size_t n, float s, float t
         scale_shift_silu(x, y, n, s, t);
     } else {
         for (size_t i = 0; i < n; i++)
-            y[i] = kv_cpu_activate(act, x[i] * s + t);
+            y[i] = kv_activate(act, x[i] * s + t);
     }
 }
 
@@ -277,7 +238,7 @@ static void gn_backward_task(void *arg, int task, int thread)
         double sum_du = 0.0, sum_du_xhat = 0.0;
         for (size_t i = 0; i < j->plane; i++) {
             float du = j->act == KV_ACT_NONE ? da[i]
-                                             : da[i] * kv_cpu_activate_grad(j->act, x[i] * s + t);
+                                             : da[i] * kv_activate_grad(j->act, x[i] * s + t);
             float xhat = (x[i] - mean) * rstd;
             dx[i] = du;
             sum_du += du;

@@ -1,5 +1,6 @@
-/* optimizer.c — Adam, exactly as PyTorch's single-tensor implementation
- * orders its operations:
+/* optimizer.c — Adam, and the sum of squares that gradient clipping and the
+ * adaptive GAN weight take norms with. Adam orders its operations exactly
+ * as PyTorch's single-tensor implementation:
  *   m += (1 - b1) (g - m);  v = v b2 + (1 - b2) g g;
  *   p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps). */
 #include <math.h>
@@ -42,5 +43,40 @@ klvae_status_t kv_cpu_adam(kv_backend *be, kv_tensor *param, const kv_tensor *gr
                   eps, (float)((double)lr / bc1), (float)sqrt(bc2)};
     int tasks = (int)((j.count + KV_ADAM_CHUNK - 1) / KV_ADAM_CHUNK);
     kv_pool_run(kv_cpu_of(be)->pool, tasks, adam_task, &j);
+    return KLVAE_OK;
+}
+
+typedef struct reduce_job {
+    const float *x;
+    size_t count;
+    double *partial;
+} reduce_job;
+
+static void sum_squares_task(void *arg, int task, int thread)
+{
+    (void)thread;
+    const reduce_job *j = arg;
+    size_t i0, i1;
+    kv_cpu_chunk_range(j->count, task, &i0, &i1);
+    double s = 0.0;
+    for (size_t i = i0; i < i1; i++)
+        s += (double)j->x[i] * j->x[i];
+    j->partial[task] = s;
+}
+
+klvae_status_t kv_cpu_sum_squares(kv_backend *be, const kv_tensor *x, double *sum)
+{
+    kv_cpu *cpu = kv_cpu_of(be);
+    size_t count = kv_tensor_numel(x);
+    int chunks = kv_cpu_chunks(count);
+    klvae_status_t st = kv_cpu_reserve_shared(cpu, 2 * (size_t)KV_MAX(chunks, 1));
+    if (st != KLVAE_OK)
+        return st;
+    reduce_job j = {x->data, count, (double *)cpu->shared};
+    kv_pool_run(cpu->pool, chunks, sum_squares_task, &j);
+    double s = 0.0;
+    for (int c = 0; c < chunks; c++) /* fixed order */
+        s += j.partial[c];
+    *sum = s;
     return KLVAE_OK;
 }

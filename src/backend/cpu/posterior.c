@@ -19,7 +19,7 @@ klvae_status_t kv_cpu_posterior_split(kv_backend *be, const kv_tensor *moments, 
             float *lv = (float *)logvar->data + (size_t)n * block;
             for (size_t i = 0; i < block; i++) {
                 float v = m[block + i];
-                lv[i] = v < -30.0f ? -30.0f : (v > 20.0f ? 20.0f : v);
+                lv[i] = kv_clamp_logvar(v);
             }
         }
     }
@@ -85,12 +85,12 @@ static void posterior_backward_task(void *arg, int task, int thread)
     const uint64_t first = (uint64_t)task * j->plane; /* element index in z */
     for (size_t p = 0; p < j->plane; p++) {
         float l = lv[p];
-        float s = l < -30.0f ? -30.0f : (l > 20.0f ? 20.0f : l);
+        float s = kv_clamp_logvar(l);
         float ds = j->kl_weight * 0.5f * (float)(exp((double)s) - 1.0);
         if (j->sampled)
             ds += dz[p] * 0.5f * kv_posterior_std(l) * kv_philox_normal(j->seed, first + p);
         dmu[p] = dz[p] + j->kl_weight * mu[p];
-        dlv[p] = (l >= -30.0f && l <= 20.0f) ? ds : 0.0f;
+        dlv[p] = kv_logvar_unclamped(l) ? ds : 0.0f;
     }
 }
 
@@ -115,7 +115,7 @@ klvae_status_t kv_cpu_kl_sum(kv_backend *be, const kv_tensor *moments, double *s
             const float *mu = (const float *)moments->data + ((size_t)n * 2 * z + c) * plane;
             const float *lv = mu + (size_t)z * plane;
             for (size_t p = 0; p < plane; p++) {
-                double l = lv[p] < -30.0f ? -30.0 : (lv[p] > 20.0f ? 20.0 : lv[p]);
+                double l = kv_clamp_logvar(lv[p]);
                 s += 0.5 * ((double)mu[p] * mu[p] + exp(l) - 1.0 - l);
             }
         }
