@@ -369,9 +369,11 @@ uninstall-cuda:
 	rm -f $(DESTDIR)$(LIBDIR)/libklvae_cuda.so
 
 GPU_TEST_SOURCES := tests/gpu/test_cuda.c tests/gpu/cuda_harness.c
+# -Werror: these programs only run on a GPU machine, so a warning here is the
+# only notice of a drift before GPU time is spent on it.
 $(GPU_TEST): $(GPU_TEST_SOURCES) tests/gpu/cuda_harness.h $(STATIC) $(LIB_HEADERS)
 	@mkdir -p build/tests
-	$(CC) $(KV_CFLAGS) -Itests/gpu $(CFLAGS) $(GPU_TEST_SOURCES) -o $@ $(STATIC) $(LDFLAGS) \
+	$(CC) $(KV_CFLAGS) -Werror -Itests/gpu $(CFLAGS) $(GPU_TEST_SOURCES) -o $@ $(STATIC) $(LDFLAGS) \
 	    $(DEP_LIBS) $(SYS_LIBS)
 
 check: check-cuda
@@ -387,11 +389,11 @@ gpu-binaries: build/gpu/test_cuda
 build/gpu/test_cuda: $(GPU_TEST_SOURCES) tools/bench_cuda.c tests/gpu/cuda_harness.h $(STATIC) \
                      $(LIB_HEADERS)
 	@mkdir -p build/gpu
-	$(CC) $(KV_CFLAGS) -Itests/gpu $(CFLAGS) -DKV_WITH_BENCH -c tests/gpu/test_cuda.c \
+	$(CC) $(KV_CFLAGS) -Werror -Itests/gpu $(CFLAGS) -DKV_WITH_BENCH -c tests/gpu/test_cuda.c \
 	    -o build/gpu/test_cuda.o
-	$(CC) $(KV_CFLAGS) -Itests/gpu $(CFLAGS) -DKV_BENCH_NO_MAIN -c tools/bench_cuda.c \
+	$(CC) $(KV_CFLAGS) -Werror -Itests/gpu $(CFLAGS) -DKV_BENCH_NO_MAIN -c tools/bench_cuda.c \
 	    -o build/gpu/bench_cuda.o
-	$(CC) $(KV_CFLAGS) -Itests/gpu $(CFLAGS) -c tests/gpu/cuda_harness.c \
+	$(CC) $(KV_CFLAGS) -Werror -Itests/gpu $(CFLAGS) -c tests/gpu/cuda_harness.c \
 	    -o build/gpu/cuda_harness.o
 	$(CC) -o $@ build/gpu/test_cuda.o build/gpu/bench_cuda.o build/gpu/cuda_harness.o $(STATIC) -s \
 	    $(GPU_STATIC_LIBS)

@@ -6,7 +6,7 @@
 #define KV_CUDA_HARNESS_H
 
 #include "backend/plugin.h"
-#include "model/model.h"
+#include "model/vae.h"
 
 /* Opens the plugin at path (NULL: $KLVAE_CUDA_PLUGIN, else
  * lib/libklvae_cuda.so). On failure returns NULL and writes why. */
