@@ -125,7 +125,7 @@ static int run_case(klvae_model_t *m, const kv_plugin *plugin, const options *o,
         if (r == 0) /* after the call that refilled the cache */
             read_last(stats, &unused, &unused, &allocs0);
         double t0 = harness_now();
-        st = decode ? kv_vae_decode(m, &in, &out) : kv_vae_encode(m, &in, &out, &out2);
+        st = decode ? kv_vae_decode(m, &in, NULL, &out) : kv_vae_encode(m, &in, &out, &out2);
         if (st == KLVAE_OK)
             st = plugin->synchronize(be);
         double ms = (harness_now() - t0) * 1e3;

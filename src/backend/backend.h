@@ -376,6 +376,12 @@ kv_tensor kv_tensor_view4(const kv_tensor *t, int n, int c, int h, int w);
 kv_tensor kv_tensor_wrap(void *data, int n, int c, int h, int w);
 /* Allocates an (n, c, h, w) float32 tensor in backend memory. */
 klvae_status_t kv_tensor_alloc(kv_backend *be, int n, int c, int h, int w, kv_tensor *out);
+/* Allocates a tensor of like's (4-D) shape. */
+klvae_status_t kv_tensor_alloc_like(kv_backend *be, const kv_tensor *like, kv_tensor *out);
+/* Allocates y with the shape of conv2d(x, w) for geometry g (w (co, ci, kh,
+ * kw), or 2-D for a 1x1); KLVAE_ERR_INVALID_ARGUMENT when x is too small. */
+klvae_status_t kv_conv_output_alloc(kv_backend *be, const kv_tensor *x, const kv_tensor *w,
+                                    kv_conv_geometry g, kv_tensor *y);
 /* Releases owned memory and clears the tensor; safe to call twice. */
 void kv_tensor_release(kv_backend *be, kv_tensor *t);
 

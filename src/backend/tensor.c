@@ -59,3 +59,24 @@ void kv_tensor_release(kv_backend *be, kv_tensor *t)
         be->ops->release(be, t->data);
     memset(t, 0, sizeof *t);
 }
+
+klvae_status_t kv_tensor_alloc_like(kv_backend *be, const kv_tensor *like, kv_tensor *out)
+{
+    return kv_tensor_alloc(be, like->shape[0], like->shape[1], like->shape[2], like->shape[3],
+                           out);
+}
+
+klvae_status_t kv_conv_output_alloc(kv_backend *be, const kv_tensor *x, const kv_tensor *w,
+                                    kv_conv_geometry g, kv_tensor *y)
+{
+    const int kh = w->ndim == 4 ? w->shape[2] : 1, kw = w->ndim == 4 ? w->shape[3] : 1;
+    const int ho = (x->shape[2] + g.pad_top + g.pad_bottom - kh) / g.stride + 1;
+    const int wo = (x->shape[3] + g.pad_left + g.pad_right - kw) / g.stride + 1;
+    if (ho < 1 || wo < 1) {
+        memset(y, 0, sizeof *y);
+        return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
+                        "a %d x %d input is too small for a %d x %d convolution of stride %d",
+                        x->shape[2], x->shape[3], kh, kw, g.stride);
+    }
+    return kv_tensor_alloc(be, x->shape[0], w->shape[0], ho, wo, y);
+}

@@ -423,7 +423,7 @@ KLVAE_API klvae_status_t klvae_decode(klvae_model_t *m, const float *z, int n, i
     if (st == KLVAE_OK)
         st = stage(be, images, n, c, lat_h * f, lat_w * f, false, &out);
     if (st == KLVAE_OK)
-        st = kv_vae_decode(m, &zt, &out);
+        st = kv_vae_decode(m, &zt, NULL, &out);
     kv_tensor_release(be, &zt);
     st = unstage(be, &out, images, st);
     be->ops->trim(be);
@@ -529,7 +529,7 @@ KLVAE_API klvae_status_t klvae_decode_device(klvae_model_t *m, const float *z, i
     const int zc = m->cfg.latent_channels, c = m->cfg.out_channels;
     kv_tensor zt = kv_tensor_wrap((float *)z, n, zc, lat_h, lat_w);
     kv_tensor out = kv_tensor_wrap(images, n, c, lat_h * f, lat_w * f);
-    st = kv_vae_decode(m, &zt, &out);
+    st = kv_vae_decode(m, &zt, NULL, &out);
     return device_end(m, st);
 }
 

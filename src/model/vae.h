@@ -7,16 +7,11 @@
  * a norm produces are recomputed from those in the backward (they are the
  * prologues of the convolutions), which keeps a step's memory near two
  * tensors per resnet. */
-#ifndef KV_TRAIN_H
-#define KV_TRAIN_H
+#ifndef KV_VAE_H
+#define KV_VAE_H
 
+#include "model/layers.h"
 #include "model/model.h"
-
-/* Group-norm statistics of one tensor: scale and shift (N, C), mean and
- * rstd (N, G). */
-typedef struct kv_norm_state {
-    kv_tensor scale, shift, mean, rstd;
-} kv_norm_state;
 
 typedef struct kv_resnet_tape {
     kv_tensor x;  /* block input */
@@ -61,33 +56,36 @@ typedef struct kv_decoder_tape {
  * shapes (built by kv_model_build), owned by the trainer. */
 typedef klvae_model_t kv_grads;
 
-/* moments = encoder(images) (+ quant_conv), keeping the tape. moments is
- * allocated here. */
-klvae_status_t kv_encode_train(klvae_model_t *m, const kv_tensor *images, kv_encoder_tape *t,
-                               kv_tensor *moments);
-/* images = decoder(z), keeping the tape. images is allocated here. */
-klvae_status_t kv_decode_train(klvae_model_t *m, const kv_tensor *z, kv_decoder_tape *t,
-                               kv_tensor *images);
-/* Accumulates parameter gradients into g from d_images and returns d_z
- * (allocated here; pass NULL when not needed). Frees the tape. */
-klvae_status_t kv_decode_backward(klvae_model_t *m, kv_grads *g, kv_decoder_tape *t,
-                                  const kv_tensor *d_images, kv_tensor *d_z);
-/* Accumulates parameter gradients into g from d_moments. Frees the tape. */
-klvae_status_t kv_encode_backward(klvae_model_t *m, kv_grads *g, kv_encoder_tape *t,
-                                  const kv_tensor *d_moments);
-/* dw = the gradient of decoder.conv_out.weight for d_images alone (the
- * adaptive GAN weight needs two of these). dw is overwritten. */
-klvae_status_t kv_decoder_last_weight_grad(klvae_model_t *m, const kv_decoder_tape *t,
-                                           const kv_tensor *d_images, kv_tensor *dw);
-void kv_encoder_tape_free(kv_backend *be, kv_encoder_tape *t);
-void kv_decoder_tape_free(kv_backend *be, kv_decoder_tape *t);
+/* ---- the forward (vae.c), for inference (tape NULL) and training ---- */
 
-/* src/vae.c: the network. Tensors are in backend memory. */
+/* moments = encoder(images) (+ quant_conv): (N, 2Z, h, w), allocated here.
+ * With a tape, what the backward needs is kept in it (free it with
+ * kv_encoder_tape_free, or let kv_vae_encode_backward do it); on error the
+ * tape is already freed. */
+klvae_status_t kv_vae_encode_moments(klvae_model_t *m, const kv_tensor *images,
+                                     kv_encoder_tape *tape, kv_tensor *moments);
+/* mean and logvar (caller-allocated; logvar may be NULL) of the posterior. */
 klvae_status_t kv_vae_encode(klvae_model_t *m, const kv_tensor *images, kv_tensor *mean,
                              kv_tensor *logvar);
-klvae_status_t kv_vae_decode(klvae_model_t *m, const kv_tensor *z, kv_tensor *images);
-/* The encoder's raw moments (N, 2Z, h, w), allocated here. */
-klvae_status_t kv_vae_encode_moments(klvae_model_t *m, const kv_tensor *images,
-                                     kv_tensor *moments);
+/* images = decoder(z) (post_quant_conv first) into images, which the caller
+ * allocated. The tape as for the encoder. */
+klvae_status_t kv_vae_decode(klvae_model_t *m, const kv_tensor *z, kv_decoder_tape *tape,
+                             kv_tensor *images);
+
+/* ---- the backward (vae_backward.c) ---- */
+
+/* Accumulates parameter gradients into g from d_images and returns d_z
+ * (allocated here; pass NULL when not needed). Frees the tape. */
+klvae_status_t kv_vae_decode_backward(klvae_model_t *m, kv_grads *g, kv_decoder_tape *t,
+                                      const kv_tensor *d_images, kv_tensor *d_z);
+/* Accumulates parameter gradients into g from d_moments. Frees the tape. */
+klvae_status_t kv_vae_encode_backward(klvae_model_t *m, kv_grads *g, kv_encoder_tape *t,
+                                      const kv_tensor *d_moments);
+/* dw = the gradient of decoder.conv_out.weight for d_images alone (the
+ * adaptive GAN weight needs two of these). dw is overwritten. */
+klvae_status_t kv_vae_decoder_last_weight_grad(klvae_model_t *m, const kv_decoder_tape *t,
+                                               const kv_tensor *d_images, kv_tensor *dw);
+void kv_encoder_tape_free(kv_backend *be, kv_encoder_tape *t);
+void kv_decoder_tape_free(kv_backend *be, kv_decoder_tape *t);
 
 #endif /* KV_VAE_H */

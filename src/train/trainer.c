@@ -414,13 +414,15 @@ static klvae_status_t generator_pass(klvae_trainer_t *t, const kv_tensor *x, int
         return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
                         "klvae_trainer_step: at most 64 images per micro-batch (got %d)", B);
 
-    klvae_status_t st = s->train_encoder ? kv_encode_train(m, x, &et, &moments)
-                                         : kv_vae_encode_moments(m, x, &moments);
+    /* the encoder keeps a tape only when it trains */
+    klvae_status_t st = kv_vae_encode_moments(m, x, s->train_encoder ? &et : NULL, &moments);
     if (st == KLVAE_OK)
         st = posterior_z(t, &moments, s->sample, stream_seed(t, t->step, micro, SEED_POSTERIOR),
                          &z);
     if (st == KLVAE_OK)
-        st = kv_decode_train(m, &z, &dt, &xhat);
+        st = kv_tensor_alloc(be, B, m->cfg.out_channels, x->shape[2], x->shape[3], &xhat);
+    if (st == KLVAE_OK)
+        st = kv_vae_decode(m, &z, &dt, &xhat);
     /* nll: pixel and perceptual terms, and d nll / d xhat into d_img */
     double pixel_sum = 0.0, lpips_sum = 0.0;
     if (st == KLVAE_OK)
@@ -462,9 +464,9 @@ static klvae_status_t generator_pass(klvae_trainer_t *t, const kv_tensor *x, int
             st = kv_disc_backward(t->disc, NULL, &gt, &d_logits, &d_gimg);
         double gn = 0.0, gg = 0.0;
         if (st == KLVAE_OK)
-            st = kv_decoder_last_weight_grad(m, &dt, &d_img, &t->last_grad_nll);
+            st = kv_vae_decoder_last_weight_grad(m, &dt, &d_img, &t->last_grad_nll);
         if (st == KLVAE_OK)
-            st = kv_decoder_last_weight_grad(m, &dt, &d_gimg, &t->last_grad_g);
+            st = kv_vae_decoder_last_weight_grad(m, &dt, &d_gimg, &t->last_grad_g);
         if (st == KLVAE_OK)
             st = be->ops->sum_squares(be, &t->last_grad_nll, &gn);
         if (st == KLVAE_OK)
@@ -481,7 +483,7 @@ static klvae_status_t generator_pass(klvae_trainer_t *t, const kv_tensor *x, int
     if (s->learn_logvar) /* d nll / d s = pixels - exp(-s) sum(rec) / B */
         t->logvar_grad += (pixels - inv_var * rec_sum / B) / accum;
     if (st == KLVAE_OK)
-        st = kv_decode_backward(m, t->grads, &dt, &d_img, &d_z);
+        st = kv_vae_decode_backward(m, t->grads, &dt, &d_img, &d_z);
     if (st == KLVAE_OK)
         st = kv_tensor_alloc(be, moments.shape[0], moments.shape[1], moments.shape[2],
                              moments.shape[3], &d_moments);
@@ -491,7 +493,7 @@ static klvae_status_t generator_pass(klvae_trainer_t *t, const kv_tensor *x, int
                                          stream_seed(t, t->step, micro, SEED_POSTERIOR),
                                          &d_moments);
     if (st == KLVAE_OK && s->train_encoder)
-        st = kv_encode_backward(m, t->grads, &et, &d_moments);
+        st = kv_vae_encode_backward(m, t->grads, &et, &d_moments);
 
     sums->rec += rec_sum / ((double)B * pixels);
     sums->perceptual += lpips_sum / B;
@@ -628,14 +630,14 @@ KLVAE_API klvae_status_t klvae_trainer_step(klvae_trainer_t *t, const float *ima
             const kv_tensor *fake = &xhat;
             if (t->s.fresh) { /* the reference's second forward, on the updated weights */
                 kv_tensor moments = {0}, z = {0};
-                st = kv_vae_encode_moments(m, &x, &moments);
+                st = kv_vae_encode_moments(m, &x, NULL, &moments);
                 if (st == KLVAE_OK)
                     st = posterior_z(t, &moments, t->s.sample,
                                      stream_seed(t, t->step, micro, SEED_FRESH_POSTERIOR), &z);
                 if (st == KLVAE_OK)
                     st = kv_tensor_alloc(be, mb, c, h, w, &xhat2);
                 if (st == KLVAE_OK)
-                    st = kv_vae_decode(m, &z, &xhat2);
+                    st = kv_vae_decode(m, &z, NULL, &xhat2);
                 kv_tensor_release(be, &moments);
                 kv_tensor_release(be, &z);
                 fake = &xhat2;

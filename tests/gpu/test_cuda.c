@@ -638,7 +638,7 @@ static void test_model(suite *s, kv_precision p, uint64_t seed, const reference 
     snprintf(what, sizeof what, "SD decode %d^2", size);
     if ((st = put(be, 1, 4, lat, lat, ref->z, &z)) == KLVAE_OK &&
         (st = put(be, 1, 3, size, size, NULL, &y)) == KLVAE_OK &&
-        (st = kv_vae_decode(m, &z, &y)) == KLVAE_OK)
+        (st = kv_vae_decode(m, &z, NULL, &y)) == KLVAE_OK)
         st = get(be, &y, decoded);
     if (st != KLVAE_OK)
         failed_call(s, what, p, st);
