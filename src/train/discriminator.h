@@ -14,6 +14,7 @@
 
 #include "backend/backend.h"
 #include "model/model.h"
+#include "train/param_set.h"
 
 #define KV_DISC_MAX_LAYERS 6
 
@@ -41,6 +42,13 @@ void kv_disc_free(kv_disc *d);
 
 /* A shadow with the same shapes (gradients, Adam moments), zeroed. */
 klvae_status_t kv_disc_create_like(const kv_disc *d, kv_disc **out);
+
+/* The trainable tensors as a param set (train/param_set.h). */
+static inline kv_param_set kv_disc_param_set(const kv_disc *d)
+{
+    kv_param_set s = {d ? (kv_param *)d->params : NULL, d ? (size_t)d->num_params : 0};
+    return s;
+}
 
 typedef struct kv_disc_tape {
     kv_tensor in[KV_DISC_MAX_LAYERS + 2];  /* each conv's input (in[0] borrowed) */

@@ -1,5 +1,6 @@
 /* trainer.c — klvae_trainer_*: the LDM training step (generator pass,
- * adaptive GAN weight, Adam, EMA, discriminator pass), checkpoints.
+ * adaptive GAN weight, Adam, EMA, discriminator pass), settings and notes.
+ * Checkpoints are in checkpoint.c.
  * docs/training.md describes the step and every difference between the
  * default settings and preset=ldm. */
 #include <math.h>
@@ -7,49 +8,16 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "base/io.h"
 #include "base/options.h"
 #include "base/philox.h"
-#include "formats/safetensors.h"
 #include "model/vae.h"
 #include "train/discriminator.h"
 #include "train/lpips.h"
 #include "train/trainer.h"
+#include "train/trainer_state.h"
 
-#define KV_MAX_NOTES 32
-#define KV_NOTE_SIZE 256
 #define KV_LAMBDA_EPS 1e-4
 #define KV_LAMBDA_MAX 1e4
-#define CHECKPOINT_FORMAT "klvae-trainer-checkpoint-1"
-
-typedef struct trainer_settings {
-    float lr, disc_lr, beta1, beta2, eps;
-    kv_pixel_loss pixel_loss;
-    float pixel_weight, perceptual_weight, lpips_dropout, kl_weight, logvar_init;
-    bool learn_logvar;
-    int64_t disc_start;
-    float disc_factor, disc_weight;
-    bool vanilla, fresh, sample, train_encoder, ldm;
-    int disc_layers, disc_channels, grad_accum;
-    float ema_decay, grad_clip;
-} trainer_settings;
-
-struct klvae_trainer {
-    klvae_model_t *m; /* borrowed */
-    kv_backend *be;
-    trainer_settings s;
-    uint64_t seed;
-    int64_t step, model_adam_steps, disc_adam_steps;
-    klvae_model_t *grads, *adam_m, *adam_v, *ema; /* shadows of the model */
-    kv_disc *disc, *disc_grads, *disc_m, *disc_v;
-    kv_lpips *lpips;
-    kv_tensor last_grad_nll, last_grad_g; /* for the adaptive weight */
-    float logvar;
-    double logvar_grad, logvar_m, logvar_v;
-    char *options_text; /* every option's value, for checkpoints */
-    int notes;
-    char note_key[KV_MAX_NOTES][KV_NOTE_SIZE], note_value[KV_MAX_NOTES][KV_NOTE_SIZE];
-};
 
 /* ---- shadows of the model (gradients, Adam moments, EMA) ---- */
 
@@ -77,16 +45,9 @@ static klvae_status_t shadow_create(klvae_model_t *m, bool copy, klvae_model_t *
     klvae_status_t st = kv_model_build(s);
     if (st == KLVAE_OK)
         st = kv_model_alloc_params(s);
-    for (size_t i = 0; st == KLVAE_OK && i < s->num_params; i++) {
-        if (copy) {
-            st = m->be->ops->fill(m->be, s->params[i].tensor, 0.0f);
-            if (st == KLVAE_OK)
-                st = m->be->ops->add(m->be, s->params[i].tensor, m->params[i].tensor,
-                                     s->params[i].tensor);
-        } else {
-            st = m->be->ops->fill(m->be, s->params[i].tensor, 0.0f);
-        }
-    }
+    if (st == KLVAE_OK)
+        st = copy ? kv_params_copy(m->be, kv_model_param_set(s), kv_model_param_set(m))
+                  : kv_params_fill(m->be, kv_model_param_set(s), 0.0f);
     if (st != KLVAE_OK) {
         shadow_release(m->be, s);
         return st;
@@ -181,6 +142,31 @@ enum { SEED_POSTERIOR = 1, SEED_DROPOUT = 2, SEED_FRESH_POSTERIOR = 3 };
 
 /* ---- create / free ---- */
 
+/* The two networks as param sets, for the optimiser and checkpoints. */
+static klvae_status_t describe_nets(klvae_trainer_t *t)
+{
+    kv_trained_net *m = &t->model_net, *d = &t->disc_net;
+    m->name = "model";
+    m->weights = kv_model_param_set(t->m);
+    m->grads = kv_model_param_set(t->grads);
+    m->adam_m = kv_model_param_set(t->adam_m);
+    m->adam_v = kv_model_param_set(t->adam_v);
+    m->ema = kv_model_param_set(t->ema);
+    m->lr = t->s.lr;
+    m->trained = calloc(m->weights.count ? m->weights.count : 1, sizeof *m->trained);
+    if (!m->trained)
+        return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory creating the trainer");
+    for (size_t i = 0; i < m->weights.count; i++)
+        m->trained[i] = is_trainable(t, i);
+    d->name = "disc";
+    d->weights = kv_disc_param_set(t->disc);
+    d->grads = kv_disc_param_set(t->disc_grads);
+    d->adam_m = kv_disc_param_set(t->disc_m);
+    d->adam_v = kv_disc_param_set(t->disc_v);
+    d->lr = t->s.disc_lr;
+    return KLVAE_OK;
+}
+
 KLVAE_API void klvae_trainer_free(klvae_trainer_t *t)
 {
     if (!t)
@@ -197,6 +183,7 @@ KLVAE_API void klvae_trainer_free(klvae_trainer_t *t)
     kv_lpips_free(t->lpips);
     kv_tensor_release(be, &t->last_grad_nll);
     kv_tensor_release(be, &t->last_grad_g);
+    free(t->model_net.trained);
     free(t->options_text);
     free(t);
 }
@@ -261,6 +248,8 @@ KLVAE_API klvae_status_t klvae_trainer_create(klvae_model_t *model, const klvae_
     if (st == KLVAE_OK)
         st = kv_tensor_alloc(t->be, last->shape[0], last->shape[1], last->shape[2],
                              last->shape[3], &t->last_grad_g);
+    if (st == KLVAE_OK)
+        st = describe_nets(t);
     if (st != KLVAE_OK) {
         klvae_trainer_free(t);
         return st;
@@ -277,91 +266,58 @@ typedef struct step_sums {
 
 static klvae_status_t zero_grads(klvae_trainer_t *t)
 {
-    klvae_status_t st = KLVAE_OK;
-    for (size_t i = 0; st == KLVAE_OK && i < t->grads->num_params; i++)
-        st = t->be->ops->fill(t->be, t->grads->params[i].tensor, 0.0f);
-    for (int i = 0; st == KLVAE_OK && i < t->disc_grads->num_params; i++)
-        st = t->be->ops->fill(t->be, t->disc_grads->params[i].tensor, 0.0f);
+    klvae_status_t st = kv_params_fill(t->be, t->model_net.grads, 0.0f);
+    if (st == KLVAE_OK)
+        st = kv_params_fill(t->be, t->disc_net.grads, 0.0f);
     t->logvar_grad = 0.0;
     return st;
 }
 
-/* Scales grads to the clip norm when they exceed it, as PyTorch's
- * clip_grad_norm_ does (coefficient clip / (norm + 1e-6), at most 1). */
-static klvae_status_t clip_grads(kv_backend *be, kv_param *params, size_t count,
-                                 const bool *use, double *extra, float clip)
+/* Scales a network's gradients (and the extra scalar gradient) to the clip
+ * norm when their global norm exceeds it, as PyTorch's clip_grad_norm_
+ * does (coefficient clip / (norm + 1e-6), at most 1). */
+static klvae_status_t clip_grads(kv_backend *be, const kv_trained_net *n, double *extra,
+                                 float clip)
 {
     double total = extra ? *extra * *extra : 0.0;
-    for (size_t i = 0; i < count; i++) {
-        if (use && !use[i])
-            continue;
-        double s;
-        klvae_status_t st = be->ops->sum_squares(be, params[i].tensor, &s);
-        if (st != KLVAE_OK)
-            return st;
-        total += s;
-    }
+    klvae_status_t st = kv_params_sum_squares(be, n->grads, n->trained, &total);
     double norm = sqrt(total), coef = clip / (norm + 1e-6);
-    if (coef >= 1.0)
-        return KLVAE_OK;
-    for (size_t i = 0; i < count; i++) {
-        if (use && !use[i])
-            continue;
-        klvae_status_t st = be->ops->scale(be, params[i].tensor, (float)coef);
-        if (st != KLVAE_OK)
-            return st;
-    }
+    if (st != KLVAE_OK || coef >= 1.0)
+        return st;
+    st = kv_params_scale(be, n->grads, n->trained, (float)coef);
     if (extra)
         *extra *= coef;
-    return KLVAE_OK;
+    return st;
+}
+
+/* Clipping, Adam and EMA for one network; extra is a scalar trained with it
+ * (the model's logvar) whose gradient counts towards the clip norm. */
+static klvae_status_t optimizer_step(klvae_trainer_t *t, kv_trained_net *n, double *extra)
+{
+    klvae_status_t st = KLVAE_OK;
+    if (t->s.grad_clip > 0.0f)
+        st = clip_grads(t->be, n, extra, t->s.grad_clip);
+    n->adam_steps++;
+    if (st == KLVAE_OK)
+        st = kv_params_adam(t->be, n->weights, n->grads, n->adam_m, n->adam_v, n->trained, n->lr,
+                            t->s.beta1, t->s.beta2, t->s.eps, n->adam_steps);
+    if (st == KLVAE_OK && n->ema.count)
+        st = kv_params_ema(t->be, n->ema, n->weights, t->s.ema_decay);
+    return st;
 }
 
 static klvae_status_t model_optimizer_step(klvae_trainer_t *t)
 {
-    kv_backend *be = t->be;
-    const size_t n = t->m->num_params;
-    bool use[4096];
-    bool *usep = n <= 4096 ? use : NULL;
-    for (size_t i = 0; usep && i < n; i++)
-        use[i] = is_trainable(t, i);
-    klvae_status_t st = KLVAE_OK;
-    if (t->s.grad_clip > 0.0f)
-        st = clip_grads(be, t->grads->params, n, usep, t->s.learn_logvar ? &t->logvar_grad : NULL,
-                        t->s.grad_clip);
-    t->model_adam_steps++;
-    for (size_t i = 0; st == KLVAE_OK && i < n; i++) {
-        if (!is_trainable(t, i))
-            continue;
-        st = be->ops->adam(be, t->m->params[i].tensor, t->grads->params[i].tensor,
-                           t->adam_m->params[i].tensor, t->adam_v->params[i].tensor, t->s.lr,
-                           t->s.beta1, t->s.beta2, t->s.eps, t->model_adam_steps);
-    }
+    klvae_status_t st =
+        optimizer_step(t, &t->model_net, t->s.learn_logvar ? &t->logvar_grad : NULL);
     if (st == KLVAE_OK && t->s.learn_logvar) { /* the one scalar, on the host */
         double g = t->logvar_grad, b1 = t->s.beta1, b2 = t->s.beta2;
+        double steps = (double)t->model_net.adam_steps;
         t->logvar_m += (1.0 - b1) * (g - t->logvar_m);
         t->logvar_v = t->logvar_v * b2 + (1.0 - b2) * g * g;
-        double bc1 = 1.0 - pow(b1, (double)t->model_adam_steps);
-        double bc2 = 1.0 - pow(b2, (double)t->model_adam_steps);
+        double bc1 = 1.0 - pow(b1, steps), bc2 = 1.0 - pow(b2, steps);
         t->logvar -= (float)(t->s.lr / bc1 * t->logvar_m / (sqrt(t->logvar_v) / sqrt(bc2) + t->s.eps));
     }
-    for (size_t i = 0; st == KLVAE_OK && t->ema && i < n; i++)
-        st = be->ops->lerp(be, t->ema->params[i].tensor, t->m->params[i].tensor,
-                           1.0f - t->s.ema_decay);
-    return st;
-}
-
-static klvae_status_t disc_optimizer_step(klvae_trainer_t *t)
-{
-    kv_backend *be = t->be;
-    klvae_status_t st = KLVAE_OK;
-    if (t->s.grad_clip > 0.0f)
-        st = clip_grads(be, t->disc_grads->params, (size_t)t->disc_grads->num_params, NULL, NULL,
-                        t->s.grad_clip);
-    t->disc_adam_steps++;
-    for (int i = 0; st == KLVAE_OK && i < t->disc->num_params; i++)
-        st = be->ops->adam(be, t->disc->params[i].tensor, t->disc_grads->params[i].tensor,
-                           t->disc_m->params[i].tensor, t->disc_v->params[i].tensor,
-                           t->s.disc_lr, t->s.beta1, t->s.beta2, t->s.eps, t->disc_adam_steps);
     return st;
 }
 
@@ -646,7 +602,7 @@ KLVAE_API klvae_status_t klvae_trainer_step(klvae_trainer_t *t, const float *ima
                 st = discriminator_pass(t, &x, fake, gan_factor, &sums);
         }
         if (st == KLVAE_OK && disc_pass && micro == accum - 1)
-            st = disc_optimizer_step(t);
+            st = optimizer_step(t, &t->disc_net, NULL);
         kv_tensor_release(be, &x);
         kv_tensor_release(be, &xhat);
         kv_tensor_release(be, &xhat2);
@@ -793,341 +749,6 @@ KLVAE_API klvae_status_t klvae_trainer_get_note(const klvae_trainer_t *t, const 
     if (i < 0)
         return kv_error(KLVAE_ERR_OPTION, "the trainer has no note '%s'", key);
     return kv_copy_out("klvae_trainer_get_note", key, t->note_value[i], buf, size);
-}
-
-/* ---- checkpoints ---- */
-
-/* One tensor of a checkpoint: in backend memory, or a host array. */
-typedef struct ck_entry {
-    char name[KV_PARAM_NAME + 32];
-    kv_tensor *tensor;
-    float *host;
-    int64_t shape[4];
-    int ndim;
-} ck_entry;
-
-typedef struct ck_list {
-    ck_entry *items;
-    size_t count, capacity;
-} ck_list;
-
-static klvae_status_t ck_add(ck_list *l, const char *prefix, const char *name, kv_tensor *t,
-                             float *host, int64_t host_count)
-{
-    if (l->count == l->capacity) {
-        size_t cap = l->capacity ? 2 * l->capacity : 512;
-        ck_entry *grown = realloc(l->items, cap * sizeof *grown);
-        if (!grown)
-            return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory writing a checkpoint");
-        l->items = grown;
-        l->capacity = cap;
-    }
-    ck_entry *e = &l->items[l->count++];
-    memset(e, 0, sizeof *e);
-    snprintf(e->name, sizeof e->name, "%s%s", prefix, name);
-    e->tensor = t;
-    e->host = host;
-    if (t) {
-        e->ndim = t->ndim;
-        for (int d = 0; d < t->ndim; d++)
-            e->shape[d] = t->shape[d];
-    } else {
-        e->ndim = 1;
-        e->shape[0] = host_count;
-    }
-    return KLVAE_OK;
-}
-
-/* Every tensor of the trainer's state, under its checkpoint name. The
- * host-side scalars live in a small array the caller provides. */
-static klvae_status_t ck_collect(const klvae_trainer_t *t, float *scalars, ck_list *l)
-{
-    klvae_status_t st = KLVAE_OK;
-    const klvae_model_t *m = t->m;
-    for (size_t i = 0; st == KLVAE_OK && i < m->num_params; i++) {
-        const char *name = m->params[i].name;
-        st = ck_add(l, "model.", name, m->params[i].tensor, NULL, 0);
-        if (st == KLVAE_OK)
-            st = ck_add(l, "adam.model.m.", name, t->adam_m->params[i].tensor, NULL, 0);
-        if (st == KLVAE_OK)
-            st = ck_add(l, "adam.model.v.", name, t->adam_v->params[i].tensor, NULL, 0);
-        if (st == KLVAE_OK && t->ema)
-            st = ck_add(l, "ema.", name, t->ema->params[i].tensor, NULL, 0);
-    }
-    const kv_disc *d = t->disc;
-    for (int i = 0; st == KLVAE_OK && i < d->num_params; i++) {
-        const char *name = d->params[i].name;
-        st = ck_add(l, "disc.", name, d->params[i].tensor, NULL, 0);
-        if (st == KLVAE_OK)
-            st = ck_add(l, "adam.disc.m.", name, t->disc_m->params[i].tensor, NULL, 0);
-        if (st == KLVAE_OK)
-            st = ck_add(l, "adam.disc.v.", name, t->disc_v->params[i].tensor, NULL, 0);
-    }
-    for (int i = 0; st == KLVAE_OK && i < d->convs; i++) {
-        if (!d->running_mean[i])
-            continue;
-        char name[64];
-        int bn = (i == 0 ? 0 : 2 + 3 * (i - 1)) + 1;
-        int ch = d->bn[i].weight.shape[0];
-        snprintf(name, sizeof name, "main.%d.running_mean", bn);
-        st = ck_add(l, "disc.", name, NULL, d->running_mean[i], ch);
-        snprintf(name, sizeof name, "main.%d.running_var", bn);
-        if (st == KLVAE_OK)
-            st = ck_add(l, "disc.", name, NULL, d->running_var[i], ch);
-    }
-    scalars[0] = t->logvar;
-    scalars[1] = (float)t->logvar_m;
-    scalars[2] = (float)t->logvar_v;
-    if (st == KLVAE_OK)
-        st = ck_add(l, "", "loss.logvar", NULL, scalars, 1);
-    if (st == KLVAE_OK)
-        st = ck_add(l, "", "adam.loss.logvar", NULL, scalars + 1, 2);
-    return st;
-}
-
-typedef struct ck_fetch_ctx {
-    const klvae_trainer_t *t;
-    const ck_list *list;
-} ck_fetch_ctx;
-
-static klvae_status_t ck_fetch(void *ctx, size_t index, float *dst)
-{
-    const ck_fetch_ctx *c = ctx;
-    const ck_entry *e = &c->list->items[index];
-    if (e->tensor)
-        return c->t->be->ops->download(c->t->be, dst, e->tensor->data, kv_tensor_numel(e->tensor));
-    memcpy(dst, e->host, (size_t)e->shape[0] * sizeof(float));
-    return KLVAE_OK;
-}
-
-/* The structural keys a checkpoint must agree on. */
-/* The model config in checkpoint metadata (config.KEY), so that a run can
- * be resumed without the model it started from. The first
- * STRUCTURE_KEY_COUNT decide the architecture and must match on load; the
- * latent scaling does not change training and is only recorded. */
-static const char *const structure_keys[] = {
-    "in_channels", "out_channels", "latent_channels", "block_out_channels", "layers_per_block",
-    "norm_num_groups", "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention",
-    "act_fn", "scaling_factor", "shift_factor",
-};
-#define STRUCTURE_KEY_COUNT 10
-
-KLVAE_API klvae_status_t klvae_trainer_save(const klvae_trainer_t *t, const char *path)
-{
-    kv_error_clear();
-    if (!t || !path)
-        return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "klvae_trainer_save: %s is NULL",
-                        !t ? "trainer" : "path");
-    float scalars[3];
-    ck_list list = {NULL, 0, 0};
-    klvae_status_t st = ck_collect(t, scalars, &list);
-    kv_st_entry *entries = NULL;
-    enum { FIXED_META = 10 };
-    kv_st_meta meta[FIXED_META + KV_ARRAY_LEN(structure_keys) + KV_MAX_NOTES];
-    char values[FIXED_META + KV_ARRAY_LEN(structure_keys)][96];
-    char note_names[KV_MAX_NOTES][KV_NOTE_SIZE + 8];
-    char structure_names[KV_ARRAY_LEN(structure_keys)][48];
-    size_t nmeta = 0;
-    if (st == KLVAE_OK) {
-        entries = calloc(list.count ? list.count : 1, sizeof *entries);
-        if (!entries)
-            st = kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory writing %s", path);
-    }
-    if (st == KLVAE_OK) {
-        for (size_t i = 0; i < list.count; i++) {
-            entries[i].name = list.items[i].name;
-            entries[i].ndim = list.items[i].ndim;
-            memcpy(entries[i].shape, list.items[i].shape, sizeof list.items[i].shape);
-        }
-        snprintf(values[0], 96, "%lld", (long long)t->step);
-        snprintf(values[1], 96, "%lld", (long long)t->model_adam_steps);
-        snprintf(values[2], 96, "%lld", (long long)t->disc_adam_steps);
-        snprintf(values[3], 96, "%llu", (unsigned long long)t->seed);
-        snprintf(values[4], 96, "%d", t->disc->layers);
-        snprintf(values[5], 96, "%d", t->disc->channels);
-        const char *fixed_keys[] = {"step", "model_adam_steps", "disc_adam_steps", "seed",
-                                    "disc_layers", "disc_channels"};
-        meta[nmeta].key = (char *)"format";
-        meta[nmeta++].value = (char *)CHECKPOINT_FORMAT;
-        meta[nmeta].key = (char *)"klvae_version";
-        meta[nmeta++].value = (char *)KLVAE_VERSION_STRING;
-        meta[nmeta].key = (char *)"options";
-        meta[nmeta++].value = t->options_text;
-        for (int i = 0; i < 6; i++) {
-            meta[nmeta].key = (char *)fixed_keys[i];
-            meta[nmeta++].value = values[i];
-        }
-        for (size_t i = 0; i < KV_ARRAY_LEN(structure_keys); i++) {
-            snprintf(structure_names[i], sizeof structure_names[i], "config.%s", structure_keys[i]);
-            kv_config_get(&t->m->cfg, structure_keys[i], values[6 + i], 96);
-            meta[nmeta].key = structure_names[i];
-            meta[nmeta++].value = values[6 + i];
-        }
-        for (int i = 0; i < t->notes; i++) {
-            snprintf(note_names[i], sizeof note_names[i], "note.%s", t->note_key[i]);
-            meta[nmeta].key = note_names[i];
-            meta[nmeta++].value = (char *)t->note_value[i];
-        }
-        ck_fetch_ctx ctx = {t, &list};
-        st = kv_st_write(path, entries, list.count, meta, nmeta, ck_fetch, &ctx, NULL);
-    }
-    free(entries);
-    free(list.items);
-    return st;
-}
-
-static bool parse_i64(const char *text, int64_t *out)
-{
-    if (!text || !*text)
-        return false;
-    char *end;
-    long long v = strtoll(text, &end, 10);
-    if (*end || v < 0)
-        return false;
-    *out = v;
-    return true;
-}
-
-KLVAE_API klvae_status_t klvae_trainer_load(klvae_trainer_t *t, const char *path)
-{
-    kv_error_clear();
-    if (!t || !path)
-        return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "klvae_trainer_load: %s is NULL",
-                        !t ? "trainer" : "path");
-    kv_safetensors st;
-    klvae_status_t status = kv_st_open(path, &st);
-    if (status != KLVAE_OK)
-        return status;
-    float scalars[3];
-    ck_list list = {NULL, 0, 0};
-    float *host = NULL;
-    int64_t step = 0, model_steps = 0, disc_steps = 0;
-    const char *format = kv_st_metadata(&st, "format");
-    if (!format || strcmp(format, CHECKPOINT_FORMAT) != 0) {
-        status = kv_error(KLVAE_ERR_FORMAT,
-                          "%s is not a klvae trainer checkpoint (its metadata has no format "
-                          "'%s')",
-                          path, CHECKPOINT_FORMAT);
-        goto done;
-    }
-    if (!parse_i64(kv_st_metadata(&st, "step"), &step) ||
-        !parse_i64(kv_st_metadata(&st, "model_adam_steps"), &model_steps) ||
-        !parse_i64(kv_st_metadata(&st, "disc_adam_steps"), &disc_steps)) {
-        status = kv_error(KLVAE_ERR_FORMAT, "%s: the step counters in its metadata are missing "
-                                            "or malformed",
-                          path);
-        goto done;
-    }
-    for (size_t i = 0; i < STRUCTURE_KEY_COUNT; i++) {
-        char key[64], mine[96];
-        snprintf(key, sizeof key, "config.%s", structure_keys[i]);
-        const char *theirs = kv_st_metadata(&st, key);
-        kv_config_get(&t->m->cfg, structure_keys[i], mine, sizeof mine);
-        if (!theirs || strcmp(theirs, mine) != 0) {
-            status = kv_error(KLVAE_ERR_CONFIG,
-                              "%s was saved by a trainer of another model: %s is %s there and %s "
-                              "here",
-                              path, structure_keys[i], theirs ? theirs : "missing", mine);
-            goto done;
-        }
-    }
-    /* Check every tensor before changing anything. */
-    status = ck_collect(t, scalars, &list);
-    size_t largest = 1;
-    for (size_t i = 0; status == KLVAE_OK && i < list.count; i++) {
-        const ck_entry *e = &list.items[i];
-        const kv_st_tensor *f = kv_st_find(&st, e->name);
-        if (!f && strncmp(e->name, "ema.", 4) == 0)
-            continue; /* a checkpoint without EMA: EMA restarts from the weights */
-        if (!f) {
-            status = kv_error(KLVAE_ERR_MISSING_TENSOR, "%s: missing tensor '%s'", path, e->name);
-            break;
-        }
-        bool same = f->ndim == e->ndim;
-        for (int d = 0; same && d < e->ndim; d++)
-            same = f->shape[d] == e->shape[d];
-        if (!same) {
-            status = kv_error(KLVAE_ERR_CONFIG,
-                              "%s: tensor '%s' has another shape than this trainer's (saved with "
-                              "other disc_layers or disc_channels?)",
-                              path, e->name);
-            break;
-        }
-        largest = KV_MAX(largest, kv_st_numel(f));
-    }
-    if (status == KLVAE_OK) {
-        host = malloc(largest * sizeof *host);
-        if (!host)
-            status = kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory reading %s", path);
-    }
-    for (size_t i = 0; status == KLVAE_OK && i < list.count; i++) {
-        const ck_entry *e = &list.items[i];
-        const kv_st_tensor *f = kv_st_find(&st, e->name);
-        if (!f) { /* EMA missing: restart it from the loaded weights (below) */
-            continue;
-        }
-        if (e->tensor) {
-            status = kv_st_read_f32(&st, f, host);
-            if (status == KLVAE_OK)
-                status = t->be->ops->upload(t->be, e->tensor->data, host,
-                                            kv_tensor_numel(e->tensor));
-        } else {
-            status = kv_st_read_f32(&st, f, e->host);
-        }
-    }
-    if (status == KLVAE_OK && t->ema && !kv_st_find(&st, "ema.decoder.conv_out.weight")) {
-        for (size_t i = 0; status == KLVAE_OK && i < t->m->num_params; i++) {
-            status = t->be->ops->fill(t->be, t->ema->params[i].tensor, 0.0f);
-            if (status == KLVAE_OK)
-                status = t->be->ops->add(t->be, t->ema->params[i].tensor,
-                                         t->m->params[i].tensor, t->ema->params[i].tensor);
-        }
-    }
-    if (status == KLVAE_OK) {
-        t->logvar = scalars[0];
-        t->logvar_m = scalars[1];
-        t->logvar_v = scalars[2];
-        t->step = step;
-        t->model_adam_steps = model_steps;
-        t->disc_adam_steps = disc_steps;
-        uint64_t seed;
-        const char *seed_text = kv_st_metadata(&st, "seed");
-        if (seed_text && sscanf(seed_text, "%llu", (unsigned long long *)&seed) == 1)
-            t->seed = seed;
-        t->notes = 0;
-        for (size_t i = 0; i < st.metadata_count && t->notes < KV_MAX_NOTES; i++) {
-            const kv_st_meta *md = &st.metadata[i];
-            if (strncmp(md->key, "note.", 5) != 0 || strlen(md->key + 5) >= KV_NOTE_SIZE ||
-                strlen(md->value) >= KV_NOTE_SIZE)
-                continue;
-            strcpy(t->note_key[t->notes], md->key + 5);
-            strcpy(t->note_value[t->notes], md->value);
-            t->notes++;
-        }
-    }
-done:
-    free(host);
-    free(list.items);
-    kv_st_close(&st);
-    return status;
-}
-
-KLVAE_API klvae_status_t klvae_trainer_export(const klvae_trainer_t *t, const char *path,
-                                              int use_ema)
-{
-    kv_error_clear();
-    if (!t || !path)
-        return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "klvae_trainer_export: %s is NULL",
-                        !t ? "trainer" : "path");
-    if (!use_ema)
-        return kv_weights_save(t->m, path);
-    if (!t->ema)
-        return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
-                        "klvae_trainer_export: the trainer keeps no EMA weights (set ema_decay)");
-    /* The EMA tree with the model's config (and its extra keys). */
-    klvae_model_t view = *t->ema;
-    view.cfg = t->m->cfg;
-    return kv_weights_save(&view, path);
 }
 
 const klvae_model_t *kv_trainer_grads(const klvae_trainer_t *t)

@@ -1,0 +1,57 @@
+/* trainer_state.h — the trainer's state, shared by the step (trainer.c) and
+ * checkpoints (checkpoint.c). Private to src/train. */
+#ifndef KV_TRAINER_STATE_H
+#define KV_TRAINER_STATE_H
+
+#include "model/model.h"
+#include "train/discriminator.h"
+#include "train/lpips.h"
+#include "train/param_set.h"
+
+/* One network the trainer trains, as the optimiser and the checkpoints see
+ * it: its parameters and their shadows, all in the same order. */
+typedef struct kv_trained_net {
+    const char *name;       /* "model" or "disc": its checkpoint prefixes */
+    kv_param_set weights;   /* the network's own */
+    kv_param_set grads, adam_m, adam_v;
+    kv_param_set ema;       /* count 0: no EMA */
+    bool *trained;          /* per parameter: false for frozen ones */
+    int64_t adam_steps;
+    float lr;
+} kv_trained_net;
+
+#define KV_MAX_NOTES 32
+#define KV_NOTE_SIZE 256
+
+typedef struct trainer_settings {
+    float lr, disc_lr, beta1, beta2, eps;
+    kv_pixel_loss pixel_loss;
+    float pixel_weight, perceptual_weight, lpips_dropout, kl_weight, logvar_init;
+    bool learn_logvar;
+    int64_t disc_start;
+    float disc_factor, disc_weight;
+    bool vanilla, fresh, sample, train_encoder, ldm;
+    int disc_layers, disc_channels, grad_accum;
+    float ema_decay, grad_clip;
+} trainer_settings;
+
+struct klvae_trainer {
+    klvae_model_t *m; /* borrowed */
+    kv_backend *be;
+    trainer_settings s;
+    uint64_t seed;
+    int64_t step;
+    klvae_model_t *grads, *adam_m, *adam_v, *ema; /* shadows of the model */
+    kv_disc *disc, *disc_grads, *disc_m, *disc_v;
+    /* the two networks as the optimiser and checkpoints see them */
+    kv_trained_net model_net, disc_net;
+    kv_lpips *lpips;
+    kv_tensor last_grad_nll, last_grad_g; /* for the adaptive weight */
+    float logvar;
+    double logvar_grad, logvar_m, logvar_v;
+    char *options_text; /* every option's value, for checkpoints */
+    int notes;
+    char note_key[KV_MAX_NOTES][KV_NOTE_SIZE], note_value[KV_MAX_NOTES][KV_NOTE_SIZE];
+};
+
+#endif /* KV_TRAINER_STATE_H */
