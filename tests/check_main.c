@@ -107,6 +107,34 @@ void test_write_safetensors(const char *path, const char *header_json, size_t da
     free(buf);
 }
 
+void test_damage_tensor(const char *path, const char *tensor, test_damage how)
+{
+    kv_safetensors st;
+    ck_assert_ok(kv_st_open(path, &st));
+    const kv_st_tensor *t = kv_st_find(&st, tensor);
+    ck_assert_msg(t != NULL, "%s has no tensor %s", path, tensor);
+    ck_assert_str_eq(t->dtype, "F32");
+    const uint64_t last = st.data_start + t->end - 4, header_end = st.data_start;
+    kv_st_close(&st);
+    size_t len;
+    unsigned char *bytes = test_read_file(path, &len);
+    if (how == TEST_DAMAGE_NAN) {
+        const float nan = NAN;
+        memcpy(bytes + last, &nan, sizeof nan);
+    } else { /* the same number of bytes, so every offset stays valid */
+        char quoted[512];
+        snprintf(quoted, sizeof quoted, "\"%s\"", tensor);
+        char *entry = memmem(bytes, header_end, quoted, strlen(quoted));
+        ck_assert_ptr_nonnull(entry);
+        char *dtype = memmem(entry, header_end - (uint64_t)((unsigned char *)entry - bytes),
+                             "\"F32\"", 5);
+        ck_assert_ptr_nonnull(dtype);
+        memcpy(dtype, "\"I32\"", 5);
+    }
+    test_write_file(path, bytes, len);
+    free(bytes);
+}
+
 float *test_load_fixture_tensor(const char *path, const char *name, int shape[4])
 {
     kv_safetensors st;

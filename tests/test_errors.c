@@ -520,6 +520,56 @@ START_TEST(load_missing_tensor)
 }
 END_TEST
 
+/* A NaN or infinity in any weights the library loads is refused with the
+ * tensor's name: the model's (a folder and a single file), LPIPS' and the
+ * discriminator's. */
+START_TEST(weights_with_nan_are_refused)
+{
+    char *dir = test_tmpdir();
+    char *folder = noattn_folder(dir, OK_CHANNELS, OK_DOWN, OK_LATENT, OK_GROUPS);
+    char *weights = test_join(folder, "diffusion_pytorch_model.safetensors");
+    test_damage_tensor(weights, "decoder.up_blocks.1.resnets.1.conv2.weight", TEST_DAMAGE_NAN);
+    expect_load_failure(folder, NULL, KLVAE_ERR_NONFINITE);
+    ck_assert_error_mentions("decoder.up_blocks.1.resnets.1.conv2.weight");
+    ck_assert_error_mentions("non-finite");
+    char *single = test_join(dir, "single.safetensors");
+    copy_file(NOATTN_LEGACY, single);
+    test_damage_tensor(single, "encoder.conv_in.bias", TEST_DAMAGE_NAN);
+    klvae_options_t *o = noattn_options();
+    expect_load_failure(single, o, KLVAE_ERR_NONFINITE);
+    ck_assert_error_mentions("encoder.conv_in.bias");
+    /* the trainer's networks */
+    klvae_model_t *m = NULL;
+    ck_assert_ok(klvae_model_load(NOATTN_LEGACY, o, &m));
+    const char *files[2][3] = {
+        {"fixtures/train/lpips.safetensors", "lpips_weights", "lin2.model.1.weight"},
+        {"fixtures/train/disc.safetensors", "disc_weights", "main.2.weight"}};
+    for (int k = 0; k < 2; k++) {
+        char *copy = test_join(dir, k ? "disc.safetensors" : "lpips.safetensors");
+        copy_file(files[k][0], copy);
+        test_damage_tensor(copy, files[k][2], TEST_DAMAGE_NAN);
+        klvae_options_t *to = NULL;
+        ck_assert_ok(klvae_options_create(&to));
+        ck_assert_ok(klvae_options_set(to, files[k][1], copy));
+        ck_assert_ok(klvae_options_set(to, "disc_layers", "3"));
+        ck_assert_ok(klvae_options_set(to, "disc_channels", "8"));
+        klvae_trainer_t *t = (klvae_trainer_t *)&t;
+        ck_assert_status(klvae_trainer_create(m, to, &t), KLVAE_ERR_NONFINITE);
+        ck_assert_ptr_null(t);
+        ck_assert_error_mentions(files[k][2]);
+        klvae_options_free(to);
+        free(copy);
+    }
+    klvae_model_free(m);
+    klvae_options_free(o);
+    test_rmtree(dir);
+    free(single);
+    free(weights);
+    free(folder);
+    free(dir);
+}
+END_TEST
+
 START_TEST(load_wrong_shape_bias)
 {
     const int64_t shape[1] = {4};
@@ -1576,6 +1626,7 @@ Suite *suite_errors(void)
     tcase_add_test(tc, rewritten_fixture_loads);
     tcase_add_test(tc, load_missing_tensor);
     tcase_add_test(tc, load_wrong_shape_bias);
+    tcase_add_test(tc, weights_with_nan_are_refused);
     tcase_add_test(tc, load_wrong_shape_middle_conv);
     suite_add_tcase(s, tc);
 

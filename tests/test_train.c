@@ -467,6 +467,93 @@ START_TEST(resume_is_exact)
 }
 END_TEST
 
+/* Everything a failed load must leave alone, as one copy. */
+typedef struct trainer_snapshot {
+    unsigned char *bytes;
+    size_t len;
+    int64_t step;
+} trainer_snapshot;
+
+static void snapshot_add(trainer_snapshot *s, const void *data, size_t len)
+{
+    s->bytes = realloc(s->bytes, s->len + len);
+    ck_assert_ptr_nonnull(s->bytes);
+    memcpy(s->bytes + s->len, data, len);
+    s->len += len;
+}
+
+static trainer_snapshot snapshot(klvae_trainer_t *t, klvae_model_t *m)
+{
+    trainer_snapshot s = {NULL, 0, klvae_trainer_step_count(t)};
+    for (size_t i = 0; i < m->num_params; i++)
+        snapshot_add(&s, m->params[i].tensor->data,
+                     kv_tensor_numel(m->params[i].tensor) * sizeof(float));
+    const kv_disc *d = kv_trainer_disc(t);
+    for (int i = 0; i < d->num_params; i++)
+        snapshot_add(&s, d->params[i].tensor->data,
+                     kv_tensor_numel(d->params[i].tensor) * sizeof(float));
+    for (int i = 0; i < d->convs; i++)
+        if (d->running_mean[i])
+            snapshot_add(&s, d->running_mean[i], (size_t)d->bn[i].weight.shape[0] * sizeof(float));
+    char note[64] = "";
+    klvae_trainer_get_note(t, "position", note, sizeof note);
+    snapshot_add(&s, note, sizeof note);
+    return s;
+}
+
+START_TEST(failed_load_leaves_the_trainer_unchanged)
+{
+    char *dir = test_tmpdir();
+    char good[4200], bad[4200];
+    snprintf(good, sizeof good, "%s/good.ckpt", dir);
+    snprintf(bad, sizeof bad, "%s/bad.ckpt", dir);
+    klvae_model_t *ma = NULL, *mb = NULL;
+    klvae_trainer_t *a = random_trainer(&ma, NULL, NULL);
+    run_steps(a, 0, 2, NULL);
+    ck_assert_ok(klvae_trainer_set_note(a, "position", "saved"));
+    ck_assert_ok(klvae_trainer_save(a, good));
+    klvae_trainer_t *b = random_trainer(&mb, NULL, NULL);
+    run_steps(b, 5, 6, NULL);
+    ck_assert_ok(klvae_trainer_set_note(b, "position", "live"));
+    trainer_snapshot before = snapshot(b, mb);
+    /* late tensors of the file: the discriminator's last Adam moment and
+     * the model's last EMA weight, after every model weight */
+    const kv_disc *d = kv_trainer_disc(b);
+    char late[2][200];
+    snprintf(late[0], sizeof late[0], "adam.disc.v.%s", d->params[d->num_params - 1].name);
+    snprintf(late[1], sizeof late[1], "ema.%s", mb->params[mb->num_params - 1].name);
+    const test_damage hows[2] = {TEST_DAMAGE_DTYPE_I32, TEST_DAMAGE_NAN};
+    const klvae_status_t want[2] = {KLVAE_ERR_UNSUPPORTED, KLVAE_ERR_NONFINITE};
+    for (int k = 0; k < 2; k++)
+        for (int h = 0; h < 2; h++) {
+            size_t len;
+            unsigned char *bytes = test_read_file(good, &len);
+            test_write_file(bad, bytes, len);
+            free(bytes);
+            test_damage_tensor(bad, late[k], hows[h]);
+            ck_assert_status(klvae_trainer_load(b, bad), want[h]);
+            ck_assert_error_mentions(late[k]);
+            trainer_snapshot after = snapshot(b, mb);
+            ck_assert_int_eq(after.step, before.step);
+            ck_assert_uint_eq(after.len, before.len);
+            ck_assert_msg(memcmp(after.bytes, before.bytes, before.len) == 0,
+                          "a failed load (%s, %s) changed the trainer", late[k],
+                          h ? "NaN" : "I32");
+            free(after.bytes);
+        }
+    /* the good file still loads into the same trainer */
+    ck_assert_ok(klvae_trainer_load(b, good));
+    ck_assert_int_eq(klvae_trainer_step_count(b), 2);
+    free(before.bytes);
+    klvae_trainer_free(a);
+    klvae_trainer_free(b);
+    klvae_model_free(ma);
+    klvae_model_free(mb);
+    test_rmtree(dir);
+    free(dir);
+}
+END_TEST
+
 START_TEST(failed_save_keeps_the_earlier_checkpoint)
 {
     char *dir = test_tmpdir();
@@ -702,6 +789,7 @@ Suite *suite_train(void)
     tcase_set_timeout(tc2, 120);
     tcase_add_test(tc2, resume_is_exact);
     tcase_add_test(tc2, failed_save_keeps_the_earlier_checkpoint);
+    tcase_add_test(tc2, failed_load_leaves_the_trainer_unchanged);
     tcase_add_test(tc2, decoder_only_training_keeps_the_encoder);
     tcase_add_test(tc2, gradient_accumulation_equals_the_whole_batch);
     tcase_add_test(tc2, trainer_reports_its_settings_and_lpips_absence);

@@ -93,6 +93,12 @@ void test_write_file(const char *path, const void *data, size_t len);
  * data_len bytes of data (pattern-filled). */
 void test_write_safetensors(const char *path, const char *header_json, size_t data_len);
 
+/* Damages one F32 tensor of a safetensors file in place: its last value
+ * becomes NaN, or its dtype becomes I32 (same size, so the file stays
+ * well-formed). */
+typedef enum test_damage { TEST_DAMAGE_NAN, TEST_DAMAGE_DTYPE_I32 } test_damage;
+void test_damage_tensor(const char *path, const char *tensor, test_damage how);
+
 /* Loads a float32 tensor of a fixture io.safetensors; returns a malloc'ed
  * array and its shape (n, c, h, w). */
 float *test_load_fixture_tensor(const char *path, const char *name, int shape[4]);

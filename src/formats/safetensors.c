@@ -344,6 +344,21 @@ const kv_st_tensor *kv_st_find(const kv_safetensors *st, const char *name)
     return bsearch(&key, st->tensors, st->count, sizeof *st->tensors, compare_by_name);
 }
 
+const kv_st_tensor *kv_st_find_prefixed(const kv_safetensors *st, const char *const *prefixes,
+                                        size_t count, const char *name)
+{
+    char full[512];
+    for (size_t p = 0; p < count; p++) {
+        int len = snprintf(full, sizeof full, "%s%s", prefixes[p], name);
+        if (len < 0 || (size_t)len >= sizeof full)
+            continue; /* longer than any tensor name we look for */
+        const kv_st_tensor *t = kv_st_find(st, full);
+        if (t)
+            return t;
+    }
+    return NULL;
+}
+
 const char *kv_st_metadata(const kv_safetensors *st, const char *key)
 {
     for (size_t i = 0; i < st->metadata_count; i++)

@@ -46,6 +46,10 @@ klvae_status_t kv_st_open(const char *path, kv_safetensors *st);
 void kv_st_close(kv_safetensors *st);
 
 const kv_st_tensor *kv_st_find(const kv_safetensors *st, const char *name);
+/* The tensor named prefixes[p] + name for the first p (of count) that
+ * exists, or NULL. */
+const kv_st_tensor *kv_st_find_prefixed(const kv_safetensors *st, const char *const *prefixes,
+                                        size_t count, const char *name);
 const char *kv_st_metadata(const kv_safetensors *st, const char *key);
 size_t kv_st_numel(const kv_st_tensor *t);
 

@@ -117,6 +117,7 @@ void kv_model_destroy(klvae_model_t *m);
 
 /* src/model/weights.c: reading and writing weight files. */
 struct kv_safetensors;
+struct kv_st_tensor;
 /* Finds the weights in st: sets *prefix ("", "first_stage_model." or
  * "vae.") and *naming. */
 klvae_status_t kv_weights_detect(const struct kv_safetensors *st, const char **prefix,
@@ -128,6 +129,19 @@ klvae_status_t kv_weights_infer_config(const struct kv_safetensors *st, const ch
  * turns shape mismatches into KLVAE_ERR_CONFIG (config.json disagrees). */
 klvae_status_t kv_weights_load(klvae_model_t *m, const struct kv_safetensors *st,
                                const char *prefix, kv_naming naming, bool config_from_json);
+/* Reads tensor t of st (any float dtype) into dst, a float32 tensor of as
+ * many elements in backend memory, through staging (host memory for at
+ * least that many floats; unused when the backend computes in host
+ * memory). A NaN or infinity is KLVAE_ERR_NONFINITE naming the file and the
+ * tensor; dst may then hold part of the values. Every weight the library
+ * loads (model, LPIPS, discriminator, checkpoints) comes through here. */
+klvae_status_t kv_weights_read(kv_backend *be, const struct kv_safetensors *st,
+                               const struct kv_st_tensor *t, float *staging, kv_tensor *dst);
+/* The same check without a destination: reads t into staging and
+ * KLVAE_ERR_NONFINITE when a value is not finite (for loads that must check
+ * everything before they change anything). */
+klvae_status_t kv_weights_check_finite(const struct kv_safetensors *st,
+                                       const struct kv_st_tensor *t, float *staging);
 /* Writes the diffusers folder. */
 klvae_status_t kv_weights_save(const klvae_model_t *m, const char *folder);
 

@@ -1,6 +1,7 @@
 /* weights.c — finding, checking and reading the parameters in a
  * safetensors file under any of the three naming schemes, and writing a
  * diffusers folder. */
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,9 +15,7 @@ static const char *const known_prefixes[] = {"", "first_stage_model.", "vae."};
 static const kv_st_tensor *find_prefixed(const kv_safetensors *st, const char *prefix,
                                          const char *name)
 {
-    char full[256];
-    snprintf(full, sizeof full, "%s%s", prefix, name);
-    return kv_st_find(st, full);
+    return kv_st_find_prefixed(st, &prefix, 1, name);
 }
 
 klvae_status_t kv_weights_detect(const kv_safetensors *st, const char **prefix,
@@ -161,6 +160,38 @@ static bool shape_matches(const kv_param *p, const kv_st_tensor *t)
            t->shape[1] == want->shape[1] && t->shape[2] == 1 && t->shape[3] == 1;
 }
 
+static klvae_status_t check_finite(const kv_safetensors *st, const kv_st_tensor *t,
+                                   const float *values)
+{
+    size_t n = kv_st_numel(t);
+    for (size_t i = 0; i < n; i++)
+        if (!isfinite(values[i]))
+            return kv_error(KLVAE_ERR_NONFINITE,
+                            "%s: tensor '%s' holds a non-finite value (%g at element %zu); the "
+                            "weights are damaged",
+                            st->path, t->name, (double)values[i], i);
+    return KLVAE_OK;
+}
+
+klvae_status_t kv_weights_check_finite(const kv_safetensors *st, const kv_st_tensor *t,
+                                       float *staging)
+{
+    klvae_status_t status = kv_st_read_f32(st, t, staging);
+    return status == KLVAE_OK ? check_finite(st, t, staging) : status;
+}
+
+klvae_status_t kv_weights_read(kv_backend *be, const kv_safetensors *st, const kv_st_tensor *t,
+                               float *staging, kv_tensor *dst)
+{
+    float *host = be->host_memory ? dst->data : staging;
+    klvae_status_t status = kv_st_read_f32(st, t, host);
+    if (status == KLVAE_OK)
+        status = check_finite(st, t, host);
+    if (status == KLVAE_OK && host != dst->data)
+        status = be->ops->upload(be, dst->data, host, kv_tensor_numel(dst));
+    return status;
+}
+
 klvae_status_t kv_weights_load(klvae_model_t *m, const kv_safetensors *st, const char *prefix,
                                kv_naming naming, bool config_from_json)
 {
@@ -202,10 +233,7 @@ klvae_status_t kv_weights_load(klvae_model_t *m, const kv_safetensors *st, const
                                   found, expected);
             break;
         }
-        status = kv_st_read_f32(st, t, staging);
-        if (status == KLVAE_OK)
-            status = m->be->ops->upload(m->be, p->tensor->data, staging,
-                                        kv_tensor_numel(p->tensor));
+        status = kv_weights_read(m->be, st, t, staging, p->tensor);
     }
     free(staging);
     return status;

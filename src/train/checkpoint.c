@@ -252,9 +252,21 @@ KLVAE_API klvae_status_t klvae_trainer_load(klvae_trainer_t *t, const char *path
             goto done;
         }
     }
-    /* Check every tensor before changing anything. */
+    /* Check every tensor, values included, before changing anything: the
+     * trainer is unchanged unless the whole checkpoint is good. */
     status = ck_collect(t, scalars, &list);
     size_t largest = 1;
+    for (size_t i = 0; i < list.count; i++) {
+        size_t n = 1;
+        for (int d = 0; d < list.items[i].ndim; d++)
+            n *= (size_t)list.items[i].shape[d];
+        largest = KV_MAX(largest, n);
+    }
+    if (status == KLVAE_OK) {
+        host = malloc(largest * sizeof *host);
+        if (!host)
+            status = kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory reading %s", path);
+    }
     for (size_t i = 0; status == KLVAE_OK && i < list.count; i++) {
         const ck_entry *e = &list.items[i];
         const kv_st_tensor *f = kv_st_find(&st, e->name);
@@ -274,27 +286,20 @@ KLVAE_API klvae_status_t klvae_trainer_load(klvae_trainer_t *t, const char *path
                               path, e->name);
             break;
         }
-        largest = KV_MAX(largest, kv_st_numel(f));
+        /* the dtype (an integer tensor of the same size is refused here) and
+         * every value */
+        status = kv_weights_check_finite(&st, f, host);
     }
-    if (status == KLVAE_OK) {
-        host = malloc(largest * sizeof *host);
-        if (!host)
-            status = kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory reading %s", path);
-    }
+    /* Then read it for real. Only an I/O error can stop this pass. */
     for (size_t i = 0; status == KLVAE_OK && i < list.count; i++) {
         const ck_entry *e = &list.items[i];
         const kv_st_tensor *f = kv_st_find(&st, e->name);
-        if (!f) { /* EMA missing: restart it from the loaded weights (below) */
+        if (!f) /* EMA missing: restart it from the loaded weights (below) */
             continue;
-        }
-        if (e->tensor) {
-            status = kv_st_read_f32(&st, f, host);
-            if (status == KLVAE_OK)
-                status = t->be->ops->upload(t->be, e->tensor->data, host,
-                                            kv_tensor_numel(e->tensor));
-        } else {
+        if (e->tensor)
+            status = kv_weights_read(t->be, &st, f, host, e->tensor);
+        else
             status = kv_st_read_f32(&st, f, e->host);
-        }
     }
     if (status == KLVAE_OK && t->ema && !kv_st_find(&st, "ema.decoder.conv_out.weight"))
         status = kv_params_copy(t->be, t->model_net.ema, t->model_net.weights);

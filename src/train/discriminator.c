@@ -6,6 +6,7 @@
 
 #include "base/philox.h"
 #include "formats/safetensors.h"
+#include "model/layers.h"
 #include "train/discriminator.h"
 
 #define BN_EPS 1e-5f
@@ -180,20 +181,15 @@ static const char *const disc_prefixes[] = {"", "loss.discriminator.", "discrimi
 
 static const kv_st_tensor *find_prefixed(const kv_safetensors *st, const char *name)
 {
-    char full[200];
-    for (size_t p = 0; p < KV_ARRAY_LEN(disc_prefixes); p++) {
-        snprintf(full, sizeof full, "%s%s", disc_prefixes[p], name);
-        const kv_st_tensor *t = kv_st_find(st, full);
-        if (t)
-            return t;
-    }
-    return NULL;
+    return kv_st_find_prefixed(st, disc_prefixes, KV_ARRAY_LEN(disc_prefixes), name);
 }
 
-static klvae_status_t read_exact_shape(const kv_safetensors *st, const char *name,
-                                       const kv_tensor *want, float *host)
+/* The tensor called name (any accepted prefix), checked to have want's
+ * shape. */
+static klvae_status_t find_exact_shape(const kv_safetensors *st, const char *name,
+                                       const kv_tensor *want, const kv_st_tensor **out)
 {
-    const kv_st_tensor *t = find_prefixed(st, name);
+    const kv_st_tensor *t = *out = find_prefixed(st, name);
     if (!t)
         return kv_error(KLVAE_ERR_MISSING_TENSOR, "%s: missing tensor '%s' of the discriminator",
                         st->path, name);
@@ -205,7 +201,7 @@ static klvae_status_t read_exact_shape(const kv_safetensors *st, const char *nam
                         "%s: discriminator tensor '%s' has another shape than disc_layers and "
                         "disc_channels give (first dimension %lld, expected %d)",
                         st->path, t->name, t->ndim ? (long long)t->shape[0] : 0LL, want->shape[0]);
-    return kv_st_read_f32(st, t, host);
+    return KLVAE_OK;
 }
 
 klvae_status_t kv_disc_load(kv_disc *d, const char *path)
@@ -220,11 +216,12 @@ klvae_status_t kv_disc_load(kv_disc *d, const char *path)
     float *host = malloc(largest * sizeof *host);
     if (!host)
         status = kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory loading %s", path);
+    const kv_st_tensor *t = NULL;
     for (int i = 0; status == KLVAE_OK && i < d->num_params; i++) {
         const kv_param *p = &d->params[i];
-        status = read_exact_shape(&st, p->name, p->tensor, host);
+        status = find_exact_shape(&st, p->name, p->tensor, &t);
         if (status == KLVAE_OK)
-            status = d->be->ops->upload(d->be, p->tensor->data, host, kv_tensor_numel(p->tensor));
+            status = kv_weights_read(d->be, &st, t, host, p->tensor);
     }
     /* Running statistics are optional: a file without them keeps 0 and 1. */
     for (int i = 0; status == KLVAE_OK && i < d->convs; i++) {
@@ -235,10 +232,14 @@ klvae_status_t kv_disc_load(kv_disc *d, const char *path)
         if (!find_prefixed(&st, name))
             continue;
         kv_tensor want = d->bn[i].weight;
-        status = read_exact_shape(&st, name, &want, d->running_mean[i]);
+        status = find_exact_shape(&st, name, &want, &t);
+        if (status == KLVAE_OK) /* host arrays: read and checked in place */
+            status = kv_weights_check_finite(&st, t, d->running_mean[i]);
         snprintf(name, sizeof name, "main.%d.running_var", main_index(d, i) + 1);
         if (status == KLVAE_OK)
-            status = read_exact_shape(&st, name, &want, d->running_var[i]);
+            status = find_exact_shape(&st, name, &want, &t);
+        if (status == KLVAE_OK)
+            status = kv_weights_check_finite(&st, t, d->running_var[i]);
     }
     free(host);
     kv_st_close(&st);
@@ -277,21 +278,16 @@ klvae_status_t kv_disc_forward(kv_disc *d, const kv_tensor *x, kv_disc_tape *t, 
     t->in[0].owned = false;
     klvae_status_t st = KLVAE_OK;
     for (int i = 0; i < d->convs && st == KLVAE_OK; i++) {
-        const kv_tensor *in = &t->in[i], *w = &d->conv[i].weight;
-        kv_conv_geometry g = geometry(d, i);
-        int ho = (in->shape[2] + 2 - 4) / g.stride + 1, wo = (in->shape[3] + 2 - 4) / g.stride + 1;
-        if (ho < 1 || wo < 1)
-            return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
-                            "images are too small for a %d-layer discriminator", d->layers);
-        kv_tensor y = {0};
-        st = kv_tensor_alloc(be, in->shape[0], w->shape[0], ho, wo, &y);
-        if (st == KLVAE_OK)
-            st = be->ops->conv2d(be, in, NULL, w, d->conv[i].bias.data ? &d->conv[i].bias : NULL,
-                                 g, &y);
-        if (st != KLVAE_OK) {
-            kv_tensor_release(be, &y);
+        const kv_tensor *in = &t->in[i];
+        if (in->shape[2] < 2 || in->shape[3] < 2) { /* a 4x4 kernel needs 1 + 2 + 1 rows */
+            st = kv_error(KLVAE_ERR_INVALID_ARGUMENT,
+                          "images are too small for a %d-layer discriminator", d->layers);
             break;
         }
+        kv_tensor y = {0};
+        st = kv_conv_new(be, &d->conv[i], in, NULL, geometry(d, i), &y);
+        if (st != KLVAE_OK)
+            break;
         if (i == d->convs - 1) {
             *logits = y;
             return KLVAE_OK;

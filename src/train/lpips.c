@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "formats/safetensors.h"
+#include "model/layers.h"
 #include "train/lpips.h"
 
 /* torchvision's features indices of the 13 convolutions, and the block
@@ -13,7 +14,6 @@ static const int conv_block[KV_LPIPS_CONVS] = {0, 0, 1, 1, 2, 2, 2, 3, 3, 3, 4, 
 static const int tap_conv[KV_LPIPS_TAPS] = {1, 3, 6, 9, 12}; /* relu1_2 ... relu5_3 */
 static const float scaling_shift[3] = {-0.030f, -0.088f, -0.188f};
 static const float scaling_scale[3] = {0.458f, 0.448f, 0.450f};
-static const kv_conv_geometry same_3x3 = {1, 1, 1, 1, 1};
 
 static bool last_of_block(int i)
 {
@@ -25,50 +25,35 @@ static const char *const prefixes[] = {"", "loss.perceptual_loss.", "perceptual_
 /* The tensor for conv i's weight or bias under any accepted name. */
 static const kv_st_tensor *find_conv(const kv_safetensors *st, int i, const char *what)
 {
-    char name[160];
-    for (size_t p = 0; p < KV_ARRAY_LEN(prefixes); p++) {
-        snprintf(name, sizeof name, "%sfeatures.%d.%s", prefixes[p], conv_index[i], what);
-        const kv_st_tensor *t = kv_st_find(st, name);
-        if (t)
-            return t;
-        snprintf(name, sizeof name, "%snet.slice%d.%d.%s", prefixes[p], conv_block[i] + 1,
-                 conv_index[i], what);
-        if ((t = kv_st_find(st, name)))
-            return t;
-    }
-    return NULL;
+    char torchvision[64], lpips[64];
+    snprintf(torchvision, sizeof torchvision, "features.%d.%s", conv_index[i], what);
+    snprintf(lpips, sizeof lpips, "net.slice%d.%d.%s", conv_block[i] + 1, conv_index[i], what);
+    const kv_st_tensor *t = kv_st_find_prefixed(st, prefixes, KV_ARRAY_LEN(prefixes), torchvision);
+    return t ? t : kv_st_find_prefixed(st, prefixes, KV_ARRAY_LEN(prefixes), lpips);
 }
 
 static const kv_st_tensor *find_lin(const kv_safetensors *st, int k)
 {
-    char name[160];
-    for (size_t p = 0; p < KV_ARRAY_LEN(prefixes); p++) {
-        snprintf(name, sizeof name, "%slin%d.model.1.weight", prefixes[p], k);
-        const kv_st_tensor *t = kv_st_find(st, name);
-        if (t)
-            return t;
-        snprintf(name, sizeof name, "%slins.%d.model.1.weight", prefixes[p], k);
-        if ((t = kv_st_find(st, name)))
-            return t;
-    }
-    return NULL;
+    char single[64], listed[64];
+    snprintf(single, sizeof single, "lin%d.model.1.weight", k);
+    snprintf(listed, sizeof listed, "lins.%d.model.1.weight", k);
+    const kv_st_tensor *t = kv_st_find_prefixed(st, prefixes, KV_ARRAY_LEN(prefixes), single);
+    return t ? t : kv_st_find_prefixed(st, prefixes, KV_ARRAY_LEN(prefixes), listed);
 }
 
 static klvae_status_t load_tensor(kv_backend *be, const kv_safetensors *st, const kv_st_tensor *t,
                                   int n, int c, int h, int w, kv_tensor *out)
 {
     klvae_status_t status = kv_tensor_alloc(be, n, c, h, w, out);
-    float *host = NULL;
-    if (status == KLVAE_OK) {
-        host = malloc(kv_tensor_numel(out) * sizeof(float));
-        if (!host)
+    float *staging = NULL;
+    if (status == KLVAE_OK && !be->host_memory) {
+        staging = malloc(kv_tensor_numel(out) * sizeof(float));
+        if (!staging)
             status = kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory loading %s", st->path);
     }
     if (status == KLVAE_OK)
-        status = kv_st_read_f32(st, t, host);
-    if (status == KLVAE_OK)
-        status = be->ops->upload(be, out->data, host, kv_tensor_numel(out));
-    free(host);
+        status = kv_weights_read(be, st, t, staging, out);
+    free(staging);
     return status;
 }
 
@@ -223,11 +208,7 @@ static klvae_status_t trunk_forward(kv_lpips *l, const kv_tensor *images, bool k
             in = &pooled;
         }
         if (st == KLVAE_OK)
-            st = kv_tensor_alloc(be, n, l->convs[i].weight.shape[0], in->shape[2], in->shape[3],
-                                 &t->y[i]);
-        if (st == KLVAE_OK)
-            st = be->ops->conv2d(be, in, NULL, &l->convs[i].weight, &l->convs[i].bias, same_3x3,
-                                 &t->y[i]);
+            st = kv_conv_new(be, &l->convs[i], in, NULL, kv_same_3x3, &t->y[i]);
         if (st == KLVAE_OK)
             st = be->ops->activation(be, &t->y[i], KV_ACT_RELU, &t->y[i]);
         kv_tensor_release(be, &x);
@@ -309,14 +290,11 @@ klvae_status_t kv_lpips_forward(kv_lpips *l, const kv_tensor *a, const kv_tensor
     memset(&dtap[KV_LPIPS_TAPS - 1], 0, sizeof d);
     for (int i = KV_LPIPS_CONVS - 1; i >= 0 && st == KLVAE_OK; i--) {
         st = be->ops->activation_backward(be, &tb.y[i], &d, KV_ACT_RELU, &d);
-        const kv_tensor *w = &l->convs[i].weight;
-        int ci = w->shape[1], h = tb.y[i].shape[2], wd = tb.y[i].shape[3];
-        if (st == KLVAE_OK)
-            st = kv_tensor_alloc(be, n, ci, h, wd, &din);
         if (st == KLVAE_OK && !l->transposed[i].data)
             st = make_transposed(l, i);
+        kv_conv transposed = {l->transposed[i], {0}}; /* no bias */
         if (st == KLVAE_OK) /* the transposed convolution, as backend.h defines it */
-            st = be->ops->conv2d(be, &d, NULL, &l->transposed[i], NULL, same_3x3, &din);
+            st = kv_conv_new(be, &transposed, &d, NULL, kv_same_3x3, &din);
         kv_tensor_release(be, &d);
         d = din;
         memset(&din, 0, sizeof din);
