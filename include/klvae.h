@@ -417,9 +417,15 @@ typedef struct klvae_step_stats {
     double logits_fake;     /* mean D(x') in the discriminator step */
     double logvar;          /* the loss' log-variance */
     double seconds;         /* wall time of the step */
+    /* Since 0.2.0: */
+    uint32_t skipped;       /* 1: this call made no update (nonfinite=skip and a
+                               non-finite value); its losses may be NaN */
+    uint32_t spare;
+    int64_t skipped_steps;  /* steps skipped so far (saved in checkpoints) */
 } klvae_step_stats_t;
 
-#define KLVAE_STEP_STATS_INIT {sizeof(klvae_step_stats_t), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
+#define KLVAE_STEP_STATS_INIT                                                                \
+    {sizeof(klvae_step_stats_t), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
 
 /* Creates a trainer for model, which it borrows: the model must outlive the
  * trainer, and while the trainer exists the model's weights change with
@@ -435,9 +441,25 @@ KLVAE_API klvae_status_t klvae_trainer_create(klvae_model_t *model, const klvae_
  * multiples of the downsampling factor and at least 16 (for LPIPS), and
  * when the discriminator runs in this step (from disc_start on, or always
  * with preset=ldm) at least its minimum (24 for the default 3 layers);
- * n divisible by grad_accum. stats may be NULL. On error the weights may be partly updated; reload a checkpoint to
- * continue. Errors: KLVAE_ERR_INVALID_ARGUMENT, KLVAE_ERR_OUT_OF_MEMORY,
- * KLVAE_ERR_BACKEND. */
+ * n divisible by grad_accum. stats may be NULL; it is written on success.
+ *
+ * Non-finite values: a NaN or infinity in images is KLVAE_ERR_NONFINITE
+ * (the message names the image and position) before anything runs. A
+ * non-finite loss or gradient is found before any update: with option
+ * nonfinite=refuse (the default) the call returns KLVAE_ERR_NONFINITE naming
+ * it, and weights, both optimisers, EMA, the discriminator's BatchNorm
+ * statistics and the step counter are unchanged; with nonfinite=skip it
+ * returns KLVAE_OK with stats->skipped = 1, changes nothing either but
+ * counts the step in stats->skipped_steps (the step counter does not move).
+ * One exception: with disc_update=fresh the discriminator runs on the
+ * updated autoencoder, so a value that only that pass makes non-finite is
+ * found after the autoencoder's update; then the autoencoder's update
+ * stands and the step counts, the discriminator is unchanged, and the call
+ * returns KLVAE_ERR_NONFINITE (refuse) or KLVAE_OK with skipped = 1 (skip).
+ *
+ * On any other error the weights may be partly updated; reload a checkpoint
+ * to continue. Errors: KLVAE_ERR_INVALID_ARGUMENT, KLVAE_ERR_NONFINITE,
+ * KLVAE_ERR_OUT_OF_MEMORY, KLVAE_ERR_BACKEND. */
 KLVAE_API klvae_status_t klvae_trainer_step(klvae_trainer_t *trainer, const float *images, int n,
                                             int h, int w, klvae_step_stats_t *stats);
 

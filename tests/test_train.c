@@ -554,6 +554,132 @@ START_TEST(failed_load_leaves_the_trainer_unchanged)
 }
 END_TEST
 
+START_TEST(nonfinite_input_is_refused_and_changes_nothing)
+{
+    klvae_model_t *m = NULL;
+    klvae_trainer_t *t = random_trainer(&m, NULL, NULL);
+    run_steps(t, 0, 2, NULL);
+    trainer_snapshot before = snapshot(t, m);
+    const float poison[2] = {NAN, INFINITY};
+    for (int k = 0; k < 2; k++) {
+        float *x = random_batch(3, 2);
+        x[3 * 32 * 40 + 2 * 32 * 40 + 5 * 40 + 7] = poison[k]; /* image 1, channel 2, (5, 7) */
+        ck_assert_status(klvae_trainer_step(t, x, 2, 32, 40, NULL), KLVAE_ERR_NONFINITE);
+        ck_assert_error_mentions("image 1 of the batch");
+        ck_assert_error_mentions("channel 2, row 5, column 7");
+        free(x);
+    }
+    trainer_snapshot after = snapshot(t, m);
+    ck_assert_int_eq(after.step, 2);
+    ck_assert(after.len == before.len && memcmp(after.bytes, before.bytes, before.len) == 0);
+    free(before.bytes);
+    free(after.bytes);
+    klvae_trainer_free(t);
+    klvae_model_free(m);
+}
+END_TEST
+
+/* A NaN weight makes every loss NaN: refused by default with nothing
+ * changed, or skipped and counted with nonfinite=skip. */
+START_TEST(nonfinite_loss_is_refused_or_skipped)
+{
+    char *dir = test_tmpdir();
+    char path[4200];
+    snprintf(path, sizeof path, "%s/skip.ckpt", dir);
+    for (int skip = 0; skip < 2; skip++) {
+        klvae_model_t *m = NULL;
+        klvae_trainer_t *t = random_trainer(&m, "nonfinite", skip ? "skip" : "refuse");
+        run_steps(t, 0, 2, NULL);
+        float *w = m->params[m->num_params / 2].tensor->data, kept = w[0];
+        w[0] = NAN;
+        trainer_snapshot before = snapshot(t, m);
+        float *x = random_batch(2, 2);
+        klvae_step_stats_t s = KLVAE_STEP_STATS_INIT;
+        if (!skip) {
+            ck_assert_status(klvae_trainer_step(t, x, 2, 32, 40, &s), KLVAE_ERR_NONFINITE);
+            ck_assert_error_mentions("is not finite at step 2");
+            ck_assert_error_mentions("nothing was changed");
+        } else {
+            ck_assert_ok(klvae_trainer_step(t, x, 2, 32, 40, &s));
+            ck_assert_uint_eq(s.skipped, 1);
+            ck_assert_int_eq(s.skipped_steps, 1);
+            ck_assert_int_eq(s.step, 2);
+        }
+        trainer_snapshot after = snapshot(t, m);
+        ck_assert_int_eq(after.step, 2); /* no step was made */
+        ck_assert(after.len == before.len && memcmp(after.bytes, before.bytes, before.len) == 0);
+        /* the next good step goes on from there */
+        w[0] = kept;
+        ck_assert_ok(klvae_trainer_step(t, x, 2, 32, 40, &s));
+        ck_assert_uint_eq(s.skipped, 0);
+        ck_assert_int_eq(s.step, 2);
+        ck_assert_int_eq(s.skipped_steps, skip);
+        ck_assert_int_eq(klvae_trainer_step_count(t), 3);
+        if (skip) { /* the count survives a checkpoint */
+            ck_assert_ok(klvae_trainer_save(t, path));
+            klvae_model_t *m2 = NULL;
+            klvae_trainer_t *t2 = random_trainer(&m2, "nonfinite", "skip");
+            ck_assert_ok(klvae_trainer_load(t2, path));
+            ck_assert_ok(klvae_trainer_step(t2, x, 2, 32, 40, &s));
+            ck_assert_int_eq(s.skipped_steps, 1);
+            klvae_trainer_free(t2);
+            klvae_model_free(m2);
+        }
+        free(x);
+        free(before.bytes);
+        free(after.bytes);
+        klvae_trainer_free(t);
+        klvae_model_free(m);
+    }
+    test_rmtree(dir);
+    free(dir);
+}
+END_TEST
+
+/* disc_update=fresh runs the discriminator on the updated autoencoder, so
+ * a NaN that only the discriminator sees is found after that update: the
+ * autoencoder's update stands, the discriminator's is left out. */
+START_TEST(nonfinite_discriminator_after_a_fresh_update)
+{
+    klvae_model_t *m = NULL;
+    klvae_options_t *o = reference_options();
+    ck_assert_ok(klvae_options_set(o, "preset", "ldm"));
+    ck_assert_ok(klvae_options_set(o, "disc_factor", "0")); /* no GAN term in the generator */
+    ck_assert_ok(klvae_options_set(o, "disc_update", "fresh"));
+    ck_assert_ok(klvae_model_load(TRAIN "vae", o, &m));
+    klvae_trainer_t *t = NULL;
+    ck_assert_ok(klvae_trainer_create(m, o, &t));
+    klvae_options_free(o);
+    const kv_disc *d = kv_trainer_disc(t);
+    ((float *)d->params[0].tensor->data)[0] = NAN;
+    size_t disc_bytes = kv_tensor_numel(d->params[1].tensor) * sizeof(float);
+    void *disc_before = malloc(disc_bytes);
+    memcpy(disc_before, d->params[1].tensor->data, disc_bytes);
+    float running_before[KV_DISC_MAX_LAYERS + 2][512];
+    for (int i = 0; i < d->convs; i++)
+        if (d->running_mean[i])
+            memcpy(running_before[i], d->running_mean[i],
+                   (size_t)d->bn[i].weight.shape[0] * sizeof(float));
+    void *model_before = malloc(sizeof(float));
+    memcpy(model_before, m->params[0].tensor->data, sizeof(float));
+    float *x = random_batch(0, 2);
+    ck_assert_status(klvae_trainer_step(t, x, 2, 32, 40, NULL), KLVAE_ERR_NONFINITE);
+    ck_assert_error_mentions("the autoencoder was updated");
+    ck_assert_int_eq(klvae_trainer_step_count(t), 1);
+    ck_assert(memcmp(model_before, m->params[0].tensor->data, sizeof(float)) != 0);
+    ck_assert(memcmp(disc_before, d->params[1].tensor->data, disc_bytes) == 0);
+    for (int i = 0; i < d->convs; i++) /* the BatchNorm statistics too */
+        if (d->running_mean[i])
+            ck_assert(memcmp(running_before[i], d->running_mean[i],
+                             (size_t)d->bn[i].weight.shape[0] * sizeof(float)) == 0);
+    free(x);
+    free(disc_before);
+    free(model_before);
+    klvae_trainer_free(t);
+    klvae_model_free(m);
+}
+END_TEST
+
 START_TEST(failed_save_keeps_the_earlier_checkpoint)
 {
     char *dir = test_tmpdir();
@@ -790,6 +916,9 @@ Suite *suite_train(void)
     tcase_add_test(tc2, resume_is_exact);
     tcase_add_test(tc2, failed_save_keeps_the_earlier_checkpoint);
     tcase_add_test(tc2, failed_load_leaves_the_trainer_unchanged);
+    tcase_add_test(tc2, nonfinite_input_is_refused_and_changes_nothing);
+    tcase_add_test(tc2, nonfinite_loss_is_refused_or_skipped);
+    tcase_add_test(tc2, nonfinite_discriminator_after_a_fresh_update);
     tcase_add_test(tc2, decoder_only_training_keeps_the_encoder);
     tcase_add_test(tc2, gradient_accumulation_equals_the_whole_batch);
     tcase_add_test(tc2, trainer_reports_its_settings_and_lpips_absence);

@@ -121,6 +121,10 @@ static const opt_def option_table[] = {
      "after another."},
     {"grad_clip", OPT_FLOAT, "0", 0, 1e30, NULL,
      "Clip each network's gradient to this global L2 norm; 0 does not clip."},
+    {"nonfinite", OPT_CHOICE, "refuse", 0, 0, "refuse|skip",
+     "A NaN or infinity in a training batch, loss or gradient: refuse returns "
+     "KLVAE_ERR_NONFINITE and changes nothing; skip makes no update, counts the step as "
+     "skipped and carries on."},
 };
 
 #define OPTION_COUNT ((int)KV_ARRAY_LEN(option_table))

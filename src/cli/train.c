@@ -5,7 +5,8 @@
  *
  * RUN_DIR holds:
  *   checkpoint.safetensors  everything needed to resume (--resume RUN_DIR)
- *   log.csv                 one row per step: the losses of klvae_step_stats_t
+ *   log.csv                 one row per step: the losses of klvae_step_stats_t and the
+ *                           steps skipped so far for non-finite values
  *   eval.csv                held-out PSNR and SSIM at every evaluation
  *   grid.png, grids/        inputs (top) above reconstructions (bottom)
  *   loss.png                the curves of log.csv and eval.csv
@@ -25,6 +26,10 @@
 #include "cli/plot_run.h"
 #include "formats/safetensors.h"
 #include "train/data.h"
+
+/* With --nonfinite skip, a run whose every batch gives NaN has diverged:
+ * it stops after this many in a row instead of spinning on. */
+#define KV_CLI_MAX_SKIPPED_IN_A_ROW 100
 
 const char *const train_help =
     "usage: klvae train [--data DIR] [--out RUN_DIR] [--size N] [--batch N]\n"
@@ -104,6 +109,7 @@ typedef struct run {
     bool tty;
     int64_t last_eval_step; /* and its result, so the end does not redo it */
     double last_psnr, last_ssim;
+    int skipped_in_a_row; /* batches skipped for non-finite values (--nonfinite skip) */
 } run;
 
 static char *join(const char *dir, const char *name)
@@ -423,10 +429,11 @@ static void format_duration(double s, char *buf, size_t size)
 
 static void log_step(run *r, const klvae_step_stats_t *s, double elapsed)
 {
-    fprintf(r->log, "%lld,%.3f,%.4f,%.8g,%.8g,%.8g,%.8g,%.8g,%.8g,%.8g,%.6g,%.8g,%.8g,%.8g,%.8g\n",
+    fprintf(r->log,
+            "%lld,%.3f,%.4f,%.8g,%.8g,%.8g,%.8g,%.8g,%.8g,%.8g,%.6g,%.8g,%.8g,%.8g,%.8g,%lld\n",
             (long long)s->step, elapsed, s->seconds, s->total_loss, s->rec_loss,
             s->perceptual_loss, s->nll_loss, s->kl_loss, s->g_loss, s->d_weight, s->disc_factor,
-            s->d_loss, s->logits_real, s->logits_fake, s->logvar);
+            s->d_loss, s->logits_real, s->logits_fake, s->logvar, (long long)s->skipped_steps);
 }
 
 static void show_progress(run *r, const klvae_step_stats_t *s, double img_per_s, double eta)
@@ -499,13 +506,19 @@ static void train_loop(run *r)
             die_status(st, "training step failed (resume from the last checkpoint)");
         }
         double dt = kv_now_seconds() - t0;
-        if (!isfinite(stats.total_loss)) {
-            end_line(r);
-            die("step %lld: the loss is %g; stopping (lower --learning-rate, resume from the "
-                "last checkpoint)",
-                (long long)stats.step, stats.total_loss);
-        }
         r->position = next;
+        if (stats.skipped) { /* --nonfinite skip: no update, the data moved on */
+            end_line(r);
+            note(r->c, "step %lld: a non-finite value; this batch's update was skipped (%lld "
+                       "skipped so far)\n",
+                 (long long)stats.step, (long long)stats.skipped_steps);
+            if (++r->skipped_in_a_row >= KV_CLI_MAX_SKIPPED_IN_A_ROW)
+                die("%d batches in a row gave non-finite values; stopping (lower "
+                    "--learning-rate, resume from the last checkpoint)",
+                    r->skipped_in_a_row);
+            continue;
+        }
+        r->skipped_in_a_row = 0;
         step = stats.step + 1;
         step_time = step - first == 1 ? dt : 0.9 * step_time + 0.1 * dt;
         log_step(r, &stats, kv_now_seconds() - start);
@@ -615,7 +628,7 @@ int cmd_train(cli *c)
     open_data(&r);
     r.log = open_log(r.dir, "log.csv",
                      "step,elapsed_s,step_s,total,rec,perceptual,nll,kl,g,d_weight,disc_factor,"
-                     "d_loss,logits_real,logits_fake,logvar",
+                     "d_loss,logits_real,logits_fake,logvar,skipped_steps",
                      checkpoint != NULL, start_step);
     r.eval_log = open_log(r.dir, "eval.csv", "step,psnr,ssim", checkpoint != NULL, start_step);
     note(c, "training %s on %s, %dx%d crops, batch %d, steps %lld..%lld%s -> %s\n",

@@ -166,23 +166,25 @@ KLVAE_API klvae_status_t klvae_trainer_save(const klvae_trainer_t *t, const char
         snprintf(values[3], 96, "%llu", (unsigned long long)t->seed);
         snprintf(values[4], 96, "%d", t->disc->layers);
         snprintf(values[5], 96, "%d", t->disc->channels);
-        const char *fixed_keys[] = {"step", "model_adam_steps", "disc_adam_steps", "seed",
-                                    "disc_layers", "disc_channels"};
+        snprintf(values[6], 96, "%lld", (long long)t->skipped_steps);
+        const char *fixed_keys[] = {"step",        "model_adam_steps", "disc_adam_steps", "seed",
+                                    "disc_layers", "disc_channels",    "skipped_steps"};
+        enum { FIXED_KEYS = KV_ARRAY_LEN(fixed_keys) };
         meta[nmeta].key = (char *)"format";
         meta[nmeta++].value = (char *)CHECKPOINT_FORMAT;
         meta[nmeta].key = (char *)"klvae_version";
         meta[nmeta++].value = (char *)KLVAE_VERSION_STRING;
         meta[nmeta].key = (char *)"options";
         meta[nmeta++].value = t->options_text;
-        for (int i = 0; i < 6; i++) {
+        for (int i = 0; i < FIXED_KEYS; i++) {
             meta[nmeta].key = (char *)fixed_keys[i];
             meta[nmeta++].value = values[i];
         }
         for (size_t i = 0; i < KV_ARRAY_LEN(structure_keys); i++) {
             snprintf(structure_names[i], sizeof structure_names[i], "config.%s", structure_keys[i]);
-            kv_config_get(&t->m->cfg, structure_keys[i], values[6 + i], 96);
+            kv_config_get(&t->m->cfg, structure_keys[i], values[FIXED_KEYS + i], 96);
             meta[nmeta].key = structure_names[i];
-            meta[nmeta++].value = values[6 + i];
+            meta[nmeta++].value = values[FIXED_KEYS + i];
         }
         for (int i = 0; i < t->notes; i++) {
             snprintf(note_names[i], sizeof note_names[i], "note.%s", t->note_key[i]);
@@ -222,7 +224,7 @@ KLVAE_API klvae_status_t klvae_trainer_load(klvae_trainer_t *t, const char *path
     float scalars[3];
     ck_list list = {NULL, 0, 0};
     float *host = NULL;
-    int64_t step = 0, model_steps = 0, disc_steps = 0;
+    int64_t step = 0, model_steps = 0, disc_steps = 0, skipped_steps = 0;
     const char *format = kv_st_metadata(&st, "format");
     if (!format || strcmp(format, CHECKPOINT_FORMAT) != 0) {
         status = kv_error(KLVAE_ERR_FORMAT,
@@ -237,6 +239,11 @@ KLVAE_API klvae_status_t klvae_trainer_load(klvae_trainer_t *t, const char *path
         status = kv_error(KLVAE_ERR_FORMAT, "%s: the step counters in its metadata are missing "
                                             "or malformed",
                           path);
+        goto done;
+    }
+    const char *skipped_text = kv_st_metadata(&st, "skipped_steps"); /* since 0.2.0 */
+    if (skipped_text && !parse_i64(skipped_text, &skipped_steps)) {
+        status = kv_error(KLVAE_ERR_FORMAT, "%s: its skipped_steps metadata is malformed", path);
         goto done;
     }
     for (size_t i = 0; i < STRUCTURE_KEY_COUNT; i++) {
@@ -308,6 +315,7 @@ KLVAE_API klvae_status_t klvae_trainer_load(klvae_trainer_t *t, const char *path
         t->logvar_m = scalars[1];
         t->logvar_v = scalars[2];
         t->step = step;
+        t->skipped_steps = skipped_steps;
         t->model_net.adam_steps = model_steps;
         t->disc_net.adam_steps = disc_steps;
         uint64_t seed;

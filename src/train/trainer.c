@@ -99,6 +99,7 @@ static klvae_status_t read_settings(const klvae_options_t *o, trainer_settings *
     s->train_encoder = kv_options_bool(o, "train_encoder");
     s->grad_accum = kv_options_int(o, "grad_accum");
     s->grad_clip = (float)kv_options_double(o, "grad_clip");
+    s->refuse_nonfinite = strcmp(kv_options_string(o, "nonfinite"), "refuse") == 0;
     return KLVAE_OK;
 }
 
@@ -521,10 +522,18 @@ static klvae_status_t discriminator_pass(klvae_trainer_t *t, const kv_tensor *x,
     return st;
 }
 
-KLVAE_API klvae_status_t klvae_trainer_step(klvae_trainer_t *t, const float *images, int n, int h,
-                                            int w, klvae_step_stats_t *stats)
+/* What one call of klvae_trainer_step does, decided from its arguments and
+ * the step counter before anything runs. */
+typedef struct step_plan {
+    int micro_batch, channels, h, w;
+    float gan_factor;
+    bool adaptive, disc_pass;
+} step_plan;
+
+/* The arguments of klvae_trainer_step, checked; the plan. */
+static klvae_status_t plan_step(const klvae_trainer_t *t, const float *images, int n, int h,
+                                int w, const klvae_step_stats_t *stats, step_plan *plan)
 {
-    kv_error_clear();
     if (!t || !images)
         return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "klvae_trainer_step: %s is NULL",
                         !t ? "trainer" : "images");
@@ -533,7 +542,7 @@ KLVAE_API klvae_status_t klvae_trainer_step(klvae_trainer_t *t, const float *ima
                         "klvae_trainer_step: stats->struct_size is %u; set it to "
                         "sizeof(klvae_step_stats_t)",
                         stats->struct_size);
-    klvae_model_t *m = t->m;
+    const klvae_model_t *m = t->m;
     const int f = kv_config_factor(&m->cfg), c = m->cfg.in_channels, accum = t->s.grad_accum;
     if (n <= 0 || n % accum != 0)
         return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
@@ -553,86 +562,244 @@ KLVAE_API klvae_status_t klvae_trainer_step(klvae_trainer_t *t, const float *ima
     size_t count;
     if (!kv_numel4(n, c, h, w, &count))
         return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "klvae_trainer_step: batch too large");
-    kv_backend *be = t->be;
-    const double t0 = kv_now_seconds();
-    const int mb = n / accum;
-    const float gan_factor = t->step >= t->s.disc_start ? t->s.disc_factor : 0.0f;
-    const bool adaptive = gan_factor > 0.0f || (t->s.ldm && t->s.disc_factor > 0.0f);
-    const bool disc_pass = gan_factor > 0.0f || t->s.ldm;
+    plan->micro_batch = n / accum;
+    plan->channels = c;
+    plan->h = h;
+    plan->w = w;
+    plan->gan_factor = t->step >= t->s.disc_start ? t->s.disc_factor : 0.0f;
+    plan->adaptive = plan->gan_factor > 0.0f || (t->s.ldm && t->s.disc_factor > 0.0f);
+    plan->disc_pass = plan->gan_factor > 0.0f || t->s.ldm;
     const int disc_min = kv_disc_min_size(t->disc);
-    if (disc_pass && (h < disc_min || w < disc_min))
+    if (plan->disc_pass && (h < disc_min || w < disc_min))
         return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
                         "klvae_trainer_step: %d x %d images are too small for the %d-layer "
                         "discriminator, which needs at least %d x %d",
                         h, w, t->disc->layers, disc_min, disc_min);
-    step_sums sums;
-    memset(&sums, 0, sizeof sums);
-    klvae_status_t st = zero_grads(t);
-    for (int micro = 0; micro < accum && st == KLVAE_OK; micro++) {
-        const float *src = images + (size_t)micro * mb * c * h * w;
-        kv_tensor x = {0}, xhat = {0}, xhat2 = {0};
-        if (be->host_memory) {
-            x = kv_tensor_wrap((float *)src, mb, c, h, w);
-        } else {
-            st = kv_tensor_alloc(be, mb, c, h, w, &x);
-            if (st == KLVAE_OK)
-                st = be->ops->upload(be, x.data, src, (size_t)mb * c * h * w);
+    for (size_t i = 0; i < count; i++) /* a cheap pass next to a step */
+        if (!isfinite(images[i])) {
+            size_t plane = (size_t)h * w;
+            return kv_error(KLVAE_ERR_NONFINITE,
+                            "klvae_trainer_step: image %zu of the batch holds %g at channel %zu, "
+                            "row %zu, column %zu; nothing was changed",
+                            i / (plane * c), (double)images[i], i / plane % c, i % plane / w,
+                            i % w);
         }
+    return KLVAE_OK;
+}
+
+/* The discriminator pass on micro-batch x: on the generator pass's
+ * reconstruction xhat, or with disc_update=fresh on a second forward with the
+ * autoencoder's current weights (the reference's order). */
+static klvae_status_t discriminate(klvae_trainer_t *t, const step_plan *plan, const kv_tensor *x,
+                                   const kv_tensor *xhat, int micro, step_sums *sums)
+{
+    if (!t->s.fresh)
+        return discriminator_pass(t, x, xhat, plan->gan_factor, sums);
+    kv_backend *be = t->be;
+    kv_tensor moments = {0}, z = {0}, xhat2 = {0};
+    klvae_status_t st = kv_vae_encode_moments(t->m, x, NULL, &moments);
+    if (st == KLVAE_OK)
+        st = posterior_z(t, &moments, t->s.sample,
+                         stream_seed(t, t->step, micro, SEED_FRESH_POSTERIOR), &z);
+    if (st == KLVAE_OK)
+        st = kv_tensor_alloc_like(be, x, &xhat2);
+    if (st == KLVAE_OK)
+        st = kv_vae_decode(t->m, &z, NULL, &xhat2);
+    if (st == KLVAE_OK)
+        st = discriminator_pass(t, x, &xhat2, plan->gan_factor, sums);
+    kv_tensor_release(be, &moments);
+    kv_tensor_release(be, &z);
+    kv_tensor_release(be, &xhat2);
+    return st;
+}
+
+/* NULL when the losses so far and a network's accumulated gradients are
+ * finite, else what is not (for the message). */
+static klvae_status_t first_nonfinite(klvae_trainer_t *t, const kv_trained_net *n,
+                                      const double *values, const char *const *names,
+                                      int count, double extra_grad, const char **what)
+{
+    *what = NULL;
+    for (int i = 0; i < count && !*what; i++)
+        if (!isfinite(values[i]))
+            *what = names[i];
+    double norm = extra_grad * extra_grad;
+    klvae_status_t st = kv_params_sum_squares(t->be, n->grads, n->trained, &norm);
+    if (st == KLVAE_OK && !*what && !isfinite(norm))
+        *what = n == &t->model_net ? "the autoencoder's gradients" : "the discriminator's gradients";
+    return st;
+}
+
+static klvae_status_t check_generator(klvae_trainer_t *t, const step_sums *s, const char **what)
+{
+    const double v[] = {s->total, s->rec, s->perceptual, s->nll, s->kl, s->g, s->d_weight};
+    const char *const names[] = {"the total loss", "the reconstruction loss",
+                                 "the perceptual loss", "the nll loss", "the KL loss",
+                                 "the generator's GAN loss", "the adaptive weight"};
+    return first_nonfinite(t, &t->model_net, v, names, (int)KV_ARRAY_LEN(v),
+                           t->s.learn_logvar ? t->logvar_grad : 0.0, what);
+}
+
+static klvae_status_t check_discriminator(klvae_trainer_t *t, const step_sums *s,
+                                          const char **what)
+{
+    const double v[] = {s->d_loss, s->real, s->fake};
+    const char *const names[] = {"the discriminator loss", "the mean real logit",
+                                 "the mean fake logit"};
+    return first_nonfinite(t, &t->disc_net, v, names, (int)KV_ARRAY_LEN(v), 0.0, what);
+}
+
+/* One micro-batch of the step; the last one also updates both networks
+ * unless a value is non-finite (*skipped then says what). */
+static klvae_status_t micro_step(klvae_trainer_t *t, const step_plan *plan, const float *src,
+                                 int micro, bool last, step_sums *sums, const char **skipped)
+{
+    kv_backend *be = t->be;
+    const int mb = plan->micro_batch, c = plan->channels, h = plan->h, w = plan->w;
+    kv_tensor x = {0}, xhat = {0};
+    klvae_status_t st = KLVAE_OK;
+    if (be->host_memory) {
+        x = kv_tensor_wrap((float *)src, mb, c, h, w);
+    } else {
+        st = kv_tensor_alloc(be, mb, c, h, w, &x);
         if (st == KLVAE_OK)
-            st = generator_pass(t, &x, micro, gan_factor, adaptive, &sums, &xhat);
-        if (st == KLVAE_OK && micro == accum - 1)
-            st = model_optimizer_step(t);
-        if (st == KLVAE_OK && disc_pass) {
-            const kv_tensor *fake = &xhat;
-            if (t->s.fresh) { /* the reference's second forward, on the updated weights */
-                kv_tensor moments = {0}, z = {0};
-                st = kv_vae_encode_moments(m, &x, NULL, &moments);
-                if (st == KLVAE_OK)
-                    st = posterior_z(t, &moments, t->s.sample,
-                                     stream_seed(t, t->step, micro, SEED_FRESH_POSTERIOR), &z);
-                if (st == KLVAE_OK)
-                    st = kv_tensor_alloc(be, mb, c, h, w, &xhat2);
-                if (st == KLVAE_OK)
-                    st = kv_vae_decode(m, &z, NULL, &xhat2);
-                kv_tensor_release(be, &moments);
-                kv_tensor_release(be, &z);
-                fake = &xhat2;
-            }
-            if (st == KLVAE_OK)
-                st = discriminator_pass(t, &x, fake, gan_factor, &sums);
-        }
-        if (st == KLVAE_OK && disc_pass && micro == accum - 1)
-            st = optimizer_step(t, &t->disc_net, NULL);
-        kv_tensor_release(be, &x);
-        kv_tensor_release(be, &xhat);
-        kv_tensor_release(be, &xhat2);
+            st = be->ops->upload(be, x.data, src, (size_t)mb * c * h * w);
     }
-    be->ops->trim(be);
+    if (st == KLVAE_OK)
+        st = generator_pass(t, &x, micro, plan->gan_factor, plan->adaptive, sums, &xhat);
+    /* Everything that does not need the autoencoder's update runs before it,
+     * so that a non-finite value is found while nothing has changed. */
+    const bool disc_first = plan->disc_pass && (!t->s.fresh || !last);
+    if (st == KLVAE_OK && disc_first)
+        st = discriminate(t, plan, &x, &xhat, micro, sums);
+    if (st == KLVAE_OK && last)
+        st = check_generator(t, sums, skipped);
+    if (st == KLVAE_OK && last && !*skipped && disc_first)
+        st = check_discriminator(t, sums, skipped);
+    if (st == KLVAE_OK && last && !*skipped) {
+        st = model_optimizer_step(t);
+        if (st == KLVAE_OK && plan->disc_pass && !disc_first)
+            st = discriminate(t, plan, &x, &xhat, micro, sums);
+        if (st == KLVAE_OK && plan->disc_pass && !disc_first)
+            st = check_discriminator(t, sums, skipped);
+        if (st == KLVAE_OK && plan->disc_pass && !*skipped)
+            st = optimizer_step(t, &t->disc_net, NULL);
+    }
+    kv_tensor_release(be, &x);
+    kv_tensor_release(be, &xhat);
+    return st;
+}
+
+/* The discriminator's BatchNorm running statistics move in every forward
+ * (training mode), before the step knows whether it will update anything;
+ * a refused or skipped step puts them back. */
+static float *running_stats_copy(const kv_disc *d)
+{
+    size_t total = 0;
+    for (int i = 0; i < d->convs; i++)
+        if (d->running_mean[i])
+            total += 2 * (size_t)d->bn[i].weight.shape[0];
+    float *copy = malloc((total ? total : 1) * sizeof *copy), *at = copy;
+    for (int i = 0; copy && i < d->convs; i++) {
+        if (!d->running_mean[i])
+            continue;
+        size_t c = (size_t)d->bn[i].weight.shape[0];
+        memcpy(at, d->running_mean[i], c * sizeof *at);
+        memcpy(at + c, d->running_var[i], c * sizeof *at);
+        at += 2 * c;
+    }
+    return copy;
+}
+
+static void running_stats_restore(kv_disc *d, const float *copy)
+{
+    for (int i = 0; i < d->convs; i++) {
+        if (!d->running_mean[i])
+            continue;
+        size_t c = (size_t)d->bn[i].weight.shape[0];
+        memcpy(d->running_mean[i], copy, c * sizeof *copy);
+        memcpy(d->running_var[i], copy + c, c * sizeof *copy);
+        copy += 2 * c;
+    }
+}
+
+static void write_stats(const klvae_trainer_t *t, const step_plan *plan, const step_sums *sums,
+                        bool skipped, double seconds, klvae_step_stats_t *stats)
+{
+    const double accum = t->s.grad_accum;
+    klvae_step_stats_t full;
+    memset(&full, 0, sizeof full);
+    full.struct_size = stats->struct_size;
+    full.step = t->step;
+    full.total_loss = sums->total / accum;
+    full.rec_loss = sums->rec / accum;
+    full.perceptual_loss = sums->perceptual / accum;
+    full.nll_loss = sums->nll / accum;
+    full.kl_loss = sums->kl / accum;
+    full.g_loss = sums->g / accum;
+    full.d_weight = sums->d_weight / accum;
+    full.disc_factor = plan->gan_factor;
+    full.d_loss = sums->d_loss / accum;
+    full.logits_real = sums->real / accum;
+    full.logits_fake = sums->fake / accum;
+    full.logvar = t->logvar;
+    full.seconds = seconds;
+    full.skipped = skipped ? 1u : 0u;
+    full.skipped_steps = t->skipped_steps;
+    size_t size = KV_MIN((size_t)stats->struct_size, sizeof full);
+    memcpy(stats, &full, size);
+    stats->struct_size = (uint32_t)size;
+}
+
+KLVAE_API klvae_status_t klvae_trainer_step(klvae_trainer_t *t, const float *images, int n, int h,
+                                            int w, klvae_step_stats_t *stats)
+{
+    kv_error_clear();
+    step_plan plan;
+    klvae_status_t st = plan_step(t, images, n, h, w, stats, &plan);
     if (st != KLVAE_OK)
         return st;
-    if (stats) {
-        klvae_step_stats_t full;
-        memset(&full, 0, sizeof full);
-        full.struct_size = stats->struct_size;
-        full.step = t->step;
-        full.total_loss = sums.total / accum;
-        full.rec_loss = sums.rec / accum;
-        full.perceptual_loss = sums.perceptual / accum;
-        full.nll_loss = sums.nll / accum;
-        full.kl_loss = sums.kl / accum;
-        full.g_loss = sums.g / accum;
-        full.d_weight = sums.d_weight / accum;
-        full.disc_factor = gan_factor;
-        full.d_loss = sums.d_loss / accum;
-        full.logits_real = sums.real / accum;
-        full.logits_fake = sums.fake / accum;
-        full.logvar = t->logvar;
-        full.seconds = kv_now_seconds() - t0;
-        size_t size = KV_MIN((size_t)stats->struct_size, sizeof full);
-        memcpy(stats, &full, size);
-        stats->struct_size = (uint32_t)size;
+    const double t0 = kv_now_seconds();
+    const int accum = t->s.grad_accum;
+    const size_t micro_floats = (size_t)plan.micro_batch * plan.channels * h * w;
+    step_sums sums;
+    memset(&sums, 0, sizeof sums);
+    const char *nonfinite = NULL;
+    const int64_t model_steps = t->model_net.adam_steps;
+    float *running = running_stats_copy(t->disc);
+    if (!running)
+        return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory in klvae_trainer_step");
+    st = zero_grads(t);
+    for (int micro = 0; micro < accum && st == KLVAE_OK; micro++)
+        st = micro_step(t, &plan, images + (size_t)micro * micro_floats, micro,
+                        micro == accum - 1, &sums, &nonfinite);
+    t->be->ops->trim(t->be);
+    /* A non-finite value before the autoencoder's update: nothing changed.
+     * After it (disc_update=fresh only): the discriminator's update was
+     * left out. */
+    const bool updated = t->model_net.adam_steps != model_steps;
+    if (st == KLVAE_OK && nonfinite) /* the discriminator is as it was, in both cases */
+        running_stats_restore(t->disc, running);
+    free(running);
+    if (st != KLVAE_OK)
+        return st;
+    if (nonfinite && t->s.refuse_nonfinite) {
+        klvae_status_t refused = kv_error(
+            KLVAE_ERR_NONFINITE, "klvae_trainer_step: %s is not finite at step %lld; %s",
+            nonfinite, (long long)t->step,
+            updated ? "the autoencoder was updated (disc_update=fresh finds this after its "
+                      "update) but the discriminator was not"
+                    : "nothing was changed (nonfinite=skip skips such steps instead)");
+        if (updated)
+            t->step++;
+        return refused;
     }
-    t->step++;
+    if (nonfinite)
+        t->skipped_steps++;
+    if (stats)
+        write_stats(t, &plan, &sums, nonfinite != NULL, kv_now_seconds() - t0, stats);
+    if (!nonfinite || updated)
+        t->step++;
     return KLVAE_OK;
 }
 
@@ -702,6 +869,8 @@ KLVAE_API klvae_status_t klvae_trainer_get(const klvae_trainer_t *t, const char 
         word = s->learn_logvar ? "true" : "false";
     else if (strcmp(normal, "train_encoder") == 0)
         word = s->train_encoder ? "true" : "false";
+    else if (strcmp(normal, "nonfinite") == 0)
+        word = s->refuse_nonfinite ? "refuse" : "skip";
     if (!word)
         return kv_error(KLVAE_ERR_OPTION, "'%s' is not a trainer setting", key);
     return kv_copy_out("klvae_trainer_get", key, word, buf, size);

@@ -33,6 +33,7 @@ typedef struct trainer_settings {
     bool vanilla, fresh, sample, train_encoder, ldm;
     int disc_layers, disc_channels, grad_accum;
     float ema_decay, grad_clip;
+    bool refuse_nonfinite; /* nonfinite=refuse, else skip */
 } trainer_settings;
 
 struct klvae_trainer {
@@ -41,6 +42,7 @@ struct klvae_trainer {
     trainer_settings s;
     uint64_t seed;
     int64_t step;
+    int64_t skipped_steps; /* steps left out for a non-finite value (nonfinite=skip) */
     klvae_model_t *grads, *adam_m, *adam_v, *ema; /* shadows of the model */
     kv_disc *disc, *disc_grads, *disc_m, *disc_v;
     /* the two networks as the optimiser and checkpoints see them */

@@ -494,7 +494,7 @@ class Trainer(_Handle):
         """One optimizer step on images (n, in_channels, h, w) in [-1, 1] (3-D: a batch
         of one); h, w multiples of the downsampling factor and at least 16, n divisible
         by grad_accum. Returns every field of klvae_step_stats_t as a dict (``step``,
-        ``total_loss``, ``rec_loss``, ... ``seconds``)."""
+        ``total_loss``, ``rec_loss``, ... ``seconds``, ``skipped``, ``skipped_steps``)."""
         with self._lock:
             self._both()
         x = self._model._images(images, "images", min_side=16)

@@ -104,6 +104,9 @@ class StepStats(ctypes.Structure):
         ("logits_fake", c_double),
         ("logvar", c_double),
         ("seconds", c_double),
+        ("skipped", c_uint32),
+        ("spare", c_uint32),
+        ("skipped_steps", c_int64),
     ]
 
 

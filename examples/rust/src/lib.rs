@@ -879,6 +879,10 @@ pub struct StepStats {
     pub logvar: f64,
     /// Wall time of the step.
     pub seconds: f64,
+    /// This call made no update: a non-finite value, with `nonfinite=skip`.
+    pub skipped: bool,
+    /// Steps skipped so far for non-finite values (kept in checkpoints).
+    pub skipped_steps: u64,
 }
 
 impl StepStats {
@@ -898,6 +902,8 @@ impl StepStats {
             logits_fake: s.logits_fake,
             logvar: s.logvar,
             seconds: s.seconds,
+            skipped: s.skipped != 0,
+            skipped_steps: s.skipped_steps as u64,
         }
     }
 

@@ -93,6 +93,9 @@ pub struct klvae_step_stats_t {
     pub logits_fake: f64,
     pub logvar: f64,
     pub seconds: f64,
+    pub skipped: u32,
+    pub spare: u32,
+    pub skipped_steps: i64,
 }
 
 impl klvae_step_stats_t {
@@ -115,6 +118,9 @@ impl klvae_step_stats_t {
             logits_fake: 0.0,
             logvar: 0.0,
             seconds: 0.0,
+            skipped: 0,
+            spare: 0,
+            skipped_steps: 0,
         }
     }
 }
@@ -126,7 +132,7 @@ impl Default for klvae_step_stats_t {
 }
 
 // The 0.1 layout: two u32, one i64, thirteen doubles.
-const _: () = assert!(std::mem::size_of::<klvae_step_stats_t>() == 120);
+const _: () = assert!(std::mem::size_of::<klvae_step_stats_t>() == 136);
 const _: () = assert!(std::mem::align_of::<klvae_step_stats_t>() == 8);
 
 /* ---- functions ---- */
