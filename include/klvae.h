@@ -36,10 +36,21 @@
  * Threads
  *   Functions without a handle (version, status strings, option
  *   descriptions, images) may be called from any thread at any time.
- *   Different handles (models, options objects) may be used from different
- *   threads at the same time. One handle must not be used by two threads at
- *   once; it may move between threads. A model computes with its own pool of
- *   worker threads (option "threads").
+ *   Different handles (models, trainers, options objects) may be used from
+ *   different threads at the same time. One handle must not be used by two
+ *   threads at once; it may move between threads. Models and trainers check
+ *   this: a call that computes with a model or a trainer while another
+ *   thread is inside a call on the same handle returns KLVAE_ERR_BUSY and
+ *   does nothing (options objects and the queries that return a value
+ *   directly are not checked). A trainer uses its model: while a
+ *   klvae_trainer_step or klvae_trainer_load runs, calls on the model from
+ *   another thread are KLVAE_ERR_BUSY, and the other way round. A model
+ *   computes with its own pool of worker threads (option "threads").
+ *
+ * Options objects
+ *   Every function that takes a klvae_options_t reads it during the call
+ *   and keeps nothing of it: the object may be changed or freed as soon as
+ *   the call returns (a model or trainer has copied what it needs).
  *
  * Options
  *   Settings travel in a klvae_options_t: string keys and string values,
@@ -238,8 +249,9 @@ typedef struct klvae_model klvae_model_t;
  * Errors: KLVAE_ERR_IO (missing or unreadable path), KLVAE_ERR_FORMAT
  * (malformed file), KLVAE_ERR_MISSING_TENSOR, KLVAE_ERR_SHAPE,
  * KLVAE_ERR_CONFIG, KLVAE_ERR_OPTION, KLVAE_ERR_UNSUPPORTED,
- * KLVAE_ERR_BACKEND_UNAVAILABLE, KLVAE_ERR_OUT_OF_MEMORY. *out is NULL on
- * error and nothing is leaked. */
+ * KLVAE_ERR_NONFINITE (a weight is NaN or infinite: the message names the
+ * tensor), KLVAE_ERR_BACKEND_UNAVAILABLE, KLVAE_ERR_BACKEND,
+ * KLVAE_ERR_OUT_OF_MEMORY. *out is NULL on error and nothing is leaked. */
 KLVAE_API klvae_status_t klvae_model_load(const char *path, const klvae_options_t *opts,
                                           klvae_model_t **out);
 
@@ -248,7 +260,13 @@ KLVAE_API klvae_status_t klvae_model_load(const char *path, const klvae_options_
  * Weights follow PyTorch's default initialisation (uniform in
  * ±1/sqrt(fan_in) for convolution and linear weights and biases, ones and
  * zeros for norms), drawn from the option "seed" (default 0): the same seed
- * gives the same weights on every machine and backend. */
+ * gives the same weights on every machine and backend.
+ * Errors: KLVAE_ERR_INVALID_ARGUMENT (out is NULL), KLVAE_ERR_CONFIG (the
+ * config keys together describe no valid model, e.g. widths not divisible
+ * by norm_num_groups), KLVAE_ERR_UNSUPPORTED (a precision the backend does
+ * not compute in), KLVAE_ERR_BACKEND_UNAVAILABLE and KLVAE_ERR_BACKEND (as
+ * for klvae_model_load), KLVAE_ERR_OUT_OF_MEMORY. *out is NULL on error and
+ * nothing is leaked. */
 KLVAE_API klvae_status_t klvae_model_create(const klvae_options_t *opts, klvae_model_t **out);
 
 /* Writes the model as a diffusers folder (config.json and
@@ -432,8 +450,11 @@ typedef struct klvae_step_stats {
  * every step (encode and decode may still be called between steps). The
  * trainer owns the gradients, both Adam states, the discriminator, LPIPS (when
  * lpips_weights is given) and the EMA weights (when ema_decay > 0).
- * Errors: KLVAE_ERR_INVALID_ARGUMENT, KLVAE_ERR_OPTION, and loading errors
- * of lpips_weights or disc_weights. *out is NULL on error. */
+ * Errors: KLVAE_ERR_INVALID_ARGUMENT, KLVAE_ERR_UNSUPPORTED (the model's
+ * backend lacks an op training needs: the message names the backend and
+ * the op, and nothing was allocated), KLVAE_ERR_OPTION, and loading errors
+ * of lpips_weights or disc_weights (KLVAE_ERR_NONFINITE for a NaN or
+ * infinite weight among them). *out is NULL on error. */
 KLVAE_API klvae_status_t klvae_trainer_create(klvae_model_t *model, const klvae_options_t *opts,
                                               klvae_trainer_t **out);
 
@@ -473,9 +494,13 @@ KLVAE_API klvae_status_t klvae_trainer_save(const klvae_trainer_t *trainer, cons
 
 /* Resumes from a checkpoint of a trainer with the same model config and
  * discriminator shape: training continues exactly as if it had not
- * stopped (on the CPU, bit for bit). Errors: those of klvae_model_load, and
- * KLVAE_ERR_CONFIG when the checkpoint belongs to another architecture.
- * On error the trainer is unchanged. */
+ * stopped (on the CPU, bit for bit). The whole file is checked first
+ * (every tensor's name, shape, dtype and values) and only then read in.
+ * Errors: those of klvae_model_load (KLVAE_ERR_UNSUPPORTED for a tensor of
+ * a non-float dtype, KLVAE_ERR_NONFINITE for a NaN or infinite value, each
+ * naming the tensor), and KLVAE_ERR_CONFIG when the checkpoint belongs to
+ * another architecture. On error the trainer (weights, both optimisers,
+ * EMA, discriminator, step counter, notes) is unchanged. */
 KLVAE_API klvae_status_t klvae_trainer_load(klvae_trainer_t *trainer, const char *path);
 
 /* Writes the trained autoencoder as a diffusers folder (see

@@ -2,7 +2,9 @@
  * and handles used from several threads. */
 #include <pthread.h>
 
+#include "model/model.h"
 #include "test_util.h"
+#include "train/trainer_state.h"
 
 START_TEST(version_macros_match_the_library)
 {
@@ -111,6 +113,111 @@ START_TEST(two_models_run_on_two_threads)
 }
 END_TEST
 
+/* Every entry point that computes with a handle marks it in use; a call
+ * on a marked handle is KLVAE_ERR_BUSY naming itself, and touches nothing. */
+START_TEST(a_handle_in_use_answers_busy)
+{
+    klvae_model_t *m = test_tiny_model(1);
+    klvae_trainer_t *t = NULL;
+    ck_assert_ok(klvae_trainer_create(m, NULL, &t));
+    const int f = klvae_model_downsampling_factor(m), zc = klvae_model_latent_channels(m);
+    float *images = test_alloc((size_t)2 * 3 * 16 * 16), *lat = test_alloc((size_t)2 * zc * 4);
+    float *out = test_alloc((size_t)2 * zc * 4);
+    out[0] = 42.0f;
+    atomic_store(&m->busy.flag, 1); /* as if another thread were inside */
+    ck_assert_status(klvae_encode(m, images, 2, 2 * f, 2 * f, out, NULL), KLVAE_ERR_BUSY);
+    ck_assert_error_mentions("klvae_encode");
+    ck_assert_error_mentions("another thread");
+    ck_assert_status(klvae_decode(m, lat, 2, 2, 2, images), KLVAE_ERR_BUSY);
+    ck_assert_error_mentions("klvae_decode");
+    ck_assert_status(klvae_sample(m, lat, lat, 2, 2, 2, 1, out), KLVAE_ERR_BUSY);
+    ck_assert_error_mentions("klvae_sample");
+    ck_assert_float_eq(out[0], 42.0f); /* untouched */
+    /* a trainer's step and load use its model */
+    ck_assert_status(klvae_trainer_step(t, images, 2, 16, 16, NULL), KLVAE_ERR_BUSY);
+    ck_assert_error_mentions("its model");
+    ck_assert_status(klvae_trainer_load(t, "/nonexistent"), KLVAE_ERR_BUSY);
+    atomic_store(&m->busy.flag, 0);
+    atomic_store(&t->busy.flag, 1);
+    char buf[64];
+    ck_assert_status(klvae_trainer_step(t, images, 2, 16, 16, NULL), KLVAE_ERR_BUSY);
+    ck_assert_status(klvae_trainer_save(t, "/nonexistent/x"), KLVAE_ERR_BUSY);
+    ck_assert_status(klvae_trainer_export(t, "/nonexistent/x", 0), KLVAE_ERR_BUSY);
+    ck_assert_status(klvae_trainer_get(t, "learning_rate", buf, sizeof buf), KLVAE_ERR_BUSY);
+    ck_assert_status(klvae_trainer_set_note(t, "k", "v"), KLVAE_ERR_BUSY);
+    ck_assert_status(klvae_trainer_get_note(t, "k", buf, sizeof buf), KLVAE_ERR_BUSY);
+    ck_assert_error_mentions("klvae_trainer_get_note");
+    ck_assert_int_eq(klvae_trainer_step_count(t), 0);
+    atomic_store(&t->busy.flag, 0);
+    /* and once free, the calls work */
+    ck_assert_ok(klvae_trainer_step(t, images, 2, 16, 16, NULL));
+    ck_assert_ok(klvae_encode(m, images, 2, 2 * f, 2 * f, out, NULL));
+    klvae_trainer_free(t);
+    klvae_model_free(m);
+    free(images);
+    free(lat);
+    free(out);
+}
+END_TEST
+
+typedef struct hammer {
+    klvae_model_t *m;
+    const float *images;
+    int runs, ok, busy, other;
+    float *mean;
+    const float *want; /* what a successful call must give */
+    size_t count;
+} hammer;
+
+static void *hammer_encode(void *arg)
+{
+    hammer *h = arg;
+    for (int i = 0; i < h->runs; i++) {
+        klvae_status_t st = klvae_encode(h->m, h->images, 2, 24, 32, h->mean, NULL);
+        if (st == KLVAE_OK && memcmp(h->mean, h->want, h->count * sizeof(float)) == 0)
+            h->ok++;
+        else if (st == KLVAE_ERR_BUSY)
+            h->busy++;
+        else
+            h->other++;
+    }
+    return NULL;
+}
+
+/* Two threads on one model (against the rule): each call either runs alone
+ * and gives the right answer, or is refused; no wrong result, no deadlock. */
+START_TEST(one_model_on_two_threads_is_refused_not_corrupted)
+{
+    klvae_model_t *m = test_tiny_model(2);
+    const int zc = klvae_model_latent_channels(m), f = klvae_model_downsampling_factor(m);
+    const size_t count = (size_t)2 * zc * (24 / f) * (32 / f);
+    float *images = test_alloc((size_t)2 * 3 * 24 * 32), *want = test_alloc(count);
+    test_rng rng = test_rng_new(77);
+    test_fill(images, (size_t)2 * 3 * 24 * 32, &rng, -1, 1);
+    ck_assert_ok(klvae_encode(m, images, 2, 24, 32, want, NULL));
+    int busy = 0;
+    for (int round = 0; round < 50 && busy == 0; round++) {
+        hammer h[2];
+        pthread_t th[2];
+        for (int k = 0; k < 2; k++) {
+            h[k] = (hammer){m, images, 40, 0, 0, 0, test_alloc(count), want, count};
+            ck_assert_int_eq(pthread_create(&th[k], NULL, hammer_encode, &h[k]), 0);
+        }
+        for (int k = 0; k < 2; k++) {
+            ck_assert_int_eq(pthread_join(th[k], NULL), 0);
+            ck_assert_int_eq(h[k].other, 0); /* never a wrong answer or another error */
+            ck_assert_int_eq(h[k].ok + h[k].busy, h[k].runs);
+            busy += h[k].busy;
+            free(h[k].mean);
+        }
+    }
+    ck_assert_int_gt(busy, 0); /* the threads did overlap, and were told */
+    klvae_model_free(m);
+    free(images);
+    free(want);
+}
+END_TEST
+
 Suite *suite_api(void)
 {
     Suite *s = suite_create("api");
@@ -121,6 +228,8 @@ Suite *suite_api(void)
     tcase_add_test(tc, last_error_is_cleared_by_a_successful_call);
     tcase_add_test(tc, last_error_is_per_thread);
     tcase_add_test(tc, two_models_run_on_two_threads);
+    tcase_add_test(tc, a_handle_in_use_answers_busy);
+    tcase_add_test(tc, one_model_on_two_threads_is_refused_not_corrupted);
     suite_add_tcase(s, tc);
     return s;
 }

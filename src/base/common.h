@@ -7,6 +7,9 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#ifndef __cplusplus /* the CUDA plugin (C++) includes this file too */
+#include <stdatomic.h>
+#endif
 
 #include "klvae.h"
 
@@ -70,6 +73,35 @@ char *kv_path_join(const char *dir, const char *name);
  * key, and klvae_last_needed_size() = strlen(value) + 1 for this thread. */
 klvae_status_t kv_copy_out(const char *function, const char *key, const char *value, char *buf,
                            size_t size);
+
+#ifndef __cplusplus
+/* A handle's "in use" mark. The API's rule is one thread per handle at a
+ * time; a second thread that calls in while the first is inside gets
+ * KLVAE_ERR_BUSY instead of corrupting the handle's state or deadlocking in
+ * its worker pool. One atomic exchange per call. */
+typedef struct kv_busy {
+    atomic_int flag;
+} kv_busy;
+
+/* Marks b in use for function, or KLVAE_ERR_BUSY naming it. */
+static inline klvae_status_t kv_busy_enter(kv_busy *b, const char *function)
+{
+    if (atomic_exchange_explicit(&b->flag, 1, memory_order_acquire))
+        return kv_error(KLVAE_ERR_BUSY,
+                        "%s: the handle is being used by another thread (a handle is used by "
+                        "one thread at a time); nothing was done",
+                        function);
+    return KLVAE_OK;
+}
+
+/* Ends the mark; returns st, so that a call ends with
+ * `return kv_busy_leave(&h->busy, st);`. */
+static inline klvae_status_t kv_busy_leave(kv_busy *b, klvae_status_t st)
+{
+    atomic_store_explicit(&b->flag, 0, memory_order_release);
+    return st;
+}
+#endif /* __cplusplus */
 
 /* Seconds on a monotonic clock (for durations). */
 double kv_now_seconds(void);

@@ -74,7 +74,7 @@ KLVAE_API klvae_status_t klvae_model_create(const klvae_options_t *opts, klvae_m
     *out = NULL;
     klvae_model_t *m = model_new();
     if (!m)
-        return KLVAE_ERR_OUT_OF_MEMORY;
+        return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory creating the model");
     klvae_status_t st = kv_config_from_options(opts, &m->cfg);
     if (st == KLVAE_OK)
         st = choose_backend(opts, m);
@@ -144,7 +144,9 @@ KLVAE_API klvae_status_t klvae_model_load(const char *path, const klvae_options_
     memset(&st, 0, sizeof st);
     st.fd = -1;
     klvae_model_t *m = model_new();
-    klvae_status_t status = m ? locate_files(path, &weights, &config) : KLVAE_ERR_OUT_OF_MEMORY;
+    klvae_status_t status =
+        m ? locate_files(path, &weights, &config)
+          : kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory loading %s", path);
     if (status == KLVAE_OK)
         status = kv_st_open(weights, &st);
     const char *prefix = "";
@@ -388,6 +390,8 @@ KLVAE_API klvae_status_t klvae_encode(klvae_model_t *m, const float *images, int
 {
     kv_error_clear();
     klvae_status_t st = check_encode("klvae_encode", m, images, n, h, w, mean, logvar);
+    if (st == KLVAE_OK)
+        st = kv_busy_enter(&m->busy, "klvae_encode");
     if (st != KLVAE_OK)
         return st;
     const int f = kv_config_factor(&m->cfg);
@@ -405,7 +409,7 @@ KLVAE_API klvae_status_t klvae_encode(klvae_model_t *m, const float *images, int
     st = unstage(be, &mu, mean, st);
     st = unstage(be, &lv, logvar, st);
     be->ops->trim(be);
-    return st;
+    return kv_busy_leave(&m->busy, st);
 }
 
 KLVAE_API klvae_status_t klvae_decode(klvae_model_t *m, const float *z, int n, int lat_h,
@@ -413,6 +417,8 @@ KLVAE_API klvae_status_t klvae_decode(klvae_model_t *m, const float *z, int n, i
 {
     kv_error_clear();
     klvae_status_t st = check_decode("klvae_decode", m, z, n, lat_h, lat_w, images);
+    if (st == KLVAE_OK)
+        st = kv_busy_enter(&m->busy, "klvae_decode");
     if (st != KLVAE_OK)
         return st;
     const int f = kv_config_factor(&m->cfg);
@@ -427,7 +433,7 @@ KLVAE_API klvae_status_t klvae_decode(klvae_model_t *m, const float *z, int n, i
     kv_tensor_release(be, &zt);
     st = unstage(be, &out, images, st);
     be->ops->trim(be);
-    return st;
+    return kv_busy_leave(&m->busy, st);
 }
 
 KLVAE_API klvae_status_t klvae_sample(klvae_model_t *m, const float *mean, const float *logvar,
@@ -435,6 +441,8 @@ KLVAE_API klvae_status_t klvae_sample(klvae_model_t *m, const float *mean, const
 {
     kv_error_clear();
     klvae_status_t st = check_sample("klvae_sample", m, mean, logvar, n, lat_h, lat_w, z);
+    if (st == KLVAE_OK)
+        st = kv_busy_enter(&m->busy, "klvae_sample");
     if (st != KLVAE_OK)
         return st;
     const int zc = m->cfg.latent_channels;
@@ -449,7 +457,7 @@ KLVAE_API klvae_status_t klvae_sample(klvae_model_t *m, const float *mean, const
         st = be->ops->gaussian_sample(be, &mu, &lv, seed, &zt);
     kv_tensor_release(be, &mu);
     kv_tensor_release(be, &lv);
-    return unstage(be, &zt, z, st);
+    return kv_busy_leave(&m->busy, unstage(be, &zt, z, st));
 }
 
 /* ---- inference on device memory ---- */
@@ -457,11 +465,14 @@ KLVAE_API klvae_status_t klvae_sample(klvae_model_t *m, const float *mean, const
 /* A status a plugin returned, made a valid error status. */
 static klvae_status_t plugin_error(klvae_status_t st)
 {
-    return st == KLVAE_OK || (st > KLVAE_OK && st <= KLVAE_ERR_BUFFER_TOO_SMALL) ? st : KLVAE_ERR_BACKEND;
+    return st == KLVAE_OK || (st > KLVAE_OK && st <= KLVAE_ERR_BUFFER_TOO_SMALL)
+               ? st
+               : KLVAE_ERR_BACKEND;
 }
 
 /* Starts a klvae_*_device call: the model must run on a plugin's backend,
- * which then works on the caller's stream. */
+ * which then works on the caller's stream; marks the model in use until
+ * device_end. */
 static klvae_status_t device_begin(const char *fn, const char *host_fn, klvae_model_t *m,
                                    void *stream)
 {
@@ -470,7 +481,10 @@ static klvae_status_t device_begin(const char *fn, const char *host_fn, klvae_mo
                         "%s: the model runs on the %s backend, which has no device memory; use "
                         "%s with host arrays (or load the model with backend=cuda)",
                         fn, m->backend_name, host_fn);
-    return plugin_error(m->plugin->set_stream(m->be, stream));
+    klvae_status_t st = kv_busy_enter(&m->busy, fn);
+    if (st == KLVAE_OK && (st = plugin_error(m->plugin->set_stream(m->be, stream))) != KLVAE_OK)
+        kv_busy_leave(&m->busy, st);
+    return st;
 }
 
 /* Ends a klvae_*_device call whose work returned st: waits for the work on
@@ -492,6 +506,7 @@ static klvae_status_t device_end(klvae_model_t *m, klvae_status_t st)
         snprintf(saved, sizeof saved, "%s", kv_error_message());
     }
     m->be->ops->trim(m->be);
+    kv_busy_leave(&m->busy, st);
     if (st != KLVAE_OK)
         return kv_error(st, "%s", saved);
     kv_error_clear();

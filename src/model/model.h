@@ -87,6 +87,7 @@ typedef enum kv_naming {
 } kv_naming;
 
 struct klvae_model {
+    kv_busy busy; /* klvae_encode, decode, sample and a trainer's step */
     kv_config cfg;
     kv_backend *be;
     const struct kv_plugin *plugin; /* the CUDA plugin of be; NULL on the CPU */

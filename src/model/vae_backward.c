@@ -98,10 +98,10 @@ static klvae_status_t attention_backward(klvae_model_t *m, const kv_attention *a
 {
     kv_backend *be = m->be;
     const int c = a->channels;
-    kv_conv pq = kv_conv_as_1x1(&a->to_q, c), pk = kv_conv_as_1x1(&a->to_k, c), pv = kv_conv_as_1x1(&a->to_v, c),
-            po = kv_conv_as_1x1(&a->to_out, c);
-    kv_conv gq = kv_conv_as_1x1(&ga->to_q, c), gk = kv_conv_as_1x1(&ga->to_k, c), gv = kv_conv_as_1x1(&ga->to_v, c),
-            go = kv_conv_as_1x1(&ga->to_out, c);
+    kv_conv pq = kv_conv_as_1x1(&a->to_q, c), pk = kv_conv_as_1x1(&a->to_k, c),
+            pv = kv_conv_as_1x1(&a->to_v, c), po = kv_conv_as_1x1(&a->to_out, c);
+    kv_conv gq = kv_conv_as_1x1(&ga->to_q, c), gk = kv_conv_as_1x1(&ga->to_k, c),
+            gv = kv_conv_as_1x1(&ga->to_v, c), go = kv_conv_as_1x1(&ga->to_out, c);
     kv_tensor da = {0}, dq = {0}, dk = {0}, dv = {0}, dn = {0}, tmp = {0};
     klvae_status_t st = conv_back(be, &po, &go, &t->a, NULL, kv_pointwise, d, &da);
     if (st == KLVAE_OK)

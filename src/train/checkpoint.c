@@ -133,7 +133,7 @@ static const char *const structure_keys[] = {
 };
 #define STRUCTURE_KEY_COUNT 10
 
-KLVAE_API klvae_status_t klvae_trainer_save(const klvae_trainer_t *t, const char *path)
+static klvae_status_t trainer_save_unlocked(const klvae_trainer_t *t, const char *path)
 {
     kv_error_clear();
     if (!t || !path)
@@ -199,6 +199,18 @@ KLVAE_API klvae_status_t klvae_trainer_save(const klvae_trainer_t *t, const char
     return st;
 }
 
+KLVAE_API klvae_status_t klvae_trainer_save(const klvae_trainer_t *t, const char *path)
+{
+    /* const for the caller; the in-use mark is the trainer's own state */
+    klvae_trainer_t *busy = (klvae_trainer_t *)t;
+    kv_error_clear();
+    klvae_status_t st = t ? kv_busy_enter(&busy->busy, "klvae_trainer_save") : KLVAE_OK;
+    if (st != KLVAE_OK)
+        return st;
+    st = trainer_save_unlocked(busy, path);
+    return t ? kv_busy_leave(&busy->busy, st) : st;
+}
+
 static bool parse_i64(const char *text, int64_t *out)
 {
     if (!text || !*text)
@@ -211,7 +223,7 @@ static bool parse_i64(const char *text, int64_t *out)
     return true;
 }
 
-KLVAE_API klvae_status_t klvae_trainer_load(klvae_trainer_t *t, const char *path)
+static klvae_status_t trainer_load_unlocked(klvae_trainer_t *t, const char *path)
 {
     kv_error_clear();
     if (!t || !path)
@@ -340,7 +352,22 @@ done:
     return status;
 }
 
-KLVAE_API klvae_status_t klvae_trainer_export(const klvae_trainer_t *t, const char *path,
+KLVAE_API klvae_status_t klvae_trainer_load(klvae_trainer_t *t, const char *path)
+{
+    kv_error_clear();
+    if (!t)
+        return trainer_load_unlocked(t, path); /* the NULL check and its message */
+    klvae_status_t st = kv_busy_enter(&t->busy, "klvae_trainer_load");
+    if (st != KLVAE_OK)
+        return st;
+    /* it writes the model's weights: no encode or decode meanwhile */
+    st = kv_busy_enter(&t->m->busy, "klvae_trainer_load (its model)");
+    if (st == KLVAE_OK)
+        st = kv_busy_leave(&t->m->busy, trainer_load_unlocked(t, path));
+    return kv_busy_leave(&t->busy, st);
+}
+
+static klvae_status_t trainer_export_unlocked(const klvae_trainer_t *t, const char *path,
                                               int use_ema)
 {
     kv_error_clear();
@@ -356,4 +383,17 @@ KLVAE_API klvae_status_t klvae_trainer_export(const klvae_trainer_t *t, const ch
     klvae_model_t view = *t->ema;
     view.cfg = t->m->cfg;
     return kv_weights_save(&view, path);
+}
+
+KLVAE_API klvae_status_t klvae_trainer_export(const klvae_trainer_t *t, const char *path,
+                                              int use_ema)
+{
+    /* const for the caller; the in-use mark is the trainer's own state */
+    klvae_trainer_t *busy = (klvae_trainer_t *)t;
+    kv_error_clear();
+    klvae_status_t st = t ? kv_busy_enter(&busy->busy, "klvae_trainer_export") : KLVAE_OK;
+    if (st != KLVAE_OK)
+        return st;
+    st = trainer_export_unlocked(busy, path, use_ema);
+    return t ? kv_busy_leave(&busy->busy, st) : st;
 }

@@ -100,7 +100,8 @@ static klvae_status_t disc_build(kv_backend *be, int in_channels, int channels, 
             d->running_var[i] = malloc((size_t)out_ch * sizeof(float));
             if (!d->running_mean[i] || !d->running_var[i]) {
                 kv_disc_free(d);
-                return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory creating the discriminator");
+                return kv_error(KLVAE_ERR_OUT_OF_MEMORY,
+                                "out of memory creating the discriminator");
             }
             for (int c2 = 0; c2 < out_ch; c2++)
                 d->running_var[i][c2] = 1.0f;
@@ -148,7 +149,9 @@ klvae_status_t kv_disc_create(kv_backend *be, int in_channels, int channels, int
                 host[e] = (2.0f * kv_philox_uniform(seed, base + e) - 1.0f) * bound;
                 break;
             }
-            case KV_PARAM_NORM_WEIGHT: host[e] = 1.0f + 0.02f * kv_philox_normal(seed, base + e); break;
+            case KV_PARAM_NORM_WEIGHT:
+                host[e] = 1.0f + 0.02f * kv_philox_normal(seed, base + e);
+                break;
             case KV_PARAM_NORM_BIAS: host[e] = 0.0f; break;
             }
         }

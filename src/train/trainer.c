@@ -317,7 +317,8 @@ static klvae_status_t model_optimizer_step(klvae_trainer_t *t)
         t->logvar_m += (1.0 - b1) * (g - t->logvar_m);
         t->logvar_v = t->logvar_v * b2 + (1.0 - b2) * g * g;
         double bc1 = 1.0 - pow(b1, steps), bc2 = 1.0 - pow(b2, steps);
-        t->logvar -= (float)(t->s.lr / bc1 * t->logvar_m / (sqrt(t->logvar_v) / sqrt(bc2) + t->s.eps));
+        t->logvar -=
+            (float)(t->s.lr / bc1 * t->logvar_m / (sqrt(t->logvar_v) / sqrt(bc2) + t->s.eps));
     }
     return st;
 }
@@ -626,7 +627,8 @@ static klvae_status_t first_nonfinite(klvae_trainer_t *t, const kv_trained_net *
     double norm = extra_grad * extra_grad;
     klvae_status_t st = kv_params_sum_squares(t->be, n->grads, n->trained, &norm);
     if (st == KLVAE_OK && !*what && !isfinite(norm))
-        *what = n == &t->model_net ? "the autoencoder's gradients" : "the discriminator's gradients";
+        *what =
+            n == &t->model_net ? "the autoencoder's gradients" : "the discriminator's gradients";
     return st;
 }
 
@@ -751,14 +753,12 @@ static void write_stats(const klvae_trainer_t *t, const step_plan *plan, const s
     stats->struct_size = (uint32_t)size;
 }
 
-KLVAE_API klvae_status_t klvae_trainer_step(klvae_trainer_t *t, const float *images, int n, int h,
-                                            int w, klvae_step_stats_t *stats)
+static klvae_status_t trainer_step(klvae_trainer_t *t, const float *images, const step_plan *p,
+                                   klvae_step_stats_t *stats)
 {
-    kv_error_clear();
-    step_plan plan;
-    klvae_status_t st = plan_step(t, images, n, h, w, stats, &plan);
-    if (st != KLVAE_OK)
-        return st;
+    step_plan plan = *p;
+    const int h = plan.h, w = plan.w;
+    klvae_status_t st;
     const double t0 = kv_now_seconds();
     const int accum = t->s.grad_accum;
     const size_t micro_floats = (size_t)plan.micro_batch * plan.channels * h * w;
@@ -803,6 +803,23 @@ KLVAE_API klvae_status_t klvae_trainer_step(klvae_trainer_t *t, const float *ima
     return KLVAE_OK;
 }
 
+KLVAE_API klvae_status_t klvae_trainer_step(klvae_trainer_t *t, const float *images, int n, int h,
+                                            int w, klvae_step_stats_t *stats)
+{
+    kv_error_clear();
+    step_plan plan;
+    klvae_status_t st = plan_step(t, images, n, h, w, stats, &plan);
+    if (st == KLVAE_OK)
+        st = kv_busy_enter(&t->busy, "klvae_trainer_step");
+    if (st != KLVAE_OK)
+        return st;
+    /* the model's weights and worker pool too: no encode or decode meanwhile */
+    st = kv_busy_enter(&t->m->busy, "klvae_trainer_step (its model)");
+    if (st == KLVAE_OK)
+        st = kv_busy_leave(&t->m->busy, trainer_step(t, images, &plan, stats));
+    return kv_busy_leave(&t->busy, st);
+}
+
 KLVAE_API int64_t klvae_trainer_step_count(const klvae_trainer_t *t)
 {
     return t ? t->step : 0;
@@ -810,7 +827,7 @@ KLVAE_API int64_t klvae_trainer_step_count(const klvae_trainer_t *t)
 
 /* ---- settings, notes ---- */
 
-KLVAE_API klvae_status_t klvae_trainer_get(const klvae_trainer_t *t, const char *key, char *buf,
+static klvae_status_t trainer_get_unlocked(const klvae_trainer_t *t, const char *key, char *buf,
                                            size_t size)
 {
     kv_error_clear();
@@ -876,6 +893,19 @@ KLVAE_API klvae_status_t klvae_trainer_get(const klvae_trainer_t *t, const char 
     return kv_copy_out("klvae_trainer_get", key, word, buf, size);
 }
 
+KLVAE_API klvae_status_t klvae_trainer_get(const klvae_trainer_t *t, const char *key, char *buf,
+                                           size_t size)
+{
+    /* const for the caller; the in-use mark is the trainer's own state */
+    klvae_trainer_t *busy = (klvae_trainer_t *)t;
+    kv_error_clear();
+    klvae_status_t st = t ? kv_busy_enter(&busy->busy, "klvae_trainer_get") : KLVAE_OK;
+    if (st != KLVAE_OK)
+        return st;
+    st = trainer_get_unlocked(busy, key, buf, size);
+    return t ? kv_busy_leave(&busy->busy, st) : st;
+}
+
 static int find_note(const klvae_trainer_t *t, const char *key)
 {
     for (int i = 0; i < t->notes; i++)
@@ -884,7 +914,7 @@ static int find_note(const klvae_trainer_t *t, const char *key)
     return -1;
 }
 
-KLVAE_API klvae_status_t klvae_trainer_set_note(klvae_trainer_t *t, const char *key,
+static klvae_status_t trainer_set_note_unlocked(klvae_trainer_t *t, const char *key,
                                                 const char *value)
 {
     kv_error_clear();
@@ -907,7 +937,18 @@ KLVAE_API klvae_status_t klvae_trainer_set_note(klvae_trainer_t *t, const char *
     return KLVAE_OK;
 }
 
-KLVAE_API klvae_status_t klvae_trainer_get_note(const klvae_trainer_t *t, const char *key,
+KLVAE_API klvae_status_t klvae_trainer_set_note(klvae_trainer_t *t, const char *key,
+                                                const char *value)
+{
+    kv_error_clear();
+    klvae_status_t st = t ? kv_busy_enter(&t->busy, "klvae_trainer_set_note") : KLVAE_OK;
+    if (st != KLVAE_OK)
+        return st;
+    st = trainer_set_note_unlocked(t, key, value);
+    return t ? kv_busy_leave(&t->busy, st) : st;
+}
+
+static klvae_status_t trainer_get_note_unlocked(const klvae_trainer_t *t, const char *key,
                                                 char *buf, size_t size)
 {
     kv_error_clear();
@@ -918,6 +959,19 @@ KLVAE_API klvae_status_t klvae_trainer_get_note(const klvae_trainer_t *t, const 
     if (i < 0)
         return kv_error(KLVAE_ERR_OPTION, "the trainer has no note '%s'", key);
     return kv_copy_out("klvae_trainer_get_note", key, t->note_value[i], buf, size);
+}
+
+KLVAE_API klvae_status_t klvae_trainer_get_note(const klvae_trainer_t *t, const char *key,
+                                                char *buf, size_t size)
+{
+    /* const for the caller; the in-use mark is the trainer's own state */
+    klvae_trainer_t *busy = (klvae_trainer_t *)t;
+    kv_error_clear();
+    klvae_status_t st = t ? kv_busy_enter(&busy->busy, "klvae_trainer_get_note") : KLVAE_OK;
+    if (st != KLVAE_OK)
+        return st;
+    st = trainer_get_note_unlocked(busy, key, buf, size);
+    return t ? kv_busy_leave(&busy->busy, st) : st;
 }
 
 const klvae_model_t *kv_trainer_grads(const klvae_trainer_t *t)

@@ -37,6 +37,7 @@ typedef struct trainer_settings {
 } trainer_settings;
 
 struct klvae_trainer {
+    kv_busy busy;
     klvae_model_t *m; /* borrowed */
     kv_backend *be;
     trainer_settings s;

@@ -251,7 +251,7 @@ klvae_status_t kv_cpu_backend_create(const kv_backend_settings *settings, kv_bac
     cpu->pool = kv_pool_create(cpu->threads);
     if (!cpu->pool) {
         cpu_destroy(be);
-        return KLVAE_ERR_OUT_OF_MEMORY;
+        return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "cannot start %d worker threads", cpu->threads);
     }
     if (openblas_set_num_threads)
         openblas_set_num_threads(1);
