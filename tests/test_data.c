@@ -13,6 +13,7 @@
 
 #include "test_util.h"
 #include "train/data.h"
+#include "train/procedural.h"
 
 /* ---- helpers ---- */
 

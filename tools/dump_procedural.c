@@ -8,7 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-#include "train/data.h"
+#include "train/procedural.h"
 
 static int dump(const char *path, uint64_t seed, int size, long n)
 {

@@ -337,7 +337,15 @@ typedef struct kv_backend_settings {
 /* The name of the first op of KV_BACKEND_OPS needed by any of who
  * (KV_OP_INFERENCE, KV_OP_TRAINING, or both) that be's table lacks, or NULL
  * when it has them all. */
-const char *kv_backend_missing_op(const kv_backend *be, unsigned who);
+static inline const char *kv_backend_missing_op(const kv_backend *be, unsigned who)
+{
+#define KV_CHECK_OP(family, name, needed_by, params)                                            \
+    if (((needed_by) & who) && !be->ops->name)                                                  \
+        return #name;
+    KV_BACKEND_OPS(KV_CHECK_OP)
+#undef KV_CHECK_OP
+    return NULL;
+}
 
 /* Creates the CPU backend (src/backend/cpu/cpu_backend.c). */
 klvae_status_t kv_cpu_backend_create(const kv_backend_settings *settings, kv_backend **out);
@@ -353,7 +361,7 @@ typedef struct kv_backend_info {
     char reason[1024];
 } kv_backend_info;
 
-/* Picks and creates a backend by name (src/backend/backend.c):
+/* Picks and creates a backend by name (src/backend/selection.c):
  *   "cpu"   the CPU backend;
  *   "cuda"  the CUDA plugin's backend on settings->device: the plugin is
  *           loaded (once per process, src/backend/plugin_loader.c), probed and asked

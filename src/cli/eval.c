@@ -8,6 +8,7 @@
 #include "cli/cli.h"
 #include "model/model.h"
 #include "train/data.h"
+#include "train/procedural.h"
 #include "train/lpips.h"
 
 const char *const eval_help =
@@ -91,11 +92,6 @@ static void centre_crop(float *img, int h, int w, int size)
                 img[k++] = img[((size_t)ch * h + y0 + y) * w + x0 + x];
 }
 
-static int compare_paths(const void *a, const void *b)
-{
-    return strcmp(*(char *const *)a, *(char *const *)b);
-}
-
 static void evaluate_folder(evaluator *e, const char *dir, int size, long long limit)
 {
     kv_dataset *ds = NULL;
@@ -107,8 +103,7 @@ static void evaluate_folder(evaluator *e, const char *dir, int size, long long l
     char **paths = xmalloc(n * sizeof(char *));
     for (size_t i = 0; i < n; i++)
         paths[i] = strdup(kv_dataset_path(ds, i));
-    kv_dataset_free(ds);
-    qsort(paths, n, sizeof *paths, compare_paths);
+    kv_dataset_free(ds); /* its files come in byte order of their paths already */
     int skipped = 0;
     for (size_t i = 0; i < n && (limit <= 0 || e->count < limit); i++) {
         float *img = NULL;

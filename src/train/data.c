@@ -39,6 +39,7 @@
 
 #include "base/philox.h"
 #include "train/data.h"
+#include "train/procedural.h"
 
 #define KV_DATA_MIN_SIZE 8
 #define KV_DATA_MAX_SIZE 8192

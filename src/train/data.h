@@ -50,15 +50,6 @@ const char *kv_dataset_path(const kv_dataset *ds, uint64_t position);
 
 void kv_dataset_free(kv_dataset *ds);
 
-/* A procedural training image: a random mix of backgrounds (flat, linear
- * and radial gradients), filled and outlined shapes (circles, ellipses,
- * rectangles, triangles, polygons) with soft anti-aliased edges, textures
- * (stripes, checkers, sinusoidal gratings, value noise) and stroke
- * patterns (polylines and curves of varying width), in varied colours.
- * Deterministic: the same (seed, index, size) gives the same bits on every
- * machine. out holds 3 * size * size floats in [-1, 1]. */
-void kv_procedural_image(uint64_t seed, uint64_t index, int size, float *out);
-
 /* Called once per file that cannot be read, with a message naming it, on
  * the thread that calls kv_loader_next (so it need not be thread-safe). */
 typedef void (*kv_data_warning_fn)(void *ctx, const char *message);

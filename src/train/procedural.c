@@ -39,8 +39,9 @@
 #include <math.h>
 #include <string.h>
 
+#include "base/common.h"
 #include "base/philox.h"
-#include "train/data.h"
+#include "train/procedural.h"
 
 #define KV_TAG_PROC 0x70726F63u /* "proc" */
 

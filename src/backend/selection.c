@@ -1,4 +1,4 @@
-/* backend.c — choosing and creating a backend by name (the CUDA plugin
+/* selection.c — choosing and creating a backend by name (the CUDA plugin
  * itself is found and loaded in plugin_loader.c). */
 #include <stdio.h>
 #include <string.h>
@@ -40,14 +40,4 @@ void kv_backend_destroy(kv_backend *be)
 {
     if (be)
         be->ops->destroy(be);
-}
-
-const char *kv_backend_missing_op(const kv_backend *be, unsigned who)
-{
-#define KV_CHECK_OP(family, name, needed_by, params)                                            \
-    if (((needed_by) & who) && !be->ops->name)                                                  \
-        return #name;
-    KV_BACKEND_OPS(KV_CHECK_OP)
-#undef KV_CHECK_OP
-    return NULL;
 }
