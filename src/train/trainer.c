@@ -280,9 +280,9 @@ static klvae_status_t zero_grads(klvae_trainer_t *t)
 static klvae_status_t clip_grads(kv_backend *be, const kv_trained_net *n, double *extra,
                                  float clip)
 {
-    double total = extra ? *extra * *extra : 0.0;
-    klvae_status_t st = kv_params_sum_squares(be, n->grads, n->trained, &total);
-    double norm = sqrt(total), coef = clip / (norm + 1e-6);
+    /* the finiteness check has just summed the same squares */
+    double norm = sqrt(n->grad_sum_squares), coef = clip / (norm + 1e-6);
+    klvae_status_t st = KLVAE_OK;
     if (st != KLVAE_OK || coef >= 1.0)
         return st;
     st = kv_params_scale(be, n->grads, n->trained, (float)coef);
@@ -616,7 +616,7 @@ static klvae_status_t discriminate(klvae_trainer_t *t, const step_plan *plan, co
 
 /* NULL when the losses so far and a network's accumulated gradients are
  * finite, else what is not (for the message). */
-static klvae_status_t first_nonfinite(klvae_trainer_t *t, const kv_trained_net *n,
+static klvae_status_t first_nonfinite(klvae_trainer_t *t, kv_trained_net *n,
                                       const double *values, const char *const *names,
                                       int count, double extra_grad, const char **what)
 {
@@ -626,6 +626,7 @@ static klvae_status_t first_nonfinite(klvae_trainer_t *t, const kv_trained_net *
             *what = names[i];
     double norm = extra_grad * extra_grad;
     klvae_status_t st = kv_params_sum_squares(t->be, n->grads, n->trained, &norm);
+    n->grad_sum_squares = norm; /* for clipping, which needs the same sum */
     if (st == KLVAE_OK && !*what && !isfinite(norm))
         *what =
             n == &t->model_net ? "the autoencoder's gradients" : "the discriminator's gradients";

@@ -18,6 +18,9 @@ typedef struct kv_trained_net {
     bool *trained;          /* per parameter: false for frozen ones */
     int64_t adam_steps;
     float lr;
+    /* The squared global norm of grads (and of the extra scalar gradient
+     * trained with them), summed when the step checks them for NaN. */
+    double grad_sum_squares;
 } kv_trained_net;
 
 #define KV_MAX_NOTES 32
