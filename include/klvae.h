@@ -325,7 +325,10 @@ KLVAE_API klvae_status_t klvae_model_get(const klvae_model_t *model, const char 
  * overlap images.
  * Errors: KLVAE_ERR_INVALID_ARGUMENT (NULL pointer, n <= 0, bad size, the
  * message says which), KLVAE_ERR_OUT_OF_MEMORY, KLVAE_ERR_BACKEND. On error
- * the contents of mean and logvar are unspecified. */
+ * the contents of mean and logvar are unspecified. A NaN or infinity in
+ * images is not an error: it propagates (through the group norms, to the
+ * whole latent of its image and no other), as in PyTorch; the same holds for
+ * klvae_sample and klvae_decode. */
 KLVAE_API klvae_status_t klvae_encode(klvae_model_t *model, const float *images, int n,
                                       int h, int w, float *mean, float *logvar);
 

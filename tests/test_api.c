@@ -218,6 +218,42 @@ START_TEST(one_model_on_two_threads_is_refused_not_corrupted)
 }
 END_TEST
 
+/* NaN and infinity in the inputs of inference are defined behaviour: they
+ * propagate to the outputs (the header says so), with no error and, under
+ * UBSan (make check-asan), no undefined operation on the way. */
+START_TEST(nonfinite_inputs_propagate_through_inference)
+{
+    klvae_model_t *m = test_tiny_model(2);
+    const int zc = klvae_model_latent_channels(m), f = klvae_model_downsampling_factor(m);
+    const int h = 3 * f, w = 5 * f, lh = 3, lw = 5;
+    const size_t pixels = (size_t)2 * 3 * h * w, latents = (size_t)2 * zc * lh * lw;
+    float *images = test_alloc(pixels), *mean = test_alloc(latents), *logvar = test_alloc(latents);
+    float *z = test_alloc(latents), *out = test_alloc(pixels);
+    const float bad[2] = {NAN, INFINITY};
+    for (int k = 0; k < 2; k++) {
+        test_rng rng = test_rng_new(5 + (uint64_t)k);
+        test_fill(images, pixels, &rng, -1, 1);
+        images[3 * h * w + 7] = bad[k]; /* in the second image only */
+        ck_assert_ok(klvae_encode(m, images, 2, h, w, mean, logvar));
+        /* the group norms spread it over its whole image, and only there */
+        const size_t per = (size_t)zc * lh * lw;
+        for (size_t i = 0; i < per; i++)
+            ck_assert(isfinite(mean[i]));
+        ck_assert(!isfinite(mean[per]));
+        ck_assert_ok(klvae_sample(m, mean, logvar, 2, lh, lw, 3, z));
+        ck_assert_ok(klvae_decode(m, z, 2, lh, lw, out));
+        ck_assert(isfinite(out[0]));
+        ck_assert(!isfinite(out[pixels - 1]));
+    }
+    klvae_model_free(m);
+    free(images);
+    free(mean);
+    free(logvar);
+    free(z);
+    free(out);
+}
+END_TEST
+
 Suite *suite_api(void)
 {
     Suite *s = suite_create("api");
@@ -229,6 +265,7 @@ Suite *suite_api(void)
     tcase_add_test(tc, last_error_is_per_thread);
     tcase_add_test(tc, two_models_run_on_two_threads);
     tcase_add_test(tc, a_handle_in_use_answers_busy);
+    tcase_add_test(tc, nonfinite_inputs_propagate_through_inference);
     tcase_add_test(tc, one_model_on_two_threads_is_refused_not_corrupted);
     suite_add_tcase(s, tc);
     return s;
