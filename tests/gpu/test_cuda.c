@@ -15,6 +15,8 @@
  *     klvae_*_device passes), against the CPU: relative L2 error at most 1e-5
  *     in fp32 and 1e-2 in tf32 and bf16; outputs are poisoned with NaN first
  *     and no NaN or Inf passes;
+ *   - whole models: fp32 within 1e-5, tf32 within 1e-2, bf16 within 1.5
+ *     times PyTorch's own bf16 error (tests/gpu/bf16_reference.json);
  *   - gaussian_sample bit for bit equal to the CPU;
  *   - whole encode and decode of a random-weight SD-config model at 64^2 and
  *     256^2 (--quick: 64^2, fp32 and bf16 only);
@@ -28,6 +30,8 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+
+#include <jansson.h>
 
 #include "cuda_harness.h"
 
@@ -74,6 +78,30 @@ static const double fp32_tol = 1e-5, low_tol = 1e-2;
 static double tolerance(kv_precision p)
 {
     return p == KV_PRECISION_FP32 ? fp32_tol : low_tol;
+}
+
+/* A whole bf16 model may be at most 1.5 times as far from fp32 as PyTorch's
+ * own bf16 is from its fp32 on the same model and inputs: bf16 itself costs
+ * 1.5-2 % on the SD autoencoder, so 1e-2 (the bound of a single op) is out
+ * of reach. The figure comes from tools/bf16_reference.py, committed as
+ * tests/gpu/bf16_reference.json; without it, 3e-2. */
+static const char *bf16_reference_path = "tests/gpu/bf16_reference.json";
+
+static double model_tolerance(kv_precision p, const char *op, int size)
+{
+    if (p != KV_PRECISION_BF16)
+        return tolerance(p);
+    json_error_t err;
+    json_t *root = json_load_file(bf16_reference_path, 0, &err);
+    char key[16];
+    snprintf(key, sizeof key, "%d", size);
+    json_t *v = root ? json_object_get(json_object_get(root, op), key) : NULL;
+    double torch_error = json_is_number(v) ? json_number_value(v) : 0.02;
+    if (!json_is_number(v))
+        printf("      (no PyTorch bf16 figure for %s %d^2 in %s: assuming 2e-2)\n", op, size,
+               bf16_reference_path);
+    json_decref(root);
+    return 1.5 * torch_error;
 }
 
 /* ||got - want|| / ||want||; infinite when got holds a NaN or an Inf. */
@@ -142,6 +170,15 @@ static klvae_status_t put(kv_backend *be, int n, int c, int h, int w, const floa
 static klvae_status_t get(kv_backend *be, const kv_tensor *t, float *host)
 {
     return be->ops->download(be, host, t->data, kv_tensor_numel(t));
+}
+
+/* st of an op that ran on gpu, once gpu's stream has finished it. The
+ * result is then read, and its tensors released, through another backend
+ * (s->mem, on its own stream), which must not overtake the op's work. */
+static klvae_status_t done(suite *s, kv_backend *gpu, klvae_status_t st)
+{
+    klvae_status_t sync = s->plugin->synchronize(gpu);
+    return st != KLVAE_OK ? st : sync;
 }
 
 /* Where a test's tensors live: the backend's own (gpu) or plain float32
@@ -214,8 +251,9 @@ static void test_conv(suite *s, kv_backend *gpu, kv_precision p, const conv_case
         kv_tensor nob = gb;
         nob.data = NULL;
         kv_conv_prologue gpro = {&gs, &gt, cpro.act};
-        st = gpu->ops->conv2d(gpu, &gx, k->act >= 0 ? &gpro : NULL, &gw, k->bias ? &gb : &nob,
-                              k->g, &gy);
+        st = done(s, gpu,
+                  gpu->ops->conv2d(gpu, &gx, k->act >= 0 ? &gpro : NULL, &gw,
+                                   k->bias ? &gb : &nob, k->g, &gy));
         if (st == KLVAE_OK)
             st = get(h, &gy, got);
     }
@@ -269,8 +307,9 @@ static void test_group_norm_stats(suite *s, kv_backend *gpu, kv_precision p, int
         (st = put(gpu, n, c, 1, 1, NULL, &dt)) == KLVAE_OK &&
         (st = put(gpu, n, groups, 1, 1, NULL, &dm)) == KLVAE_OK &&
         (st = put(gpu, n, groups, 1, 1, NULL, &dr)) == KLVAE_OK &&
-        (st = gpu->ops->group_norm_stats(gpu, &dx, &dg, &db, groups, 1e-6f, &ds, &dt, &dm, &dr)) ==
-            KLVAE_OK &&
+        (st = done(s, gpu,
+                   gpu->ops->group_norm_stats(gpu, &dx, &dg, &db, groups, 1e-6f, &ds, &dt, &dm,
+                                              &dr))) == KLVAE_OK &&
         (st = get(gpu, &ds, gs)) == KLVAE_OK && (st = get(gpu, &dt, gt)) == KLVAE_OK &&
         (st = get(gpu, &dm, gm)) == KLVAE_OK)
         st = get(gpu, &dr, gr);
@@ -322,7 +361,7 @@ static void test_group_norm(suite *s, kv_backend *gpu, kv_precision p, kv_activa
         (st = put(gpu, 1, c, 1, 1, beta, &db)) == KLVAE_OK &&
         (in_place || (st = put(h, n, c, hh, ww, NULL, &dy)) == KLVAE_OK)) {
         kv_tensor *out = in_place ? &dx : &dy;
-        st = gpu->ops->group_norm(gpu, &dx, &dg, &db, groups, 1e-6f, act, out);
+        st = done(s, gpu, gpu->ops->group_norm(gpu, &dx, &dg, &db, groups, 1e-6f, act, out));
         if (st == KLVAE_OK)
             st = get(h, out, got);
     }
@@ -355,7 +394,7 @@ static void test_add(suite *s, kv_backend *gpu, kv_precision p)
     klvae_status_t st;
     if ((st = put(gpu, n, c, hh, ww, a, &da)) == KLVAE_OK &&
         (st = put(gpu, n, c, hh, ww, b, &db)) == KLVAE_OK &&
-        (st = gpu->ops->add(gpu, &da, &db, &da)) == KLVAE_OK) /* y is a */
+        (st = done(s, gpu, gpu->ops->add(gpu, &da, &db, &da))) == KLVAE_OK) /* y is a */
         st = get(gpu, &da, got);
     if (st != KLVAE_OK)
         failed_call(s, "add (y aliases a)", p, st);
@@ -380,7 +419,7 @@ static void test_upsample(suite *s, kv_backend *gpu, kv_precision p)
     kv_tensor dx = {0}, dy = {0};
     if (st == KLVAE_OK && (st = put(gpu, n, c, hh, ww, x, &dx)) == KLVAE_OK &&
         (st = put(gpu, n, c, 2 * hh, 2 * ww, NULL, &dy)) == KLVAE_OK &&
-        (st = gpu->ops->upsample_nearest2x(gpu, &dx, &dy)) == KLVAE_OK)
+        (st = done(s, gpu, gpu->ops->upsample_nearest2x(gpu, &dx, &dy))) == KLVAE_OK)
         st = get(gpu, &dy, got);
     if (st != KLVAE_OK)
         failed_call(s, "upsample_nearest2x", p, st);
@@ -416,7 +455,8 @@ static void test_attention(suite *s, kv_backend *gpu, kv_precision p, int batch,
         (st = put(h, batch, c, hh, ww, k, &dk)) == KLVAE_OK &&
         (st = put(h, batch, c, hh, ww, v, &dv)) == KLVAE_OK &&
         (st = put(h, batch, c, hh, ww, NULL, &d_out)) == KLVAE_OK &&
-        (st = gpu->ops->attention(gpu, &dq, &dk, &dv, scale, &d_out)) == KLVAE_OK)
+        (st = done(s, gpu, gpu->ops->attention(gpu, &dq, &dk, &dv, scale, &d_out))) ==
+            KLVAE_OK)
         st = get(h, &d_out, got);
     if (st != KLVAE_OK)
         failed_call(s, what, p, st);
@@ -450,7 +490,8 @@ static void test_posterior_split(suite *s, kv_backend *gpu, kv_precision p, int 
     if (st == KLVAE_OK && (st = put(gpu, n, 2 * z, hh, ww, m, &dm)) == KLVAE_OK &&
         (st = put(gpu, n, z, hh, ww, NULL, &dmu)) == KLVAE_OK &&
         (st = put(gpu, n, z, hh, ww, NULL, &dlv)) == KLVAE_OK &&
-        (st = gpu->ops->posterior_split(gpu, &dm, &dmu, with_logvar ? &dlv : NULL)) == KLVAE_OK &&
+        (st = done(s, gpu, gpu->ops->posterior_split(gpu, &dm, &dmu, with_logvar ? &dlv : NULL))) ==
+            KLVAE_OK &&
         (st = get(gpu, &dmu, gmu)) == KLVAE_OK)
         st = with_logvar ? get(gpu, &dlv, glv) : KLVAE_OK;
     if (st != KLVAE_OK) {
@@ -494,7 +535,7 @@ static void test_sample(suite *s, kv_backend *gpu, kv_precision p, int foreign, 
         (st = put(h, n, z, hh, ww, lv, &dl)) == KLVAE_OK &&
         (alias || (st = put(h, n, z, hh, ww, NULL, &dz)) == KLVAE_OK)) {
         kv_tensor *out = alias ? &dm : &dz;
-        st = gpu->ops->gaussian_sample(gpu, &dm, &dl, seed, out);
+        st = done(s, gpu, gpu->ops->gaussian_sample(gpu, &dm, &dl, seed, out));
         if (st == KLVAE_OK)
             st = get(h, out, got);
     }
@@ -634,7 +675,8 @@ static void test_model(suite *s, kv_precision p, uint64_t seed, const reference 
     if (st != KLVAE_OK)
         failed_call(s, what, p, st);
     else
-        verdict(s, what, p, rel_l2_pair(mean, ref->mean, logvar, ref->logvar, nz), tolerance(p));
+        verdict(s, what, p, rel_l2_pair(mean, ref->mean, logvar, ref->logvar, nz),
+                model_tolerance(p, "encode", size));
     snprintf(what, sizeof what, "SD decode %d^2", size);
     if ((st = put(be, 1, 4, lat, lat, ref->z, &z)) == KLVAE_OK &&
         (st = put(be, 1, 3, size, size, NULL, &y)) == KLVAE_OK &&
@@ -643,7 +685,7 @@ static void test_model(suite *s, kv_precision p, uint64_t seed, const reference 
     if (st != KLVAE_OK)
         failed_call(s, what, p, st);
     else
-        verdict(s, what, p, rel_l2(decoded, ref->decoded, ni), tolerance(p));
+        verdict(s, what, p, rel_l2(decoded, ref->decoded, ni), model_tolerance(p, "decode", size));
     printf("      (first encode %.2f s, decode %.2f s, with cuDNN's algorithm search)\n", t1 - t0,
            harness_now() - t1);
     kv_tensor_release(be, &x);
