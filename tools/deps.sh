@@ -30,6 +30,7 @@ strace           kills a save at chosen system calls (tests/fault_test.sh)
 abigail-tools    abidw and abidiff, for make abi-check
 python3-numpy    numpy, for the Python binding and its tests
 python3-pytest   pytest, which runs the Python binding tests
+python3-pip      pip (with setuptools and wheel), for the test that pip-installs the Python package
 cargo            cargo, which builds and tests the Rust binding'
 
 why() { echo "$PACKAGES" | awk -v p="$1" '$1 == p { $1 = ""; sub(/^ +/, ""); print }'; }
@@ -41,7 +42,10 @@ debian_python() {
     esac
     return 1
 }
-python_ready() { "$PYTHON" -c "import numpy, pytest" >/dev/null 2>&1; }
+# numpy and pytest for the binding tests; pip, setuptools and wheel for the
+# one that pip-installs the package (it skips itself without them); setuptools
+# first, as pip imports the distutils it replaces
+python_ready() { "$PYTHON" -c "import setuptools, wheel, pip, numpy, pytest" >/dev/null 2>&1; }
 
 # Packages that are not installed, on a dpkg system. A tool that is already
 # on PATH from elsewhere (cargo from rustup, numpy and pytest in a Python of
@@ -53,7 +57,7 @@ missing_packages() {
         echo "$installed" | grep -qx "$p" && continue
         case $p in
             cargo) command -v cargo >/dev/null 2>&1 && continue ;;
-            python3-numpy | python3-pytest)
+            python3-numpy | python3-pytest | python3-pip)
                 python_ready && continue
                 # another Python than Debian's gets them from pip (install_pip);
                 # with no Python at all, these packages bring python3 too
@@ -80,7 +84,7 @@ missing_tools() {
     for t in strace abidw abidiff cargo; do
         command -v $t >/dev/null 2>&1 || echo "$t"
     done
-    python_ready || echo "numpy and pytest for $PYTHON"
+    python_ready || echo "numpy, pytest, pip, setuptools and wheel for $PYTHON"
 }
 
 # Runs a command as root: directly, or through sudo.
@@ -113,8 +117,9 @@ install_debian() {
 install_pip() {
     python_ready && return 0
     debian_python && return 0 # apt's packages serve it; checked below
-    say "installing numpy and pytest with pip for $PYTHON (not Debian's python3)"
-    "$PYTHON" -m pip install -q numpy pytest || { say "pip install failed (see above)"; return 1; }
+    say "installing numpy, pytest, setuptools and wheel with pip for $PYTHON (not Debian's python3)"
+    "$PYTHON" -m pip install -q numpy pytest setuptools wheel ||
+        { say "pip install failed (see above)"; return 1; }
 }
 
 report_missing() {
@@ -124,10 +129,11 @@ report_missing() {
 Install these with your system's package manager and run make again. The build
 needs a C11 compiler, make, pkg-config, OpenBLAS (with CBLAS), jansson, libpng,
 libjpeg; the tests also need Check, libgfortran, strace, libabigail (abidw),
-Python 3 with numpy and pytest, and cargo. On Fedora for example:
+Python 3 with numpy, pytest, pip, setuptools and wheel, and cargo. On Fedora
+for example:
     dnf install gcc gcc-c++ make pkgconf-pkg-config openblas-devel jansson-devel \
         libpng-devel libjpeg-turbo-devel check-devel libgfortran strace libabigail \
-        python3-numpy python3-pytest cargo
+        python3-numpy python3-pytest python3-pip cargo
 (KLVAE_NO_DEPS=1 make ... skips this check.)
 TXT
 }

@@ -112,9 +112,9 @@ static klvae_status_t check_existing(const char *path, const char *const *names,
              fstatat(dirfd(d), e->d_name, &es, AT_SYMLINK_NOFOLLOW) == 0 && S_ISREG(es.st_mode)))
             continue;
         status = kv_error(KLVAE_ERR_IO,
-                          "cannot save to %s: the folder holds %s besides the saved files, and "
-                          "a save replaces the folder whole; save to a new or empty folder, or "
-                          "move %s away",
+                          "cannot save to %s: %s in it is not a file a save writes, and a save "
+                          "replaces the folder whole; save to a new or empty folder, or move %s "
+                          "away",
                           path, e->d_name, e->d_name);
     }
     closedir(d);
