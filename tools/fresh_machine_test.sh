@@ -74,7 +74,8 @@ in_root root "apt-get update -q && apt-get install -y -q --no-install-recommends
 user=root
 if [ $as_user = 1 ]; then
     user=dev
-    in_root root "useradd -m -s /bin/sh dev && echo 'dev ALL=(ALL) NOPASSWD:ALL' >/etc/sudoers.d/dev"
+    in_root root "useradd -m -s /bin/sh dev && echo 'dev ALL=(ALL) NOPASSWD:ALL' >/etc/sudoers.d/dev &&
+        chown -R dev:dev /srv/libklvae.git" # git refuses a repository of another owner
 fi
 before=$(in_root root "dpkg-query -W | wc -l")
 
@@ -93,7 +94,7 @@ run_step() { # run_step NAME COMMAND: timed, logged, the log's tail shown
 home=/root
 [ $user = root ] || home=/home/$user
 status=0
-run_step clone "git clone -q -b $branch /srv/libklvae.git libklvae" || status=1
+run_step clone "git clone -q -b $branch /srv/libklvae.git libklvae" || exit 1
 run_step demo "cd libklvae && make demo DEMO_MINUTES=$minutes" || status=1
 # what make demo installed, as it said it
 sed -n '/installing [0-9]* Debian packages/,/^ *[a-z0-9.+-]* *[A-Z]/p' "$logs/demo.log" | head -n 1
