@@ -258,7 +258,7 @@ klvae_status_t kv_weights_save(const klvae_model_t *m, const char *folder)
         status = kv_st_write(weights_path, entries, m->num_params, meta, 1, fetch_param, &ctx,
                              NULL);
         if (status == KLVAE_OK)
-            status = kv_config_write_json(&m->cfg, config_path, NULL);
+            status = kv_config_write_json(&m->cfg, config_path);
     }
     if (status == KLVAE_OK)
         status = kv_folder_commit(&out);
