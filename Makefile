@@ -2,11 +2,12 @@
 #
 #   make              library (lib/), CLI (bin/klvae), C examples (build/examples/)
 #   make demo         trains the small config on procedural images for 3 minutes (demo-run/)
-#   make check        the test suite (Check), then the CLI and install tests
+#   make check        the test suite (Check), then the CLI, install, fault and binding tests
+#                     (both install what is missing first, once: tools/deps.sh)
 #   make check-asan   the same suite under AddressSanitizer and UBSan
 #   make abi-check    the ABI of lib/libklvae.so against tests/abi/ (abigail-tools)
 #   make install      PREFIX=/usr/local DESTDIR= (GNU conventions)
-#   make deps         installs the Debian packages the build and tests need
+#   make deps         installs the Debian packages the build and tests need (tools/deps.sh)
 #   make bench        times encode/decode and a training step against PyTorch (tools/bench.py)
 #   make parity       compares the full SD config with diffusers (needs PyTorch)
 #   make fixtures     regenerates tests/fixtures with diffusers (needs PyTorch)
@@ -32,6 +33,26 @@ CFLAGS ?= -O2 -g
 DEP_PACKAGES := openblas jansson libpng libjpeg
 DEP_CFLAGS := $(shell $(PKG_CONFIG) --cflags $(DEP_PACKAGES) 2>/dev/null)
 DEP_LIBS := $(shell $(PKG_CONFIG) --libs $(DEP_PACKAGES) 2>/dev/null || echo -lopenblas -ljansson -lpng16 -ljpeg)
+# The README's two commands work on a fresh machine: `make demo` and the
+# check targets first run tools/deps.sh (it installs what is missing, or says
+# what to install and stops), once: build/deps.stamp records that it passed.
+# GNU make remakes an included makefile first and then starts again, so the
+# pkg-config flags above are read after the install. KLVAE_NO_DEPS=1 skips it.
+DEPS_GOALS := demo check check-unit check-asan check-python check-rust abi-check bench
+.DEFAULT_GOAL := all
+ifneq ($(KLVAE_NO_DEPS),1)
+ifneq ($(filter $(DEPS_GOALS),$(MAKECMDGOALS)),)
+include build/deps.stamp
+endif
+endif
+build/deps.stamp: tools/deps.sh
+	@sh tools/deps.sh
+	@mkdir -p build && echo "# tools/deps.sh passed" > $@
+ifeq ($(filter $(DEPS_GOALS) deps clean uninstall,$(MAKECMDGOALS)),)
+ifneq ($(shell $(PKG_CONFIG) --exists $(DEP_PACKAGES) 2>/dev/null && echo found),found)
+$(warning pkg-config does not find $(DEP_PACKAGES): 'make deps' installs them (make demo and make check do it by themselves))
+endif
+endif
 # -ffp-contract=off: the Philox sampler must round exactly as the CUDA one does.
 KV_CFLAGS := -std=c11 -D_GNU_SOURCE -Wall -Wextra -fPIC -fvisibility=hidden -ffp-contract=off \
              -pthread -Iinclude -Isrc $(DEP_CFLAGS)
@@ -151,6 +172,7 @@ check: all $(TEST_BIN)
 	sh tests/layers_test.sh || status=1; \
 	sh tests/cli_test.sh || status=1; \
 	sh tests/install_test.sh || status=1; \
+	sh tests/fault_test.sh || status=1; \
 	sh tests/docs_test.sh || status=1; \
 	sh tests/bindings_test.sh || status=1; \
 	exit $$status
@@ -252,25 +274,12 @@ uninstall:
 
 # ---- everything else ----
 
-# Debian packages: compiler, pkg-config, Check, OpenBLAS (CBLAS), jansson,
-# libpng, libjpeg-turbo; abigail-tools for abi-check; Python 3 with numpy and
-# pytest for the Python binding's tests. Rust's cargo comes from Debian when
-# no cargo is on PATH, and numpy/pytest from pip when python3 is not
-# Debian's own.
-DEB_PACKAGES := build-essential pkgconf check libopenblas-dev libjansson-dev libpng-dev \
-                libjpeg62-turbo-dev abigail-tools python3 python3-numpy python3-pytest
+# Installs what the build and the tests need (tools/deps.sh says what and
+# why; apt-get, through sudo when not root). demo and the check targets run
+# it once by themselves, through build/deps.stamp (see the top).
 deps:
-	@missing=""; for p in $(DEB_PACKAGES); do \
-	    dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then \
-	    echo "installing:$$missing"; \
-	    SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
-	    $$SUDO apt-get update -q && $$SUDO apt-get install -y -q $$missing; \
-	else echo "all Debian packages needed are installed"; fi
-	@command -v cargo >/dev/null 2>&1 || { echo "installing: cargo"; \
-	    SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; $$SUDO apt-get install -y -q cargo; }
-	@$(PYTHON) -c "import numpy, pytest" 2>/dev/null || { echo "installing: numpy pytest (pip)"; \
-	    $(PYTHON) -m pip install -q numpy pytest; }
+	@sh tools/deps.sh
+	@mkdir -p build && echo "# tools/deps.sh passed" > build/deps.stamp
 
 build/bench_klvae: tools/bench_klvae.c lib/libklvae.so include/klvae.h
 	$(CC) -std=c11 -D_GNU_SOURCE -Wall -Wextra -O2 -Iinclude $< -o $@ -Llib -lklvae -Wl,-rpath,'$$ORIGIN/../lib'

@@ -271,9 +271,23 @@ KLVAE_API klvae_status_t klvae_model_create(const klvae_options_t *opts, klvae_m
 
 /* Writes the model as a diffusers folder (config.json and
  * diffusion_pytorch_model.safetensors, float32, current diffusers names) that
- * diffusers' AutoencoderKL.from_pretrained loads. The folder is created if
- * needed; each file is written to a temporary name, flushed and renamed, so
- * a failure leaves any earlier file intact. */
+ * diffusers' AutoencoderKL.from_pretrained loads, in one step: both files go
+ * into a new folder PATH.tmp.klvae-XXXXXX beside PATH, which then takes
+ * PATH's place in one rename (swapped with an existing PATH by renameat2
+ * RENAME_EXCHANGE, after which the old folder is removed). So a reader, a
+ * failure or a crash at any point sees the old model or the new one, never
+ * the files of two. An existing PATH must be a folder holding only those two
+ * files (an earlier save, or an empty folder): anything else in it is
+ * refused with KLVAE_ERR_IO naming it, as replacing the folder would take it
+ * along. The parent folder must exist and be writable; a symbolic link PATH
+ * is followed. On error PATH is as it was and no temporary folder is left;
+ * what a crashed save left (temporary folders no live writer holds) is
+ * removed by the next save to PATH. Where the filesystem cannot swap folders
+ * (NFS, some FUSE), PATH is renamed aside to PATH.old.klvae-XXXXXX and the
+ * new folder renamed in: a crash between the two leaves no PATH, and the
+ * next save to PATH renames the old one back first. Errors:
+ * KLVAE_ERR_INVALID_ARGUMENT (NULL, or a path ending in "/", "." or ".."),
+ * KLVAE_ERR_IO, KLVAE_ERR_OUT_OF_MEMORY. */
 KLVAE_API klvae_status_t klvae_model_save(const klvae_model_t *model, const char *path);
 
 /* Releases the model and its worker threads. NULL is a no-op. */
@@ -491,7 +505,9 @@ KLVAE_API klvae_status_t klvae_trainer_step(klvae_trainer_t *trainer, const floa
  * discriminator (with its BatchNorm statistics), both Adam states, the EMA
  * weights, the loss' logvar, and in its metadata the step, the random state,
  * the options and the notes (klvae_trainer_set_note). Written to a temporary
- * file, flushed and renamed: a failure leaves any earlier checkpoint intact.
+ * file (PATH.tmp.klvae-XXXXXX), flushed and renamed: a failure or a crash
+ * leaves any earlier checkpoint intact, and the next save to PATH removes the
+ * temporary files crashed saves left.
  * Errors: KLVAE_ERR_INVALID_ARGUMENT, KLVAE_ERR_IO, KLVAE_ERR_OUT_OF_MEMORY. */
 KLVAE_API klvae_status_t klvae_trainer_save(const klvae_trainer_t *trainer, const char *path);
 
@@ -506,8 +522,8 @@ KLVAE_API klvae_status_t klvae_trainer_save(const klvae_trainer_t *trainer, cons
  * EMA, discriminator, step counter, notes) is unchanged. */
 KLVAE_API klvae_status_t klvae_trainer_load(klvae_trainer_t *trainer, const char *path);
 
-/* Writes the trained autoencoder as a diffusers folder (see
- * klvae_model_save): the EMA weights when use_ema is non-zero (ema_decay
+/* Writes the trained autoencoder as a diffusers folder, in one step as
+ * klvae_model_save does (the same code): the EMA weights when use_ema is non-zero (ema_decay
  * must be > 0), else the current weights. */
 KLVAE_API klvae_status_t klvae_trainer_export(const klvae_trainer_t *trainer, const char *path,
                                               int use_ema);

@@ -175,7 +175,7 @@ int main(void)
                                       suite_sample, suite_image,  suite_errors,
                                       suite_data,   suite_grad,   suite_train,
                                       suite_cli,    suite_plugin, suite_cuda_host,
-                                      suite_golden};
+                                      suite_golden, suite_save};
     SRunner *runner = srunner_create(NULL);
     for (size_t i = 0; i < sizeof suites / sizeof suites[0]; i++)
         srunner_add_suite(runner, suites[i]());

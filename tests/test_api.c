@@ -1,6 +1,8 @@
 /* test_api.c — version, status strings, the thread-local error message,
- * and handles used from several threads. */
+ * and handles used from several threads (eight at once against a
+ * sequential run). */
 #include <pthread.h>
+#include <sys/stat.h>
 
 #include "model/model.h"
 #include "test_util.h"
@@ -254,6 +256,111 @@ START_TEST(nonfinite_inputs_propagate_through_inference)
 }
 END_TEST
 
+/* One job of eight_handles_match_a_sequential_run: encode, sample and
+ * decode its own images with its own handle, then save the model beside the
+ * other threads' and load it back. */
+typedef struct job {
+    int index;
+    klvae_model_t *model;
+    const char *dir;
+    float *x, *mean, *logvar, *z, *y, *y_saved;
+    klvae_status_t status;
+} job;
+
+enum { JOBS = 8, JN = 2, JH = 16, JW = 24 };
+
+static void run_job(job *j)
+{
+    const int f = klvae_model_downsampling_factor(j->model);
+    const int lh = JH / f, lw = JW / f;
+    klvae_status_t st = klvae_encode(j->model, j->x, JN, JH, JW, j->mean, j->logvar);
+    if (st == KLVAE_OK)
+        st = klvae_sample(j->model, j->mean, j->logvar, JN, lh, lw, 1000 + j->index, j->z);
+    if (st == KLVAE_OK)
+        st = klvae_decode(j->model, j->z, JN, lh, lw, j->y);
+    char path[4200];
+    snprintf(path, sizeof path, "%s/model-%d", j->dir, j->index);
+    klvae_model_t *back = NULL;
+    if (st == KLVAE_OK)
+        st = klvae_model_save(j->model, path);
+    if (st == KLVAE_OK)
+        st = klvae_model_load(path, NULL, &back);
+    if (st == KLVAE_OK)
+        st = klvae_decode(back, j->z, JN, lh, lw, j->y_saved);
+    klvae_model_free(back);
+    j->status = st;
+}
+
+static void *job_thread(void *arg)
+{
+    run_job(arg);
+    return NULL;
+}
+
+static void job_alloc(job *j, int index, const char *dir, int zc, int f)
+{
+    const size_t nx = (size_t)JN * 3 * JH * JW, nz = (size_t)JN * zc * (JH / f) * (JW / f);
+    j->index = index;
+    j->dir = dir;
+    j->x = test_alloc(nx), j->y = test_alloc(nx), j->y_saved = test_alloc(nx);
+    j->mean = test_alloc(nz), j->logvar = test_alloc(nz), j->z = test_alloc(nz);
+    test_rng rng = test_rng_new(100 + (uint64_t)index);
+    test_fill(j->x, nx, &rng, -1, 1);
+}
+
+static void job_free(job *j)
+{
+    free(j->x), free(j->y), free(j->y_saved), free(j->mean), free(j->logvar), free(j->z);
+}
+
+START_TEST(eight_handles_match_a_sequential_run)
+{
+    /* Eight threads, each with its own handle (two worker threads each),
+     * encode, sample, decode, save into one folder and load back at once:
+     * every output equals, bit for bit, the same jobs run one after another
+     * on one handle. */
+    char *dir = test_tmpdir(), *seq_dir = test_join(dir, "sequential");
+    ck_assert_int_eq(mkdir(seq_dir, 0755), 0);
+    klvae_model_t *one = test_tiny_model(1);
+    const int zc = klvae_model_latent_channels(one), f = klvae_model_downsampling_factor(one);
+    job want[JOBS], got[JOBS];
+    for (int i = 0; i < JOBS; i++) {
+        job_alloc(&want[i], i, seq_dir, zc, f);
+        want[i].model = one;
+        run_job(&want[i]);
+        ck_assert_msg(want[i].status == KLVAE_OK, "job %d: %s", i, klvae_last_error());
+        job_alloc(&got[i], i, dir, zc, f);
+        got[i].model = test_tiny_model(2);
+    }
+    pthread_t threads[JOBS];
+    for (int i = 0; i < JOBS; i++)
+        ck_assert_int_eq(pthread_create(&threads[i], NULL, job_thread, &got[i]), 0);
+    for (int i = 0; i < JOBS; i++)
+        pthread_join(threads[i], NULL);
+    const size_t nx = (size_t)JN * 3 * JH * JW, nz = (size_t)JN * zc * (JH / f) * (JW / f);
+    for (int i = 0; i < JOBS; i++) {
+        ck_assert_msg(got[i].status == KLVAE_OK, "thread %d failed: %s", i,
+                      klvae_status_string(got[i].status));
+        ck_assert_int_eq(memcmp(got[i].mean, want[i].mean, nz * sizeof(float)), 0);
+        ck_assert_int_eq(memcmp(got[i].logvar, want[i].logvar, nz * sizeof(float)), 0);
+        ck_assert_int_eq(memcmp(got[i].z, want[i].z, nz * sizeof(float)), 0);
+        ck_assert_int_eq(memcmp(got[i].y, want[i].y, nx * sizeof(float)), 0);
+        ck_assert_int_eq(memcmp(got[i].y_saved, want[i].y, nx * sizeof(float)), 0);
+        klvae_model_free(got[i].model);
+        job_free(&got[i]);
+        job_free(&want[i]);
+    }
+    /* the eight saves in one folder left nothing but the eight models */
+    int tmp_found;
+    ck_assert_int_eq(test_count_entries(dir, &tmp_found), JOBS + 1);
+    ck_assert_int_eq(tmp_found, 0);
+    klvae_model_free(one);
+    test_rmtree(dir);
+    free(seq_dir);
+    free(dir);
+}
+END_TEST
+
 Suite *suite_api(void)
 {
     Suite *s = suite_create("api");
@@ -267,6 +374,7 @@ Suite *suite_api(void)
     tcase_add_test(tc, a_handle_in_use_answers_busy);
     tcase_add_test(tc, nonfinite_inputs_propagate_through_inference);
     tcase_add_test(tc, one_model_on_two_threads_is_refused_not_corrupted);
+    tcase_add_test(tc, eight_handles_match_a_sequential_run);
     suite_add_tcase(s, tc);
     return s;
 }

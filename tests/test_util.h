@@ -123,5 +123,6 @@ Suite *suite_cli(void);
 Suite *suite_plugin(void);
 Suite *suite_cuda_host(void);
 Suite *suite_golden(void);
+Suite *suite_save(void);
 
 #endif

@@ -207,29 +207,39 @@ static void adopt_checkpoint_settings(run *r, const char *path, const char **dat
 }
 
 /* Keeps only the rows of a CSV log before step `step` (a crash after the
- * last checkpoint left rows that the resumed run will write again). */
+ * last checkpoint left rows that the resumed run will write again). The
+ * rows are filtered in place and the file replaced atomically: a kill here
+ * must not cost the rows before the checkpoint. */
 static void truncate_log(const char *path, int64_t step)
 {
     char *text = NULL;
     size_t len = 0;
     if (kv_read_text_file(path, (size_t)1 << 30, &text, &len) != KLVAE_OK)
         return;
-    FILE *f = fopen(path, "w");
-    if (!f)
-        die("cannot rewrite %s: %s", path, strerror(errno));
+    size_t kept = 0; /* never passes the line being read */
     for (char *line = text; *line;) {
         char *end = strchr(line, '\n');
-        if (end)
-            *end = '\0';
+        size_t n = end ? (size_t)(end - line) : strlen(line);
         char *stop;
         long long row_step = strtoll(line, &stop, 10);
-        if (stop == line || row_step < step) /* the header, or an earlier row */
-            fprintf(f, "%s\n", line);
+        if (stop == line || row_step < step) { /* the header, or an earlier row */
+            memmove(text + kept, line, n);
+            kept += n;
+            text[kept++] = '\n';
+        }
         if (!end)
             break;
         line = end + 1;
     }
-    fclose(f);
+    if (kept != len) {
+        kv_atomic_file f;
+        klvae_status_t st = kv_atomic_open(&f, path);
+        if (st == KLVAE_OK)
+            st = kv_atomic_write(&f, text, kept);
+        if (st == KLVAE_OK)
+            st = kv_atomic_commit(&f);
+        check(st, "cannot rewrite the log");
+    }
     free(text);
 }
 

@@ -491,8 +491,7 @@ static int real_precision(json_t *node, int at_least)
     return at_least;
 }
 
-klvae_status_t kv_config_write_json(const kv_config *cfg, const char *path,
-                                    kv_atomic_file *pending)
+klvae_status_t kv_config_write_json(const kv_config *cfg, const char *path)
 {
     json_t *root = json_object();
     json_t *down = json_array(), *up = json_array(), *channels = json_array();
@@ -546,15 +545,8 @@ klvae_status_t kv_config_write_json(const kv_config *cfg, const char *path,
         st = kv_atomic_write(&f, text, strlen(text));
     if (st == KLVAE_OK)
         st = kv_atomic_write(&f, "\n", 1);
-    if (st == KLVAE_OK) {
-        if (pending) {
-            st = kv_atomic_finish(&f);
-            if (st == KLVAE_OK)
-                *pending = f;
-        } else {
-            st = kv_atomic_commit(&f);
-        }
-    }
+    if (st == KLVAE_OK)
+        st = kv_atomic_commit(&f);
     free(text);
     return st;
 }

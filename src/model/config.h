@@ -47,11 +47,8 @@ klvae_status_t kv_config_apply_load_options(const klvae_options_t *opts, bool fr
 klvae_status_t kv_config_validate(const kv_config *cfg);
 
 klvae_status_t kv_config_read_json(const char *path, kv_config *cfg);
-struct kv_atomic_file;
-/* Writes config.json atomically; with pending non-NULL it is finished but
- * not renamed (see kv_st_write). */
-klvae_status_t kv_config_write_json(const kv_config *cfg, const char *path,
-                                    struct kv_atomic_file *pending);
+/* Writes config.json atomically. */
+klvae_status_t kv_config_write_json(const kv_config *cfg, const char *path);
 
 /* The value of a model-config key as its option string. */
 klvae_status_t kv_config_get(const kv_config *cfg, const char *key, char *buf, size_t size);

@@ -250,11 +250,16 @@ static klvae_status_t fetch_param(void *ctx, size_t index, float *dst)
     return m->be->ops->download(m->be, dst, t->data, kv_tensor_numel(t));
 }
 
+/* What a saved folder holds (kv_folder_begin replaces only such folders). */
+static const char *const saved_files[] = {"config.json", "diffusion_pytorch_model.safetensors",
+                                          NULL};
+
+/* Both files go into a new folder beside the target, which then takes the
+ * target's place in one rename (kv_atomic_folder): a reader, or a crash at
+ * any point, sees the old model or the new one, never new weights beside an
+ * old config. */
 klvae_status_t kv_weights_save(const klvae_model_t *m, const char *folder)
 {
-    klvae_status_t status = kv_make_directory(folder);
-    if (status != KLVAE_OK)
-        return status;
     kv_st_entry *entries = calloc(m->num_params ? m->num_params : 1, sizeof *entries);
     if (!entries)
         return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory saving the model");
@@ -265,31 +270,28 @@ klvae_status_t kv_weights_save(const klvae_model_t *m, const char *folder)
         for (int d = 0; d < t->ndim; d++)
             entries[i].shape[d] = t->shape[d];
     }
-    char *weights_path = kv_path_join(folder, "diffusion_pytorch_model.safetensors");
-    char *config_path = kv_path_join(folder, "config.json");
+    kv_atomic_folder out;
+    klvae_status_t status = kv_folder_begin(&out, folder, saved_files);
+    if (status != KLVAE_OK) {
+        free(entries);
+        return status;
+    }
+    char *weights_path = kv_path_join(out.temp_path, saved_files[1]);
+    char *config_path = kv_path_join(out.temp_path, saved_files[0]);
     if (!weights_path || !config_path) {
         status = KLVAE_ERR_OUT_OF_MEMORY;
     } else {
-        /* Both files are written in full before either replaces an older
-         * one, so a failure leaves the folder as it was. */
         kv_st_meta meta[] = {{"format", "pt"}};
         save_ctx ctx = {m};
-        kv_atomic_file weights_file, config_file;
         status = kv_st_write(weights_path, entries, m->num_params, meta, 1, fetch_param, &ctx,
-                             &weights_file);
-        if (status == KLVAE_OK) {
-            status = kv_config_write_json(&m->cfg, config_path, &config_file);
-            if (status != KLVAE_OK)
-                kv_atomic_abort(&weights_file);
-        }
-        if (status == KLVAE_OK) {
-            status = kv_atomic_publish(&weights_file);
-            if (status == KLVAE_OK)
-                status = kv_atomic_publish(&config_file);
-            else
-                kv_atomic_abort(&config_file);
-        }
+                             NULL);
+        if (status == KLVAE_OK)
+            status = kv_config_write_json(&m->cfg, config_path);
     }
+    if (status == KLVAE_OK)
+        status = kv_folder_commit(&out);
+    else
+        kv_folder_abort(&out);
     free(weights_path);
     free(config_path);
     free(entries);
