@@ -1,8 +1,67 @@
 /* test_batch_norm.c — the batch_norm family (src/backend/backend.h,
- * "Family batch_norm"): training-mode batch normalisation and its backward
- * against finite differences (op_test_util.h), and the running
- * statistics. */
+ * "Family batch_norm"): training-mode batch normalisation (output, saved
+ * statistics, running statistics) against a float64 loop, and its backward
+ * against finite differences (op_test_util.h). */
 #include "op_test_util.h"
+
+/* ---- forward ---- */
+
+START_TEST(batch_norm_matches_float64_reference)
+{
+    const int n = 3, c = 5, h = 7, w = 9;
+    const size_t plane = (size_t)h * w, count = (size_t)n * c * plane;
+    const double cnt = (double)n * (double)plane;
+    const float eps = 1e-5f, momentum = 0.3f;
+    test_rng rng = test_rng_new(2100);
+    float *x = test_alloc(count), *y = test_alloc(count);
+    float gamma[5], beta[5], mean[5], invstd[5], rmean[5], rvar[5];
+    double *ref = op_dalloc(count), ref_mean[5], ref_invstd[5], ref_rmean[5], ref_rvar[5];
+    test_fill(x, count, &rng, -2, 2);
+    for (size_t i = 0; i < count; i++) /* a different mean and spread per channel */
+        x[i] = x[i] * (float)(1 + i / plane % 3) + (float)(i / plane % (size_t)c) - 2.0f;
+    test_fill(gamma, c, &rng, 0.5f, 1.5f);
+    test_fill(beta, c, &rng, -0.5f, 0.5f);
+    test_fill(rmean, c, &rng, -1, 1);
+    test_fill(rvar, c, &rng, 0.5f, 2);
+    for (int ch = 0; ch < c; ch++) {
+        double sum = 0, var = 0;
+        for (int b = 0; b < n; b++)
+            for (size_t i = 0; i < plane; i++)
+                sum += x[((size_t)b * c + ch) * plane + i];
+        double m = sum / cnt;
+        for (int b = 0; b < n; b++)
+            for (size_t i = 0; i < plane; i++)
+                var += pow(x[((size_t)b * c + ch) * plane + i] - m, 2);
+        var /= cnt; /* biased for the output, unbiased for the running variance */
+        ref_mean[ch] = m;
+        ref_invstd[ch] = 1.0 / sqrt(var + eps);
+        ref_rmean[ch] = (1 - momentum) * (double)rmean[ch] + momentum * m;
+        ref_rvar[ch] = (1 - momentum) * (double)rvar[ch] + momentum * var * cnt / (cnt - 1);
+        for (int b = 0; b < n; b++)
+            for (size_t i = 0; i < plane; i++) {
+                size_t at = ((size_t)b * c + ch) * plane + i;
+                ref[at] = (x[at] - m) * ref_invstd[ch] * gamma[ch] + beta[ch];
+            }
+    }
+    kv_backend *be = op_backend(2);
+    kv_tensor tx = op_tensor4(x, n, c, h, w), ty = op_tensor4(y, n, c, h, w);
+    kv_tensor tg = op_tensor1(gamma, c), tb = op_tensor1(beta, c), tm = op_tensor1(mean, c),
+              ti = op_tensor1(invstd, c);
+    ck_assert_ok(be->ops->batch_norm(be, &tx, &tg, &tb, eps, momentum, rmean, rvar, &ty, &tm, &ti));
+    double err = op_relative_error(y, ref, count);
+    ck_assert_msg(err < OP_TOLERANCE, "y: relative error %g", err);
+    err = op_relative_error(mean, ref_mean, (size_t)c);
+    ck_assert_msg(err < OP_TOLERANCE, "mean: relative error %g", err);
+    err = op_relative_error(invstd, ref_invstd, (size_t)c);
+    ck_assert_msg(err < OP_TOLERANCE, "invstd: relative error %g", err);
+    err = op_relative_error(rmean, ref_rmean, (size_t)c);
+    ck_assert_msg(err < OP_TOLERANCE, "running mean: relative error %g", err);
+    err = op_relative_error(rvar, ref_rvar, (size_t)c);
+    ck_assert_msg(err < OP_TOLERANCE, "running variance: relative error %g", err);
+    kv_backend_destroy(be);
+    free(x), free(y), free(ref);
+}
+END_TEST
 
 /* ---- backward ---- */
 
@@ -82,7 +141,8 @@ END_TEST
 Suite *suite_batch_norm_ops(void)
 {
     Suite *s = suite_create("batch_norm");
-    TCase *backward = op_tcase(s, "backward");
+    TCase *forward = op_tcase(s, "forward"), *backward = op_tcase(s, "backward");
+    tcase_add_test(forward, batch_norm_matches_float64_reference);
     tcase_add_test(backward, batch_norm_backward_matches_finite_differences);
     return s;
 }

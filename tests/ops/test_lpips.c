@@ -1,8 +1,45 @@
 /* test_lpips.c — the lpips family (src/backend/backend.h, "Family lpips"):
- * the backward of the unit normalisation over channels against finite
- * differences (op_test_util.h) and at a zero vector, and the weighted
- * distance with its gradient and dropout. */
+ * the unit normalisation over channels against a float64 loop, its
+ * backward against finite differences (op_test_util.h) and at a zero
+ * vector, and the weighted distance with its gradient and dropout. */
 #include "op_test_util.h"
+
+/* ---- forward ---- */
+
+START_TEST(unit_normalize_matches_float64_reference)
+{
+    const int n = 3, c = 5, h = 7, w = 9;
+    const size_t plane = (size_t)h * w, count = (size_t)n * c * plane;
+    test_rng rng = test_rng_new(2000);
+    float *x = test_alloc(count), *y = test_alloc(count), *norms = test_alloc((size_t)n * plane);
+    double *ref = op_dalloc(count), *ref_norms = op_dalloc((size_t)n * plane);
+    test_fill(x, count, &rng, -3, 3);
+    for (int b = 0; b < n; b++)
+        for (size_t p = 0; p < plane; p++) {
+            double ss = 0.0;
+            for (int ch = 0; ch < c; ch++) {
+                double v = x[((size_t)b * c + ch) * plane + p];
+                ss += v * v;
+            }
+            double r = sqrt(ss);
+            ref_norms[(size_t)b * plane + p] = r;
+            for (int ch = 0; ch < c; ch++) {
+                size_t at = ((size_t)b * c + ch) * plane + p;
+                ref[at] = x[at] / (r + 1e-10);
+            }
+        }
+    kv_backend *be = op_backend(2);
+    kv_tensor tx = op_tensor4(x, n, c, h, w), ty = op_tensor4(y, n, c, h, w);
+    kv_tensor tn = op_tensor4(norms, n, 1, h, w);
+    ck_assert_ok(be->ops->unit_normalize(be, &tx, &ty, &tn));
+    double err = op_relative_error(y, ref, count);
+    ck_assert_msg(err < OP_TOLERANCE, "y: relative error %g", err);
+    err = op_relative_error(norms, ref_norms, (size_t)n * plane);
+    ck_assert_msg(err < OP_TOLERANCE, "norms: relative error %g", err);
+    kv_backend_destroy(be);
+    free(x), free(y), free(norms), free(ref), free(ref_norms);
+}
+END_TEST
 
 /* ---- backward ---- */
 
@@ -129,7 +166,8 @@ END_TEST
 Suite *suite_lpips_ops(void)
 {
     Suite *s = suite_create("lpips");
-    TCase *backward = op_tcase(s, "backward");
+    TCase *forward = op_tcase(s, "forward"), *backward = op_tcase(s, "backward");
+    tcase_add_test(forward, unit_normalize_matches_float64_reference);
     tcase_add_test(backward, unit_normalize_backward_matches_finite_differences);
     tcase_add_test(backward, unit_normalize_gradient_is_zero_for_a_zero_vector);
     tcase_add_test(backward, lpips_distance_matches_definition_and_gradient);

@@ -1,7 +1,7 @@
 /* test_posterior.c — the posterior family (src/backend/backend.h, "Family
- * posterior"): splitting the moments with the logvar clamp, and the
- * backward and the KL sum against finite differences and a float64 loop
- * (op_test_util.h). */
+ * posterior"): splitting the moments with the logvar clamp, sampling z with
+ * the shared Philox generator, the KL sum against float64 loops, and the
+ * backward against finite differences (op_test_util.h). */
 #include "base/philox.h"
 #include "op_test_util.h"
 
@@ -28,6 +28,83 @@ START_TEST(posterior_split_takes_halves_and_clamps_logvar)
         }
     ck_assert_int_gt(clamped, 0);
     kv_backend_destroy(be);
+}
+END_TEST
+
+START_TEST(gaussian_sample_matches_float64_reference)
+{
+    /* z = mean + exp(0.5 clamp(logvar)) * eps, eps the Philox normal of the
+     * element's index in the whole tensor; an odd count over more than one
+     * of the CPU's tasks (a task draws eps in pairs), logvars beyond both
+     * ends of the clamp. */
+    const int n = 3, z = 5, h = 23, w = 29;
+    const size_t count = (size_t)n * z * h * w;
+    const uint64_t seed = 1234567;
+    test_rng rng = test_rng_new(1900);
+    float *mean = test_alloc(count), *logvar = test_alloc(count), *z1 = test_alloc(count),
+          *z2 = test_alloc(count);
+    test_fill(mean, count, &rng, -1, 1);
+    test_fill(logvar, count, &rng, -6, 4);
+    for (size_t i = 0; i < count; i += 101)
+        logvar[i] = i % 2 ? 26.0f : -45.0f;
+    kv_backend *one = op_backend(1), *two = op_backend(2);
+    kv_tensor tm = op_tensor4(mean, n, z, h, w), tl = op_tensor4(logvar, n, z, h, w);
+    kv_tensor tz1 = op_tensor4(z1, n, z, h, w), tz2 = op_tensor4(z2, n, z, h, w);
+    ck_assert_ok(two->ops->gaussian_sample(two, &tm, &tl, seed, &tz2));
+    ck_assert_ok(one->ops->gaussian_sample(one, &tm, &tl, seed, &tz1));
+    /* float32 rounds std, the product and the sum: relative to the size of
+     * the terms, element by element (std spans e^-15 .. e^10) */
+    for (size_t i = 0; i < count; i++) {
+        double lv = logvar[i] < -30 ? -30 : (logvar[i] > 20 ? 20 : logvar[i]);
+        double std = exp(0.5 * lv), eps = kv_philox_normal(seed, i);
+        double want = mean[i] + std * eps, size = fabs(mean[i]) + std * fabs(eps);
+        ck_assert_msg(fabs(z2[i] - want) <= 1e-6 * size, "element %zu: %.9g, want %.9g", i,
+                      (double)z2[i], want);
+    }
+    ck_assert_msg(memcmp(z1, z2, count * sizeof(float)) == 0, "1 and 2 threads differ");
+    kv_backend_destroy(one);
+    kv_backend_destroy(two);
+    free(mean), free(logvar), free(z1), free(z2);
+}
+END_TEST
+
+/* sum of 0.5 (mu^2 + exp(s) - 1 - s), s = clamp(logvar), in double */
+static double kl_sum_reference(const float *moments, int n, int z, size_t plane)
+{
+    double want = 0.0;
+    for (int b = 0; b < n; b++)
+        for (int c = 0; c < z; c++)
+            for (size_t i = 0; i < plane; i++) {
+                double mu = moments[((size_t)b * 2 * z + c) * plane + i];
+                double l = moments[((size_t)b * 2 * z + z + c) * plane + i];
+                double s = l < -30 ? -30 : (l > 20 ? 20 : l);
+                want += 0.5 * (mu * mu + exp(s) - 1 - s);
+            }
+    return want;
+}
+
+START_TEST(kl_sum_matches_float64_reference)
+{
+    const int n = 3, z = 5, h = 7, w = 9;
+    const size_t plane = (size_t)h * w, count = (size_t)n * 2 * z * plane;
+    test_rng rng = test_rng_new(1901);
+    float *moments = test_alloc(count);
+    test_fill(moments, count, &rng, -3, 3);
+    /* logvars below the clamp (batch 1, channels z and z+1) */
+    moments[(size_t)(2 * z + z) * plane + 4] = -45.0f;
+    moments[(size_t)(2 * z + z + 1) * plane + 8] = -31.0f;
+    kv_backend *be = op_backend(2);
+    kv_tensor tm = op_tensor4(moments, n, 2 * z, h, w);
+    double kl = 0.0, want = kl_sum_reference(moments, n, z, plane);
+    ck_assert_ok(be->ops->kl_sum(be, &tm, &kl));
+    ck_assert_msg(fabs(kl - want) <= 1e-9 * fabs(want), "kl %.17g, want %.17g", kl, want);
+    /* and one above it (batch 2): exp(20), not exp(23) */
+    moments[(size_t)(2 * 2 * z + z + 2) * plane + 5] = 23.0f;
+    want = kl_sum_reference(moments, n, z, plane);
+    ck_assert_ok(be->ops->kl_sum(be, &tm, &kl));
+    ck_assert_msg(fabs(kl - want) <= 1e-9 * fabs(want), "kl %.17g, want %.17g", kl, want);
+    kv_backend_destroy(be);
+    free(moments);
 }
 END_TEST
 
@@ -96,6 +173,8 @@ Suite *suite_posterior_ops(void)
     Suite *s = suite_create("posterior");
     TCase *forward = op_tcase(s, "forward"), *backward = op_tcase(s, "backward");
     tcase_add_test(forward, posterior_split_takes_halves_and_clamps_logvar);
+    tcase_add_test(forward, gaussian_sample_matches_float64_reference);
+    tcase_add_test(forward, kl_sum_matches_float64_reference);
     tcase_add_test(backward, posterior_backward_matches_finite_differences);
     return s;
 }
