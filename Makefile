@@ -153,6 +153,7 @@ check: all $(TEST_BIN)
 	@status=0; \
 	(cd tests && ../$(TEST_BIN)) || status=1; \
 	sh tests/layers_test.sh || status=1; \
+	sh tests/ops_layout_test.sh || status=1; \
 	sh tests/cli_test.sh || status=1; \
 	sh tests/install_test.sh || status=1; \
 	sh tests/docs_test.sh || status=1; \
