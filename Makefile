@@ -69,8 +69,11 @@ CLI_OBJECTS := $(patsubst src/%.c,build/obj/%.o,$(CLI_SOURCES))
 # the tool's pieces without its main(), which the unit tests link too
 CLI_PARTS := $(filter-out build/obj/cli/klvae.o,$(CLI_OBJECTS))
 EXAMPLES := $(patsubst examples/c/%.c,build/examples/%,$(wildcard examples/c/*.c))
-TEST_SOURCES := $(wildcard tests/*.c)
+# tests/ops/: one file per op family (test_FAMILY.c) and their shared helpers;
+# their objects go to build/tests/ops/, so names stay unique.
+TEST_SOURCES := $(wildcard tests/*.c tests/ops/*.c)
 TEST_OBJECTS := $(patsubst tests/%.c,build/tests/%.o,$(TEST_SOURCES))
+TEST_HEADERS := tests/test_util.h $(wildcard tests/ops/*.h)
 
 SHARED := lib/libklvae.so.$(VERSION)
 SONAME := libklvae.so.$(VERSION_MAJOR)
@@ -149,9 +152,10 @@ build/klvae-uninstalled.pc: pkgconfig/klvae-uninstalled.pc.in include/klvae.h
 CHECK_CFLAGS := $(shell $(PKG_CONFIG) --cflags check 2>/dev/null)
 CHECK_LIBS := $(shell $(PKG_CONFIG) --libs check 2>/dev/null || echo -lcheck -lsubunit -lrt -lm)
 
-build/tests/%.o: tests/%.c tests/test_util.h $(LIB_HEADERS)
-	@mkdir -p build/tests
-	$(CC) $(KV_CFLAGS) $(CHECK_CFLAGS) $(CFLAGS) -c $< -o $@
+# -Itests: the files of tests/ops/ include test_util.h by name.
+build/tests/%.o: tests/%.c $(TEST_HEADERS) $(LIB_HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(KV_CFLAGS) -Itests $(CHECK_CFLAGS) $(CFLAGS) -c $< -o $@
 
 # Stand-ins for the CUDA plugin that tests/test_plugin.c loads, one per mode.
 FAKE_PLUGINS := $(patsubst %,build/tests/plugins/fake_%.so,working no_entry bad_abi no_driver create_oom incomplete)
@@ -170,6 +174,7 @@ check: all $(TEST_BIN)
 	@status=0; \
 	(cd tests && ../$(TEST_BIN)) || status=1; \
 	sh tests/layers_test.sh || status=1; \
+	sh tests/ops_layout_test.sh || status=1; \
 	sh tests/cli_test.sh || status=1; \
 	sh tests/install_test.sh || status=1; \
 	sh tests/fault_test.sh || status=1; \

@@ -170,12 +170,14 @@ klvae_model_t *test_tiny_model(int threads)
 
 int main(void)
 {
-    Suite *(*const suites[])(void) = {suite_api,   suite_options, suite_config,
-                                      suite_safetensors, suite_ops, suite_model,
-                                      suite_sample, suite_image,  suite_errors,
-                                      suite_data,   suite_grad,   suite_train,
-                                      suite_cli,    suite_plugin, suite_cuda_host,
-                                      suite_golden, suite_save};
+    Suite *(*const suites[])(void) = {
+        suite_api, suite_options, suite_config, suite_safetensors,
+        /* the op families, in the order of backend.h's specification */
+        suite_conv2d_ops, suite_group_norm_ops, suite_batch_norm_ops, suite_attention_ops,
+        suite_upsample_ops, suite_pool_ops, suite_activation_ops, suite_elementwise_ops,
+        suite_posterior_ops, suite_lpips_ops, suite_losses_ops, suite_optimizer_ops,
+        suite_model, suite_sample, suite_image, suite_errors, suite_data, suite_train, suite_cli,
+        suite_plugin, suite_cuda_host, suite_golden, suite_save};
     SRunner *runner = srunner_create(NULL);
     for (size_t i = 0; i < sizeof suites / sizeof suites[0]; i++)
         srunner_add_suite(runner, suites[i]());

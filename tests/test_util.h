@@ -111,18 +111,31 @@ Suite *suite_api(void);
 Suite *suite_options(void);
 Suite *suite_config(void);
 Suite *suite_safetensors(void);
-Suite *suite_ops(void);
 Suite *suite_model(void);
 Suite *suite_sample(void);
 Suite *suite_image(void);
 Suite *suite_errors(void);
 Suite *suite_data(void);
-Suite *suite_grad(void);
 Suite *suite_train(void);
 Suite *suite_cli(void);
 Suite *suite_plugin(void);
 Suite *suite_cuda_host(void);
 Suite *suite_golden(void);
 Suite *suite_save(void);
+
+/* The op tests, one suite per op family of src/backend/backend.h, each in
+ * tests/ops/test_FAMILY.c and named FAMILY (CK_RUN_SUITE=conv2d). */
+Suite *suite_conv2d_ops(void);
+Suite *suite_group_norm_ops(void);
+Suite *suite_batch_norm_ops(void);
+Suite *suite_attention_ops(void);
+Suite *suite_upsample_ops(void);
+Suite *suite_pool_ops(void);
+Suite *suite_activation_ops(void);
+Suite *suite_elementwise_ops(void);
+Suite *suite_posterior_ops(void);
+Suite *suite_lpips_ops(void);
+Suite *suite_losses_ops(void);
+Suite *suite_optimizer_ops(void);
 
 #endif

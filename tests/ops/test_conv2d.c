@@ -1,0 +1,242 @@
+/* test_conv2d.c — the conv2d family (src/backend/backend.h, "Family
+ * conv2d"): conv2d against a float64 loop in every geometry and code path
+ * (im2col, channel split, Winograd, the fused prologue), and its two
+ * backward ops against finite differences (op_test_util.h). */
+#include "op_test_util.h"
+
+/* ---- forward ---- */
+
+typedef struct conv_case {
+    int n, ci, h, w, co, k;
+    kv_conv_geometry g;
+    bool bias;
+} conv_case;
+
+static const conv_case conv_cases[] = {
+    {2, 5, 7, 9, 6, 3, {1, 1, 1, 1, 1}, true},   /* 3x3 "same" */
+    {2, 5, 7, 9, 6, 1, {1, 0, 0, 0, 0}, true},   /* 1x1 pointwise */
+    {2, 4, 8, 10, 3, 3, {2, 0, 0, 1, 1}, true},  /* Downsample2D: pad right/bottom, stride 2 */
+    {3, 3, 5, 6, 7, 3, {2, 1, 2, 1, 0}, false},  /* uneven padding, no bias */
+    {1, 64, 64, 64, 40, 3, {1, 1, 1, 1, 1}, true}, /* several row bands */
+    {2, 96, 4, 6, 64, 3, {1, 1, 1, 1, 1}, true},  /* Winograd, tiny image */
+    {2, 33, 7, 9, 35, 3, {1, 1, 1, 1, 1}, true},  /* Winograd, odd sizes and channels */
+    {1, 40, 90, 70, 32, 3, {1, 1, 1, 1, 1}, false}, /* Winograd, several bands, no bias */
+    {2, 96, 4, 6, 64, 3, {2, 1, 1, 1, 1}, true},  /* im2col: few bands, channels split */
+};
+
+static void conv_reference(const conv_case *c, const float *x, const float *w, const float *b,
+                           int ho, int wo, double *y)
+{
+    for (int n = 0; n < c->n; n++)
+        for (int co = 0; co < c->co; co++)
+            for (int oy = 0; oy < ho; oy++)
+                for (int ox = 0; ox < wo; ox++) {
+                    double acc = c->bias ? b[co] : 0.0;
+                    for (int ci = 0; ci < c->ci; ci++)
+                        for (int ky = 0; ky < c->k; ky++)
+                            for (int kx = 0; kx < c->k; kx++) {
+                                int iy = oy * c->g.stride - c->g.pad_top + ky;
+                                int ix = ox * c->g.stride - c->g.pad_left + kx;
+                                if (iy < 0 || iy >= c->h || ix < 0 || ix >= c->w)
+                                    continue;
+                                acc += (double)w[((co * c->ci + ci) * c->k + ky) * c->k + kx] *
+                                       x[((size_t)(n * c->ci + ci) * c->h + iy) * c->w + ix];
+                            }
+                    y[((size_t)(n * c->co + co) * ho + oy) * wo + ox] = acc;
+                }
+}
+
+START_TEST(conv2d_matches_float64_reference)
+{
+    const conv_case *c = &conv_cases[_i];
+    test_rng rng = test_rng_new(100 + (uint64_t)_i);
+    int ho = (c->h + c->g.pad_top + c->g.pad_bottom - c->k) / c->g.stride + 1;
+    int wo = (c->w + c->g.pad_left + c->g.pad_right - c->k) / c->g.stride + 1;
+    size_t nx = (size_t)c->n * c->ci * c->h * c->w, nw = (size_t)c->co * c->ci * c->k * c->k;
+    size_t ny = (size_t)c->n * c->co * ho * wo;
+    float *x = test_alloc(nx), *w = test_alloc(nw), *b = test_alloc((size_t)c->co);
+    float *y1 = test_alloc(ny), *y2 = test_alloc(ny);
+    double *ref = calloc(ny, sizeof *ref);
+    test_fill(x, nx, &rng, -1.0f, 1.0f);
+    test_fill(w, nw, &rng, -0.5f, 0.5f);
+    test_fill(b, (size_t)c->co, &rng, -1.0f, 1.0f);
+    kv_tensor tx = op_tensor4(x, c->n, c->ci, c->h, c->w);
+    kv_tensor tw = op_tensor4(w, c->co, c->ci, c->k, c->k);
+    kv_tensor tb = op_tensor1(b, c->co);
+    kv_tensor ty1 = op_tensor4(y1, c->n, c->co, ho, wo), ty2 = op_tensor4(y2, c->n, c->co, ho, wo);
+    kv_backend *one = op_backend(1), *two = op_backend(2);
+    ck_assert_ok(one->ops->conv2d(one, &tx, NULL, &tw, c->bias ? &tb : NULL, c->g, &ty1));
+    ck_assert_ok(two->ops->conv2d(two, &tx, NULL, &tw, c->bias ? &tb : NULL, c->g, &ty2));
+    conv_reference(c, x, w, b, ho, wo, ref);
+    double err = op_relative_error(y1, ref, ny);
+    ck_assert_msg(err < OP_TOLERANCE, "case %d: relative error %g", _i, err);
+    /* Work is split by shape only, so the thread count changes no bit. */
+    ck_assert_msg(memcmp(y1, y2, ny * sizeof(float)) == 0, "case %d: 1 and 2 threads differ", _i);
+    kv_backend_destroy(one);
+    kv_backend_destroy(two);
+    free(x), free(w), free(b), free(y1), free(y2), free(ref);
+}
+END_TEST
+
+START_TEST(conv2d_prologue_matches_float64_reference)
+{
+    /* conv(act(x * scale[n,c] + shift[n,c])) with zero padding after the
+     * prologue: case 0 goes through Winograd, case 1 through im2col (few
+     * output channels), case 2 through im2col with stride 2. */
+    static const conv_case cases[] = {
+        {2, 40, 9, 11, 36, 3, {1, 1, 1, 1, 1}, true},
+        {2, 8, 9, 11, 3, 3, {1, 1, 1, 1, 1}, true},
+        {2, 6, 10, 12, 5, 3, {2, 0, 0, 1, 1}, false},
+    };
+    const conv_case *c = &cases[_i];
+    const kv_activation act = _i == 2 ? KV_ACT_GELU : KV_ACT_SILU;
+    test_rng rng = test_rng_new(150 + (uint64_t)_i);
+    int ho = (c->h + c->g.pad_top + c->g.pad_bottom - c->k) / c->g.stride + 1;
+    int wo = (c->w + c->g.pad_left + c->g.pad_right - c->k) / c->g.stride + 1;
+    size_t plane = (size_t)c->h * c->w, nx = (size_t)c->n * c->ci * plane;
+    size_t nw = (size_t)c->co * c->ci * c->k * c->k, ny = (size_t)c->n * c->co * ho * wo;
+    size_t nsc = (size_t)c->n * c->ci;
+    float *x = test_alloc(nx), *xn = test_alloc(nx), *w = test_alloc(nw),
+          *b = test_alloc((size_t)c->co), *y = test_alloc(ny), *scale = test_alloc(nsc),
+          *shift = test_alloc(nsc);
+    double *ref = calloc(ny, sizeof *ref);
+    test_fill(x, nx, &rng, -3, 3);
+    test_fill(w, nw, &rng, -0.5f, 0.5f);
+    test_fill(b, (size_t)c->co, &rng, -1, 1);
+    test_fill(scale, nsc, &rng, 0.2f, 2.0f);
+    test_fill(shift, nsc, &rng, -1, 1);
+    for (size_t i = 0; i < nx; i++) {
+        size_t nc = i / plane;
+        xn[i] = (float)op_activation_reference(act, (double)x[i] * scale[nc] + shift[nc]);
+    }
+    conv_reference(c, xn, w, b, ho, wo, ref);
+    kv_backend *be = op_backend(2);
+    kv_tensor tx = op_tensor4(x, c->n, c->ci, c->h, c->w);
+    kv_tensor tw = op_tensor4(w, c->co, c->ci, c->k, c->k);
+    kv_tensor tb = op_tensor1(b, c->co), ty = op_tensor4(y, c->n, c->co, ho, wo);
+    kv_tensor ts = op_tensor4(scale, c->n, c->ci, 1, 1), tt = op_tensor4(shift, c->n, c->ci, 1, 1);
+    kv_conv_prologue p = {&ts, &tt, act};
+    ck_assert_ok(be->ops->conv2d(be, &tx, &p, &tw, c->bias ? &tb : NULL, c->g, &ty));
+    double err = op_relative_error(y, ref, ny);
+    ck_assert_msg(err < OP_TOLERANCE, "case %d: relative error %g", _i, err);
+    kv_backend_destroy(be);
+    free(x), free(xn), free(w), free(b), free(y), free(scale), free(shift), free(ref);
+}
+END_TEST
+
+/* ---- backward ---- */
+
+typedef struct conv_ctx {
+    int n, ci, h, w, co, kh, kw, ho, wo;
+    kv_conv_geometry g;
+    double *x, *wt, *b, *r, *scale, *shift; /* scale/shift: prologue or NULL */
+    kv_activation act;
+} conv_ctx;
+
+static double conv_loss(void *p)
+{
+    conv_ctx *c = p;
+    double total = 0.0;
+    for (int n = 0; n < c->n; n++)
+        for (int o = 0; o < c->co; o++)
+            for (int oy = 0; oy < c->ho; oy++)
+                for (int ox = 0; ox < c->wo; ox++) {
+                    double acc = c->b[o];
+                    for (int i = 0; i < c->ci; i++)
+                        for (int ky = 0; ky < c->kh; ky++)
+                            for (int kx = 0; kx < c->kw; kx++) {
+                                int iy = oy * c->g.stride - c->g.pad_top + ky;
+                                int ix = ox * c->g.stride - c->g.pad_left + kx;
+                                if (iy < 0 || iy >= c->h || ix < 0 || ix >= c->w)
+                                    continue;
+                                double v = c->x[((size_t)(n * c->ci + i) * c->h + iy) * c->w + ix];
+                                if (c->scale) {
+                                    int nc = n * c->ci + i;
+                                    v = op_activation_reference(c->act,
+                                                                v * c->scale[nc] + c->shift[nc]);
+                                }
+                                acc += c->wt[((size_t)(o * c->ci + i) * c->kh + ky) * c->kw + kx] * v;
+                            }
+                    total += acc * c->r[((size_t)(n * c->co + o) * c->ho + oy) * c->wo + ox];
+                }
+    return total;
+}
+
+typedef struct conv_grad_case {
+    int n, ci, h, w, co, k;
+    kv_conv_geometry g;
+    bool prologue;
+} conv_grad_case;
+
+static const conv_grad_case conv_grad_cases[] = {
+    {2, 3, 5, 6, 4, 3, {1, 1, 1, 1, 1}, false},   /* 3x3 same, im2col */
+    {2, 33, 5, 7, 34, 3, {1, 1, 1, 1, 1}, true},  /* Winograd for the data gradient */
+    {2, 5, 4, 6, 3, 1, {1, 0, 0, 0, 0}, false},   /* 1x1 */
+    {2, 4, 6, 8, 3, 3, {2, 0, 0, 1, 1}, true},    /* Downsample2D */
+    {2, 3, 8, 10, 4, 4, {2, 1, 1, 1, 1}, false},  /* PatchGAN, stride 2 */
+    {1, 4, 5, 6, 1, 4, {1, 1, 1, 1, 1}, false},   /* PatchGAN, stride 1, one output */
+};
+
+START_TEST(conv2d_gradients_match_finite_differences)
+{
+    const conv_grad_case *k = &conv_grad_cases[_i];
+    conv_ctx c;
+    memset(&c, 0, sizeof c);
+    c.n = k->n, c.ci = k->ci, c.h = k->h, c.w = k->w, c.co = k->co, c.kh = c.kw = k->k;
+    c.g = k->g;
+    c.ho = (c.h + c.g.pad_top + c.g.pad_bottom - c.kh) / c.g.stride + 1;
+    c.wo = (c.w + c.g.pad_left + c.g.pad_right - c.kw) / c.g.stride + 1;
+    c.act = KV_ACT_SILU;
+    size_t nx = (size_t)c.n * c.ci * c.h * c.w, nw = (size_t)c.co * c.ci * c.kh * c.kw;
+    size_t ny = (size_t)c.n * c.co * c.ho * c.wo, ns = (size_t)c.n * c.ci;
+    test_rng rng = test_rng_new(700 + (uint64_t)_i);
+    float *x = test_alloc(nx), *w = test_alloc(nw), *b = test_alloc((size_t)c.co),
+          *r = test_alloc(ny), *sc = test_alloc(ns), *sh = test_alloc(ns);
+    c.x = op_dalloc(nx), c.wt = op_dalloc(nw), c.b = op_dalloc((size_t)c.co), c.r = op_dalloc(ny);
+    op_fill_both(c.x, x, nx, &rng, -1, 1);
+    op_fill_both(c.wt, w, nw, &rng, -0.5, 0.5);
+    op_fill_both(c.b, b, (size_t)c.co, &rng, -0.5, 0.5);
+    op_fill_both(c.r, r, ny, &rng, -1, 1);
+    kv_tensor tsc = op_tensor4(sc, c.n, c.ci, 1, 1), tsh = op_tensor4(sh, c.n, c.ci, 1, 1);
+    kv_conv_prologue pro = {&tsc, &tsh, c.act};
+    if (k->prologue) {
+        c.scale = op_dalloc(ns), c.shift = op_dalloc(ns);
+        op_fill_both(c.scale, sc, ns, &rng, 0.5, 1.5);
+        op_fill_both(c.shift, sh, ns, &rng, -0.5, 0.5);
+    }
+    float *dw = test_alloc(nw), *db = test_alloc((size_t)c.co), *dx = test_alloc(nx);
+    kv_backend *be = op_backend(2);
+    kv_tensor tx = op_tensor4(x, c.n, c.ci, c.h, c.w), tr = op_tensor4(r, c.n, c.co, c.ho, c.wo);
+    kv_tensor tw = op_tensor4(w, c.co, c.ci, c.kh, c.kw);
+    kv_tensor tdw = op_tensor4(dw, c.co, c.ci, c.kh, c.kw);
+    kv_tensor tdb = op_tensor1(db, c.co), tdx = op_tensor4(dx, c.n, c.ci, c.h, c.w);
+    /* accumulation: start from ones and subtract them afterwards */
+    for (size_t i = 0; i < nw; i++)
+        dw[i] = 1.0f;
+    ck_assert_ok(be->ops->conv2d_backward_weight(be, &tx, k->prologue ? &pro : NULL, &tr, c.g,
+                                                 &tdw, &tdb));
+    for (size_t i = 0; i < nw; i++)
+        dw[i] -= 1.0f;
+    op_check_gradient("conv dw", c.wt, nw, dw, conv_loss, &c);
+    op_check_gradient("conv db", c.b, (size_t)c.co, db, conv_loss, &c);
+    if (!k->prologue) { /* dx is the gradient of the conv's own input */
+        ck_assert_ok(be->ops->conv2d_backward_data(be, &tr, &tw, c.g, &tdx));
+        op_check_gradient("conv dx", c.x, nx, dx, conv_loss, &c);
+    }
+    kv_backend_destroy(be);
+    free(x), free(w), free(b), free(r), free(sc), free(sh), free(dw), free(db), free(dx);
+    free(c.x), free(c.wt), free(c.b), free(c.r), free(c.scale), free(c.shift);
+}
+END_TEST
+
+Suite *suite_conv2d_ops(void)
+{
+    Suite *s = suite_create("conv2d");
+    TCase *forward = op_tcase(s, "forward"), *backward = op_tcase(s, "backward");
+    tcase_add_loop_test(forward, conv2d_matches_float64_reference, 0,
+                        (int)(sizeof conv_cases / sizeof conv_cases[0]));
+    tcase_add_loop_test(forward, conv2d_prologue_matches_float64_reference, 0, 3);
+    tcase_add_loop_test(backward, conv2d_gradients_match_finite_differences, 0,
+                        (int)(sizeof conv_grad_cases / sizeof conv_grad_cases[0]));
+    return s;
+}
