@@ -342,9 +342,9 @@ CUDNN_LIB ?= $(abspath $(dir $(firstword $(wildcard $(CUDNN_INCLUDE)/../lib64/li
 CUDA_WERROR ?= -Werror all-warnings
 CUDA_ARCH := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
              -gencode arch=compute_90,code=compute_90
-# --fmad=false: no product is fused into an add unless the code says so (the CPU
-# reference is built with -ffp-contract=off; gaussian_sample must give its bits).
-NVCC_FLAGS := -std=c++17 -O3 $(CUDA_ARCH) --fmad=false $(CUDA_WERROR) \
+# --fmad=false for posterior.cu alone: gaussian_sample must give the CPU's bits
+# (the CPU is built with -ffp-contract=off); every other kernel may fuse.
+NVCC_FLAGS := -std=c++17 -O3 $(CUDA_ARCH) $(CUDA_WERROR) \
               -Xcompiler -fPIC,-fvisibility=hidden,-Wall,-Wextra -Iinclude -Isrc -I$(CUDNN_INCLUDE)
 CUDA_SOURCES := $(wildcard cuda/*.cu)
 CUDA_OBJECTS := $(patsubst cuda/%.cu,build/cuda/%.o,$(CUDA_SOURCES))
@@ -360,7 +360,8 @@ install: install-cuda
 
 build/cuda/%.o: cuda/%.cu $(wildcard cuda/*.h cuda/*.cuh src/base/*.h src/backend/*.h) include/klvae.h
 	@mkdir -p build/cuda
-	$(NVCC) $(NVCC_FLAGS) -c $< -o $@
+	$(NVCC) $(NVCC_FLAGS) $(NVCC_FLAGS_$*) -c $< -o $@
+NVCC_FLAGS_posterior := --fmad=false
 
 $(CUDA_PLUGIN): $(CUDA_OBJECTS) cuda/libklvae_cuda.map
 	@mkdir -p lib

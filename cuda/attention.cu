@@ -1,15 +1,22 @@
 /* attention.cu — single-head self-attention over the N = H*W positions of
- * channel-major (B, C, H, W) tensors, in blocks of queries so that memory
- * grows linearly with N (cuda/attention_plan.cuh), as src/backend/cpu/attention.c.
+ * (B, C, H, W) tensors in the backend's layout, in blocks of queries so that
+ * memory grows linearly with N (cuda/attention_plan.cuh), as
+ * src/backend/cpu/attention.c.
  *
- * In column-major terms (cuBLAS's), q, k, v and out of one image are N x C
- * matrices with leading dimension N. For a block of queries [n0, n0 + nb):
- *   S (N x nb, ld N) = scale * K Q[n0:n0+nb, :]^T   (column j: query n0 + j)
- *   P = softmax of each column of S                 (the CPU's row softmax)
- *   out[n0:n0+nb, :] = P^T V
- * two strided-batched GEMMs over the batch and one softmax kernel. S is
- * float32 in every mode; in bf16 mode P is bf16 in its own buffer and the
- * GEMMs take bf16 operands with float32 accumulation. */
+ * For a block of queries [n0, n0 + nb), in column-major terms (cuBLAS's):
+ *   S (N x nb, ld N) = scale * K^T Q_blk   (column j: the scores of query n0 + j)
+ *   P = softmax of each column of S        (the CPU's row softmax)
+ *   out_blk = V P
+ * two strided-batched GEMMs over the batch and one softmax kernel, where an
+ * image's q, k, v and out are C x N matrices of leading dimension C in NHWC
+ * (a position's channels are contiguous) and N x C matrices of leading
+ * dimension N in NCHW (the same products, transposed). S is float32 in every
+ * mode; in bf16 mode P is bf16 in its own buffer and the GEMMs take bf16
+ * operands with float32 accumulation.
+ *
+ * cuDNN's fused attention does not take a head dimension of 512 (the VAE's
+ * single head has all 512 channels), so the mid-block attention is these
+ * GEMMs; it is one layer at 1/64 of the image's positions. */
 #include "attention_plan.cuh"
 #include "cuda_ops.h"
 
@@ -72,51 +79,54 @@ static cudaDataType_t cuda_type(kv_cuda_dtype t)
     return t == KV_CUDA_BF16 ? CUDA_R_16BF : CUDA_R_32F;
 }
 
-/* t in the compute dtype: t itself, or a converted copy in a temporary
- * block (*temp, released by the caller). */
-static klvae_status_t as_compute(kv_cuda *cu, const kv_tensor *t, const void **out, void **temp)
-{
-    kv_cuda_dtype d = kv_cuda_dtype_of(cu, t->data);
-    *temp = NULL;
-    if (d == cu->compute) {
-        *out = t->data;
-        return KLVAE_OK;
-    }
-    size_t count = kv_cuda_numel(t);
-    KV_TRY(kv_cuda_temp(cu, count * kv_cuda_esize(cu->compute), temp));
-    *out = *temp;
-    return kv_cuda_convert(cu, t->data, d, *temp, cu->compute, count);
-}
-
-/* The op once its operands are in the compute dtype and its buffers exist. */
+/* The op once its operands are checked and its buffers exist. */
 static klvae_status_t attention_blocks(kv_cuda *cu, int batch, int c, int n, int block,
                                        const void *qp, const void *kp, const void *vp, void *op,
                                        float scale, void *scores, void *probs)
 {
-    const kv_cuda_dtype tc = cu->compute;
-    const bool bf16 = tc == KV_CUDA_BF16;
-    const cudaDataType_t dt = cuda_type(tc);
+    const bool bf16 = cu->compute == KV_CUDA_BF16;
+    const cudaDataType_t dt = cuda_type(cu->compute);
     const cublasComputeType_t compute = cu->precision == KV_PRECISION_TF32
                                             ? CUBLAS_COMPUTE_32F_FAST_TF32
                                             : CUBLAS_COMPUTE_32F;
     const long long image = (long long)c * n, column_block = (long long)block * n;
-    const size_t es = kv_cuda_esize(tc);
+    const size_t es = kv_cuda_esize(cu->compute);
+    /* where query (or output position) k0 starts, and the leading dimension */
+    const size_t position = cu->nhwc ? (size_t)c : 1;
+    const int ld = cu->nhwc ? c : n;
     const float one = 1.0f, zero = 0.0f;
     for (int k0 = 0, blk = 0; k0 < n; k0 += block, blk++) {
         const int nb = kv_attention_block_size(n, block, blk);
-        /* S = scale * K Q_blk^T: (n x c) (c x nb) */
-        KV_CUBLAS(cu, cublasGemmStridedBatchedEx(
-                          cu->cublas, CUBLAS_OP_N, CUBLAS_OP_T, n, nb, c, &scale, kp, dt, n, image,
-                          (const char *)qp + (size_t)k0 * es, dt, n, image, &zero, scores,
-                          CUDA_R_32F, n, column_block, batch, compute, CUBLAS_GEMM_DEFAULT));
+        const void *q_blk = (const char *)qp + (size_t)k0 * position * es;
+        void *out_blk = (char *)op + (size_t)k0 * position * es;
+        if (cu->nhwc) {
+            /* S = scale * K^T Q_blk: (n x c)(c x nb); out_blk = V P: (c x n)(n x nb) */
+            KV_CUBLAS(cu, cublasGemmStridedBatchedEx(
+                              cu->cublas, CUBLAS_OP_T, CUBLAS_OP_N, n, nb, c, &scale, kp, dt, ld,
+                              image, q_blk, dt, ld, image, &zero, scores, CUDA_R_32F, n,
+                              column_block, batch, compute, CUBLAS_GEMM_DEFAULT));
+        } else {
+            /* S = scale * K Q_blk^T: (n x c)(c x nb) */
+            KV_CUBLAS(cu, cublasGemmStridedBatchedEx(
+                              cu->cublas, CUBLAS_OP_N, CUBLAS_OP_T, n, nb, c, &scale, kp, dt, ld,
+                              image, q_blk, dt, ld, image, &zero, scores, CUDA_R_32F, n,
+                              column_block, batch, compute, CUBLAS_GEMM_DEFAULT));
+        }
         softmax_kernel<<<dim3(nb, batch), SOFTMAX_THREADS, 0, cu->stream>>>(
             (float *)scores, probs, bf16, n, block);
         KV_LAUNCHED(cu, softmax_kernel);
-        /* out_blk = P^T V: (nb x n) (n x c) */
-        KV_CUBLAS(cu, cublasGemmStridedBatchedEx(
-                          cu->cublas, CUBLAS_OP_T, CUBLAS_OP_N, nb, c, n, &one, probs, dt, n,
-                          column_block, vp, dt, n, image, &zero, (char *)op + (size_t)k0 * es, dt,
-                          n, image, batch, compute, CUBLAS_GEMM_DEFAULT));
+        if (cu->nhwc) {
+            KV_CUBLAS(cu, cublasGemmStridedBatchedEx(
+                              cu->cublas, CUBLAS_OP_N, CUBLAS_OP_N, c, nb, n, &one, vp, dt, ld,
+                              image, probs, dt, n, column_block, &zero, out_blk, dt, ld, image,
+                              batch, compute, CUBLAS_GEMM_DEFAULT));
+        } else {
+            /* out_blk = P^T V: (nb x n)(n x c) */
+            KV_CUBLAS(cu, cublasGemmStridedBatchedEx(
+                              cu->cublas, CUBLAS_OP_T, CUBLAS_OP_N, nb, c, n, &one, probs, dt, n,
+                              column_block, vp, dt, ld, image, &zero, out_blk, dt, ld, image,
+                              batch, compute, CUBLAS_GEMM_DEFAULT));
+        }
     }
     return KLVAE_OK;
 }
@@ -125,36 +135,30 @@ klvae_status_t kv_cuda_attention(kv_backend *be, const kv_tensor *q, const kv_te
                                  const kv_tensor *v, float scale, kv_tensor *out)
 {
     kv_cuda *cu = kv_cuda_of(be);
-    KV_CU(cu, cudaSetDevice(cu->device));
     const int batch = q->shape[0], c = q->shape[1], n = q->shape[2] * q->shape[3];
     if (!batch || !c || !n)
         return KLVAE_OK;
-    const kv_cuda_dtype tc = cu->compute, to = kv_cuda_dtype_of(cu, out->data);
-    const bool bf16 = tc == KV_CUDA_BF16;
+    const kv_tensor *operand[4] = {q, k, v, out};
+    static const char *names[4] = {"q", "k", "v", "the output"};
+    for (int i = 0; i < 4; i++) {
+        kv_cuda_dtype d;
+        KV_TRY(kv_cuda_dtype_of(cu, operand[i]->data, "attention", names[i], &d));
+        if (d != cu->compute)
+            return kv_cuda_error(cu, KLVAE_ERR_INTERNAL,
+                                 "attention: %s is stored as float32 in a bf16 backend",
+                                 names[i]);
+    }
+    const bool bf16 = cu->compute == KV_CUDA_BF16;
     const int block = kv_attention_block(n, batch, bf16 ? 6 : 4, cu->attention_budget);
     const size_t pairs = (size_t)block * n * batch;
-    const void *qp = NULL, *kp = NULL, *vp = NULL;
-    void *temps[6] = {NULL, NULL, NULL, NULL, NULL, NULL}; /* q, k, v, out, scores, probs */
-    void *op = out->data;
-    klvae_status_t st = as_compute(cu, q, &qp, &temps[0]);
-    if (st == KLVAE_OK)
-        st = as_compute(cu, k, &kp, &temps[1]);
-    if (st == KLVAE_OK)
-        st = as_compute(cu, v, &vp, &temps[2]);
-    if (st == KLVAE_OK && to != tc) {
-        st = kv_cuda_temp(cu, kv_cuda_numel(out) * kv_cuda_esize(tc), &temps[3]);
-        op = temps[3];
-    }
-    if (st == KLVAE_OK)
-        st = kv_cuda_temp(cu, pairs * sizeof(float), &temps[4]);
+    void *scores = NULL, *probs = NULL;
+    klvae_status_t st = kv_cuda_temp(cu, pairs * sizeof(float), "attention scores", &scores);
     if (st == KLVAE_OK && bf16)
-        st = kv_cuda_temp(cu, pairs * 2, &temps[5]);
+        st = kv_cuda_temp(cu, pairs * 2, "attention probabilities", &probs);
     if (st == KLVAE_OK)
-        st = attention_blocks(cu, batch, c, n, block, qp, kp, vp, op, scale, temps[4],
-                              bf16 ? temps[5] : temps[4]);
-    if (st == KLVAE_OK && to != tc)
-        st = kv_cuda_convert(cu, op, tc, out->data, to, kv_cuda_numel(out));
-    for (int i = 0; i < 6; i++)
-        kv_cuda_temp_release(cu, temps[i]);
+        st = attention_blocks(cu, batch, c, n, block, q->data, k->data, v->data, out->data,
+                              scale, scores, bf16 ? probs : scores);
+    kv_cuda_temp_free(cu, probs);
+    kv_cuda_temp_free(cu, scores);
     return st;
 }

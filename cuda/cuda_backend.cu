@@ -1,7 +1,8 @@
 /* cuda_backend.cu — the CUDA backend plugin: the exported entry point, probe
- * and create, memory (a caching allocator, cuda/device_cache.cuh), upload
- * and download, streams, error reporting, and the op table. The ops live in
- * conv2d.cu, group_norm.cu, elementwise.cu, attention.cu and posterior.cu.
+ * and create, streams, error reporting, and the op table, whose every entry
+ * runs in the backend's device scope and reports asynchronous faults
+ * (kv_op_guard). Memory, upload and download are in memory.cu; the ops in
+ * the file of their family (cuda_ops.h).
  *
  * The plugin never links libklvae: errors go to the core through
  * kv_plugin_host.set_error, which every backend keeps from create. */
@@ -49,12 +50,39 @@ static klvae_status_t host_error(const kv_plugin_host *host, klvae_status_t stat
     return st;
 }
 
+/* Errors that leave the CUDA context unusable: a kernel faulted. */
+static bool sticky(cudaError_t e)
+{
+    switch (e) {
+    case cudaErrorIllegalAddress:
+    case cudaErrorLaunchFailure:
+    case cudaErrorIllegalInstruction:
+    case cudaErrorMisalignedAddress:
+    case cudaErrorInvalidAddressSpace:
+    case cudaErrorInvalidPc:
+    case cudaErrorHardwareStackError:
+    case cudaErrorAssert:
+    case cudaErrorECCUncorrectable:
+        return true;
+    default:
+        return false;
+    }
+}
+
 klvae_status_t kv_cuda_fail(const kv_cuda *cu, cudaError_t e, const char *call)
 {
     (void)cudaGetLastError(); /* clears a non-sticky error */
     if (e == cudaErrorMemoryAllocation)
         return kv_cuda_error(cu, KLVAE_ERR_OUT_OF_MEMORY, "CUDA is out of device memory (%s)",
                              call);
+    if (sticky(e))
+        return kv_cuda_error(cu, KLVAE_ERR_BACKEND,
+                             "CUDA error in %s: %s (%s): a kernel faulted on the device, in this "
+                             "op or an earlier one (the device reports faults when it is next "
+                             "asked; KLVAE_CUDA_DEBUG=1 waits after every op and names the one "
+                             "that faulted). The CUDA context cannot be used any more: restart "
+                             "the process to use the GPU again",
+                             call, cudaGetErrorString(e), cudaGetErrorName(e));
     return kv_cuda_error(cu, KLVAE_ERR_BACKEND, "CUDA error in %s: %s (%s)", call,
                          cudaGetErrorString(e), cudaGetErrorName(e));
 }
@@ -78,224 +106,58 @@ klvae_status_t kv_cublas_fail(const kv_cuda *cu, cublasStatus_t s, const char *c
                          cublasGetStatusString(s), (int)s);
 }
 
-/* ---- memory ---- */
+/* ---- the op table ---- */
 
-static int dev_malloc(void *ctx, size_t bytes, void **ptr)
+/* What every entry of the table does around the op: the backend's device
+ * current for the call (the caller's back after it), an error left by an
+ * earlier release or an earlier asynchronous fault reported first, and in
+ * debug mode (KLVAE_CUDA_DEBUG=1) a wait for the op's work, so that a fault
+ * is reported under the op that caused it. */
+static klvae_status_t op_begin(kv_cuda *cu, const char *name, const kv_device_scope &scope)
 {
-    cudaError_t e = cudaMalloc(ptr, bytes);
+    if (!scope.ok)
+        return kv_cuda_error(cu, KLVAE_ERR_BACKEND, "%s: cannot make CUDA device %d current",
+                             name, cu->device);
+    if (cu->deferred != cudaSuccess) {
+        cudaError_t e = cu->deferred;
+        cu->deferred = cudaSuccess;
+        return kv_cuda_fail(cu, e, cu->deferred_call);
+    }
+    cudaError_t e = cudaPeekAtLastError();
+    if (e != cudaSuccess)
+        return kv_cuda_fail(cu, e, "work queued before this op");
+    return KLVAE_OK;
+}
+
+static klvae_status_t op_end(kv_cuda *cu, const char *name, klvae_status_t st)
+{
+    if (st != KLVAE_OK || !cu->debug)
+        return st;
+    cudaError_t e = cudaStreamSynchronize(cu->stream);
     if (e == cudaSuccess)
-        return KV_DCACHE_OK;
-    ((kv_cuda *)ctx)->malloc_error = (int)e;
-    (void)cudaGetLastError();
-    *ptr = NULL;
-    return e == cudaErrorMemoryAllocation ? KV_DCACHE_OOM : KV_DCACHE_FAIL;
-}
-
-static void dev_free(void *ctx, void *ptr)
-{
-    (void)ctx;
-    (void)cudaFree(ptr);
-}
-
-/* Before memory goes back to the device, the work queued on it must end. */
-static void before_free(void *ctx)
-{
-    kv_cuda *cu = (kv_cuda *)ctx;
-    (void)cudaStreamSynchronize(cu->stream);
-}
-
-static klvae_status_t cache_status(kv_cuda *cu, int rc, size_t bytes, const char *what)
-{
-    if (rc == KV_DCACHE_OK)
-        return KLVAE_OK;
-    if (rc == KV_DCACHE_OOM) {
-        size_t free_bytes = 0, total = 0;
-        (void)cudaMemGetInfo(&free_bytes, &total);
-        (void)cudaGetLastError();
-        return kv_cuda_error(cu, KLVAE_ERR_OUT_OF_MEMORY,
-                             "out of device memory allocating %zu bytes for %s on device %d "
-                             "(%zu MiB free of %zu MiB; this backend holds %zu MiB)",
-                             bytes, what, cu->device, free_bytes >> 20, total >> 20,
-                             cu->cache.reserved >> 20);
+        e = cudaGetLastError();
+    if (e != cudaSuccess) {
+        char call[96];
+        snprintf(call, sizeof call, "op %s (KLVAE_CUDA_DEBUG)", name);
+        return kv_cuda_fail(cu, e, call);
     }
-    return kv_cuda_error(cu, KLVAE_ERR_BACKEND, "cudaMalloc of %zu bytes for %s failed: %s",
-                         bytes, what, cudaGetErrorString((cudaError_t)cu->malloc_error));
-}
-
-kv_cuda_dtype kv_cuda_dtype_of(const kv_cuda *cu, const void *ptr)
-{
-    if (cu->compute != KV_CUDA_BF16)
-        return KV_CUDA_F32;
-    const kv_dcache_block *b = kv_dcache_lookup(&cu->cache, ptr);
-    return b && b->bf16 ? KV_CUDA_BF16 : KV_CUDA_F32;
-}
-
-klvae_status_t kv_cuda_reserve(kv_cuda *cu, kv_cuda_buffer_id id, size_t bytes, void **ptr)
-{
-    kv_cuda_buffer *b = &cu->buffers[id];
-    if (b->ptr && b->bytes >= bytes) {
-        *ptr = b->ptr;
-        return KLVAE_OK;
-    }
-    if (b->ptr) {
-        kv_dcache_drop(&cu->cache, b->ptr);
-        b->ptr = NULL;
-        b->bytes = 0;
-    }
-    void *p = NULL;
-    KV_TRY(cache_status(cu, kv_dcache_alloc(&cu->cache, bytes, 0, &p), bytes,
-                        "a work buffer"));
-    b->ptr = p;
-    b->bytes = bytes;
-    *ptr = p;
     return KLVAE_OK;
 }
 
-klvae_status_t kv_cuda_temp(kv_cuda *cu, size_t bytes, void **ptr)
-{
-    *ptr = NULL;
-    return cache_status(cu, kv_dcache_alloc(&cu->cache, bytes, 0, ptr), bytes, "a work buffer");
-}
-
-void kv_cuda_temp_release(kv_cuda *cu, void *ptr)
-{
-    if (ptr)
-        kv_dcache_release(&cu->cache, ptr);
-}
-
-static void drop_buffers(kv_cuda *cu)
-{
-    for (int i = 0; i < KV_BUF_COUNT; i++)
-        if (cu->buffers[i].ptr) {
-            kv_dcache_drop(&cu->cache, cu->buffers[i].ptr);
-            cu->buffers[i].ptr = NULL;
-            cu->buffers[i].bytes = 0;
-        }
-}
-
-static klvae_status_t cuda_alloc(kv_backend *be, size_t bytes, void **out)
-{
-    kv_cuda *cu = kv_cuda_of(be);
-    *out = NULL;
-    KV_CU(cu, cudaSetDevice(cu->device));
-    /* The core asks for 4 bytes per element; in bf16 mode a tensor holds 2. */
-    int bf16 = cu->compute == KV_CUDA_BF16;
-    size_t want = bf16 ? (bytes + 1) / 2 : bytes;
-    return cache_status(cu, kv_dcache_alloc(&cu->cache, want, bf16, out), want, "a tensor");
-}
-
-static void cuda_release(kv_backend *be, void *ptr)
-{
-    if (ptr)
-        kv_dcache_release(&kv_cuda_of(be)->cache, ptr);
-}
-
-static void write_memstats(kv_cuda *cu, const char *when)
-{
-    if (!cu->memstats_path)
-        return;
-    FILE *fp = fopen(cu->memstats_path, "a");
-    if (fp) {
-        fprintf(fp,
-                "klvae-cuda-memstats %s peak_in_use=%zu peak_reserved=%zu reserved=%zu "
-                "device_allocs=%zu device_frees=%zu\n",
-                when, cu->cache.peak_in_use, cu->cache.peak_reserved, cu->cache.reserved,
-                cu->cache.device_allocs, cu->cache.device_frees);
-        fclose(fp);
+template <typename F, F f, const char *Name> struct kv_op_guard;
+template <typename... A, klvae_status_t (*F)(kv_backend *, A...), const char *Name>
+struct kv_op_guard<klvae_status_t (*)(kv_backend *, A...), F, Name> {
+    static klvae_status_t call(kv_backend *be, A... args)
+    {
+        kv_cuda *cu = kv_cuda_of(be);
+        kv_device_scope scope(cu->device);
+        klvae_status_t st = op_begin(cu, Name, scope);
+        if (st == KLVAE_OK)
+            st = F(be, args...);
+        return op_end(cu, Name, st);
     }
-}
-
-static void cuda_trim(kv_backend *be)
-{
-    kv_cuda *cu = kv_cuda_of(be);
-    if (cudaSetDevice(cu->device) != cudaSuccess) {
-        (void)cudaGetLastError();
-        return;
-    }
-    write_memstats(cu, "trim");
-    drop_buffers(cu);
-    kv_dcache_free_cached(&cu->cache, 0);
-    cu->cache.peak_in_use = cu->cache.in_use;
-    cu->cache.peak_reserved = cu->cache.reserved;
-}
-
-/* ---- conversion between float32 and bf16 ---- */
-
-static __global__ void convert_kernel(const void *x, int x16, void *y, int y16, size_t count)
-{
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < count;
-         i += (size_t)gridDim.x * blockDim.x)
-        kv_st(y, y16, i, kv_ld(x, x16, i));
-}
-
-klvae_status_t kv_cuda_convert(kv_cuda *cu, const void *x, kv_cuda_dtype tx, void *y,
-                               kv_cuda_dtype ty, size_t count)
-{
-    if (!count)
-        return KLVAE_OK;
-    if (tx == ty) {
-        if (x != y)
-            KV_CU(cu, cudaMemcpyAsync(y, x, count * kv_cuda_esize(tx), cudaMemcpyDeviceToDevice,
-                                      cu->stream));
-        return KLVAE_OK;
-    }
-    convert_kernel<<<kv_cuda_blocks(count, cu), 256, 0, cu->stream>>>(
-        x, tx == KV_CUDA_BF16, y, ty == KV_CUDA_BF16, count);
-    KV_LAUNCHED(cu, convert_kernel);
-    return KLVAE_OK;
-}
-
-#define KV_STAGE_FLOATS ((size_t)2 << 20) /* 8 MiB of float32 per piece */
-
-static klvae_status_t cuda_upload(kv_backend *be, void *dst, const float *src, size_t count)
-{
-    kv_cuda *cu = kv_cuda_of(be);
-    KV_CU(cu, cudaSetDevice(cu->device));
-    if (kv_cuda_dtype_of(cu, dst) == KV_CUDA_F32) {
-        KV_CU(cu, cudaMemcpyAsync(dst, src, count * sizeof(float), cudaMemcpyHostToDevice,
-                                  cu->stream));
-    } else {
-        size_t piece = count < KV_STAGE_FLOATS ? count : KV_STAGE_FLOATS;
-        void *stage = NULL;
-        KV_TRY(kv_cuda_reserve(cu, KV_BUF_STAGE, piece * sizeof(float), &stage));
-        for (size_t i = 0; i < count; i += piece) {
-            size_t n = count - i < piece ? count - i : piece;
-            KV_CU(cu, cudaMemcpyAsync(stage, src + i, n * sizeof(float), cudaMemcpyHostToDevice,
-                                      cu->stream));
-            KV_TRY(kv_cuda_convert(cu, stage, KV_CUDA_F32, (uint16_t *)dst + i, KV_CUDA_BF16, n));
-        }
-    }
-    /* the caller may reuse src at once, also when it is pinned memory */
-    KV_CU(cu, cudaStreamSynchronize(cu->stream));
-    return KLVAE_OK;
-}
-
-static klvae_status_t cuda_download(kv_backend *be, float *dst, const void *src, size_t count)
-{
-    kv_cuda *cu = kv_cuda_of(be);
-    KV_CU(cu, cudaSetDevice(cu->device));
-    if (kv_cuda_dtype_of(cu, src) == KV_CUDA_F32) {
-        KV_CU(cu, cudaMemcpyAsync(dst, src, count * sizeof(float), cudaMemcpyDeviceToHost,
-                                  cu->stream));
-    } else {
-        size_t piece = count < KV_STAGE_FLOATS ? count : KV_STAGE_FLOATS;
-        void *stage = NULL;
-        KV_TRY(kv_cuda_reserve(cu, KV_BUF_STAGE, piece * sizeof(float), &stage));
-        for (size_t i = 0; i < count; i += piece) {
-            size_t n = count - i < piece ? count - i : piece;
-            KV_TRY(kv_cuda_convert(cu, (const uint16_t *)src + i, KV_CUDA_BF16, stage,
-                                   KV_CUDA_F32, n));
-            KV_CU(cu, cudaMemcpyAsync(dst + i, stage, n * sizeof(float), cudaMemcpyDeviceToHost,
-                                      cu->stream));
-        }
-    }
-    KV_CU(cu, cudaStreamSynchronize(cu->stream));
-    return KLVAE_OK;
-}
-
-/* ---- the backend ---- */
-
-static void cuda_destroy(kv_backend *be);
+};
+#define KV_GUARDED(fn, name) kv_op_guard<decltype(&fn), &fn, name>::call
 
 /* The ops this backend has, by name; every other op of KV_BACKEND_OPS is
  * NULL in its table (the core asks before it needs one: a CUDA model cannot
@@ -304,18 +166,28 @@ static void cuda_destroy(kv_backend *be);
     X(conv2d) X(group_norm_stats) X(group_norm) X(add) X(upsample_nearest2x) X(attention)       \
     X(posterior_split) X(gaussian_sample) X(activation) X(scale) X(lerp) X(axpy) X(fill)
 
+#define KV_CUDA_NAME(name) static constexpr char kv_op_name_##name[] = #name;
+KV_CUDA_OPS(KV_CUDA_NAME)
+#undef KV_CUDA_NAME
+static constexpr char kv_op_name_upload[] = "upload";
+static constexpr char kv_op_name_download[] = "download";
+static constexpr char kv_op_name_import[] = "import_device";
+static constexpr char kv_op_name_export[] = "export_device";
+
+static void cuda_destroy(kv_backend *be);
+
 static kv_backend_ops cuda_table(void)
 {
     kv_backend_ops t;
     memset(&t, 0, sizeof t);
     t.name = "cuda";
     t.destroy = cuda_destroy;
-    t.alloc = cuda_alloc;
-    t.release = cuda_release;
-    t.trim = cuda_trim;
-    t.upload = cuda_upload;
-    t.download = cuda_download;
-#define KV_CUDA_SET(name) t.name = kv_cuda_##name;
+    t.alloc = kv_cuda_alloc;
+    t.release = kv_cuda_release;
+    t.trim = kv_cuda_trim;
+    t.upload = KV_GUARDED(kv_cuda_upload, kv_op_name_upload);
+    t.download = KV_GUARDED(kv_cuda_download, kv_op_name_download);
+#define KV_CUDA_SET(name) t.name = KV_GUARDED(kv_cuda_##name, kv_op_name_##name);
     KV_CUDA_OPS(KV_CUDA_SET)
 #undef KV_CUDA_SET
     return t;
@@ -323,26 +195,33 @@ static kv_backend_ops cuda_table(void)
 
 static const kv_backend_ops cuda_ops = cuda_table();
 
+/* ---- create and destroy ---- */
+
 /* Releases what create made, also when it stopped half way. */
 static void context_free(kv_cuda *cu)
 {
     if (!cu)
         return;
-    if (cudaSetDevice(cu->device) == cudaSuccess) {
-        if (cu->own_stream)
-            (void)cudaStreamSynchronize(cu->own_stream);
+    kv_device_scope scope(cu->device);
+    if (scope.ok) {
         if (cu->stream && cu->stream != cu->own_stream)
             (void)cudaStreamSynchronize(cu->stream);
+        if (cu->own_stream)
+            (void)cudaStreamSynchronize(cu->own_stream);
         cu->stream = cu->own_stream;
-        write_memstats(cu, "destroy");
-        drop_buffers(cu);
-        if (cu->cache.dev_malloc)
-            kv_dcache_destroy(&cu->cache);
-        kv_cuda_conv_forget(cu);
+        if (cu->pool) {
+            kv_cuda_write_memstats(cu, "destroy");
+            /* blocks still out (none, unless the core leaked) go with the pool */
+            (void)cudaMemPoolDestroy(cu->pool);
+        }
+        if (cu->identity)
+            cudnnDestroyActivationDescriptor(cu->identity);
         if (cu->x_desc)
             cudnnDestroyTensorDescriptor(cu->x_desc);
         if (cu->y_desc)
             cudnnDestroyTensorDescriptor(cu->y_desc);
+        if (cu->bias_desc)
+            cudnnDestroyTensorDescriptor(cu->bias_desc);
         if (cu->w_desc)
             cudnnDestroyFilterDescriptor(cu->w_desc);
         if (cu->conv_desc)
@@ -355,6 +234,7 @@ static void context_free(kv_cuda *cu)
             cudaStreamDestroy(cu->own_stream);
     }
     (void)cudaGetLastError();
+    kv_ttable_free(&cu->table);
     free(cu);
 }
 
@@ -374,6 +254,12 @@ static size_t env_bytes(const char *name, size_t fallback)
     char *end = NULL;
     unsigned long long n = strtoull(v, &end, 10);
     return end && *end == '\0' && n > 0 ? (size_t)n : fallback;
+}
+
+static bool env_is(const char *name, const char *value)
+{
+    const char *v = getenv(name);
+    return v && strcmp(v, value) == 0;
 }
 
 /* ---- the plugin ---- */
@@ -414,36 +300,44 @@ static klvae_status_t plugin_probe(const kv_plugin_host *host, int device)
         return host_error(host, KLVAE_ERR_BACKEND_UNAVAILABLE,
                           "device %d does not exist (%d device%s)", device, count,
                           count == 1 ? "" : "s");
-    int major = 0, minor = 0;
+    int major = 0, minor = 0, pools = 0;
     if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, device) != cudaSuccess) {
         (void)cudaGetLastError();
         return host_error(host, KLVAE_ERR_BACKEND_UNAVAILABLE,
-                          "cannot read the compute capability of device %d", device);
+                          "cannot read the attributes of CUDA device %d", device);
     }
     if (major < 8)
         return host_error(host, KLVAE_ERR_BACKEND_UNAVAILABLE,
                           "device %d has compute capability %d.%d; this plugin is built for 8.0 "
                           "(Ampere) and newer",
                           device, major, minor);
+    if (!pools)
+        return host_error(host, KLVAE_ERR_BACKEND_UNAVAILABLE,
+                          "device %d does not support stream-ordered memory pools "
+                          "(cudaMallocAsync), which this plugin allocates from",
+                          device);
     return KLVAE_OK;
 }
 
-/* create's steps after the context exists; cu is freed by the caller on
- * failure. */
-static klvae_status_t context_init(kv_cuda *cu)
+static klvae_status_t create_pool(kv_cuda *cu)
 {
-    KV_CU(cu, cudaSetDevice(cu->device));
-    KV_CU(cu, cudaStreamCreateWithFlags(&cu->own_stream, cudaStreamNonBlocking));
-    cu->stream = cu->own_stream;
-    KV_CU(cu, cudaDeviceGetAttribute(&cu->sm_count, cudaDevAttrMultiProcessorCount, cu->device));
-    cu->cache.ctx = cu;
-    cu->cache.dev_malloc = dev_malloc;
-    cu->cache.dev_free = dev_free;
-    cu->cache.before_free = before_free;
-    const char *keep = getenv("KLVAE_CUDA_KEEP_CACHE");
-    cu->cache.keep_on_miss = keep && strcmp(keep, "1") == 0;
+    cudaMemPoolProps props;
+    memset(&props, 0, sizeof props);
+    props.allocType = cudaMemAllocationTypePinned;
+    props.handleTypes = cudaMemHandleTypeNone;
+    props.location.type = cudaMemLocationTypeDevice;
+    props.location.id = cu->device;
+    KV_CU(cu, cudaMemPoolCreate(&cu->pool, &props));
+    /* keep freed memory for reuse until trim says otherwise */
+    uint64_t keep = UINT64_MAX;
+    KV_CU(cu, cudaMemPoolSetAttribute(cu->pool, cudaMemPoolAttrReleaseThreshold, &keep));
+    return KLVAE_OK;
+}
 
+static klvae_status_t create_libraries(kv_cuda *cu)
+{
     cublasStatus_t bs = cublasCreate(&cu->cublas);
     if (bs != CUBLAS_STATUS_SUCCESS) {
         cu->cublas = NULL;
@@ -468,15 +362,54 @@ static klvae_status_t context_init(kv_cuda *cu)
     KV_CUDNN(cu, cudnnSetStream(cu->cudnn, cu->stream));
     KV_CUDNN(cu, cudnnCreateTensorDescriptor(&cu->x_desc));
     KV_CUDNN(cu, cudnnCreateTensorDescriptor(&cu->y_desc));
+    KV_CUDNN(cu, cudnnCreateTensorDescriptor(&cu->bias_desc));
     KV_CUDNN(cu, cudnnCreateFilterDescriptor(&cu->w_desc));
     KV_CUDNN(cu, cudnnCreateConvolutionDescriptor(&cu->conv_desc));
+    KV_CUDNN(cu, cudnnCreateActivationDescriptor(&cu->identity));
+    KV_CUDNN(cu, cudnnSetActivationDescriptor(cu->identity, CUDNN_ACTIVATION_IDENTITY,
+                                              CUDNN_NOT_PROPAGATE_NAN, 0.0));
+    return KLVAE_OK;
+}
+
+/* The settings read from the environment (cuda/README.md). */
+static void read_environment(kv_cuda *cu, size_t free_bytes)
+{
     cu->conv_budget = env_bytes("KLVAE_CUDA_CONV_BUDGET", KV_CUDA_CONV_BUDGET);
     cu->attention_budget = env_bytes("KLVAE_CUDA_ATTENTION_BUDGET", KV_CUDA_ATTENTION_BUDGET);
-    const char *search = getenv("KLVAE_CUDA_CONV_SEARCH");
-    cu->conv_search = !(search && strcmp(search, "0") == 0);
+    size_t workspace = free_bytes / 8 < KV_CUDA_WORKSPACE_MAX ? free_bytes / 8
+                                                              : KV_CUDA_WORKSPACE_MAX;
+    cu->workspace_max = env_bytes("KLVAE_CUDA_WORKSPACE", workspace);
+    cu->conv_search = !env_is("KLVAE_CUDA_CONV_SEARCH", "0");
+    cu->fused_epilogue = !env_is("KLVAE_CUDA_FUSED", "0");
+    const char *algo = getenv("KLVAE_CUDA_CONV_ALGO");
+    cu->forced_algo = algo && *algo ? atoi(algo) : -1;
+    cu->debug = env_is("KLVAE_CUDA_DEBUG", "1");
+    /* NHWC where tensor cores run (tf32, bf16); fp32 keeps the CPU's NCHW */
+    cu->nhwc = cu->precision != KV_PRECISION_FP32;
+    if (env_is("KLVAE_CUDA_LAYOUT", "nchw"))
+        cu->nhwc = 0;
+    else if (env_is("KLVAE_CUDA_LAYOUT", "nhwc"))
+        cu->nhwc = 1;
     const char *stats = getenv("KLVAE_CUDA_MEMSTATS");
     cu->memstats_path = stats && *stats ? stats : NULL;
-    return KLVAE_OK;
+}
+
+/* create's steps after the context exists; cu is freed by the caller on
+ * failure. */
+static klvae_status_t context_init(kv_cuda *cu)
+{
+    kv_device_scope scope(cu->device);
+    if (!scope.ok)
+        return kv_cuda_error(cu, KLVAE_ERR_BACKEND, "cannot make CUDA device %d current",
+                             cu->device);
+    KV_CU(cu, cudaStreamCreateWithFlags(&cu->own_stream, cudaStreamNonBlocking));
+    cu->stream = cu->own_stream;
+    KV_CU(cu, cudaDeviceGetAttribute(&cu->sm_count, cudaDevAttrMultiProcessorCount, cu->device));
+    size_t free_bytes = 0, total = 0;
+    KV_CU(cu, cudaMemGetInfo(&free_bytes, &total));
+    read_environment(cu, free_bytes);
+    KV_TRY(create_pool(cu));
+    return create_libraries(cu);
 }
 
 static klvae_status_t plugin_create(const kv_plugin_host *host, const kv_plugin_settings *settings,
@@ -521,34 +454,47 @@ static klvae_status_t plugin_create(const kv_plugin_host *host, const kv_plugin_
     return KLVAE_OK;
 }
 
-static klvae_status_t plugin_set_stream(kv_backend *be, void *stream)
+static klvae_status_t set_stream(kv_backend *be, void *stream)
 {
     kv_cuda *cu = kv_cuda_of(be);
     cudaStream_t next = stream ? (cudaStream_t)stream : cu->own_stream;
     if (next == cu->stream)
         return KLVAE_OK;
-    KV_CU(cu, cudaSetDevice(cu->device));
-    /* Blocks released on the old stream may be reused on the new one only
-     * after the work that used them is done. */
+    /* Blocks released on the old stream are reused on the new one only after
+     * the work that used them is done. */
     KV_CU(cu, cudaStreamSynchronize(cu->stream));
     KV_CUBLAS(cu, cublasSetStream(cu->cublas, next));
-    KV_CUDNN(cu, cudnnSetStream(cu->cudnn, next));
+    cudnnStatus_t s = cudnnSetStream(cu->cudnn, next);
+    if (s != CUDNN_STATUS_SUCCESS) { /* all or nothing: cuBLAS goes back too */
+        (void)cublasSetStream(cu->cublas, cu->stream);
+        return kv_cudnn_fail(cu, s, "cudnnSetStream");
+    }
     cu->stream = next;
     return KLVAE_OK;
 }
 
-static klvae_status_t plugin_synchronize(kv_backend *be)
+static klvae_status_t synchronize(kv_backend *be)
 {
     kv_cuda *cu = kv_cuda_of(be);
-    KV_CU(cu, cudaSetDevice(cu->device));
     KV_CU(cu, cudaStreamSynchronize(cu->stream));
-    write_memstats(cu, "sync");
+    kv_cuda_write_memstats(cu, "sync");
     return KLVAE_OK;
 }
 
+static constexpr char kv_name_set_stream[] = "set_stream";
+static constexpr char kv_name_synchronize[] = "synchronize";
+
 static const kv_plugin the_plugin = {
-    KV_PLUGIN_ABI_VERSION, sizeof(kv_plugin), "cuda", KV_CUDA_PLUGIN_VERSION,
-    plugin_probe,          plugin_create,     plugin_set_stream, plugin_synchronize,
+    KV_PLUGIN_ABI_VERSION,
+    sizeof(kv_plugin),
+    "cuda",
+    KV_CUDA_PLUGIN_VERSION,
+    plugin_probe,
+    plugin_create,
+    KV_GUARDED(set_stream, kv_name_set_stream),
+    KV_GUARDED(synchronize, kv_name_synchronize),
+    KV_GUARDED(kv_cuda_import, kv_op_name_import),
+    KV_GUARDED(kv_cuda_export, kv_op_name_export),
 };
 
 extern "C" __attribute__((visibility("default"))) const kv_plugin *klvae_plugin_entry(void)

@@ -1,7 +1,17 @@
 /* cuda_ops.h — the CUDA backend's context and its ops (one file per op
  * family, as src/backend/cpu/: conv2d.cu, group_norm.cu, elementwise.cu,
- * attention.cu, posterior.cu; memory, errors and the op table in
- * cuda_backend.cu). The math of each op is specified in src/backend/backend.h. */
+ * activation.cu, upsample.cu, attention.cu, posterior.cu; the plugin, errors
+ * and the op table in cuda_backend.cu; memory, upload and download in
+ * memory.cu). The math of each op is specified in src/backend/backend.h.
+ *
+ * Storage. Every tensor the backend hands out is in the backend's layout
+ * (NHWC in tf32 and bf16 mode, where cuDNN's tensor-core kernels work
+ * without transposes; NCHW in fp32 mode, as the CPU) and in its compute
+ * dtype (bf16 in bf16 mode, else float32), except the blocks the core asks
+ * for as KV_STORAGE_FLOAT32 (group-norm statistics), which are float32 in the
+ * backend's layout. A tensor's dtype is looked up by its address in the
+ * backend's block table (tensor_table.cuh). Caller memory never reaches an
+ * op: klvae_*_device copies it in and out (import/export, memory.cu). */
 #ifndef KV_CUDA_OPS_H
 #define KV_CUDA_OPS_H
 
@@ -10,72 +20,46 @@
 #include <cudnn.h>
 
 #include "backend/plugin.h"
-#include "conv2d_plan.cuh"
-#include "device_cache.cuh"
 #include "base/numerics.h"
-#include "posterior_plan.cuh"
-#include "upsample_plan.cuh"
+#include "conv2d_plan.cuh"
+#include "layout_plan.cuh"
+#include "tensor_table.cuh"
 
-/* Buffer budgets (bytes), overridable for tests through the environment
- * (KLVAE_CUDA_CONV_BUDGET, KLVAE_CUDA_ATTENTION_BUDGET; cuda/README.md). */
-#define KV_CUDA_CONV_BUDGET ((size_t)64 << 20)
-#define KV_CUDA_ATTENTION_BUDGET ((size_t)64 << 20)
-/* The most workspace a cuDNN algorithm may ask for. */
-#define KV_CUDA_WORKSPACE_LIMIT ((size_t)64 << 20)
+/* Defaults of the budgets (bytes), overridable through the environment
+ * (cuda/README.md, "Environment variables"). */
+#define KV_CUDA_CONV_BUDGET ((size_t)128 << 20)      /* conv staging + output pieces */
+#define KV_CUDA_ATTENTION_BUDGET ((size_t)64 << 20)  /* attention scores of one block */
+#define KV_CUDA_WORKSPACE_MAX ((size_t)256 << 20)    /* cuDNN workspace, at most */
 
-/* How the bytes of a tensor are to be read. */
+/* How the bytes of a tensor are read. */
 enum kv_cuda_dtype { KV_CUDA_F32 = 0, KV_CUDA_BF16 = 1 };
 
-/* A buffer the backend keeps for its own use; it only grows, until trim. */
-struct kv_cuda_buffer {
-    void *ptr;
-    size_t bytes;
-};
-
-/* The backend's own buffers. */
-enum kv_cuda_buffer_id {
-    KV_BUF_CONV_IN = 0, /* conv staging */
-    KV_BUF_CONV_OUT,    /* conv output pieces */
-    KV_BUF_WORKSPACE,   /* cuDNN workspace */
-    KV_BUF_WEIGHT,      /* a conv's weights in the compute dtype, when they are not */
-    KV_BUF_STATS,       /* group norm partial sums and coefficients */
-    KV_BUF_STAGE,       /* upload / download conversion */
-    KV_BUF_COUNT
-};
-
-/* A cuDNN algorithm chosen for one convolution shape. */
-struct kv_conv_algo_key {
-    int dims[11]; /* n, c, h, w, co, kh, kw, stride, pad_h, pad_w, dtype */
-    int align;    /* alignment class of the x and y pointers */
-};
-struct kv_conv_algo {
-    bool used;
-    kv_conv_algo_key key;
-    cudnnConvolutionFwdAlgo_t algo;
-    cudnnMathType_t math;
-    size_t workspace;
-};
-
 struct kv_cuda {
-    cudaStream_t own_stream, stream;
+    cudaStream_t own_stream, stream; /* stream: own_stream, or the caller's (set_stream) */
     int device;
     kv_precision precision;
     kv_cuda_dtype compute; /* KV_CUDA_BF16 in bf16 mode, else KV_CUDA_F32 */
+    int nhwc;              /* the layout of 4-D tensors: 1 NHWC, 0 NCHW */
     klvae_status_t (*set_error)(klvae_status_t status, const char *message);
     cublasHandle_t cublas;
     cudnnHandle_t cudnn;
-    cudnnTensorDescriptor_t x_desc, y_desc;
+    cudnnTensorDescriptor_t x_desc, y_desc, bias_desc;
     cudnnFilterDescriptor_t w_desc;
     cudnnConvolutionDescriptor_t conv_desc;
-    kv_dcache cache;
-    kv_cuda_buffer buffers[KV_BUF_COUNT];
-    kv_conv_algo *algos; /* open-addressed table of algo_capacity entries */
-    int algo_capacity, algo_count;
-    size_t conv_budget, attention_budget;
-    bool conv_search; /* benchmark algorithms (KLVAE_CUDA_CONV_SEARCH=0: heuristics only) */
+    cudnnActivationDescriptor_t identity;
+    cudaMemPool_t pool;    /* this backend's stream-ordered pool */
+    kv_tensor_table table; /* every block handed out: size, dtype; bytes in use and peak */
+    size_t conv_budget, attention_budget, workspace_max;
+    int conv_search;     /* 1: time the best candidates of a large convolution once */
+    int fused_epilogue;  /* 1: try cuDNN's conv + bias + residual (KLVAE_CUDA_FUSED=0: never) */
+    int forced_algo;     /* KLVAE_CUDA_CONV_ALGO (tests), or -1 */
+    int debug;           /* KLVAE_CUDA_DEBUG=1: wait for every op and name the one that failed */
     int sm_count;
     const char *memstats_path; /* KLVAE_CUDA_MEMSTATS */
-    int malloc_error;          /* the cudaError_t of the last failed cudaMalloc */
+    /* the first failure of a path that cannot return one (a release),
+     * reported by the next op or synchronize */
+    cudaError_t deferred;
+    const char *deferred_call;
 };
 
 static inline kv_cuda *kv_cuda_of(kv_backend *be)
@@ -124,19 +108,51 @@ klvae_status_t kv_cublas_fail(const kv_cuda *cu, cublasStatus_t s, const char *c
             return st_;                                                                         \
     } while (0)
 
-/* ---- memory (cuda_backend.cu) ---- */
+/* Makes cu's device current for the scope and puts the caller's back at its
+ * end, so that no op changes the calling thread's current device. */
+struct kv_device_scope {
+    int previous, ok;
+    explicit kv_device_scope(int device) : previous(-1), ok(1)
+    {
+        if (cudaGetDevice(&previous) != cudaSuccess)
+            previous = -1;
+        if (previous != device && cudaSetDevice(device) != cudaSuccess)
+            ok = 0;
+    }
+    ~kv_device_scope()
+    {
+        int now = -1;
+        if (previous >= 0 && cudaGetDevice(&now) == cudaSuccess && now != previous)
+            (void)cudaSetDevice(previous);
+    }
+    kv_device_scope(const kv_device_scope &) = delete;
+    kv_device_scope &operator=(const kv_device_scope &) = delete;
+};
 
-/* How the data at ptr is stored: bf16 for the backend's own allocations in
- * bf16 mode, float32 for everything else (a caller's device array). */
-kv_cuda_dtype kv_cuda_dtype_of(const kv_cuda *cu, const void *ptr);
-/* Makes buffer id hold at least bytes (its old contents are lost). */
-klvae_status_t kv_cuda_reserve(kv_cuda *cu, kv_cuda_buffer_id id, size_t bytes, void **ptr);
-/* A block for the rest of one op (attention's score buffers: used once per
- * forward pass, so not kept like the buffers above); kv_cuda_temp_release
- * puts it back in the cache, where the work queued on it still finishes
- * first (one stream). */
-klvae_status_t kv_cuda_temp(kv_cuda *cu, size_t bytes, void **ptr);
-void kv_cuda_temp_release(kv_cuda *cu, void *ptr);
+/* ---- memory (memory.cu) ---- */
+
+/* The dtype of the block holding ptr; KLVAE_ERR_INTERNAL naming op and what
+ * when ptr is not memory of this backend. */
+klvae_status_t kv_cuda_dtype_of(const kv_cuda *cu, const void *ptr, const char *op,
+                                const char *what, kv_cuda_dtype *out);
+/* A block of bytes for the rest of one op (staging, workspace, scores):
+ * stream-ordered, so kv_cuda_temp_free may follow the work queued on it at
+ * once; both are no-ops for 0 bytes / NULL. */
+klvae_status_t kv_cuda_temp(kv_cuda *cu, size_t bytes, const char *what, void **ptr);
+void kv_cuda_temp_free(kv_cuda *cu, void *ptr);
+/* y (count elements, dtype ty) = x (dtype tx), on the backend's stream. */
+klvae_status_t kv_cuda_convert(kv_cuda *cu, const void *x, kv_cuda_dtype tx, void *y,
+                               kv_cuda_dtype ty, size_t count);
+/* upload, download (the kv_backend_ops members) and the plugin's
+ * import_device, export_device. */
+klvae_status_t kv_cuda_upload(kv_backend *be, kv_tensor *dst, const float *src);
+klvae_status_t kv_cuda_download(kv_backend *be, float *dst, const kv_tensor *src);
+klvae_status_t kv_cuda_import(kv_backend *be, kv_tensor *dst, const float *src);
+klvae_status_t kv_cuda_export(kv_backend *be, float *dst, const kv_tensor *src);
+klvae_status_t kv_cuda_alloc(kv_backend *be, size_t bytes, kv_storage storage, void **out);
+void kv_cuda_release(kv_backend *be, void *ptr);
+void kv_cuda_trim(kv_backend *be);
+void kv_cuda_write_memstats(kv_cuda *cu, const char *when);
 
 static inline size_t kv_cuda_esize(kv_cuda_dtype t)
 {
@@ -188,21 +204,63 @@ static __device__ __forceinline__ void kv_st(void *p, int bf16, size_t i, float 
     else
         ((float *)p)[i] = v;
 }
+
+/* 16 bytes of one dtype as KV_VEC(T) floats: 8 bf16 or 4 float32. The
+ * vectorised kernels move whole 16-byte words when every operand of the
+ * launch is 16-byte aligned and the count divides. */
+template <typename T> struct kv_vec;
+template <> struct kv_vec<float> {
+    enum { width = 4 };
+    static __device__ __forceinline__ void load(const float *p, size_t i, float v[4])
+    {
+        float4 q = *(const float4 *)(p + i);
+        v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+    }
+    static __device__ __forceinline__ void store(float *p, size_t i, const float v[4])
+    {
+        *(float4 *)(p + i) = make_float4(v[0], v[1], v[2], v[3]);
+    }
+};
+template <> struct kv_vec<uint16_t> {
+    enum { width = 8 };
+    static __device__ __forceinline__ void load(const uint16_t *p, size_t i, float v[8])
+    {
+        uint4 q = *(const uint4 *)(p + i);
+        const uint32_t w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            v[2 * k] = kv_bf16_to_float((uint16_t)(w[k] & 0xFFFFu));
+            v[2 * k + 1] = kv_bf16_to_float((uint16_t)(w[k] >> 16));
+        }
+    }
+    static __device__ __forceinline__ void store(uint16_t *p, size_t i, const float v[8])
+    {
+        uint32_t w[4];
+#pragma unroll
+        for (int k = 0; k < 4; k++)
+            w[k] = (uint32_t)kv_bf16_from_float(v[2 * k]) |
+                   ((uint32_t)kv_bf16_from_float(v[2 * k + 1]) << 16);
+        *(uint4 *)(p + i) = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+};
 #endif
 
-/* y (count elements, dtype ty) = x (dtype tx), on the backend's stream. */
-klvae_status_t kv_cuda_convert(kv_cuda *cu, const void *x, kv_cuda_dtype tx, void *y,
-                               kv_cuda_dtype ty, size_t count);
+/* Whether every pointer is 16-byte aligned (NULL counts as aligned). */
+static inline bool kv_cuda_aligned16(const void *a, const void *b = NULL, const void *c = NULL,
+                                     const void *d = NULL)
+{
+    return (((uintptr_t)a | (uintptr_t)b | (uintptr_t)c | (uintptr_t)d) & 15u) == 0;
+}
 
 /* ---- ops ---- */
 
 /* The ops: kv_cuda_NAME for NAME of KV_BACKEND_OPS (src/backend/backend.h),
  * each in the file of its family. All are declared; cuda_backend.cu's
- * KV_CUDA_OPS lists the ones this backend defines. */
+ * KV_CUDA_OPS lists the ones this backend defines. cuda_backend.cu wraps
+ * each in the device scope and the error checks (kv_op_guard), so an op
+ * itself only launches work. */
 #define KV_CUDA_DECLARE(family, name, needed_by, params) klvae_status_t kv_cuda_##name params;
 KV_BACKEND_OPS(KV_CUDA_DECLARE)
 #undef KV_CUDA_DECLARE
-
-void kv_cuda_conv_forget(kv_cuda *cu); /* frees the algorithm table */
 
 #endif /* KV_CUDA_OPS_H */

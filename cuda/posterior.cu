@@ -1,12 +1,16 @@
 /* posterior.cu — splitting the encoder's moments into mean and logvar, and
- * drawing z from the posterior with the generator of src/base/philox.h, so that
- * the same seed gives the CPU's bits: eps comes from the same double
+ * drawing z from the posterior with the generator of src/base/philox.h, so
+ * that the same seed gives the CPU's bits: eps comes from the same double
  * arithmetic (IEEE on the device too, every multiply-add an explicit fma),
- * and z = mean + std * eps is rounded as two separate float operations,
- * as the CPU (built with -ffp-contract=off) does. The plugin is compiled
- * with --fmad=false besides, so no other product is fused either. */
+ * and z = mean + std * eps is rounded as two separate float operations, as
+ * the CPU (built with -ffp-contract=off) does. This file alone is compiled
+ * with --fmad=false (Makefile), so that no other product is fused either.
+ *
+ * The Philox counter of an element is its NCHW index (the CPU's), also
+ * when the backend stores NHWC (layout_plan.cuh). */
 #include "base/philox.h"
 #include "cuda_ops.h"
+#include "posterior_plan.cuh"
 
 static __global__ void posterior_split_kernel(const void *moments, int m16, void *mean, int mean16,
                                               void *logvar, int lv16, size_t block, size_t count)
@@ -27,33 +31,65 @@ klvae_status_t kv_cuda_posterior_split(kv_backend *be, const kv_tensor *moments,
     size_t count = kv_cuda_numel(mean);
     if (!count)
         return KLVAE_OK;
-    KV_CU(cu, cudaSetDevice(cu->device));
     void *lv = logvar && logvar->data ? logvar->data : NULL;
-    size_t block = (size_t)mean->shape[1] * moments->shape[2] * moments->shape[3];
+    kv_cuda_dtype tm, tmean, tlv = KV_CUDA_F32;
+    KV_TRY(kv_cuda_dtype_of(cu, moments->data, "posterior_split", "moments", &tm));
+    KV_TRY(kv_cuda_dtype_of(cu, mean->data, "posterior_split", "mean", &tmean));
+    if (lv)
+        KV_TRY(kv_cuda_dtype_of(cu, lv, "posterior_split", "logvar", &tlv));
+    const size_t pixels = (size_t)moments->shape[2] * moments->shape[3];
+    /* the run of mean values moments holds together (posterior_plan.cuh) */
+    const size_t block = (size_t)mean->shape[1] * (cu->nhwc ? 1 : pixels);
     posterior_split_kernel<<<kv_cuda_blocks(count, cu), 256, 0, cu->stream>>>(
-        moments->data, kv_cuda_dtype_of(cu, moments->data), mean->data,
-        kv_cuda_dtype_of(cu, mean->data), lv, lv ? kv_cuda_dtype_of(cu, lv) : 0, block, count);
+        moments->data, tm == KV_CUDA_BF16, mean->data, tmean == KV_CUDA_BF16, lv,
+        tlv == KV_CUDA_BF16, block, count);
     KV_LAUNCHED(cu, posterior_split_kernel);
     return KLVAE_OK;
 }
 
-/* Thread j makes the pair of normals of counter j: elements 2j and 2j + 1. */
-static __global__ void gaussian_sample_kernel(const void *mean, int mean16, const void *logvar,
-                                              int lv16, uint64_t seed, void *z, int z16,
-                                              size_t count)
+struct sample_args {
+    const void *mean, *logvar;
+    void *z;
+    int mean16, lv16, z16;
+    uint64_t seed;
+    size_t count;
+    int nhwc, c, h, w; /* the storage map of layout_plan.cuh */
+};
+
+static __device__ __forceinline__ float sample_one(const sample_args &a, size_t i, float eps)
 {
-    const size_t pairs = (count + 1) / 2;
+    const float std = kv_posterior_std(kv_ld(a.logvar, a.lv16, i));
+    return __fadd_rn(kv_ld(a.mean, a.mean16, i), __fmul_rn(std, eps));
+}
+
+/* NCHW: thread j makes the pair of normals of counter j, elements 2j and
+ * 2j + 1. */
+static __global__ void gaussian_sample_nchw_kernel(sample_args a)
+{
+    const size_t pairs = (a.count + 1) / 2;
     for (size_t j = blockIdx.x * (size_t)blockDim.x + threadIdx.x; j < pairs;
          j += (size_t)gridDim.x * blockDim.x) {
         float eps[2];
-        kv_philox_normal_pair(seed, j, &eps[0], &eps[1]);
+        kv_philox_normal_pair(a.seed, j, &eps[0], &eps[1]);
         for (int e = 0; e < 2; e++) {
             size_t i = 2 * j + e;
-            if (i >= count)
+            if (i >= a.count)
                 break;
-            float std = kv_posterior_std(kv_ld(logvar, lv16, i));
-            kv_st(z, z16, i, __fadd_rn(kv_ld(mean, mean16, i), __fmul_rn(std, eps[e])));
+            kv_st(a.z, a.z16, i, sample_one(a, i, eps[e]));
         }
+    }
+}
+
+/* NHWC: thread e makes the pair of its element's NCHW index and keeps its
+ * half (twice the Philox work, which is small next to the memory traffic). */
+static __global__ void gaussian_sample_nhwc_kernel(sample_args a)
+{
+    for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < a.count;
+         e += (size_t)gridDim.x * blockDim.x) {
+        const size_t i = kv_nhwc_to_nchw(e, a.c, a.h, a.w);
+        float eps[2];
+        kv_philox_normal_pair(a.seed, i / 2, &eps[0], &eps[1]);
+        kv_st(a.z, a.z16, e, sample_one(a, e, eps[i % 2]));
     }
 }
 
@@ -61,15 +97,37 @@ klvae_status_t kv_cuda_gaussian_sample(kv_backend *be, const kv_tensor *mean,
                                        const kv_tensor *logvar, uint64_t seed, kv_tensor *z)
 {
     kv_cuda *cu = kv_cuda_of(be);
-    size_t count = kv_cuda_numel(z);
-    if (!count)
+    sample_args a;
+    memset(&a, 0, sizeof a);
+    a.count = kv_cuda_numel(z);
+    if (!a.count)
         return KLVAE_OK;
-    KV_CU(cu, cudaSetDevice(cu->device));
+    kv_cuda_dtype d;
+    KV_TRY(kv_cuda_dtype_of(cu, mean->data, "gaussian_sample", "mean", &d));
+    a.mean16 = d == KV_CUDA_BF16;
+    KV_TRY(kv_cuda_dtype_of(cu, logvar->data, "gaussian_sample", "logvar", &d));
+    a.lv16 = d == KV_CUDA_BF16;
+    KV_TRY(kv_cuda_dtype_of(cu, z->data, "gaussian_sample", "z", &d));
+    a.z16 = d == KV_CUDA_BF16;
+    a.mean = mean->data;
+    a.logvar = logvar->data;
+    a.z = z->data;
+    a.seed = seed;
+    a.nhwc = cu->nhwc && z->ndim == 4 && (size_t)z->shape[2] * z->shape[3] > 1;
+    if (a.nhwc) {
+        a.c = z->shape[1];
+        a.h = z->shape[2];
+        a.w = z->shape[3];
+    }
     /* z may be mean or logvar itself: each element is read before it is
      * written, by the same thread. */
-    gaussian_sample_kernel<<<kv_cuda_blocks((count + 1) / 2, cu), 256, 0, cu->stream>>>(
-        mean->data, kv_cuda_dtype_of(cu, mean->data), logvar->data,
-        kv_cuda_dtype_of(cu, logvar->data), seed, z->data, kv_cuda_dtype_of(cu, z->data), count);
-    KV_LAUNCHED(cu, gaussian_sample_kernel);
+    if (a.nhwc) {
+        gaussian_sample_nhwc_kernel<<<kv_cuda_blocks(a.count, cu), 256, 0, cu->stream>>>(a);
+        KV_LAUNCHED(cu, gaussian_sample_nhwc_kernel);
+    } else {
+        gaussian_sample_nchw_kernel<<<kv_cuda_blocks((a.count + 1) / 2, cu), 256, 0,
+                                      cu->stream>>>(a);
+        KV_LAUNCHED(cu, gaussian_sample_nchw_kernel);
+    }
     return KLVAE_OK;
 }

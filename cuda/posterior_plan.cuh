@@ -8,8 +8,10 @@
 
 #include "base/numerics.h"
 
-/* posterior_split: the moments index of element i of mean, where block =
- * Z * H * W is one sample's mean (logvar's element i is block further). */
+/* posterior_split: the moments index of element i of mean, where block is
+ * the run of mean values that moments holds together: in NCHW one sample's
+ * mean, Z * H * W; in NHWC one pixel's, Z (moments is (N, H, W, 2Z)). The
+ * logvar of element i is block further. */
 static inline KV_HD size_t kv_posterior_source(size_t i, size_t block)
 {
     return (i / block) * 2 * block + i % block;

@@ -1,15 +1,16 @@
 /* tensor_table.cuh — what the CUDA backend knows about each block of device
- * memory it handed out: its size and how it stores its elements (dtype and
- * layout). Plain C, so tests/test_cuda_host.c checks it on the CPU.
+ * memory it handed out: its size and its dtype. Plain C, so
+ * tests/test_cuda_host.c checks it on the CPU.
  *
- * Memory itself comes from a stream-ordered pool (cudaMallocAsync on the
- * backend's stream, cuda_backend.cu): a block released by one op is reused
- * by the next without any synchronisation, and repeated calls of the same
- * shape take no new device memory. The core allocates every tensor as
- * float32 NCHW bytes; the backend stores its own blocks in its compute
- * format (bf16 and NHWC in bf16 mode), so each op looks an operand's format
- * up by its pointer here: a pointer the backend did not hand out (a caller's
- * array, through klvae_*_device) is float32 NCHW.
+ * Memory itself comes from a stream-ordered pool (cudaMallocFromPoolAsync on
+ * the backend's stream, memory.cu): a block released by one op is reused by
+ * the next without any synchronisation, small blocks share the pool's large
+ * ones (no rounding of each weight to 2 MiB), and repeated calls of the same
+ * shape take no new device memory. The core asks for every tensor as float32
+ * bytes; in bf16 mode the backend stores its compute tensors as bf16 and the
+ * core's KV_STORAGE_FLOAT32 blocks as float32, so each op looks an operand's
+ * dtype up by its pointer here. The table also counts the bytes in use and
+ * their peak, which trim keeps in the pool for the next call.
  *
  * An open-addressed hash table keyed by the block's address, with backward
  * shift deletion, so lookups of the exact pointer (every tensor the core
@@ -25,7 +26,6 @@ typedef struct kv_block_info {
     void *ptr; /* NULL: an empty slot */
     size_t bytes;
     unsigned char bf16; /* elements are bf16 (else float32) */
-    unsigned char nhwc; /* 4-D tensors are NHWC (else NCHW) */
 } kv_block_info;
 
 typedef struct kv_tensor_table {
@@ -109,7 +109,7 @@ static inline size_t kv_ttable_remove(kv_tensor_table *t, const void *ptr)
 }
 
 /* The block holding ptr (its start or any byte inside it), or NULL: memory
- * the backend did not hand out, such as a caller's array. */
+ * the backend did not hand out. */
 static inline const kv_block_info *kv_ttable_find(const kv_tensor_table *t, const void *ptr)
 {
     long i = kv_ttable_slot(t, ptr);

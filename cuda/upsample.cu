@@ -1,12 +1,14 @@
-/* upsample.cu — nearest 2x upsampling (the decoder's Upsample2D), float32
- * or bf16 operands as in elementwise.cu; the index map is in
+/* upsample.cu — nearest 2x upsampling (the decoder's Upsample2D, which the
+ * forward reads through the next convolution's staging instead: this op
+ * serves the backward and the tests). The index maps are in
  * upsample_plan.cuh, which the host tests check. */
 #include "cuda_ops.h"
+#include "upsample_plan.cuh"
 
-/* Over (plane, output pixel): consecutive threads write consecutive outputs
- * (coalesced) and read each input twice from the cache. */
-static __global__ void upsample_kernel(const void *x, int x16, void *y, int y16, int h, int w,
-                                       size_t planes)
+/* NCHW, over (plane, output pixel): consecutive threads write consecutive
+ * outputs and read each input twice from the cache. */
+static __global__ void upsample_nchw_kernel(const void *x, int x16, void *y, int y16, int h,
+                                            int w, size_t planes)
 {
     const int opix = 4 * h * w;
     for (size_t plane = blockIdx.y; plane < planes; plane += gridDim.y)
@@ -15,17 +17,37 @@ static __global__ void upsample_kernel(const void *x, int x16, void *y, int y16,
             kv_st(y, y16, plane * opix + pix, kv_ld(x, x16, kv_upsample_source(plane, pix, h, w)));
 }
 
+/* NHWC: element e of y is channel e % c of output pixel e / c. */
+static __global__ void upsample_nhwc_kernel(const void *x, int x16, void *y, int y16, int c,
+                                            int h, int w, size_t count)
+{
+    for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < count;
+         e += (size_t)gridDim.x * blockDim.x) {
+        const size_t src = kv_upsample_source_pixel(e / (size_t)c, h, w) * (size_t)c + e % (size_t)c;
+        kv_st(y, y16, e, kv_ld(x, x16, src));
+    }
+}
+
 klvae_status_t kv_cuda_upsample_nearest2x(kv_backend *be, const kv_tensor *x, kv_tensor *y)
 {
     kv_cuda *cu = kv_cuda_of(be);
-    size_t count = kv_cuda_numel(y);
+    const size_t count = kv_cuda_numel(y);
     if (!count)
         return KLVAE_OK;
-    KV_CU(cu, cudaSetDevice(cu->device));
-    size_t planes = (size_t)x->shape[0] * x->shape[1];
-    upsample_kernel<<<kv_cuda_grid2(cu, planes, count / planes), 256, 0, cu->stream>>>(
-        x->data, kv_cuda_dtype_of(cu, x->data), y->data, kv_cuda_dtype_of(cu, y->data),
-        x->shape[2], x->shape[3], planes);
-    KV_LAUNCHED(cu, upsample_kernel);
+    kv_cuda_dtype tx, ty;
+    KV_TRY(kv_cuda_dtype_of(cu, x->data, "upsample_nearest2x", "the input", &tx));
+    KV_TRY(kv_cuda_dtype_of(cu, y->data, "upsample_nearest2x", "the output", &ty));
+    if (cu->nhwc) {
+        upsample_nhwc_kernel<<<kv_cuda_blocks(count, cu), 256, 0, cu->stream>>>(
+            x->data, tx == KV_CUDA_BF16, y->data, ty == KV_CUDA_BF16, x->shape[1], x->shape[2],
+            x->shape[3], count);
+        KV_LAUNCHED(cu, upsample_nhwc_kernel);
+    } else {
+        const size_t planes = (size_t)x->shape[0] * x->shape[1];
+        upsample_nchw_kernel<<<kv_cuda_grid2(cu, planes, count / planes), 256, 0, cu->stream>>>(
+            x->data, tx == KV_CUDA_BF16, y->data, ty == KV_CUDA_BF16, x->shape[2], x->shape[3],
+            planes);
+        KV_LAUNCHED(cu, upsample_nchw_kernel);
+    }
     return KLVAE_OK;
 }

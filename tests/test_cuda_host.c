@@ -1,18 +1,20 @@
-/* test_cuda_host.c — the CUDA backend's index math, plans and allocator,
+/* test_cuda_host.c — the CUDA backend's index math, plans and block table,
  * checked on the CPU (no GPU, no CUDA toolkit needed): the __host__
  * __device__ functions of the cuda/ headers compile as plain C here (KV_HD is
  * empty outside nvcc) and are compared with straightforward loops written
- * from backend.h's specification. */
+ * from backend.h's specification, in both of the backend's layouts. */
 #include "test_util.h"
 
 #include "../cuda/attention_plan.cuh"
 #include "../cuda/conv2d_plan.cuh"
-#include "../cuda/device_cache.cuh"
 #include "../cuda/group_norm_plan.cuh"
+#include "../cuda/layout_plan.cuh"
 #include "../cuda/posterior_plan.cuh"
+#include "../cuda/tensor_table.cuh"
 #include "../cuda/upsample_plan.cuh"
 #include "backend/backend.h"
 #include "backend/cpu/cpu_ops.h"
+#include "base/philox.h"
 
 /* ---- bf16 ---- */
 
@@ -99,11 +101,11 @@ START_TEST(activations_are_the_cpu_formulas)
 }
 END_TEST
 
-START_TEST(upsample_map_repeats_each_pixel)
+START_TEST(upsample_maps_repeat_each_pixel)
 {
     for (int h = 1; h <= 5; h++)
         for (int w = 1; w <= 6; w++) {
-            const int planes = 3;
+            const int planes = 3, n = 2;
             for (int p = 0; p < planes; p++)
                 for (int y = 0; y < 2 * h; y++)
                     for (int x = 0; x < 2 * w; x++) {
@@ -111,13 +113,22 @@ START_TEST(upsample_map_repeats_each_pixel)
                         ck_assert_uint_eq(kv_upsample_source((size_t)p, y * 2 * w + x, h, w),
                                           want);
                     }
+            /* NHWC: whole pixels, over every sample */
+            for (int b = 0; b < n; b++)
+                for (int y = 0; y < 2 * h; y++)
+                    for (int x = 0; x < 2 * w; x++) {
+                        size_t pix = ((size_t)b * 2 * h + y) * 2 * w + x;
+                        size_t want = ((size_t)b * h + y / 2) * w + x / 2;
+                        ck_assert_uint_eq(kv_upsample_source_pixel(pix, h, w), want);
+                    }
         }
 }
 END_TEST
 
-START_TEST(posterior_map_takes_the_halves)
+START_TEST(posterior_maps_take_the_halves)
 {
     const int n = 3, z = 4, hw = 5;
+    /* NCHW: one sample's means together */
     const size_t block = (size_t)z * hw;
     for (int b = 0; b < n; b++)
         for (int c = 0; c < z; c++)
@@ -126,16 +137,95 @@ START_TEST(posterior_map_takes_the_halves)
                 size_t want = ((size_t)b * 2 * z + c) * hw + p;
                 ck_assert_uint_eq(kv_posterior_source(i, block), want);
             }
+    /* NHWC: one pixel's means together; moments (n, hw, 2z), mean (n, hw, z) */
+    for (int b = 0; b < n; b++)
+        for (int p = 0; p < hw; p++)
+            for (int c = 0; c < z; c++) {
+                size_t i = ((size_t)b * hw + p) * z + c;
+                size_t want = ((size_t)b * hw + p) * 2 * z + c;
+                ck_assert_uint_eq(kv_posterior_source(i, (size_t)z), want);
+                ck_assert_uint_eq(kv_posterior_source(i, (size_t)z) + z, want + z); /* logvar */
+            }
     ck_assert_float_eq(kv_clamp_logvar(-31.0f), -30.0f);
     ck_assert_float_eq(kv_clamp_logvar(25.0f), 20.0f);
     ck_assert_float_eq(kv_clamp_logvar(1.5f), 1.5f);
 }
 END_TEST
 
+/* ---- layouts ---- */
+
+START_TEST(layout_maps_are_inverse_permutations)
+{
+    const int shapes[][4] = {{1, 1, 1, 1}, {2, 3, 4, 5}, {3, 7, 1, 9}, {1, 16, 6, 6}, {4, 1, 3, 2}};
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        const int n = shapes[s][0], c = shapes[s][1], h = shapes[s][2], w = shapes[s][3];
+        const size_t count = (size_t)n * c * h * w;
+        unsigned char *seen = calloc(count, 1);
+        ck_assert_ptr_nonnull(seen);
+        for (int b = 0; b < n; b++)
+            for (int ch = 0; ch < c; ch++)
+                for (int y = 0; y < h; y++)
+                    for (int x = 0; x < w; x++) {
+                        size_t i = (((size_t)b * c + ch) * h + y) * w + x;
+                        size_t want = (((size_t)b * h + y) * w + x) * c + ch;
+                        size_t e = kv_nchw_to_nhwc(i, c, h, w);
+                        ck_assert_uint_eq(e, want);
+                        ck_assert_uint_eq(kv_nhwc_to_nchw(e, c, h, w), i);
+                        ck_assert_uint_eq(kv_storage_index(i, 1, 4, c, h, w), want);
+                        ck_assert_uint_eq(kv_storage_index(i, 0, 4, c, h, w), i);
+                        ck_assert(!seen[e]);
+                        seen[e] = 1;
+                    }
+        free(seen);
+    }
+    /* tensors that are not 4-D are stored in their own order */
+    for (size_t i = 0; i < 100; i++)
+        ck_assert_uint_eq(kv_storage_index(i, 1, 1, 1, 1, 1), i);
+}
+END_TEST
+
+/* The NHWC sampling kernel of cuda/posterior.cu on the CPU: element e draws
+ * from the Philox pair of its NCHW index. It must give the CPU backend's
+ * bits, element for element, at every odd size. */
+START_TEST(nhwc_sampling_gives_the_cpu_bits)
+{
+    const int n = 2, c = 3, h = 5, w = 7; /* odd count, odd planes */
+    const size_t count = (size_t)n * c * h * w;
+    test_rng rng = test_rng_new(909);
+    float *mean = test_alloc(count), *logvar = test_alloc(count), *z = test_alloc(count);
+    float *mean_s = test_alloc(count), *lv_s = test_alloc(count);
+    test_fill(mean, count, &rng, -2, 2);
+    test_fill(logvar, count, &rng, -35, 25); /* both ends of the clamp */
+    for (size_t i = 0; i < count; i++) {
+        mean_s[kv_nchw_to_nhwc(i, c, h, w)] = mean[i];
+        lv_s[kv_nchw_to_nhwc(i, c, h, w)] = logvar[i];
+    }
+    kv_backend_settings settings;
+    memset(&settings, 0, sizeof settings);
+    settings.threads = 2;
+    kv_backend *be = NULL;
+    ck_assert_ok(kv_cpu_backend_create(&settings, &be));
+    kv_tensor tm = kv_tensor_wrap(mean, n, c, h, w), tl = kv_tensor_wrap(logvar, n, c, h, w),
+              tz = kv_tensor_wrap(z, n, c, h, w);
+    ck_assert_ok(be->ops->gaussian_sample(be, &tm, &tl, 1234567, &tz));
+    kv_backend_destroy(be);
+    for (size_t e = 0; e < count; e++) {
+        size_t i = kv_nhwc_to_nchw(e, c, h, w);
+        float eps[2];
+        kv_philox_normal_pair(1234567, i / 2, &eps[0], &eps[1]);
+        volatile float prod = kv_posterior_std(lv_s[e]) * eps[i % 2];
+        float got = mean_s[e] + prod;
+        ck_assert_msg(memcmp(&got, &z[i], sizeof got) == 0, "element %zu: %a vs the CPU's %a", i,
+                      (double)got, (double)z[i]);
+    }
+    free(mean), free(logvar), free(z), free(mean_s), free(lv_s);
+}
+END_TEST
+
 /* ---- conv2d plans ---- */
 
 typedef struct conv_case {
-    int n, c, h, w, co, kh, kw;
+    int n, c, h, w, co, kh, kw, up;
     kv_conv_geometry g;
 } conv_case;
 
@@ -148,6 +238,7 @@ static conv_case random_conv_case(test_rng *r)
     int big = test_uniform(r) < 0.5;
     k.kh = big ? 3 : 1;
     k.kw = test_uniform(r) < 0.8 ? k.kh : (big ? 1 : 3);
+    k.up = test_uniform(r) < 0.3;
     k.g.stride = 1 + (int)(test_uniform(r) * 2);
     k.g.pad_top = (int)(test_uniform(r) * 2);
     k.g.pad_left = (int)(test_uniform(r) * 2);
@@ -158,30 +249,38 @@ static conv_case random_conv_case(test_rng *r)
     return k;
 }
 
+static void plan_case(kv_conv_plan *p, const conv_case *k, int staged, int nhwc, size_t es,
+                      size_t budget)
+{
+    kv_conv_plan_make(p, k->n, k->c, k->h, k->w, k->up, k->co, k->kh, k->kw, k->g, staged, nhwc,
+                      es, budget);
+}
+
 START_TEST(conv_plan_covers_every_output_row_within_budget)
 {
     test_rng rng = test_rng_new(31337);
     for (int iter = 0; iter < 20000; iter++) {
         conv_case k = random_conv_case(&rng);
-        int staged = test_uniform(&rng) < 0.7, convert = test_uniform(&rng) < 0.3;
+        int staged = test_uniform(&rng) < 0.7, nhwc = test_uniform(&rng) < 0.5;
         size_t es = test_uniform(&rng) < 0.5 ? 2 : 4;
         size_t budget = (size_t)(test_uniform(&rng) * 4000);
         kv_conv_plan p;
-        kv_conv_plan_make(&p, k.n, k.c, k.h, k.w, k.co, k.kh, k.kw, k.g, staged, convert, es,
-                          budget);
-        ck_assert_int_eq(p.ho, (k.h + k.g.pad_top + k.g.pad_bottom - k.kh) / k.g.stride + 1);
+        plan_case(&p, &k, staged, nhwc, es, budget);
+        const int hi = k.h << k.up, wi = k.w << k.up;
+        ck_assert_int_eq(p.ho, (hi + k.g.pad_top + k.g.pad_bottom - k.kh) / k.g.stride + 1);
+        ck_assert_int_eq(p.wo, (wi + k.g.pad_left + k.g.pad_right - k.kw) / k.g.stride + 1);
         ck_assert_int_ge(p.chunk, 1);
         ck_assert_int_le(p.chunk, k.n);
         ck_assert_int_ge(p.rows, 1);
         ck_assert_int_eq(p.bands, (p.ho + p.rows - 1) / p.rows);
-        if (!staged)
+        if (k.up)
+            ck_assert(p.staged); /* the upsample is read in the staging */
+        if (!p.staged)
             ck_assert_int_eq(p.bands, 1);
-        if (p.bands > 1) {
+        if (p.bands > 1)
             ck_assert_int_eq(p.chunk, 1);
-            ck_assert(p.out_buffer); /* a band of y is not a packed tensor */
-        }
-        if (convert)
-            ck_assert(p.out_buffer);
+        /* an NCHW band of y is not a packed tensor; an NHWC band is */
+        ck_assert_int_eq(p.out_buffer, p.bands > 1 && !nhwc);
         /* the bands tile [0, ho) */
         int next = 0;
         for (int b = 0; b < p.bands; b++) {
@@ -192,56 +291,38 @@ START_TEST(conv_plan_covers_every_output_row_within_budget)
         }
         ck_assert_int_eq(next, p.ho);
         size_t bytes = (p.in_elems + p.out_elems) * es;
-        if (!(p.chunk == 1 && (p.rows == 1 || (!staged && p.bands == 1))))
+        if (!(p.chunk == 1 && (p.rows == 1 || (!p.staged && p.bands == 1))))
             ck_assert_msg(bytes <= budget, "buffers of %zu bytes over a budget of %zu", bytes,
                           budget);
-        if (staged)
+        if (p.staged)
             ck_assert_uint_eq(p.in_elems,
                               (size_t)p.chunk * k.c * kv_conv_in_rows(&p, p.rows) *
-                                  (k.w + k.g.pad_left + k.g.pad_right));
+                                  (wi + k.g.pad_left + k.g.pad_right));
         else
             ck_assert_uint_eq(p.in_elems, 0);
     }
 }
 END_TEST
 
-static double act_ref(int act, double v)
+/* The CUDA backend's conv2d done on the CPU piece by piece, as conv2d.cu
+ * runs it: the staging map (prologue, upsample, padding) into a buffer in
+ * the backend's layout, an unpadded convolution of the staged piece (or a
+ * padded one of whole samples), then the epilogue (bias, residual) at the
+ * piece's place in y, or through the output buffer's map. x, r and y are in
+ * storage layout; y starts as NaN so that every output is seen written once. */
+typedef struct conv_operands {
+    const float *x, *wt, *bias, *scale, *shift, *r;
+    int act;
+    double *y;
+} conv_operands;
+
+/* Element (b, ch, y, x) of an (n, c, h, w) tensor stored in the layout. */
+static size_t at(int nhwc, int c, int h, int w, int b, int ch, int y, int x)
 {
-    return kv_activate((kv_activation)act, (float)v);
+    return nhwc ? (((size_t)b * h + y) * w + x) * c + ch : (((size_t)b * c + ch) * h + y) * w + x;
 }
 
-/* y from the specification: b + sum w * xpad(prologue(x)), in double. */
-static void conv_reference(const conv_case *k, const float *x, const float *wt, const float *bias,
-                           const float *scale, const float *shift, int act, int ho, int wo,
-                           double *y)
-{
-    for (int n = 0; n < k->n; n++)
-        for (int o = 0; o < k->co; o++)
-            for (int oy = 0; oy < ho; oy++)
-                for (int ox = 0; ox < wo; ox++) {
-                    double s = bias[o];
-                    for (int c = 0; c < k->c; c++)
-                        for (int ky = 0; ky < k->kh; ky++)
-                            for (int kx = 0; kx < k->kw; kx++) {
-                                int iy = oy * k->g.stride + ky - k->g.pad_top;
-                                int ix = ox * k->g.stride + kx - k->g.pad_left;
-                                if (iy < 0 || iy >= k->h || ix < 0 || ix >= k->w)
-                                    continue;
-                                double v = x[((n * k->c + c) * k->h + iy) * k->w + ix];
-                                if (scale)
-                                    v = act_ref(act, (float)v * scale[n * k->c + c] +
-                                                         shift[n * k->c + c]);
-                                s += v * wt[((o * k->c + c) * k->kh + ky) * k->kw + kx];
-                            }
-                    y[((n * k->co + o) * ho + oy) * wo + ox] = s;
-                }
-}
-
-/* The CUDA backend's conv2d done on the CPU piece by piece: the staging map,
- * an unpadded convolution of the staged rows, the output map. */
-static void conv_by_plan(const kv_conv_plan *p, const float *x, const float *wt,
-                         const float *bias, const float *scale, const float *shift, int act,
-                         double *y)
+static void conv_by_plan(const kv_conv_plan *p, const conv_operands *o)
 {
     float *in = test_alloc(p->in_elems ? p->in_elems : 1);
     for (int n0 = 0; n0 < p->n; n0 += p->chunk) {
@@ -250,120 +331,212 @@ static void conv_by_plan(const kv_conv_plan *p, const float *x, const float *wt,
             int oy0 = band * p->rows, rows = kv_conv_band_rows(p, band);
             int in_rows = kv_conv_in_rows(p, rows), hin = p->h, win = p->w;
             int pad_t = p->pad_top, pad_l = p->pad_left;
-            const float *src = x + (size_t)n0 * p->c * p->h * p->w;
+            const float *src = o->x + kv_conv_input_offset(p, n0);
             if (p->staged) {
-                int pixels = in_rows * p->wp;
-                for (int lp = 0; lp < nb * p->c; lp++)
-                    for (int pix = 0; pix < pixels; pix++) {
-                        int64_t plane;
-                        int64_t s = kv_conv_stage_source(p, n0, oy0 * p->stride, lp, pix, &plane);
-                        float v = 0.0f;
-                        if (s >= 0) {
-                            v = x[s];
-                            if (scale)
-                                v = kv_activate(act, v * scale[plane] + shift[plane]);
-                        }
-                        in[(size_t)lp * pixels + pix] = v;
+                size_t elems = kv_conv_piece_x_elems(p, nb, rows);
+                for (size_t e = 0; e < elems; e++) {
+                    int64_t plane;
+                    int64_t s = kv_conv_stage_source(p, n0, oy0 * p->stride, in_rows, (int64_t)e,
+                                                     &plane);
+                    float v = 0.0f;
+                    if (s >= 0) {
+                        v = o->x[s];
+                        if (o->scale)
+                            v = kv_activate(o->act, v * o->scale[plane] + o->shift[plane]);
                     }
+                    in[e] = v;
+                }
                 src = in;
                 hin = in_rows;
                 win = p->wp;
                 pad_t = pad_l = 0;
             }
-            /* the piece's convolution, unpadded when staged */
-            int pixels = rows * p->wo;
-            for (int lp = 0; lp < nb * p->co; lp++) {
-                int nn = lp / p->co, o = lp % p->co;
-                for (int pix = 0; pix < pixels; pix++) {
-                    int r = pix / p->wo, ox = pix % p->wo;
-                    int oy = p->staged ? r : oy0 + r;
-                    double s = 0.0;
-                    for (int c = 0; c < p->c; c++)
-                        for (int ky = 0; ky < p->kh; ky++)
-                            for (int kx = 0; kx < p->kw; kx++) {
-                                int iy = oy * p->stride + ky - pad_t, ix = ox * p->stride + kx - pad_l;
-                                if (iy < 0 || iy >= hin || ix < 0 || ix >= win)
-                                    continue;
-                                s += (double)src[((size_t)(nn * p->c + c) * hin + iy) * win + ix] *
-                                     wt[((o * p->c + c) * p->kh + ky) * p->kw + kx];
+            /* the piece's convolution; its output element pe in the piece's layout */
+            for (int nn = 0; nn < nb; nn++)
+                for (int ch = 0; ch < p->co; ch++)
+                    for (int r = 0; r < rows; r++)
+                        for (int ox = 0; ox < p->wo; ox++) {
+                            int oy = p->staged ? r : oy0 + r;
+                            double s = 0.0;
+                            for (int c = 0; c < p->c; c++)
+                                for (int ky = 0; ky < p->kh; ky++)
+                                    for (int kx = 0; kx < p->kw; kx++) {
+                                        int iy = oy * p->stride + ky - pad_t;
+                                        int ix = ox * p->stride + kx - pad_l;
+                                        if (iy < 0 || iy >= hin || ix < 0 || ix >= win)
+                                            continue;
+                                        s += (double)src[at(p->nhwc, p->c, hin, win, nn, c, iy,
+                                                            ix)] *
+                                             o->wt[((ch * p->c + c) * p->kh + ky) * p->kw + kx];
+                                    }
+                            s += o->bias[ch];
+                            int64_t t;
+                            if (p->out_buffer) { /* the buffer is (nb, co, rows, wo) */
+                                int64_t e = (((int64_t)nn * p->co + ch) * rows + r) * p->wo + ox;
+                                t = kv_conv_output_target(p, n0, oy0, rows, e);
+                            } else {
+                                t = kv_conv_output_offset(p, n0, oy0) +
+                                    (int64_t)at(p->nhwc, p->co, rows, p->wo, nn, ch, r, ox);
                             }
-                    int channel;
-                    int64_t t = kv_conv_output_target(p, n0, oy0, lp, pix, &channel);
-                    ck_assert_int_eq(channel, o);
-                    ck_assert_msg(y[t] != y[t], "output %lld written twice", (long long)t);
-                    y[t] = s + bias[channel];
-                }
-            }
+                            if (o->r)
+                                s += o->r[t];
+                            ck_assert_msg(o->y[t] != o->y[t], "output %lld written twice",
+                                          (long long)t);
+                            o->y[t] = s;
+                        }
         }
     }
     free(in);
 }
 
+/* y from the specification in NCHW: b + sum w * xpad(up(prologue(x))) + r. */
+static void conv_reference(const conv_case *k, const conv_operands *o, int ho, int wo,
+                           double *y)
+{
+    const int hi = k->h << k->up, wi = k->w << k->up;
+    for (int n = 0; n < k->n; n++)
+        for (int ch = 0; ch < k->co; ch++)
+            for (int oy = 0; oy < ho; oy++)
+                for (int ox = 0; ox < wo; ox++) {
+                    double s = o->bias[ch];
+                    for (int c = 0; c < k->c; c++)
+                        for (int ky = 0; ky < k->kh; ky++)
+                            for (int kx = 0; kx < k->kw; kx++) {
+                                int iy = oy * k->g.stride + ky - k->g.pad_top;
+                                int ix = ox * k->g.stride + kx - k->g.pad_left;
+                                if (iy < 0 || iy >= hi || ix < 0 || ix >= wi)
+                                    continue;
+                                double v = o->x[(((size_t)n * k->c + c) * k->h + (iy >> k->up)) *
+                                                    k->w + (ix >> k->up)];
+                                if (o->scale)
+                                    v = kv_activate(o->act, (float)v * o->scale[n * k->c + c] +
+                                                                o->shift[n * k->c + c]);
+                                s += v * o->wt[((ch * k->c + c) * k->kh + ky) * k->kw + kx];
+                            }
+                    size_t i = (((size_t)n * k->co + ch) * ho + oy) * wo + ox;
+                    if (o->r)
+                        s += o->r[i];
+                    y[i] = s;
+                }
+}
+
+static float *to_layout(const float *nchw, int nhwc, int n, int c, int h, int w)
+{
+    size_t count = (size_t)n * c * h * w;
+    float *out = test_alloc(count ? count : 1);
+    for (size_t i = 0; i < count; i++)
+        out[nhwc ? kv_nchw_to_nhwc(i, c, h, w) : i] = nchw[i];
+    return out;
+}
+
 START_TEST(conv_pieces_compute_the_specified_convolution)
 {
+    /* _i: bit 0 the layout (NHWC), bit 1 a residual */
+    const int nhwc = _i & 1, with_r = (_i >> 1) & 1;
     test_rng rng = test_rng_new(2024 + (uint64_t)_i);
-    for (int iter = 0; iter < 300; iter++) {
+    for (int iter = 0; iter < 250; iter++) {
         conv_case k = random_conv_case(&rng);
         int symmetric = k.g.pad_top == k.g.pad_bottom && k.g.pad_left == k.g.pad_right;
         int prologue = test_uniform(&rng) < 0.5;
-        int staged = prologue || !symmetric || test_uniform(&rng) < 0.5;
-        int convert = test_uniform(&rng) < 0.3;
+        int staged = prologue || !symmetric || test_uniform(&rng) < 0.3;
         int act = prologue ? (int)(test_uniform(&rng) * 6) : 0;
         size_t budget = (size_t)(test_uniform(&rng) * 3000);
         kv_conv_plan p;
-        kv_conv_plan_make(&p, k.n, k.c, k.h, k.w, k.co, k.kh, k.kw, k.g, staged, convert, 4,
-                          budget);
+        plan_case(&p, &k, staged, nhwc, 4, budget);
         size_t nx = (size_t)k.n * k.c * k.h * k.w, nw = (size_t)k.co * k.c * k.kh * k.kw;
         size_t ny = (size_t)k.n * k.co * p.ho * p.wo;
         float *x = test_alloc(nx), *wt = test_alloc(nw), *bias = test_alloc((size_t)k.co);
         float *scale = test_alloc((size_t)k.n * k.c), *shift = test_alloc((size_t)k.n * k.c);
+        float *r = test_alloc(ny);
         test_fill(x, nx, &rng, -2, 2);
         test_fill(wt, nw, &rng, -1, 1);
         test_fill(bias, (size_t)k.co, &rng, -1, 1);
         test_fill(scale, (size_t)k.n * k.c, &rng, 0.5f, 1.5f);
         test_fill(shift, (size_t)k.n * k.c, &rng, -0.5f, 0.5f);
+        test_fill(r, ny, &rng, -1, 1);
         double *want = calloc(ny, sizeof *want), *got = malloc(ny * sizeof *got);
         ck_assert_ptr_nonnull(want);
         ck_assert_ptr_nonnull(got);
         for (size_t i = 0; i < ny; i++)
             got[i] = NAN; /* poison: every output must be written once */
-        conv_reference(&k, x, wt, bias, prologue ? scale : NULL, shift, act, p.ho, p.wo, want);
-        conv_by_plan(&p, x, wt, bias, prologue ? scale : NULL, shift, act, got);
-        for (size_t i = 0; i < ny; i++)
-            ck_assert_msg(fabs(got[i] - want[i]) <= 1e-5 * (1.0 + fabs(want[i])),
-                          "iter %d: y[%zu] = %g, want %g (n %d c %d %dx%d co %d k %dx%d s %d pads "
-                          "%d %d %d %d, staged %d chunk %d rows %d bands %d)",
-                          iter, i, got[i], want[i], k.n, k.c, k.h, k.w, k.co, k.kh, k.kw,
+        conv_operands ref = {x, wt, bias, prologue ? scale : NULL, shift, with_r ? r : NULL, act,
+                             want};
+        conv_reference(&k, &ref, p.ho, p.wo, want);
+        float *xs = to_layout(x, nhwc, k.n, k.c, k.h, k.w);
+        float *rs = to_layout(r, nhwc, k.n, k.co, p.ho, p.wo);
+        conv_operands dev = {xs, wt, bias, ref.scale, shift, with_r ? rs : NULL, act, got};
+        conv_by_plan(&p, &dev);
+        for (size_t i = 0; i < ny; i++) {
+            size_t t = nhwc ? kv_nchw_to_nhwc(i, k.co, p.ho, p.wo) : i;
+            ck_assert_msg(fabs(got[t] - want[i]) <= 1e-5 * (1.0 + fabs(want[i])),
+                          "iter %d: y[%zu] = %g, want %g (n %d c %d %dx%d up %d co %d k %dx%d s %d "
+                          "pads %d %d %d %d, staged %d chunk %d rows %d bands %d)",
+                          iter, i, got[t], want[i], k.n, k.c, k.h, k.w, k.up, k.co, k.kh, k.kw,
                           k.g.stride, k.g.pad_top, k.g.pad_left, k.g.pad_bottom, k.g.pad_right,
                           p.staged, p.chunk, p.rows, p.bands);
-        free(x);
-        free(wt);
-        free(bias);
-        free(scale);
-        free(shift);
-        free(want);
-        free(got);
+        }
+        free(x), free(wt), free(bias), free(scale), free(shift), free(r), free(xs), free(rs);
+        free(want), free(got);
     }
 }
 END_TEST
 
+/* Every piece of a plan stays under cuDNN's 2^31 elements. */
+static void assert_pieces_under_cudnn_limit(const kv_conv_plan *p)
+{
+    for (int n0 = 0; n0 < p->n; n0 += p->chunk) {
+        int nb = p->n - n0 < p->chunk ? p->n - n0 : p->chunk;
+        for (int b = 0; b < p->bands; b++) {
+            int rows = kv_conv_band_rows(p, b);
+            ck_assert_uint_le(kv_conv_piece_x_elems(p, nb, rows), KV_CUDNN_MAX_ELEMS);
+            ck_assert_uint_le(kv_conv_piece_y_elems(p, nb, rows), KV_CUDNN_MAX_ELEMS);
+        }
+    }
+}
+
 START_TEST(conv_plan_bands_the_decoders_largest_input)
 {
-    /* up_blocks.3.resnets.0.conv1 at 1024^2 in bf16: 256 -> 128 channels */
-    kv_conv_geometry same = {1, 1, 1, 1, 1};
+    const kv_conv_geometry same = {1, 1, 1, 1, 1}, pointwise = {1, 0, 0, 0, 0};
+    const size_t budget = (size_t)128 << 20;
     kv_conv_plan p;
-    kv_conv_plan_make(&p, 1, 256, 1024, 1024, 128, 3, 3, same, 1, 0, 2, (size_t)64 << 20);
+    /* up_blocks.3.resnets.0.conv1 at 1024^2 in bf16 NHWC: 256 -> 128 channels
+     * with its group norm: bands, written in place */
+    kv_conv_plan_make(&p, 1, 256, 1024, 1024, 0, 128, 3, 3, same, 1, 1, 2, budget);
     ck_assert_int_gt(p.bands, 1);
-    ck_assert((p.in_elems + p.out_elems) * 2 <= (size_t)64 << 20);
-    ck_assert_int_ge(p.rows, 32); /* still big pieces for cuDNN */
+    ck_assert_int_eq(p.out_buffer, 0);
+    ck_assert((p.in_elems + p.out_elems) * 2 <= budget);
+    ck_assert_int_ge(p.rows, 64); /* still big pieces for cuDNN */
+    /* the upsampler of up_blocks.2 reads 512^2 through the upsample: never a
+     * 1024^2 copy of its input */
+    kv_conv_plan_make(&p, 1, 256, 512, 512, 1, 256, 3, 3, same, 0, 1, 2, budget);
+    ck_assert(p.staged);
+    ck_assert_int_eq(p.ho, 1024);
+    ck_assert((p.in_elems + p.out_elems) * 2 <= budget);
     /* the 64x64-latent mid block fits whole, with every sample of a batch of 8 */
-    kv_conv_plan_make(&p, 8, 512, 64, 64, 512, 3, 3, same, 1, 0, 2, (size_t)64 << 20);
+    kv_conv_plan_make(&p, 8, 512, 64, 64, 0, 512, 3, 3, same, 1, 1, 2, budget);
     ck_assert_int_eq(p.bands, 1);
     ck_assert_int_ge(p.chunk, 4);
-    /* no prologue, symmetric, right dtype: cuDNN gets x and y as they are */
-    kv_conv_plan_make(&p, 8, 512, 64, 64, 512, 3, 3, same, 0, 0, 2, (size_t)64 << 20);
+    /* no prologue, symmetric: cuDNN gets x and y as they are */
+    kv_conv_plan_make(&p, 8, 512, 64, 64, 0, 512, 3, 3, same, 0, 1, 2, budget);
     ck_assert_int_eq(p.chunk, 8);
     ck_assert_uint_eq(p.in_elems + p.out_elems, 0);
+    /* batch 8 at 1024^2: the 256-channel shortcut's input is 2^31 elements,
+     * one over cuDNN's limit: the batch is split */
+    kv_conv_plan_make(&p, 8, 256, 1024, 1024, 0, 128, 1, 1, pointwise, 0, 1, 2, budget);
+    ck_assert(!p.staged);
+    ck_assert_int_lt(p.chunk, 8);
+    assert_pieces_under_cudnn_limit(&p);
+    /* and the conv that reads the upsample of 8 x 256 x 512^2 */
+    kv_conv_plan_make(&p, 8, 256, 512, 512, 1, 256, 3, 3, same, 0, 1, 2, budget);
+    assert_pieces_under_cudnn_limit(&p);
+    /* one sample over the limit by itself (512 x 2048^2 = 2^31): staged and
+     * banded, in either layout */
+    for (int nhwc = 0; nhwc <= 1; nhwc++) {
+        kv_conv_plan_make(&p, 1, 512, 2048, 2048, 0, 512, 3, 3, same, 0, nhwc, 4, (size_t)1 << 40);
+        ck_assert(p.staged);
+        ck_assert_int_gt(p.bands, 1);
+        assert_pieces_under_cudnn_limit(&p);
+    }
 }
 END_TEST
 
@@ -476,127 +649,135 @@ START_TEST(attention_blocks_are_linear_in_positions)
 }
 END_TEST
 
-/* ---- the caching allocator, over malloc ---- */
+/* ---- the block table ---- */
 
-typedef struct fake_device {
-    size_t limit, used;
-    int mallocs, frees, syncs;
-} fake_device;
-
-/* Blocks carry their size in front, so that freeing gives it back. */
-static int fake_malloc(void *ctx, size_t bytes, void **ptr)
+START_TEST(tensor_table_finds_every_block_by_any_pointer)
 {
-    fake_device *d = ctx;
-    if (d->used + bytes > d->limit)
-        return KV_DCACHE_OOM;
-    size_t *block = malloc(bytes + 16);
-    if (!block)
-        return KV_DCACHE_FAIL;
-    block[0] = bytes;
-    *ptr = (char *)block + 16;
-    d->used += bytes;
-    d->mallocs++;
-    return KV_DCACHE_OK;
-}
-
-static void fake_free(void *ctx, void *ptr)
-{
-    fake_device *d = ctx;
-    size_t *block = (size_t *)(void *)((char *)ptr - 16);
-    d->used -= block[0];
-    d->frees++;
-    free(block);
-}
-
-static void fake_sync(void *ctx)
-{
-    fake_device *d = ctx;
-    d->syncs++;
-}
-
-static kv_dcache fake_cache(fake_device *d)
-{
-    kv_dcache c;
-    memset(&c, 0, sizeof c);
-    c.ctx = d;
-    c.dev_malloc = fake_malloc;
-    c.dev_free = fake_free;
-    c.before_free = fake_sync;
-    return c;
-}
-
-START_TEST(device_cache_reuses_released_blocks)
-{
-    fake_device d = {(size_t)1 << 40, 0, 0, 0, 0};
-    kv_dcache c = fake_cache(&d);
-    void *a, *b, *e;
-    ck_assert_int_eq(kv_dcache_alloc(&c, 3 << 20, 1, &a), KV_DCACHE_OK);
-    ck_assert_int_eq(kv_dcache_alloc(&c, 1000, 0, &b), KV_DCACHE_OK);
-    ck_assert_int_eq(d.mallocs, 2);
-    ck_assert_uint_eq(c.in_use, kv_dcache_round(3 << 20) + kv_dcache_round(1000));
-    /* dtype lookup: start and interior pointers, foreign memory */
-    ck_assert_int_eq(kv_dcache_lookup(&c, a)->bf16, 1);
-    ck_assert_int_eq(kv_dcache_lookup(&c, (char *)a + 12345)->bf16, 1);
-    ck_assert_int_eq(kv_dcache_lookup(&c, b)->bf16, 0);
+    kv_tensor_table t;
+    memset(&t, 0, sizeof t);
+    enum { BLOCKS = 700 };
+    static char arena[BLOCKS * 64];
+    /* blocks of 1 to 64 bytes, packed as a pool packs small ones */
+    size_t offset[BLOCKS], bytes[BLOCKS], total = 0;
+    size_t at_ = 0;
+    for (int i = 0; i < BLOCKS; i++) {
+        bytes[i] = (size_t)(i % 64) + 1;
+        offset[i] = at_;
+        at_ += 64;
+        kv_block_info b = {arena + offset[i], bytes[i], (unsigned char)(i % 3 == 0)};
+        ck_assert_int_eq(kv_ttable_insert(&t, b), 0);
+        total += bytes[i];
+        ck_assert_uint_eq(t.in_use, total);
+    }
+    ck_assert_uint_eq(t.peak, total);
+    ck_assert_uint_eq(t.count, BLOCKS);
+    for (int i = 0; i < BLOCKS; i++) {
+        const kv_block_info *b = kv_ttable_find(&t, arena + offset[i]);
+        ck_assert_ptr_nonnull(b);
+        ck_assert_int_eq(b->bf16, i % 3 == 0);
+        /* an interior pointer finds its block; one past the end does not */
+        ck_assert_ptr_eq(kv_ttable_find(&t, arena + offset[i] + bytes[i] - 1), b);
+        if (bytes[i] < 64)
+            ck_assert_ptr_null(kv_ttable_find(&t, arena + offset[i] + bytes[i]));
+    }
     int local;
-    ck_assert_ptr_null(kv_dcache_lookup(&c, &local));
-    /* release and take again: no device call */
-    ck_assert_int_eq(kv_dcache_release(&c, a), 0);
-    ck_assert_int_eq(kv_dcache_release(&c, a), -1); /* twice */
-    ck_assert_int_eq(kv_dcache_alloc(&c, (3 << 20) - 100, 0, &e), KV_DCACHE_OK);
-    ck_assert_ptr_eq(e, a);
-    ck_assert_int_eq(kv_dcache_lookup(&c, e)->bf16, 0); /* the new owner's dtype */
-    ck_assert_int_eq(d.mallocs, 2);
-    /* a large miss gives the cached large blocks back first */
-    ck_assert_int_eq(kv_dcache_release(&c, e), 0);
-    ck_assert_int_eq(kv_dcache_alloc(&c, 9 << 20, 1, &e), KV_DCACHE_OK);
-    ck_assert_int_eq(d.frees, 1);
-    ck_assert_int_eq(d.syncs, 1);
-    ck_assert_uint_eq(c.cached, 0);
-    ck_assert_uint_eq(c.reserved, kv_dcache_round(9 << 20) + kv_dcache_round(1000));
-    ck_assert_uint_ge(c.peak_reserved, c.reserved);
-    kv_dcache_destroy(&c);
-    ck_assert_int_eq(d.frees, d.mallocs);
+    ck_assert_ptr_null(kv_ttable_find(&t, &local));
+    ck_assert_ptr_null(kv_ttable_find(&t, NULL));
+    /* remove every other block: the rest stay findable (backward shift) */
+    for (int i = 0; i < BLOCKS; i += 2) {
+        ck_assert_uint_eq(kv_ttable_remove(&t, arena + offset[i]), bytes[i]);
+        total -= bytes[i];
+    }
+    ck_assert_uint_eq(kv_ttable_remove(&t, arena + offset[0]), 0); /* twice */
+    ck_assert_uint_eq(t.in_use, total);
+    ck_assert_uint_eq(t.count, BLOCKS / 2);
+    for (int i = 0; i < BLOCKS; i++) {
+        const kv_block_info *b = kv_ttable_find(&t, arena + offset[i]);
+        if (i % 2)
+            ck_assert_msg(b && b->ptr == arena + offset[i], "block %d lost", i);
+        else
+            ck_assert_ptr_null(b);
+    }
+    /* the peak stays until the caller resets it (trim) */
+    ck_assert_uint_gt(t.peak, t.in_use);
+    kv_ttable_free(&t);
+    ck_assert_uint_eq(t.capacity, 0);
 }
 END_TEST
 
-START_TEST(device_cache_survives_many_blocks_and_oom)
+/* ---- group norm in NHWC ---- */
+
+/* cuda/group_norm.cu's NHWC sums on the CPU: per chunk of pixels and per
+ * channel (threads sharing a slot take every sharers-th pixel, added in
+ * lane order), then per group over chunks and channels in order. They must
+ * give the CPU backend's statistics. */
+START_TEST(group_norm_nhwc_sums_match_the_cpu_backend)
 {
-    fake_device d = {(size_t)64 << 20, 0, 0, 0, 0};
-    kv_dcache c = fake_cache(&d);
-    void *ptrs[500];
-    /* many small blocks: the table grows, lookups stay right */
-    for (int i = 0; i < 500; i++)
-        ck_assert_int_eq(kv_dcache_alloc(&c, (size_t)(i % 7 + 1) * 512, i & 1, &ptrs[i]),
-                         KV_DCACHE_OK);
-    for (int i = 0; i < 500; i += 2)
-        ck_assert_int_eq(kv_dcache_release(&c, ptrs[i]), 0);
-    for (int i = 1; i < 500; i += 2)
-        ck_assert_int_eq(kv_dcache_lookup(&c, ptrs[i])->bf16, 1);
-    /* dropping blocks one by one keeps every other block findable */
-    for (int i = 1; i < 500; i += 4)
-        ck_assert_int_eq(kv_dcache_drop(&c, ptrs[i]), 0);
-    for (int i = 3; i < 500; i += 4)
-        ck_assert_ptr_eq(kv_dcache_lookup(&c, ptrs[i])->ptr, ptrs[i]);
-    /* out of memory: the cache is given back and the request tried again */
-    void *big, *big2;
-    ck_assert_int_eq(kv_dcache_alloc(&c, (size_t)40 << 20, 0, &big), KV_DCACHE_OK);
-    ck_assert_int_eq(kv_dcache_release(&c, big), 0);
-    ck_assert_int_eq(kv_dcache_alloc(&c, (size_t)20 << 20, 0, &big), KV_DCACHE_OK); /* frees 40 */
-    ck_assert_int_eq(kv_dcache_alloc(&c, (size_t)60 << 20, 0, &big2), KV_DCACHE_OOM);
-    ck_assert_int_eq(kv_dcache_release(&c, big), 0);
-    ck_assert_int_eq(kv_dcache_alloc(&c, (size_t)50 << 20, 0, &big2), KV_DCACHE_OK);
-    /* trim: nothing cached stays */
-    for (int i = 3; i < 500; i += 4)
-        ck_assert_int_eq(kv_dcache_release(&c, ptrs[i]), 0);
-    kv_dcache_free_cached(&c, 0);
-    ck_assert_uint_eq(c.cached, 0);
-    ck_assert_uint_eq(c.reserved, c.in_use);
-    ck_assert_ptr_eq(kv_dcache_lookup(&c, big2)->ptr, big2);
-    kv_dcache_destroy(&c);
-    ck_assert_int_eq(d.frees, d.mallocs);
-    ck_assert_uint_eq(kv_dcache_round(0), 512);
-    ck_assert_uint_eq(kv_dcache_round(SIZE_MAX), 0);
+    const int n = 2, c = 24, groups = 6, h = 41, w = 23, width = 8, threads = 256;
+    const size_t pixels = (size_t)h * w, count = (size_t)(c / groups) * pixels;
+    test_rng rng = test_rng_new(516);
+    float *x = test_alloc((size_t)n * c * pixels), gamma[24], beta[24];
+    test_fill(x, (size_t)n * c * pixels, &rng, -3, 5);
+    test_fill(gamma, 24, &rng, 0.5f, 2);
+    test_fill(beta, 24, &rng, -1, 1);
+    float scale[48], shift[48], mean[12], rstd[12];
+    kv_backend_settings settings;
+    memset(&settings, 0, sizeof settings);
+    settings.threads = 1;
+    kv_backend *be = NULL;
+    ck_assert_ok(kv_cpu_backend_create(&settings, &be));
+    kv_tensor tx = kv_tensor_wrap(x, n, c, h, w), tg = kv_tensor_wrap(gamma, 1, c, 1, 1),
+              tb = kv_tensor_wrap(beta, 1, c, 1, 1), ts = kv_tensor_wrap(scale, n, c, 1, 1),
+              tt = kv_tensor_wrap(shift, n, c, 1, 1), tm = kv_tensor_wrap(mean, n, groups, 1, 1),
+              tr = kv_tensor_wrap(rstd, n, groups, 1, 1);
+    ck_assert_ok(be->ops->group_norm_stats(be, &tx, &tg, &tb, groups, 1e-6f, &ts, &tt, &tm, &tr));
+    kv_backend_destroy(be);
+    float *xs = to_layout(x, 1, n, c, h, w);
+    const int chunks = kv_gn_chunks(pixels * c), sharers = threads / (c / width);
+    double *part = calloc((size_t)2 * n * chunks * c, sizeof *part);
+    ck_assert_ptr_nonnull(part);
+    for (int b = 0; b < n; b++)
+        for (int k = 0; k < chunks; k++) {
+            size_t p0, p1;
+            kv_gn_chunk_range(pixels, chunks, k, &p0, &p1);
+            for (int ch = 0; ch < c; ch++) {
+                double s = 0.0, q = 0.0;
+                for (int lane = 0; lane < sharers; lane++) {
+                    double ls = 0.0, lq = 0.0;
+                    for (size_t p = p0 + lane; p < p1; p += sharers) {
+                        double v = xs[((size_t)b * pixels + p) * c + ch];
+                        ls += v;
+                        lq += v * v;
+                    }
+                    s += ls;
+                    q += lq;
+                }
+                part[2 * (((size_t)b * chunks + k) * c + ch)] = s;
+                part[2 * (((size_t)b * chunks + k) * c + ch) + 1] = q;
+            }
+        }
+    const int cpg = c / groups;
+    for (int b = 0; b < n; b++)
+        for (int g = 0; g < groups; g++) {
+            double s = 0.0, q = 0.0;
+            for (int k = 0; k < chunks; k++)
+                for (int ch = g * cpg; ch < (g + 1) * cpg; ch++) {
+                    s += part[2 * (((size_t)b * chunks + k) * c + ch)];
+                    q += part[2 * (((size_t)b * chunks + k) * c + ch) + 1];
+                }
+            for (int ch = g * cpg; ch < (g + 1) * cpg; ch++) {
+                float sc, sh;
+                double mu, rs;
+                kv_gn_finalize(s, q, count, 1e-6f, gamma[ch], beta[ch], &sc, &sh, &mu, &rs);
+                ck_assert_float_eq_tol(sc, scale[b * c + ch], 1e-6f * fabsf(scale[b * c + ch]));
+                ck_assert_float_eq_tol(sh, shift[b * c + ch],
+                                       1e-6f * (1 + fabsf(shift[b * c + ch])));
+                ck_assert_float_eq_tol((float)mu, mean[b * groups + g], 1e-6f);
+                ck_assert_float_eq_tol((float)rs, rstd[b * groups + g],
+                                       1e-6f * rstd[b * groups + g]);
+            }
+        }
+    free(x), free(xs), free(part);
 }
 END_TEST
 
@@ -608,16 +789,18 @@ Suite *suite_cuda_host(void)
     tcase_add_test(tc, bf16_round_trips_every_pattern);
     tcase_add_test(tc, bf16_rounds_to_nearest_even);
     tcase_add_test(tc, activations_are_the_cpu_formulas);
-    tcase_add_test(tc, upsample_map_repeats_each_pixel);
-    tcase_add_test(tc, posterior_map_takes_the_halves);
+    tcase_add_test(tc, upsample_maps_repeat_each_pixel);
+    tcase_add_test(tc, posterior_maps_take_the_halves);
+    tcase_add_test(tc, layout_maps_are_inverse_permutations);
+    tcase_add_test(tc, nhwc_sampling_gives_the_cpu_bits);
     tcase_add_test(tc, conv_plan_covers_every_output_row_within_budget);
     tcase_add_loop_test(tc, conv_pieces_compute_the_specified_convolution, 0, 4);
     tcase_add_test(tc, conv_plan_bands_the_decoders_largest_input);
     tcase_add_test(tc, group_norm_chunks_tile_each_group);
     tcase_add_test(tc, group_norm_finalize_matches_the_cpu_backend);
+    tcase_add_test(tc, group_norm_nhwc_sums_match_the_cpu_backend);
     tcase_add_test(tc, attention_blocks_are_linear_in_positions);
-    tcase_add_test(tc, device_cache_reuses_released_blocks);
-    tcase_add_test(tc, device_cache_survives_many_blocks_and_oom);
+    tcase_add_test(tc, tensor_table_finds_every_block_by_any_pointer);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -199,8 +199,9 @@ END_TEST
 START_TEST(abi_version_mismatch)
 {
     use_plugin(fake("bad_abi"));
-    expect_cuda_failure(KLVAE_ERR_BACKEND_UNAVAILABLE, "fake_bad_abi.so",
-                        "ABI version 7, this libklvae needs 2");
+    char needs[64];
+    snprintf(needs, sizeof needs, "ABI version 7, this libklvae needs %d", KV_PLUGIN_ABI_VERSION);
+    expect_cuda_failure(KLVAE_ERR_BACKEND_UNAVAILABLE, "fake_bad_abi.so", needs);
     ck_assert_error_mentions("version mismatch");
     ck_assert_ptr_null(dlopen(fake("bad_abi"), RTLD_NOW | RTLD_NOLOAD));
     expect_auto_cpu("ABI version 7", NULL);
@@ -484,9 +485,13 @@ START_TEST(device_calls_use_the_callers_stream)
     ck_assert_ptr_eq(r->streams[4], stream);
     ck_assert_ptr_null(r->last_stream);
     ck_assert_int_eq(r->synchronizes, 3);
-    /* the caller's pointers are used as they are: no staging */
+    /* the caller's device arrays are copied in and out on the device, never
+     * through the host: images in and nothing out (failed encode), z in and
+     * nothing out (failed decode), mean and logvar in and z out (sample) */
     ck_assert_int_eq(r->uploads, uploads);
     ck_assert_int_eq(r->downloads, downloads);
+    ck_assert_int_eq(r->imports, 4);
+    ck_assert_int_eq(r->exports, 1);
 
     /* argument errors come first and touch no stream */
     ck_assert_status(klvae_encode_device(m, NULL, 1, h, w, mean, logvar, stream),

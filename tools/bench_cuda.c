@@ -3,8 +3,10 @@
  * already on the GPU), for tests/gpu/check.sh. Prints one line of JSON per
  * case:
  *   {"tool": "klvae", "op", "size", "batch", "precision", "config", "times_ms": [...],
- *    "median_ms", "first_ms", "peak_in_use_mb", "peak_reserved_mb",
- *    "cuda_mallocs_per_call", "keep_cache"}
+ *    "median_ms", "first_ms", "peak_in_use_mb", "peak_reserved_mb", "pool_growth_mb",
+ *    "variant"}
+ * where variant names the plugin's settings from the environment that the
+ * GPU check compares ("default", or e.g. "KLVAE_CUDA_FUSED=0").
  *
  *   bench_cuda OP:SIZE:BATCH[,OP:SIZE:BATCH...] [--precision fp32|tf32|bf16]
  *              [--runs R] [--warmup W] [--config NAME] [--plugin PATH] [--device D]
@@ -15,12 +17,12 @@
  * algorithm search for shapes not seen yet), W more untimed calls, a trim
  * (the memory statistics restart), one more untimed call, and R timed calls,
  * each ended by a synchronize; then a trim. The peaks are the backend's
- * device memory over the last R + 1 calls: blocks in use (tensors, weights
- * and work buffers: what torch.cuda.max_memory_allocated counts) and blocks
- * held from cudaMalloc (in use or cached), read from the plugin's
- * KLVAE_CUDA_MEMSTATS file; cuda_mallocs_per_call counts the cudaMalloc calls
- * of the timed calls (KLVAE_CUDA_KEEP_CACHE=1 shows the cost of the allocator's
- * giving memory back, see cuda/device_cache.cuh). It links lib/libklvae.a
+ * device memory over the last R + 1 calls: bytes in use (tensors, weights
+ * and work buffers: what torch.cuda.max_memory_allocated counts) and bytes
+ * its stream-ordered pool held (in use or free for reuse), read from the
+ * plugin's KLVAE_CUDA_MEMSTATS file; pool_growth_mb is what the pool took
+ * from the device during the timed calls (0 when repeated calls of one
+ * shape allocate nothing, cuda/memory.cu). It links lib/libklvae.a
  * (the model is built on the plugin's backend with the library's internal
  * functions).
  *
@@ -48,21 +50,22 @@ static void usage(void)
 }
 
 /* The last statistics line of the plugin's file (it writes one at every
- * synchronize and trim). */
-static void read_last(const char *path, double *in_use_mb, double *reserved_mb, double *allocs)
+ * synchronize and trim): peak bytes in use and held, bytes held now, in MiB. */
+static void read_last(const char *path, double *in_use_mb, double *peak_held_mb,
+                      double *held_mb)
 {
-    *in_use_mb = *reserved_mb = *allocs = -1.0;
+    *in_use_mb = *peak_held_mb = *held_mb = -1.0;
     FILE *fp = fopen(path, "r");
     if (!fp)
         return;
     char line[512];
     while (fgets(line, sizeof line, fp)) {
         const char *a = strstr(line, "peak_in_use="), *b = strstr(line, "peak_reserved=");
-        const char *c = strstr(line, "device_allocs=");
+        const char *c = strstr(line, " reserved=");
         if (a && b && c) {
             *in_use_mb = strtod(a + 12, NULL) / 1048576.0;
-            *reserved_mb = strtod(b + 14, NULL) / 1048576.0;
-            *allocs = strtod(c + 14, NULL);
+            *peak_held_mb = strtod(b + 14, NULL) / 1048576.0;
+            *held_mb = strtod(c + 10, NULL) / 1048576.0;
         }
     }
     fclose(fp);
@@ -72,6 +75,23 @@ typedef struct options {
     int runs, warmup;
     const char *config, *precision;
 } options;
+
+/* The plugin settings this run has from the environment, for the JSON. */
+static void variant(char *out, size_t size)
+{
+    static const char *names[] = {"KLVAE_CUDA_FUSED", "KLVAE_CUDA_LAYOUT", "KLVAE_CUDA_CONV_SEARCH",
+                                  "KLVAE_CUDA_CONV_ALGO", "KLVAE_CUDA_CONV_BUDGET"};
+    out[0] = '\0';
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        const char *v = getenv(names[i]);
+        if (v && *v) {
+            size_t used = strlen(out);
+            snprintf(out + used, size - used, "%s%s=%s", used ? " " : "", names[i], v);
+        }
+    }
+    if (!out[0])
+        snprintf(out, size, "default");
+}
 
 /* One case; returns 0, or 1 after printing why on stderr. */
 static int run_case(klvae_model_t *m, const kv_plugin *plugin, const options *o,
@@ -116,14 +136,14 @@ static int run_case(klvae_model_t *m, const kv_plugin *plugin, const options *o,
             st = kv_tensor_alloc(be, batch, zc, lat, lat, &out2);
     }
     if (st == KLVAE_OK)
-        st = be->ops->upload(be, in.data, host, n_in);
+        st = be->ops->upload(be, &in, host);
     free(host);
-    double unused, allocs0 = -1.0, allocs1 = -1.0;
+    double unused, held0 = -1.0, held1 = -1.0;
     for (int r = -o->warmup - 2; r < o->runs && st == KLVAE_OK; r++) {
         if (r == -1) /* the statistics of the last calls only */
             be->ops->trim(be);
-        if (r == 0) /* after the call that refilled the cache */
-            read_last(stats, &unused, &unused, &allocs0);
+        if (r == 0) /* after the call that refilled the pool */
+            read_last(stats, &unused, &unused, &held0);
         double t0 = harness_now();
         st = decode ? kv_vae_decode(m, &in, NULL, &out) : kv_vae_encode(m, &in, &out, &out2);
         if (st == KLVAE_OK)
@@ -138,12 +158,11 @@ static int run_case(klvae_model_t *m, const kv_plugin *plugin, const options *o,
         fprintf(stderr, "bench_cuda: %s %d batch %d %s: %s\n", op, size, batch, o->precision,
                 klvae_last_error());
     } else {
-        read_last(stats, &unused, &unused, &allocs1);
+        read_last(stats, &unused, &unused, &held1);
         be->ops->trim(be);
         double in_use_mb, reserved_mb;
         read_last(stats, &in_use_mb, &reserved_mb, &unused);
-        double mallocs = allocs0 >= 0.0 && allocs1 >= 0.0 ? (allocs1 - allocs0) / o->runs : -1.0;
-        const char *keep = getenv("KLVAE_CUDA_KEEP_CACHE");
+        double growth = held0 >= 0.0 && held1 >= 0.0 ? held1 - held0 : -1.0;
         printf("{\"tool\": \"klvae\", \"op\": \"%s\", \"size\": %d, \"batch\": %d, "
                "\"precision\": \"%s\", \"config\": \"%s\", \"times_ms\": [",
                op, size, batch, o->precision, o->config);
@@ -152,10 +171,11 @@ static int run_case(klvae_model_t *m, const kv_plugin *plugin, const options *o,
         qsort(times, (size_t)o->runs, sizeof *times, compare);
         int n = o->runs;
         double median = n % 2 ? times[n / 2] : 0.5 * (times[n / 2 - 1] + times[n / 2]);
+        char settings[256];
+        variant(settings, sizeof settings);
         printf("], \"median_ms\": %.3f, \"first_ms\": %.1f, \"peak_in_use_mb\": %.1f, "
-               "\"peak_reserved_mb\": %.1f, \"cuda_mallocs_per_call\": %.1f, \"keep_cache\": %s}\n",
-               median, first, in_use_mb, reserved_mb, mallocs,
-               keep && strcmp(keep, "1") == 0 ? "true" : "false");
+               "\"peak_reserved_mb\": %.1f, \"pool_growth_mb\": %.1f, \"variant\": \"%s\"}\n",
+               median, first, in_use_mb, reserved_mb, growth, settings);
         fflush(stdout);
     }
     free(times);

@@ -15,16 +15,21 @@
  *
  * Family conv2d
  *   conv2d          y[n,co,oy,ox] = b[co] + sum_{ci,ky,kx} w[co,ci,ky,kx] *
- *                                   xpad[n,ci,oy*s+ky,ox*s+kx]
+ *                                   xpad[n,ci,oy*s+ky,ox*s+kx] + r[n,co,oy,ox]
  *                   where xpad is x' with pad_top/left/bottom/right zero rows
  *                   and columns; w is (co, ci, kh, kw), b is (co) or absent
- *                   (NULL). Output size: (H + top + bottom - kh) / s + 1.
+ *                   (NULL), r (the residual, y's shape) is absent or a tensor
+ *                   that is not y, added last. Output size:
+ *                   (H' + top + bottom - kh) / s + 1 for x' of H' rows.
  *                   A 1x1 conv with no padding is a per-pixel linear layer.
- *                   x' = x, or with a prologue p:
+ *                   x' = x, or with a prologue p: with p.scale and p.shift,
  *                   x'[n,c,y,x] = p.act(x[n,c,y,x] * p.scale[n,c] + p.shift[n,c])
  *                   (padding stays zero): a group norm fused into the conv
  *                   that consumes it, so the normalised tensor is never
- *                   stored.
+ *                   stored; with p.upsample2x, x' is then read through the
+ *                   nearest 2x upsample, x'[n,c,y,x] -> x'[n,c,y/2,x/2] for
+ *                   (2H, 2W): the decoder's Upsample2D, whose upsampled
+ *                   tensor is never stored either.
  *   conv2d_backward_data
  *                   dx = d/dx' of sum(dy * conv2d(x')): the transposed
  *                   convolution of dy with w for the forward geometry; dx has
@@ -33,7 +38,8 @@
  *   conv2d_backward_weight
  *                   dw += sum_{n,oy,ox} dy[n,co,oy,ox] * xpad[n,ci,oy*s+ky,ox*s+kx]
  *                   and db[co] += sum dy[n,co,:,:] (db may be absent), with
- *                   xpad from x' = prologue(x) as in the forward.
+ *                   xpad from x' = prologue(x) as in the forward (a prologue
+ *                   without upsample2x).
  *
  * Family group_norm
  *   group_norm_stats
@@ -188,11 +194,22 @@ typedef struct kv_conv_geometry {
     int pad_top, pad_left, pad_bottom, pad_right;
 } kv_conv_geometry;
 
-/* What conv2d applies to each input value before convolving (see above). */
+/* What conv2d applies to its input before convolving (see above). */
 typedef struct kv_conv_prologue {
-    const struct kv_tensor *scale, *shift; /* (N, C) */
-    kv_activation act;
+    const struct kv_tensor *scale, *shift; /* (N, C), or both NULL */
+    kv_activation act;                     /* with scale and shift */
+    bool upsample2x;                       /* read x' through a nearest 2x upsample */
 } kv_conv_prologue;
+
+/* How a backend stores a tensor it allocates. A backend that computes in
+ * another format than float32 NCHW (the CUDA backend in bf16: bf16 NHWC)
+ * stores activations and weights in that format; what must stay exact
+ * (group-norm statistics, losses' gradients, optimiser state) asks for
+ * float32. The CPU backend stores everything as float32. */
+typedef enum kv_storage {
+    KV_STORAGE_COMPUTE = 0, /* the backend's compute format */
+    KV_STORAGE_FLOAT32      /* float32, exactly */
+} kv_storage;
 
 typedef struct kv_backend kv_backend;
 
@@ -206,7 +223,7 @@ typedef struct kv_backend kv_backend;
 #define KV_BACKEND_OPS(X)                                                                       \
     X(conv2d, conv2d, KV_OP_INFERENCE,                                                          \
       (kv_backend *be, const kv_tensor *x, const kv_conv_prologue *prologue, const kv_tensor *w, \
-       const kv_tensor *b, kv_conv_geometry geometry, kv_tensor *y))                            \
+       const kv_tensor *b, const kv_tensor *residual, kv_conv_geometry geometry, kv_tensor *y)) \
     X(group_norm, group_norm_stats, KV_OP_INFERENCE,                                            \
       (kv_backend *be, const kv_tensor *x, const kv_tensor *gamma, const kv_tensor *beta,      \
        int groups, float eps, kv_tensor *scale, kv_tensor *shift, kv_tensor *mean,              \
@@ -296,14 +313,19 @@ typedef struct kv_backend_ops {
     const char *name;
     void (*destroy)(kv_backend *be);
 
-    /* memory */
-    klvae_status_t (*alloc)(kv_backend *be, size_t bytes, void **out);
+    /* memory: blocks for tensors of bytes / 4 float32 elements, stored as
+     * storage says */
+    klvae_status_t (*alloc)(kv_backend *be, size_t bytes, kv_storage storage, void **out);
     void (*release)(kv_backend *be, void *ptr);
     /* Gives memory the backend keeps for reuse back to the system; called at
      * the end of every API call. */
     void (*trim)(kv_backend *be);
-    klvae_status_t (*upload)(kv_backend *be, void *dst, const float *src, size_t count);
-    klvae_status_t (*download)(kv_backend *be, float *dst, const void *src, size_t count);
+    /* dst (a tensor of this backend, or a caller's device array) = the
+     * numel(dst) float32 values of src, in NCHW order; download the other
+     * way. Whatever the backend's storage format, the host side is float32
+     * NCHW. */
+    klvae_status_t (*upload)(kv_backend *be, kv_tensor *dst, const float *src);
+    klvae_status_t (*download)(kv_backend *be, float *dst, const kv_tensor *src);
 
     /* the ops of KV_BACKEND_OPS, by name; NULL where the backend lacks one */
 #define KV_OP_MEMBER(family, name, needed_by, params) klvae_status_t(*name) params;
@@ -382,14 +404,19 @@ size_t kv_tensor_numel(const kv_tensor *t);
 kv_tensor kv_tensor_view4(const kv_tensor *t, int n, int c, int h, int w);
 /* A non-owning tensor over memory the caller manages. */
 kv_tensor kv_tensor_wrap(void *data, int n, int c, int h, int w);
-/* Allocates an (n, c, h, w) float32 tensor in backend memory. */
+/* Allocates an (n, c, h, w) tensor in backend memory, in the backend's
+ * compute format. */
 klvae_status_t kv_tensor_alloc(kv_backend *be, int n, int c, int h, int w, kv_tensor *out);
+/* The same, kept in float32 whatever the backend computes in (statistics,
+ * gradients of losses, optimiser state). */
+klvae_status_t kv_tensor_alloc_f32(kv_backend *be, int n, int c, int h, int w, kv_tensor *out);
 /* Allocates a tensor of like's (4-D) shape. */
 klvae_status_t kv_tensor_alloc_like(kv_backend *be, const kv_tensor *like, kv_tensor *out);
 /* Allocates y with the shape of conv2d(x, w) for geometry g (w (co, ci, kh,
- * kw), or 2-D for a 1x1); KLVAE_ERR_INVALID_ARGUMENT when x is too small. */
-klvae_status_t kv_conv_output_alloc(kv_backend *be, const kv_tensor *x, const kv_tensor *w,
-                                    kv_conv_geometry g, kv_tensor *y);
+ * kw), or 2-D for a 1x1), of the upsampled x when upsample2x;
+ * KLVAE_ERR_INVALID_ARGUMENT when x is too small. */
+klvae_status_t kv_conv_output_alloc(kv_backend *be, const kv_tensor *x, bool upsample2x,
+                                    const kv_tensor *w, kv_conv_geometry g, kv_tensor *y);
 /* Releases owned memory and clears the tensor; safe to call twice. */
 void kv_tensor_release(kv_backend *be, kv_tensor *t);
 

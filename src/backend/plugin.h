@@ -15,7 +15,7 @@
 
 #include "backend/backend.h"
 
-#define KV_PLUGIN_ABI_VERSION 2
+#define KV_PLUGIN_ABI_VERSION 3
 #define KV_PLUGIN_ENTRY_NAME "klvae_plugin_entry"
 
 /* Services of the core for the plugin. */
@@ -52,12 +52,20 @@ typedef struct kv_plugin {
                              kv_backend **out);
 
     /* Runs the backend's following work on the caller's stream (a
-     * cudaStream_t as void *; NULL: the backend's own stream). Used by the
-     * klvae_*_device entry points, which also wrap the caller's device
-     * pointers as tensors. */
+     * cudaStream_t as void *; NULL: the backend's own stream), after the
+     * work queued on the old one. All or nothing: on failure the backend
+     * stays on its old stream. Used by the klvae_*_device entry points. */
     klvae_status_t (*set_stream)(kv_backend *be, void *stream);
     /* Waits until the backend's work on its current stream is done. */
     klvae_status_t (*synchronize)(kv_backend *be);
+
+    /* For the klvae_*_device entry points: dst (a tensor of this backend) =
+     * the numel(dst) float32 values, NCHW order, of the caller's device
+     * array src; export_device the other way. Queued on the current stream
+     * (no wait), converting to and from the backend's storage format, so
+     * that the ops only ever see the backend's own tensors. */
+    klvae_status_t (*import_device)(kv_backend *be, kv_tensor *dst, const float *src);
+    klvae_status_t (*export_device)(kv_backend *be, float *dst, const kv_tensor *src);
 } kv_plugin;
 
 typedef const kv_plugin *(*kv_plugin_entry_fn)(void);

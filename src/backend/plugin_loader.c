@@ -150,6 +150,8 @@ static bool check_plugin(void *handle, const char *path, const kv_plugin **out)
                           : !p->create      ? "create"
                           : !p->set_stream  ? "set_stream"
                           : !p->synchronize ? "synchronize"
+                          : !p->import_device ? "import_device"
+                          : !p->export_device ? "export_device"
                                             : NULL;
     if (missing) {
         set_reason("CUDA plugin %s: its table lacks the function %s", path, missing);

@@ -81,7 +81,7 @@ KLVAE_API klvae_status_t klvae_model_create(const klvae_options_t *opts, klvae_m
     if (st == KLVAE_OK)
         st = kv_model_build(m);
     if (st == KLVAE_OK)
-        st = kv_model_alloc_params(m);
+        st = kv_model_alloc_params(m, KV_STORAGE_COMPUTE);
     if (st == KLVAE_OK)
         st = kv_model_init_params(m, kv_options_uint64(opts, "seed"));
     if (st != KLVAE_OK) {
@@ -163,7 +163,7 @@ KLVAE_API klvae_status_t klvae_model_load(const char *path, const klvae_options_
     if (status == KLVAE_OK)
         status = kv_model_build(m);
     if (status == KLVAE_OK)
-        status = kv_model_alloc_params(m);
+        status = kv_model_alloc_params(m, KV_STORAGE_COMPUTE);
     if (status == KLVAE_OK)
         status = kv_weights_load(m, &st, prefix, naming, config != NULL);
     kv_st_close(&st);
@@ -271,27 +271,46 @@ static bool overlaps(const float *a, size_t na, const float *b, size_t nb)
     return a && b && a < b + nb && b < a + na;
 }
 
-/* A tensor holding caller data: the caller's array itself when the backend
- * computes in host memory, else a backend copy (uploaded when upload). */
-static klvae_status_t stage(kv_backend *be, float *host, int n, int c, int h, int w, bool upload,
-                            kv_tensor *t)
+/* Where the caller's arrays meet the backend: host arrays through upload
+ * and download (or as they are, when the backend computes in host memory),
+ * a caller's device arrays (klvae_*_device) through the plugin's
+ * import_device and export_device. */
+typedef struct caller_arrays {
+    kv_backend *be;
+    const kv_plugin *device; /* the plugin for device arrays; NULL: host arrays */
+} caller_arrays;
+
+static klvae_status_t plugin_error(klvae_status_t st);
+
+/* A tensor holding caller data (copied in when copy_in), stored as storage
+ * says. */
+static klvae_status_t take_in(const caller_arrays *io, float *array, int n, int c, int h, int w,
+                              bool copy_in, kv_storage storage, kv_tensor *t)
 {
-    if (be->host_memory) {
-        *t = kv_tensor_wrap(host, n, c, h, w);
+    kv_backend *be = io->be;
+    if (!io->device && be->host_memory) {
+        *t = kv_tensor_wrap(array, n, c, h, w);
         return KLVAE_OK;
     }
-    klvae_status_t st = kv_tensor_alloc(be, n, c, h, w, t);
-    if (st == KLVAE_OK && upload)
-        st = be->ops->upload(be, t->data, host, kv_tensor_numel(t));
+    klvae_status_t st = storage == KV_STORAGE_FLOAT32 ? kv_tensor_alloc_f32(be, n, c, h, w, t)
+                                                      : kv_tensor_alloc(be, n, c, h, w, t);
+    if (st == KLVAE_OK && copy_in)
+        st = io->device ? plugin_error(io->device->import_device(be, t, array))
+                        : be->ops->upload(be, t, array);
     if (st != KLVAE_OK)
         kv_tensor_release(be, t);
     return st;
 }
 
-static klvae_status_t unstage(kv_backend *be, kv_tensor *t, float *host, klvae_status_t st)
+/* Copies t out to the caller's array when the work (st) succeeded, and
+ * releases it. */
+static klvae_status_t give_out(const caller_arrays *io, kv_tensor *t, float *array,
+                               klvae_status_t st)
 {
-    if (st == KLVAE_OK && t->owned && host)
-        st = be->ops->download(be, host, t->data, kv_tensor_numel(t));
+    kv_backend *be = io->be;
+    if (st == KLVAE_OK && t->owned && array)
+        st = io->device ? plugin_error(io->device->export_device(be, array, t))
+                        : be->ops->download(be, array, t);
     kv_tensor_release(be, t);
     return st;
 }
@@ -385,6 +404,65 @@ static klvae_status_t check_sample(const char *fn, const klvae_model_t *m, const
     return KLVAE_OK;
 }
 
+/* The work of klvae_encode and klvae_encode_device, arguments checked. */
+static klvae_status_t encode_arrays(klvae_model_t *m, const caller_arrays *io,
+                                    const float *images, int n, int h, int w, float *mean,
+                                    float *logvar)
+{
+    const int f = kv_config_factor(&m->cfg);
+    const int c = m->cfg.in_channels, z = m->cfg.latent_channels;
+    kv_tensor x = {0}, mu = {0}, lv = {0};
+    klvae_status_t st = take_in(io, (float *)images, n, c, h, w, true, KV_STORAGE_COMPUTE, &x);
+    if (st == KLVAE_OK)
+        st = take_in(io, mean, n, z, h / f, w / f, false, KV_STORAGE_COMPUTE, &mu);
+    if (st == KLVAE_OK && logvar)
+        st = take_in(io, logvar, n, z, h / f, w / f, false, KV_STORAGE_COMPUTE, &lv);
+    if (st == KLVAE_OK)
+        st = kv_vae_encode(m, &x, &mu, logvar ? &lv : NULL);
+    kv_tensor_release(io->be, &x);
+    st = give_out(io, &mu, mean, st);
+    return give_out(io, &lv, logvar, st);
+}
+
+/* The work of klvae_decode and klvae_decode_device. */
+static klvae_status_t decode_arrays(klvae_model_t *m, const caller_arrays *io, const float *z,
+                                    int n, int lat_h, int lat_w, float *images)
+{
+    const int f = kv_config_factor(&m->cfg);
+    const int zc = m->cfg.latent_channels, c = m->cfg.out_channels;
+    kv_tensor zt = {0}, out = {0};
+    klvae_status_t st =
+        take_in(io, (float *)z, n, zc, lat_h, lat_w, true, KV_STORAGE_COMPUTE, &zt);
+    if (st == KLVAE_OK)
+        st = take_in(io, images, n, c, lat_h * f, lat_w * f, false, KV_STORAGE_COMPUTE, &out);
+    if (st == KLVAE_OK)
+        st = kv_vae_decode(m, &zt, NULL, &out);
+    kv_tensor_release(io->be, &zt);
+    return give_out(io, &out, images, st);
+}
+
+/* The work of klvae_sample and klvae_sample_device: in float32 whatever the
+ * backend computes in, so that z is the CPU's bit for bit. */
+static klvae_status_t sample_arrays(klvae_model_t *m, const caller_arrays *io, const float *mean,
+                                    const float *logvar, int n, int lat_h, int lat_w,
+                                    uint64_t seed, float *z)
+{
+    const int zc = m->cfg.latent_channels;
+    kv_backend *be = io->be;
+    kv_tensor mu = {0}, lv = {0}, zt = {0};
+    klvae_status_t st =
+        take_in(io, (float *)mean, n, zc, lat_h, lat_w, true, KV_STORAGE_FLOAT32, &mu);
+    if (st == KLVAE_OK)
+        st = take_in(io, (float *)logvar, n, zc, lat_h, lat_w, true, KV_STORAGE_FLOAT32, &lv);
+    if (st == KLVAE_OK)
+        st = take_in(io, z, n, zc, lat_h, lat_w, false, KV_STORAGE_FLOAT32, &zt);
+    if (st == KLVAE_OK)
+        st = be->ops->gaussian_sample(be, &mu, &lv, seed, &zt);
+    kv_tensor_release(be, &mu);
+    kv_tensor_release(be, &lv);
+    return give_out(io, &zt, z, st);
+}
+
 KLVAE_API klvae_status_t klvae_encode(klvae_model_t *m, const float *images, int n, int h, int w,
                                       float *mean, float *logvar)
 {
@@ -394,21 +472,9 @@ KLVAE_API klvae_status_t klvae_encode(klvae_model_t *m, const float *images, int
         st = kv_busy_enter(&m->busy, "klvae_encode");
     if (st != KLVAE_OK)
         return st;
-    const int f = kv_config_factor(&m->cfg);
-    const int c = m->cfg.in_channels, z = m->cfg.latent_channels;
-    kv_backend *be = m->be;
-    kv_tensor x = {0}, mu = {0}, lv = {0};
-    st = stage(be, (float *)images, n, c, h, w, true, &x);
-    if (st == KLVAE_OK)
-        st = stage(be, mean, n, z, h / f, w / f, false, &mu);
-    if (st == KLVAE_OK && logvar)
-        st = stage(be, logvar, n, z, h / f, w / f, false, &lv);
-    if (st == KLVAE_OK)
-        st = kv_vae_encode(m, &x, &mu, logvar ? &lv : NULL);
-    kv_tensor_release(be, &x);
-    st = unstage(be, &mu, mean, st);
-    st = unstage(be, &lv, logvar, st);
-    be->ops->trim(be);
+    const caller_arrays io = {m->be, NULL};
+    st = encode_arrays(m, &io, images, n, h, w, mean, logvar);
+    m->be->ops->trim(m->be);
     return kv_busy_leave(&m->busy, st);
 }
 
@@ -421,18 +487,9 @@ KLVAE_API klvae_status_t klvae_decode(klvae_model_t *m, const float *z, int n, i
         st = kv_busy_enter(&m->busy, "klvae_decode");
     if (st != KLVAE_OK)
         return st;
-    const int f = kv_config_factor(&m->cfg);
-    const int zc = m->cfg.latent_channels, c = m->cfg.out_channels;
-    kv_backend *be = m->be;
-    kv_tensor zt = {0}, out = {0};
-    st = stage(be, (float *)z, n, zc, lat_h, lat_w, true, &zt);
-    if (st == KLVAE_OK)
-        st = stage(be, images, n, c, lat_h * f, lat_w * f, false, &out);
-    if (st == KLVAE_OK)
-        st = kv_vae_decode(m, &zt, NULL, &out);
-    kv_tensor_release(be, &zt);
-    st = unstage(be, &out, images, st);
-    be->ops->trim(be);
+    const caller_arrays io = {m->be, NULL};
+    st = decode_arrays(m, &io, z, n, lat_h, lat_w, images);
+    m->be->ops->trim(m->be);
     return kv_busy_leave(&m->busy, st);
 }
 
@@ -445,19 +502,9 @@ KLVAE_API klvae_status_t klvae_sample(klvae_model_t *m, const float *mean, const
         st = kv_busy_enter(&m->busy, "klvae_sample");
     if (st != KLVAE_OK)
         return st;
-    const int zc = m->cfg.latent_channels;
-    kv_backend *be = m->be;
-    kv_tensor mu = {0}, lv = {0}, zt = {0};
-    st = stage(be, (float *)mean, n, zc, lat_h, lat_w, true, &mu);
-    if (st == KLVAE_OK)
-        st = stage(be, (float *)logvar, n, zc, lat_h, lat_w, true, &lv);
-    if (st == KLVAE_OK)
-        st = stage(be, z, n, zc, lat_h, lat_w, false, &zt);
-    if (st == KLVAE_OK)
-        st = be->ops->gaussian_sample(be, &mu, &lv, seed, &zt);
-    kv_tensor_release(be, &mu);
-    kv_tensor_release(be, &lv);
-    return kv_busy_leave(&m->busy, unstage(be, &zt, z, st));
+    const caller_arrays io = {m->be, NULL};
+    st = sample_arrays(m, &io, mean, logvar, n, lat_h, lat_w, seed, z);
+    return kv_busy_leave(&m->busy, st);
 }
 
 /* ---- inference on device memory ---- */
@@ -522,13 +569,8 @@ KLVAE_API klvae_status_t klvae_encode_device(klvae_model_t *m, const float *imag
         st = device_begin("klvae_encode_device", "klvae_encode", m, stream);
     if (st != KLVAE_OK)
         return st;
-    const int f = kv_config_factor(&m->cfg);
-    const int c = m->cfg.in_channels, z = m->cfg.latent_channels;
-    kv_tensor x = kv_tensor_wrap((float *)images, n, c, h, w);
-    kv_tensor mu = kv_tensor_wrap(mean, n, z, h / f, w / f);
-    kv_tensor lv = kv_tensor_wrap(logvar, n, z, h / f, w / f);
-    st = kv_vae_encode(m, &x, &mu, logvar ? &lv : NULL);
-    return device_end(m, st);
+    const caller_arrays io = {m->be, m->plugin};
+    return device_end(m, encode_arrays(m, &io, images, n, h, w, mean, logvar));
 }
 
 KLVAE_API klvae_status_t klvae_decode_device(klvae_model_t *m, const float *z, int n, int lat_h,
@@ -540,12 +582,8 @@ KLVAE_API klvae_status_t klvae_decode_device(klvae_model_t *m, const float *z, i
         st = device_begin("klvae_decode_device", "klvae_decode", m, stream);
     if (st != KLVAE_OK)
         return st;
-    const int f = kv_config_factor(&m->cfg);
-    const int zc = m->cfg.latent_channels, c = m->cfg.out_channels;
-    kv_tensor zt = kv_tensor_wrap((float *)z, n, zc, lat_h, lat_w);
-    kv_tensor out = kv_tensor_wrap(images, n, c, lat_h * f, lat_w * f);
-    st = kv_vae_decode(m, &zt, NULL, &out);
-    return device_end(m, st);
+    const caller_arrays io = {m->be, m->plugin};
+    return device_end(m, decode_arrays(m, &io, z, n, lat_h, lat_w, images));
 }
 
 KLVAE_API klvae_status_t klvae_sample_device(klvae_model_t *m, const float *mean,
@@ -559,10 +597,6 @@ KLVAE_API klvae_status_t klvae_sample_device(klvae_model_t *m, const float *mean
         st = device_begin("klvae_sample_device", "klvae_sample", m, stream);
     if (st != KLVAE_OK)
         return st;
-    const int zc = m->cfg.latent_channels;
-    kv_tensor mu = kv_tensor_wrap((float *)mean, n, zc, lat_h, lat_w);
-    kv_tensor lv = kv_tensor_wrap((float *)logvar, n, zc, lat_h, lat_w);
-    kv_tensor zt = kv_tensor_wrap(z, n, zc, lat_h, lat_w);
-    st = m->be->ops->gaussian_sample(m->be, &mu, &lv, seed, &zt);
-    return device_end(m, st);
+    const caller_arrays io = {m->be, m->plugin};
+    return device_end(m, sample_arrays(m, &io, mean, logvar, n, lat_h, lat_w, seed, z));
 }

@@ -239,12 +239,12 @@ klvae_status_t kv_model_build(klvae_model_t *m)
     return KLVAE_OK;
 }
 
-klvae_status_t kv_model_alloc_params(klvae_model_t *m)
+klvae_status_t kv_model_alloc_params(klvae_model_t *m, kv_storage storage)
 {
     for (size_t i = 0; i < m->num_params; i++) {
         kv_tensor *t = m->params[i].tensor;
         size_t bytes = kv_tensor_numel(t) * sizeof(float);
-        klvae_status_t st = m->be->ops->alloc(m->be, bytes, &t->data);
+        klvae_status_t st = m->be->ops->alloc(m->be, bytes, storage, &t->data);
         if (st != KLVAE_OK)
             return kv_error_prefix(st, "allocating %s", m->params[i].name);
         t->owned = true;
@@ -279,7 +279,7 @@ klvae_status_t kv_model_init_params(klvae_model_t *m, uint64_t seed)
             case KV_PARAM_NORM_BIAS: host[e] = 0.0f; break;
             }
         }
-        st = m->be->ops->upload(m->be, p->tensor->data, host, n);
+        st = m->be->ops->upload(m->be, p->tensor, host);
     }
     free(host);
     return st;

@@ -107,8 +107,10 @@ struct klvae_model {
  * (no memory for the tensors yet). */
 klvae_status_t kv_model_build(klvae_model_t *m);
 
-/* Allocates every parameter in backend memory. */
-klvae_status_t kv_model_alloc_params(klvae_model_t *m);
+/* Allocates every parameter in backend memory, stored as storage says (a
+ * model's weights: the compute format; a trainer's gradients and optimiser
+ * state: float32). */
+klvae_status_t kv_model_alloc_params(klvae_model_t *m, kv_storage storage);
 
 /* PyTorch's default initialisation from a seed (see klvae_model_create). */
 klvae_status_t kv_model_init_params(klvae_model_t *m, uint64_t seed);

@@ -36,13 +36,14 @@ static klvae_status_t norm_state_make(klvae_model_t *m, const kv_norm *nm, const
     kv_backend *be = m->be;
     const int batch = x->shape[0], c = x->shape[1], g = m->cfg.norm_num_groups;
     memset(n, 0, sizeof *n);
-    klvae_status_t st = kv_tensor_alloc(be, batch, c, 1, 1, &n->scale);
+    /* statistics stay float32 whatever the backend computes in */
+    klvae_status_t st = kv_tensor_alloc_f32(be, batch, c, 1, 1, &n->scale);
     if (st == KLVAE_OK)
-        st = kv_tensor_alloc(be, batch, c, 1, 1, &n->shift);
+        st = kv_tensor_alloc_f32(be, batch, c, 1, 1, &n->shift);
     if (st == KLVAE_OK && for_backward)
-        st = kv_tensor_alloc(be, batch, g, 1, 1, &n->mean);
+        st = kv_tensor_alloc_f32(be, batch, g, 1, 1, &n->mean);
     if (st == KLVAE_OK && for_backward)
-        st = kv_tensor_alloc(be, batch, g, 1, 1, &n->rstd);
+        st = kv_tensor_alloc_f32(be, batch, g, 1, 1, &n->rstd);
     if (st == KLVAE_OK)
         st = be->ops->group_norm_stats(be, x, &nm->weight, &nm->bias, g, KV_GN_EPS, &n->scale,
                                        &n->shift, for_backward ? &n->mean : NULL,
@@ -56,14 +57,14 @@ static klvae_status_t norm_state_make(klvae_model_t *m, const kv_norm *nm, const
  * convolution as its prologue; the norm's statistics go to *kept (a tape's
  * slot) or are released. */
 static klvae_status_t norm_conv_new(klvae_model_t *m, const kv_norm *nm, kv_activation act,
-                                    const kv_conv *c, const kv_tensor *x, kv_norm_state *kept,
-                                    kv_tensor *y)
+                                    const kv_conv *c, const kv_tensor *x,
+                                    const kv_tensor *residual, kv_norm_state *kept, kv_tensor *y)
 {
     kv_norm_state n;
     klvae_status_t st = norm_state_make(m, nm, x, kept != NULL, &n);
     kv_conv_prologue p = kv_norm_prologue(&n, act);
     if (st == KLVAE_OK)
-        st = kv_conv_new(m->be, c, x, &p, kv_same_3x3, y);
+        st = kv_conv_new(m->be, c, x, &p, residual, kv_same_3x3, y);
     if (kept && st == KLVAE_OK)
         *kept = n;
     else
@@ -74,7 +75,8 @@ static klvae_status_t norm_conv_new(klvae_model_t *m, const kv_norm *nm, kv_acti
 /* ---- blocks ---- */
 
 /* ResnetBlock2D: out = shortcut(x) + conv2(act(norm2(conv1(act(norm1(x)))))),
- * each norm fused into the conv after it. Consumes *x (kept in the tape, or
+ * each norm fused into the conv after it, and the shortcut (x itself, or its
+ * 1x1 conv) added by conv2 as its residual. Consumes *x (kept in the tape, or
  * released unless the caller owns it) and leaves the result in *x. */
 static klvae_status_t resnet_forward(klvae_model_t *m, const kv_resnet *r, kv_resnet_tape *t,
                                      kv_tensor *x)
@@ -84,22 +86,20 @@ static klvae_status_t resnet_forward(klvae_model_t *m, const kv_resnet *r, kv_re
     kv_tensor h = {0}, h2 = {0}, skip = {0};
     if (t)
         memset(t, 0, sizeof *t);
-    klvae_status_t st = norm_conv_new(m, &r->norm1, act, &r->conv1, x, t ? &t->n1 : NULL, &h2);
+    klvae_status_t st =
+        norm_conv_new(m, &r->norm1, act, &r->conv1, x, NULL, t ? &t->n1 : NULL, &h2);
+    if (st == KLVAE_OK && r->has_shortcut)
+        st = kv_conv_new(be, &r->shortcut, x, NULL, NULL, kv_pointwise, &skip);
+    if (st == KLVAE_OK && r->has_shortcut) /* x has done its work */
+        keep_or_release(be, t != NULL, t ? &t->x : NULL, x);
+    const kv_tensor *residual = r->has_shortcut ? &skip : x;
     if (st == KLVAE_OK)
-        st = norm_conv_new(m, &r->norm2, act, &r->conv2, &h2, t ? &t->n2 : NULL, &h);
+        st = norm_conv_new(m, &r->norm2, act, &r->conv2, &h2, residual, t ? &t->n2 : NULL, &h);
     if (st == KLVAE_OK)
         keep_or_release(be, t != NULL, t ? &t->h2 : NULL, &h2);
-    if (st == KLVAE_OK && r->has_shortcut) {
-        st = kv_conv_new(be, &r->shortcut, x, NULL, kv_pointwise, &skip);
-        if (st == KLVAE_OK)
-            keep_or_release(be, t != NULL, t ? &t->x : NULL, x);
-        if (st == KLVAE_OK)
-            st = be->ops->add(be, &skip, &h, &h);
-        kv_tensor_release(be, &skip);
-    } else if (st == KLVAE_OK) {
-        st = be->ops->add(be, x, &h, &h);
+    if (st == KLVAE_OK && !r->has_shortcut)
         keep_or_release(be, t != NULL, t ? &t->x : NULL, x);
-    }
+    kv_tensor_release(be, &skip);
     if (st != KLVAE_OK) {
         kv_tensor_release(be, &h);
         kv_tensor_release(be, &h2);
@@ -111,7 +111,8 @@ static klvae_status_t resnet_forward(klvae_model_t *m, const kv_resnet *r, kv_re
 
 /* Mid-block attention: x + to_out(attention(to_q(n), to_k(n), to_v(n))) with
  * n = group_norm(x). The Linear projections act on channels, which in NCHW
- * is a 1x1 convolution. Consumes *x and leaves the result in it. */
+ * is a 1x1 convolution; to_out adds x as its residual. Consumes *x and
+ * leaves the result in it. */
 static klvae_status_t attention_forward(klvae_model_t *m, const kv_attention *a,
                                         kv_attention_tape *t, kv_tensor *x)
 {
@@ -131,11 +132,11 @@ static klvae_status_t attention_forward(klvae_model_t *m, const kv_attention *a,
         st = be->ops->group_norm(be, x, &a->norm.weight, &a->norm.bias, m->cfg.norm_num_groups,
                                  KV_GN_EPS, KV_ACT_NONE, &n);
     if (st == KLVAE_OK)
-        st = kv_conv_new(be, &pq, &n, NULL, kv_pointwise, &q);
+        st = kv_conv_new(be, &pq, &n, NULL, NULL, kv_pointwise, &q);
     if (st == KLVAE_OK)
-        st = kv_conv_new(be, &pk, &n, NULL, kv_pointwise, &k);
+        st = kv_conv_new(be, &pk, &n, NULL, NULL, kv_pointwise, &k);
     if (st == KLVAE_OK)
-        st = kv_conv_new(be, &pv, &n, NULL, kv_pointwise, &v);
+        st = kv_conv_new(be, &pv, &n, NULL, NULL, kv_pointwise, &v);
     if (st == KLVAE_OK)
         keep_or_release(be, t != NULL, t ? &t->normed : NULL, &n);
     /* The attended values: (B, C, H, W), like n. */
@@ -147,12 +148,10 @@ static klvae_status_t attention_forward(klvae_model_t *m, const kv_attention *a,
         keep_or_release(be, t != NULL, t ? &t->q : NULL, &q);
         keep_or_release(be, t != NULL, t ? &t->k : NULL, &k);
         keep_or_release(be, t != NULL, t ? &t->v : NULL, &v);
-        st = kv_conv_new(be, &po, &n, NULL, kv_pointwise, &o);
+        st = kv_conv_new(be, &po, &n, NULL, x, kv_pointwise, &o);
     }
     if (st == KLVAE_OK)
         keep_or_release(be, t != NULL, t ? &t->a : NULL, &n);
-    if (st == KLVAE_OK)
-        st = be->ops->add(be, &o, x, &o);
     if (st == KLVAE_OK)
         keep_or_release(be, t != NULL, t ? &t->x : NULL, x);
     kv_tensor *left[] = {&n, &q, &k, &v};
@@ -182,7 +181,7 @@ static klvae_status_t conv_replace(kv_backend *be, const kv_conv *c, kv_conv_geo
                                    kv_tensor *kept, kv_tensor *x)
 {
     kv_tensor y;
-    klvae_status_t st = kv_conv_new(be, c, x, NULL, g, &y);
+    klvae_status_t st = kv_conv_new(be, c, x, NULL, NULL, g, &y);
     if (st != KLVAE_OK)
         return st;
     keep_or_release(be, kept != NULL, kept, x);
@@ -204,7 +203,7 @@ klvae_status_t kv_vae_encode_moments(klvae_model_t *m, const kv_tensor *images,
         t->images.owned = false;
     }
     kv_tensor h = {0};
-    klvae_status_t st = kv_conv_new(be, &e->conv_in, images, NULL, kv_same_3x3, &h);
+    klvae_status_t st = kv_conv_new(be, &e->conv_in, images, NULL, NULL, kv_same_3x3, &h);
     for (int i = 0; st == KLVAE_OK && i < m->cfg.num_blocks; i++) {
         const kv_level *lv = &e->down[i];
         kv_level_tape *lt = t ? &t->down[i] : NULL;
@@ -217,7 +216,7 @@ klvae_status_t kv_vae_encode_moments(klvae_model_t *m, const kv_tensor *images,
         st = mid_block_forward(m, &e->mid, t ? &t->mid : NULL, &h);
     if (st == KLVAE_OK) { /* conv_norm_out, SiLU, conv_out */
         kv_tensor out;
-        st = norm_conv_new(m, &e->norm_out, KV_ACT_SILU, &e->conv_out, &h,
+        st = norm_conv_new(m, &e->norm_out, KV_ACT_SILU, &e->conv_out, &h, NULL,
                            t ? &t->out_norm : NULL, &out);
         if (st == KLVAE_OK) {
             keep_or_release(be, t != NULL, t ? &t->out_in : NULL, &h);
@@ -249,24 +248,19 @@ klvae_status_t kv_vae_encode(klvae_model_t *m, const kv_tensor *images, kv_tenso
 
 /* ---- decoder ---- */
 
-/* The decoder's Upsample2D: nearest 2x, then a 3x3 conv. Consumes *x (kept
- * in *kept, or released) and leaves the result in it. */
+/* The decoder's Upsample2D: nearest 2x, then a 3x3 conv, which reads the
+ * upsample through its prologue (the upsampled tensor is not stored).
+ * Consumes *x (kept in *kept, or released) and leaves the result in it. */
 static klvae_status_t upsample_forward(kv_backend *be, const kv_conv *c, kv_tensor *kept,
                                        kv_tensor *x)
 {
-    kv_tensor up = {0};
-    klvae_status_t st =
-        kv_tensor_alloc(be, x->shape[0], x->shape[1], 2 * x->shape[2], 2 * x->shape[3], &up);
-    if (st == KLVAE_OK)
-        st = be->ops->upsample_nearest2x(be, x, &up);
-    if (st != KLVAE_OK) {
-        kv_tensor_release(be, &up);
+    kv_tensor y;
+    klvae_status_t st = kv_conv_new(be, c, x, &kv_upsample_prologue, NULL, kv_same_3x3, &y);
+    if (st != KLVAE_OK)
         return st;
-    }
     keep_or_release(be, kept != NULL, kept, x);
-    st = kv_conv_new(be, c, &up, NULL, kv_same_3x3, x);
-    kv_tensor_release(be, &up);
-    return st;
+    *x = y;
+    return KLVAE_OK;
 }
 
 klvae_status_t kv_vae_decode(klvae_model_t *m, const kv_tensor *z, kv_decoder_tape *t,
@@ -283,11 +277,11 @@ klvae_status_t kv_vae_decode(klvae_model_t *m, const kv_tensor *z, kv_decoder_ta
     }
     const kv_tensor *in = z;
     if (m->cfg.use_post_quant_conv) {
-        st = kv_conv_new(be, &m->post_quant_conv, z, NULL, kv_pointwise, &zq);
+        st = kv_conv_new(be, &m->post_quant_conv, z, NULL, NULL, kv_pointwise, &zq);
         in = &zq;
     }
     if (st == KLVAE_OK)
-        st = kv_conv_new(be, &d->conv_in, in, NULL, kv_same_3x3, &h);
+        st = kv_conv_new(be, &d->conv_in, in, NULL, NULL, kv_same_3x3, &h);
     if (t)
         t->conv_in_in = m->cfg.use_post_quant_conv ? zq : t->z;
     else
@@ -307,7 +301,7 @@ klvae_status_t kv_vae_decode(klvae_model_t *m, const kv_tensor *z, kv_decoder_ta
         st = norm_state_make(m, &d->norm_out, &h, t != NULL, &n);
         kv_conv_prologue p = kv_norm_prologue(&n, KV_ACT_SILU);
         if (st == KLVAE_OK)
-            st = kv_conv_into(be, &d->conv_out, &h, &p, kv_same_3x3, images);
+            st = kv_conv_into(be, &d->conv_out, &h, &p, NULL, kv_same_3x3, images);
         if (t && st == KLVAE_OK)
             t->out_norm = n;
         else

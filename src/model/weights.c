@@ -188,7 +188,7 @@ klvae_status_t kv_weights_read(kv_backend *be, const kv_safetensors *st, const k
     if (status == KLVAE_OK)
         status = check_finite(st, t, host);
     if (status == KLVAE_OK && host != dst->data)
-        status = be->ops->upload(be, dst->data, host, kv_tensor_numel(dst));
+        status = be->ops->upload(be, dst, host);
     return status;
 }
 
@@ -247,7 +247,7 @@ static klvae_status_t fetch_param(void *ctx, size_t index, float *dst)
 {
     const klvae_model_t *m = ((save_ctx *)ctx)->m;
     const kv_tensor *t = m->params[index].tensor;
-    return m->be->ops->download(m->be, dst, t->data, kv_tensor_numel(t));
+    return m->be->ops->download(m->be, dst, t);
 }
 
 /* What a saved folder holds (kv_folder_begin replaces only such folders). */

@@ -116,7 +116,7 @@ static klvae_status_t ck_fetch(void *ctx, size_t index, float *dst)
     const ck_fetch_ctx *c = ctx;
     const ck_entry *e = &c->list->items[index];
     if (e->tensor)
-        return c->t->be->ops->download(c->t->be, dst, e->tensor->data, kv_tensor_numel(e->tensor));
+        return c->t->be->ops->download(c->t->be, dst, e->tensor);
     memcpy(dst, e->host, (size_t)e->shape[0] * sizeof(float));
     return KLVAE_OK;
 }

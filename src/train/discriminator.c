@@ -55,7 +55,7 @@ void kv_disc_free(kv_disc *d)
 
 /* Shapes and parameter list, no values. */
 static klvae_status_t disc_build(kv_backend *be, int in_channels, int channels, int layers,
-                                 kv_disc **out)
+                                 kv_storage storage, kv_disc **out)
 {
     *out = NULL;
     if (layers < 1 || layers > KV_DISC_MAX_LAYERS || channels < 1 || channels > 1024)
@@ -110,7 +110,8 @@ static klvae_status_t disc_build(kv_backend *be, int in_channels, int channels, 
     }
     for (int i = 0; i < d->num_params; i++) {
         kv_tensor *t = d->params[i].tensor;
-        klvae_status_t st = be->ops->alloc(be, kv_tensor_numel(t) * sizeof(float), &t->data);
+        klvae_status_t st =
+            be->ops->alloc(be, kv_tensor_numel(t) * sizeof(float), storage, &t->data);
         if (st != KLVAE_OK) {
             kv_disc_free(d);
             return st;
@@ -126,7 +127,7 @@ klvae_status_t kv_disc_create(kv_backend *be, int in_channels, int channels, int
                               uint64_t seed, kv_disc **out)
 {
     kv_disc *d;
-    klvae_status_t st = disc_build(be, in_channels, channels, layers, &d);
+    klvae_status_t st = disc_build(be, in_channels, channels, layers, KV_STORAGE_COMPUTE, &d);
     if (st != KLVAE_OK)
         return st;
     size_t largest = 1;
@@ -155,7 +156,7 @@ klvae_status_t kv_disc_create(kv_backend *be, int in_channels, int channels, int
             case KV_PARAM_NORM_BIAS: host[e] = 0.0f; break;
             }
         }
-        st = be->ops->upload(be, p->tensor->data, host, n);
+        st = be->ops->upload(be, p->tensor, host);
     }
     free(host);
     if (st != KLVAE_OK) {
@@ -169,7 +170,8 @@ klvae_status_t kv_disc_create(kv_backend *be, int in_channels, int channels, int
 klvae_status_t kv_disc_create_like(const kv_disc *d, kv_disc **out)
 {
     kv_disc *g;
-    klvae_status_t st = disc_build(d->be, d->in_channels, d->channels, d->layers, &g);
+    klvae_status_t st =
+        disc_build(d->be, d->in_channels, d->channels, d->layers, KV_STORAGE_FLOAT32, &g);
     for (int i = 0; st == KLVAE_OK && i < g->num_params; i++)
         st = g->be->ops->fill(g->be, g->params[i].tensor, 0.0f);
     if (st != KLVAE_OK) {
@@ -288,7 +290,7 @@ klvae_status_t kv_disc_forward(kv_disc *d, const kv_tensor *x, kv_disc_tape *t, 
             break;
         }
         kv_tensor y = {0};
-        st = kv_conv_new(be, &d->conv[i], in, NULL, geometry(d, i), &y);
+        st = kv_conv_new(be, &d->conv[i], in, NULL, NULL, geometry(d, i), &y);
         if (st != KLVAE_OK)
             break;
         if (i == d->convs - 1) {

@@ -83,7 +83,7 @@ static klvae_status_t make_transposed(kv_lpips *l, int i)
     if (!host)
         return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory for LPIPS gradients");
     float *flipped = host + count;
-    klvae_status_t st = l->be->ops->download(l->be, host, w->data, count);
+    klvae_status_t st = l->be->ops->download(l->be, host, w);
     for (int o = 0; st == KLVAE_OK && o < co; o++)
         for (int c = 0; c < ci; c++)
             for (int t = 0; t < 9; t++)
@@ -91,7 +91,7 @@ static klvae_status_t make_transposed(kv_lpips *l, int i)
     if (st == KLVAE_OK)
         st = kv_tensor_alloc(l->be, ci, co, 3, 3, &l->transposed[i]);
     if (st == KLVAE_OK)
-        st = l->be->ops->upload(l->be, l->transposed[i].data, flipped, count);
+        st = l->be->ops->upload(l->be, &l->transposed[i], flipped);
     if (st != KLVAE_OK)
         kv_tensor_release(l->be, &l->transposed[i]);
     free(host);
@@ -208,7 +208,7 @@ static klvae_status_t trunk_forward(kv_lpips *l, const kv_tensor *images, bool k
             in = &pooled;
         }
         if (st == KLVAE_OK)
-            st = kv_conv_new(be, &l->convs[i], in, NULL, kv_same_3x3, &t->y[i]);
+            st = kv_conv_new(be, &l->convs[i], in, NULL, NULL, kv_same_3x3, &t->y[i]);
         if (st == KLVAE_OK)
             st = be->ops->activation(be, &t->y[i], KV_ACT_RELU, &t->y[i]);
         kv_tensor_release(be, &x);
@@ -294,7 +294,7 @@ klvae_status_t kv_lpips_forward(kv_lpips *l, const kv_tensor *a, const kv_tensor
             st = make_transposed(l, i);
         kv_conv transposed = {l->transposed[i], {0}}; /* no bias */
         if (st == KLVAE_OK) /* the transposed convolution, as backend.h defines it */
-            st = kv_conv_new(be, &transposed, &d, NULL, kv_same_3x3, &din);
+            st = kv_conv_new(be, &transposed, &d, NULL, NULL, kv_same_3x3, &din);
         kv_tensor_release(be, &d);
         d = din;
         memset(&din, 0, sizeof din);
@@ -339,7 +339,7 @@ static klvae_status_t stage_host(kv_backend *be, const float *host, int n, int h
     }
     klvae_status_t st = kv_tensor_alloc(be, n, 3, h, w, t);
     if (st == KLVAE_OK)
-        st = be->ops->upload(be, t->data, host, (size_t)n * 3 * h * w);
+        st = be->ops->upload(be, t, host);
     return st;
 }
 

@@ -44,7 +44,7 @@ static klvae_status_t shadow_create(klvae_model_t *m, bool copy, klvae_model_t *
     s->be = m->be;
     klvae_status_t st = kv_model_build(s);
     if (st == KLVAE_OK)
-        st = kv_model_alloc_params(s);
+        st = kv_model_alloc_params(s, KV_STORAGE_FLOAT32); /* exact optimiser state */
     if (st == KLVAE_OK)
         st = copy ? kv_params_copy(m->be, kv_model_param_set(s), kv_model_param_set(m))
                   : kv_params_fill(m->be, kv_model_param_set(s), 0.0f);
@@ -666,7 +666,7 @@ static klvae_status_t micro_step(klvae_trainer_t *t, const step_plan *plan, cons
     } else {
         st = kv_tensor_alloc(be, mb, c, h, w, &x);
         if (st == KLVAE_OK)
-            st = be->ops->upload(be, x.data, src, (size_t)mb * c * h * w);
+            st = be->ops->upload(be, &x, src);
     }
     if (st == KLVAE_OK)
         st = generator_pass(t, &x, micro, plan->gan_factor, plan->adaptive, sums, &xhat);

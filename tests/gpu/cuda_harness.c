@@ -74,7 +74,7 @@ klvae_status_t harness_model(kv_backend *be, const char *config, uint64_t seed,
     if (st == KLVAE_OK)
         st = kv_model_build(m);
     if (st == KLVAE_OK)
-        st = kv_model_alloc_params(m);
+        st = kv_model_alloc_params(m, KV_STORAGE_COMPUTE);
     if (st == KLVAE_OK)
         st = kv_model_init_params(m, seed);
     if (st != KLVAE_OK) {

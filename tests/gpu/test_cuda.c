@@ -2,28 +2,38 @@
  * inputs (the seed is printed; --seed repeats a run).
  *
  *   test_cuda [--plugin PATH] [--device N] [--seed S] [--quick] [--only-ops]
+ *             [--require-gpu] [--tiny]
  *   test_cuda bench ...   (in the GPU bundle: tools/bench_cuda.c's program)
  *
  * Without a usable plugin or GPU it prints "SKIPPED: ..." and exits 0 (make
- * check runs it that way on machines without a GPU). With one it checks, in
- * each precision (fp32, tf32, bf16):
- *   - every inference op (conv2d in every geometry and prologue, with the
- *     work cut into bands and chunks too; group_norm_stats; group_norm with
- *     every activation and in place; add with aliasing; upsample; attention
- *     in one and in many query blocks; posterior_split; gaussian_sample),
- *     on the backend's own tensors and on plain float32 device arrays (what
- *     klvae_*_device passes), against the CPU: relative L2 error at most 1e-5
- *     in fp32 and 1e-2 in tf32 and bf16; outputs are poisoned with NaN first
- *     and no NaN or Inf passes;
- *   - whole models: fp32 within 1e-5, tf32 within 1e-2, bf16 within 1.5
- *     times PyTorch's own bf16 error (tests/gpu/bf16_reference.json);
- *   - gaussian_sample bit for bit equal to the CPU;
+ * check runs it that way on machines without a GPU), or 1 with
+ * --require-gpu (tests/gpu/check.sh: on a GPU machine a plugin that does not
+ * load is a failure). With one it checks, in each precision (fp32, tf32,
+ * bf16) and so in both of the backend's layouts (NCHW in fp32, NHWC in tf32
+ * and bf16; bf16 in NCHW too, KLVAE_CUDA_LAYOUT=nchw):
+ *   - every inference op (conv2d in every geometry, with a group-norm
+ *     prologue, the 2x upsample read in its staging, a residual, with the
+ *     work cut into bands and chunks, with and without cuDNN's fused
+ *     epilogue; group_norm_stats into float32 and compute tensors;
+ *     group_norm with every activation and in place; add with aliasing and
+ *     mixed storage; upsample; attention in one and in many query blocks;
+ *     posterior_split; gaussian_sample) against the CPU: relative L2 error
+ *     at most 1e-5 in fp32 and 1e-2 in tf32 and bf16; outputs are poisoned
+ *     with NaN first and no NaN or Inf passes;
+ *   - fp32 convolutions with each cuDNN algorithm forced in turn: the
+ *     allowed ones (conv2d.cu's algo_allowed) must meet 1e-5 through a whole
+ *     model; the excluded ones are measured and printed (INFO);
+ *   - gaussian_sample bit for bit equal to the CPU on float32 tensors, in
+ *     every precision;
  *   - whole encode and decode of a random-weight SD-config model at 64^2 and
- *     256^2 (--quick: 64^2, fp32 and bf16 only);
- *   - klvae_*_device equal to the host API, through the core's plugin loader
- *     (skipped with the reason when the loader cannot give a CUDA model);
+ *     256^2 (--quick: 64^2, fp32 and bf16 only): fp32 within 1e-5, tf32
+ *     within 1e-2, bf16 within 1.5 times PyTorch's own bf16 error
+ *     (tests/gpu/bf16_reference.json);
+ *   - klvae_*_device equal to the host API, through the core's plugin loader;
  *   - training refused up front: the table lacks the training ops.
- * One line per check, then "test_cuda: N passed, N failed, N skipped". */
+ * --tiny: a few ops in fp32 and bf16 (for compute-sanitizer, which makes
+ * everything slow). One line per check, then "test_cuda: N passed, N
+ * failed, N skipped". */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -67,9 +77,11 @@ typedef struct suite {
     const kv_plugin *plugin;
     int device;
     kv_backend *cpu;
-    kv_backend *mem; /* an fp32 CUDA backend: its tensors are plain float32 device arrays */
+    kv_backend *mem; /* an fp32 NCHW CUDA backend: its tensors serve as a caller's float32
+                      * device arrays for klvae_*_device */
     rng r;
-    int quick;
+    int quick, tiny;
+    int measuring; /* lines say INFO, counted nowhere (measurements, not checks) */
     int passed, failed, skipped;
 } suite;
 
@@ -121,6 +133,10 @@ static double rel_l2(const float *got, const float *want, size_t n)
 static void verdict(suite *s, const char *what, kv_precision p, double err, double tol)
 {
     int ok = err <= tol;
+    if (s->measuring) {
+        printf("INFO  %-58s [%s] rel %.3g\n", what, harness_precision_name(p), err);
+        return;
+    }
     printf("%s  %-58s [%s] rel %.3g (tol %.0e)\n", ok ? "PASS" : "FAIL", what,
            harness_precision_name(p), err, tol);
     if (ok)
@@ -132,9 +148,10 @@ static void verdict(suite *s, const char *what, kv_precision p, double err, doub
 
 static void failed_call(suite *s, const char *what, kv_precision p, klvae_status_t st)
 {
-    printf("FAIL  %-58s [%s] %s: %s\n", what, harness_precision_name(p), klvae_status_string(st),
-           klvae_last_error());
-    s->failed++;
+    printf("%s  %-58s [%s] %s: %s\n", s->measuring ? "INFO" : "FAIL", what,
+           harness_precision_name(p), klvae_status_string(st), klvae_last_error());
+    if (!s->measuring)
+        s->failed++;
     fflush(stdout);
 }
 
@@ -147,11 +164,13 @@ static void skip(suite *s, const char *what, const char *why)
 
 /* ---- tensors on a backend ---- */
 
-/* An (n, c, h, w) tensor of be holding host, or NaN when host is NULL. */
-static klvae_status_t put(kv_backend *be, int n, int c, int h, int w, const float *host,
-                          kv_tensor *t)
+/* An (n, c, h, w) tensor of be holding host, or NaN when host is NULL,
+ * stored in the backend's compute format (put) or in float32 (put_f32). */
+static klvae_status_t put_as(kv_backend *be, int n, int c, int h, int w, const float *host,
+                             kv_storage storage, kv_tensor *t)
 {
-    klvae_status_t st = kv_tensor_alloc(be, n, c, h, w, t);
+    klvae_status_t st = storage == KV_STORAGE_FLOAT32 ? kv_tensor_alloc_f32(be, n, c, h, w, t)
+                                                      : kv_tensor_alloc(be, n, c, h, w, t);
     if (st != KLVAE_OK)
         return st;
     size_t count = kv_tensor_numel(t);
@@ -162,30 +181,47 @@ static klvae_status_t put(kv_backend *be, int n, int c, int h, int w, const floa
             poison[i] = NAN;
         host = poison;
     }
-    st = be->ops->upload(be, t->data, host, count);
+    st = be->ops->upload(be, t, host);
     free(poison);
     return st;
 }
 
-static klvae_status_t get(kv_backend *be, const kv_tensor *t, float *host)
+static klvae_status_t put(kv_backend *be, int n, int c, int h, int w, const float *host,
+                          kv_tensor *t)
 {
-    return be->ops->download(be, host, t->data, kv_tensor_numel(t));
+    return put_as(be, n, c, h, w, host, KV_STORAGE_COMPUTE, t);
 }
 
-/* st of an op that ran on gpu, once gpu's stream has finished it. The
- * result is then read, and its tensors released, through another backend
- * (s->mem, on its own stream), which must not overtake the op's work. */
+static klvae_status_t put_f32(kv_backend *be, int n, int c, int h, int w, const float *host,
+                              kv_tensor *t)
+{
+    return put_as(be, n, c, h, w, host, KV_STORAGE_FLOAT32, t);
+}
+
+static klvae_status_t get(kv_backend *be, const kv_tensor *t, float *host)
+{
+    return be->ops->download(be, host, t);
+}
+
+/* st of an op that ran on gpu, once gpu's stream has finished it (the
+ * result is read through upload/download, which wait too). */
 static klvae_status_t done(suite *s, kv_backend *gpu, klvae_status_t st)
 {
     klvae_status_t sync = s->plugin->synchronize(gpu);
     return st != KLVAE_OK ? st : sync;
 }
 
-/* Where a test's tensors live: the backend's own (gpu) or plain float32
- * device arrays (mem) that the backend sees as a caller's. */
-static kv_backend *home(suite *s, kv_backend *gpu, int foreign)
+/* A backend of precision p created with the environment variable name set
+ * to value (NULL: as it is). */
+static klvae_status_t backend_with(suite *s, kv_precision p, const char *name, const char *value,
+                                   kv_backend **out)
 {
-    return foreign ? s->mem : gpu;
+    if (name)
+        setenv(name, value, 1);
+    klvae_status_t st = harness_backend(s->plugin, s->device, p, out);
+    if (name)
+        unsetenv(name);
+    return st;
 }
 
 /* ---- conv2d ---- */
@@ -195,78 +231,97 @@ typedef struct conv_case {
     int n, c, h, w, co, k;
     kv_conv_geometry g;
     int act; /* prologue activation, or -1 for none */
-    int bias;
+    int bias, residual, up;
 } conv_case;
 
 static const conv_case conv_cases[] = {
-    {"conv2d 3x3 conv_in 3->32", 2, 3, 17, 23, 32, 3, {1, 1, 1, 1, 1}, -1, 1},
-    {"conv2d 3x3 GN+SiLU prologue 32->48", 2, 32, 16, 20, 48, 3, {1, 1, 1, 1, 1}, KV_ACT_SILU, 1},
-    {"conv2d 1x1 24->24", 3, 24, 9, 13, 24, 1, {1, 0, 0, 0, 0}, -1, 1},
-    {"conv2d 3x3 stride-2 pad b/r (odd size)", 2, 32, 15, 18, 32, 3, {2, 0, 0, 1, 1}, -1, 1},
-    {"conv2d 3x3 GELU prologue 64->64", 1, 64, 32, 32, 64, 3, {1, 1, 1, 1, 1}, KV_ACT_GELU, 1},
-    {"conv2d 3x3 Mish prologue, no bias", 2, 16, 11, 7, 8, 3, {1, 1, 1, 1, 1}, KV_ACT_MISH, 0},
-    {"conv2d 3x3 conv_out 64->3 SiLU", 2, 64, 24, 24, 3, 3, {1, 1, 1, 1, 1}, KV_ACT_SILU, 1},
-    {"conv2d 3x3 prologue none 40->40", 1, 40, 64, 48, 40, 3, {1, 1, 1, 1, 1}, KV_ACT_NONE, 1},
+    {"conv2d 3x3 conv_in 3->32", 2, 3, 17, 23, 32, 3, {1, 1, 1, 1, 1}, -1, 1, 0, 0},
+    {"conv2d 3x3 GN+SiLU prologue 32->48", 2, 32, 16, 20, 48, 3, {1, 1, 1, 1, 1}, KV_ACT_SILU, 1,
+     0, 0},
+    {"conv2d 1x1 24->24", 3, 24, 9, 13, 24, 1, {1, 0, 0, 0, 0}, -1, 1, 0, 0},
+    {"conv2d 3x3 stride-2 pad b/r (odd size)", 2, 32, 15, 18, 32, 3, {2, 0, 0, 1, 1}, -1, 1, 0, 0},
+    {"conv2d 3x3 GELU prologue 64->64", 1, 64, 32, 32, 64, 3, {1, 1, 1, 1, 1}, KV_ACT_GELU, 1, 0,
+     0},
+    {"conv2d 3x3 Mish prologue, no bias", 2, 16, 11, 7, 8, 3, {1, 1, 1, 1, 1}, KV_ACT_MISH, 0, 0,
+     0},
+    {"conv2d 3x3 conv_out 64->3 SiLU", 2, 64, 24, 24, 3, 3, {1, 1, 1, 1, 1}, KV_ACT_SILU, 1, 0, 0},
+    {"conv2d 3x3 prologue none 40->40", 1, 40, 64, 48, 40, 3, {1, 1, 1, 1, 1}, KV_ACT_NONE, 1, 0,
+     0},
+    {"conv2d 3x3 GN+SiLU + residual 64->64", 2, 64, 18, 14, 64, 3, {1, 1, 1, 1, 1}, KV_ACT_SILU, 1,
+     1, 0},
+    {"conv2d 1x1 + residual 32->32", 2, 32, 9, 11, 32, 1, {1, 0, 0, 0, 0}, -1, 1, 1, 0},
+    {"conv2d 3x3 upsample 2x 32->32", 2, 32, 7, 9, 32, 3, {1, 1, 1, 1, 1}, -1, 1, 0, 1},
+    {"conv2d 3x3 upsample 2x 5->8, no bias", 1, 5, 6, 5, 8, 3, {1, 1, 1, 1, 1}, -1, 0, 0, 1},
+    {"conv2d 3x3 GN+SiLU + upsample + residual", 2, 16, 5, 6, 24, 3, {1, 1, 1, 1, 1}, KV_ACT_SILU,
+     1, 1, 1},
 };
 
-static void test_conv(suite *s, kv_backend *gpu, kv_precision p, const conv_case *k, int foreign,
+/* conv2d of case k on gpu against the CPU; the prologue's scale and shift
+ * in float32 storage, as the model's group norms give them. */
+static void test_conv(suite *s, kv_backend *gpu, kv_precision p, const conv_case *k,
                       const char *tag)
 {
     char what[160];
     snprintf(what, sizeof what, "%s%s", k->name, tag);
-    const int ho = (k->h + k->g.pad_top + k->g.pad_bottom - k->k) / k->g.stride + 1;
-    const int wo = (k->w + k->g.pad_left + k->g.pad_right - k->k) / k->g.stride + 1;
+    const int hi = k->h << k->up, wi = k->w << k->up;
+    const int ho = (hi + k->g.pad_top + k->g.pad_bottom - k->k) / k->g.stride + 1;
+    const int wo = (wi + k->g.pad_left + k->g.pad_right - k->k) / k->g.stride + 1;
     size_t nx = (size_t)k->n * k->c * k->h * k->w, nw = (size_t)k->co * k->c * k->k * k->k;
     size_t ny = (size_t)k->n * k->co * ho * wo, nc = (size_t)k->n * k->c;
     float *x = alloc_floats(nx), *w = alloc_floats(nw), *b = alloc_floats((size_t)k->co);
     float *sc = alloc_floats(nc), *sh = alloc_floats(nc), *want = alloc_floats(ny),
-          *got = alloc_floats(ny);
+          *got = alloc_floats(ny), *r = alloc_floats(ny);
     fill(x, nx, &s->r, -1.5f, 2.5f);
     float bound = 1.0f / sqrtf((float)(k->c * k->k * k->k));
     fill(w, nw, &s->r, -bound, bound);
     fill(b, (size_t)k->co, &s->r, -0.5f, 0.5f);
     fill(sc, nc, &s->r, 0.3f, 1.2f);
     fill(sh, nc, &s->r, -0.6f, 0.2f);
+    fill(r, ny, &s->r, -1.0f, 1.0f);
 
     kv_tensor cx = kv_tensor_wrap(x, k->n, k->c, k->h, k->w),
               cw = kv_tensor_wrap(w, k->co, k->c, k->k, k->k),
               cb = kv_tensor_wrap(k->bias ? b : NULL, 1, k->co, 1, 1),
               cs = kv_tensor_wrap(sc, k->n, k->c, 1, 1), ct = kv_tensor_wrap(sh, k->n, k->c, 1, 1),
+              cr = kv_tensor_wrap(r, k->n, k->co, ho, wo),
               cy = kv_tensor_wrap(want, k->n, k->co, ho, wo);
-    kv_conv_prologue cpro = {&cs, &ct, (kv_activation)(k->act < 0 ? 0 : k->act)};
-    klvae_status_t st = s->cpu->ops->conv2d(s->cpu, &cx, k->act >= 0 ? &cpro : NULL, &cw, &cb, k->g,
-                                            &cy);
+    const bool norm = k->act >= 0;
+    kv_conv_prologue cpro = {norm ? &cs : NULL, norm ? &ct : NULL,
+                             (kv_activation)(norm ? k->act : 0), k->up != 0};
+    klvae_status_t st = s->cpu->ops->conv2d(s->cpu, &cx, norm || k->up ? &cpro : NULL, &cw, &cb,
+                                            k->residual ? &cr : NULL, k->g, &cy);
     if (st != KLVAE_OK) {
         failed_call(s, what, p, st);
         goto out;
     }
-    kv_backend *h = home(s, gpu, foreign);
-    kv_tensor gx = {0}, gw = {0}, gb = {0}, gs = {0}, gt = {0}, gy = {0};
-    if ((st = put(h, k->n, k->c, k->h, k->w, x, &gx)) == KLVAE_OK &&
+    kv_tensor gx = {0}, gw = {0}, gb = {0}, gs = {0}, gt = {0}, gr = {0}, gy = {0};
+    if ((st = put(gpu, k->n, k->c, k->h, k->w, x, &gx)) == KLVAE_OK &&
         (st = put(gpu, k->co, k->c, k->k, k->k, w, &gw)) == KLVAE_OK &&
         (st = put(gpu, 1, k->co, 1, 1, b, &gb)) == KLVAE_OK &&
-        (st = put(gpu, k->n, k->c, 1, 1, sc, &gs)) == KLVAE_OK &&
-        (st = put(gpu, k->n, k->c, 1, 1, sh, &gt)) == KLVAE_OK &&
-        (st = put(h, k->n, k->co, ho, wo, NULL, &gy)) == KLVAE_OK) {
+        (st = put_f32(gpu, k->n, k->c, 1, 1, sc, &gs)) == KLVAE_OK &&
+        (st = put_f32(gpu, k->n, k->c, 1, 1, sh, &gt)) == KLVAE_OK &&
+        (st = put(gpu, k->n, k->co, ho, wo, r, &gr)) == KLVAE_OK &&
+        (st = put(gpu, k->n, k->co, ho, wo, NULL, &gy)) == KLVAE_OK) {
         kv_tensor nob = gb;
         nob.data = NULL;
-        kv_conv_prologue gpro = {&gs, &gt, cpro.act};
+        kv_conv_prologue gpro = {norm ? &gs : NULL, norm ? &gt : NULL, cpro.act, cpro.upsample2x};
         st = done(s, gpu,
-                  gpu->ops->conv2d(gpu, &gx, k->act >= 0 ? &gpro : NULL, &gw,
-                                   k->bias ? &gb : &nob, k->g, &gy));
+                  gpu->ops->conv2d(gpu, &gx, norm || k->up ? &gpro : NULL, &gw,
+                                   k->bias ? &gb : &nob, k->residual ? &gr : NULL, k->g, &gy));
         if (st == KLVAE_OK)
-            st = get(h, &gy, got);
+            st = get(gpu, &gy, got);
     }
     if (st != KLVAE_OK)
         failed_call(s, what, p, st);
     else
         verdict(s, what, p, rel_l2(got, want, ny), tolerance(p));
-    kv_tensor_release(h, &gx);
+    kv_tensor_release(gpu, &gx);
     kv_tensor_release(gpu, &gw);
     kv_tensor_release(gpu, &gb);
     kv_tensor_release(gpu, &gs);
     kv_tensor_release(gpu, &gt);
-    kv_tensor_release(h, &gy);
+    kv_tensor_release(gpu, &gr);
+    kv_tensor_release(gpu, &gy);
 out:
     free(x);
     free(w);
@@ -275,16 +330,19 @@ out:
     free(sh);
     free(want);
     free(got);
+    free(r);
 }
 
 /* ---- group norm ---- */
 
+/* f32: the outputs in float32 storage, as the model keeps them */
 static void test_group_norm_stats(suite *s, kv_backend *gpu, kv_precision p, int n, int c, int hh,
-                                  int ww, int groups, float lo, float hi)
+                                  int ww, int groups, float lo, float hi, int f32)
 {
     char what[160];
-    snprintf(what, sizeof what, "group_norm_stats %dx%dx%dx%d G=%d x in [%g,%g]", n, c, hh, ww,
-             groups, (double)lo, (double)hi);
+    snprintf(what, sizeof what, "group_norm_stats %dx%dx%dx%d G=%d x in [%g,%g]%s", n, c, hh, ww,
+             groups, (double)lo, (double)hi, f32 ? " (float32 out)" : "");
+    const kv_storage out = f32 ? KV_STORAGE_FLOAT32 : KV_STORAGE_COMPUTE;
     size_t nx = (size_t)n * c * hh * ww;
     float *x = alloc_floats(nx), gamma[512], beta[512];
     float *cs = alloc_floats((size_t)n * c), *ct = alloc_floats((size_t)n * c);
@@ -303,10 +361,10 @@ static void test_group_norm_stats(suite *s, kv_backend *gpu, kv_precision p, int
     if (st == KLVAE_OK && (st = put(gpu, n, c, hh, ww, x, &dx)) == KLVAE_OK &&
         (st = put(gpu, 1, c, 1, 1, gamma, &dg)) == KLVAE_OK &&
         (st = put(gpu, 1, c, 1, 1, beta, &db)) == KLVAE_OK &&
-        (st = put(gpu, n, c, 1, 1, NULL, &ds)) == KLVAE_OK &&
-        (st = put(gpu, n, c, 1, 1, NULL, &dt)) == KLVAE_OK &&
-        (st = put(gpu, n, groups, 1, 1, NULL, &dm)) == KLVAE_OK &&
-        (st = put(gpu, n, groups, 1, 1, NULL, &dr)) == KLVAE_OK &&
+        (st = put_as(gpu, n, c, 1, 1, NULL, out, &ds)) == KLVAE_OK &&
+        (st = put_as(gpu, n, c, 1, 1, NULL, out, &dt)) == KLVAE_OK &&
+        (st = put_as(gpu, n, groups, 1, 1, NULL, out, &dm)) == KLVAE_OK &&
+        (st = put_as(gpu, n, groups, 1, 1, NULL, out, &dr)) == KLVAE_OK &&
         (st = done(s, gpu,
                    gpu->ops->group_norm_stats(gpu, &dx, &dg, &db, groups, 1e-6f, &ds, &dt, &dm,
                                               &dr))) == KLVAE_OK &&
@@ -338,12 +396,11 @@ static void test_group_norm_stats(suite *s, kv_backend *gpu, kv_precision p, int
 }
 
 static void test_group_norm(suite *s, kv_backend *gpu, kv_precision p, kv_activation act,
-                            int in_place, int foreign)
+                            int in_place)
 {
     static const char *names[] = {"none", "silu", "gelu", "relu", "mish", "leaky_relu"};
     char what[160];
-    snprintf(what, sizeof what, "group_norm act %s%s%s", names[act], in_place ? " in place" : "",
-             foreign ? " (float32 arrays)" : "");
+    snprintf(what, sizeof what, "group_norm act %s%s", names[act], in_place ? " in place" : "");
     const int n = 2, c = 64, hh = 19, ww = 21, groups = 16;
     size_t nx = (size_t)n * c * hh * ww;
     float *x = alloc_floats(nx), *want = alloc_floats(nx), *got = alloc_floats(nx);
@@ -354,7 +411,7 @@ static void test_group_norm(suite *s, kv_backend *gpu, kv_precision p, kv_activa
     kv_tensor tx = kv_tensor_wrap(x, n, c, hh, ww), tg = kv_tensor_wrap(gamma, 1, c, 1, 1),
               tb = kv_tensor_wrap(beta, 1, c, 1, 1), ty = kv_tensor_wrap(want, n, c, hh, ww);
     klvae_status_t st = s->cpu->ops->group_norm(s->cpu, &tx, &tg, &tb, groups, 1e-6f, act, &ty);
-    kv_backend *h = home(s, gpu, foreign);
+    kv_backend *h = gpu;
     kv_tensor dx = {0}, dg = {0}, db = {0}, dy = {0};
     if (st == KLVAE_OK && (st = put(h, n, c, hh, ww, x, &dx)) == KLVAE_OK &&
         (st = put(gpu, 1, c, 1, 1, gamma, &dg)) == KLVAE_OK &&
@@ -380,8 +437,10 @@ static void test_group_norm(suite *s, kv_backend *gpu, kv_precision p, kv_activa
 
 /* ---- add, upsample ---- */
 
-static void test_add(suite *s, kv_backend *gpu, kv_precision p)
+/* mixed: b in float32 storage (a master copy beside compute tensors) */
+static void test_add(suite *s, kv_backend *gpu, kv_precision p, int mixed)
 {
+    const char *what = mixed ? "add (y aliases a, b float32)" : "add (y aliases a)";
     const int n = 3, c = 7, hh = 33, ww = 29;
     size_t count = (size_t)n * c * hh * ww;
     float *a = alloc_floats(count), *b = alloc_floats(count), *want = alloc_floats(count),
@@ -393,13 +452,14 @@ static void test_add(suite *s, kv_backend *gpu, kv_precision p)
     kv_tensor da = {0}, db = {0};
     klvae_status_t st;
     if ((st = put(gpu, n, c, hh, ww, a, &da)) == KLVAE_OK &&
-        (st = put(gpu, n, c, hh, ww, b, &db)) == KLVAE_OK &&
+        (st = put_as(gpu, n, c, hh, ww, b, mixed ? KV_STORAGE_FLOAT32 : KV_STORAGE_COMPUTE,
+                     &db)) == KLVAE_OK &&
         (st = done(s, gpu, gpu->ops->add(gpu, &da, &db, &da))) == KLVAE_OK) /* y is a */
         st = get(gpu, &da, got);
     if (st != KLVAE_OK)
-        failed_call(s, "add (y aliases a)", p, st);
+        failed_call(s, what, p, st);
     else
-        verdict(s, "add (y aliases a)", p, rel_l2(got, want, count), tolerance(p));
+        verdict(s, what, p, rel_l2(got, want, count), tolerance(p));
     kv_tensor_release(gpu, &da);
     kv_tensor_release(gpu, &db);
     free(a);
@@ -435,7 +495,7 @@ static void test_upsample(suite *s, kv_backend *gpu, kv_precision p)
 /* ---- attention ---- */
 
 static void test_attention(suite *s, kv_backend *gpu, kv_precision p, int batch, int c, int hh,
-                           int ww, int foreign, const char *tag)
+                           int ww, const char *tag)
 {
     char what[160];
     snprintf(what, sizeof what, "attention B=%d C=%d N=%d%s", batch, c, hh * ww, tag);
@@ -449,7 +509,7 @@ static void test_attention(suite *s, kv_backend *gpu, kv_precision p, int batch,
     kv_tensor tq = kv_tensor_wrap(q, batch, c, hh, ww), tk = kv_tensor_wrap(k, batch, c, hh, ww),
               tv = kv_tensor_wrap(v, batch, c, hh, ww), to = kv_tensor_wrap(want, batch, c, hh, ww);
     klvae_status_t st = s->cpu->ops->attention(s->cpu, &tq, &tk, &tv, scale, &to);
-    kv_backend *h = home(s, gpu, foreign);
+    kv_backend *h = gpu;
     kv_tensor dq = {0}, dk = {0}, dv = {0}, d_out = {0};
     if (st == KLVAE_OK && (st = put(h, batch, c, hh, ww, q, &dq)) == KLVAE_OK &&
         (st = put(h, batch, c, hh, ww, k, &dk)) == KLVAE_OK &&
@@ -513,12 +573,14 @@ static void test_posterior_split(suite *s, kv_backend *gpu, kv_precision p, int 
 }
 
 /* z must be the CPU's bits whenever mean and logvar hold the same floats:
- * always in fp32 mode, and in bf16 mode on float32 arrays. */
-static void test_sample(suite *s, kv_backend *gpu, kv_precision p, int foreign, int alias)
+ * on float32 tensors in every precision (klvae_sample's), and on compute
+ * tensors in fp32. */
+static void test_sample(suite *s, kv_backend *gpu, kv_precision p, int f32, int alias)
 {
     char what[160];
-    snprintf(what, sizeof what, "gaussian_sample bit-exact%s%s", foreign ? " (float32 arrays)" : "",
+    snprintf(what, sizeof what, "gaussian_sample bit-exact%s%s", f32 ? " (float32 tensors)" : "",
              alias ? " z = mean" : "");
+    const kv_storage storage = f32 ? KV_STORAGE_FLOAT32 : KV_STORAGE_COMPUTE;
     const int n = 1, z = 3, hh = 5, ww = 7; /* an odd count: the last pair is half used */
     size_t count = (size_t)n * z * hh * ww;
     float *mu = alloc_floats(count), *lv = alloc_floats(count), *want = alloc_floats(count),
@@ -529,11 +591,11 @@ static void test_sample(suite *s, kv_backend *gpu, kv_precision p, int foreign, 
     kv_tensor tm = kv_tensor_wrap(mu, n, z, hh, ww), tl = kv_tensor_wrap(lv, n, z, hh, ww),
               tz = kv_tensor_wrap(want, n, z, hh, ww);
     klvae_status_t st = s->cpu->ops->gaussian_sample(s->cpu, &tm, &tl, seed, &tz);
-    kv_backend *h = home(s, gpu, foreign);
+    kv_backend *h = gpu;
     kv_tensor dm = {0}, dl = {0}, dz = {0};
-    if (st == KLVAE_OK && (st = put(h, n, z, hh, ww, mu, &dm)) == KLVAE_OK &&
-        (st = put(h, n, z, hh, ww, lv, &dl)) == KLVAE_OK &&
-        (alias || (st = put(h, n, z, hh, ww, NULL, &dz)) == KLVAE_OK)) {
+    if (st == KLVAE_OK && (st = put_as(h, n, z, hh, ww, mu, storage, &dm)) == KLVAE_OK &&
+        (st = put_as(h, n, z, hh, ww, lv, storage, &dl)) == KLVAE_OK &&
+        (alias || (st = put_as(h, n, z, hh, ww, NULL, storage, &dz)) == KLVAE_OK)) {
         kv_tensor *out = alias ? &dm : &dz;
         st = done(s, gpu, gpu->ops->gaussian_sample(gpu, &dm, &dl, seed, out));
         if (st == KLVAE_OK)
@@ -647,20 +709,26 @@ static void free_reference(reference *ref)
     free(ref->decoded);
 }
 
-static void test_model(suite *s, kv_precision p, uint64_t seed, const reference *ref)
+/* The SD model on a backend of precision p created with the environment
+ * variable env set to value (NULL: none), named tag in the lines; tol 0:
+ * the precision's tolerance. Returns the larger error, or -1 when a call
+ * failed. */
+static double test_model_with(suite *s, kv_precision p, uint64_t seed, const reference *ref,
+                              const char *env, const char *value, const char *tag, double tol)
 {
     char what[160];
     kv_backend *be = NULL;
     klvae_model_t *m = NULL;
-    klvae_status_t st = harness_backend(s->plugin, s->device, p, &be);
+    klvae_status_t st = backend_with(s, p, env, value, &be);
     if (st == KLVAE_OK)
         st = harness_model(be, "sd", seed, harness_precision_name(p), &m);
-    snprintf(what, sizeof what, "SD encode %d^2 mean, logvar", ref->size);
+    snprintf(what, sizeof what, "SD encode %d^2 mean, logvar%s", ref->size, tag);
     if (st != KLVAE_OK) {
         failed_call(s, what, p, st);
-        return;
+        return -1.0;
     }
     be = m->be;
+    double worst = -1.0;
     const int size = ref->size, lat = ref->lat;
     size_t ni = (size_t)3 * size * size, nz = (size_t)4 * lat * lat;
     float *mean = alloc_floats(nz), *logvar = alloc_floats(nz), *decoded = alloc_floats(ni);
@@ -672,21 +740,26 @@ static void test_model(suite *s, kv_precision p, uint64_t seed, const reference 
         (st = kv_vae_encode(m, &x, &mu, &lv)) == KLVAE_OK && (st = get(be, &mu, mean)) == KLVAE_OK)
         st = get(be, &lv, logvar);
     double t1 = harness_now();
-    if (st != KLVAE_OK)
+    if (st != KLVAE_OK) {
         failed_call(s, what, p, st);
-    else
-        verdict(s, what, p, rel_l2_pair(mean, ref->mean, logvar, ref->logvar, nz),
-                model_tolerance(p, "encode", size));
-    snprintf(what, sizeof what, "SD decode %d^2", size);
+    } else {
+        worst = rel_l2_pair(mean, ref->mean, logvar, ref->logvar, nz);
+        verdict(s, what, p, worst, tol > 0 ? tol : model_tolerance(p, "encode", size));
+    }
+    snprintf(what, sizeof what, "SD decode %d^2%s", size, tag);
     if ((st = put(be, 1, 4, lat, lat, ref->z, &z)) == KLVAE_OK &&
         (st = put(be, 1, 3, size, size, NULL, &y)) == KLVAE_OK &&
         (st = kv_vae_decode(m, &z, NULL, &y)) == KLVAE_OK)
         st = get(be, &y, decoded);
-    if (st != KLVAE_OK)
+    if (st != KLVAE_OK) {
         failed_call(s, what, p, st);
-    else
-        verdict(s, what, p, rel_l2(decoded, ref->decoded, ni), model_tolerance(p, "decode", size));
-    printf("      (first encode %.2f s, decode %.2f s, with cuDNN's algorithm search)\n", t1 - t0,
+        worst = -1.0;
+    } else {
+        double e = rel_l2(decoded, ref->decoded, ni);
+        verdict(s, what, p, e, tol > 0 ? tol : model_tolerance(p, "decode", size));
+        worst = worst < 0 ? -1.0 : fmax(worst, e);
+    }
+    printf("      (first encode %.2f s, decode %.2f s, with cuDNN's algorithm choice)\n", t1 - t0,
            harness_now() - t1);
     kv_tensor_release(be, &x);
     kv_tensor_release(be, &mu);
@@ -697,6 +770,44 @@ static void test_model(suite *s, kv_precision p, uint64_t seed, const reference 
     free(logvar);
     free(decoded);
     kv_model_destroy(m);
+    return worst;
+}
+
+static void test_model(suite *s, kv_precision p, uint64_t seed, const reference *ref)
+{
+    (void)test_model_with(s, p, seed, ref, NULL, NULL, "", 0.0);
+}
+
+/* fp32 with each cuDNN algorithm forced (KLVAE_CUDA_CONV_ALGO): the allowed
+ * ones must meet fp32's bound through the whole model; the others are
+ * measured only, the evidence for leaving them out (conv2d.cu,
+ * algo_allowed). */
+static void test_fp32_algorithms(suite *s, uint64_t seed, const reference *ref)
+{
+    static const struct {
+        int algo;
+        const char *name;
+        int allowed;
+    } algos[] = {{0, "IMPLICIT_GEMM", 1}, {1, "IMPLICIT_PRECOMP_GEMM", 1}, {2, "GEMM", 1},
+                 {3, "DIRECT", 1},        {4, "FFT", 0},                   {5, "FFT_TILING", 0},
+                 {6, "WINOGRAD", 0},      {7, "WINOGRAD_NONFUSED", 0}};
+    for (size_t i = 0; i < sizeof algos / sizeof algos[0]; i++) {
+        char value[8], tag[64];
+        snprintf(value, sizeof value, "%d", algos[i].algo);
+        snprintf(tag, sizeof tag, " algo %s", algos[i].name);
+        if (algos[i].allowed) {
+            (void)test_model_with(s, KV_PRECISION_FP32, seed, ref, "KLVAE_CUDA_CONV_ALGO", value,
+                                  tag, fp32_tol);
+            continue;
+        }
+        /* measured, not judged */
+        s->measuring = 1;
+        double e = test_model_with(s, KV_PRECISION_FP32, seed, ref, "KLVAE_CUDA_CONV_ALGO", value,
+                                   tag, 1e30);
+        s->measuring = 0;
+        printf("INFO  fp32 %-40s error %s%.3g (excluded; fp32 bound %.0e)\n", algos[i].name,
+               e < 0 ? "n/a: cuDNN refused it " : "", e < 0 ? 0.0 : e, fp32_tol);
+    }
 }
 
 /* ---- the public device-pointer API, through the core's loader ---- */
@@ -756,9 +867,9 @@ static void test_device_api(suite *s, kv_precision p, uint64_t seed, const char 
     }
     if (st != KLVAE_OK)
         failed_call(s, what, p, st);
-    else /* the same ops in fp32 (0 when the algorithms agree); in bf16 the device API
-          * keeps float32 outputs where the host API's tensors round them to bf16 */
-        verdict(s, what, p, err, p == KV_PRECISION_FP32 ? 1e-6 : low_tol);
+    else /* the same ops on the same tensors: the device calls copy in and out
+          * on the device what the host calls upload and download */
+        verdict(s, what, p, err, 1e-6);
     kv_tensor_release(s->mem, &di);
     kv_tensor_release(s->mem, &dm);
     kv_tensor_release(s->mem, &dl);
@@ -799,48 +910,60 @@ static void test_device_api(suite *s, kv_precision p, uint64_t seed, const char 
 
 /* ---- main ---- */
 
-static void run_ops(suite *s, kv_precision p)
+/* The op checks on a backend of precision p; tag names the variant (the
+ * environment variable env = value it was created with). */
+static void run_ops_on(suite *s, kv_precision p, const char *env, const char *value,
+                       const char *tag)
 {
+    char what[160];
     kv_backend *gpu = NULL, *small = NULL;
-    klvae_status_t st = harness_backend(s->plugin, s->device, p, &gpu);
+    klvae_status_t st = backend_with(s, p, env, value, &gpu);
     if (st != KLVAE_OK) {
-        failed_call(s, "create the backend", p, st);
+        snprintf(what, sizeof what, "create the backend%s", tag);
+        failed_call(s, what, p, st);
         return;
     }
     /* a backend with tiny buffer budgets: convs in bands and chunks, attention
      * in many query blocks */
-    setenv("KLVAE_CUDA_CONV_BUDGET", "60000", 1);
+    if (env)
+        setenv(env, value, 1);
     setenv("KLVAE_CUDA_ATTENTION_BUDGET", "300000", 1);
-    st = harness_backend(s->plugin, s->device, p, &small);
-    unsetenv("KLVAE_CUDA_CONV_BUDGET");
+    st = backend_with(s, p, "KLVAE_CUDA_CONV_BUDGET", "60000", &small);
     unsetenv("KLVAE_CUDA_ATTENTION_BUDGET");
-    if (st != KLVAE_OK)
-        failed_call(s, "create a small-budget backend", p, st);
+    if (env)
+        unsetenv(env);
+    if (st != KLVAE_OK) {
+        snprintf(what, sizeof what, "create a small-budget backend%s", tag);
+        failed_call(s, what, p, st);
+    }
+    char bands[96];
+    snprintf(bands, sizeof bands, " (bands)%s", tag);
     for (size_t i = 0; i < sizeof conv_cases / sizeof conv_cases[0]; i++) {
-        test_conv(s, gpu, p, &conv_cases[i], 0, "");
+        test_conv(s, gpu, p, &conv_cases[i], tag);
         if (small)
-            test_conv(s, small, p, &conv_cases[i], 0, " (bands)");
+            test_conv(s, small, p, &conv_cases[i], bands);
     }
-    test_conv(s, gpu, p, &conv_cases[1], 1, " (float32 arrays)");
-    test_conv(s, gpu, p, &conv_cases[3], 1, " (float32 arrays)");
-    if (small)
-        test_conv(s, small, p, &conv_cases[7], 1, " (bands, float32 arrays)");
-    test_group_norm_stats(s, gpu, p, 2, 32, 13, 11, 8, -1.0f, 1.0f);
-    test_group_norm_stats(s, gpu, p, 1, 128, 96, 96, 32, 2.0f, 4.0f); /* several chunks */
-    test_group_norm_stats(s, gpu, p, 2, 64, 160, 130, 32, -3.0f, 1.0f);
+    if (env) { /* a variant: the convolutions are what it changes */
+        kv_backend_destroy(small);
+        kv_backend_destroy(gpu);
+        return;
+    }
+    test_group_norm_stats(s, gpu, p, 2, 32, 13, 11, 8, -1.0f, 1.0f, 0);
+    test_group_norm_stats(s, gpu, p, 2, 32, 13, 11, 8, -1.0f, 1.0f, 1);
+    test_group_norm_stats(s, gpu, p, 1, 128, 96, 96, 32, 2.0f, 4.0f, 1); /* several chunks */
+    test_group_norm_stats(s, gpu, p, 2, 64, 160, 130, 32, -3.0f, 1.0f, 1);
+    test_group_norm_stats(s, gpu, p, 2, 36, 9, 7, 6, -1.0f, 2.0f, 1); /* channels not a multiple of 8 */
     for (int a = 0; a <= KV_ACT_LEAKY_RELU; a++)
-        test_group_norm(s, gpu, p, (kv_activation)a, 0, 0);
-    test_group_norm(s, gpu, p, KV_ACT_SILU, 1, 0);
-    test_group_norm(s, gpu, p, KV_ACT_NONE, 0, 1);
-    test_add(s, gpu, p);
+        test_group_norm(s, gpu, p, (kv_activation)a, 0);
+    test_group_norm(s, gpu, p, KV_ACT_SILU, 1);
+    test_add(s, gpu, p, 0);
+    test_add(s, gpu, p, 1);
     test_upsample(s, gpu, p);
-    test_attention(s, gpu, p, 2, 32, 9, 11, 0, "");
-    test_attention(s, gpu, p, 1, 64, 32, 32, 0, "");
-    if (small) {
-        test_attention(s, small, p, 2, 64, 24, 20, 0, " (many blocks)");
-        test_attention(s, small, p, 1, 32, 16, 16, 1, " (many blocks, float32 arrays)");
-    }
-    test_attention(s, gpu, p, 1, 16, 5, 7, 1, " (float32 arrays)");
+    test_attention(s, gpu, p, 2, 32, 9, 11, "");
+    test_attention(s, gpu, p, 1, 64, 32, 32, "");
+    test_attention(s, gpu, p, 1, 16, 5, 7, "");
+    if (small)
+        test_attention(s, small, p, 2, 64, 24, 20, " (many blocks)");
     test_posterior_split(s, gpu, p, 1);
     test_posterior_split(s, gpu, p, 0);
     if (p == KV_PRECISION_FP32) {
@@ -848,9 +971,44 @@ static void run_ops(suite *s, kv_precision p)
         test_sample(s, gpu, p, 0, 1);
     }
     test_sample(s, gpu, p, 1, 0);
+    test_sample(s, gpu, p, 1, 1);
     test_training_refused(s, gpu, p);
     kv_backend_destroy(small);
     kv_backend_destroy(gpu);
+}
+
+/* --tiny: one convolution of each kind (prologue, residual, upsample), one
+ * group norm, one attention, one sampling. */
+static void run_tiny_ops(suite *s, kv_precision p)
+{
+    kv_backend *gpu = NULL;
+    klvae_status_t st = backend_with(s, p, NULL, NULL, &gpu);
+    if (st != KLVAE_OK) {
+        failed_call(s, "create the backend", p, st);
+        return;
+    }
+    test_conv(s, gpu, p, &conv_cases[3], "");
+    test_conv(s, gpu, p, &conv_cases[8], "");
+    test_conv(s, gpu, p, &conv_cases[12], "");
+    test_group_norm(s, gpu, p, KV_ACT_SILU, 0);
+    test_attention(s, gpu, p, 1, 16, 5, 7, "");
+    test_sample(s, gpu, p, 1, 0);
+    kv_backend_destroy(gpu);
+}
+
+static void run_ops(suite *s, kv_precision p)
+{
+    if (s->tiny) {
+        run_tiny_ops(s, p);
+        return;
+    }
+    run_ops_on(s, p, NULL, NULL, "");
+    if (p == KV_PRECISION_BF16) { /* the other layout, and cuDNN's epilogue off */
+        run_ops_on(s, p, "KLVAE_CUDA_LAYOUT", "nchw", " [nchw]");
+        run_ops_on(s, p, "KLVAE_CUDA_FUSED", "0", " [unfused]");
+    }
+    if (p == KV_PRECISION_FP32) /* fp32 on tensor cores' layout: still exact */
+        run_ops_on(s, p, "KLVAE_CUDA_LAYOUT", "nhwc", " [nhwc]");
 }
 
 #ifdef KV_WITH_BENCH
@@ -864,7 +1022,7 @@ int main(int argc, char **argv)
         return bench_cuda_main(argc - 1, argv + 1);
 #endif
     const char *plugin_path = NULL;
-    int only_ops = 0;
+    int only_ops = 0, require_gpu = 0;
     suite s;
     memset(&s, 0, sizeof s);
     uint64_t seed = (uint64_t)time(NULL) * 1000003u + (uint64_t)getpid();
@@ -879,9 +1037,13 @@ int main(int argc, char **argv)
             s.quick = 1;
         else if (strcmp(argv[i], "--only-ops") == 0)
             only_ops = 1;
+        else if (strcmp(argv[i], "--require-gpu") == 0)
+            require_gpu = 1;
+        else if (strcmp(argv[i], "--tiny") == 0)
+            s.tiny = s.quick = only_ops = 1;
         else {
             fprintf(stderr, "usage: test_cuda [--plugin PATH] [--device N] [--seed S] [--quick] "
-                            "[--only-ops]\n");
+                            "[--only-ops] [--require-gpu] [--tiny]\n");
             return 2;
         }
     }
@@ -892,12 +1054,13 @@ int main(int argc, char **argv)
     char why[1024];
     s.plugin = harness_open(plugin_path, why, sizeof why);
     if (!s.plugin) {
-        printf("SKIPPED: no CUDA plugin (%s)\n", why);
-        return 0;
+        printf("%s: no CUDA plugin (%s)\n", require_gpu ? "FAILED" : "SKIPPED", why);
+        return require_gpu ? 1 : 0;
     }
     if (harness_probe(s.plugin, s.device) != KLVAE_OK) {
-        printf("SKIPPED: no CUDA device (%s)\n", klvae_last_error());
-        return 0;
+        printf("%s: no CUDA device (%s)\n", require_gpu ? "FAILED" : "SKIPPED",
+               klvae_last_error());
+        return require_gpu ? 1 : 0;
     }
     s.r.state = seed * 2654435761u + 0x9E3779B97F4A7C15ull;
     printf("test_cuda: plugin %s, device %d, seed %llu%s\n", plugin_path, s.device,
@@ -935,12 +1098,19 @@ int main(int argc, char **argv)
                     continue;
                 test_model(&s, precisions[j], model_seed, &ref);
             }
+            if (sizes[i] == 64) { /* the variants and the algorithms, at the small size */
+                (void)test_model_with(&s, KV_PRECISION_BF16, model_seed, &ref, "KLVAE_CUDA_LAYOUT",
+                                      "nchw", " [nchw]", 0.0);
+                (void)test_model_with(&s, KV_PRECISION_BF16, model_seed, &ref, "KLVAE_CUDA_FUSED",
+                                      "0", " [unfused]", 0.0);
+                if (!s.quick)
+                    test_fp32_algorithms(&s, model_seed, &ref);
+            }
         }
         free_reference(&ref);
     }
     test_device_api(&s, KV_PRECISION_FP32, model_seed, plugin_path);
-    if (!s.quick)
-        test_device_api(&s, KV_PRECISION_BF16, model_seed, plugin_path);
+    test_device_api(&s, KV_PRECISION_BF16, model_seed, plugin_path);
 done:
     kv_backend_destroy(s.mem);
     kv_backend_destroy(s.cpu);

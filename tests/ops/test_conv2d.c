@@ -65,8 +65,8 @@ START_TEST(conv2d_matches_float64_reference)
     kv_tensor tb = op_tensor1(b, c->co);
     kv_tensor ty1 = op_tensor4(y1, c->n, c->co, ho, wo), ty2 = op_tensor4(y2, c->n, c->co, ho, wo);
     kv_backend *one = op_backend(1), *two = op_backend(2);
-    ck_assert_ok(one->ops->conv2d(one, &tx, NULL, &tw, c->bias ? &tb : NULL, c->g, &ty1));
-    ck_assert_ok(two->ops->conv2d(two, &tx, NULL, &tw, c->bias ? &tb : NULL, c->g, &ty2));
+    ck_assert_ok(one->ops->conv2d(one, &tx, NULL, &tw, c->bias ? &tb : NULL, NULL, c->g, &ty1));
+    ck_assert_ok(two->ops->conv2d(two, &tx, NULL, &tw, c->bias ? &tb : NULL, NULL, c->g, &ty2));
     conv_reference(c, x, w, b, ho, wo, ref);
     double err = op_relative_error(y1, ref, ny);
     ck_assert_msg(err < OP_TOLERANCE, "case %d: relative error %g", _i, err);
@@ -115,12 +115,80 @@ START_TEST(conv2d_prologue_matches_float64_reference)
     kv_tensor tw = op_tensor4(w, c->co, c->ci, c->k, c->k);
     kv_tensor tb = op_tensor1(b, c->co), ty = op_tensor4(y, c->n, c->co, ho, wo);
     kv_tensor ts = op_tensor4(scale, c->n, c->ci, 1, 1), tt = op_tensor4(shift, c->n, c->ci, 1, 1);
-    kv_conv_prologue p = {&ts, &tt, act};
-    ck_assert_ok(be->ops->conv2d(be, &tx, &p, &tw, c->bias ? &tb : NULL, c->g, &ty));
+    kv_conv_prologue p = {&ts, &tt, act, false};
+    ck_assert_ok(be->ops->conv2d(be, &tx, &p, &tw, c->bias ? &tb : NULL, NULL, c->g, &ty));
     double err = op_relative_error(y, ref, ny);
     ck_assert_msg(err < OP_TOLERANCE, "case %d: relative error %g", _i, err);
     kv_backend_destroy(be);
     free(x), free(xn), free(w), free(b), free(y), free(scale), free(shift), free(ref);
+}
+END_TEST
+
+START_TEST(conv2d_residual_and_upsample_match_float64_reference)
+{
+    /* y = conv(x') + b + r, with x' read through the nearest 2x upsample
+     * (the decoder's Upsample2D) and/or a group-norm prologue, and the
+     * residual added last (the resnet's shortcut, attention's input).
+     * Cases: residual on Winograd and im2col, upsample alone on Winograd and
+     * im2col, upsample after a prologue, all three with an odd stride-2
+     * geometry. The case's h and w are x's; x' is twice that when upsampled. */
+    static const struct {
+        conv_case c;
+        bool residual, upsample, prologue;
+    } cases[] = {
+        {{2, 40, 9, 11, 36, 3, {1, 1, 1, 1, 1}, true}, true, false, true},
+        {{3, 7, 5, 6, 3, 3, {1, 1, 1, 1, 1}, false}, true, false, false},
+        {{2, 40, 5, 7, 33, 3, {1, 1, 1, 1, 1}, true}, false, true, false},
+        {{2, 6, 4, 5, 5, 3, {1, 1, 1, 1, 1}, true}, false, true, false},
+        {{2, 9, 5, 3, 4, 3, {1, 1, 1, 1, 1}, true}, true, true, true},
+        {{1, 5, 3, 5, 6, 3, {2, 0, 1, 1, 0}, false}, true, true, false},
+    };
+    const conv_case *c = &cases[_i].c;
+    const bool has_r = cases[_i].residual, up = cases[_i].upsample, pro = cases[_i].prologue;
+    test_rng rng = test_rng_new(170 + (uint64_t)_i);
+    const int u = up ? 2 : 1;
+    conv_case cu = *c; /* the convolution as it sees x' */
+    cu.h *= u, cu.w *= u;
+    int ho = (cu.h + c->g.pad_top + c->g.pad_bottom - c->k) / c->g.stride + 1;
+    int wo = (cu.w + c->g.pad_left + c->g.pad_right - c->k) / c->g.stride + 1;
+    size_t plane = (size_t)c->h * c->w, nx = (size_t)c->n * c->ci * plane;
+    size_t nxu = nx * u * u, nsc = (size_t)c->n * c->ci;
+    size_t nw = (size_t)c->co * c->ci * c->k * c->k, ny = (size_t)c->n * c->co * ho * wo;
+    float *x = test_alloc(nx), *xu = test_alloc(nxu), *w = test_alloc(nw),
+          *b = test_alloc((size_t)c->co), *r = test_alloc(ny), *y = test_alloc(ny),
+          *scale = test_alloc(nsc), *shift = test_alloc(nsc);
+    double *ref = calloc(ny, sizeof *ref);
+    test_fill(x, nx, &rng, -3, 3);
+    test_fill(w, nw, &rng, -0.5f, 0.5f);
+    test_fill(b, (size_t)c->co, &rng, -1, 1);
+    test_fill(r, ny, &rng, -2, 2);
+    test_fill(scale, nsc, &rng, 0.2f, 2.0f);
+    test_fill(shift, nsc, &rng, -1, 1);
+    for (size_t i = 0; i < nxu; i++) {
+        size_t nc = i / (plane * u * u), rest = i % (plane * u * u);
+        size_t yy = rest / (size_t)cu.w / u, xx = rest % (size_t)cu.w / u;
+        double v = x[nc * plane + yy * c->w + xx];
+        if (pro)
+            v = op_activation_reference(KV_ACT_SILU, v * scale[nc] + shift[nc]);
+        xu[i] = (float)v;
+    }
+    conv_reference(&cu, xu, w, b, ho, wo, ref);
+    if (has_r)
+        for (size_t i = 0; i < ny; i++)
+            ref[i] += r[i];
+    kv_backend *be = op_backend(2);
+    kv_tensor tx = op_tensor4(x, c->n, c->ci, c->h, c->w);
+    kv_tensor tw = op_tensor4(w, c->co, c->ci, c->k, c->k);
+    kv_tensor tb = op_tensor1(b, c->co), ty = op_tensor4(y, c->n, c->co, ho, wo);
+    kv_tensor tr = op_tensor4(r, c->n, c->co, ho, wo);
+    kv_tensor ts = op_tensor4(scale, c->n, c->ci, 1, 1), tt = op_tensor4(shift, c->n, c->ci, 1, 1);
+    kv_conv_prologue p = {pro ? &ts : NULL, pro ? &tt : NULL, KV_ACT_SILU, up};
+    ck_assert_ok(be->ops->conv2d(be, &tx, pro || up ? &p : NULL, &tw, c->bias ? &tb : NULL,
+                                 has_r ? &tr : NULL, c->g, &ty));
+    double err = op_relative_error(y, ref, ny);
+    ck_assert_msg(err < OP_TOLERANCE, "case %d: relative error %g", _i, err);
+    kv_backend_destroy(be);
+    free(x), free(xu), free(w), free(b), free(r), free(y), free(scale), free(shift), free(ref);
 }
 END_TEST
 
@@ -198,7 +266,7 @@ START_TEST(conv2d_gradients_match_finite_differences)
     op_fill_both(c.b, b, (size_t)c.co, &rng, -0.5, 0.5);
     op_fill_both(c.r, r, ny, &rng, -1, 1);
     kv_tensor tsc = op_tensor4(sc, c.n, c.ci, 1, 1), tsh = op_tensor4(sh, c.n, c.ci, 1, 1);
-    kv_conv_prologue pro = {&tsc, &tsh, c.act};
+    kv_conv_prologue pro = {&tsc, &tsh, c.act, false};
     if (k->prologue) {
         c.scale = op_dalloc(ns), c.shift = op_dalloc(ns);
         op_fill_both(c.scale, sc, ns, &rng, 0.5, 1.5);
@@ -236,6 +304,7 @@ Suite *suite_conv2d_ops(void)
     tcase_add_loop_test(forward, conv2d_matches_float64_reference, 0,
                         (int)(sizeof conv_cases / sizeof conv_cases[0]));
     tcase_add_loop_test(forward, conv2d_prologue_matches_float64_reference, 0, 3);
+    tcase_add_loop_test(forward, conv2d_residual_and_upsample_match_float64_reference, 0, 6);
     tcase_add_loop_test(backward, conv2d_gradients_match_finite_differences, 0,
                         (int)(sizeof conv_grad_cases / sizeof conv_grad_cases[0]));
     return s;

@@ -65,8 +65,9 @@ static void fake_destroy(kv_backend *be)
     free(be);
 }
 
-static klvae_status_t fake_alloc(kv_backend *be, size_t bytes, void **out)
+static klvae_status_t fake_alloc(kv_backend *be, size_t bytes, kv_storage storage, void **out)
 {
+    (void)storage;
     *out = malloc(bytes ? bytes : 1);
     if (!*out)
         return host->set_error(KLVAE_ERR_OUT_OF_MEMORY, "fake plugin: out of memory");
@@ -85,17 +86,17 @@ static void fake_trim(kv_backend *be)
 {
 }
 
-static klvae_status_t fake_upload(kv_backend *be, void *dst, const float *src, size_t count)
+static klvae_status_t fake_upload(kv_backend *be, kv_tensor *dst, const float *src)
 {
     BUMP(uploads);
-    memcpy(dst, src, count * sizeof(float));
+    memcpy(dst->data, src, numel(dst) * sizeof(float));
     return KLVAE_OK;
 }
 
-static klvae_status_t fake_download(kv_backend *be, float *dst, const void *src, size_t count)
+static klvae_status_t fake_download(kv_backend *be, float *dst, const kv_tensor *src)
 {
     BUMP(downloads);
-    memcpy(dst, src, count * sizeof(float));
+    memcpy(dst, src->data, numel(src) * sizeof(float));
     return KLVAE_OK;
 }
 
@@ -202,6 +203,21 @@ static klvae_status_t fake_synchronize(kv_backend *be)
     return KLVAE_OK;
 }
 
+/* The fake's device memory is host memory: a device copy is a memcpy. */
+static klvae_status_t fake_import_device(kv_backend *be, kv_tensor *dst, const float *src)
+{
+    BUMP(imports);
+    memcpy(dst->data, src, numel(dst) * sizeof(float));
+    return KLVAE_OK;
+}
+
+static klvae_status_t fake_export_device(kv_backend *be, float *dst, const kv_tensor *src)
+{
+    BUMP(exports);
+    memcpy(dst, src->data, numel(src) * sizeof(float));
+    return KLVAE_OK;
+}
+
 static const kv_plugin fake_plugin = {
 #if defined(FAKE_MODE_bad_abi)
     .abi_version = 7,
@@ -215,6 +231,8 @@ static const kv_plugin fake_plugin = {
     .create = fake_create,
     .set_stream = fake_set_stream,
     .synchronize = fake_synchronize,
+    .import_device = fake_import_device,
+    .export_device = fake_export_device,
 };
 
 #if defined(FAKE_MODE_no_entry)

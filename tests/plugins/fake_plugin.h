@@ -5,6 +5,7 @@
 
 typedef struct fake_record {
     int probes, creates, destroys, set_streams, synchronizes, uploads, downloads;
+    int imports, exports; /* import_device, export_device */
     int live_allocations; /* alloc minus release */
     int probe_device, create_device, create_precision;
     void *last_stream;

@@ -129,9 +129,10 @@ static void prologue_task(void *arg, int task, int thread)
 static klvae_status_t conv2d_im2col(kv_cpu *cpu, const kv_tensor *x, const kv_tensor *w,
                                     const kv_tensor *b, kv_conv_geometry g, kv_tensor *y);
 
-klvae_status_t kv_cpu_conv2d(kv_backend *be, const kv_tensor *x, const kv_conv_prologue *prologue,
-                             const kv_tensor *w, const kv_tensor *b, kv_conv_geometry g,
-                             kv_tensor *y)
+/* y = conv(prologue(x)) + b with a prologue of scale and shift, or none. */
+static klvae_status_t conv2d_plain(kv_backend *be, const kv_tensor *x,
+                                   const kv_conv_prologue *prologue, const kv_tensor *w,
+                                   const kv_tensor *b, kv_conv_geometry g, kv_tensor *y)
 {
     kv_cpu *cpu = kv_cpu_of(be);
     if (w->ndim == 4 && kv_winograd_applies(x->shape[1], w->shape[0], w->shape[2], w->shape[3], g))
@@ -151,6 +152,35 @@ klvae_status_t kv_cpu_conv2d(kv_backend *be, const kv_tensor *x, const kv_conv_p
     kv_pool_run(cpu->pool, x->shape[0] * x->shape[1], prologue_task, &pj);
     st = conv2d_im2col(cpu, &normed, w, b, g, y);
     kv_tensor_release(be, &normed);
+    return st;
+}
+
+klvae_status_t kv_cpu_conv2d(kv_backend *be, const kv_tensor *x, const kv_conv_prologue *prologue,
+                             const kv_tensor *w, const kv_tensor *b, const kv_tensor *residual,
+                             kv_conv_geometry g, kv_tensor *y)
+{
+    const bool affine = prologue && prologue->scale && prologue->shift;
+    kv_conv_prologue p = {NULL, NULL, KV_ACT_NONE, false};
+    if (affine)
+        p = (kv_conv_prologue){prologue->scale, prologue->shift, prologue->act, false};
+    klvae_status_t st;
+    if (prologue && prologue->upsample2x) {
+        /* The upsample commutes with the per-channel prologue; the CPU stores
+         * the upsampled input for the length of the call (the CUDA backend
+         * reads it through its staging kernel instead). */
+        kv_tensor up;
+        st = kv_tensor_alloc(be, x->shape[0], x->shape[1], 2 * x->shape[2], 2 * x->shape[3], &up);
+        if (st != KLVAE_OK)
+            return st;
+        st = kv_cpu_upsample_nearest2x(be, x, &up);
+        if (st == KLVAE_OK)
+            st = conv2d_plain(be, &up, affine ? &p : NULL, w, b, g, y);
+        kv_tensor_release(be, &up);
+    } else {
+        st = conv2d_plain(be, x, affine ? &p : NULL, w, b, g, y);
+    }
+    if (st == KLVAE_OK && residual)
+        st = kv_cpu_add(be, residual, y, y); /* r + y: the graph's add(shortcut, h) */
     return st;
 }
 

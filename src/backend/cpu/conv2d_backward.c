@@ -57,7 +57,7 @@ static klvae_status_t backward_data_stride1(kv_backend *be, const kv_tensor *dy,
     kv_pool_run(cpu->pool, ci, flip_task, &fj);
     kv_conv_geometry t = {1, kh - 1 - g.pad_top, kw - 1 - g.pad_left, kh - 1 - g.pad_bottom,
                           kw - 1 - g.pad_right};
-    st = kv_cpu_conv2d(be, dy, NULL, &wt, NULL, t, dx);
+    st = kv_cpu_conv2d(be, dy, NULL, &wt, NULL, NULL, t, dx);
     kv_tensor_release(be, &wt);
     return st;
 }

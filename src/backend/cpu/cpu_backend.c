@@ -55,8 +55,9 @@ static unsigned char *cache_take(kv_cpu *cpu, size_t total)
     return base;
 }
 
-static klvae_status_t cpu_alloc(kv_backend *be, size_t bytes, void **out)
+static klvae_status_t cpu_alloc(kv_backend *be, size_t bytes, kv_storage storage, void **out)
 {
+    (void)storage; /* the CPU computes and stores in float32 */
     kv_cpu *cpu = kv_cpu_of(be);
     size_t total;
     *out = NULL;
@@ -117,19 +118,19 @@ static void cpu_trim(kv_backend *be)
         cache_evict_largest(cpu);
 }
 
-static klvae_status_t cpu_upload(kv_backend *be, void *dst, const float *src, size_t count)
+static klvae_status_t cpu_upload(kv_backend *be, kv_tensor *dst, const float *src)
 {
     (void)be;
-    if (dst != src)
-        memmove(dst, src, count * sizeof(float));
+    if (dst->data != src)
+        memmove(dst->data, src, kv_tensor_numel(dst) * sizeof(float));
     return KLVAE_OK;
 }
 
-static klvae_status_t cpu_download(kv_backend *be, float *dst, const void *src, size_t count)
+static klvae_status_t cpu_download(kv_backend *be, float *dst, const kv_tensor *src)
 {
     (void)be;
-    if (dst != src)
-        memmove(dst, src, count * sizeof(float));
+    if (dst != src->data)
+        memmove(dst, src->data, kv_tensor_numel(src) * sizeof(float));
     return KLVAE_OK;
 }
 

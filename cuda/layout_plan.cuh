@@ -1,0 +1,46 @@
+/* layout_plan.cuh — the index maps between the core's NCHW order and the
+ * CUDA backend's NHWC layout (cuda_ops.h, "Storage"). Plain C and
+ * __host__ __device__, so tests/test_cuda_host.c checks them on the CPU.
+ *
+ * The core and every caller see tensors as NCHW: upload, download and the
+ * device copies (memory.cu) convert at the boundary, and the few ops whose
+ * result depends on an element's logical position (the Philox counter of
+ * gaussian_sample, the channel split of posterior_split, the upsample)
+ * compute that position from the NHWC index with these maps. Tensors that
+ * are not 4-D (biases, linear weights as (out, in)) and (N, C, 1, 1) tensors
+ * are stored in the same order in both layouts. A 4-D weight (co, ci, kh,
+ * kw) stored NHWC is (co, kh, kw, ci): cuDNN's NHWC filter layout. */
+#ifndef KV_LAYOUT_PLAN_CUH
+#define KV_LAYOUT_PLAN_CUH
+
+#include <stddef.h>
+
+#include "base/numerics.h"
+
+/* The NHWC index of element i (NCHW order) of an (n, c, h, w) tensor. */
+static inline KV_HD size_t kv_nchw_to_nhwc(size_t i, int c, int h, int w)
+{
+    const size_t hw = (size_t)h * (size_t)w;
+    const size_t pix = i % hw, nc = i / hw;
+    const size_t ch = nc % (size_t)c, n = nc / (size_t)c;
+    return (n * hw + pix) * (size_t)c + ch;
+}
+
+/* The NCHW index of element e (NHWC order) of an (n, c, h, w) tensor. */
+static inline KV_HD size_t kv_nhwc_to_nchw(size_t e, int c, int h, int w)
+{
+    const size_t hw = (size_t)h * (size_t)w;
+    const size_t ch = e % (size_t)c, rest = e / (size_t)c;
+    const size_t pix = rest % hw, n = rest / hw;
+    return (n * (size_t)c + ch) * hw + pix;
+}
+
+/* Where element i of a tensor of shape (n, c, h, w) in NCHW order lives in
+ * the backend's storage: the same index unless the backend is NHWC and the
+ * tensor 4-D with more than one pixel. */
+static inline KV_HD size_t kv_storage_index(size_t i, int nhwc, int ndim, int c, int h, int w)
+{
+    return nhwc && ndim == 4 && (size_t)h * (size_t)w > 1 ? kv_nchw_to_nhwc(i, c, h, w) : i;
+}
+
+#endif /* KV_LAYOUT_PLAN_CUH */
