@@ -37,36 +37,12 @@ static void png_warning_handler(png_structp png, png_const_charp message)
     (void)message; /* benign: unknown chunks, bad gamma, ... */
 }
 
-static klvae_status_t read_png(FILE *fp, const char *path, float **pixels, int *h, int *w)
+/* Asks libpng for RGB with 8 or 16 bits per sample, whatever the file
+ * holds. Returns the number of interlace passes. */
+static int png_request_rgb(png_structp png, png_infop info)
 {
-    png_failure failure;
-    failure.message[0] = '\0';
-    png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, &failure, png_error_handler,
-                                             png_warning_handler);
-    if (!png)
-        return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory reading %s", path);
-    png_infop info = png_create_info_struct(png);
-    /* Declared volatile: they change between setjmp and a possible longjmp. */
-    float *volatile out = NULL;
-    png_bytep volatile row = NULL;
-    if (!info) {
-        png_destroy_read_struct(&png, NULL, NULL);
-        return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory reading %s", path);
-    }
-    if (setjmp(failure.jump)) {
-        png_destroy_read_struct(&png, &info, NULL);
-        free(out);
-        free(row);
-        return kv_error(KLVAE_ERR_FORMAT, "%s: corrupt PNG: %s", path, failure.message);
-    }
-    png_init_io(png, fp);
-    png_set_user_limits(png, KV_IMAGE_MAX_SIDE, KV_IMAGE_MAX_SIDE);
-    png_read_info(png, info);
-    png_uint_32 width = png_get_image_width(png, info);
-    png_uint_32 height = png_get_image_height(png, info);
     int depth = png_get_bit_depth(png, info);
     int color = png_get_color_type(png, info);
-    /* Everything becomes RGB with 8 or 16 bits per sample. */
     if (color == PNG_COLOR_TYPE_PALETTE)
         png_set_palette_to_rgb(png);
     if (color == PNG_COLOR_TYPE_GRAY && depth < 8)
@@ -80,54 +56,90 @@ static klvae_status_t read_png(FILE *fp, const char *path, float **pixels, int *
         png_set_swap(png); /* network order to little-endian */
     int passes = png_set_interlace_handling(png);
     png_read_update_info(png, info);
-    int out_depth = png_get_bit_depth(png, info);
+    return passes;
+}
+
+/* One row of interleaved RGB samples into row y of the three planes. */
+static void png_row_to_planes(const png_byte *src, bool wide, png_uint_32 width, png_uint_32 y,
+                              size_t plane, float *out)
+{
+    const float scale = wide ? 2.0f / 65535.0f : 2.0f / 255.0f;
+    for (png_uint_32 x = 0; x < width; x++) {
+        for (int c = 0; c < 3; c++) {
+            float v;
+            if (wide) {
+                uint16_t s;
+                memcpy(&s, src + 2 * (3 * x + (png_uint_32)c), 2);
+                v = (float)s;
+            } else {
+                v = (float)src[3 * x + (png_uint_32)c];
+            }
+            out[(size_t)c * plane + (size_t)y * width + x] = v * scale - 1.0f;
+        }
+    }
+}
+
+static klvae_status_t read_png(FILE *fp, const char *path, float **pixels, int *h, int *w)
+{
+    png_failure failure;
+    failure.message[0] = '\0';
+    png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, &failure, png_error_handler,
+                                             png_warning_handler);
+    if (!png)
+        return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory reading %s", path);
+    png_infop info = png_create_info_struct(png);
+    /* Volatile: they change between setjmp and a possible longjmp, and the
+     * handler frees whatever was allocated by then. */
+    float *volatile out = NULL;
+    png_bytep volatile image = NULL;
+    png_bytep *volatile rows = NULL;
+    if (!info) {
+        png_destroy_read_struct(&png, NULL, NULL);
+        return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory reading %s", path);
+    }
+    if (setjmp(failure.jump)) {
+        png_destroy_read_struct(&png, &info, NULL);
+        free(out);
+        free(image);
+        free(rows);
+        return kv_error(KLVAE_ERR_FORMAT, "%s: corrupt PNG: %s", path, failure.message);
+    }
+    png_init_io(png, fp);
+    png_set_user_limits(png, KV_IMAGE_MAX_SIDE, KV_IMAGE_MAX_SIDE);
+    png_read_info(png, info);
+    png_uint_32 width = png_get_image_width(png, info);
+    png_uint_32 height = png_get_image_height(png, info);
+    int passes = png_request_rgb(png, info);
+    bool wide = png_get_bit_depth(png, info) == 16;
     size_t rowbytes = png_get_rowbytes(png, info);
     size_t plane = (size_t)width * height;
     out = malloc(3 * plane * sizeof(float));
     /* Interlaced images need the whole image before rows are final. */
-    row = malloc(passes > 1 ? rowbytes * height : rowbytes);
-    if (!out || !row) {
+    image = malloc(passes > 1 ? rowbytes * height : rowbytes);
+    rows = passes > 1 ? malloc(height * sizeof *rows) : NULL;
+    if (!out || !image || (passes > 1 && !rows)) {
         png_destroy_read_struct(&png, &info, NULL);
         free(out);
-        free(row);
+        free(image);
+        free(rows);
         return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory reading %s (%u x %u)", path,
                         (unsigned)width, (unsigned)height);
     }
-    const float scale = out_depth == 16 ? 2.0f / 65535.0f : 2.0f / 255.0f;
     if (passes > 1) {
-        png_bytep *rows = malloc(height * sizeof *rows);
-        if (!rows) {
-            png_destroy_read_struct(&png, &info, NULL);
-            free(out);
-            free(row);
-            return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory reading %s", path);
-        }
         for (png_uint_32 y = 0; y < height; y++)
-            rows[y] = row + y * rowbytes;
+            rows[y] = image + y * rowbytes;
         png_read_image(png, rows);
-        free(rows);
     }
     for (png_uint_32 y = 0; y < height; y++) {
-        png_bytep src = passes > 1 ? row + y * rowbytes : row;
+        png_bytep src = passes > 1 ? rows[y] : image;
         if (passes <= 1)
             png_read_row(png, src, NULL);
-        for (png_uint_32 x = 0; x < width; x++) {
-            for (int c = 0; c < 3; c++) {
-                float v;
-                if (out_depth == 16) {
-                    uint16_t s;
-                    memcpy(&s, src + 2 * (3 * x + (png_uint_32)c), 2);
-                    v = (float)s;
-                } else {
-                    v = (float)src[3 * x + (png_uint_32)c];
-                }
-                out[(size_t)c * plane + (size_t)y * width + x] = v * scale - 1.0f;
-            }
-        }
+        png_row_to_planes(src, wide, width, y, plane, out);
     }
     png_read_end(png, NULL);
     png_destroy_read_struct(&png, &info, NULL);
-    free(row);
+    free(image);
+    free(rows);
     *pixels = out;
     *h = (int)height;
     *w = (int)width;
