@@ -1007,6 +1007,202 @@ START_TEST(write_negative_height_is_invalid)
 }
 END_TEST
 
+/* ---- the pixel budget ---- */
+
+/* Reads path with max_image_pixels = budget (NULL opts when budget is 0). */
+static klvae_status_t read_with_budget(const char *path, uint64_t budget, float **px, int *h,
+                                       int *w)
+{
+    klvae_options_t *o = NULL;
+    if (budget) {
+        char text[32];
+        snprintf(text, sizeof text, "%llu", (unsigned long long)budget);
+        ck_assert_ok(klvae_options_create(&o));
+        ck_assert_ok(klvae_options_set(o, "max_image_pixels", text));
+    }
+    klvae_status_t st = klvae_image_read_opts(path, o, px, h, w);
+    klvae_options_free(o);
+    return st;
+}
+
+/* Expects path (w x h pixels) refused under budget, with the outputs reset
+ * and a message naming the file, the size, the budget and the option. */
+static void expect_over_budget(const char *path, int w, int h, uint64_t budget)
+{
+    float sentinel[1];
+    float *px = sentinel;
+    int rh = 123, rw = 456;
+    ck_assert_status(read_with_budget(path, budget, &px, &rh, &rw), KLVAE_ERR_UNSUPPORTED);
+    ck_assert_ptr_null(px);
+    ck_assert_int_eq(rh, 0);
+    ck_assert_int_eq(rw, 0);
+    char size[64], limit[32];
+    snprintf(size, sizeof size, "%d x %d", w, h);
+    snprintf(limit, sizeof limit, "%llu", (unsigned long long)budget);
+    ck_assert_error_mentions(path);
+    ck_assert_error_mentions(size);
+    ck_assert_error_mentions(limit);
+    ck_assert_error_mentions("max_image_pixels");
+}
+
+/* Expects path to read as a w x h image with every value in [-1, 1]. */
+static void expect_within_budget(const char *path, int w, int h, uint64_t budget)
+{
+    float *px = NULL;
+    int rh = 0, rw = 0;
+    ck_assert_ok(read_with_budget(path, budget, &px, &rh, &rw));
+    ck_assert_int_eq(rh, h);
+    ck_assert_int_eq(rw, w);
+    for (size_t i = 0; i < (size_t)3 * h * w; i++)
+        ck_assert(px[i] >= -1.0f && px[i] <= 1.0f);
+    klvae_free(px);
+}
+
+START_TEST(budget_refuses_one_pixel_too_many)
+{
+    /* Odd sizes; the budget one below, at and above w * h, for both formats. */
+    test_rng rng = test_rng_new(70);
+    const int w = 37 + (int)(test_uniform(&rng) * 20), h = 21 + (int)(test_uniform(&rng) * 20);
+    const uint64_t pixels = (uint64_t)w * h;
+    float *img = test_alloc(3 * pixels);
+    test_fill(img, 3 * pixels, &rng, -1.0f, 1.0f);
+    unsigned char *rgb = malloc(3 * pixels);
+    ck_assert_ptr_nonnull(rgb);
+    for (size_t i = 0; i < 3 * pixels; i++)
+        rgb[i] = (unsigned char)(test_uniform(&rng) * 256.0);
+    char *dir = test_tmpdir();
+    char *png_path = test_join(dir, "odd.png");
+    char *jpeg_path = test_join(dir, "odd.jpg");
+    ck_assert_ok(klvae_image_write_png(png_path, img, h, w));
+    write_jpeg_file(jpeg_path, rgb, w, h, 3);
+    const char *paths[2] = {png_path, jpeg_path};
+    for (int i = 0; i < 2; i++) {
+        expect_over_budget(paths[i], w, h, pixels - 1);
+        expect_over_budget(paths[i], w, h, 1);
+        expect_within_budget(paths[i], w, h, pixels);
+        expect_within_budget(paths[i], w, h, pixels + 1);
+        expect_within_budget(paths[i], w, h, 0); /* NULL options: the default */
+    }
+    free(rgb);
+    free(img);
+    test_rmtree(dir);
+    free(png_path);
+    free(jpeg_path);
+    free(dir);
+}
+END_TEST
+
+/* CRC-32 of PNG chunks (ISO 3309), bit by bit: tests need only a few. */
+static uint32_t png_crc(const unsigned char *p, size_t n)
+{
+    uint32_t crc = 0xFFFFFFFFu;
+    for (size_t i = 0; i < n; i++) {
+        crc ^= p[i];
+        for (int k = 0; k < 8; k++)
+            crc = (crc >> 1) ^ (0xEDB88320u & (0u - (crc & 1u)));
+    }
+    return ~crc;
+}
+
+/* Appends a chunk (length, type, data, CRC) at out; returns its size. */
+static size_t png_chunk(unsigned char *out, const char *type, const unsigned char *data,
+                        uint32_t len)
+{
+    for (int i = 0; i < 4; i++)
+        out[i] = (unsigned char)(len >> (24 - 8 * i));
+    memcpy(out + 4, type, 4);
+    if (len)
+        memcpy(out + 8, data, len);
+    uint32_t crc = png_crc(out + 4, 4 + (size_t)len);
+    for (int i = 0; i < 4; i++)
+        out[8 + len + (uint32_t)i] = (unsigned char)(crc >> (24 - 8 * i));
+    return 12 + (size_t)len;
+}
+
+START_TEST(png_header_claiming_a_huge_image_is_refused_before_allocating)
+{
+    /* 69 bytes that claim a 65535 x 65535 interlaced 16-bit RGBA image: the
+     * reader used to allocate 48 GB for it (or fail with out of memory). */
+    unsigned char file[128];
+    static const unsigned char signature[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1A, '\n'};
+    memcpy(file, signature, 8);
+    unsigned char ihdr[13] = {0x00, 0x00, 0xFF, 0xFF, 0x00, 0x00, 0xFF, 0xFF, 16, 6, 0, 0, 1};
+    size_t len = 8 + png_chunk(file + 8, "IHDR", ihdr, 13);
+    unsigned char idat[12] = {0x78, 0x9C, 0x63, 0x60, 0x00, 0x00, 0x00, 0x02, 0x00, 0x01};
+    len += png_chunk(file + len, "IDAT", idat, sizeof idat);
+    len += png_chunk(file + len, "IEND", NULL, 0);
+    ck_assert_uint_eq(len, 69);
+    char *dir = test_tmpdir();
+    char *path = test_join(dir, "claims-4-gigapixels.png");
+    test_write_file(path, file, len);
+    expect_over_budget(path, 65535, 65535, 67108864);
+    /* klvae_image_read has the same budget */
+    float *px = NULL;
+    int h = 1, w = 1;
+    ck_assert_status(klvae_image_read(path, &px, &h, &w), KLVAE_ERR_UNSUPPORTED);
+    ck_assert_error_mentions("67108864");
+    ck_assert_ptr_null(px);
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
+
+START_TEST(jpeg_header_claiming_a_huge_image_is_refused_before_decoding)
+{
+    /* A small JPEG whose frame header is patched to 9984 x 29184, as in a
+     * corrupt 133-byte file that decoded to 3.4 GB of grey. */
+    const int w = 24, h = 16;
+    unsigned char rgb[24 * 16 * 3];
+    test_rng rng = test_rng_new(71);
+    for (size_t i = 0; i < sizeof rgb; i++)
+        rgb[i] = (unsigned char)(test_uniform(&rng) * 256.0);
+    char *dir = test_tmpdir();
+    char *path = test_join(dir, "tall.jpg");
+    write_jpeg_file(path, rgb, w, h, 3);
+    size_t len;
+    unsigned char *bytes = test_read_file(path, &len);
+    size_t sof = 2;
+    while (sof + 9 < len && !(bytes[sof] == 0xFF && bytes[sof + 1] == 0xC0))
+        sof++;
+    ck_assert_msg(sof + 9 < len, "no SOF0 marker in the test JPEG");
+    bytes[sof + 5] = 29184 >> 8; /* height */
+    bytes[sof + 6] = 29184 & 0xFF;
+    bytes[sof + 7] = 9984 >> 8; /* width */
+    bytes[sof + 8] = 9984 & 0xFF;
+    test_write_file(path, bytes, len);
+    free(bytes);
+    expect_over_budget(path, 9984, 29184, 67108864);
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
+
+START_TEST(budget_option_range)
+{
+    klvae_options_t *o = NULL;
+    ck_assert_ok(klvae_options_create(&o));
+    static const char *const bad[] = {"0", "-1", "1099511627777", "1e6", "", "12x", "+5"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        ck_assert_status(klvae_options_set(o, "max_image_pixels", bad[i]), KLVAE_ERR_OPTION);
+        ck_assert_error_mentions("max_image_pixels");
+    }
+    ck_assert_ok(klvae_options_set(o, "max-image-pixels", "1"));
+    ck_assert_ok(klvae_options_set(o, "max_image_pixels", "1099511627776"));
+    char buf[32];
+    ck_assert_ok(klvae_options_get(NULL, "max_image_pixels", buf, sizeof buf));
+    ck_assert_str_eq(buf, "67108864");
+    klvae_options_free(o);
+    /* NULL arguments name the function that was called */
+    float *px = NULL;
+    int h, w;
+    ck_assert_status(klvae_image_read_opts(NULL, NULL, &px, &h, &w), KLVAE_ERR_INVALID_ARGUMENT);
+    ck_assert_error_mentions("klvae_image_read_opts");
+    ck_assert_error_mentions("path");
+}
+END_TEST
+
 Suite *suite_image(void)
 {
     Suite *s = suite_create("image");
@@ -1054,6 +1250,12 @@ Suite *suite_image(void)
     tcase_add_test(tc, write_negative_width_is_invalid);
     tcase_add_test(tc, write_zero_width_is_invalid);
     tcase_add_test(tc, write_negative_height_is_invalid);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("budget");
+    tcase_add_test(tc, budget_refuses_one_pixel_too_many);
+    tcase_add_test(tc, png_header_claiming_a_huge_image_is_refused_before_allocating);
+    tcase_add_test(tc, jpeg_header_claiming_a_huge_image_is_refused_before_decoding);
+    tcase_add_test(tc, budget_option_range);
     suite_add_tcase(s, tc);
     return s;
 }

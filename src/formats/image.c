@@ -14,8 +14,25 @@
 #include <sys/stat.h>
 
 #include "base/io.h"
+#include "base/options.h"
+#include "formats/image.h"
 
 #define KV_IMAGE_MAX_SIDE 65536
+
+/* The pixel budget (option max_image_pixels), checked from the header
+ * before anything the size of the image is allocated or decoded: a file of
+ * a few bytes can claim billions of pixels. */
+static klvae_status_t check_pixel_budget(const char *path, uint64_t width, uint64_t height,
+                                         uint64_t budget)
+{
+    if (width * height <= budget) /* each side < 2^32: no overflow */
+        return KLVAE_OK;
+    return kv_error(KLVAE_ERR_UNSUPPORTED,
+                    "%s: the image is %llu x %llu = %llu pixels, more than the budget of %llu "
+                    "pixels (option max_image_pixels)",
+                    path, (unsigned long long)width, (unsigned long long)height,
+                    (unsigned long long)(width * height), (unsigned long long)budget);
+}
 
 /* ---- PNG ---- */
 
@@ -79,7 +96,8 @@ static void png_row_to_planes(const png_byte *src, bool wide, png_uint_32 width,
     }
 }
 
-static klvae_status_t read_png(FILE *fp, const char *path, float **pixels, int *h, int *w)
+static klvae_status_t read_png(FILE *fp, const char *path, uint64_t budget, float **pixels,
+                               int *h, int *w)
 {
     png_failure failure;
     failure.message[0] = '\0';
@@ -109,6 +127,10 @@ static klvae_status_t read_png(FILE *fp, const char *path, float **pixels, int *
     png_read_info(png, info);
     png_uint_32 width = png_get_image_width(png, info);
     png_uint_32 height = png_get_image_height(png, info);
+    if (check_pixel_budget(path, width, height, budget) != KLVAE_OK) {
+        png_destroy_read_struct(&png, &info, NULL);
+        return KLVAE_ERR_UNSUPPORTED;
+    }
     int passes = png_request_rgb(png, info);
     bool wide = png_get_bit_depth(png, info) == 16;
     size_t rowbytes = png_get_rowbytes(png, info);
@@ -171,7 +193,8 @@ static void jpeg_quiet(j_common_ptr cinfo, int level)
         ((jpeg_failure *)cinfo->err)->truncated = true;
 }
 
-static klvae_status_t read_jpeg(FILE *fp, const char *path, float **pixels, int *h, int *w)
+static klvae_status_t read_jpeg(FILE *fp, const char *path, uint64_t budget, float **pixels,
+                                int *h, int *w)
 {
     struct jpeg_decompress_struct cinfo;
     jpeg_failure failure;
@@ -193,7 +216,7 @@ static klvae_status_t read_jpeg(FILE *fp, const char *path, float **pixels, int 
     jpeg_read_header(&cinfo, TRUE);
     bool cmyk = cinfo.jpeg_color_space == JCS_CMYK || cinfo.jpeg_color_space == JCS_YCCK;
     cinfo.out_color_space = cmyk ? JCS_CMYK : JCS_RGB;
-    jpeg_start_decompress(&cinfo);
+    jpeg_calc_output_dimensions(&cinfo);
     unsigned width = cinfo.output_width, height = cinfo.output_height;
     int comps = cinfo.output_components;
     if (width > KV_IMAGE_MAX_SIDE || height > KV_IMAGE_MAX_SIDE) {
@@ -201,6 +224,13 @@ static klvae_status_t read_jpeg(FILE *fp, const char *path, float **pixels, int 
         return kv_error(KLVAE_ERR_FORMAT, "%s: %u x %u is larger than %d on a side", path, width,
                         height, KV_IMAGE_MAX_SIDE);
     }
+    /* Before jpeg_start_decompress, which allocates the coefficients of a
+     * whole progressive image. */
+    if (check_pixel_budget(path, width, height, budget) != KLVAE_OK) {
+        jpeg_destroy_decompress(&cinfo);
+        return KLVAE_ERR_UNSUPPORTED;
+    }
+    jpeg_start_decompress(&cinfo);
     size_t plane = (size_t)width * height;
     out = malloc(3 * plane * sizeof(float));
     row = malloc((size_t)width * comps);
@@ -242,9 +272,9 @@ static klvae_status_t read_jpeg(FILE *fp, const char *path, float **pixels, int 
     return KLVAE_OK;
 }
 
-KLVAE_API klvae_status_t klvae_image_read(const char *path, float **pixels, int *h, int *w)
+klvae_status_t kv_image_read(const char *function, const char *path, uint64_t max_pixels,
+                             float **pixels, int *h, int *w)
 {
-    kv_error_clear();
     if (pixels)
         *pixels = NULL;
     if (h)
@@ -252,7 +282,7 @@ KLVAE_API klvae_status_t klvae_image_read(const char *path, float **pixels, int 
     if (w)
         *w = 0;
     if (!path || !pixels || !h || !w)
-        return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "klvae_image_read: %s is NULL",
+        return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "%s: %s is NULL", function,
                         !path ? "path" : !pixels ? "pixels" : !h ? "h" : "w");
     FILE *fp = fopen(path, "rb");
     if (!fp)
@@ -267,14 +297,29 @@ KLVAE_API klvae_status_t klvae_image_read(const char *path, float **pixels, int 
     rewind(fp);
     klvae_status_t st;
     if (got == 8 && png_sig_cmp(magic, 0, 8) == 0)
-        st = read_png(fp, path, pixels, h, w);
+        st = read_png(fp, path, max_pixels, pixels, h, w);
     else if (got >= 3 && magic[0] == 0xFF && magic[1] == 0xD8 && magic[2] == 0xFF)
-        st = read_jpeg(fp, path, pixels, h, w);
+        st = read_jpeg(fp, path, max_pixels, pixels, h, w);
     else
         st = kv_error(KLVAE_ERR_FORMAT, "%s is neither a PNG nor a JPEG file%s", path,
                       got == 0 ? " (it is empty)" : "");
     fclose(fp);
     return st;
+}
+
+KLVAE_API klvae_status_t klvae_image_read_opts(const char *path, const klvae_options_t *opts,
+                                               float **pixels, int *h, int *w)
+{
+    kv_error_clear();
+    return kv_image_read("klvae_image_read_opts", path,
+                         kv_options_uint64(opts, "max_image_pixels"), pixels, h, w);
+}
+
+KLVAE_API klvae_status_t klvae_image_read(const char *path, float **pixels, int *h, int *w)
+{
+    kv_error_clear();
+    return kv_image_read("klvae_image_read", path, kv_options_uint64(NULL, "max_image_pixels"),
+                         pixels, h, w);
 }
 
 KLVAE_API klvae_status_t klvae_image_write_png(const char *path, const float *pixels, int h,
