@@ -500,7 +500,8 @@ KLVAE_API void klvae_trainer_free(klvae_trainer_t *trainer);
  * from their header, before anything their size is allocated.
  * Errors: KLVAE_ERR_INVALID_ARGUMENT (NULL pointer), KLVAE_ERR_IO (cannot
  * open, or not a regular file), KLVAE_ERR_FORMAT (neither PNG nor JPEG,
- * corrupt or truncated image data, more than 65536 pixels on a side),
+ * corrupt or truncated image data, which is never padded with grey; more
+ * than 65536 pixels on a side),
  * KLVAE_ERR_UNSUPPORTED (more pixels than the budget; the message names the
  * file, its size, the budget and the option), KLVAE_ERR_OUT_OF_MEMORY. On
  * error *pixels is NULL and *h, *w are 0 (for each of them that is not

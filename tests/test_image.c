@@ -556,9 +556,11 @@ END_TEST
 /* ---- JPEG ---- */
 
 /* Writes a w x h JPEG at quality 100 without chroma subsampling. samples
- * are row-major, components per pixel. */
-static void write_jpeg_file(const char *path, const unsigned char *samples, int w, int h,
-                            int components)
+ * are row-major, components per pixel. restart: MCU rows between restart
+ * markers (0: none); scans: a progressive scan script (NULL: baseline). */
+static void write_jpeg_custom(const char *path, const unsigned char *samples, int w, int h,
+                              int components, unsigned restart, const jpeg_scan_info *scans,
+                              int nscans)
 {
     FILE *fp = fopen(path, "wb");
     ck_assert_ptr_nonnull(fp);
@@ -577,6 +579,9 @@ static void write_jpeg_file(const char *path, const unsigned char *samples, int 
         cinfo.comp_info[c].h_samp_factor = 1;
         cinfo.comp_info[c].v_samp_factor = 1;
     }
+    cinfo.restart_in_rows = (int)restart;
+    cinfo.scan_info = scans;
+    cinfo.num_scans = nscans;
     jpeg_start_compress(&cinfo, TRUE);
     while (cinfo.next_scanline < cinfo.image_height) {
         JSAMPROW row = (JSAMPROW)(samples + (size_t)cinfo.next_scanline * w * components);
@@ -585,6 +590,12 @@ static void write_jpeg_file(const char *path, const unsigned char *samples, int 
     jpeg_finish_compress(&cinfo);
     jpeg_destroy_compress(&cinfo);
     fclose(fp);
+}
+
+static void write_jpeg_file(const char *path, const unsigned char *samples, int w, int h,
+                            int components)
+{
+    write_jpeg_custom(path, samples, w, h, components, 0, NULL, 0);
 }
 
 /* A smooth test pattern (JPEG is lossy; smooth content keeps the error
@@ -680,8 +691,14 @@ static void expect_read_failure(const char *path, klvae_status_t status)
     float sentinel[1];
     float *px = sentinel;
     int h = 123, w = 456;
-    ck_assert_status(klvae_image_read(path, &px, &h, &w), status);
-    ck_assert_ptr_null(px);
+    klvae_status_t st = klvae_image_read(path, &px, &h, &w);
+    float *got = px;
+    if (st == KLVAE_OK && px != sentinel)
+        klvae_free(px); /* no leak when the reader wrongly succeeds */
+    ck_assert_msg(st == status, "klvae_image_read(%s) returned %d (%s), expected %d (%s): %s",
+                  path, (int)st, klvae_status_string(st), (int)status,
+                  klvae_status_string(status), klvae_last_error());
+    ck_assert_ptr_null(got);
     ck_assert_int_eq(h, 0);
     ck_assert_int_eq(w, 0);
 }
@@ -894,6 +911,199 @@ START_TEST(read_truncated_jpeg_is_format)
     ck_assert_ptr_null(px);
     ck_assert_int_eq(rh, 0);
     ck_assert_int_eq(rw, 0);
+}
+END_TEST
+
+/* A noisy w x h RGB JPEG (random samples make long scans) written to path;
+ * restart as in write_jpeg_custom. Returns the file's bytes. */
+static unsigned char *noisy_jpeg(const char *path, int w, int h, unsigned restart, uint64_t seed,
+                                 size_t *len)
+{
+    unsigned char *rgb = malloc((size_t)w * h * 3);
+    ck_assert_ptr_nonnull(rgb);
+    test_rng rng = test_rng_new(seed);
+    for (size_t i = 0; i < (size_t)w * h * 3; i++)
+        rgb[i] = (unsigned char)(test_uniform(&rng) * 256.0);
+    write_jpeg_custom(path, rgb, w, h, 3, restart, NULL, 0);
+    free(rgb);
+    return test_read_file(path, len);
+}
+
+/* The offset of the first start-of-scan marker. */
+static size_t jpeg_sos(const unsigned char *bytes, size_t len)
+{
+    for (size_t i = 2; i + 1 < len; i++)
+        if (bytes[i] == 0xFF && bytes[i + 1] == 0xDA)
+            return i;
+    ck_abort_msg("no SOS marker in the test JPEG");
+    return 0;
+}
+
+/* Expects a corrupt-JPEG refusal of path whose message has what. */
+static void expect_corrupt_jpeg(const char *path, const char *what)
+{
+    expect_read_failure(path, KLVAE_ERR_FORMAT);
+    ck_assert_error_mentions(path);
+    ck_assert_error_mentions("corrupt JPEG");
+    ck_assert_error_mentions(what);
+}
+
+START_TEST(jpeg_marker_inside_scan_is_format)
+{
+    /* The scan stops at an EOI marker well before its end: libjpeg warns
+     * "premature end of data segment" and fills the rest with grey. */
+    char *dir = test_tmpdir();
+    char *path = test_join(dir, "cut.jpg");
+    size_t len;
+    unsigned char *bytes = noisy_jpeg(path, 53, 41, 0, 80, &len);
+    size_t sos = jpeg_sos(bytes, len);
+    size_t cut = sos + (len - sos) * 3 / 5;
+    bytes[cut] = 0xFF;
+    bytes[cut + 1] = 0xD9;
+    test_write_file(path, bytes, cut + 2);
+    free(bytes);
+    expect_corrupt_jpeg(path, "premature end of data segment");
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
+
+START_TEST(jpeg_wrong_restart_marker_is_format)
+{
+    /* Restart markers RST0, RST1, ... after every MCU row; one renumbered
+     * means a lost segment, which libjpeg skips with a warning. */
+    char *dir = test_tmpdir();
+    char *path = test_join(dir, "resync.jpg");
+    size_t len;
+    unsigned char *bytes = noisy_jpeg(path, 45, 39, 1, 81, &len);
+    int seen = 0;
+    for (size_t i = jpeg_sos(bytes, len) + 2; i + 1 < len && seen < 2; i++) {
+        if (bytes[i] == 0xFF && bytes[i + 1] >= 0xD0 && bytes[i + 1] <= 0xD7 && ++seen == 2)
+            bytes[i + 1] = (unsigned char)(0xD0 + (bytes[i + 1] - 0xD0 + 3) % 8);
+    }
+    ck_assert_int_eq(seen, 2);
+    test_write_file(path, bytes, len);
+    free(bytes);
+    expect_corrupt_jpeg(path, "instead of RST");
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
+
+START_TEST(jpeg_bad_huffman_code_is_format)
+{
+    /* A run of one bits ("FF 00": a stuffed 0xFF byte) is no code of any
+     * Huffman table: libjpeg warns "bad Huffman code" and goes on. */
+    char *dir = test_tmpdir();
+    char *path = test_join(dir, "huffman.jpg");
+    size_t len;
+    unsigned char *bytes = noisy_jpeg(path, 47, 35, 0, 82, &len);
+    size_t sos = jpeg_sos(bytes, len);
+    size_t at = sos + (len - sos) / 3;
+    for (size_t i = at; i < at + 16; i += 2) {
+        bytes[i] = 0xFF;
+        bytes[i + 1] = 0x00;
+    }
+    test_write_file(path, bytes, len);
+    free(bytes);
+    expect_corrupt_jpeg(path, "bad Huffman code");
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
+
+START_TEST(jpeg_stray_bytes_between_markers_still_decode)
+{
+    /* Junk before the SOS marker: libjpeg warns about extraneous bytes,
+     * skips them, and every pixel is as in the clean file. */
+    char *dir = test_tmpdir();
+    char *clean = test_join(dir, "clean.jpg");
+    char *stray = test_join(dir, "stray.jpg");
+    size_t len;
+    unsigned char *bytes = noisy_jpeg(clean, 29, 31, 0, 83, &len);
+    size_t sos = jpeg_sos(bytes, len);
+    unsigned char *with = malloc(len + 5);
+    ck_assert_ptr_nonnull(with);
+    memcpy(with, bytes, sos);
+    memcpy(with + sos, "\x01\x02\x03\x04\x05", 5);
+    memcpy(with + sos + 5, bytes + sos, len - sos);
+    test_write_file(stray, with, len + 5);
+    float *a = NULL, *b = NULL;
+    int ha, wa, hb, wb;
+    ck_assert_ok(klvae_image_read(clean, &a, &ha, &wa));
+    ck_assert_ok(klvae_image_read(stray, &b, &hb, &wb));
+    ck_assert_int_eq(ha, hb);
+    ck_assert_int_eq(wa, wb);
+    ck_assert(memcmp(a, b, (size_t)3 * ha * wa * sizeof(float)) == 0);
+    klvae_free(a);
+    klvae_free(b);
+    free(with);
+    free(bytes);
+    test_rmtree(dir);
+    free(clean);
+    free(stray);
+    free(dir);
+}
+END_TEST
+
+/* A grey progressive script: the DC coefficient and each of the 63 AC
+ * coefficients on its own, first at bit al, then refined bit by bit down
+ * to 0; (al + 1) * 64 scans. */
+static jpeg_scan_info *one_coefficient_scans(int al, int *count)
+{
+    *count = (al + 1) * 64;
+    jpeg_scan_info *scans = calloc((size_t)*count, sizeof *scans);
+    ck_assert_ptr_nonnull(scans);
+    int n = 0;
+    for (int k = 0; k < 64; k++)
+        for (int bit = al; bit >= 0; bit--) {
+            jpeg_scan_info *s = &scans[n++];
+            s->comps_in_scan = 1;
+            s->component_index[0] = 0;
+            s->Ss = s->Se = k;
+            s->Ah = bit == al ? 0 : bit + 1;
+            s->Al = bit;
+        }
+    return scans;
+}
+
+START_TEST(jpeg_with_too_many_scans_is_format)
+{
+    /* 704 valid scans of an 8 x 8 image: each scan is a pass over the whole
+     * image, so a larger one could keep the decoder busy for minutes. */
+    unsigned char grey[10 * 12];
+    test_rng rng = test_rng_new(84);
+    for (size_t i = 0; i < sizeof grey; i++)
+        grey[i] = (unsigned char)(test_uniform(&rng) * 256.0);
+    char *dir = test_tmpdir();
+    char *many = test_join(dir, "many-scans.jpg");
+    char *few = test_join(dir, "few-scans.jpg");
+    int count;
+    jpeg_scan_info *scans = one_coefficient_scans(10, &count);
+    ck_assert_int_eq(count, 704);
+    write_jpeg_custom(many, grey, 12, 10, 1, 0, scans, count);
+    free(scans);
+    expect_corrupt_jpeg(many, "more than 500 scans");
+    scans = one_coefficient_scans(1, &count); /* 128 scans: fine */
+    write_jpeg_custom(few, grey, 12, 10, 1, 0, scans, count);
+    free(scans);
+    float *px = NULL;
+    int h, w;
+    ck_assert_ok(klvae_image_read(few, &px, &h, &w));
+    ck_assert_int_eq(h, 10);
+    ck_assert_int_eq(w, 12);
+    for (size_t i = 0; i < sizeof grey; i++)
+        ck_assert_msg(fabs((double)px[i] - sample_value(grey[i], 255)) <= 12.0 / 255.0,
+                      "pixel %zu: %g, expected about %g", i, (double)px[i],
+                      sample_value(grey[i], 255));
+    klvae_free(px);
+    test_rmtree(dir);
+    free(many);
+    free(few);
+    free(dir);
 }
 END_TEST
 
@@ -1179,6 +1389,86 @@ START_TEST(jpeg_header_claiming_a_huge_image_is_refused_before_decoding)
 }
 END_TEST
 
+/* The offset of chunk type in a PNG file's bytes (at its length field). */
+static size_t png_find_chunk(const unsigned char *bytes, size_t len, const char *type)
+{
+    for (size_t at = 8; at + 12 <= len;) {
+        uint32_t n = (uint32_t)bytes[at] << 24 | (uint32_t)bytes[at + 1] << 16 |
+                     (uint32_t)bytes[at + 2] << 8 | bytes[at + 3];
+        if (memcmp(bytes + at + 4, type, 4) == 0)
+            return at;
+        at += 12 + (size_t)n;
+    }
+    ck_abort_msg("no %s chunk in the test PNG", type);
+    return 0;
+}
+
+/* Recomputes the CRC of the chunk at offset at, after its data changed. */
+static void png_fix_crc(unsigned char *bytes, size_t at)
+{
+    uint32_t n = (uint32_t)bytes[at] << 24 | (uint32_t)bytes[at + 1] << 16 |
+                 (uint32_t)bytes[at + 2] << 8 | bytes[at + 3];
+    uint32_t crc = png_crc(bytes + at + 4, 4 + (size_t)n);
+    for (int i = 0; i < 4; i++)
+        bytes[at + 8 + n + (uint32_t)i] = (unsigned char)(crc >> (24 - 8 * i));
+}
+
+/* A noisy w x h PNG at path; returns its bytes. */
+static unsigned char *noisy_png(const char *path, int w, int h, uint64_t seed, size_t *len)
+{
+    float *img = test_alloc((size_t)3 * w * h);
+    test_rng rng = test_rng_new(seed);
+    test_fill(img, (size_t)3 * w * h, &rng, -1.0f, 1.0f);
+    ck_assert_ok(klvae_image_write_png(path, img, h, w));
+    free(img);
+    return test_read_file(path, len);
+}
+
+START_TEST(png_corrupt_image_data_is_format)
+{
+    /* Bytes changed inside the compressed image data, with the chunk's CRC
+     * made right again: only zlib (or the row filters) can tell. */
+    char *dir = test_tmpdir();
+    char *path = test_join(dir, "corrupt.png");
+    size_t len;
+    unsigned char *bytes = noisy_png(path, 33, 27, 90, &len);
+    size_t idat = png_find_chunk(bytes, len, "IDAT");
+    size_t middle = idat + 8 + (png_find_chunk(bytes, len, "IEND") - idat - 12) / 2;
+    for (size_t i = middle; i < middle + 6; i++)
+        bytes[i] ^= 0x5A;
+    png_fix_crc(bytes, idat);
+    test_write_file(path, bytes, len);
+    free(bytes);
+    expect_read_failure(path, KLVAE_ERR_FORMAT);
+    ck_assert_error_mentions(path);
+    ck_assert_error_mentions("corrupt PNG");
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
+
+START_TEST(png_image_data_short_of_rows_is_format)
+{
+    /* The header claims more rows than the complete zlib stream holds. */
+    char *dir = test_tmpdir();
+    char *path = test_join(dir, "short.png");
+    size_t len;
+    unsigned char *bytes = noisy_png(path, 19, 23, 91, &len);
+    size_t ihdr = png_find_chunk(bytes, len, "IHDR");
+    bytes[ihdr + 8 + 7] += 5; /* height 23 -> 28 (low byte of the big-endian field) */
+    png_fix_crc(bytes, ihdr);
+    test_write_file(path, bytes, len);
+    free(bytes);
+    expect_read_failure(path, KLVAE_ERR_FORMAT);
+    ck_assert_error_mentions(path);
+    ck_assert_error_mentions("Not enough image data");
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
+
 START_TEST(budget_option_range)
 {
     klvae_options_t *o = NULL;
@@ -1243,6 +1533,11 @@ Suite *suite_image(void)
     tcase_add_test(tc, read_corrupt_interlaced_png_leaks_nothing);
     tcase_add_test(tc, read_corrupt_jpeg_is_format);
     tcase_add_test(tc, read_truncated_jpeg_is_format);
+    tcase_add_test(tc, jpeg_marker_inside_scan_is_format);
+    tcase_add_test(tc, jpeg_wrong_restart_marker_is_format);
+    tcase_add_test(tc, jpeg_bad_huffman_code_is_format);
+    tcase_add_test(tc, jpeg_stray_bytes_between_markers_still_decode);
+    tcase_add_test(tc, jpeg_with_too_many_scans_is_format);
     tcase_add_test(tc, read_directory_is_io);
     tcase_add_test(tc, write_to_missing_folder_is_io);
     tcase_add_test(tc, write_over_folder_is_io_and_leaves_no_temporary);
@@ -1256,6 +1551,8 @@ Suite *suite_image(void)
     tcase_add_test(tc, png_header_claiming_a_huge_image_is_refused_before_allocating);
     tcase_add_test(tc, jpeg_header_claiming_a_huge_image_is_refused_before_decoding);
     tcase_add_test(tc, budget_option_range);
+    tcase_add_test(tc, png_corrupt_image_data_is_format);
+    tcase_add_test(tc, png_image_data_short_of_rows_is_format);
     suite_add_tcase(s, tc);
     return s;
 }

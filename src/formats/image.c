@@ -174,8 +174,13 @@ typedef struct jpeg_failure {
     struct jpeg_error_mgr base;
     jmp_buf jump;
     char message[JMSG_LENGTH_MAX];
-    bool truncated;
 } jpeg_failure;
+
+/* More scans than any encoder writes (progressive JPEGs have about ten):
+ * each one costs a pass over the whole image, so a small file of many
+ * empty scans could keep the decoder busy for minutes. libjpeg-turbo's own
+ * fuzzers use the same limit. */
+#define KV_JPEG_MAX_SCANS 500
 
 static void jpeg_error_exit(j_common_ptr cinfo)
 {
@@ -184,13 +189,37 @@ static void jpeg_error_exit(j_common_ptr cinfo)
     longjmp(failure->jump, 1);
 }
 
-/* Silent; remembers whether the data ended early, which libjpeg only warns
- * about (and pads the rest of the image with grey). Other warnings, such as
- * stray bytes between markers, leave a usable image. */
-static void jpeg_quiet(j_common_ptr cinfo, int level)
+/* libjpeg reports damaged image data only as warnings and goes on, filling
+ * what it could not decode with grey: data that ends early, a marker in
+ * the middle of a scan, a bad Huffman or arithmetic code, a lost restart
+ * marker. Here those are errors. Benign warnings leave every pixel as the
+ * encoder meant it: stray bytes between markers, and metadata that cannot
+ * be used (an unknown JFIF revision or Adobe transform, a bad ICC marker). */
+static bool jpeg_warning_is_benign(int code)
 {
-    if (level < 0 && cinfo->err->msg_code == JWRN_JPEG_EOF)
-        ((jpeg_failure *)cinfo->err)->truncated = true;
+#if defined(LIBJPEG_TURBO_VERSION_NUMBER) && LIBJPEG_TURBO_VERSION_NUMBER >= 2000000
+    if (code == JWRN_BOGUS_ICC)
+        return true;
+#endif
+    return code == JWRN_EXTRANEOUS_DATA || code == JWRN_ADOBE_XFORM || code == JWRN_JFIF_MAJOR;
+}
+
+static void jpeg_emit_message(j_common_ptr cinfo, int level)
+{
+    if (level >= 0 || jpeg_warning_is_benign(cinfo->err->msg_code))
+        return; /* trace messages and benign warnings: silent */
+    jpeg_error_exit(cinfo);
+}
+
+static void jpeg_limit_scans(j_common_ptr cinfo)
+{
+    j_decompress_ptr d = (j_decompress_ptr)cinfo;
+    if (d->input_scan_number <= KV_JPEG_MAX_SCANS)
+        return;
+    jpeg_failure *failure = (jpeg_failure *)cinfo->err;
+    snprintf(failure->message, sizeof failure->message, "more than %d scans",
+             KV_JPEG_MAX_SCANS);
+    longjmp(failure->jump, 1);
 }
 
 static klvae_status_t read_jpeg(FILE *fp, const char *path, uint64_t budget, float **pixels,
@@ -200,18 +229,22 @@ static klvae_status_t read_jpeg(FILE *fp, const char *path, uint64_t budget, flo
     jpeg_failure failure;
     float *volatile out = NULL;
     JSAMPLE *volatile row = NULL;
+    struct jpeg_progress_mgr progress = {.progress_monitor = jpeg_limit_scans};
     cinfo.err = jpeg_std_error(&failure.base);
     failure.base.error_exit = jpeg_error_exit;
-    failure.base.emit_message = jpeg_quiet;
+    failure.base.emit_message = jpeg_emit_message;
     failure.message[0] = '\0';
-    failure.truncated = false;
     if (setjmp(failure.jump)) {
         jpeg_destroy_decompress(&cinfo);
         free(out);
         free(row);
-        return kv_error(KLVAE_ERR_FORMAT, "%s: corrupt JPEG: %s", path, failure.message);
+        const char *why = failure.message; /* without libjpeg's own "Corrupt JPEG data: " */
+        if (strncmp(why, "Corrupt JPEG data: ", 19) == 0)
+            why += 19;
+        return kv_error(KLVAE_ERR_FORMAT, "%s: corrupt JPEG: %s", path, why);
     }
     jpeg_create_decompress(&cinfo);
+    cinfo.progress = &progress;
     jpeg_stdio_src(&cinfo, fp);
     jpeg_read_header(&cinfo, TRUE);
     bool cmyk = cinfo.jpeg_color_space == JCS_CMYK || cinfo.jpeg_color_space == JCS_YCCK;
@@ -262,10 +295,6 @@ static klvae_status_t read_jpeg(FILE *fp, const char *path, uint64_t budget, flo
     jpeg_finish_decompress(&cinfo);
     jpeg_destroy_decompress(&cinfo);
     free(row);
-    if (failure.truncated) {
-        free(out);
-        return kv_error(KLVAE_ERR_FORMAT, "%s: corrupt JPEG: the data ends early", path);
-    }
     *pixels = out;
     *h = (int)height;
     *w = (int)width;
