@@ -214,7 +214,7 @@ static encoded encode_image(const cli *c, klvae_model_t *m, const char *path)
 {
     encoded e;
     float *img = NULL;
-    klvae_status_t st = klvae_image_read(path, &img, &e.h, &e.w);
+    klvae_status_t st = klvae_image_read_opts(path, c->opts, &img, &e.h, &e.w);
     if (st != KLVAE_OK)
         die_status(st, "cannot read the image");
     if (klvae_model_in_channels(m) != 3) {
@@ -513,7 +513,7 @@ static int cmd_reconstruct(cli *c)
     /* PSNR on the 8-bit values the two PNGs hold. */
     float *orig = NULL;
     int oh, ow;
-    if (klvae_image_read(c->pos[1], &orig, &oh, &ow) == KLVAE_OK) {
+    if (klvae_image_read_opts(c->pos[1], c->opts, &orig, &oh, &ow) == KLVAE_OK) {
         double se = 0;
         size_t n = (size_t)3 * e.h * e.w;
         for (size_t i = 0; i < n; i++) {
