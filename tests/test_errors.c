@@ -303,6 +303,32 @@ START_TEST(load_header_length_over_limit_is_format)
 }
 END_TEST
 
+START_TEST(load_header_far_larger_than_its_data_is_format)
+{
+    /* Under the format's limit, but 99,999,999 header bytes for 64 bytes of
+     * data: refused from the length field, before the header is read. */
+    char *dir = test_tmpdir();
+    char *path = test_join(dir, "bloated-header.safetensors");
+    const uint64_t hlen = 99999999u;
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    ck_assert_int_ge(fd, 0);
+    unsigned char head[10];
+    for (int i = 0; i < 8; i++)
+        head[i] = (unsigned char)(hlen >> (8 * i));
+    head[8] = '{';
+    head[9] = '}';
+    ck_assert_int_eq(write(fd, head, sizeof head), (ssize_t)sizeof head);
+    ck_assert_int_eq(ftruncate(fd, (off_t)(8 + hlen + 64)), 0);
+    close(fd);
+    expect_load_failure(path, NULL, KLVAE_ERR_FORMAT);
+    ck_assert_error_mentions(path);
+    ck_assert_error_mentions("99999999 bytes but the tensor data only 64");
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
+
 START_TEST(load_invalid_json_header_is_format)
 {
     char *dir = test_tmpdir();
@@ -1561,6 +1587,7 @@ Suite *suite_errors(void)
     tcase_add_test(tc, load_truncated_fixture_is_format);
     tcase_add_test(tc, load_header_length_past_end_is_format);
     tcase_add_test(tc, load_header_length_over_limit_is_format);
+    tcase_add_test(tc, load_header_far_larger_than_its_data_is_format);
     tcase_add_test(tc, load_invalid_json_header_is_format);
     tcase_add_test(tc, load_header_json_array_is_format);
     tcase_add_test(tc, load_tensor_entry_not_object_is_format);
