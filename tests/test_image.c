@@ -6,6 +6,7 @@
 #include <jpeglib.h>
 #include <malloc.h>
 #include <png.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -1469,6 +1470,85 @@ START_TEST(png_image_data_short_of_rows_is_format)
 }
 END_TEST
 
+static long peak_rss_kb(void)
+{
+    struct rusage r;
+    getrusage(RUSAGE_SELF, &r);
+    return r.ru_maxrss;
+}
+
+START_TEST(png_text_chunk_claiming_gigabytes_is_refused_without_allocating)
+{
+    /* A 9 x 3 PNG header, then a tEXt chunk whose length field claims
+     * 1.2 GB, then the end of the file: libpng allocated the whole chunk
+     * before reading it (found by tests/fuzz/fuzz_png.c: 1.2 GB and a
+     * second for 77 bytes). */
+    unsigned char file[128];
+    static const unsigned char signature[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1A, '\n'};
+    memcpy(file, signature, 8);
+    unsigned char ihdr[13] = {0, 0, 0, 9, 0, 0, 0, 3, 1, 0, 0, 0, 0};
+    size_t len = 8 + png_chunk(file + 8, "IHDR", ihdr, 13);
+    static const unsigned char text[] = {0x49, 0x44, 0x41, 0x54, 't', 'E', 'X', 't',
+                                         'C', 'o', 'm', 'm', 'e', 'n', 't', 0};
+    memcpy(file + len, text, sizeof text);
+    len += sizeof text;
+    char *dir = test_tmpdir();
+    char *path = test_join(dir, "text-bomb.png");
+    test_write_file(path, file, len);
+    long before = peak_rss_kb();
+    expect_read_failure(path, KLVAE_ERR_FORMAT);
+    long grew_kb = peak_rss_kb() - before;
+    ck_assert_error_mentions(path);
+    ck_assert_error_mentions("corrupt PNG");
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+    ck_assert_msg(grew_kb < 32 * 1024, "reading 77 bytes raised the peak RSS by %ld kB", grew_kb);
+}
+END_TEST
+
+START_TEST(png_metadata_chunks_are_skipped)
+{
+    /* Large text and colour-profile chunks (never used here) between the
+     * header and the image data: the pixels are those of the plain file. */
+    char *dir = test_tmpdir();
+    char *plain = test_join(dir, "plain.png");
+    char *with = test_join(dir, "with-metadata.png");
+    size_t len;
+    unsigned char *bytes = noisy_png(plain, 23, 17, 92, &len);
+    const size_t after_ihdr = 8 + 25, comment = 300000;
+    unsigned char *chunk = malloc(comment + 64);
+    unsigned char *out = malloc(len + 2 * (comment + 64));
+    ck_assert(chunk && out);
+    memcpy(chunk, "Comment", 8); /* keyword and its NUL */
+    for (size_t i = 8; i < comment; i++)
+        chunk[i] = (unsigned char)('a' + i % 26);
+    memcpy(out, bytes, after_ihdr);
+    size_t at = after_ihdr;
+    at += png_chunk(out + at, "tEXt", chunk, (uint32_t)comment);
+    at += png_chunk(out + at, "iCCP", (const unsigned char *)"icc\0\0\x78\x9c\x03\x00", 9);
+    at += png_chunk(out + at, "zzZz", chunk, 1000); /* unknown, safe to copy */
+    memcpy(out + at, bytes + after_ihdr, len - after_ihdr);
+    test_write_file(with, out, at + len - after_ihdr);
+    float *a = NULL, *b = NULL;
+    int ha, wa, hb, wb;
+    ck_assert_ok(klvae_image_read(plain, &a, &ha, &wa));
+    ck_assert_ok(klvae_image_read(with, &b, &hb, &wb));
+    ck_assert_int_eq(ha, hb);
+    ck_assert_int_eq(wa, wb);
+    ck_assert(memcmp(a, b, (size_t)3 * ha * wa * sizeof(float)) == 0);
+    klvae_free(a);
+    klvae_free(b);
+    free(out);
+    free(chunk);
+    free(bytes);
+    test_rmtree(dir);
+    free(plain);
+    free(with);
+    free(dir);
+}
+END_TEST
+
 START_TEST(budget_option_range)
 {
     klvae_options_t *o = NULL;
@@ -1553,6 +1633,8 @@ Suite *suite_image(void)
     tcase_add_test(tc, budget_option_range);
     tcase_add_test(tc, png_corrupt_image_data_is_format);
     tcase_add_test(tc, png_image_data_short_of_rows_is_format);
+    tcase_add_test(tc, png_text_chunk_claiming_gigabytes_is_refused_without_allocating);
+    tcase_add_test(tc, png_metadata_chunks_are_skipped);
     suite_add_tcase(s, tc);
     return s;
 }

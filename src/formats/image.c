@@ -54,6 +54,20 @@ static void png_warning_handler(png_structp png, png_const_charp message)
     (void)message; /* benign: unknown chunks, bad gamma, ... */
 }
 
+/* Chunks that only carry metadata are skipped without being read into
+ * memory: libpng allocates a text chunk's whole length before reading it,
+ * so 77 bytes claiming a 1.2 GB tEXt chunk cost 1.2 GB (found by
+ * tests/fuzz/fuzz_png.c). Nothing here uses text, colour profiles,
+ * suggested palettes or EXIF; unknown chunks are dropped as well. Any chunk
+ * still buffered may take at most 8 MB. */
+static void png_skip_metadata(png_structp png)
+{
+    static const png_byte metadata[] = "tEXt\0zTXt\0iTXt\0iCCP\0sPLT\0eXIf";
+    png_set_keep_unknown_chunks(png, PNG_HANDLE_CHUNK_NEVER, NULL, 0);
+    png_set_keep_unknown_chunks(png, PNG_HANDLE_CHUNK_NEVER, metadata, 6);
+    png_set_chunk_malloc_max(png, 8000000);
+}
+
 /* Asks libpng for RGB with 8 or 16 bits per sample, whatever the file
  * holds. Returns the number of interlace passes. */
 static int png_request_rgb(png_structp png, png_infop info)
@@ -124,6 +138,7 @@ static klvae_status_t read_png(FILE *fp, const char *path, uint64_t budget, floa
     }
     png_init_io(png, fp);
     png_set_user_limits(png, KV_IMAGE_MAX_SIDE, KV_IMAGE_MAX_SIDE);
+    png_skip_metadata(png);
     png_read_info(png, info);
     png_uint_32 width = png_get_image_width(png, info);
     png_uint_32 height = png_get_image_height(png, info);
