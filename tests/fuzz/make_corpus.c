@@ -235,8 +235,9 @@ static void checkpoint_seeds(const char *fixtures)
 {
     folder("checkpoint");
     static const char *const settings[][2] = {
-        {"backend", "cpu"},     {"threads", "1"},      {"disc_layers", "1"},
-        {"disc_channels", "4"}, {"ema_decay", "0.5"},  {"seed", "3"},
+        {"backend", "cpu"},     {"threads", "1"},     {"disc_layers", "1"},
+        {"disc_channels", "4"}, {"ema_decay", "0.5"}, {"seed", "3"},
+        {"disc_start", "0"},    {"learning_rate", "1e-3"},
     };
     klvae_options_t *o = NULL;
     klvae_options_create(&o);
