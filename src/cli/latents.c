@@ -80,12 +80,6 @@ static int metadata_side(const kv_safetensors *st, const char *key)
     return errno == 0 && end != text && *end == '\0' && v > 0 && v <= 65536 * 8 ? (int)v : 0;
 }
 
-static bool is_float_dtype(const char *dtype)
-{
-    return strcmp(dtype, "F32") == 0 || strcmp(dtype, "F16") == 0 ||
-           strcmp(dtype, "BF16") == 0 || strcmp(dtype, "F64") == 0;
-}
-
 klvae_status_t read_latents(const char *path, int channels, latents *out)
 {
     memset(out, 0, sizeof *out);
@@ -97,7 +91,7 @@ klvae_status_t read_latents(const char *path, int channels, latents *out)
     status = find_latent(&st, path, &t);
     if (status == KLVAE_OK)
         status = latent_shape(t, path, channels, out);
-    if (status == KLVAE_OK && !is_float_dtype(t->dtype)) /* before allocating for it */
+    if (status == KLVAE_OK && !kv_st_is_float(t)) /* before allocating for it */
         status = kv_error(KLVAE_ERR_UNSUPPORTED, "%s: tensor '%s' has dtype %s; latents must be "
                           "F32, F16, BF16 or F64", path, t->name, t->dtype);
     if (status == KLVAE_OK) {

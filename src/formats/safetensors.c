@@ -562,6 +562,12 @@ static klvae_status_t read_exact(const kv_safetensors *st, const kv_st_tensor *t
     return KLVAE_OK;
 }
 
+bool kv_st_is_float(const kv_st_tensor *t)
+{
+    return strcmp(t->dtype, "F32") == 0 || strcmp(t->dtype, "F16") == 0 ||
+           strcmp(t->dtype, "BF16") == 0 || strcmp(t->dtype, "F64") == 0;
+}
+
 klvae_status_t kv_st_read_f32(const kv_safetensors *st, const kv_st_tensor *t, float *dst)
 {
     size_t n = kv_st_numel(t);

@@ -62,6 +62,10 @@ const kv_st_tensor *kv_st_find(const kv_safetensors *st, const char *name);
 const char *kv_st_metadata(const kv_safetensors *st, const char *key);
 size_t kv_st_numel(const kv_st_tensor *t);
 
+/* Whether kv_st_read_f32 converts t's dtype (F32, F16, BF16 or F64): a
+ * caller that loads several tensors checks them all before reading any. */
+bool kv_st_is_float(const kv_st_tensor *t);
+
 /* Reads a F32, F16, BF16 or F64 tensor as float32 into dst (numel floats).
  * Other dtypes: KLVAE_ERR_UNSUPPORTED. */
 klvae_status_t kv_st_read_f32(const kv_safetensors *st, const kv_st_tensor *t, float *dst);

@@ -1044,6 +1044,13 @@ KLVAE_API klvae_status_t klvae_trainer_load(klvae_trainer_t *t, const char *path
                               path, e->name);
             break;
         }
+        if (!kv_st_is_float(f)) { /* here, not half-way through the uploads below */
+            status = kv_error(KLVAE_ERR_UNSUPPORTED,
+                              "%s: tensor '%s' has dtype %s; checkpoints hold F32, F16, BF16 or "
+                              "F64",
+                              path, e->name, f->dtype);
+            break;
+        }
         largest = KV_MAX(largest, kv_st_numel(f));
     }
     if (status == KLVAE_OK) {
