@@ -3,7 +3,7 @@
 #include <errno.h>
 #include <stdbool.h>
 #include <stdio.h>
-#include <jpeglib.h>
+#include <jpeglib.h> /* after stdio.h: it needs FILE and size_t */
 #include <jerror.h>
 #include <math.h>
 #include <png.h>
@@ -237,6 +237,44 @@ static void jpeg_limit_scans(j_common_ptr cinfo)
     longjmp(failure->jump, 1);
 }
 
+/* One row of RGB or (Adobe, inverted) CMYK samples into row y of the three
+ * planes. */
+static void jpeg_row_to_planes(const JSAMPLE *row, bool cmyk, unsigned width, unsigned y,
+                               size_t plane, float *out)
+{
+    for (unsigned x = 0; x < width; x++) {
+        float rgb[3];
+        if (cmyk) {
+            /* Adobe writes inverted CMYK: R = C * K / 255. */
+            const JSAMPLE *p = row + 4 * x;
+            for (int c = 0; c < 3; c++)
+                rgb[c] = (float)p[c] * (float)p[3] / 255.0f;
+        } else {
+            for (int c = 0; c < 3; c++)
+                rgb[c] = (float)row[3 * x + (unsigned)c];
+        }
+        for (int c = 0; c < 3; c++)
+            out[(size_t)c * plane + (size_t)y * width + x] = rgb[c] * (2.0f / 255.0f) - 1.0f;
+    }
+}
+
+/* Reads the header, asks for RGB (or CMYK, converted here) and checks the
+ * size: before jpeg_start_decompress, which allocates the coefficients of
+ * a whole progressive image. */
+static klvae_status_t jpeg_read_size(j_decompress_ptr cinfo, const char *path, uint64_t budget,
+                                     bool *cmyk)
+{
+    jpeg_read_header(cinfo, TRUE);
+    *cmyk = cinfo->jpeg_color_space == JCS_CMYK || cinfo->jpeg_color_space == JCS_YCCK;
+    cinfo->out_color_space = *cmyk ? JCS_CMYK : JCS_RGB;
+    jpeg_calc_output_dimensions(cinfo);
+    unsigned width = cinfo->output_width, height = cinfo->output_height;
+    if (width > KV_IMAGE_MAX_SIDE || height > KV_IMAGE_MAX_SIDE)
+        return kv_error(KLVAE_ERR_FORMAT, "%s: %u x %u is larger than %d on a side", path, width,
+                        height, KV_IMAGE_MAX_SIDE);
+    return check_pixel_budget(path, width, height, budget);
+}
+
 static klvae_status_t read_jpeg(FILE *fp, const char *path, uint64_t budget, float **pixels,
                                 int *h, int *w)
 {
@@ -261,23 +299,14 @@ static klvae_status_t read_jpeg(FILE *fp, const char *path, uint64_t budget, flo
     jpeg_create_decompress(&cinfo);
     cinfo.progress = &progress;
     jpeg_stdio_src(&cinfo, fp);
-    jpeg_read_header(&cinfo, TRUE);
-    bool cmyk = cinfo.jpeg_color_space == JCS_CMYK || cinfo.jpeg_color_space == JCS_YCCK;
-    cinfo.out_color_space = cmyk ? JCS_CMYK : JCS_RGB;
-    jpeg_calc_output_dimensions(&cinfo);
+    bool cmyk;
+    klvae_status_t st = jpeg_read_size(&cinfo, path, budget, &cmyk);
+    if (st != KLVAE_OK) {
+        jpeg_destroy_decompress(&cinfo);
+        return st;
+    }
     unsigned width = cinfo.output_width, height = cinfo.output_height;
     int comps = cinfo.output_components;
-    if (width > KV_IMAGE_MAX_SIDE || height > KV_IMAGE_MAX_SIDE) {
-        jpeg_destroy_decompress(&cinfo);
-        return kv_error(KLVAE_ERR_FORMAT, "%s: %u x %u is larger than %d on a side", path, width,
-                        height, KV_IMAGE_MAX_SIDE);
-    }
-    /* Before jpeg_start_decompress, which allocates the coefficients of a
-     * whole progressive image. */
-    if (check_pixel_budget(path, width, height, budget) != KLVAE_OK) {
-        jpeg_destroy_decompress(&cinfo);
-        return KLVAE_ERR_UNSUPPORTED;
-    }
     jpeg_start_decompress(&cinfo);
     size_t plane = (size_t)width * height;
     out = malloc(3 * plane * sizeof(float));
@@ -292,20 +321,7 @@ static klvae_status_t read_jpeg(FILE *fp, const char *path, uint64_t budget, flo
         unsigned y = cinfo.output_scanline;
         JSAMPROW rows[1] = {row};
         jpeg_read_scanlines(&cinfo, rows, 1);
-        for (unsigned x = 0; x < width; x++) {
-            float rgb[3];
-            if (cmyk) {
-                /* Adobe writes inverted CMYK: R = C * K / 255. */
-                const JSAMPLE *p = row + 4 * x;
-                for (int c = 0; c < 3; c++)
-                    rgb[c] = (float)p[c] * (float)p[3] / 255.0f;
-            } else {
-                for (int c = 0; c < 3; c++)
-                    rgb[c] = (float)row[3 * x + (unsigned)c];
-            }
-            for (int c = 0; c < 3; c++)
-                out[(size_t)c * plane + (size_t)y * width + x] = rgb[c] * (2.0f / 255.0f) - 1.0f;
-        }
+        jpeg_row_to_planes(row, cmyk, width, y, plane, out);
     }
     jpeg_finish_decompress(&cinfo);
     jpeg_destroy_decompress(&cinfo);
