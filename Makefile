@@ -5,6 +5,8 @@
 #   make check        the test suite (Check), then the CLI, install, fault and binding tests
 #                     (both install what is missing first, once: tools/deps.sh)
 #   make check-asan   the same suite under AddressSanitizer and UBSan
+#   make fuzz         builds the libFuzzer harnesses of tests/fuzz/ (clang) and runs each
+#                     for FUZZ_SECONDS (default 60; FUZZ_SECONDS=0 only builds)
 #   make abi-check    the ABI of lib/libklvae.so against tests/abi/ (abigail-tools)
 #   make install      PREFIX=/usr/local DESTDIR= (GNU conventions)
 #   make deps         installs the Debian packages the build and tests need (tools/deps.sh)
@@ -417,3 +419,58 @@ build/bench_cuda: tools/bench_cuda.c tests/gpu/cuda_harness.c tests/gpu/cuda_har
 	    -o $@ $(STATIC) $(LDFLAGS) $(DEP_LIBS) $(SYS_LIBS)
 build/tests/test_cuda_host.o: $(wildcard cuda/*.cuh)
 # ==== end of the CUDA block ===========================================================
+
+# ==== Fuzzing (tests/fuzz/, docs/reliability.md) =====================================
+# One libFuzzer harness per parser, built with clang and ASan + UBSan, linked with the
+# library's sources compiled the same way into build/fuzz/ (not build/obj). `make fuzz`
+# builds them and runs each for FUZZ_SECONDS seconds (default 60; 0 only builds) on
+# build/fuzz/corpus/NAME/, a scratch copy of tests/fuzz/corpus/NAME/ (the committed seeds
+# are never written to; inputs found are kept there between runs). A crash or a broken
+# invariant stops that harness, writes its input to build/fuzz/artifacts/NAME/ and fails
+# the target. `make fuzz-run-NAME` runs one harness (NAME: the part after fuzz_).
+FUZZ_CC ?= clang
+FUZZ_SECONDS ?= 60
+FUZZ_CFLAGS := -g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined \
+               -fno-sanitize-recover=undefined -Wno-unknown-pragmas
+FUZZ_NAMES := $(patsubst tests/fuzz/fuzz_%.c,%,$(wildcard tests/fuzz/fuzz_*.c))
+FUZZ_BINS := $(patsubst %,build/fuzz/fuzz_%,$(FUZZ_NAMES))
+FUZZ_LIB_OBJECTS := $(patsubst src/%.c,build/fuzz/obj/%.o,$(LIB_SOURCES) src/cli/latents.c)
+FUZZ_RUN_FLAGS := -rss_limit_mb=2048 -timeout=30 -print_final_stats=1
+.PHONY: fuzz fuzz-build
+.SECONDARY: $(FUZZ_LIB_OBJECTS) build/fuzz/fuzz.o
+
+build/fuzz/obj/%.o: src/%.c $(LIB_HEADERS)
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(KV_CFLAGS) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -c $< -o $@
+
+build/fuzz/fuzz.o: tests/fuzz/fuzz.c tests/fuzz/fuzz.h include/klvae.h
+	@mkdir -p build/fuzz
+	$(FUZZ_CC) $(KV_CFLAGS) $(FUZZ_CFLAGS) -c $< -o $@
+
+build/fuzz/fuzz_%: tests/fuzz/fuzz_%.c $(wildcard tests/fuzz/*.h) build/fuzz/fuzz.o $(FUZZ_LIB_OBJECTS)
+	$(FUZZ_CC) $(KV_CFLAGS) $(FUZZ_CFLAGS) -fsanitize=fuzzer -Itests/fuzz \
+	    -DKV_FUZZ_FIXTURES='"$(CURDIR)/tests/fixtures"' $< build/fuzz/fuzz.o $(FUZZ_LIB_OBJECTS) \
+	    -o $@ $(DEP_LIBS) $(SYS_LIBS)
+
+fuzz-build: $(FUZZ_BINS)
+
+fuzz: fuzz-build
+	@[ "$(FUZZ_SECONDS)" -gt 0 ] || exit 0; status=0; \
+	for name in $(FUZZ_NAMES); do $(MAKE) --no-print-directory fuzz-run-$$name || status=1; done; \
+	exit $$status
+
+fuzz-run-%: build/fuzz/fuzz_%
+	@mkdir -p build/fuzz/corpus/$* build/fuzz/artifacts/$*
+	cp tests/fuzz/corpus/$*/* build/fuzz/corpus/$*/
+	KLVAE_FUZZ_SEED_DIR=build/fuzz/corpus/$* ./build/fuzz/fuzz_$* $(FUZZ_RUN_FLAGS) \
+	    -max_total_time=$(FUZZ_SECONDS) $(if $(wildcard tests/fuzz/$*.dict),-dict=tests/fuzz/$*.dict) \
+	    -artifact_prefix=build/fuzz/artifacts/$*/ build/fuzz/corpus/$*
+
+# Rewrites the committed seeds (only to change them): tests/fuzz/make_corpus.c.
+.PHONY: fuzz-corpus
+fuzz-corpus: $(STATIC)
+	@mkdir -p build/fuzz
+	$(CC) $(KV_CFLAGS) $(CFLAGS) tests/fuzz/make_corpus.c -o build/fuzz/make_corpus $(STATIC) \
+	    $(DEP_LIBS) $(SYS_LIBS)
+	rm -rf tests/fuzz/corpus
+	./build/fuzz/make_corpus tests/fuzz/corpus tests/fixtures

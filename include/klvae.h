@@ -561,12 +561,25 @@ KLVAE_API void klvae_trainer_free(klvae_trainer_t *trainer);
  * [-1, 1]. PNGs of any bit depth work; grey, palette and alpha are
  * converted to RGB (alpha is dropped) and 16-bit samples keep their
  * precision. JPEGs may be grey, RGB or CMYK. Free the array with klvae_free.
+ * Images of more than 67108864 pixels (the default of the option
+ * max_image_pixels; klvae_image_read_opts takes another budget) are refused
+ * from their header, before anything their size is allocated.
  * Errors: KLVAE_ERR_INVALID_ARGUMENT (NULL pointer), KLVAE_ERR_IO (cannot
  * open, or not a regular file), KLVAE_ERR_FORMAT (neither PNG nor JPEG,
- * corrupt or truncated, more than 65536 pixels on a side),
- * KLVAE_ERR_OUT_OF_MEMORY. On error *pixels is NULL and *h, *w are 0 (for
- * each of them that is not NULL). */
+ * corrupt or truncated image data, which is never padded with grey; more
+ * than 65536 pixels on a side),
+ * KLVAE_ERR_UNSUPPORTED (more pixels than the budget; the message names the
+ * file, its size, the budget and the option), KLVAE_ERR_OUT_OF_MEMORY. On
+ * error *pixels is NULL and *h, *w are 0 (for each of them that is not
+ * NULL). */
 KLVAE_API klvae_status_t klvae_image_read(const char *path, float **pixels, int *h, int *w);
+
+/* klvae_image_read with options: the pixel budget is opts' max_image_pixels
+ * (1 to 2^40; docs/options.md). opts may be NULL (all defaults), and is only
+ * read during the call. Same ownership, errors and outputs on error as
+ * klvae_image_read. */
+KLVAE_API klvae_status_t klvae_image_read_opts(const char *path, const klvae_options_t *opts,
+                                               float **pixels, int *h, int *w);
 
 /* Writes a (3, h, w) float image with values in [-1, 1] as an 8-bit RGB PNG:
  * each value v becomes round(255 * clamp(v * 0.5 + 0.5, 0, 1)), as diffusers

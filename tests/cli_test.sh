@@ -173,6 +173,16 @@ grep -q "^mean over 2 images: PSNR .* SSIM .* LPIPS" "$tmp/out" && grep -q "skip
 check "eval centre crops" $KLVAE eval "$tmp/run/model" --data "$tmp/data" --size 32
 grep -q "32x32" "$tmp/out" && ok || bad "eval --size did not crop: $(cat "$tmp/out")"
 check_fails "eval: no model" 1 "no-model" $KLVAE eval "$tmp/no-model"
+
+# The pixel budget (the option max_image_pixels as a flag): in.png has 53 x 37 = 1961 pixels.
+check_fails "encode over the pixel budget" 1 "more than the budget of 1960 pixels (option max_image_pixels)" \
+    $KLVAE encode $MODEL "$tmp/in.png" "$tmp/x.safetensors" --max-image-pixels 1960
+check "encode at the pixel budget" $KLVAE encode $MODEL "$tmp/in.png" "$tmp/budget.safetensors" --max-image-pixels 1961
+check_fails "eval over the pixel budget" 1 "no image could be evaluated" \
+    $KLVAE eval "$tmp/run/model" --data "$tmp/data" --max-image-pixels 1960
+grep -q "skipping $tmp/data/a.png: .*max_image_pixels" "$tmp/err" && ok || bad "eval did not say why it skipped a.png: $(cat "$tmp/err")"
+check_fails "train over the pixel budget" 1 "max_image_pixels" \
+    $TRAIN --steps 1 --data "$tmp/data" --max-image-pixels 1960 --out "$tmp/x7"
 check_fails "eval: empty folder" 1 "no PNG or JPEG file" $KLVAE eval "$tmp/run/model" --data "$tmp/run/grids/../model"
 
 # Only klvae_* leaves the shared library (KLVAE_0, KLVAE_0.2, ... are version nodes).

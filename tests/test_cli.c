@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "cli/cli.h"
+#include "cli/latents.h"
 #include "cli/plot.h"
 #include "cli/plot_run.h"
 #include "test_util.h"
@@ -418,6 +419,83 @@ START_TEST(loss_plot_is_drawn_from_the_run_logs)
 }
 END_TEST
 
+/* Writes a latent file: one tensor "latent" of dtype (4-byte elements
+ * filled from values, or zero bytes of other widths), and metadata. */
+static void write_latent_file(const char *path, const char *dtype, int bytes, const int64_t *shape,
+                              int ndim, const float *values, const char *metadata)
+{
+    size_t n = 1;
+    char dims[64] = "";
+    for (int d = 0; d < ndim; d++) {
+        n *= (size_t)shape[d];
+        snprintf(dims + strlen(dims), sizeof dims - strlen(dims), d ? ",%lld" : "%lld",
+                 (long long)shape[d]);
+    }
+    char header[512];
+    int hlen = snprintf(header, sizeof header,
+                        "{\"latent\":{\"dtype\":\"%s\",\"shape\":[%s],\"data_offsets\":[0,%zu]},"
+                        "\"__metadata__\":{%s}}",
+                        dtype, dims, n * (size_t)bytes, metadata);
+    unsigned char *buf = calloc(8 + (size_t)hlen + n * (size_t)bytes, 1);
+    ck_assert_ptr_nonnull(buf);
+    for (int i = 0; i < 8; i++)
+        buf[i] = (unsigned char)((uint64_t)hlen >> (8 * i));
+    memcpy(buf + 8, header, (size_t)hlen);
+    if (values)
+        memcpy(buf + 8 + hlen, values, n * sizeof(float));
+    test_write_file(path, buf, 8 + (size_t)hlen + n * (size_t)bytes);
+    free(buf);
+}
+
+START_TEST(latents_read_back_with_their_metadata)
+{
+    test_rng rng = test_rng_new(31);
+    const int64_t shape[3] = {4, 3, 5}; /* (C, h, w): N = 1 */
+    float values[60];
+    test_fill(values, 60, &rng, -3.0f, 3.0f);
+    char *dir = test_tmpdir();
+    char *path = test_join(dir, "lat.safetensors");
+    write_latent_file(path, "F32", 4, shape, 3, values,
+                      "\"image_height\":\"21\",\"image_width\":\"99999999999\",\"scaled\":\"true\"");
+    latents lat;
+    ck_assert_ok(read_latents(path, 4, &lat));
+    ck_assert_int_eq(lat.n, 1);
+    ck_assert_int_eq(lat.c, 4);
+    ck_assert_int_eq(lat.h, 3);
+    ck_assert_int_eq(lat.w, 5);
+    ck_assert_int_eq(lat.image_height, 21);
+    ck_assert_int_eq(lat.image_width, 0); /* out of range: the latent's own size is used */
+    ck_assert(lat.scaled);
+    ck_assert(memcmp(lat.data, values, sizeof values) == 0);
+    free(lat.data);
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
+
+START_TEST(latents_of_the_wrong_kind_are_refused)
+{
+    const int64_t shape[4] = {2, 4, 3, 3};
+    const int64_t wrong[4] = {2, 5, 3, 3};
+    char *dir = test_tmpdir();
+    char *path = test_join(dir, "lat.safetensors");
+    latents lat;
+    write_latent_file(path, "I32", 4, shape, 4, NULL, "");
+    ck_assert_status(read_latents(path, 4, &lat), KLVAE_ERR_UNSUPPORTED);
+    ck_assert_error_mentions("I32");
+    ck_assert_ptr_null(lat.data);
+    write_latent_file(path, "F32", 4, wrong, 4, NULL, "");
+    ck_assert_status(read_latents(path, 4, &lat), KLVAE_ERR_SHAPE);
+    ck_assert_error_mentions("[2, 5, 3, 3]");
+    ck_assert_ptr_null(lat.data);
+    ck_assert_int_eq(lat.n, 0);
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
+
 Suite *suite_cli(void)
 {
     Suite *s = suite_create("cli");
@@ -430,6 +508,8 @@ Suite *suite_cli(void)
     tcase_add_test(tc, ssim_matches_a_direct_computation);
     tcase_add_test(tc, grid_puts_inputs_above_reconstructions);
     tcase_add_test(tc, loss_plot_is_drawn_from_the_run_logs);
+    tcase_add_test(tc, latents_read_back_with_their_metadata);
+    tcase_add_test(tc, latents_of_the_wrong_kind_are_refused);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -432,6 +432,43 @@ START_TEST(folder_walk_follows_links_without_loops)
 }
 END_TEST
 
+/* Each file is read under the dataset's pixel budget (the option
+ * max_image_pixels, default until set): a larger file is refused from its
+ * header and reported like any unreadable file. */
+START_TEST(folder_files_over_the_pixel_budget_are_refused)
+{
+    char *root = test_tmpdir();
+    write_png8_at(root, "small.png", 9, 10, noise, 1);  /* 90 pixels */
+    write_png8_at(root, "large.png", 13, 14, noise, 2); /* 182 pixels */
+    char *large = test_join(root, "large.png");
+    kv_dataset *ds = NULL;
+    ck_assert_ok(kv_dataset_open_folder(root, 8, 0, &ds));
+    ck_assert_uint_eq(kv_dataset_count(ds), 2);
+    float px[3 * 64];
+    const uint64_t budgets[] = {0, 181, 182, 1}; /* 0: never set */
+    for (size_t b = 0; b < sizeof budgets / sizeof budgets[0]; b++) {
+        if (budgets[b])
+            kv_dataset_set_max_pixels(ds, budgets[b]);
+        for (uint64_t p = 0; p < 2; p++) {
+            const bool is_large = strcmp(kv_dataset_path(ds, p), large) == 0;
+            const uint64_t pixels = is_large ? 182 : 90;
+            klvae_status_t st = kv_dataset_get(ds, p, px);
+            if (budgets[b] == 0 || pixels <= budgets[b]) {
+                ck_assert_ok(st);
+                continue;
+            }
+            ck_assert_status(st, KLVAE_ERR_UNSUPPORTED);
+            ck_assert_error_mentions(kv_dataset_path(ds, p));
+            ck_assert_error_mentions("max_image_pixels");
+        }
+    }
+    kv_dataset_free(ds);
+    test_rmtree(root);
+    free(large);
+    free(root);
+}
+END_TEST
+
 /* Every epoch visits every file exactly once; the images are the files';
  * epochs (and seeds) differ in order. */
 START_TEST(epochs_are_permutations)
@@ -1249,6 +1286,7 @@ Suite *suite_data(void)
     tcase_add_test(tc, folder_walk_finds_sorted_images);
     tcase_add_test(tc, folder_order_does_not_depend_on_creation_order);
     tcase_add_test(tc, folder_walk_follows_links_without_loops);
+    tcase_add_test(tc, folder_files_over_the_pixel_budget_are_refused);
     tcase_add_test(tc, epochs_are_permutations);
     tcase_add_test(tc, crop_is_a_window_and_flips_half);
     tcase_add_test(tc, small_images_are_resized);

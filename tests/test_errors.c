@@ -303,6 +303,32 @@ START_TEST(load_header_length_over_limit_is_format)
 }
 END_TEST
 
+START_TEST(load_header_far_larger_than_its_data_is_format)
+{
+    /* Under the format's limit, but 99,999,999 header bytes for 64 bytes of
+     * data: refused from the length field, before the header is read. */
+    char *dir = test_tmpdir();
+    char *path = test_join(dir, "bloated-header.safetensors");
+    const uint64_t hlen = 99999999u;
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    ck_assert_int_ge(fd, 0);
+    unsigned char head[10];
+    for (int i = 0; i < 8; i++)
+        head[i] = (unsigned char)(hlen >> (8 * i));
+    head[8] = '{';
+    head[9] = '}';
+    ck_assert_int_eq(write(fd, head, sizeof head), (ssize_t)sizeof head);
+    ck_assert_int_eq(ftruncate(fd, (off_t)(8 + hlen + 64)), 0);
+    close(fd);
+    expect_load_failure(path, NULL, KLVAE_ERR_FORMAT);
+    ck_assert_error_mentions(path);
+    ck_assert_error_mentions("99999999 bytes but the tensor data only 64");
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
+
 START_TEST(load_invalid_json_header_is_format)
 {
     char *dir = test_tmpdir();
@@ -738,6 +764,72 @@ START_TEST(folder_config_string_for_int_is_config)
     test_rmtree(dir);
     free(folder);
     free(dir);
+}
+END_TEST
+
+/* A copy of fixture folder src under dir whose config.json has the text
+ * from replaced by to. Returns the folder path. */
+static char *edited_folder(const char *dir, const char *src, const char *from, const char *to)
+{
+    char *folder = test_join(dir, "model");
+    ck_assert_int_eq(mkdir(folder, 0755), 0);
+    char *src_weights = test_join(src, "diffusion_pytorch_model.safetensors");
+    char *src_config = test_join(src, "config.json");
+    char *weights = test_join(folder, "diffusion_pytorch_model.safetensors");
+    char *config = test_join(folder, "config.json");
+    copy_file(src_weights, weights);
+    size_t len;
+    char *text = (char *)test_read_file(src_config, &len);
+    char *at = strstr(text, from);
+    ck_assert_msg(at != NULL, "%s has no '%s'", src_config, from);
+    char *edited = malloc(len + strlen(to) + 1);
+    ck_assert_ptr_nonnull(edited);
+    int n = sprintf(edited, "%.*s%s%s", (int)(at - text), text, to, at + strlen(from));
+    test_write_file(config, edited, (size_t)n);
+    free(edited);
+    free(text);
+    free(src_weights);
+    free(src_config);
+    free(weights);
+    free(config);
+    return folder;
+}
+
+/* config.json turns off a part whose weights the file has: the load used to
+ * ignore those tensors and compute without them (found by
+ * tests/fuzz/fuzz_config.c). */
+static void expect_config_disowns_weights(const char *src, const char *from, const char *to,
+                                          const char *key)
+{
+    char *dir = test_tmpdir();
+    char *folder = edited_folder(dir, src, from, to);
+    expect_load_failure(folder, NULL, KLVAE_ERR_CONFIG);
+    ck_assert_error_mentions("config.json disagrees with the weights");
+    ck_assert_error_mentions(key);
+    ck_assert_error_mentions("diffusion_pytorch_model.safetensors");
+    test_rmtree(dir);
+    free(folder);
+    free(dir);
+}
+
+START_TEST(folder_config_without_attention_for_attention_weights_is_config)
+{
+    expect_config_disowns_weights("fixtures/gelu/diffusers", "\"mid_block_add_attention\": true",
+                                  "\"mid_block_add_attention\": false", "mid_block_add_attention");
+}
+END_TEST
+
+START_TEST(folder_config_without_quant_conv_for_its_weights_is_config)
+{
+    expect_config_disowns_weights("fixtures/gelu/diffusers", "\"use_quant_conv\": true",
+                                  "\"use_quant_conv\": false", "use_quant_conv");
+}
+END_TEST
+
+START_TEST(folder_config_with_fewer_layers_than_the_weights_is_config)
+{
+    expect_config_disowns_weights(NOATTN_FOLDER, "\"layers_per_block\": 2",
+                                  "\"layers_per_block\": 1", "layers_per_block");
 }
 END_TEST
 
@@ -1611,6 +1703,7 @@ Suite *suite_errors(void)
     tcase_add_test(tc, load_truncated_fixture_is_format);
     tcase_add_test(tc, load_header_length_past_end_is_format);
     tcase_add_test(tc, load_header_length_over_limit_is_format);
+    tcase_add_test(tc, load_header_far_larger_than_its_data_is_format);
     tcase_add_test(tc, load_invalid_json_header_is_format);
     tcase_add_test(tc, load_header_json_array_is_format);
     tcase_add_test(tc, load_tensor_entry_not_object_is_format);
@@ -1640,6 +1733,9 @@ Suite *suite_errors(void)
     tcase_add_test(tc, folder_config_cross_attn_block_is_config);
     tcase_add_test(tc, folder_config_indivisible_channels_is_config);
     tcase_add_test(tc, folder_config_string_for_int_is_config);
+    tcase_add_test(tc, folder_config_without_attention_for_attention_weights_is_config);
+    tcase_add_test(tc, folder_config_without_quant_conv_for_its_weights_is_config);
+    tcase_add_test(tc, folder_config_with_fewer_layers_than_the_weights_is_config);
     tcase_add_test(tc, load_option_disagrees_with_model_is_config);
     tcase_add_test(tc, load_option_disagrees_with_single_file_is_config);
     tcase_add_test(tc, load_norm_groups_option_disagrees_with_config_json_is_config);

@@ -4,11 +4,24 @@
 #include <stdbool.h>
 #include <stdio.h>
 #include <jpeglib.h>
+#include <malloc.h>
 #include <png.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include "test_util.h"
+
+#if defined(__SANITIZE_ADDRESS__)
+#define TEST_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define TEST_ASAN 1
+#endif
+#endif
+#ifdef TEST_ASAN
+#include <sanitizer/lsan_interface.h>
+#endif
 
 /* ---- helpers ---- */
 
@@ -544,9 +557,11 @@ END_TEST
 /* ---- JPEG ---- */
 
 /* Writes a w x h JPEG at quality 100 without chroma subsampling. samples
- * are row-major, components per pixel. */
-static void write_jpeg_file(const char *path, const unsigned char *samples, int w, int h,
-                            int components)
+ * are row-major, components per pixel. restart: MCU rows between restart
+ * markers (0: none); scans: a progressive scan script (NULL: baseline). */
+static void write_jpeg_custom(const char *path, const unsigned char *samples, int w, int h,
+                              int components, unsigned restart, const jpeg_scan_info *scans,
+                              int nscans)
 {
     FILE *fp = fopen(path, "wb");
     ck_assert_ptr_nonnull(fp);
@@ -565,6 +580,9 @@ static void write_jpeg_file(const char *path, const unsigned char *samples, int 
         cinfo.comp_info[c].h_samp_factor = 1;
         cinfo.comp_info[c].v_samp_factor = 1;
     }
+    cinfo.restart_in_rows = (int)restart;
+    cinfo.scan_info = scans;
+    cinfo.num_scans = nscans;
     jpeg_start_compress(&cinfo, TRUE);
     while (cinfo.next_scanline < cinfo.image_height) {
         JSAMPROW row = (JSAMPROW)(samples + (size_t)cinfo.next_scanline * w * components);
@@ -573,6 +591,12 @@ static void write_jpeg_file(const char *path, const unsigned char *samples, int 
     jpeg_finish_compress(&cinfo);
     jpeg_destroy_compress(&cinfo);
     fclose(fp);
+}
+
+static void write_jpeg_file(const char *path, const unsigned char *samples, int w, int h,
+                            int components)
+{
+    write_jpeg_custom(path, samples, w, h, components, 0, NULL, 0);
 }
 
 /* A smooth test pattern (JPEG is lossy; smooth content keeps the error
@@ -668,8 +692,14 @@ static void expect_read_failure(const char *path, klvae_status_t status)
     float sentinel[1];
     float *px = sentinel;
     int h = 123, w = 456;
-    ck_assert_status(klvae_image_read(path, &px, &h, &w), status);
-    ck_assert_ptr_null(px);
+    klvae_status_t st = klvae_image_read(path, &px, &h, &w);
+    float *got = px;
+    if (st == KLVAE_OK && px != sentinel)
+        klvae_free(px); /* no leak when the reader wrongly succeeds */
+    ck_assert_msg(st == status, "klvae_image_read(%s) returned %d (%s), expected %d (%s): %s",
+                  path, (int)st, klvae_status_string(st), (int)status,
+                  klvae_status_string(status), klvae_last_error());
+    ck_assert_ptr_null(got);
     ck_assert_int_eq(h, 0);
     ck_assert_int_eq(w, 0);
 }
@@ -769,6 +799,57 @@ START_TEST(read_png_cut_in_image_data_is_format)
 }
 END_TEST
 
+/* Bytes the process holds from malloc (glibc's count, mmapped blocks
+ * included). */
+static size_t heap_in_use(void)
+{
+    struct mallinfo2 m = mallinfo2();
+    return m.uordblks + m.hblkhd;
+}
+
+START_TEST(read_corrupt_interlaced_png_leaks_nothing)
+{
+    /* A tall, narrow Adam7 PNG cut inside its image data: libpng gives up in
+     * the middle of png_read_image, after the reader has allocated its
+     * row-pointer array (8 bytes a row, 160 KB here). */
+    const int w = 3, h = 20000;
+    unsigned char *grey = malloc((size_t)w * h);
+    ck_assert_ptr_nonnull(grey);
+    test_rng rng = test_rng_new(64);
+    for (size_t i = 0; i < (size_t)w * h; i++)
+        grey[i] = (unsigned char)(test_uniform(&rng) * 256.0); /* noise: a long IDAT */
+    char *dir = test_tmpdir();
+    char *path = test_join(dir, "whole.png");
+    char *cut = test_join(dir, "cut.png");
+    png_spec spec = {w, h, 8, PNG_COLOR_TYPE_GRAY, PNG_INTERLACE_ADAM7, NULL, 0, NULL, 0, NULL};
+    write_png_file(path, &spec, grey, (size_t)w);
+    size_t len;
+    unsigned char *bytes = test_read_file(path, &len);
+    test_write_file(cut, bytes, len / 2);
+    free(bytes);
+    free(grey);
+    expect_read_failure(cut, KLVAE_ERR_FORMAT); /* the first read warms libpng up */
+    ck_assert_error_mentions(cut);
+    ck_assert_error_mentions("corrupt PNG");
+    size_t before = heap_in_use();
+    for (int i = 0; i < 4; i++)
+        expect_read_failure(cut, KLVAE_ERR_FORMAT);
+    size_t after = heap_in_use();
+    test_rmtree(dir);
+    free(path);
+    free(cut);
+    free(dir);
+#ifdef TEST_ASAN
+    (void)before, (void)after; /* ASan's malloc keeps no glibc counts */
+    ck_assert_msg(__lsan_do_recoverable_leak_check() == 0, "LeakSanitizer found leaks (above)");
+#else
+    ck_assert_msg(after < before + 64 * 1024,
+                  "four failed reads left %zu more bytes allocated (the row pointers are 160 KB)",
+                  after - before);
+#endif
+}
+END_TEST
+
 START_TEST(read_corrupt_jpeg_is_format)
 {
     char *dir = test_tmpdir();
@@ -831,6 +912,199 @@ START_TEST(read_truncated_jpeg_is_format)
     ck_assert_ptr_null(px);
     ck_assert_int_eq(rh, 0);
     ck_assert_int_eq(rw, 0);
+}
+END_TEST
+
+/* A noisy w x h RGB JPEG (random samples make long scans) written to path;
+ * restart as in write_jpeg_custom. Returns the file's bytes. */
+static unsigned char *noisy_jpeg(const char *path, int w, int h, unsigned restart, uint64_t seed,
+                                 size_t *len)
+{
+    unsigned char *rgb = malloc((size_t)w * h * 3);
+    ck_assert_ptr_nonnull(rgb);
+    test_rng rng = test_rng_new(seed);
+    for (size_t i = 0; i < (size_t)w * h * 3; i++)
+        rgb[i] = (unsigned char)(test_uniform(&rng) * 256.0);
+    write_jpeg_custom(path, rgb, w, h, 3, restart, NULL, 0);
+    free(rgb);
+    return test_read_file(path, len);
+}
+
+/* The offset of the first start-of-scan marker. */
+static size_t jpeg_sos(const unsigned char *bytes, size_t len)
+{
+    for (size_t i = 2; i + 1 < len; i++)
+        if (bytes[i] == 0xFF && bytes[i + 1] == 0xDA)
+            return i;
+    ck_abort_msg("no SOS marker in the test JPEG");
+    return 0;
+}
+
+/* Expects a corrupt-JPEG refusal of path whose message has what. */
+static void expect_corrupt_jpeg(const char *path, const char *what)
+{
+    expect_read_failure(path, KLVAE_ERR_FORMAT);
+    ck_assert_error_mentions(path);
+    ck_assert_error_mentions("corrupt JPEG");
+    ck_assert_error_mentions(what);
+}
+
+START_TEST(jpeg_marker_inside_scan_is_format)
+{
+    /* The scan stops at an EOI marker well before its end: libjpeg warns
+     * "premature end of data segment" and fills the rest with grey. */
+    char *dir = test_tmpdir();
+    char *path = test_join(dir, "cut.jpg");
+    size_t len;
+    unsigned char *bytes = noisy_jpeg(path, 53, 41, 0, 80, &len);
+    size_t sos = jpeg_sos(bytes, len);
+    size_t cut = sos + (len - sos) * 3 / 5;
+    bytes[cut] = 0xFF;
+    bytes[cut + 1] = 0xD9;
+    test_write_file(path, bytes, cut + 2);
+    free(bytes);
+    expect_corrupt_jpeg(path, "premature end of data segment");
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
+
+START_TEST(jpeg_wrong_restart_marker_is_format)
+{
+    /* Restart markers RST0, RST1, ... after every MCU row; one renumbered
+     * means a lost segment, which libjpeg skips with a warning. */
+    char *dir = test_tmpdir();
+    char *path = test_join(dir, "resync.jpg");
+    size_t len;
+    unsigned char *bytes = noisy_jpeg(path, 45, 39, 1, 81, &len);
+    int seen = 0;
+    for (size_t i = jpeg_sos(bytes, len) + 2; i + 1 < len && seen < 2; i++) {
+        if (bytes[i] == 0xFF && bytes[i + 1] >= 0xD0 && bytes[i + 1] <= 0xD7 && ++seen == 2)
+            bytes[i + 1] = (unsigned char)(0xD0 + (bytes[i + 1] - 0xD0 + 3) % 8);
+    }
+    ck_assert_int_eq(seen, 2);
+    test_write_file(path, bytes, len);
+    free(bytes);
+    expect_corrupt_jpeg(path, "instead of RST");
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
+
+START_TEST(jpeg_bad_huffman_code_is_format)
+{
+    /* A run of one bits ("FF 00": a stuffed 0xFF byte) is no code of any
+     * Huffman table: libjpeg warns "bad Huffman code" and goes on. */
+    char *dir = test_tmpdir();
+    char *path = test_join(dir, "huffman.jpg");
+    size_t len;
+    unsigned char *bytes = noisy_jpeg(path, 47, 35, 0, 82, &len);
+    size_t sos = jpeg_sos(bytes, len);
+    size_t at = sos + (len - sos) / 3;
+    for (size_t i = at; i < at + 16; i += 2) {
+        bytes[i] = 0xFF;
+        bytes[i + 1] = 0x00;
+    }
+    test_write_file(path, bytes, len);
+    free(bytes);
+    expect_corrupt_jpeg(path, "bad Huffman code");
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
+
+START_TEST(jpeg_stray_bytes_between_markers_still_decode)
+{
+    /* Junk before the SOS marker: libjpeg warns about extraneous bytes,
+     * skips them, and every pixel is as in the clean file. */
+    char *dir = test_tmpdir();
+    char *clean = test_join(dir, "clean.jpg");
+    char *stray = test_join(dir, "stray.jpg");
+    size_t len;
+    unsigned char *bytes = noisy_jpeg(clean, 29, 31, 0, 83, &len);
+    size_t sos = jpeg_sos(bytes, len);
+    unsigned char *with = malloc(len + 5);
+    ck_assert_ptr_nonnull(with);
+    memcpy(with, bytes, sos);
+    memcpy(with + sos, "\x01\x02\x03\x04\x05", 5);
+    memcpy(with + sos + 5, bytes + sos, len - sos);
+    test_write_file(stray, with, len + 5);
+    float *a = NULL, *b = NULL;
+    int ha, wa, hb, wb;
+    ck_assert_ok(klvae_image_read(clean, &a, &ha, &wa));
+    ck_assert_ok(klvae_image_read(stray, &b, &hb, &wb));
+    ck_assert_int_eq(ha, hb);
+    ck_assert_int_eq(wa, wb);
+    ck_assert(memcmp(a, b, (size_t)3 * ha * wa * sizeof(float)) == 0);
+    klvae_free(a);
+    klvae_free(b);
+    free(with);
+    free(bytes);
+    test_rmtree(dir);
+    free(clean);
+    free(stray);
+    free(dir);
+}
+END_TEST
+
+/* A grey progressive script: the DC coefficient and each of the 63 AC
+ * coefficients on its own, first at bit al, then refined bit by bit down
+ * to 0; (al + 1) * 64 scans. */
+static jpeg_scan_info *one_coefficient_scans(int al, int *count)
+{
+    *count = (al + 1) * 64;
+    jpeg_scan_info *scans = calloc((size_t)*count, sizeof *scans);
+    ck_assert_ptr_nonnull(scans);
+    int n = 0;
+    for (int k = 0; k < 64; k++)
+        for (int bit = al; bit >= 0; bit--) {
+            jpeg_scan_info *s = &scans[n++];
+            s->comps_in_scan = 1;
+            s->component_index[0] = 0;
+            s->Ss = s->Se = k;
+            s->Ah = bit == al ? 0 : bit + 1;
+            s->Al = bit;
+        }
+    return scans;
+}
+
+START_TEST(jpeg_with_too_many_scans_is_format)
+{
+    /* 704 valid scans of an 8 x 8 image: each scan is a pass over the whole
+     * image, so a larger one could keep the decoder busy for minutes. */
+    unsigned char grey[10 * 12];
+    test_rng rng = test_rng_new(84);
+    for (size_t i = 0; i < sizeof grey; i++)
+        grey[i] = (unsigned char)(test_uniform(&rng) * 256.0);
+    char *dir = test_tmpdir();
+    char *many = test_join(dir, "many-scans.jpg");
+    char *few = test_join(dir, "few-scans.jpg");
+    int count;
+    jpeg_scan_info *scans = one_coefficient_scans(10, &count);
+    ck_assert_int_eq(count, 704);
+    write_jpeg_custom(many, grey, 12, 10, 1, 0, scans, count);
+    free(scans);
+    expect_corrupt_jpeg(many, "more than 500 scans");
+    scans = one_coefficient_scans(1, &count); /* 128 scans: fine */
+    write_jpeg_custom(few, grey, 12, 10, 1, 0, scans, count);
+    free(scans);
+    float *px = NULL;
+    int h, w;
+    ck_assert_ok(klvae_image_read(few, &px, &h, &w));
+    ck_assert_int_eq(h, 10);
+    ck_assert_int_eq(w, 12);
+    for (size_t i = 0; i < sizeof grey; i++)
+        ck_assert_msg(fabs((double)px[i] - sample_value(grey[i], 255)) <= 12.0 / 255.0,
+                      "pixel %zu: %g, expected about %g", i, (double)px[i],
+                      sample_value(grey[i], 255));
+    klvae_free(px);
+    test_rmtree(dir);
+    free(many);
+    free(few);
+    free(dir);
 }
 END_TEST
 
@@ -944,6 +1218,361 @@ START_TEST(write_negative_height_is_invalid)
 }
 END_TEST
 
+/* ---- the pixel budget ---- */
+
+/* Reads path with max_image_pixels = budget (NULL opts when budget is 0). */
+static klvae_status_t read_with_budget(const char *path, uint64_t budget, float **px, int *h,
+                                       int *w)
+{
+    klvae_options_t *o = NULL;
+    if (budget) {
+        char text[32];
+        snprintf(text, sizeof text, "%llu", (unsigned long long)budget);
+        ck_assert_ok(klvae_options_create(&o));
+        ck_assert_ok(klvae_options_set(o, "max_image_pixels", text));
+    }
+    klvae_status_t st = klvae_image_read_opts(path, o, px, h, w);
+    klvae_options_free(o);
+    return st;
+}
+
+/* Expects path (w x h pixels) refused under budget, with the outputs reset
+ * and a message naming the file, the size, the budget and the option. */
+static void expect_over_budget(const char *path, int w, int h, uint64_t budget)
+{
+    float sentinel[1];
+    float *px = sentinel;
+    int rh = 123, rw = 456;
+    ck_assert_status(read_with_budget(path, budget, &px, &rh, &rw), KLVAE_ERR_UNSUPPORTED);
+    ck_assert_ptr_null(px);
+    ck_assert_int_eq(rh, 0);
+    ck_assert_int_eq(rw, 0);
+    char size[64], limit[32];
+    snprintf(size, sizeof size, "%d x %d", w, h);
+    snprintf(limit, sizeof limit, "%llu", (unsigned long long)budget);
+    ck_assert_error_mentions(path);
+    ck_assert_error_mentions(size);
+    ck_assert_error_mentions(limit);
+    ck_assert_error_mentions("max_image_pixels");
+}
+
+/* Expects path to read as a w x h image with every value in [-1, 1]. */
+static void expect_within_budget(const char *path, int w, int h, uint64_t budget)
+{
+    float *px = NULL;
+    int rh = 0, rw = 0;
+    ck_assert_ok(read_with_budget(path, budget, &px, &rh, &rw));
+    ck_assert_int_eq(rh, h);
+    ck_assert_int_eq(rw, w);
+    for (size_t i = 0; i < (size_t)3 * h * w; i++)
+        ck_assert(px[i] >= -1.0f && px[i] <= 1.0f);
+    klvae_free(px);
+}
+
+START_TEST(budget_refuses_one_pixel_too_many)
+{
+    /* Odd sizes; the budget one below, at and above w * h, for both formats. */
+    test_rng rng = test_rng_new(70);
+    const int w = 37 + (int)(test_uniform(&rng) * 20), h = 21 + (int)(test_uniform(&rng) * 20);
+    const uint64_t pixels = (uint64_t)w * h;
+    float *img = test_alloc(3 * pixels);
+    test_fill(img, 3 * pixels, &rng, -1.0f, 1.0f);
+    unsigned char *rgb = malloc(3 * pixels);
+    ck_assert_ptr_nonnull(rgb);
+    for (size_t i = 0; i < 3 * pixels; i++)
+        rgb[i] = (unsigned char)(test_uniform(&rng) * 256.0);
+    char *dir = test_tmpdir();
+    char *png_path = test_join(dir, "odd.png");
+    char *jpeg_path = test_join(dir, "odd.jpg");
+    ck_assert_ok(klvae_image_write_png(png_path, img, h, w));
+    write_jpeg_file(jpeg_path, rgb, w, h, 3);
+    const char *paths[2] = {png_path, jpeg_path};
+    for (int i = 0; i < 2; i++) {
+        expect_over_budget(paths[i], w, h, pixels - 1);
+        expect_over_budget(paths[i], w, h, 1);
+        expect_within_budget(paths[i], w, h, pixels);
+        expect_within_budget(paths[i], w, h, pixels + 1);
+        expect_within_budget(paths[i], w, h, 0); /* NULL options: the default */
+    }
+    free(rgb);
+    free(img);
+    test_rmtree(dir);
+    free(png_path);
+    free(jpeg_path);
+    free(dir);
+}
+END_TEST
+
+/* CRC-32 of PNG chunks (ISO 3309), bit by bit: tests need only a few. */
+static uint32_t png_crc(const unsigned char *p, size_t n)
+{
+    uint32_t crc = 0xFFFFFFFFu;
+    for (size_t i = 0; i < n; i++) {
+        crc ^= p[i];
+        for (int k = 0; k < 8; k++)
+            crc = (crc >> 1) ^ (0xEDB88320u & (0u - (crc & 1u)));
+    }
+    return ~crc;
+}
+
+/* Appends a chunk (length, type, data, CRC) at out; returns its size. */
+static size_t png_chunk(unsigned char *out, const char *type, const unsigned char *data,
+                        uint32_t len)
+{
+    for (int i = 0; i < 4; i++)
+        out[i] = (unsigned char)(len >> (24 - 8 * i));
+    memcpy(out + 4, type, 4);
+    if (len)
+        memcpy(out + 8, data, len);
+    uint32_t crc = png_crc(out + 4, 4 + (size_t)len);
+    for (int i = 0; i < 4; i++)
+        out[8 + len + (uint32_t)i] = (unsigned char)(crc >> (24 - 8 * i));
+    return 12 + (size_t)len;
+}
+
+START_TEST(png_header_claiming_a_huge_image_is_refused_before_allocating)
+{
+    /* 69 bytes that claim a 65535 x 65535 interlaced 16-bit RGBA image: the
+     * reader used to allocate 48 GB for it (or fail with out of memory). */
+    unsigned char file[128];
+    static const unsigned char signature[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1A, '\n'};
+    memcpy(file, signature, 8);
+    unsigned char ihdr[13] = {0x00, 0x00, 0xFF, 0xFF, 0x00, 0x00, 0xFF, 0xFF, 16, 6, 0, 0, 1};
+    size_t len = 8 + png_chunk(file + 8, "IHDR", ihdr, 13);
+    unsigned char idat[12] = {0x78, 0x9C, 0x63, 0x60, 0x00, 0x00, 0x00, 0x02, 0x00, 0x01};
+    len += png_chunk(file + len, "IDAT", idat, sizeof idat);
+    len += png_chunk(file + len, "IEND", NULL, 0);
+    ck_assert_uint_eq(len, 69);
+    char *dir = test_tmpdir();
+    char *path = test_join(dir, "claims-4-gigapixels.png");
+    test_write_file(path, file, len);
+    expect_over_budget(path, 65535, 65535, 67108864);
+    /* klvae_image_read has the same budget */
+    float *px = NULL;
+    int h = 1, w = 1;
+    ck_assert_status(klvae_image_read(path, &px, &h, &w), KLVAE_ERR_UNSUPPORTED);
+    ck_assert_error_mentions("67108864");
+    ck_assert_ptr_null(px);
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
+
+START_TEST(jpeg_header_claiming_a_huge_image_is_refused_before_decoding)
+{
+    /* A small JPEG whose frame header is patched to 9984 x 29184, as in a
+     * corrupt 133-byte file that decoded to 3.4 GB of grey. */
+    const int w = 24, h = 16;
+    unsigned char rgb[24 * 16 * 3];
+    test_rng rng = test_rng_new(71);
+    for (size_t i = 0; i < sizeof rgb; i++)
+        rgb[i] = (unsigned char)(test_uniform(&rng) * 256.0);
+    char *dir = test_tmpdir();
+    char *path = test_join(dir, "tall.jpg");
+    write_jpeg_file(path, rgb, w, h, 3);
+    size_t len;
+    unsigned char *bytes = test_read_file(path, &len);
+    size_t sof = 2;
+    while (sof + 9 < len && !(bytes[sof] == 0xFF && bytes[sof + 1] == 0xC0))
+        sof++;
+    ck_assert_msg(sof + 9 < len, "no SOF0 marker in the test JPEG");
+    bytes[sof + 5] = 29184 >> 8; /* height */
+    bytes[sof + 6] = 29184 & 0xFF;
+    bytes[sof + 7] = 9984 >> 8; /* width */
+    bytes[sof + 8] = 9984 & 0xFF;
+    test_write_file(path, bytes, len);
+    free(bytes);
+    expect_over_budget(path, 9984, 29184, 67108864);
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
+
+/* The offset of chunk type in a PNG file's bytes (at its length field). */
+static size_t png_find_chunk(const unsigned char *bytes, size_t len, const char *type)
+{
+    for (size_t at = 8; at + 12 <= len;) {
+        uint32_t n = (uint32_t)bytes[at] << 24 | (uint32_t)bytes[at + 1] << 16 |
+                     (uint32_t)bytes[at + 2] << 8 | bytes[at + 3];
+        if (memcmp(bytes + at + 4, type, 4) == 0)
+            return at;
+        at += 12 + (size_t)n;
+    }
+    ck_abort_msg("no %s chunk in the test PNG", type);
+    return 0;
+}
+
+/* Recomputes the CRC of the chunk at offset at, after its data changed. */
+static void png_fix_crc(unsigned char *bytes, size_t at)
+{
+    uint32_t n = (uint32_t)bytes[at] << 24 | (uint32_t)bytes[at + 1] << 16 |
+                 (uint32_t)bytes[at + 2] << 8 | bytes[at + 3];
+    uint32_t crc = png_crc(bytes + at + 4, 4 + (size_t)n);
+    for (int i = 0; i < 4; i++)
+        bytes[at + 8 + n + (uint32_t)i] = (unsigned char)(crc >> (24 - 8 * i));
+}
+
+/* A noisy w x h PNG at path; returns its bytes. */
+static unsigned char *noisy_png(const char *path, int w, int h, uint64_t seed, size_t *len)
+{
+    float *img = test_alloc((size_t)3 * w * h);
+    test_rng rng = test_rng_new(seed);
+    test_fill(img, (size_t)3 * w * h, &rng, -1.0f, 1.0f);
+    ck_assert_ok(klvae_image_write_png(path, img, h, w));
+    free(img);
+    return test_read_file(path, len);
+}
+
+START_TEST(png_corrupt_image_data_is_format)
+{
+    /* Bytes changed inside the compressed image data, with the chunk's CRC
+     * made right again: only zlib (or the row filters) can tell. */
+    char *dir = test_tmpdir();
+    char *path = test_join(dir, "corrupt.png");
+    size_t len;
+    unsigned char *bytes = noisy_png(path, 33, 27, 90, &len);
+    size_t idat = png_find_chunk(bytes, len, "IDAT");
+    size_t middle = idat + 8 + (png_find_chunk(bytes, len, "IEND") - idat - 12) / 2;
+    for (size_t i = middle; i < middle + 6; i++)
+        bytes[i] ^= 0x5A;
+    png_fix_crc(bytes, idat);
+    test_write_file(path, bytes, len);
+    free(bytes);
+    expect_read_failure(path, KLVAE_ERR_FORMAT);
+    ck_assert_error_mentions(path);
+    ck_assert_error_mentions("corrupt PNG");
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
+
+START_TEST(png_image_data_short_of_rows_is_format)
+{
+    /* The header claims more rows than the complete zlib stream holds. */
+    char *dir = test_tmpdir();
+    char *path = test_join(dir, "short.png");
+    size_t len;
+    unsigned char *bytes = noisy_png(path, 19, 23, 91, &len);
+    size_t ihdr = png_find_chunk(bytes, len, "IHDR");
+    bytes[ihdr + 8 + 7] += 5; /* height 23 -> 28 (low byte of the big-endian field) */
+    png_fix_crc(bytes, ihdr);
+    test_write_file(path, bytes, len);
+    free(bytes);
+    expect_read_failure(path, KLVAE_ERR_FORMAT);
+    ck_assert_error_mentions(path);
+    ck_assert_error_mentions("Not enough image data");
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
+
+static long peak_rss_kb(void)
+{
+    struct rusage r;
+    getrusage(RUSAGE_SELF, &r);
+    return r.ru_maxrss;
+}
+
+START_TEST(png_text_chunk_claiming_gigabytes_is_refused_without_allocating)
+{
+    /* A 9 x 3 PNG header, then a tEXt chunk whose length field claims
+     * 1.2 GB, then the end of the file: libpng allocated the whole chunk
+     * before reading it (found by tests/fuzz/fuzz_png.c: 1.2 GB and a
+     * second for 77 bytes). */
+    unsigned char file[128];
+    static const unsigned char signature[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1A, '\n'};
+    memcpy(file, signature, 8);
+    unsigned char ihdr[13] = {0, 0, 0, 9, 0, 0, 0, 3, 1, 0, 0, 0, 0};
+    size_t len = 8 + png_chunk(file + 8, "IHDR", ihdr, 13);
+    static const unsigned char text[] = {0x49, 0x44, 0x41, 0x54, 't', 'E', 'X', 't',
+                                         'C', 'o', 'm', 'm', 'e', 'n', 't', 0};
+    memcpy(file + len, text, sizeof text);
+    len += sizeof text;
+    char *dir = test_tmpdir();
+    char *path = test_join(dir, "text-bomb.png");
+    test_write_file(path, file, len);
+    long before = peak_rss_kb();
+    expect_read_failure(path, KLVAE_ERR_FORMAT);
+    long grew_kb = peak_rss_kb() - before;
+    ck_assert_error_mentions(path);
+    ck_assert_error_mentions("corrupt PNG");
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+    ck_assert_msg(grew_kb < 32 * 1024, "reading 77 bytes raised the peak RSS by %ld kB", grew_kb);
+}
+END_TEST
+
+START_TEST(png_metadata_chunks_are_skipped)
+{
+    /* Large text and colour-profile chunks (never used here) between the
+     * header and the image data: the pixels are those of the plain file. */
+    char *dir = test_tmpdir();
+    char *plain = test_join(dir, "plain.png");
+    char *with = test_join(dir, "with-metadata.png");
+    size_t len;
+    unsigned char *bytes = noisy_png(plain, 23, 17, 92, &len);
+    const size_t after_ihdr = 8 + 25, comment = 300000;
+    unsigned char *chunk = malloc(comment + 64);
+    unsigned char *out = malloc(len + 2 * (comment + 64));
+    ck_assert(chunk && out);
+    memcpy(chunk, "Comment", 8); /* keyword and its NUL */
+    for (size_t i = 8; i < comment; i++)
+        chunk[i] = (unsigned char)('a' + i % 26);
+    memcpy(out, bytes, after_ihdr);
+    size_t at = after_ihdr;
+    at += png_chunk(out + at, "tEXt", chunk, (uint32_t)comment);
+    at += png_chunk(out + at, "iCCP", (const unsigned char *)"icc\0\0\x78\x9c\x03\x00", 9);
+    at += png_chunk(out + at, "zzZz", chunk, 1000); /* unknown, safe to copy */
+    memcpy(out + at, bytes + after_ihdr, len - after_ihdr);
+    test_write_file(with, out, at + len - after_ihdr);
+    float *a = NULL, *b = NULL;
+    int ha, wa, hb, wb;
+    ck_assert_ok(klvae_image_read(plain, &a, &ha, &wa));
+    ck_assert_ok(klvae_image_read(with, &b, &hb, &wb));
+    ck_assert_int_eq(ha, hb);
+    ck_assert_int_eq(wa, wb);
+    ck_assert(memcmp(a, b, (size_t)3 * ha * wa * sizeof(float)) == 0);
+    klvae_free(a);
+    klvae_free(b);
+    free(out);
+    free(chunk);
+    free(bytes);
+    test_rmtree(dir);
+    free(plain);
+    free(with);
+    free(dir);
+}
+END_TEST
+
+START_TEST(budget_option_range)
+{
+    klvae_options_t *o = NULL;
+    ck_assert_ok(klvae_options_create(&o));
+    static const char *const bad[] = {"0", "-1", "1099511627777", "1e6", "", "12x", "+5"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        ck_assert_status(klvae_options_set(o, "max_image_pixels", bad[i]), KLVAE_ERR_OPTION);
+        ck_assert_error_mentions("max_image_pixels");
+    }
+    ck_assert_ok(klvae_options_set(o, "max-image-pixels", "1"));
+    ck_assert_ok(klvae_options_set(o, "max_image_pixels", "1099511627776"));
+    char buf[32];
+    ck_assert_ok(klvae_options_get(NULL, "max_image_pixels", buf, sizeof buf));
+    ck_assert_str_eq(buf, "67108864");
+    klvae_options_free(o);
+    /* NULL arguments name the function that was called */
+    float *px = NULL;
+    int h, w;
+    ck_assert_status(klvae_image_read_opts(NULL, NULL, &px, &h, &w), KLVAE_ERR_INVALID_ARGUMENT);
+    ck_assert_error_mentions("klvae_image_read_opts");
+    ck_assert_error_mentions("path");
+}
+END_TEST
+
 Suite *suite_image(void)
 {
     Suite *s = suite_create("image");
@@ -981,8 +1610,14 @@ Suite *suite_image(void)
     tcase_add_test(tc, read_text_file_is_format);
     tcase_add_test(tc, read_truncated_png_is_format);
     tcase_add_test(tc, read_png_cut_in_image_data_is_format);
+    tcase_add_test(tc, read_corrupt_interlaced_png_leaks_nothing);
     tcase_add_test(tc, read_corrupt_jpeg_is_format);
     tcase_add_test(tc, read_truncated_jpeg_is_format);
+    tcase_add_test(tc, jpeg_marker_inside_scan_is_format);
+    tcase_add_test(tc, jpeg_wrong_restart_marker_is_format);
+    tcase_add_test(tc, jpeg_bad_huffman_code_is_format);
+    tcase_add_test(tc, jpeg_stray_bytes_between_markers_still_decode);
+    tcase_add_test(tc, jpeg_with_too_many_scans_is_format);
     tcase_add_test(tc, read_directory_is_io);
     tcase_add_test(tc, write_to_missing_folder_is_io);
     tcase_add_test(tc, write_over_folder_is_io_and_leaves_no_temporary);
@@ -990,6 +1625,16 @@ Suite *suite_image(void)
     tcase_add_test(tc, write_negative_width_is_invalid);
     tcase_add_test(tc, write_zero_width_is_invalid);
     tcase_add_test(tc, write_negative_height_is_invalid);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("budget");
+    tcase_add_test(tc, budget_refuses_one_pixel_too_many);
+    tcase_add_test(tc, png_header_claiming_a_huge_image_is_refused_before_allocating);
+    tcase_add_test(tc, jpeg_header_claiming_a_huge_image_is_refused_before_decoding);
+    tcase_add_test(tc, budget_option_range);
+    tcase_add_test(tc, png_corrupt_image_data_is_format);
+    tcase_add_test(tc, png_image_data_short_of_rows_is_format);
+    tcase_add_test(tc, png_text_chunk_claiming_gigabytes_is_refused_without_allocating);
+    tcase_add_test(tc, png_metadata_chunks_are_skipped);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -3,7 +3,9 @@
  * values, alignment, holes, empty tensors, key order. */
 #include <dirent.h>
 #include <float.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "formats/safetensors.h"
 #include "test_util.h"
@@ -793,6 +795,311 @@ START_TEST(open_message_starts_with_path)
 }
 END_TEST
 
+/* ---- header size and parse cost ---- */
+
+/* Opens path expecting KLVAE_ERR_FORMAT with a message that starts with
+ * the path and contains what; st must come back closed. */
+static void expect_open_failure(const char *path, const char *what)
+{
+    kv_safetensors st;
+    klvae_status_t status = kv_st_open(path, &st);
+    if (status == KLVAE_OK)
+        kv_st_close(&st);
+    ck_assert_msg(status == KLVAE_ERR_FORMAT, "kv_st_open(%s) returned %d, expected %d: %s", path,
+                  (int)status, (int)KLVAE_ERR_FORMAT, klvae_last_error());
+    ck_assert_msg(strncmp(klvae_last_error(), path, strlen(path)) == 0,
+                  "message \"%s\" does not start with %s", klvae_last_error(), path);
+    ck_assert_error_mentions(what);
+    ck_assert_ptr_null(st.tensors);
+    ck_assert_ptr_null(st.metadata);
+    ck_assert_uint_eq(st.count, 0);
+    ck_assert_int_eq(st.fd, -1);
+}
+
+/* Writes a file whose header is head, fill_len bytes of fill, then tail
+ * (so a 90 MB header needs no 90 MB buffer), followed by data_len zero
+ * bytes of data (a hole: no disk is written for them). */
+static void write_st_stream(const char *path, const char *head, char fill, uint64_t fill_len,
+                            const char *tail, uint64_t data_len)
+{
+    uint64_t hlen = strlen(head) + fill_len + strlen(tail);
+    FILE *fp = fopen(path, "wb");
+    ck_assert_ptr_nonnull(fp);
+    unsigned char length[8];
+    for (int i = 0; i < 8; i++)
+        length[i] = (unsigned char)(hlen >> (8 * i));
+    ck_assert_uint_eq(fwrite(length, 1, 8, fp), 8);
+    fputs(head, fp);
+    static char block[65536];
+    memset(block, fill, sizeof block);
+    for (uint64_t left = fill_len; left > 0;) {
+        size_t n = left < sizeof block ? (size_t)left : sizeof block;
+        ck_assert_uint_eq(fwrite(block, 1, n, fp), n);
+        left -= n;
+    }
+    fputs(tail, fp);
+    ck_assert_int_eq(fflush(fp), 0);
+    ck_assert_int_eq(ftruncate(fileno(fp), (off_t)(8 + hlen + data_len)), 0);
+    fclose(fp);
+}
+
+static long peak_rss_kb(void)
+{
+    struct rusage r;
+    getrusage(RUSAGE_SELF, &r);
+    return r.ru_maxrss;
+}
+
+START_TEST(open_refuses_a_header_far_larger_than_its_data)
+{
+    /* A valid 90,000,000-byte header (under the format's 100 MB limit) for
+     * one 4-byte tensor: a string of 'x' in the metadata. It used to be read
+     * and parsed whole (a jansson tree: 27 s and 1.7 GB for 87.5 MB of
+     * entries); it must be refused before its bytes are even read. */
+    char *dir = test_tmpdir();
+    char *path = test_join(dir, "bloated.safetensors");
+    const char *head = "{\"t\":{\"dtype\":\"U8\",\"shape\":[4],\"data_offsets\":[0,4]},"
+                       "\"__metadata__\":{\"pad\":\"";
+    const char *tail = "\"}}";
+    uint64_t fill = 90000000u - strlen(head) - strlen(tail);
+    write_st_stream(path, head, 'x', fill, tail, 4);
+    long before = peak_rss_kb();
+    expect_open_failure(path, "the header is 90000000 bytes but the tensor data only 4");
+    long grew_kb = peak_rss_kb() - before;
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+    ck_assert_msg(grew_kb < 32 * 1024, "refusing the header raised the peak RSS by %ld kB", grew_kb);
+}
+END_TEST
+
+START_TEST(open_refuses_a_header_padded_beyond_its_tensors)
+{
+    /* Enough data (128 KiB) to pass the first check, but a 2 MiB header for
+     * one tensor: refused after the (linear) parse, by the per-tensor
+     * allowance. */
+    char *dir = test_tmpdir();
+    char *path = test_join(dir, "padded.safetensors");
+    const char *head = "{\"t\":{\"dtype\":\"U8\",\"shape\":[131072],\"data_offsets\":[0,131072]}}";
+    write_st_stream(path, head, ' ', 2097152 - strlen(head), "", 131072);
+    expect_open_failure(path, "the header is 2097152 bytes for 1 tensor, more than they can need");
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
+
+START_TEST(header_allowance_is_exact)
+{
+    /* A header of exactly 1 MiB plus 16 bytes a data byte loads; one byte
+     * more is refused before it is read. An odd data size, small enough for
+     * the per-tensor allowance of the one tensor. */
+    test_rng rng = test_rng_new(21);
+    const uint64_t data = 100 + (uint64_t)(test_uniform(&rng) * 150);
+    const uint64_t allowed = KV_ST_HEADER_SLACK + KV_ST_HEADER_PER_DATA_BYTE * data;
+    char head[160];
+    snprintf(head, sizeof head, "{\"t\":{\"dtype\":\"U8\",\"shape\":[%llu],\"data_offsets\":[0,%llu]}}",
+             (unsigned long long)data, (unsigned long long)data);
+    char *dir = test_tmpdir();
+    char *path = test_join(dir, "edge.safetensors");
+    write_st_stream(path, head, ' ', allowed - strlen(head), "", data);
+    kv_safetensors st;
+    ck_assert_ok(kv_st_open(path, &st));
+    ck_assert_uint_eq(st.count, 1);
+    ck_assert_uint_eq(st.data_start, 8 + allowed);
+    kv_st_close(&st);
+    write_st_stream(path, head, ' ', allowed + 1 - strlen(head), "", data);
+    char want[96];
+    snprintf(want, sizeof want, "the header is %llu bytes but the tensor data only %llu",
+             (unsigned long long)(allowed + 1), (unsigned long long)data);
+    expect_open_failure(path, want);
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
+
+/* Appends a random name to buf: ASCII, escapes and multi-byte UTF-8; the
+ * decoded name goes to name. */
+static void random_name(test_rng *rng, size_t index, char *json, char *name)
+{
+    static const char *const pieces[][2] = {
+        {"layer", "layer"}, {".", "."}, {"_w", "_w"}, {"\\u00e9", "\xc3\xa9"},
+        {"\\\"", "\""}, {"\\n", "\n"}, {"\xe2\x98\x83", "\xe2\x98\x83"},
+        {"\\ud83d\\ude00", "\xf0\x9f\x98\x80"}, {"\\/", "/"}, {"Z", "Z"},
+    };
+    int n = 1 + (int)(test_uniform(rng) * 6);
+    json[0] = name[0] = '\0';
+    for (int i = 0; i < n; i++) {
+        size_t k = (size_t)(test_uniform(rng) * 10);
+        strcat(json, pieces[k][0]);
+        strcat(name, pieces[k][1]);
+    }
+    char suffix[24];
+    snprintf(suffix, sizeof suffix, "#%zu", index); /* names stay distinct */
+    strcat(json, suffix);
+    strcat(name, suffix);
+}
+
+START_TEST(many_tensors_with_odd_names_load)
+{
+    /* 12,000 small tensors with random names, dtypes, shapes and an
+     * unknown key each, laid out in random order; then every one is found
+     * with its own dtype, shape and byte range. */
+    enum { N = 12000 };
+    test_rng rng = test_rng_new(22);
+    static const char *const dtypes[] = {"U8", "F16", "F32", "I64"};
+    static const int bytes_of[] = {1, 2, 4, 8};
+    size_t *order = malloc(N * sizeof *order);
+    char (*names)[128] = malloc(N * sizeof *names);
+    int *kind = malloc(N * sizeof *kind), *dim = malloc(N * sizeof *dim);
+    uint64_t *begin = malloc(N * sizeof *begin);
+    char *header = malloc((size_t)N * 256 + 64);
+    ck_assert(order && names && kind && dim && begin && header);
+    for (size_t i = 0; i < N; i++)
+        order[i] = i;
+    for (size_t i = N - 1; i > 0; i--) { /* data in another order than the keys */
+        size_t k = (size_t)(test_uniform(&rng) * (double)(i + 1));
+        size_t t = order[i];
+        order[i] = order[k];
+        order[k] = t;
+    }
+    uint64_t offset = 0;
+    for (size_t i = 0; i < N; i++) {
+        size_t t = order[i];
+        kind[t] = (int)(test_uniform(&rng) * 4);
+        dim[t] = 1 + (int)(test_uniform(&rng) * 3);
+        begin[t] = offset;
+        offset += (uint64_t)(bytes_of[kind[t]] * dim[t]);
+    }
+    size_t len = (size_t)sprintf(header, "{\"__metadata__\":{\"format\":\"pt\"}");
+    for (size_t i = 0; i < N; i++) {
+        char json[128];
+        random_name(&rng, i, json, names[i]);
+        len += (size_t)sprintf(header + len,
+                               ",\n \"%s\": {\"shape\": [%d], \"extra\": {\"a\": [1.5e3, null, "
+                               "true]}, \"dtype\": \"%s\", \"data_offsets\": [%llu, %llu]}",
+                               json, dim[i], dtypes[kind[i]], (unsigned long long)begin[i],
+                               (unsigned long long)(begin[i] + (uint64_t)(bytes_of[kind[i]] * dim[i])));
+    }
+    strcpy(header + len, "}");
+    char *dir = test_tmpdir();
+    char *path = test_join(dir, "many.safetensors");
+    write_st_stream(path, header, ' ', 0, "", offset);
+    kv_safetensors st;
+    ck_assert_ok(kv_st_open(path, &st));
+    ck_assert_uint_eq(st.count, N);
+    ck_assert_str_eq(kv_st_metadata(&st, "format"), "pt");
+    for (size_t i = 0; i < N; i++) {
+        const kv_st_tensor *t = kv_st_find(&st, names[i]);
+        ck_assert_msg(t != NULL, "tensor %zu (%s) not found", i, names[i]);
+        ck_assert_str_eq(t->dtype, dtypes[kind[i]]);
+        ck_assert_int_eq(t->ndim, 1);
+        ck_assert_int_eq(t->shape[0], dim[i]);
+        ck_assert_uint_eq(t->begin, begin[i]);
+    }
+    kv_st_close(&st);
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+    free(header);
+    free(begin);
+    free(dim);
+    free(kind);
+    free(names);
+    free(order);
+}
+END_TEST
+
+START_TEST(malformed_headers_are_refused)
+{
+    /* Each header is wrong in one way; the message says which. */
+    static const struct {
+        const char *header, *mentions;
+    } cases[] = {
+        {"{\"a\xff\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]}}", "UTF-8"},
+        {"{\"a\xc0\xaf\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]}}", "UTF-8"},
+        {"{\"a\xed\xa0\x80\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]}}", "UTF-8"},
+        {"{\"a\tb\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]}}", "control character"},
+        {"{\"a\\ud800\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]}}", "surrogate"},
+        {"{\"a\\udc00x\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]}}", "surrogate"},
+        {"{\"a\\u0000\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]}}", "\\u0000"},
+        {"{\"a\\q\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]}}", "invalid escape"},
+        {"{\"a\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]}}x", "text after"},
+        {"{\"a\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]},}", "expected a string"},
+        {"{\"a\":{\"dtype\":\"U8\",\"shape\":[01],\"data_offsets\":[0,1]}}", "expected ']'"},
+        {"{\"a\":{\"dtype\":\"U8\",\"shape\":[1.0],\"data_offsets\":[0,1]}}", "non-negative"},
+        {"{\"a\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[-0,1]}}", "data_offsets"},
+        {"{\"a\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1,1]}}", "data_offsets"},
+        {"{\"a\":{\"dtype\":\"U8\",\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]}}",
+         "duplicate key 'dtype'"},
+        {"{\"__metadata__\":{},\"__metadata__\":{}}", "duplicate key '__metadata__'"},
+        {"{\"__metadata__\":{\"k\":\"1\",\"j\":\"2\",\"k\":\"3\"}}", "duplicate key 'k'"},
+        {"{\"__metadata__\":{\"k\":1}}", "value of 'k' is not a string"},
+        {"{\"a\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1],\"x\":tru}}",
+         "expected a value"},
+        {"{\"a\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1],\"x\":\"open", "unterminated"},
+    };
+    char *dir = test_tmpdir();
+    char *path = test_join(dir, "bad.safetensors");
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        write_st_bytes(path, cases[i].header, "abcdefgh", 8);
+        expect_open_failure(path, cases[i].mentions);
+    }
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
+
+START_TEST(deep_nesting_is_refused_without_recursing)
+{
+    /* 200,000 nested arrays in an unknown key: a recursive reader without a
+     * depth limit runs out of stack. */
+    enum { DEPTH = 200000 };
+    const char *head = "{\"a\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1],\"x\":";
+    size_t hlen = strlen(head);
+    char *header = malloc(hlen + 2 * DEPTH + 3);
+    ck_assert_ptr_nonnull(header);
+    memcpy(header, head, hlen);
+    memset(header + hlen, '[', DEPTH);
+    memset(header + hlen + DEPTH, ']', DEPTH);
+    strcpy(header + hlen + 2 * DEPTH, "}}");
+    char *dir = test_tmpdir();
+    char *path = test_join(dir, "deep.safetensors");
+    write_st_stream(path, header, ' ', 0, "", 2 * DEPTH);
+    free(header);
+    expect_open_failure(path, "nested too deeply");
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
+
+START_TEST(escaped_names_decode)
+{
+    float v[2] = {1.5f, -2.0f};
+    char *dir = test_tmpdir();
+    char *path = test_join(dir, "names.safetensors");
+    write_st_bytes(path,
+                   "{\"caf\\u00e9 \\ud83d\\ude00\\t\\\"q\\\"\":{\"dtype\":\"F32\",\"shape\":[2],"
+                   "\"data_offsets\":[0,8]},\"__metadata__\":{\"k\\/e\\u0079\":\"v\\\\al\"}}",
+                   v, sizeof v);
+    kv_safetensors st;
+    ck_assert_ok(kv_st_open(path, &st));
+    const kv_st_tensor *t = kv_st_find(&st, "caf\xc3\xa9 \xf0\x9f\x98\x80\t\"q\"");
+    ck_assert_ptr_nonnull(t);
+    float got[2];
+    ck_assert_ok(kv_st_read_f32(&st, t, got));
+    assert_bits_equal(got, v, 2, "escaped");
+    ck_assert_str_eq(kv_st_metadata(&st, "k/ey"), "v\\al");
+    kv_st_close(&st);
+    test_rmtree(dir);
+    free(path);
+    free(dir);
+}
+END_TEST
+
 Suite *suite_safetensors(void)
 {
     Suite *s = suite_create("safetensors");
@@ -818,6 +1125,16 @@ Suite *suite_safetensors(void)
     tcase_add_test(tc, open_rejects_shape_whose_byte_count_overflows);
     tcase_add_test(tc, open_rejects_two_dim_shape_whose_byte_count_overflows);
     tcase_add_test(tc, open_message_starts_with_path);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("header");
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, open_refuses_a_header_far_larger_than_its_data);
+    tcase_add_test(tc, open_refuses_a_header_padded_beyond_its_tensors);
+    tcase_add_test(tc, header_allowance_is_exact);
+    tcase_add_test(tc, many_tensors_with_odd_names_load);
+    tcase_add_test(tc, malformed_headers_are_refused);
+    tcase_add_test(tc, deep_nesting_is_refused_without_recursing);
+    tcase_add_test(tc, escaped_names_decode);
     suite_add_tcase(s, tc);
     return s;
 }

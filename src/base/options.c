@@ -42,6 +42,10 @@ static const opt_def option_table[] = {
     {"seed", OPT_UINT64, "0", 0, 0, NULL,
      "Seed of klvae_model_create's initialisation and of the trainer's random numbers "
      "(posterior noise, dropout, the discriminator's initialisation)."},
+    {"max_image_pixels", OPT_UINT64, "67108864", 1, 1099511627776.0, NULL,
+     "Largest image, in pixels (width x height), that klvae_image_read_opts, the klvae tool "
+     "and the training data reader decode. The size is read from the file's header and a "
+     "larger image is refused before its pixels are allocated."},
     /* model config */
     {"config", OPT_CHOICE, "sd", 0, 0, "sd|small|tiny",
      "Named starting config for klvae_model_create: sd is the Stable Diffusion KL-f8 VAE, "
@@ -299,6 +303,11 @@ static bool validate(const opt_def *def, const char *value, char *why, size_t wh
         uint64_t v;
         if (!parse_uint64(value, &v)) {
             snprintf(why, why_size, "expected a non-negative integer below 2^64");
+            return false;
+        }
+        /* min = max = 0: any 64-bit value (seed) */
+        if (def->max > def->min && (v < (uint64_t)def->min || v > (uint64_t)def->max)) {
+            snprintf(why, why_size, "expected an integer from %.0f to %.0f", def->min, def->max);
             return false;
         }
         return true;

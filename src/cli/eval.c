@@ -108,7 +108,7 @@ static void evaluate_folder(evaluator *e, const char *dir, int size, long long l
     for (size_t i = 0; i < n && (limit <= 0 || e->count < limit); i++) {
         float *img = NULL;
         int h, w;
-        st = klvae_image_read(paths[i], &img, &h, &w);
+        st = klvae_image_read_opts(paths[i], e->c->opts, &img, &h, &w);
         if (st != KLVAE_OK) {
             fprintf(stderr, "%s: skipping %s: %s\n", program, paths[i], klvae_last_error());
             skipped++;

@@ -13,6 +13,7 @@
 #include <math.h>
 
 #include "cli/cli.h"
+#include "cli/latents.h"
 #include "formats/safetensors.h"
 #include "klvae.h"
 
@@ -214,7 +215,7 @@ static encoded encode_image(const cli *c, klvae_model_t *m, const char *path)
 {
     encoded e;
     float *img = NULL;
-    klvae_status_t st = klvae_image_read(path, &img, &e.h, &e.w);
+    klvae_status_t st = klvae_image_read_opts(path, c->opts, &img, &e.h, &e.w);
     if (st != KLVAE_OK)
         die_status(st, "cannot read the image");
     if (klvae_model_in_channels(m) != 3) {
@@ -286,100 +287,6 @@ static void write_png(const char *path, const float *img, int h, int w)
     klvae_status_t st = klvae_image_write_png(path, img, h, w);
     if (st != KLVAE_OK)
         die_status(st, "cannot write the image");
-}
-
-/* ---- latent files ---- */
-
-typedef struct latent_tensor {
-    const char *name;
-    int64_t shape[4];
-    const float *data;
-} latent_tensor;
-
-static klvae_status_t fetch_latent(void *ctx, size_t index, float *dst)
-{
-    const latent_tensor *t = (const latent_tensor *)ctx + index;
-    size_t n = (size_t)(t->shape[0] * t->shape[1] * t->shape[2] * t->shape[3]);
-    memcpy(dst, t->data, n * sizeof(float));
-    return KLVAE_OK;
-}
-
-static klvae_status_t write_latents(const char *path, const latent_tensor *tensors, size_t count,
-                                    const kv_st_meta *meta, size_t nmeta)
-{
-    kv_st_entry entries[8];
-    for (size_t i = 0; i < count; i++) {
-        entries[i].name = tensors[i].name;
-        entries[i].ndim = 4;
-        memcpy(entries[i].shape, tensors[i].shape, sizeof tensors[i].shape);
-    }
-    return kv_st_write(path, entries, count, meta, nmeta, fetch_latent, (void *)tensors, NULL);
-}
-
-typedef struct latents {
-    int n, c, h, w;
-    int image_height, image_width; /* 0 when the file does not say */
-    bool scaled;
-    float *data;
-} latents;
-
-/* Reads the tensor "latent" (or the file's only tensor) as (N, C, h, w). */
-static klvae_status_t read_latents(const char *path, int channels, latents *out)
-{
-    memset(out, 0, sizeof *out);
-    kv_safetensors st;
-    klvae_status_t status = kv_st_open(path, &st);
-    if (status != KLVAE_OK)
-        return status;
-    const kv_st_tensor *t = kv_st_find(&st, "latent");
-    if (!t && st.count == 1)
-        t = &st.tensors[0];
-    if (!t) {
-        kv_st_close(&st);
-        return kv_error(KLVAE_ERR_MISSING_TENSOR,
-                        "%s has no tensor named 'latent' and more than one tensor", path);
-    }
-    int64_t s[4] = {1, 0, 0, 0};
-    if (t->ndim == 3 || t->ndim == 4) {
-        for (int d = 0; d < t->ndim; d++)
-            s[4 - t->ndim + d] = t->shape[d];
-    }
-    if ((t->ndim != 3 && t->ndim != 4) || s[1] != channels || s[0] < 1 || s[2] < 1 || s[3] < 1 ||
-        s[0] > 4096 || s[2] > 65536 || s[3] > 65536) {
-        char found[64] = "";
-        for (int d = 0; d < t->ndim && d < 4; d++)
-            snprintf(found + strlen(found), sizeof found - strlen(found), d ? ", %lld" : "%lld",
-                     (long long)t->shape[d]);
-        status = kv_error(KLVAE_ERR_SHAPE,
-                          "%s: tensor '%s' has shape [%s]; the model decodes (N, %d, h, w) or "
-                          "(%d, h, w)",
-                          path, t->name, found, channels, channels);
-        kv_st_close(&st);
-        return status;
-    }
-    out->n = (int)s[0];
-    out->c = (int)s[1];
-    out->h = (int)s[2];
-    out->w = (int)s[3];
-    out->data = malloc(kv_st_numel(t) * sizeof(float) + 1);
-    if (!out->data) {
-        kv_st_close(&st);
-        return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory reading %s", path);
-    }
-    status = kv_st_read_f32(&st, t, out->data);
-    const char *v;
-    if ((v = kv_st_metadata(&st, "image_height")))
-        out->image_height = atoi(v);
-    if ((v = kv_st_metadata(&st, "image_width")))
-        out->image_width = atoi(v);
-    if ((v = kv_st_metadata(&st, "scaled")))
-        out->scaled = strcmp(v, "true") == 0;
-    kv_st_close(&st);
-    if (status != KLVAE_OK) {
-        free(out->data);
-        out->data = NULL;
-    }
-    return status;
 }
 
 static int cmd_info(cli *c)
@@ -513,7 +420,7 @@ static int cmd_reconstruct(cli *c)
     /* PSNR on the 8-bit values the two PNGs hold. */
     float *orig = NULL;
     int oh, ow;
-    if (klvae_image_read(c->pos[1], &orig, &oh, &ow) == KLVAE_OK) {
+    if (klvae_image_read_opts(c->pos[1], c->opts, &orig, &oh, &ow) == KLVAE_OK) {
         double se = 0;
         size_t n = (size_t)3 * e.h * e.w;
         for (size_t i = 0; i < n; i++) {

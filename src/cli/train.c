@@ -329,6 +329,9 @@ static void open_data(run *r)
         /* fixed crops of the same files, drawn with another seed */
         check(kv_dataset_open_folder(r->data_dir, r->size, r->seed + 1, &r->eval_data),
               "cannot open the training data");
+        uint64_t budget = kv_options_uint64(r->c->opts, "max_image_pixels");
+        kv_dataset_set_max_pixels(r->data, budget);
+        kv_dataset_set_max_pixels(r->eval_data, budget);
     } else {
         check(kv_dataset_open_procedural(r->size, r->seed, &r->data), "procedural data");
         /* held out: a seed the training stream never uses */

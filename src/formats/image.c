@@ -3,7 +3,7 @@
 #include <errno.h>
 #include <stdbool.h>
 #include <stdio.h>
-#include <jpeglib.h>
+#include <jpeglib.h> /* after stdio.h: it needs FILE and size_t */
 #include <jerror.h>
 #include <math.h>
 #include <png.h>
@@ -14,8 +14,25 @@
 #include <sys/stat.h>
 
 #include "base/io.h"
+#include "base/options.h"
+#include "formats/image.h"
 
 #define KV_IMAGE_MAX_SIDE 65536
+
+/* The pixel budget (option max_image_pixels), checked from the header
+ * before anything the size of the image is allocated or decoded: a file of
+ * a few bytes can claim billions of pixels. */
+static klvae_status_t check_pixel_budget(const char *path, uint64_t width, uint64_t height,
+                                         uint64_t budget)
+{
+    if (width * height <= budget) /* each side < 2^32: no overflow */
+        return KLVAE_OK;
+    return kv_error(KLVAE_ERR_UNSUPPORTED,
+                    "%s: the image is %llu x %llu = %llu pixels, more than the budget of %llu "
+                    "pixels (option max_image_pixels)",
+                    path, (unsigned long long)width, (unsigned long long)height,
+                    (unsigned long long)(width * height), (unsigned long long)budget);
+}
 
 /* ---- PNG ---- */
 
@@ -37,36 +54,26 @@ static void png_warning_handler(png_structp png, png_const_charp message)
     (void)message; /* benign: unknown chunks, bad gamma, ... */
 }
 
-static klvae_status_t read_png(FILE *fp, const char *path, float **pixels, int *h, int *w)
+/* Chunks that only carry metadata are skipped without being read into
+ * memory: libpng allocates a text chunk's whole length before reading it,
+ * so 77 bytes claiming a 1.2 GB tEXt chunk cost 1.2 GB (found by
+ * tests/fuzz/fuzz_png.c). Nothing here uses text, colour profiles,
+ * suggested palettes or EXIF; unknown chunks are dropped as well. Any chunk
+ * still buffered may take at most 8 MB. */
+static void png_skip_metadata(png_structp png)
 {
-    png_failure failure;
-    failure.message[0] = '\0';
-    png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, &failure, png_error_handler,
-                                             png_warning_handler);
-    if (!png)
-        return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory reading %s", path);
-    png_infop info = png_create_info_struct(png);
-    /* Declared volatile: they change between setjmp and a possible longjmp. */
-    float *volatile out = NULL;
-    png_bytep volatile row = NULL;
-    if (!info) {
-        png_destroy_read_struct(&png, NULL, NULL);
-        return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory reading %s", path);
-    }
-    if (setjmp(failure.jump)) {
-        png_destroy_read_struct(&png, &info, NULL);
-        free(out);
-        free(row);
-        return kv_error(KLVAE_ERR_FORMAT, "%s: corrupt PNG: %s", path, failure.message);
-    }
-    png_init_io(png, fp);
-    png_set_user_limits(png, KV_IMAGE_MAX_SIDE, KV_IMAGE_MAX_SIDE);
-    png_read_info(png, info);
-    png_uint_32 width = png_get_image_width(png, info);
-    png_uint_32 height = png_get_image_height(png, info);
+    static const png_byte metadata[] = "tEXt\0zTXt\0iTXt\0iCCP\0sPLT\0eXIf";
+    png_set_keep_unknown_chunks(png, PNG_HANDLE_CHUNK_NEVER, NULL, 0);
+    png_set_keep_unknown_chunks(png, PNG_HANDLE_CHUNK_NEVER, metadata, 6);
+    png_set_chunk_malloc_max(png, 8000000);
+}
+
+/* Asks libpng for RGB with 8 or 16 bits per sample, whatever the file
+ * holds. Returns the number of interlace passes. */
+static int png_request_rgb(png_structp png, png_infop info)
+{
     int depth = png_get_bit_depth(png, info);
     int color = png_get_color_type(png, info);
-    /* Everything becomes RGB with 8 or 16 bits per sample. */
     if (color == PNG_COLOR_TYPE_PALETTE)
         png_set_palette_to_rgb(png);
     if (color == PNG_COLOR_TYPE_GRAY && depth < 8)
@@ -80,54 +87,96 @@ static klvae_status_t read_png(FILE *fp, const char *path, float **pixels, int *
         png_set_swap(png); /* network order to little-endian */
     int passes = png_set_interlace_handling(png);
     png_read_update_info(png, info);
-    int out_depth = png_get_bit_depth(png, info);
+    return passes;
+}
+
+/* One row of interleaved RGB samples into row y of the three planes. */
+static void png_row_to_planes(const png_byte *src, bool wide, png_uint_32 width, png_uint_32 y,
+                              size_t plane, float *out)
+{
+    const float scale = wide ? 2.0f / 65535.0f : 2.0f / 255.0f;
+    for (png_uint_32 x = 0; x < width; x++) {
+        for (int c = 0; c < 3; c++) {
+            float v;
+            if (wide) {
+                uint16_t s;
+                memcpy(&s, src + 2 * (3 * x + (png_uint_32)c), 2);
+                v = (float)s;
+            } else {
+                v = (float)src[3 * x + (png_uint_32)c];
+            }
+            out[(size_t)c * plane + (size_t)y * width + x] = v * scale - 1.0f;
+        }
+    }
+}
+
+static klvae_status_t read_png(FILE *fp, const char *path, uint64_t budget, float **pixels,
+                               int *h, int *w)
+{
+    png_failure failure;
+    failure.message[0] = '\0';
+    png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, &failure, png_error_handler,
+                                             png_warning_handler);
+    if (!png)
+        return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory reading %s", path);
+    png_infop info = png_create_info_struct(png);
+    /* Volatile: they change between setjmp and a possible longjmp, and the
+     * handler frees whatever was allocated by then. */
+    float *volatile out = NULL;
+    png_bytep volatile image = NULL;
+    png_bytep *volatile rows = NULL;
+    if (!info) {
+        png_destroy_read_struct(&png, NULL, NULL);
+        return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory reading %s", path);
+    }
+    if (setjmp(failure.jump)) {
+        png_destroy_read_struct(&png, &info, NULL);
+        free(out);
+        free(image);
+        free(rows);
+        return kv_error(KLVAE_ERR_FORMAT, "%s: corrupt PNG: %s", path, failure.message);
+    }
+    png_init_io(png, fp);
+    png_set_user_limits(png, KV_IMAGE_MAX_SIDE, KV_IMAGE_MAX_SIDE);
+    png_skip_metadata(png);
+    png_read_info(png, info);
+    png_uint_32 width = png_get_image_width(png, info);
+    png_uint_32 height = png_get_image_height(png, info);
+    if (check_pixel_budget(path, width, height, budget) != KLVAE_OK) {
+        png_destroy_read_struct(&png, &info, NULL);
+        return KLVAE_ERR_UNSUPPORTED;
+    }
+    int passes = png_request_rgb(png, info);
+    bool wide = png_get_bit_depth(png, info) == 16;
     size_t rowbytes = png_get_rowbytes(png, info);
     size_t plane = (size_t)width * height;
     out = malloc(3 * plane * sizeof(float));
     /* Interlaced images need the whole image before rows are final. */
-    row = malloc(passes > 1 ? rowbytes * height : rowbytes);
-    if (!out || !row) {
+    image = malloc(passes > 1 ? rowbytes * height : rowbytes);
+    rows = passes > 1 ? malloc(height * sizeof *rows) : NULL;
+    if (!out || !image || (passes > 1 && !rows)) {
         png_destroy_read_struct(&png, &info, NULL);
         free(out);
-        free(row);
+        free(image);
+        free(rows);
         return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory reading %s (%u x %u)", path,
                         (unsigned)width, (unsigned)height);
     }
-    const float scale = out_depth == 16 ? 2.0f / 65535.0f : 2.0f / 255.0f;
     if (passes > 1) {
-        png_bytep *rows = malloc(height * sizeof *rows);
-        if (!rows) {
-            png_destroy_read_struct(&png, &info, NULL);
-            free(out);
-            free(row);
-            return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory reading %s", path);
-        }
         for (png_uint_32 y = 0; y < height; y++)
-            rows[y] = row + y * rowbytes;
+            rows[y] = image + y * rowbytes;
         png_read_image(png, rows);
-        free(rows);
     }
     for (png_uint_32 y = 0; y < height; y++) {
-        png_bytep src = passes > 1 ? row + y * rowbytes : row;
+        png_bytep src = passes > 1 ? rows[y] : image;
         if (passes <= 1)
             png_read_row(png, src, NULL);
-        for (png_uint_32 x = 0; x < width; x++) {
-            for (int c = 0; c < 3; c++) {
-                float v;
-                if (out_depth == 16) {
-                    uint16_t s;
-                    memcpy(&s, src + 2 * (3 * x + (png_uint_32)c), 2);
-                    v = (float)s;
-                } else {
-                    v = (float)src[3 * x + (png_uint_32)c];
-                }
-                out[(size_t)c * plane + (size_t)y * width + x] = v * scale - 1.0f;
-            }
-        }
+        png_row_to_planes(src, wide, width, y, plane, out);
     }
     png_read_end(png, NULL);
     png_destroy_read_struct(&png, &info, NULL);
-    free(row);
+    free(image);
+    free(rows);
     *pixels = out;
     *h = (int)height;
     *w = (int)width;
@@ -140,8 +189,13 @@ typedef struct jpeg_failure {
     struct jpeg_error_mgr base;
     jmp_buf jump;
     char message[JMSG_LENGTH_MAX];
-    bool truncated;
 } jpeg_failure;
+
+/* More scans than any encoder writes (progressive JPEGs have about ten):
+ * each one costs a pass over the whole image, so a small file of many
+ * empty scans could keep the decoder busy for minutes. libjpeg-turbo's own
+ * fuzzers use the same limit. */
+#define KV_JPEG_MAX_SCANS 500
 
 static void jpeg_error_exit(j_common_ptr cinfo)
 {
@@ -150,45 +204,110 @@ static void jpeg_error_exit(j_common_ptr cinfo)
     longjmp(failure->jump, 1);
 }
 
-/* Silent; remembers whether the data ended early, which libjpeg only warns
- * about (and pads the rest of the image with grey). Other warnings, such as
- * stray bytes between markers, leave a usable image. */
-static void jpeg_quiet(j_common_ptr cinfo, int level)
+/* libjpeg reports damaged image data only as warnings and goes on, filling
+ * what it could not decode with grey: data that ends early, a marker in
+ * the middle of a scan, a bad Huffman or arithmetic code, a lost restart
+ * marker. Here those are errors. Benign warnings leave every pixel as the
+ * encoder meant it: stray bytes between markers, and metadata that cannot
+ * be used (an unknown JFIF revision or Adobe transform, a bad ICC marker). */
+static bool jpeg_warning_is_benign(int code)
 {
-    if (level < 0 && cinfo->err->msg_code == JWRN_JPEG_EOF)
-        ((jpeg_failure *)cinfo->err)->truncated = true;
+#if defined(LIBJPEG_TURBO_VERSION_NUMBER) && LIBJPEG_TURBO_VERSION_NUMBER >= 2000000
+    if (code == JWRN_BOGUS_ICC)
+        return true;
+#endif
+    return code == JWRN_EXTRANEOUS_DATA || code == JWRN_ADOBE_XFORM || code == JWRN_JFIF_MAJOR;
 }
 
-static klvae_status_t read_jpeg(FILE *fp, const char *path, float **pixels, int *h, int *w)
+static void jpeg_emit_message(j_common_ptr cinfo, int level)
+{
+    if (level >= 0 || jpeg_warning_is_benign(cinfo->err->msg_code))
+        return; /* trace messages and benign warnings: silent */
+    jpeg_error_exit(cinfo);
+}
+
+static void jpeg_limit_scans(j_common_ptr cinfo)
+{
+    j_decompress_ptr d = (j_decompress_ptr)cinfo;
+    if (d->input_scan_number <= KV_JPEG_MAX_SCANS)
+        return;
+    jpeg_failure *failure = (jpeg_failure *)cinfo->err;
+    snprintf(failure->message, sizeof failure->message, "more than %d scans",
+             KV_JPEG_MAX_SCANS);
+    longjmp(failure->jump, 1);
+}
+
+/* One row of RGB or (Adobe, inverted) CMYK samples into row y of the three
+ * planes. */
+static void jpeg_row_to_planes(const JSAMPLE *row, bool cmyk, unsigned width, unsigned y,
+                               size_t plane, float *out)
+{
+    for (unsigned x = 0; x < width; x++) {
+        float rgb[3];
+        if (cmyk) {
+            /* Adobe writes inverted CMYK: R = C * K / 255. */
+            const JSAMPLE *p = row + 4 * x;
+            for (int c = 0; c < 3; c++)
+                rgb[c] = (float)p[c] * (float)p[3] / 255.0f;
+        } else {
+            for (int c = 0; c < 3; c++)
+                rgb[c] = (float)row[3 * x + (unsigned)c];
+        }
+        for (int c = 0; c < 3; c++)
+            out[(size_t)c * plane + (size_t)y * width + x] = rgb[c] * (2.0f / 255.0f) - 1.0f;
+    }
+}
+
+/* Reads the header, asks for RGB (or CMYK, converted here) and checks the
+ * size: before jpeg_start_decompress, which allocates the coefficients of
+ * a whole progressive image. */
+static klvae_status_t jpeg_read_size(j_decompress_ptr cinfo, const char *path, uint64_t budget,
+                                     bool *cmyk)
+{
+    jpeg_read_header(cinfo, TRUE);
+    *cmyk = cinfo->jpeg_color_space == JCS_CMYK || cinfo->jpeg_color_space == JCS_YCCK;
+    cinfo->out_color_space = *cmyk ? JCS_CMYK : JCS_RGB;
+    jpeg_calc_output_dimensions(cinfo);
+    unsigned width = cinfo->output_width, height = cinfo->output_height;
+    if (width > KV_IMAGE_MAX_SIDE || height > KV_IMAGE_MAX_SIDE)
+        return kv_error(KLVAE_ERR_FORMAT, "%s: %u x %u is larger than %d on a side", path, width,
+                        height, KV_IMAGE_MAX_SIDE);
+    return check_pixel_budget(path, width, height, budget);
+}
+
+static klvae_status_t read_jpeg(FILE *fp, const char *path, uint64_t budget, float **pixels,
+                                int *h, int *w)
 {
     struct jpeg_decompress_struct cinfo;
     jpeg_failure failure;
     float *volatile out = NULL;
     JSAMPLE *volatile row = NULL;
+    struct jpeg_progress_mgr progress = {.progress_monitor = jpeg_limit_scans};
     cinfo.err = jpeg_std_error(&failure.base);
     failure.base.error_exit = jpeg_error_exit;
-    failure.base.emit_message = jpeg_quiet;
+    failure.base.emit_message = jpeg_emit_message;
     failure.message[0] = '\0';
-    failure.truncated = false;
     if (setjmp(failure.jump)) {
         jpeg_destroy_decompress(&cinfo);
         free(out);
         free(row);
-        return kv_error(KLVAE_ERR_FORMAT, "%s: corrupt JPEG: %s", path, failure.message);
+        const char *why = failure.message; /* without libjpeg's own "Corrupt JPEG data: " */
+        if (strncmp(why, "Corrupt JPEG data: ", 19) == 0)
+            why += 19;
+        return kv_error(KLVAE_ERR_FORMAT, "%s: corrupt JPEG: %s", path, why);
     }
     jpeg_create_decompress(&cinfo);
+    cinfo.progress = &progress;
     jpeg_stdio_src(&cinfo, fp);
-    jpeg_read_header(&cinfo, TRUE);
-    bool cmyk = cinfo.jpeg_color_space == JCS_CMYK || cinfo.jpeg_color_space == JCS_YCCK;
-    cinfo.out_color_space = cmyk ? JCS_CMYK : JCS_RGB;
-    jpeg_start_decompress(&cinfo);
+    bool cmyk;
+    klvae_status_t st = jpeg_read_size(&cinfo, path, budget, &cmyk);
+    if (st != KLVAE_OK) {
+        jpeg_destroy_decompress(&cinfo);
+        return st;
+    }
     unsigned width = cinfo.output_width, height = cinfo.output_height;
     int comps = cinfo.output_components;
-    if (width > KV_IMAGE_MAX_SIDE || height > KV_IMAGE_MAX_SIDE) {
-        jpeg_destroy_decompress(&cinfo);
-        return kv_error(KLVAE_ERR_FORMAT, "%s: %u x %u is larger than %d on a side", path, width,
-                        height, KV_IMAGE_MAX_SIDE);
-    }
+    jpeg_start_decompress(&cinfo);
     size_t plane = (size_t)width * height;
     out = malloc(3 * plane * sizeof(float));
     row = malloc((size_t)width * comps);
@@ -202,37 +321,20 @@ static klvae_status_t read_jpeg(FILE *fp, const char *path, float **pixels, int 
         unsigned y = cinfo.output_scanline;
         JSAMPROW rows[1] = {row};
         jpeg_read_scanlines(&cinfo, rows, 1);
-        for (unsigned x = 0; x < width; x++) {
-            float rgb[3];
-            if (cmyk) {
-                /* Adobe writes inverted CMYK: R = C * K / 255. */
-                const JSAMPLE *p = row + 4 * x;
-                for (int c = 0; c < 3; c++)
-                    rgb[c] = (float)p[c] * (float)p[3] / 255.0f;
-            } else {
-                for (int c = 0; c < 3; c++)
-                    rgb[c] = (float)row[3 * x + (unsigned)c];
-            }
-            for (int c = 0; c < 3; c++)
-                out[(size_t)c * plane + (size_t)y * width + x] = rgb[c] * (2.0f / 255.0f) - 1.0f;
-        }
+        jpeg_row_to_planes(row, cmyk, width, y, plane, out);
     }
     jpeg_finish_decompress(&cinfo);
     jpeg_destroy_decompress(&cinfo);
     free(row);
-    if (failure.truncated) {
-        free(out);
-        return kv_error(KLVAE_ERR_FORMAT, "%s: corrupt JPEG: the data ends early", path);
-    }
     *pixels = out;
     *h = (int)height;
     *w = (int)width;
     return KLVAE_OK;
 }
 
-KLVAE_API klvae_status_t klvae_image_read(const char *path, float **pixels, int *h, int *w)
+klvae_status_t kv_image_read(const char *function, const char *path, uint64_t max_pixels,
+                             float **pixels, int *h, int *w)
 {
-    kv_error_clear();
     if (pixels)
         *pixels = NULL;
     if (h)
@@ -240,7 +342,7 @@ KLVAE_API klvae_status_t klvae_image_read(const char *path, float **pixels, int 
     if (w)
         *w = 0;
     if (!path || !pixels || !h || !w)
-        return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "klvae_image_read: %s is NULL",
+        return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "%s: %s is NULL", function,
                         !path ? "path" : !pixels ? "pixels" : !h ? "h" : "w");
     FILE *fp = fopen(path, "rb");
     if (!fp)
@@ -255,14 +357,29 @@ KLVAE_API klvae_status_t klvae_image_read(const char *path, float **pixels, int 
     rewind(fp);
     klvae_status_t st;
     if (got == 8 && png_sig_cmp(magic, 0, 8) == 0)
-        st = read_png(fp, path, pixels, h, w);
+        st = read_png(fp, path, max_pixels, pixels, h, w);
     else if (got >= 3 && magic[0] == 0xFF && magic[1] == 0xD8 && magic[2] == 0xFF)
-        st = read_jpeg(fp, path, pixels, h, w);
+        st = read_jpeg(fp, path, max_pixels, pixels, h, w);
     else
         st = kv_error(KLVAE_ERR_FORMAT, "%s is neither a PNG nor a JPEG file%s", path,
                       got == 0 ? " (it is empty)" : "");
     fclose(fp);
     return st;
+}
+
+KLVAE_API klvae_status_t klvae_image_read_opts(const char *path, const klvae_options_t *opts,
+                                               float **pixels, int *h, int *w)
+{
+    kv_error_clear();
+    return kv_image_read("klvae_image_read_opts", path,
+                         kv_options_uint64(opts, "max_image_pixels"), pixels, h, w);
+}
+
+KLVAE_API klvae_status_t klvae_image_read(const char *path, float **pixels, int *h, int *w)
+{
+    kv_error_clear();
+    return kv_image_read("klvae_image_read", path, kv_options_uint64(NULL, "max_image_pixels"),
+                         pixels, h, w);
 }
 
 KLVAE_API klvae_status_t klvae_image_write_png(const char *path, const float *pixels, int h,

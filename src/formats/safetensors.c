@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include "base/io.h"
+#include "formats/json_scan.h"
 #include "formats/safetensors.h"
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -87,65 +88,156 @@ void kv_st_close(kv_safetensors *st)
     st->fd = -1;
 }
 
-static bool json_uint(json_t *v, uint64_t *out)
+static int compare_meta(const void *a, const void *b)
 {
-    if (!json_is_integer(v) || json_integer_value(v) < 0)
-        return false;
-    *out = (uint64_t)json_integer_value(v);
-    return true;
+    return strcmp(((const kv_st_meta *)a)->key, ((const kv_st_meta *)b)->key);
 }
 
-/* Parses one tensor entry; the message names the tensor. */
-static klvae_status_t parse_entry(const kv_safetensors *st, const char *name, json_t *v,
-                                  uint64_t data_size, kv_st_tensor *t)
+static klvae_status_t json_failure(const kv_json *j, const kv_safetensors *st)
 {
-    if (!json_is_object(v))
+    return kv_error(KLVAE_ERR_FORMAT, "%s: invalid JSON header at byte %llu: %s", st->path,
+                    (unsigned long long)(8 + j->at), j->error ? j->error : "malformed");
+}
+
+/* One tensor's fields as the header spells them, before they are checked. */
+typedef struct raw_entry {
+    const char *dtype; /* NULL: absent or not a string */
+    bool seen[3];      /* dtype, shape, data_offsets */
+    bool shape_is_list, shape_ok, offsets_is_list, offsets_ok;
+    size_t ndim, noffsets; /* items in the lists (only the first ones are kept) */
+    uint64_t shape[KV_ST_MAX_DIMS], offsets[2];
+} raw_entry;
+
+/* A list of non-negative integers: keeps at most max of them in items and
+ * counts them all. Any other value is skipped with *is_list false. */
+static bool read_uint_list(kv_json *j, uint64_t *items, size_t max, size_t *count, bool *is_list,
+                           bool *all_uint)
+{
+    *count = 0;
+    *all_uint = true;
+    *is_list = kv_json_peek(j) == '[';
+    if (!*is_list)
+        return kv_json_skip(j);
+    kv_json_take(j, '[');
+    if (kv_json_take(j, ']'))
+        return true;
+    do {
+        bool is_uint;
+        uint64_t v;
+        if (!kv_json_uint(j, &is_uint, &v))
+            return false;
+        *all_uint = *all_uint && is_uint;
+        if (*count < max)
+            items[*count] = v;
+        (*count)++;
+    } while (kv_json_take(j, ','));
+    return kv_json_expect(j, ']');
+}
+
+/* The value of tensor name: an object with dtype, shape and data_offsets
+ * (other keys are skipped, as the reference reader does). */
+static klvae_status_t read_entry(kv_json *j, const kv_safetensors *st, const char *name,
+                                 raw_entry *e)
+{
+    static const char *const fields[3] = {"dtype", "shape", "data_offsets"};
+    memset(e, 0, sizeof *e);
+    if (kv_json_peek(j) != '{')
         return kv_error(KLVAE_ERR_FORMAT, "%s: entry '%s' is not an object", st->path, name);
-    json_t *dtype = json_object_get(v, "dtype");
-    json_t *shape = json_object_get(v, "shape");
-    json_t *offsets = json_object_get(v, "data_offsets");
-    if (!json_is_string(dtype) || !json_is_array(shape) || !json_is_array(offsets))
-        return kv_error(KLVAE_ERR_FORMAT,
-                        "%s: tensor '%s' needs a string dtype, a shape list and data_offsets",
-                        st->path, name);
-    const char *dname = json_string_value(dtype);
-    t->bits = 0;
+    kv_json_take(j, '{');
+    if (kv_json_take(j, '}'))
+        return KLVAE_OK;
+    do {
+        char *key;
+        if (!kv_json_string(j, &key) || !kv_json_expect(j, ':'))
+            return json_failure(j, st);
+        int f = 0;
+        while (f < 3 && strcmp(key, fields[f]) != 0)
+            f++;
+        if (f < 3 && e->seen[f])
+            return kv_error(KLVAE_ERR_FORMAT, "%s: tensor '%s' has a duplicate key '%s'",
+                            st->path, name, key);
+        bool ok;
+        if (f == 0 && kv_json_peek(j) == '"')
+            ok = kv_json_string(j, (char **)&e->dtype);
+        else if (f == 1)
+            ok = read_uint_list(j, e->shape, KV_ST_MAX_DIMS, &e->ndim, &e->shape_is_list,
+                                &e->shape_ok);
+        else if (f == 2)
+            ok = read_uint_list(j, e->offsets, 2, &e->noffsets, &e->offsets_is_list,
+                                &e->offsets_ok);
+        else
+            ok = kv_json_skip(j);
+        if (!ok)
+            return json_failure(j, st);
+        if (f < 3)
+            e->seen[f] = true;
+    } while (kv_json_take(j, ','));
+    return kv_json_expect(j, '}') ? KLVAE_OK : json_failure(j, st);
+}
+
+/* The dtype's bits per element, or 0 when the format has no such dtype. */
+static int dtype_bits(const char *name)
+{
     for (size_t i = 0; i < KV_ARRAY_LEN(known_dtypes); i++)
-        if (strcmp(known_dtypes[i].name, dname) == 0) {
-            t->bits = known_dtypes[i].bits;
-            snprintf(t->dtype, sizeof t->dtype, "%s", dname);
-        }
-    if (t->bits == 0)
-        return kv_error(KLVAE_ERR_FORMAT, "%s: tensor '%s' has unknown dtype '%s'", st->path,
-                        name, dname);
-    if (json_array_size(shape) > KV_ST_MAX_DIMS)
+        if (strcmp(known_dtypes[i].name, name) == 0)
+            return known_dtypes[i].bits;
+    return 0;
+}
+
+/* Checks the shape of e into t; the message names the tensor. */
+static klvae_status_t check_shape(const kv_safetensors *st, const char *name, const raw_entry *e,
+                                  kv_st_tensor *t, uint64_t *numel)
+{
+    if (e->ndim > KV_ST_MAX_DIMS)
         return kv_error(KLVAE_ERR_FORMAT, "%s: tensor '%s' has %zu dimensions (at most %d)",
-                        st->path, name, json_array_size(shape), KV_ST_MAX_DIMS);
-    t->ndim = (int)json_array_size(shape);
-    uint64_t numel = 1;
+                        st->path, name, e->ndim, KV_ST_MAX_DIMS);
+    t->ndim = (int)e->ndim;
+    *numel = 1;
     for (int d = 0; d < t->ndim; d++) {
-        uint64_t dim;
-        if (!json_uint(json_array_get(shape, (size_t)d), &dim) || dim > ((uint64_t)1 << 62))
+        uint64_t dim = e->shape[d];
+        if (!e->shape_ok || dim > ((uint64_t)1 << 62))
             return kv_error(KLVAE_ERR_FORMAT,
                             "%s: tensor '%s' has a shape entry that is not a non-negative integer",
                             st->path, name);
         t->shape[d] = (int64_t)dim;
-        if (dim != 0 && numel > (((uint64_t)1 << 62) / dim))
+        if (dim != 0 && *numel > (((uint64_t)1 << 62) / dim))
             return kv_error(KLVAE_ERR_FORMAT, "%s: tensor '%s' has an impossibly large shape",
                             st->path, name);
-        numel *= dim;
+        *numel *= dim;
     }
-    if (json_array_size(offsets) != 2 || !json_uint(json_array_get(offsets, 0), &t->begin) ||
-        !json_uint(json_array_get(offsets, 1), &t->end))
+    if (*numel > UINT64_MAX / (uint64_t)t->bits)
+        return kv_error(KLVAE_ERR_FORMAT, "%s: tensor '%s' has an impossibly large shape",
+                        st->path, name);
+    return KLVAE_OK;
+}
+
+/* Checks e and fills t: a known dtype, a shape whose bytes fill exactly
+ * its data_offsets, inside the data buffer. */
+static klvae_status_t check_entry(const kv_safetensors *st, const char *name, const raw_entry *e,
+                                  uint64_t data_size, kv_st_tensor *t)
+{
+    if (!e->dtype || !e->shape_is_list || !e->offsets_is_list)
+        return kv_error(KLVAE_ERR_FORMAT,
+                        "%s: tensor '%s' needs a string dtype, a shape list and data_offsets",
+                        st->path, name);
+    t->bits = dtype_bits(e->dtype);
+    if (t->bits == 0)
+        return kv_error(KLVAE_ERR_FORMAT, "%s: tensor '%s' has unknown dtype '%s'", st->path,
+                        name, e->dtype);
+    snprintf(t->dtype, sizeof t->dtype, "%s", e->dtype);
+    uint64_t numel = 0;
+    klvae_status_t status = check_shape(st, name, e, t, &numel);
+    if (status != KLVAE_OK)
+        return status;
+    if (e->noffsets != 2 || !e->offsets_ok)
         return kv_error(KLVAE_ERR_FORMAT,
                         "%s: tensor '%s' needs data_offsets [begin, end] of non-negative integers",
                         st->path, name);
+    t->begin = e->offsets[0];
+    t->end = e->offsets[1];
     if (t->end < t->begin)
         return kv_error(KLVAE_ERR_FORMAT, "%s: tensor '%s' ends (%llu) before it begins (%llu)",
                         st->path, name, (unsigned long long)t->end, (unsigned long long)t->begin);
-    if (numel > UINT64_MAX / (uint64_t)t->bits)
-        return kv_error(KLVAE_ERR_FORMAT, "%s: tensor '%s' has an impossibly large shape",
-                        st->path, name);
     uint64_t bits = numel * (uint64_t)t->bits;
     if (bits % 8 != 0 || t->end - t->begin != bits / 8)
         return kv_error(KLVAE_ERR_FORMAT,
@@ -163,106 +255,174 @@ static klvae_status_t parse_entry(const kv_safetensors *st, const char *name, js
     return KLVAE_OK;
 }
 
-static klvae_status_t parse_metadata(kv_safetensors *st, json_t *meta)
+/* Makes room for one more item in a growing array (doubling: linear). */
+static bool grow(void **items, size_t count, size_t *cap, size_t size)
 {
-    if (!json_is_object(meta))
-        return kv_error(KLVAE_ERR_FORMAT, "%s: __metadata__ is not an object", st->path);
-    size_t n = json_object_size(meta);
-    st->metadata = calloc(n ? n : 1, sizeof *st->metadata);
-    if (!st->metadata)
+    if (count < *cap)
+        return true;
+    size_t want = *cap ? 2 * *cap : 64;
+    void *bigger = want <= SIZE_MAX / size ? realloc(*items, want * size) : NULL;
+    if (!bigger)
+        return false;
+    *items = bigger;
+    *cap = want;
+    return true;
+}
+
+/* Tensor name's entry, appended to st->tensors. */
+static klvae_status_t parse_tensor(kv_json *j, kv_safetensors *st, const char *name,
+                                   uint64_t data_size, size_t *cap)
+{
+    raw_entry e;
+    klvae_status_t status = read_entry(j, st, name, &e);
+    if (status != KLVAE_OK)
+        return status;
+    if (!grow((void **)&st->tensors, st->count, cap, sizeof *st->tensors))
         return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory reading %s", st->path);
-    const char *key;
-    json_t *value;
-    json_object_foreach(meta, key, value)
-    {
-        if (!json_is_string(value))
+    kv_st_tensor *t = &st->tensors[st->count];
+    memset(t, 0, sizeof *t);
+    status = check_entry(st, name, &e, data_size, t);
+    if (status != KLVAE_OK)
+        return status;
+    t->name = kv_strdup(name);
+    if (!t->name)
+        return KLVAE_ERR_OUT_OF_MEMORY;
+    st->count++;
+    return KLVAE_OK;
+}
+
+/* __metadata__: an object of strings. */
+static klvae_status_t parse_metadata(kv_json *j, kv_safetensors *st)
+{
+    if (kv_json_peek(j) != '{')
+        return kv_error(KLVAE_ERR_FORMAT, "%s: __metadata__ is not an object", st->path);
+    kv_json_take(j, '{');
+    if (kv_json_take(j, '}'))
+        return KLVAE_OK;
+    size_t cap = 0;
+    do {
+        char *key, *value;
+        if (!kv_json_string(j, &key) || !kv_json_expect(j, ':'))
+            return json_failure(j, st);
+        if (kv_json_peek(j) != '"')
             return kv_error(KLVAE_ERR_FORMAT, "%s: __metadata__ value of '%s' is not a string",
                             st->path, key);
-        kv_st_meta *m = &st->metadata[st->metadata_count];
+        if (!kv_json_string(j, &value))
+            return json_failure(j, st);
+        if (!grow((void **)&st->metadata, st->metadata_count, &cap, sizeof *st->metadata))
+            return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory reading %s", st->path);
+        kv_st_meta *m = &st->metadata[st->metadata_count++]; /* kv_st_close frees both */
         m->key = kv_strdup(key);
-        m->value = kv_strdup(json_string_value(value));
-        st->metadata_count++;
+        m->value = kv_strdup(value);
         if (!m->key || !m->value)
             return KLVAE_ERR_OUT_OF_MEMORY;
+    } while (kv_json_take(j, ','));
+    return kv_json_expect(j, '}') ? KLVAE_OK : json_failure(j, st);
+}
+
+/* The top-level object: tensors and at most one __metadata__. */
+static klvae_status_t parse_root(kv_json *j, kv_safetensors *st, uint64_t data_size)
+{
+    kv_json_take(j, '{');
+    size_t cap = 0;
+    bool saw_metadata = false;
+    if (!kv_json_take(j, '}')) {
+        do {
+            char *key;
+            if (!kv_json_string(j, &key) || !kv_json_expect(j, ':'))
+                return json_failure(j, st);
+            klvae_status_t status;
+            if (strcmp(key, "__metadata__") != 0)
+                status = parse_tensor(j, st, key, data_size, &cap);
+            else if (saw_metadata)
+                status = kv_error(KLVAE_ERR_FORMAT, "%s: duplicate key '__metadata__'", st->path);
+            else
+                status = parse_metadata(j, st);
+            saw_metadata = saw_metadata || strcmp(key, "__metadata__") == 0;
+            if (status != KLVAE_OK)
+                return status;
+        } while (kv_json_take(j, ','));
+        if (!kv_json_expect(j, '}'))
+            return json_failure(j, st);
+    }
+    if (!kv_json_at_end(j)) {
+        j->error = "text after the header's object";
+        return json_failure(j, st);
     }
     return KLVAE_OK;
 }
 
-static klvae_status_t parse_header(kv_safetensors *st, const char *header, size_t len,
+/* Sorts tensors and metadata by name for lookups; no name twice. */
+static klvae_status_t sort_and_check_names(kv_safetensors *st)
+{
+    /* (qsort and bsearch take no NULL array, even empty) */
+    if (st->count > 1)
+        qsort(st->tensors, st->count, sizeof *st->tensors, compare_by_name);
+    for (size_t i = 1; i < st->count; i++)
+        if (strcmp(st->tensors[i - 1].name, st->tensors[i].name) == 0)
+            return kv_error(KLVAE_ERR_FORMAT, "%s: duplicate tensor name '%s'", st->path,
+                            st->tensors[i].name);
+    if (st->metadata_count > 1)
+        qsort(st->metadata, st->metadata_count, sizeof *st->metadata, compare_meta);
+    for (size_t i = 1; i < st->metadata_count; i++)
+        if (strcmp(st->metadata[i - 1].key, st->metadata[i].key) == 0)
+            return kv_error(KLVAE_ERR_FORMAT, "%s: duplicate key '%s' in __metadata__", st->path,
+                            st->metadata[i].key);
+    return KLVAE_OK;
+}
+
+/* No two byte ranges may overlap. */
+static klvae_status_t check_overlaps(const kv_safetensors *st)
+{
+    const kv_st_tensor **by_offset = malloc((st->count ? st->count : 1) * sizeof *by_offset);
+    if (!by_offset)
+        return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory reading %s", st->path);
+    for (size_t i = 0; i < st->count; i++)
+        by_offset[i] = &st->tensors[i];
+    qsort(by_offset, st->count, sizeof *by_offset, compare_by_offset);
+    klvae_status_t status = KLVAE_OK;
+    const kv_st_tensor *reach = NULL; /* the tensor that ends furthest so far */
+    for (size_t i = 0; i < st->count && status == KLVAE_OK; i++) {
+        const kv_st_tensor *b = by_offset[i];
+        if (b->end == b->begin)
+            continue; /* empty tensors occupy no bytes */
+        if (reach && b->begin < reach->end)
+            status = kv_error(KLVAE_ERR_FORMAT,
+                              "%s: tensors '%s' [%llu, %llu) and '%s' [%llu, %llu) overlap",
+                              st->path, reach->name, (unsigned long long)reach->begin,
+                              (unsigned long long)reach->end, b->name,
+                              (unsigned long long)b->begin, (unsigned long long)b->end);
+        if (!reach || b->end > reach->end)
+            reach = b;
+    }
+    free(by_offset);
+    return status;
+}
+
+/* Parses the header (decoded in place: it is the caller's scratch copy).
+ * One pass, linear in its length, memory for the entries it holds. */
+static klvae_status_t parse_header(kv_safetensors *st, char *header, size_t len,
                                    uint64_t data_size)
 {
     if (len == 0 || header[0] != '{')
         return kv_error(KLVAE_ERR_FORMAT, "%s: the header does not start with '{'; not a "
                                           "safetensors file",
                         st->path);
-    json_error_t jerr;
-    json_t *root = json_loadb(header, len, JSON_REJECT_DUPLICATES, &jerr);
-    if (!root)
-        return kv_error(KLVAE_ERR_FORMAT, "%s: invalid JSON header at byte %d: %s", st->path,
-                        jerr.position + 8, jerr.text);
-    klvae_status_t status = KLVAE_OK;
-    kv_st_tensor **by_offset = NULL;
-    if (!json_is_object(root)) {
-        status = kv_error(KLVAE_ERR_FORMAT, "%s: the header is not a JSON object", st->path);
-        goto done;
-    }
-    size_t n = json_object_size(root);
-    st->tensors = calloc(n ? n : 1, sizeof *st->tensors);
-    if (!st->tensors) {
-        status = kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory reading %s", st->path);
-        goto done;
-    }
-    const char *key;
-    json_t *value;
-    json_object_foreach(root, key, value)
-    {
-        if (strcmp(key, "__metadata__") == 0) {
-            status = parse_metadata(st, value);
-            if (status != KLVAE_OK)
-                goto done;
-            continue;
-        }
-        kv_st_tensor *t = &st->tensors[st->count];
-        status = parse_entry(st, key, value, data_size, t);
-        if (status != KLVAE_OK)
-            goto done;
-        t->name = kv_strdup(key);
-        if (!t->name) {
-            status = KLVAE_ERR_OUT_OF_MEMORY;
-            goto done;
-        }
-        st->count++;
-    }
-    /* No two byte ranges may overlap. */
-    by_offset = malloc((st->count ? st->count : 1) * sizeof *by_offset);
-    if (!by_offset) {
-        status = kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory reading %s", st->path);
-        goto done;
-    }
-    for (size_t i = 0; i < st->count; i++)
-        by_offset[i] = &st->tensors[i];
-    qsort(by_offset, st->count, sizeof *by_offset, compare_by_offset);
-    const kv_st_tensor *reach = NULL; /* the tensor that ends furthest so far */
-    for (size_t i = 0; i < st->count; i++) {
-        const kv_st_tensor *b = by_offset[i];
-        if (b->end == b->begin)
-            continue; /* empty tensors occupy no bytes */
-        if (reach && b->begin < reach->end) {
-            status = kv_error(KLVAE_ERR_FORMAT,
-                              "%s: tensors '%s' [%llu, %llu) and '%s' [%llu, %llu) overlap",
-                              st->path, reach->name, (unsigned long long)reach->begin,
-                              (unsigned long long)reach->end, b->name,
-                              (unsigned long long)b->begin, (unsigned long long)b->end);
-            goto done;
-        }
-        if (!reach || b->end > reach->end)
-            reach = b;
-    }
-    qsort(st->tensors, st->count, sizeof *st->tensors, compare_by_name);
-done:
-    free(by_offset);
-    json_decref(root);
-    return status;
+    kv_json j;
+    kv_json_init(&j, header, len);
+    klvae_status_t status = parse_root(&j, st, data_size);
+    if (status != KLVAE_OK)
+        return status;
+    /* A real entry is 100-200 bytes: a header beyond this is padding. */
+    uint64_t need = KV_ST_HEADER_SLACK + (uint64_t)KV_ST_HEADER_PER_TENSOR * st->count;
+    if (len > need)
+        return kv_error(KLVAE_ERR_FORMAT,
+                        "%s: the header is %zu bytes for %zu tensor%s, more than they can need "
+                        "(at most %llu: %u bytes plus %u a tensor)",
+                        st->path, len, st->count, st->count == 1 ? "" : "s",
+                        (unsigned long long)need, KV_ST_HEADER_SLACK, KV_ST_HEADER_PER_TENSOR);
+    status = sort_and_check_names(st);
+    return status != KLVAE_OK ? status : check_overlaps(st);
 }
 
 klvae_status_t kv_st_open(const char *path, kv_safetensors *st)
@@ -314,6 +474,18 @@ klvae_status_t kv_st_open(const char *path, kv_safetensors *st)
                           (unsigned long long)st->file_size);
         goto fail;
     }
+    /* Refused before anything its size is allocated or read: a header far
+     * larger than the data it describes (safetensors.h says how far). */
+    uint64_t data_size = st->file_size - 8 - header_len;
+    if (header_len > KV_ST_HEADER_SLACK + (uint64_t)KV_ST_HEADER_PER_DATA_BYTE * data_size) {
+        status = kv_error(KLVAE_ERR_FORMAT,
+                          "%s: the header is %llu bytes but the tensor data only %llu; no real "
+                          "file needs more than %u bytes plus %u a data byte: corrupt or not a "
+                          "safetensors file",
+                          path, (unsigned long long)header_len, (unsigned long long)data_size,
+                          KV_ST_HEADER_SLACK, KV_ST_HEADER_PER_DATA_BYTE);
+        goto fail;
+    }
     header = malloc(header_len + 1);
     if (!header) {
         status = kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory reading the header of %s",
@@ -339,6 +511,8 @@ fail:
 
 const kv_st_tensor *kv_st_find(const kv_safetensors *st, const char *name)
 {
+    if (st->count == 0)
+        return NULL;
     kv_st_tensor key;
     key.name = (char *)name;
     return bsearch(&key, st->tensors, st->count, sizeof *st->tensors, compare_by_name);
@@ -361,10 +535,13 @@ const kv_st_tensor *kv_st_find_prefixed(const kv_safetensors *st, const char *co
 
 const char *kv_st_metadata(const kv_safetensors *st, const char *key)
 {
-    for (size_t i = 0; i < st->metadata_count; i++)
-        if (strcmp(st->metadata[i].key, key) == 0)
-            return st->metadata[i].value;
-    return NULL;
+    if (st->metadata_count == 0)
+        return NULL;
+    kv_st_meta probe;
+    probe.key = (char *)key;
+    const kv_st_meta *m =
+        bsearch(&probe, st->metadata, st->metadata_count, sizeof *st->metadata, compare_meta);
+    return m ? m->value : NULL;
 }
 
 size_t kv_st_numel(const kv_st_tensor *t)
@@ -390,6 +567,12 @@ static klvae_status_t read_exact(const kv_safetensors *st, const kv_st_tensor *t
         done += (size_t)got;
     }
     return KLVAE_OK;
+}
+
+bool kv_st_is_float(const kv_st_tensor *t)
+{
+    return strcmp(t->dtype, "F32") == 0 || strcmp(t->dtype, "F16") == 0 ||
+           strcmp(t->dtype, "BF16") == 0 || strcmp(t->dtype, "F64") == 0;
 }
 
 klvae_status_t kv_st_read_f32(const kv_safetensors *st, const kv_st_tensor *t, float *dst)

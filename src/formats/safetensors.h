@@ -13,6 +13,17 @@
 
 #define KV_ST_MAX_DIMS 8
 #define KV_ST_MAX_HEADER 100000000u /* the reference reader's limit */
+/* What a header may need, beyond the format's limit. A real entry is
+ * 100-200 bytes and a non-empty tensor holds at least one element: the
+ * densest real layout, one-element float32 tensors, needs about 15 header
+ * bytes per data byte (SD's VAE needs 0.0001, the test fixtures at most
+ * 0.15). So a header may have KV_ST_HEADER_SLACK bytes (room for metadata
+ * and thousands of entries) plus KV_ST_HEADER_PER_DATA_BYTE bytes per byte
+ * of tensor data, checked before the header is read; and after the parse,
+ * KV_ST_HEADER_SLACK plus KV_ST_HEADER_PER_TENSOR bytes per tensor. */
+#define KV_ST_HEADER_SLACK 1048576u
+#define KV_ST_HEADER_PER_DATA_BYTE 16u
+#define KV_ST_HEADER_PER_TENSOR 4096u
 
 typedef struct kv_st_tensor {
     char *name;
@@ -37,9 +48,12 @@ typedef struct kv_safetensors {
     size_t metadata_count;
 } kv_safetensors;
 
-/* Opens and validates: the file is large enough, the header length fits,
- * the header is a JSON object, every dtype is known, every byte range
- * matches dtype x shape, lies inside the data buffer and overlaps no other.
+/* Opens and validates: the file is large enough, the header length fits
+ * (the limits above), the header is a JSON object with no name twice, every
+ * dtype is known, every byte range matches dtype x shape, lies inside the
+ * data buffer and overlaps no other. The cost is linear in the header:
+ * it is read once into memory and parsed in place (formats/json_scan.h).
+ * tensors and metadata come sorted by name and key.
  * Errors: KLVAE_ERR_IO, KLVAE_ERR_FORMAT, KLVAE_ERR_OUT_OF_MEMORY; the
  * message starts with the path. */
 klvae_status_t kv_st_open(const char *path, kv_safetensors *st);
@@ -52,6 +66,10 @@ const kv_st_tensor *kv_st_find_prefixed(const kv_safetensors *st, const char *co
                                         size_t count, const char *name);
 const char *kv_st_metadata(const kv_safetensors *st, const char *key);
 size_t kv_st_numel(const kv_st_tensor *t);
+
+/* Whether kv_st_read_f32 converts t's dtype (F32, F16, BF16 or F64): a
+ * caller that loads several tensors checks them all before reading any. */
+bool kv_st_is_float(const kv_st_tensor *t);
 
 /* Reads a F32, F16, BF16 or F64 tensor as float32 into dst (numel floats).
  * Other dtypes: KLVAE_ERR_UNSUPPORTED. */

@@ -192,6 +192,33 @@ klvae_status_t kv_weights_read(kv_backend *be, const kv_safetensors *st, const k
     return status;
 }
 
+/* A config.json that turns off a part whose weights the file has (a level,
+ * a resnet, the attention, a quant conv) loaded, ignored those tensors and
+ * computed without them (found by tests/fuzz/fuzz_config.c). So every key
+ * the tensors show must agree with the config; the shapes of the tensors
+ * the config does use are checked as they load. */
+static klvae_status_t check_config_shows(const klvae_model_t *m, const kv_safetensors *st,
+                                         const char *prefix, kv_naming naming)
+{
+    static const char *const keys[] = {"block_out_channels",  "layers_per_block",
+                                       "use_quant_conv",      "use_post_quant_conv",
+                                       "mid_block_add_attention", "in_channels",
+                                       "out_channels",        "latent_channels"};
+    kv_config shown;
+    klvae_status_t status = kv_weights_infer_config(st, prefix, naming, &shown);
+    for (size_t i = 0; status == KLVAE_OK && i < KV_ARRAY_LEN(keys); i++) {
+        char said[96], seen[96];
+        kv_config_get(&m->cfg, keys[i], said, sizeof said);
+        kv_config_get(&shown, keys[i], seen, sizeof seen);
+        if (strcmp(said, seen) != 0)
+            status = kv_error(KLVAE_ERR_CONFIG,
+                              "%s: config.json disagrees with the weights: it says %s is %s, but "
+                              "the tensors show %s",
+                              st->path, keys[i], said, seen);
+    }
+    return status;
+}
+
 klvae_status_t kv_weights_load(klvae_model_t *m, const kv_safetensors *st, const char *prefix,
                                kv_naming naming, bool config_from_json)
 {
@@ -236,6 +263,8 @@ klvae_status_t kv_weights_load(klvae_model_t *m, const kv_safetensors *st, const
         status = kv_weights_read(m->be, st, t, staging, p->tensor);
     }
     free(staging);
+    if (status == KLVAE_OK && config_from_json)
+        status = check_config_shows(m, st, prefix, naming);
     return status;
 }
 

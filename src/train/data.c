@@ -37,7 +37,9 @@
 #include <strings.h>
 #include <sys/stat.h>
 
+#include "base/options.h"
 #include "base/philox.h"
+#include "formats/image.h"
 #include "train/data.h"
 #include "train/procedural.h"
 
@@ -62,6 +64,7 @@ typedef struct perm_slot {
 struct kv_dataset {
     int size;
     uint64_t seed;
+    uint64_t max_pixels; /* the pixel budget of each file read */
     bool procedural;
     char *root;
     size_t count;
@@ -84,8 +87,14 @@ static kv_dataset *dataset_new(int size, uint64_t seed)
         return NULL;
     ds->size = size;
     ds->seed = seed;
+    ds->max_pixels = kv_options_uint64(NULL, "max_image_pixels");
     pthread_mutex_init(&ds->lock, NULL);
     return ds;
+}
+
+void kv_dataset_set_max_pixels(kv_dataset *ds, uint64_t max_pixels)
+{
+    ds->max_pixels = max_pixels;
 }
 
 void kv_dataset_free(kv_dataset *ds)
@@ -466,7 +475,7 @@ klvae_status_t kv_dataset_get(const kv_dataset *ds, uint64_t position, float *ou
     const char *path = ds->paths[file_at(ds, position)];
     float *pixels = NULL;
     int h = 0, w = 0;
-    klvae_status_t st = klvae_image_read(path, &pixels, &h, &w);
+    klvae_status_t st = kv_image_read("kv_dataset_get", path, ds->max_pixels, &pixels, &h, &w);
     if (st != KLVAE_OK)
         return st; /* the message names the file */
     st = crop_image(ds, position, path, pixels, h, w, out);

@@ -28,6 +28,12 @@ typedef struct kv_dataset kv_dataset;
 klvae_status_t kv_dataset_open_folder(const char *dir, int size, uint64_t seed,
                                       kv_dataset **out);
 
+/* The pixel budget of each file kv_dataset_get reads (the option
+ * max_image_pixels; its default until this is called): a larger image is
+ * refused from its header, like any unreadable file. Call it before a
+ * loader uses the dataset. */
+void kv_dataset_set_max_pixels(kv_dataset *ds, uint64_t max_pixels);
+
 /* The built-in procedural images (kv_procedural_image), unbounded: position
  * p gives procedural image number p of the seed. Same size range as above
  * (kv_procedural_image itself takes any size >= 1). */

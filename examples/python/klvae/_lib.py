@@ -155,6 +155,8 @@ _PROTOTYPES = {
     "klvae_trainer_get_note": (_status, [c_void_p, c_char_p, c_char_p, c_size_t]),
     "klvae_trainer_free": (None, [c_void_p]),
     "klvae_image_read": (_status, [c_char_p, POINTER(_float_p), POINTER(c_int), POINTER(c_int)]),
+    "klvae_image_read_opts": (_status, [c_char_p, c_void_p, POINTER(_float_p), POINTER(c_int),
+                                        POINTER(c_int)]),
     "klvae_image_write_png": (_status, [c_char_p, _float_p, c_int, c_int]),
 }
 

@@ -312,6 +312,13 @@ extern "C" {
         h: *mut c_int,
         w: *mut c_int,
     ) -> klvae_status_t;
+    pub fn klvae_image_read_opts(
+        path: *const c_char,
+        opts: *const klvae_options_t,
+        pixels: *mut *mut f32,
+        h: *mut c_int,
+        w: *mut c_int,
+    ) -> klvae_status_t;
     pub fn klvae_image_write_png(
         path: *const c_char,
         pixels: *const f32,
