@@ -385,10 +385,12 @@ uninstall: uninstall-cuda
 uninstall-cuda:
 	rm -f $(DESTDIR)$(LIBDIR)/libklvae_cuda.so
 
-GPU_TEST_SOURCES := tests/gpu/test_cuda.c tests/gpu/cuda_harness.c
+GPU_TEST_SOURCES := tests/gpu/test_cuda.c tests/gpu/test_cuda_train.c tests/gpu/test_cuda_util.c \
+                    tests/gpu/cuda_harness.c
 # -Werror: these programs only run on a GPU machine, so a warning here is the
 # only notice of a drift before GPU time is spent on it.
-$(GPU_TEST): $(GPU_TEST_SOURCES) tests/gpu/cuda_harness.h $(STATIC) $(LIB_HEADERS)
+$(GPU_TEST): $(GPU_TEST_SOURCES) tests/gpu/cuda_harness.h tests/gpu/test_cuda.h $(STATIC) \
+             $(LIB_HEADERS)
 	@mkdir -p build/tests
 	$(CC) $(KV_CFLAGS) -Werror -Itests/gpu $(CFLAGS) $(GPU_TEST_SOURCES) -o $@ $(STATIC) $(LDFLAGS) \
 	    $(DEP_LIBS) $(SYS_LIBS)
@@ -403,8 +405,8 @@ check-cuda: $(GPU_TEST) $(CUDA_PLUGIN_BUILT)
 GPU_STATIC_LIBS := $(filter -L%,$(DEP_LIBS)) -Wl,-Bstatic -lopenblas -ljansson -lpng16 -ljpeg -lz \
                    -lgfortran -lquadmath -Wl,-Bdynamic $(SYS_LIBS)
 gpu-binaries: build/gpu/test_cuda
-build/gpu/test_cuda: $(GPU_TEST_SOURCES) tools/bench_cuda.c tests/gpu/cuda_harness.h $(STATIC) \
-                     $(LIB_HEADERS)
+build/gpu/test_cuda: $(GPU_TEST_SOURCES) tools/bench_cuda.c tests/gpu/cuda_harness.h \
+                     tests/gpu/test_cuda.h $(STATIC) $(LIB_HEADERS)
 	@mkdir -p build/gpu
 	$(CC) $(KV_CFLAGS) -Werror -Itests/gpu $(CFLAGS) -DKV_WITH_BENCH -c tests/gpu/test_cuda.c \
 	    -o build/gpu/test_cuda.o
@@ -412,8 +414,12 @@ build/gpu/test_cuda: $(GPU_TEST_SOURCES) tools/bench_cuda.c tests/gpu/cuda_harne
 	    -o build/gpu/bench_cuda.o
 	$(CC) $(KV_CFLAGS) -Werror -Itests/gpu $(CFLAGS) -c tests/gpu/cuda_harness.c \
 	    -o build/gpu/cuda_harness.o
-	$(CC) -o $@ build/gpu/test_cuda.o build/gpu/bench_cuda.o build/gpu/cuda_harness.o $(STATIC) -s \
-	    $(GPU_STATIC_LIBS)
+	$(CC) $(KV_CFLAGS) -Werror -Itests/gpu $(CFLAGS) -c tests/gpu/test_cuda_train.c \
+	    -o build/gpu/test_cuda_train.o
+	$(CC) $(KV_CFLAGS) -Werror -Itests/gpu $(CFLAGS) -c tests/gpu/test_cuda_util.c \
+	    -o build/gpu/test_cuda_util.o
+	$(CC) -o $@ build/gpu/test_cuda.o build/gpu/test_cuda_train.o build/gpu/test_cuda_util.o \
+	    build/gpu/bench_cuda.o build/gpu/cuda_harness.o $(STATIC) -s $(GPU_STATIC_LIBS)
 build/bench_cuda: tools/bench_cuda.c tests/gpu/cuda_harness.c tests/gpu/cuda_harness.h $(STATIC)
 	$(CC) $(KV_CFLAGS) -Itests/gpu $(CFLAGS) tools/bench_cuda.c tests/gpu/cuda_harness.c \
 	    -o $@ $(STATIC) $(LDFLAGS) $(DEP_LIBS) $(SYS_LIBS)

@@ -162,3 +162,175 @@ klvae_status_t kv_cuda_attention(kv_backend *be, const kv_tensor *q, const kv_te
     kv_cuda_temp_free(cu, scores);
     return st;
 }
+
+/* ---- backward ----
+ * For a block of queries, with P recomputed (the forward's S and softmax):
+ *   NHWC (C x N matrices):  dV += dO_blk P^T,  dP = V^T dO_blk,
+ *                           dQ_blk = scale K dS,  dK += scale Q_blk dS^T;
+ *   NCHW (N x C matrices):  dV += P dO_blk,  dP = V dO_blk^T,
+ *                           dQ_blk = scale dS^T K,  dK += scale dS Q_blk;
+ * with dS = P .* (dP - colsum(P .* dP)) (the CPU's dsoftmax, in double). The
+ * blocks go in order and accumulate into dK and dV with beta 1: the same
+ * bits every time, and memory linear in positions as in the forward. */
+
+/* Column (blockIdx.x, image blockIdx.y): ds = p * (dp - sum(p * dp)). p is
+ * float32 (scores) or bf16 (probs); ds may be dp itself (float32 mode). */
+static __global__ void __launch_bounds__(SOFTMAX_THREADS)
+    softmax_backward_kernel(const void *probs, int p16, const float *dp, void *ds, int ds16,
+                            int n, int block)
+{
+    __shared__ double dshared[SOFTMAX_THREADS / 32];
+    const size_t base = ((size_t)blockIdx.y * block + blockIdx.x) * n;
+    double dot = 0.0;
+    for (int i = threadIdx.x; i < n; i += SOFTMAX_THREADS)
+        dot += (double)kv_ld(probs, p16, base + i) * dp[base + i];
+    dot = block_sum(dot, dshared);
+    for (int i = threadIdx.x; i < n; i += SOFTMAX_THREADS) {
+        const float p = kv_ld(probs, p16, base + i);
+        kv_st(ds, ds16, base + i, p * (float)((double)dp[base + i] - dot));
+    }
+}
+
+struct attention_grads {
+    const void *q, *k, *v, *dout;
+    void *dq, *dk, *dv;
+    float *scores, *dp;
+    void *probs, *ds; /* bf16 buffers, or scores and dp themselves */
+};
+
+static klvae_status_t attention_backward_blocks(kv_cuda *cu, int batch, int c, int n, int block,
+                                                float scale, const attention_grads *g)
+{
+    const bool bf16 = cu->compute == KV_CUDA_BF16;
+    const cudaDataType_t dt = cuda_type(cu->compute);
+    const cublasComputeType_t compute = cu->precision == KV_PRECISION_TF32
+                                            ? CUBLAS_COMPUTE_32F_FAST_TF32
+                                            : CUBLAS_COMPUTE_32F;
+    const long long image = (long long)c * n, cb = (long long)block * n;
+    const size_t es = kv_cuda_esize(cu->compute);
+    const size_t position = cu->nhwc ? (size_t)c : 1;
+    const int ld = cu->nhwc ? c : n;
+    const float one = 1.0f, zero = 0.0f;
+    for (int k0 = 0, blk = 0; k0 < n; k0 += block, blk++) {
+        const int nb = kv_attention_block_size(n, block, blk);
+        const float *acc = blk ? &one : &zero; /* dK, dV: the first block sets them */
+        const char *q_blk = (const char *)g->q + (size_t)k0 * position * es;
+        const char *do_blk = (const char *)g->dout + (size_t)k0 * position * es;
+        char *dq_blk = (char *)g->dq + (size_t)k0 * position * es;
+        /* P, as in the forward */
+        if (cu->nhwc)
+            KV_CUBLAS(cu, cublasGemmStridedBatchedEx(
+                              cu->cublas, CUBLAS_OP_T, CUBLAS_OP_N, n, nb, c, &scale, g->k, dt,
+                              ld, image, q_blk, dt, ld, image, &zero, g->scores, CUDA_R_32F, n,
+                              cb, batch, compute, CUBLAS_GEMM_DEFAULT));
+        else
+            KV_CUBLAS(cu, cublasGemmStridedBatchedEx(
+                              cu->cublas, CUBLAS_OP_N, CUBLAS_OP_T, n, nb, c, &scale, g->k, dt,
+                              ld, image, q_blk, dt, ld, image, &zero, g->scores, CUDA_R_32F, n,
+                              cb, batch, compute, CUBLAS_GEMM_DEFAULT));
+        softmax_kernel<<<dim3(nb, batch), SOFTMAX_THREADS, 0, cu->stream>>>(g->scores, g->probs,
+                                                                            bf16, n, block);
+        KV_LAUNCHED(cu, softmax_kernel);
+        if (cu->nhwc) {
+            /* dV (c x n) += dO_blk (c x nb) P^T;  dP (n x nb) = V^T dO_blk */
+            KV_CUBLAS(cu, cublasGemmStridedBatchedEx(
+                              cu->cublas, CUBLAS_OP_N, CUBLAS_OP_T, c, n, nb, &one, do_blk, dt,
+                              ld, image, g->probs, dt, n, cb, acc, g->dv, dt, ld, image, batch,
+                              compute, CUBLAS_GEMM_DEFAULT));
+            KV_CUBLAS(cu, cublasGemmStridedBatchedEx(
+                              cu->cublas, CUBLAS_OP_T, CUBLAS_OP_N, n, nb, c, &one, g->v, dt, ld,
+                              image, do_blk, dt, ld, image, &zero, g->dp, CUDA_R_32F, n, cb,
+                              batch, compute, CUBLAS_GEMM_DEFAULT));
+        } else {
+            /* dV (n x c) += P dO_blk (nb x c);  dP (n x nb) = V dO_blk^T */
+            KV_CUBLAS(cu, cublasGemmStridedBatchedEx(
+                              cu->cublas, CUBLAS_OP_N, CUBLAS_OP_N, n, c, nb, &one, g->probs, dt,
+                              n, cb, do_blk, dt, ld, image, acc, g->dv, dt, ld, image, batch,
+                              compute, CUBLAS_GEMM_DEFAULT));
+            KV_CUBLAS(cu, cublasGemmStridedBatchedEx(
+                              cu->cublas, CUBLAS_OP_N, CUBLAS_OP_T, n, nb, c, &one, g->v, dt, ld,
+                              image, do_blk, dt, ld, image, &zero, g->dp, CUDA_R_32F, n, cb,
+                              batch, compute, CUBLAS_GEMM_DEFAULT));
+        }
+        softmax_backward_kernel<<<dim3(nb, batch), SOFTMAX_THREADS, 0, cu->stream>>>(
+            g->probs, bf16, g->dp, g->ds, bf16, n, block);
+        KV_LAUNCHED(cu, softmax_backward_kernel);
+        if (cu->nhwc) {
+            /* dQ_blk (c x nb) = scale K dS;  dK (c x n) += scale Q_blk dS^T */
+            KV_CUBLAS(cu, cublasGemmStridedBatchedEx(
+                              cu->cublas, CUBLAS_OP_N, CUBLAS_OP_N, c, nb, n, &scale, g->k, dt,
+                              ld, image, g->ds, dt, n, cb, &zero, dq_blk, dt, ld, image, batch,
+                              compute, CUBLAS_GEMM_DEFAULT));
+            const float s_acc = blk ? 1.0f : 0.0f;
+            KV_CUBLAS(cu, cublasGemmStridedBatchedEx(
+                              cu->cublas, CUBLAS_OP_N, CUBLAS_OP_T, c, n, nb, &scale, q_blk, dt,
+                              ld, image, g->ds, dt, n, cb, &s_acc, g->dk, dt, ld, image, batch,
+                              compute, CUBLAS_GEMM_DEFAULT));
+        } else {
+            /* dQ_blk (nb x c) = scale dS^T K;  dK (n x c) += scale dS Q_blk */
+            KV_CUBLAS(cu, cublasGemmStridedBatchedEx(
+                              cu->cublas, CUBLAS_OP_T, CUBLAS_OP_N, nb, c, n, &scale, g->ds, dt,
+                              n, cb, g->k, dt, ld, image, &zero, dq_blk, dt, ld, image, batch,
+                              compute, CUBLAS_GEMM_DEFAULT));
+            const float s_acc = blk ? 1.0f : 0.0f;
+            KV_CUBLAS(cu, cublasGemmStridedBatchedEx(
+                              cu->cublas, CUBLAS_OP_N, CUBLAS_OP_N, n, c, nb, &scale, g->ds, dt,
+                              n, cb, q_blk, dt, ld, image, &s_acc, g->dk, dt, ld, image, batch,
+                              compute, CUBLAS_GEMM_DEFAULT));
+        }
+    }
+    return KLVAE_OK;
+}
+
+klvae_status_t kv_cuda_attention_backward(kv_backend *be, const kv_tensor *q, const kv_tensor *k,
+                                          const kv_tensor *v, float scale,
+                                          const kv_tensor *dout, kv_tensor *dq, kv_tensor *dk,
+                                          kv_tensor *dv)
+{
+    kv_cuda *cu = kv_cuda_of(be);
+    const int batch = q->shape[0], c = q->shape[1], n = q->shape[2] * q->shape[3];
+    if (!batch || !c || !n)
+        return KLVAE_OK;
+    const kv_tensor *operand[7] = {q, k, v, dout, dq, dk, dv};
+    static const char *names[7] = {"q", "k", "v", "dout", "dq", "dk", "dv"};
+    for (int i = 0; i < 7; i++) {
+        kv_cuda_dtype d;
+        KV_TRY(kv_cuda_dtype_of(cu, operand[i]->data, "attention_backward", names[i], &d));
+        if (d != cu->compute)
+            return kv_cuda_error(cu, KLVAE_ERR_INTERNAL,
+                                 "attention_backward: %s is stored as float32 in a bf16 backend",
+                                 names[i]);
+    }
+    const bool bf16 = cu->compute == KV_CUDA_BF16;
+    const int block = kv_attention_block(n, batch, bf16 ? 12 : 8, cu->attention_budget);
+    const size_t pairs = (size_t)block * n * batch;
+    attention_grads g;
+    memset(&g, 0, sizeof g);
+    g.q = q->data;
+    g.k = k->data;
+    g.v = v->data;
+    g.dout = dout->data;
+    g.dq = dq->data;
+    g.dk = dk->data;
+    g.dv = dv->data;
+    klvae_status_t st = kv_cuda_temp(cu, pairs * 4, "attention scores", (void **)&g.scores);
+    if (st == KLVAE_OK)
+        st = kv_cuda_temp(cu, pairs * 4, "attention score gradients", (void **)&g.dp);
+    if (st == KLVAE_OK && bf16)
+        st = kv_cuda_temp(cu, pairs * 2, "attention probabilities", &g.probs);
+    if (st == KLVAE_OK && bf16)
+        st = kv_cuda_temp(cu, pairs * 2, "attention softmax gradients", &g.ds);
+    if (!bf16) {
+        g.probs = g.scores;
+        g.ds = g.dp;
+    }
+    if (st == KLVAE_OK)
+        st = attention_backward_blocks(cu, batch, c, n, block, scale, &g);
+    if (bf16) {
+        kv_cuda_temp_free(cu, g.ds);
+        kv_cuda_temp_free(cu, g.probs);
+    }
+    kv_cuda_temp_free(cu, g.dp);
+    kv_cuda_temp_free(cu, g.scores);
+    return st;
+}

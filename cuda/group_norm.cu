@@ -202,7 +202,8 @@ static klvae_status_t launch_partials_nhwc(kv_cuda *cu, const kv_tensor *x, kv_c
     const bool vec = channels % width == 0 && kv_cuda_aligned16(x->data);
     const int w = vec ? width : 1, slots = channels / w;
     const int sharers = slots <= GN_THREADS ? GN_THREADS / slots : 1;
-    const size_t shared = sharers > 1 ? (size_t)2 * sharers * slots * w * sizeof(double) : 0;
+    /* the kernel's lanes whenever slots <= GN_THREADS (sharers may be 1) */
+    const size_t shared = slots <= GN_THREADS ? (size_t)2 * sharers * channels * sizeof(double) : 0;
     const dim3 grid((unsigned)chunks, (unsigned)x->shape[0]);
     if (dt == KV_CUDA_BF16 && vec)
         gn_partial_nhwc_kernel<uint16_t, 8><<<grid, GN_THREADS, shared, cu->stream>>>(

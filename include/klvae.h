@@ -501,6 +501,19 @@ KLVAE_API klvae_status_t klvae_trainer_create(klvae_model_t *model, const klvae_
 KLVAE_API klvae_status_t klvae_trainer_step(klvae_trainer_t *trainer, const float *images, int n,
                                             int h, int w, klvae_step_stats_t *stats);
 
+/* klvae_trainer_step on a batch already in GPU memory: images is a device
+ * pointer to n float32 NCHW images in [-1, 1], read on the CUDA stream
+ * stream (a cudaStream_t; NULL: the model's own stream), which the step
+ * runs on; the call returns when that work is done (stats filled). The
+ * images are copied into the trainer's memory first and checked for NaN and
+ * infinity on the device (KLVAE_ERR_NONFINITE, nothing changed). Needs a
+ * model on the CUDA backend (KLVAE_ERR_INVALID_ARGUMENT otherwise); the
+ * same arguments, results and errors as klvae_trainer_step. Host pointers
+ * are undefined behaviour, as in CUDA itself. */
+KLVAE_API klvae_status_t klvae_trainer_step_device(klvae_trainer_t *trainer, const float *images,
+                                                   int n, int h, int w, void *stream,
+                                                   klvae_step_stats_t *stats);
+
 /* Writes a checkpoint: one safetensors file with the autoencoder, the
  * discriminator (with its BatchNorm statistics), both Adam states, the EMA
  * weights, the loss' logvar, and in its metadata the step, the random state,

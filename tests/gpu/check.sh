@@ -150,7 +150,7 @@ T=$(limit 60)
 if [ -n "$SAN" ] && [ -x "$BIN" ] && [ "$T" -gt 0 ]; then
     say "== compute-sanitizer memcheck, tiny case (limit ${T} s)"
     KLVAE_CUDA_CONV_SEARCH=0 timeout -k 5 "$T" "$SAN" --tool memcheck --error-exitcode 9 \
-        --print-limit 20 "$BIN" --plugin "$PLUGIN" --tiny >"$OUT/memcheck.log" 2>&1
+        --print-limit 20 "$BIN" --plugin "$PLUGIN" --tiny --require-gpu >"$OUT/memcheck.log" 2>&1
     rc=$?
     case $rc in
     0) MEMCHECK="clean" ;;

@@ -274,6 +274,15 @@ extern "C" {
         w: c_int,
         stats: *mut klvae_step_stats_t,
     ) -> klvae_status_t;
+    pub fn klvae_trainer_step_device(
+        trainer: *mut klvae_trainer_t,
+        images: *const f32,
+        n: c_int,
+        h: c_int,
+        w: c_int,
+        stream: *mut c_void,
+        stats: *mut klvae_step_stats_t,
+    ) -> klvae_status_t;
     pub fn klvae_trainer_save(
         trainer: *const klvae_trainer_t,
         path: *const c_char,
