@@ -1,7 +1,8 @@
 # libklvae — one entry point for building, testing and installing.
 #
 #   make              library (lib/), CLI (bin/klvae), C examples (build/examples/)
-#   make demo         trains the small config on procedural images for 3 minutes (demo-run/)
+#   make demo         trains on procedural images for 3 minutes (demo-run/): the small
+#                     config on the CPU, the SD config at 256x256 where a GPU answers
 #   make check        the test suite (Check), then the CLI, install, fault and binding tests
 #                     (both install what is missing first, once: tools/deps.sh)
 #   make check-asan   the same suite under AddressSanitizer and UBSan
@@ -298,21 +299,14 @@ build/dump_procedural: tools/dump_procedural.c $(STATIC) src/train/procedural.h
 bench: all build/bench_klvae
 	python3 tools/bench.py $(BENCH_ARGS)
 
-# The README's main command: trains the small config on the built-in
-# procedural images for DEMO_MINUTES of this machine and leaves demo-run/
-# (grid.png, loss.png, log.csv, eval.csv, checkpoint, model/).
+# The README's main command: trains an autoencoder on the built-in procedural
+# images for DEMO_MINUTES and leaves demo-run/ (grid.png, loss.png, log.csv,
+# eval.csv, checkpoint, model/): the small config on the CPU, or the full SD
+# config at 256x256 where a GPU answers (tools/demo.sh).
 DEMO_MINUTES ?= 3
 DEMO_DIR ?= demo-run
 demo: all
-	@echo "klvae demo: training the 'small' autoencoder (3.9 M parameters) on procedural"
-	@echo "64x64 images for $(DEMO_MINUTES) minutes on the CPU; pixel + KL loss (no LPIPS"
-	@echo "weights on a fresh machine; see docs/training.md). Output: $(DEMO_DIR)/"
-	@rm -rf $(DEMO_DIR)
-	./bin/klvae train --config small --size 64 --batch 4 --learning-rate 3e-4 \
-	    --perceptual-weight 0 --steps 100000 --minutes $(DEMO_MINUTES) \
-	    --grid-every 50 --checkpoint-every 200 --eval-images 8 --out $(DEMO_DIR)
-	@echo "look at $(DEMO_DIR)/grid.png (top: held-out inputs, bottom: reconstructions)"
-	@echo "and $(DEMO_DIR)/loss.png; the model is $(DEMO_DIR)/model/"
+	@sh tools/demo.sh $(DEMO_DIR) $(DEMO_MINUTES)
 
 parity: all
 	python3 tools/parity.py
