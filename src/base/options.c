@@ -120,6 +120,10 @@ static const opt_def option_table[] = {
     {"train_encoder", OPT_BOOL, "true", 0, 0, NULL,
      "false fine-tunes the decoder only (encoder and quant_conv frozen), the recipe of "
      "sd-vae-ft-mse."},
+    {"recompute", OPT_BOOL, "false", 0, 0, NULL,
+     "true keeps only each resnet block's input and norm statistics for the backward, which "
+     "recomputes the block's first convolution: about one activation less per block, for one "
+     "convolution more (the same results, bit for bit)."},
     {"grad_accum", OPT_INT, "1", 1, 4096, NULL,
      "Micro-batches per optimizer step: a step's batch is split into this many parts, run one "
      "after another."},

@@ -86,6 +86,7 @@ static klvae_status_t read_settings(const klvae_options_t *o, trainer_settings *
     s->kl_weight = (float)kv_options_double(o, "kl_weight");
     s->logvar_init = (float)kv_options_double(o, "logvar_init");
     s->learn_logvar = kv_options_bool(o, "learn_logvar");
+    s->recompute = kv_options_bool(o, "recompute");
     s->disc_start = kv_options_int(o, "disc_start");
     s->disc_factor = (float)kv_options_double(o, "disc_factor");
     s->disc_weight = (float)kv_options_double(o, "disc_weight");
@@ -377,6 +378,7 @@ static klvae_status_t generator_pass(klvae_trainer_t *t, const kv_tensor *x, int
     kv_decoder_tape dt;
     memset(&et, 0, sizeof et);
     memset(&dt, 0, sizeof dt);
+    et.recompute = dt.recompute = s->recompute;
     kv_tensor moments = {0}, z = {0}, xhat = {0}, d_img = {0}, d_gimg = {0}, d_lpips = {0};
     kv_tensor logits = {0}, d_logits = {0}, d_z = {0}, d_moments = {0};
     kv_disc_tape gt;
@@ -979,6 +981,8 @@ static klvae_status_t trainer_get_unlocked(const klvae_trainer_t *t, const char 
         word = s->learn_logvar ? "true" : "false";
     else if (strcmp(normal, "train_encoder") == 0)
         word = s->train_encoder ? "true" : "false";
+    else if (strcmp(normal, "recompute") == 0)
+        word = s->recompute ? "true" : "false";
     else if (strcmp(normal, "nonfinite") == 0)
         word = s->refuse_nonfinite ? "refuse" : "skip";
     if (!word)

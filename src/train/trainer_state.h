@@ -41,6 +41,7 @@ typedef struct trainer_settings {
     int disc_layers, disc_channels, grad_accum;
     float ema_decay, grad_clip;
     bool refuse_nonfinite; /* nonfinite=refuse, else skip */
+    bool recompute;        /* resnets recompute conv1 in the backward (option recompute) */
 } trainer_settings;
 
 struct klvae_trainer {
