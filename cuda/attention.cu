@@ -79,54 +79,75 @@ static cudaDataType_t cuda_type(kv_cuda_dtype t)
     return t == KV_CUDA_BF16 ? CUDA_R_16BF : CUDA_R_32F;
 }
 
+/* The geometry of one call's GEMMs: a position's offset and the leading
+ * dimension of q, k, v and out in the layout, the dtypes, the batch. */
+struct attention_gemm {
+    int batch, c, n, block, ld;
+    size_t position, es;
+    long long image, column_block;
+    cudaDataType_t dt;
+    cublasComputeType_t compute;
+};
+
+static attention_gemm gemm_geometry(const kv_cuda *cu, int batch, int c, int n, int block)
+{
+    attention_gemm g;
+    g.batch = batch;
+    g.c = c;
+    g.n = n;
+    g.block = block;
+    g.position = cu->nhwc ? (size_t)c : 1; /* where query (or output position) k0 starts */
+    g.ld = cu->nhwc ? c : n;
+    g.es = kv_cuda_esize(cu->compute);
+    g.image = (long long)c * n;
+    g.column_block = (long long)block * n;
+    g.dt = cuda_type(cu->compute);
+    g.compute = cu->precision == KV_PRECISION_TF32 ? CUBLAS_COMPUTE_32F_FAST_TF32
+                                                   : CUBLAS_COMPUTE_32F;
+    return g;
+}
+
+/* P of the query block at q_blk (nb queries): scores = scale K^T Q_blk (NHWC)
+ * or scale K Q_blk^T (NCHW), both N x nb, then the softmax of each column
+ * into probs (bf16), or in place (float32). */
+static klvae_status_t block_probabilities(kv_cuda *cu, const attention_gemm *g, int nb,
+                                          const void *kp, const void *q_blk, float scale,
+                                          float *scores, void *probs)
+{
+    const float zero = 0.0f;
+    KV_CUBLAS(cu, cublasGemmStridedBatchedEx(
+                      cu->cublas, cu->nhwc ? CUBLAS_OP_T : CUBLAS_OP_N,
+                      cu->nhwc ? CUBLAS_OP_N : CUBLAS_OP_T, g->n, nb, g->c, &scale, kp, g->dt,
+                      g->ld, g->image, q_blk, g->dt, g->ld, g->image, &zero, scores, CUDA_R_32F,
+                      g->n, g->column_block, g->batch, g->compute, CUBLAS_GEMM_DEFAULT));
+    softmax_kernel<<<dim3(nb, g->batch), SOFTMAX_THREADS, 0, cu->stream>>>(
+        scores, probs, cu->compute == KV_CUDA_BF16, g->n, g->block);
+    KV_LAUNCHED(cu, softmax_kernel);
+    return KLVAE_OK;
+}
+
 /* The op once its operands are checked and its buffers exist. */
 static klvae_status_t attention_blocks(kv_cuda *cu, int batch, int c, int n, int block,
                                        const void *qp, const void *kp, const void *vp, void *op,
                                        float scale, void *scores, void *probs)
 {
-    const bool bf16 = cu->compute == KV_CUDA_BF16;
-    const cudaDataType_t dt = cuda_type(cu->compute);
-    const cublasComputeType_t compute = cu->precision == KV_PRECISION_TF32
-                                            ? CUBLAS_COMPUTE_32F_FAST_TF32
-                                            : CUBLAS_COMPUTE_32F;
-    const long long image = (long long)c * n, column_block = (long long)block * n;
-    const size_t es = kv_cuda_esize(cu->compute);
-    /* where query (or output position) k0 starts, and the leading dimension */
-    const size_t position = cu->nhwc ? (size_t)c : 1;
-    const int ld = cu->nhwc ? c : n;
+    const attention_gemm g = gemm_geometry(cu, batch, c, n, block);
     const float one = 1.0f, zero = 0.0f;
     for (int k0 = 0, blk = 0; k0 < n; k0 += block, blk++) {
         const int nb = kv_attention_block_size(n, block, blk);
-        const void *q_blk = (const char *)qp + (size_t)k0 * position * es;
-        void *out_blk = (char *)op + (size_t)k0 * position * es;
-        if (cu->nhwc) {
-            /* S = scale * K^T Q_blk: (n x c)(c x nb); out_blk = V P: (c x n)(n x nb) */
+        const void *q_blk = (const char *)qp + (size_t)k0 * g.position * g.es;
+        void *out_blk = (char *)op + (size_t)k0 * g.position * g.es;
+        KV_TRY(block_probabilities(cu, &g, nb, kp, q_blk, scale, (float *)scores, probs));
+        if (cu->nhwc) /* out_blk (c x nb) = V P: (c x n)(n x nb) */
             KV_CUBLAS(cu, cublasGemmStridedBatchedEx(
-                              cu->cublas, CUBLAS_OP_T, CUBLAS_OP_N, n, nb, c, &scale, kp, dt, ld,
-                              image, q_blk, dt, ld, image, &zero, scores, CUDA_R_32F, n,
-                              column_block, batch, compute, CUBLAS_GEMM_DEFAULT));
-        } else {
-            /* S = scale * K Q_blk^T: (n x c)(c x nb) */
+                              cu->cublas, CUBLAS_OP_N, CUBLAS_OP_N, c, nb, n, &one, vp, g.dt,
+                              g.ld, g.image, probs, g.dt, n, g.column_block, &zero, out_blk, g.dt,
+                              g.ld, g.image, batch, g.compute, CUBLAS_GEMM_DEFAULT));
+        else /* out_blk (nb x c) = P^T V: (nb x n)(n x c) */
             KV_CUBLAS(cu, cublasGemmStridedBatchedEx(
-                              cu->cublas, CUBLAS_OP_N, CUBLAS_OP_T, n, nb, c, &scale, kp, dt, ld,
-                              image, q_blk, dt, ld, image, &zero, scores, CUDA_R_32F, n,
-                              column_block, batch, compute, CUBLAS_GEMM_DEFAULT));
-        }
-        softmax_kernel<<<dim3(nb, batch), SOFTMAX_THREADS, 0, cu->stream>>>(
-            (float *)scores, probs, bf16, n, block);
-        KV_LAUNCHED(cu, softmax_kernel);
-        if (cu->nhwc) {
-            KV_CUBLAS(cu, cublasGemmStridedBatchedEx(
-                              cu->cublas, CUBLAS_OP_N, CUBLAS_OP_N, c, nb, n, &one, vp, dt, ld,
-                              image, probs, dt, n, column_block, &zero, out_blk, dt, ld, image,
-                              batch, compute, CUBLAS_GEMM_DEFAULT));
-        } else {
-            /* out_blk = P^T V: (nb x n)(n x c) */
-            KV_CUBLAS(cu, cublasGemmStridedBatchedEx(
-                              cu->cublas, CUBLAS_OP_T, CUBLAS_OP_N, nb, c, n, &one, probs, dt, n,
-                              column_block, vp, dt, ld, image, &zero, out_blk, dt, ld, image,
-                              batch, compute, CUBLAS_GEMM_DEFAULT));
-        }
+                              cu->cublas, CUBLAS_OP_T, CUBLAS_OP_N, nb, c, n, &one, probs, g.dt,
+                              n, g.column_block, vp, g.dt, g.ld, g.image, &zero, out_blk, g.dt,
+                              g.ld, g.image, batch, g.compute, CUBLAS_GEMM_DEFAULT));
     }
     return KLVAE_OK;
 }
@@ -199,84 +220,66 @@ struct attention_grads {
 };
 
 static klvae_status_t attention_backward_blocks(kv_cuda *cu, int batch, int c, int n, int block,
-                                                float scale, const attention_grads *g)
+                                                float scale, const attention_grads *gr)
 {
+    const attention_gemm g = gemm_geometry(cu, batch, c, n, block);
     const bool bf16 = cu->compute == KV_CUDA_BF16;
-    const cudaDataType_t dt = cuda_type(cu->compute);
-    const cublasComputeType_t compute = cu->precision == KV_PRECISION_TF32
-                                            ? CUBLAS_COMPUTE_32F_FAST_TF32
-                                            : CUBLAS_COMPUTE_32F;
-    const long long image = (long long)c * n, cb = (long long)block * n;
-    const size_t es = kv_cuda_esize(cu->compute);
-    const size_t position = cu->nhwc ? (size_t)c : 1;
-    const int ld = cu->nhwc ? c : n;
+    const cudaDataType_t dt = g.dt;
+    const int ld = g.ld;
+    const long long image = g.image, cb = g.column_block;
     const float one = 1.0f, zero = 0.0f;
     for (int k0 = 0, blk = 0; k0 < n; k0 += block, blk++) {
         const int nb = kv_attention_block_size(n, block, blk);
-        const float *acc = blk ? &one : &zero; /* dK, dV: the first block sets them */
-        const char *q_blk = (const char *)g->q + (size_t)k0 * position * es;
-        const char *do_blk = (const char *)g->dout + (size_t)k0 * position * es;
-        char *dq_blk = (char *)g->dq + (size_t)k0 * position * es;
-        /* P, as in the forward */
-        if (cu->nhwc)
-            KV_CUBLAS(cu, cublasGemmStridedBatchedEx(
-                              cu->cublas, CUBLAS_OP_T, CUBLAS_OP_N, n, nb, c, &scale, g->k, dt,
-                              ld, image, q_blk, dt, ld, image, &zero, g->scores, CUDA_R_32F, n,
-                              cb, batch, compute, CUBLAS_GEMM_DEFAULT));
-        else
-            KV_CUBLAS(cu, cublasGemmStridedBatchedEx(
-                              cu->cublas, CUBLAS_OP_N, CUBLAS_OP_T, n, nb, c, &scale, g->k, dt,
-                              ld, image, q_blk, dt, ld, image, &zero, g->scores, CUDA_R_32F, n,
-                              cb, batch, compute, CUBLAS_GEMM_DEFAULT));
-        softmax_kernel<<<dim3(nb, batch), SOFTMAX_THREADS, 0, cu->stream>>>(g->scores, g->probs,
-                                                                            bf16, n, block);
-        KV_LAUNCHED(cu, softmax_kernel);
+        const float *acc = blk ? &one : &zero;           /* dV: the first block sets it */
+        const float s_acc = blk ? 1.0f : 0.0f;           /* dK: the same, scaled */
+        const size_t at = (size_t)k0 * g.position * g.es;
+        const char *q_blk = (const char *)gr->q + at, *do_blk = (const char *)gr->dout + at;
+        char *dq_blk = (char *)gr->dq + at;
+        KV_TRY(block_probabilities(cu, &g, nb, gr->k, q_blk, scale, gr->scores, gr->probs));
         if (cu->nhwc) {
             /* dV (c x n) += dO_blk (c x nb) P^T;  dP (n x nb) = V^T dO_blk */
             KV_CUBLAS(cu, cublasGemmStridedBatchedEx(
                               cu->cublas, CUBLAS_OP_N, CUBLAS_OP_T, c, n, nb, &one, do_blk, dt,
-                              ld, image, g->probs, dt, n, cb, acc, g->dv, dt, ld, image, batch,
-                              compute, CUBLAS_GEMM_DEFAULT));
+                              ld, image, gr->probs, dt, n, cb, acc, gr->dv, dt, ld, image, batch,
+                              g.compute, CUBLAS_GEMM_DEFAULT));
             KV_CUBLAS(cu, cublasGemmStridedBatchedEx(
-                              cu->cublas, CUBLAS_OP_T, CUBLAS_OP_N, n, nb, c, &one, g->v, dt, ld,
-                              image, do_blk, dt, ld, image, &zero, g->dp, CUDA_R_32F, n, cb,
-                              batch, compute, CUBLAS_GEMM_DEFAULT));
+                              cu->cublas, CUBLAS_OP_T, CUBLAS_OP_N, n, nb, c, &one, gr->v, dt, ld,
+                              image, do_blk, dt, ld, image, &zero, gr->dp, CUDA_R_32F, n, cb,
+                              batch, g.compute, CUBLAS_GEMM_DEFAULT));
         } else {
             /* dV (n x c) += P dO_blk (nb x c);  dP (n x nb) = V dO_blk^T */
             KV_CUBLAS(cu, cublasGemmStridedBatchedEx(
-                              cu->cublas, CUBLAS_OP_N, CUBLAS_OP_N, n, c, nb, &one, g->probs, dt,
-                              n, cb, do_blk, dt, ld, image, acc, g->dv, dt, ld, image, batch,
-                              compute, CUBLAS_GEMM_DEFAULT));
+                              cu->cublas, CUBLAS_OP_N, CUBLAS_OP_N, n, c, nb, &one, gr->probs, dt,
+                              n, cb, do_blk, dt, ld, image, acc, gr->dv, dt, ld, image, batch,
+                              g.compute, CUBLAS_GEMM_DEFAULT));
             KV_CUBLAS(cu, cublasGemmStridedBatchedEx(
-                              cu->cublas, CUBLAS_OP_N, CUBLAS_OP_T, n, nb, c, &one, g->v, dt, ld,
-                              image, do_blk, dt, ld, image, &zero, g->dp, CUDA_R_32F, n, cb,
-                              batch, compute, CUBLAS_GEMM_DEFAULT));
+                              cu->cublas, CUBLAS_OP_N, CUBLAS_OP_T, n, nb, c, &one, gr->v, dt, ld,
+                              image, do_blk, dt, ld, image, &zero, gr->dp, CUDA_R_32F, n, cb,
+                              batch, g.compute, CUBLAS_GEMM_DEFAULT));
         }
         softmax_backward_kernel<<<dim3(nb, batch), SOFTMAX_THREADS, 0, cu->stream>>>(
-            g->probs, bf16, g->dp, g->ds, bf16, n, block);
+            gr->probs, bf16, gr->dp, gr->ds, bf16, n, block);
         KV_LAUNCHED(cu, softmax_backward_kernel);
         if (cu->nhwc) {
             /* dQ_blk (c x nb) = scale K dS;  dK (c x n) += scale Q_blk dS^T */
             KV_CUBLAS(cu, cublasGemmStridedBatchedEx(
-                              cu->cublas, CUBLAS_OP_N, CUBLAS_OP_N, c, nb, n, &scale, g->k, dt,
-                              ld, image, g->ds, dt, n, cb, &zero, dq_blk, dt, ld, image, batch,
-                              compute, CUBLAS_GEMM_DEFAULT));
-            const float s_acc = blk ? 1.0f : 0.0f;
+                              cu->cublas, CUBLAS_OP_N, CUBLAS_OP_N, c, nb, n, &scale, gr->k, dt,
+                              ld, image, gr->ds, dt, n, cb, &zero, dq_blk, dt, ld, image, batch,
+                              g.compute, CUBLAS_GEMM_DEFAULT));
             KV_CUBLAS(cu, cublasGemmStridedBatchedEx(
                               cu->cublas, CUBLAS_OP_N, CUBLAS_OP_T, c, n, nb, &scale, q_blk, dt,
-                              ld, image, g->ds, dt, n, cb, &s_acc, g->dk, dt, ld, image, batch,
-                              compute, CUBLAS_GEMM_DEFAULT));
+                              ld, image, gr->ds, dt, n, cb, &s_acc, gr->dk, dt, ld, image, batch,
+                              g.compute, CUBLAS_GEMM_DEFAULT));
         } else {
             /* dQ_blk (nb x c) = scale dS^T K;  dK (n x c) += scale dS Q_blk */
             KV_CUBLAS(cu, cublasGemmStridedBatchedEx(
-                              cu->cublas, CUBLAS_OP_T, CUBLAS_OP_N, nb, c, n, &scale, g->ds, dt,
-                              n, cb, g->k, dt, ld, image, &zero, dq_blk, dt, ld, image, batch,
-                              compute, CUBLAS_GEMM_DEFAULT));
-            const float s_acc = blk ? 1.0f : 0.0f;
+                              cu->cublas, CUBLAS_OP_T, CUBLAS_OP_N, nb, c, n, &scale, gr->ds, dt,
+                              n, cb, gr->k, dt, ld, image, &zero, dq_blk, dt, ld, image, batch,
+                              g.compute, CUBLAS_GEMM_DEFAULT));
             KV_CUBLAS(cu, cublasGemmStridedBatchedEx(
-                              cu->cublas, CUBLAS_OP_N, CUBLAS_OP_N, n, c, nb, &scale, g->ds, dt,
-                              n, cb, q_blk, dt, ld, image, &s_acc, g->dk, dt, ld, image, batch,
-                              compute, CUBLAS_GEMM_DEFAULT));
+                              cu->cublas, CUBLAS_OP_N, CUBLAS_OP_N, n, c, nb, &scale, gr->ds, dt,
+                              n, cb, q_blk, dt, ld, image, &s_acc, gr->dk, dt, ld, image, batch,
+                              g.compute, CUBLAS_GEMM_DEFAULT));
         }
     }
     return KLVAE_OK;

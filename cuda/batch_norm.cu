@@ -59,15 +59,6 @@ static __global__ void bn_apply_kernel(const void *x, int x16, const float2 *coe
     }
 }
 
-static klvae_status_t flag(kv_cuda *cu, const char *op, const kv_tensor *t, const char *what,
-                           int *f)
-{
-    kv_cuda_dtype d;
-    KV_TRY(kv_cuda_dtype_of(cu, t->data, op, what, &d));
-    *f = d == KV_CUDA_BF16;
-    return KLVAE_OK;
-}
-
 klvae_status_t kv_cuda_batch_norm(kv_backend *be, const kv_tensor *x, const kv_tensor *gamma,
                                   const kv_tensor *beta, float eps, float momentum,
                                   float *running_mean, float *running_var, kv_tensor *y,
@@ -76,12 +67,12 @@ klvae_status_t kv_cuda_batch_norm(kv_backend *be, const kv_tensor *x, const kv_t
     kv_cuda *cu = kv_cuda_of(be);
     const char *op = "batch_norm";
     int x16, g16, b16, y16, m16, i16;
-    KV_TRY(flag(cu, op, x, "x", &x16));
-    KV_TRY(flag(cu, op, gamma, "gamma", &g16));
-    KV_TRY(flag(cu, op, beta, "beta", &b16));
-    KV_TRY(flag(cu, op, y, "y", &y16));
-    KV_TRY(flag(cu, op, mean, "mean", &m16));
-    KV_TRY(flag(cu, op, invstd, "invstd", &i16));
+    KV_TRY(kv_cuda_bf16_flag(cu, op, x, "x", &x16));
+    KV_TRY(kv_cuda_bf16_flag(cu, op, gamma, "gamma", &g16));
+    KV_TRY(kv_cuda_bf16_flag(cu, op, beta, "beta", &b16));
+    KV_TRY(kv_cuda_bf16_flag(cu, op, y, "y", &y16));
+    KV_TRY(kv_cuda_bf16_flag(cu, op, mean, "mean", &m16));
+    KV_TRY(kv_cuda_bf16_flag(cu, op, invstd, "invstd", &i16));
     const int batch = x->shape[0], channels = x->shape[1];
     const size_t pixels = (size_t)x->shape[2] * x->shape[3];
     const size_t count = (size_t)batch * channels * pixels;
@@ -195,14 +186,14 @@ klvae_status_t kv_cuda_batch_norm_backward(kv_backend *be, const kv_tensor *x,
     kv_cuda *cu = kv_cuda_of(be);
     const char *op = "batch_norm_backward";
     int x16, g16, m16, i16, dy16, dx16, dg16, db16;
-    KV_TRY(flag(cu, op, x, "x", &x16));
-    KV_TRY(flag(cu, op, gamma, "gamma", &g16));
-    KV_TRY(flag(cu, op, mean, "mean", &m16));
-    KV_TRY(flag(cu, op, invstd, "invstd", &i16));
-    KV_TRY(flag(cu, op, dy, "dy", &dy16));
-    KV_TRY(flag(cu, op, dx, "dx", &dx16));
-    KV_TRY(flag(cu, op, dgamma, "dgamma", &dg16));
-    KV_TRY(flag(cu, op, dbeta, "dbeta", &db16));
+    KV_TRY(kv_cuda_bf16_flag(cu, op, x, "x", &x16));
+    KV_TRY(kv_cuda_bf16_flag(cu, op, gamma, "gamma", &g16));
+    KV_TRY(kv_cuda_bf16_flag(cu, op, mean, "mean", &m16));
+    KV_TRY(kv_cuda_bf16_flag(cu, op, invstd, "invstd", &i16));
+    KV_TRY(kv_cuda_bf16_flag(cu, op, dy, "dy", &dy16));
+    KV_TRY(kv_cuda_bf16_flag(cu, op, dx, "dx", &dx16));
+    KV_TRY(kv_cuda_bf16_flag(cu, op, dgamma, "dgamma", &dg16));
+    KV_TRY(kv_cuda_bf16_flag(cu, op, dbeta, "dbeta", &db16));
     const int batch = x->shape[0], channels = x->shape[1];
     const size_t pixels = (size_t)x->shape[2] * x->shape[3];
     const size_t count = (size_t)batch * channels * pixels;

@@ -136,6 +136,10 @@ struct kv_device_scope {
  * when ptr is not memory of this backend. */
 klvae_status_t kv_cuda_dtype_of(const kv_cuda *cu, const void *ptr, const char *op,
                                 const char *what, kv_cuda_dtype *out);
+/* *bf16 = 1 when tensor t (named what in op's messages) is stored in bf16,
+ * 0 for float32; the error of kv_cuda_dtype_of. */
+klvae_status_t kv_cuda_bf16_flag(const kv_cuda *cu, const char *op, const kv_tensor *t,
+                                 const char *what, int *bf16);
 /* A block of bytes for the rest of one op (staging, workspace, scores):
  * stream-ordered, so kv_cuda_temp_free may follow the work queued on it at
  * once; both are no-ops for 0 bytes / NULL. */

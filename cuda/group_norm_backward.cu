@@ -95,14 +95,6 @@ static __global__ void gn_param_grads_kernel(const double2 *sums, int batch, int
     kv_st(dbeta, db16, c, kv_ld(dbeta, db16, c) + (float)sb);
 }
 
-static klvae_status_t dtype_flag(kv_cuda *cu, const kv_tensor *t, const char *what, int *flag)
-{
-    kv_cuda_dtype d;
-    KV_TRY(kv_cuda_dtype_of(cu, t->data, "group_norm_backward", what, &d));
-    *flag = d == KV_CUDA_BF16;
-    return KLVAE_OK;
-}
-
 klvae_status_t kv_cuda_group_norm_backward(kv_backend *be, const kv_tensor *x,
                                            const kv_tensor *gamma, const kv_tensor *scale,
                                            const kv_tensor *shift, const kv_tensor *mean,
@@ -114,16 +106,16 @@ klvae_status_t kv_cuda_group_norm_backward(kv_backend *be, const kv_tensor *x,
     gn_grad_args a;
     memset(&a, 0, sizeof a);
     int dx16, dg16, db16;
-    KV_TRY(dtype_flag(cu, x, "x", &a.x16));
-    KV_TRY(dtype_flag(cu, da, "da", &a.da16));
-    KV_TRY(dtype_flag(cu, scale, "scale", &a.scale16));
-    KV_TRY(dtype_flag(cu, shift, "shift", &a.shift16));
-    KV_TRY(dtype_flag(cu, mean, "mean", &a.mean16));
-    KV_TRY(dtype_flag(cu, rstd, "rstd", &a.rstd16));
-    KV_TRY(dtype_flag(cu, gamma, "gamma", &a.gamma16));
-    KV_TRY(dtype_flag(cu, dx, "dx", &dx16));
-    KV_TRY(dtype_flag(cu, dgamma, "dgamma", &dg16));
-    KV_TRY(dtype_flag(cu, dbeta, "dbeta", &db16));
+    KV_TRY(kv_cuda_bf16_flag(cu, "group_norm_backward", x, "x", &a.x16));
+    KV_TRY(kv_cuda_bf16_flag(cu, "group_norm_backward", da, "da", &a.da16));
+    KV_TRY(kv_cuda_bf16_flag(cu, "group_norm_backward", scale, "scale", &a.scale16));
+    KV_TRY(kv_cuda_bf16_flag(cu, "group_norm_backward", shift, "shift", &a.shift16));
+    KV_TRY(kv_cuda_bf16_flag(cu, "group_norm_backward", mean, "mean", &a.mean16));
+    KV_TRY(kv_cuda_bf16_flag(cu, "group_norm_backward", rstd, "rstd", &a.rstd16));
+    KV_TRY(kv_cuda_bf16_flag(cu, "group_norm_backward", gamma, "gamma", &a.gamma16));
+    KV_TRY(kv_cuda_bf16_flag(cu, "group_norm_backward", dx, "dx", &dx16));
+    KV_TRY(kv_cuda_bf16_flag(cu, "group_norm_backward", dgamma, "dgamma", &dg16));
+    KV_TRY(kv_cuda_bf16_flag(cu, "group_norm_backward", dbeta, "dbeta", &db16));
     a.x = x->data;
     a.da = da->data;
     a.scale = scale->data;

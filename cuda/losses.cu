@@ -29,26 +29,17 @@ static __global__ void pixel_grad_kernel(pixel_args a, float scale, void *grad, 
     }
 }
 
-static klvae_status_t flag(kv_cuda *cu, const char *op, const kv_tensor *t, const char *what,
-                           int *f)
-{
-    kv_cuda_dtype d;
-    KV_TRY(kv_cuda_dtype_of(cu, t->data, op, what, &d));
-    *f = d == KV_CUDA_BF16;
-    return KLVAE_OK;
-}
-
 klvae_status_t kv_cuda_pixel_loss(kv_backend *be, const kv_tensor *x, const kv_tensor *xhat,
                                   kv_pixel_loss kind, float scale, double *sum, kv_tensor *grad)
 {
     kv_cuda *cu = kv_cuda_of(be);
     pixel_args a = {x->data, xhat->data, 0, 0, kind == KV_LOSS_L1};
-    KV_TRY(flag(cu, "pixel_loss", x, "x", &a.x16));
-    KV_TRY(flag(cu, "pixel_loss", xhat, "xhat", &a.xhat16));
+    KV_TRY(kv_cuda_bf16_flag(cu, "pixel_loss", x, "x", &a.x16));
+    KV_TRY(kv_cuda_bf16_flag(cu, "pixel_loss", xhat, "xhat", &a.xhat16));
     const size_t count = kv_cuda_numel(x);
     if (grad && grad->data && count) {
         int g16;
-        KV_TRY(flag(cu, "pixel_loss", grad, "grad", &g16));
+        KV_TRY(kv_cuda_bf16_flag(cu, "pixel_loss", grad, "grad", &g16));
         pixel_grad_kernel<<<kv_cuda_blocks(count, cu), 256, 0, cu->stream>>>(a, scale, grad->data,
                                                                             g16, count);
         KV_LAUNCHED(cu, pixel_grad_kernel);
@@ -97,12 +88,12 @@ klvae_status_t kv_cuda_logit_loss(kv_backend *be, const kv_tensor *logits, kv_lo
 {
     kv_cuda *cu = kv_cuda_of(be);
     int l16;
-    KV_TRY(flag(cu, "logit_loss", logits, "logits", &l16));
+    KV_TRY(kv_cuda_bf16_flag(cu, "logit_loss", logits, "logits", &l16));
     const size_t count = kv_cuda_numel(logits);
     const double inv = count ? 1.0 / (double)count : 0.0;
     if (grad && grad->data && count) {
         int g16;
-        KV_TRY(flag(cu, "logit_loss", grad, "grad", &g16));
+        KV_TRY(kv_cuda_bf16_flag(cu, "logit_loss", grad, "grad", &g16));
         logit_grad_kernel<<<kv_cuda_blocks(count, cu), 256, 0, cu->stream>>>(
             logits->data, l16, (int)kind, (double)scale * inv, grad->data, g16, count);
         KV_LAUNCHED(cu, logit_grad_kernel);

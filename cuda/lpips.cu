@@ -66,23 +66,14 @@ static __global__ void unit_normalize_backward_kernel(const void *x, int x16, co
     }
 }
 
-static klvae_status_t flag(kv_cuda *cu, const char *op, const kv_tensor *t, const char *what,
-                           int *f)
-{
-    kv_cuda_dtype d;
-    KV_TRY(kv_cuda_dtype_of(cu, t->data, op, what, &d));
-    *f = d == KV_CUDA_BF16;
-    return KLVAE_OK;
-}
-
 klvae_status_t kv_cuda_unit_normalize(kv_backend *be, const kv_tensor *x, kv_tensor *y,
                                       kv_tensor *norms)
 {
     kv_cuda *cu = kv_cuda_of(be);
     int x16, y16, r16;
-    KV_TRY(flag(cu, "unit_normalize", x, "x", &x16));
-    KV_TRY(flag(cu, "unit_normalize", y, "y", &y16));
-    KV_TRY(flag(cu, "unit_normalize", norms, "norms", &r16));
+    KV_TRY(kv_cuda_bf16_flag(cu, "unit_normalize", x, "x", &x16));
+    KV_TRY(kv_cuda_bf16_flag(cu, "unit_normalize", y, "y", &y16));
+    KV_TRY(kv_cuda_bf16_flag(cu, "unit_normalize", norms, "norms", &r16));
     const size_t pixels = (size_t)x->shape[2] * x->shape[3], count = x->shape[0] * pixels;
     if (!count)
         return KLVAE_OK;
@@ -100,10 +91,10 @@ klvae_status_t kv_cuda_unit_normalize_backward(kv_backend *be, const kv_tensor *
     kv_cuda *cu = kv_cuda_of(be);
     const char *op = "unit_normalize_backward";
     int x16, r16, dy16, dx16;
-    KV_TRY(flag(cu, op, x, "x", &x16));
-    KV_TRY(flag(cu, op, norms, "norms", &r16));
-    KV_TRY(flag(cu, op, dy, "dy", &dy16));
-    KV_TRY(flag(cu, op, dx, "dx", &dx16));
+    KV_TRY(kv_cuda_bf16_flag(cu, op, x, "x", &x16));
+    KV_TRY(kv_cuda_bf16_flag(cu, op, norms, "norms", &r16));
+    KV_TRY(kv_cuda_bf16_flag(cu, op, dy, "dy", &dy16));
+    KV_TRY(kv_cuda_bf16_flag(cu, op, dx, "dx", &dx16));
     const size_t pixels = (size_t)x->shape[2] * x->shape[3], count = x->shape[0] * pixels;
     if (!count)
         return KLVAE_OK;
@@ -182,11 +173,11 @@ klvae_status_t kv_cuda_lpips_distance(kv_backend *be, const kv_tensor *a, const 
     lpips_args la;
     memset(&la, 0, sizeof la);
     int w16, db16 = 0;
-    KV_TRY(flag(cu, op, a, "a", &la.a16));
-    KV_TRY(flag(cu, op, b, "b", &la.b16));
-    KV_TRY(flag(cu, op, w, "w", &w16));
+    KV_TRY(kv_cuda_bf16_flag(cu, op, a, "a", &la.a16));
+    KV_TRY(kv_cuda_bf16_flag(cu, op, b, "b", &la.b16));
+    KV_TRY(kv_cuda_bf16_flag(cu, op, w, "w", &w16));
     if (db)
-        KV_TRY(flag(cu, op, db, "db", &db16));
+        KV_TRY(kv_cuda_bf16_flag(cu, op, db, "db", &db16));
     const int batch = a->shape[0];
     la.a = a->data;
     la.b = b->data;

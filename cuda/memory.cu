@@ -77,6 +77,15 @@ klvae_status_t kv_cuda_dtype_of(const kv_cuda *cu, const void *ptr, const char *
     return KLVAE_OK;
 }
 
+klvae_status_t kv_cuda_bf16_flag(const kv_cuda *cu, const char *op, const kv_tensor *t,
+                                 const char *what, int *bf16)
+{
+    kv_cuda_dtype d;
+    KV_TRY(kv_cuda_dtype_of(cu, t->data, op, what, &d));
+    *bf16 = d == KV_CUDA_BF16;
+    return KLVAE_OK;
+}
+
 klvae_status_t kv_cuda_temp(kv_cuda *cu, size_t bytes, const char *what, void **ptr)
 {
     *ptr = NULL;

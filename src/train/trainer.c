@@ -869,22 +869,39 @@ static klvae_status_t trainer_step(klvae_trainer_t *t, const step_input *in, con
     return KLVAE_OK;
 }
 
+/* A step behind the busy marks of the trainer and its model (no encode or
+ * decode meanwhile); a device step on the caller's stream. */
+static klvae_status_t locked_step(klvae_trainer_t *t, const step_input *in, int n, int h, int w,
+                                  void *stream, klvae_step_stats_t *stats)
+{
+    step_plan plan;
+    klvae_status_t st = plan_step(t, in, n, h, w, stats, &plan);
+    if (st == KLVAE_OK)
+        st = kv_busy_enter(&t->busy, in->fn);
+    if (st != KLVAE_OK)
+        return st;
+    char model_fn[64];
+    snprintf(model_fn, sizeof model_fn, "%s (its model)", in->fn);
+    st = kv_busy_enter(&t->m->busy, model_fn);
+    if (st == KLVAE_OK) {
+        if (in->device) {
+            st = kv_model_stream_enter(t->m, in->fn, "klvae_trainer_step", stream);
+            if (st == KLVAE_OK)
+                st = kv_model_stream_leave(t->m, trainer_step(t, in, &plan, stats));
+        } else {
+            st = trainer_step(t, in, &plan, stats);
+        }
+        st = kv_busy_leave(&t->m->busy, st);
+    }
+    return kv_busy_leave(&t->busy, st);
+}
+
 KLVAE_API klvae_status_t klvae_trainer_step(klvae_trainer_t *t, const float *images, int n, int h,
                                             int w, klvae_step_stats_t *stats)
 {
     kv_error_clear();
     const step_input in = {"klvae_trainer_step", images, NULL};
-    step_plan plan;
-    klvae_status_t st = plan_step(t, &in, n, h, w, stats, &plan);
-    if (st == KLVAE_OK)
-        st = kv_busy_enter(&t->busy, in.fn);
-    if (st != KLVAE_OK)
-        return st;
-    /* the model's weights and worker pool too: no encode or decode meanwhile */
-    st = kv_busy_enter(&t->m->busy, "klvae_trainer_step (its model)");
-    if (st == KLVAE_OK)
-        st = kv_busy_leave(&t->m->busy, trainer_step(t, &in, &plan, stats));
-    return kv_busy_leave(&t->busy, st);
+    return locked_step(t, &in, n, h, w, NULL, stats);
 }
 
 KLVAE_API klvae_status_t klvae_trainer_step_device(klvae_trainer_t *t, const float *images, int n,
@@ -892,27 +909,14 @@ KLVAE_API klvae_status_t klvae_trainer_step_device(klvae_trainer_t *t, const flo
                                                    klvae_step_stats_t *stats)
 {
     kv_error_clear();
-    step_input in = {"klvae_trainer_step_device", images, t && t->m ? t->m->plugin : NULL};
+    const step_input in = {"klvae_trainer_step_device", images, t && t->m ? t->m->plugin : NULL};
     if (t && !in.device)
         return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
                         "klvae_trainer_step_device: the model runs on the %s backend, which has "
                         "no device memory; use klvae_trainer_step with host arrays (or load the "
                         "model with backend=cuda)",
                         t->m->backend_name);
-    step_plan plan;
-    klvae_status_t st = plan_step(t, &in, n, h, w, stats, &plan);
-    if (st == KLVAE_OK)
-        st = kv_busy_enter(&t->busy, in.fn);
-    if (st != KLVAE_OK)
-        return st;
-    st = kv_busy_enter(&t->m->busy, "klvae_trainer_step_device (its model)");
-    if (st == KLVAE_OK) {
-        st = kv_model_stream_enter(t->m, in.fn, "klvae_trainer_step", stream);
-        if (st == KLVAE_OK)
-            st = kv_model_stream_leave(t->m, trainer_step(t, &in, &plan, stats));
-        st = kv_busy_leave(&t->m->busy, st);
-    }
-    return kv_busy_leave(&t->busy, st);
+    return locked_step(t, &in, n, h, w, stream, stats);
 }
 
 KLVAE_API int64_t klvae_trainer_step_count(const klvae_trainer_t *t)
