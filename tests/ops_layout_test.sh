@@ -14,7 +14,8 @@
 #   - tests/ops/test_FAMILY.c exists and calls the op (kv_cpu_NAME or
 #     ops->NAME).
 # And every file is named for what it holds: src/backend/cpu/*.c is a family
-# file, a FAMILY_*.c file, cpu_backend.c or threadpool.c; cuda/*.cu the same
+# file, a FAMILY_*.c file, or one of the backend's own parts (cpu_backend.c,
+# threadpool.c, weight_cache.c: the kept weight transforms); cuda/*.cu the same
 # with cuda_backend.cu and memory.cu (the plugin's blocks, upload and
 # download, which the CPU has in cpu_backend.c); tests/ops/*.c is
 # test_FAMILY.c or op_test_util.c;
@@ -124,9 +125,9 @@ family_name() {
 
 for f in src/backend/cpu/*.c; do
     base=$(basename "$f" .c)
-    case "$base" in cpu_backend | threadpool) ok; continue ;; esac
+    case "$base" in cpu_backend | threadpool | weight_cache) ok; continue ;; esac
     if family_name "$base"; then ok
-    else bad "$f is named for no op family of $BACKEND_H (nor is it cpu_backend.c or threadpool.c)"; fi
+    else bad "$f is named for no op family of $BACKEND_H (nor is it cpu_backend.c, threadpool.c or weight_cache.c)"; fi
 done
 for f in cuda/*.cu; do
     [ -f "$f" ] || continue
