@@ -15,7 +15,8 @@
 #     ops->NAME).
 # And every file is named for what it holds: src/backend/cpu/*.c is a family
 # file, a FAMILY_*.c file, or one of the backend's own parts (cpu_backend.c,
-# threadpool.c, weight_cache.c: the kept weight transforms); cuda/*.cu the same
+# threadpool.c, weight_cache.c: the kept weight transforms, bf16_gemm.c: the
+# bf16 matrix products); cuda/*.cu the same
 # with cuda_backend.cu and memory.cu (the plugin's blocks, upload and
 # download, which the CPU has in cpu_backend.c); tests/ops/*.c is
 # test_FAMILY.c or op_test_util.c;
@@ -125,9 +126,9 @@ family_name() {
 
 for f in src/backend/cpu/*.c; do
     base=$(basename "$f" .c)
-    case "$base" in cpu_backend | threadpool | weight_cache) ok; continue ;; esac
+    case "$base" in cpu_backend | threadpool | weight_cache | bf16_gemm) ok; continue ;; esac
     if family_name "$base"; then ok
-    else bad "$f is named for no op family of $BACKEND_H (nor is it cpu_backend.c, threadpool.c or weight_cache.c)"; fi
+    else bad "$f is named for no op family of $BACKEND_H (nor one of the backend's own parts)"; fi
 done
 for f in cuda/*.cu; do
     [ -f "$f" ] || continue

@@ -5,6 +5,7 @@
  * CPU has AVX512-BF16, in bf16 (the packed bf16 forms as well). Results
  * with the cache are compared bit for bit with a backend whose cache is
  * off, which computes every form afresh on every call. */
+#include "backend/cpu/bf16_gemm.h"
 #include "backend/cpu/cpu_ops.h"
 #include "model/model.h"
 #include "test_util.h"
@@ -13,10 +14,10 @@
 
 static kv_backend *make_backend(bool bf16, bool cache)
 {
-    (void)bf16;
-    kv_backend_settings settings = {2, 0, KV_PRECISION_FP32};
+    kv_backend_settings settings = {2, 0, bf16 ? KV_PRECISION_BF16 : KV_PRECISION_FP32};
     kv_backend *be = NULL;
     ck_assert_ok(kv_cpu_backend_create(&settings, &be));
+    ck_assert(kv_cpu_of(be)->bf16 == bf16);
     kv_cpu_of(be)->weights.disabled = !cache;
     return be;
 }
@@ -34,7 +35,7 @@ static bool run_bf16(int pass)
 /* The passes a case makes: fp32, then bf16 where the CPU has it. */
 static int passes(void)
 {
-    return 1;
+    return kv_bf16_available(NULL, 0) ? 2 : 1;
 }
 
 /* ---- ops ---- */
@@ -285,7 +286,7 @@ static klvae_trainer_t *make_trainer(bool bf16, bool cache, klvae_model_t **mode
     ck_assert_ok(klvae_options_create(&o));
     for (size_t i = 0; i < KV_ARRAY_LEN(setup); i++)
         ck_assert_ok(klvae_options_set(o, setup[i][0], setup[i][1]));
-    (void)bf16;
+    ck_assert_ok(klvae_options_set(o, "precision", bf16 ? "bf16" : "fp32"));
     ck_assert_ok(klvae_model_create(o, model));
     kv_cpu_of((*model)->be)->weights.disabled = !cache;
     klvae_trainer_t *t = NULL;

@@ -38,19 +38,6 @@
 /* Input channels per task of the first phase. */
 #define KV_WINOGRAD_TRANSFORM_CHANNELS 16
 
-typedef struct winograd_job {
-    const float *x, *bias; /* this image */
-    float *y;
-    const float *scale, *shift; /* this image's prologue, or NULL */
-    kv_activation act;
-    const float *u; /* transformed weights: 16 x Co x Ci */
-    float *v;       /* this band's transformed inputs: 16 x Ci x tiles */
-    int ci, co, h, w;
-    int tiles_w, tile_rows_per_band;
-    int tr0, tr1; /* this band's tile rows */
-    int rows_per_chunk, chunks, co_per_split, splits;
-    kv_cpu *cpu;
-} winograd_job;
 
 bool kv_winograd_applies(int ci, int co, int kh, int kw, kv_conv_geometry g)
 {
@@ -174,7 +161,8 @@ static const float *winograd_weights(kv_cpu *cpu, const kv_tensor *w, bool flipp
  * the transform works on whole (zero-padded) image rows; the horizontal half
  * then reads those rows at even and odd offsets, one tile per lane. */
 KV_VECTOR_CLONES
-static void transform_inputs(const winograd_job *j, int c0, int c1, size_t tiles, float *rows)
+void kv_winograd_transform_inputs(const kv_winograd_job *j, int c0, int c1, size_t tiles,
+                                  float *rows)
 {
     const float *x = j->x;
     float *v = j->v;
@@ -245,7 +233,7 @@ static void transform_inputs(const winograd_job *j, int c0, int c1, size_t tiles
  * written to two padded output rows, then copied into the image so odd sizes
  * drop their extra row and column. */
 KV_VECTOR_CLONES
-static void transform_outputs(const winograd_job *j, const float *m, int c0, int c1, int tr0,
+static void transform_outputs(const kv_winograd_job *j, const float *m, int c0, int c1, int tr0,
                               int tr1, float *rows)
 {
     const int h = j->h, w = j->w, tw = j->tiles_w;
@@ -280,7 +268,7 @@ static void transform_outputs(const winograd_job *j, const float *m, int c0, int
     }
 }
 
-static size_t band_tiles(const winograd_job *j)
+static size_t band_tiles(const kv_winograd_job *j)
 {
     return (size_t)(j->tr1 - j->tr0) * (size_t)j->tiles_w;
 }
@@ -288,17 +276,17 @@ static size_t band_tiles(const winograd_job *j)
 /* Phase 1: V for input channels [16 task, 16 task + 16). */
 static void input_task(void *arg, int task, int thread)
 {
-    const winograd_job *j = arg;
+    const kv_winograd_job *j = arg;
     int c0 = task * KV_WINOGRAD_TRANSFORM_CHANNELS;
     int c1 = KV_MIN(j->ci, c0 + KV_WINOGRAD_TRANSFORM_CHANNELS);
-    transform_inputs(j, c0, c1, band_tiles(j), j->cpu->scratch[thread]);
+    kv_winograd_transform_inputs(j, c0, c1, band_tiles(j), j->cpu->scratch[thread]);
 }
 
 /* Phase 2: the 16 products and the output transform for one chunk of tile
  * rows and one range of output channels. */
 static void output_task(void *arg, int task, int thread)
 {
-    const winograd_job *j = arg;
+    const kv_winograd_job *j = arg;
     const int chunk = task / j->splits, split = task % j->splits;
     const int c0 = split * j->co_per_split, c1 = KV_MIN(j->co, c0 + j->co_per_split);
     const int tr0 = j->tr0 + chunk * j->rows_per_chunk;
@@ -323,7 +311,9 @@ klvae_status_t kv_conv2d_winograd(kv_cpu *cpu, const kv_tensor *x,
                                   const kv_conv_prologue *prologue, const kv_tensor *w,
                                   bool flipped, const kv_tensor *b, kv_tensor *y)
 {
-    winograd_job j;
+    if (cpu->bf16)
+        return kv_conv2d_winograd_bf16(cpu, x, prologue, w, flipped, b, y);
+    kv_winograd_job j;
     memset(&j, 0, sizeof j);
     j.bias = b ? b->data : NULL;
     j.ci = x->shape[1];

@@ -7,6 +7,7 @@
 #include <string.h>
 #include <sys/mman.h>
 
+#include "backend/cpu/bf16_gemm.h"
 #include "backend/cpu/cpu_ops.h"
 
 /* Present when the CBLAS is OpenBLAS; weak so that any other CBLAS links. */
@@ -250,6 +251,7 @@ klvae_status_t kv_cpu_backend_create(const kv_backend_settings *settings, kv_bac
     be->ctx = cpu;
     be->host_memory = true;
     cpu->threads = settings->threads > 0 ? settings->threads : kv_cpu_count();
+    cpu->bf16 = settings->precision == KV_PRECISION_BF16 && kv_bf16_available(NULL, 0);
     cpu->weights.budget = KV_WEIGHT_CACHE_BUDGET;
     cpu->scratch = calloc((size_t)cpu->threads, sizeof *cpu->scratch);
     cpu->scratch_floats = calloc((size_t)cpu->threads, sizeof *cpu->scratch_floats);

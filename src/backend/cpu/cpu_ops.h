@@ -31,6 +31,10 @@ typedef struct kv_cpu {
     } cache[KV_CPU_CACHE_SLOTS];
     int cached;
     size_t cached_bytes;
+    /* precision=bf16 on a CPU with AVX512-BF16: convolutions, attention
+     * and linear layers multiply bf16 operands with float32 accumulation
+     * (bf16_gemm.h); storage stays float32. */
+    bool bf16;
     /* Transformed and packed weights kept between calls (weight_cache.h). */
     kv_weight_cache weights;
 } kv_cpu;
