@@ -62,7 +62,7 @@ SYS_LIBS := -lm -lpthread -ldl
 
 # The library's layers, bottom up (docs/design.md): each includes only from
 # the layers before it (tests/layers_test.sh checks).
-LAYERS := base formats backend model train
+LAYERS := base formats backend model train dataset
 LIB_SOURCES := $(foreach l,$(LAYERS),$(wildcard src/$(l)/*.c)) $(wildcard src/backend/cpu/*.c)
 LIB_HEADERS := $(wildcard src/*/*.h src/*/*/*.h include/*.h)
 LIB_OBJECTS := $(patsubst src/%.c,build/obj/%.o,$(LIB_SOURCES))
