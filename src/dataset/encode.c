@@ -97,17 +97,6 @@ static klvae_status_t check_existing(run *r, size_t i, bool *done)
 
 /* ---- encoding ---- */
 
-/* The seed of klvae_sample for the image of file (copy 0) or its mirror
- * image (copy 1): splitmix64 of both, so that every image has its own
- * noise whatever the batch it is encoded in. */
-static uint64_t sample_seed(uint64_t seed, uint32_t file, int copy)
-{
-    uint64_t z = seed + 0x9E3779B97F4A7C15ull * ((uint64_t)file * 2 + (uint64_t)copy + 1);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
 /* Encodes the n images of the batch (n plain ones, then with flip their n
  * mirror images) and appends them to rows. */
 static klvae_status_t encode_batch(run *r, kv_ds_rows *rows, int n, const kv_bucket *b)
@@ -124,7 +113,7 @@ static klvae_status_t encode_batch(run *r, kv_ds_rows *rows, int n, const kv_buc
                                      r->logvar);
     for (int i = 0; st == KLVAE_OK && s->store_sample && i < n * copies; i++)
         st = klvae_sample(r->model, r->mean + (size_t)i * latent, r->logvar + (size_t)i * latent,
-                          1, lh, lw, sample_seed(s->seed, r->files_of[i % n], i / n),
+                          1, lh, lw, kv_ds_sample_seed(s->seed, r->files_of[i % n], i / n),
                           r->latent + (size_t)i * latent);
     if (st != KLVAE_OK)
         return st;

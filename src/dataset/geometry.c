@@ -29,19 +29,21 @@ klvae_status_t kv_buckets_make(int side, int step, double max_ratio, kv_bucket *
     *count = 0;
     const uint64_t area = (uint64_t)side * (uint64_t)side, s = (uint64_t)step;
     int n = 0;
-    kv_bucket *list = malloc((size_t)(area / s / s + 1) * sizeof *list);
+    kv_bucket *list = malloc((size_t)(2 * (area / s / s) + 2) * sizeof *list);
     if (!list)
         return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory making buckets");
     for (uint64_t w = s; w * s <= area; w += s) {
         uint64_t h = area / w / s * s;
-        /* max(w/h, h/w) <= max_ratio, compared in double: both products are
-         * exact (below 2^53) and the comparison is one rounding away from
-         * integer ties only in theory; max_ratio comes from text anyway */
-        if (h < s || (double)w > max_ratio * (double)h || (double)h > max_ratio * (double)w)
+        /* w / h <= max_ratio, compared in double: both sides are exact
+         * (integers below 2^53 times a ratio from text) */
+        if (h < s || h > w || (double)w > max_ratio * (double)h)
             continue;
         list[n].h = (int)h;
-        list[n].w = (int)w;
-        n++;
+        list[n++].w = (int)w;
+        if (h < w) { /* its portrait twin */
+            list[n].h = (int)w;
+            list[n++].w = (int)h;
+        }
     }
     if (n == 0) {
         free(list);

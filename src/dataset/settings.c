@@ -32,6 +32,14 @@ void kv_hash_hex(uint64_t h, char out[17])
     snprintf(out, 17, "%016llx", (unsigned long long)h);
 }
 
+uint64_t kv_ds_sample_seed(uint64_t seed, uint32_t file, int copy)
+{
+    uint64_t z = seed + 0x9E3779B97F4A7C15ull * ((uint64_t)file * 2 + (uint64_t)copy + 1);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
 const char *kv_ds_dtype_name(kv_ds_dtype dtype)
 {
     return dtype == KV_DS_BF16 ? "BF16" : dtype == KV_DS_F16 ? "F16" : "F32";

@@ -56,6 +56,11 @@ void kv_ds_settings_free(kv_ds_settings *s);
  * preprocessing, storage, source (count and hash of the names) and parts. */
 json_t *kv_ds_settings_json(const kv_ds_settings *s, const kv_image_files *files);
 
+/* The seed of klvae_sample for the image of file number file (copy 0) or
+ * its mirror image (copy 1) with store=sample: splitmix64 of the three, so
+ * every image has its own noise, whatever batch it is encoded in. */
+uint64_t kv_ds_sample_seed(uint64_t seed, uint32_t file, int copy);
+
 /* "F32", "BF16" or "F16"; bytes per value. */
 const char *kv_ds_dtype_name(kv_ds_dtype dtype);
 int kv_ds_dtype_size(kv_ds_dtype dtype);
