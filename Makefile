@@ -181,6 +181,7 @@ check: all $(TEST_BIN)
 	sh tests/cli_test.sh || status=1; \
 	sh tests/install_test.sh || status=1; \
 	sh tests/fault_test.sh || status=1; \
+	sh tests/encode_dataset_test.sh || status=1; \
 	sh tests/docs_test.sh || status=1; \
 	sh tests/bindings_test.sh || status=1; \
 	exit $$status

@@ -259,6 +259,8 @@ static klvae_status_t run_schedule(run *r)
     r->p.images_total = (int64_t)(r->plan.file_end - r->plan.file_begin);
     r->p.images_skipped = (int64_t)r->plan.nerrors;
     r->p.shards_total = (int64_t)r->plan.nshards;
+    for (size_t i = 0; i < r->plan.nerrors && !r->stopped; i++) /* headers that failed */
+        report(r, r->files.names[r->plan.errors[i].file], r->plan.errors[i].reason);
     for (size_t i = 0; i < r->plan.nshards; i++) {
         klvae_status_t st = check_existing(r, i, &r->shard_done[i]);
         if (st != KLVAE_OK)
