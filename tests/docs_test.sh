@@ -99,9 +99,11 @@ else ok; fi
 grep '^KLVAE_API' "$HEADER" | sed 's/(.*//' |
     sed -n 's/.*[^A-Za-z0-9_]\(klvae_[A-Za-z0-9_]*\)[ ]*$/\1/p' | sort -u >"$tmp/header.funcs"
 [ -s "$tmp/header.funcs" ] && ok || bad "found no KLVAE_API functions in $HEADER"
-# Everything the header declares under a klvae_ name: functions, typedefs, tags.
+# Everything the header declares under a klvae_ name: functions, typedefs (of
+# function pointers too), tags.
 {
     cat "$tmp/header.funcs"
+    sed -n 's/^typedef [^(]*(\*\(klvae_[A-Za-z0-9_]*\)).*/\1/p' "$HEADER"
     grep -E '^typedef (struct|enum) klvae_' "$HEADER" | tr -c 'A-Za-z0-9_' '\n' | grep '^klvae_'
     grep -E '^\} *klvae_[A-Za-z0-9_]*;' "$HEADER" | tr -c 'A-Za-z0-9_' '\n' | grep '^klvae_'
 } | sort -u >"$tmp/header.decl"
