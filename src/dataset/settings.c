@@ -157,6 +157,10 @@ static klvae_status_t hash_encoder(klvae_model_t *m, kv_ds_settings *s)
     if (!host)
         return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory hashing the model's weights");
     klvae_status_t st = kv_busy_enter(&m->busy, "klvae_encode_dataset");
+    if (st != KLVAE_OK) {
+        free(host);
+        return st;
+    }
     uint64_t h = KV_HASH_START;
     for (size_t i = 0; st == KLVAE_OK && i < m->num_params; i++) {
         const kv_param *p = &m->params[i];
@@ -166,8 +170,7 @@ static klvae_status_t hash_encoder(klvae_model_t *m, kv_ds_settings *s)
         h = kv_hash_bytes(kv_hash_text(h, p->name), host,
                           kv_tensor_numel(p->tensor) * sizeof *host);
     }
-    if (st == KLVAE_OK || st != KLVAE_ERR_BUSY)
-        st = kv_busy_leave(&m->busy, st);
+    st = kv_busy_leave(&m->busy, st);
     free(host);
     kv_hash_hex(h, s->weights_hash);
     return st;
