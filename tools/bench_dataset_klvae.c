@@ -5,11 +5,12 @@
  *    "peak_rss_mb": ...}
  *
  *   bench_dataset_klvae MODEL_DIR DATA_DIR SIZE [--batch N] [--threads T] [--runs R]
- *                       [--shard-size N]
+ *                       [--shard-size N] [--backend B] [--precision P] [--dtype D]
  *   bench_dataset_klvae --create-model MODEL_DIR [--config NAME]
  *
  * Each run encodes DATA_DIR (--size SIZE, centre crop, posterior in float32,
- * the default shard size) into a fresh temporary folder, removed afterwards;
+ * the default shard size; --dtype for the stored values) into a fresh temporary
+ * folder, removed afterwards;
  * the time is the call's, model loading and one warm-up encode excluded (as on
  * the PyTorch side). --create-model writes a seeded random model of the named
  * config (default sd) as a diffusers folder that both sides load. */
@@ -59,7 +60,7 @@ static int create_model(const char *dir, const char *config)
 static void usage(void)
 {
     fprintf(stderr, "usage: bench_dataset_klvae MODEL_DIR DATA_DIR SIZE [--batch N] [--threads T] "
-                    "[--runs R] [--shard-size N]\n"
+                    "[--runs R] [--shard-size N] [--backend B] [--precision P] [--dtype D]\n"
                     "       bench_dataset_klvae --create-model MODEL_DIR [--config NAME]\n");
     exit(2);
 }
@@ -71,7 +72,8 @@ int main(int argc, char **argv)
     if (argc < 4)
         usage();
     const char *model_dir = argv[1], *data = argv[2], *size = argv[3];
-    const char *batch = "4", *threads = "0", *shard_size = "512";
+    const char *batch = "4", *threads = "0", *shard_size = "512", *backend = "cpu";
+    const char *precision = "fp32", *dtype = "fp32";
     int runs = 3;
     for (int i = 4; i < argc; i += 2) {
         if (i + 1 >= argc)
@@ -80,6 +82,9 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[i], "--threads")) threads = argv[i + 1];
         else if (!strcmp(argv[i], "--runs")) runs = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--shard-size")) shard_size = argv[i + 1];
+        else if (!strcmp(argv[i], "--backend")) backend = argv[i + 1];
+        else if (!strcmp(argv[i], "--precision")) precision = argv[i + 1];
+        else if (!strcmp(argv[i], "--dtype")) dtype = argv[i + 1];
         else usage();
     }
     if (runs <= 0)
@@ -91,6 +96,9 @@ int main(int argc, char **argv)
     check(klvae_options_set(o, "size", size));
     check(klvae_options_set(o, "encode_batch", batch));
     check(klvae_options_set(o, "shard_size", shard_size));
+    check(klvae_options_set(o, "backend", backend));
+    check(klvae_options_set(o, "precision", precision));
+    check(klvae_options_set(o, "dtype", dtype));
     check(klvae_model_load(model_dir, o, &m));
     const int s = atoi(size), f = klvae_model_downsampling_factor(m);
     const size_t n_img = (size_t)3 * s * s, n_lat = (size_t)4 * (s / f) * (s / f);
@@ -120,7 +128,8 @@ int main(int argc, char **argv)
     char used_threads[16];
     klvae_model_get(m, "threads", used_threads, sizeof used_threads);
     printf("{\"impl\": \"libklvae\", \"op\": \"dataset\", \"size\": %d, \"batch\": %s, "
-           "\"threads\": %s, \"images\": %lld, \"times\": [", s, batch, used_threads, images);
+           "\"threads\": %s, \"backend\": \"%s\", \"precision\": \"%s\", \"images\": %lld, "
+           "\"times\": [", s, batch, used_threads, klvae_model_backend(m), precision, images);
     for (int r = 0; r < runs; r++)
         printf(r ? ", %.3f" : "%.3f", times[r]);
     printf("], \"median\": %.3f, \"images_per_second\": %.4f, \"peak_rss_mb\": %.1f}\n", med,

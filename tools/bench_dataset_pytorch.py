@@ -11,7 +11,11 @@ the model is loaded before the clock starts, as on the libklvae side) and the
 median.
 
     bench_dataset_pytorch.py MODEL_DIR DATA_DIR SIZE [--batch 4] [--threads T]
-                             [--runs 3] [--shard-size 512]
+                             [--runs 3] [--shard-size 512] [--device cpu|cuda]
+                             [--dtype fp32|bf16]
+
+On a GPU (--device cuda) the model runs in --dtype and the stored mean and logvar
+are converted to float32 first, as a caching script does.
 """
 import argparse
 import json
@@ -47,7 +51,8 @@ def preprocess(path, size, np):
     return a.transpose(2, 0, 1)
 
 
-def encode_dataset(vae, files, out_dir, size, batch, shard_size, torch, np, save_file):
+def encode_dataset(vae, files, out_dir, size, batch, shard_size, torch, np, save_file,
+                   device="cpu", dtype=None):
     means, logvars, shard = [], [], 0
 
     def flush():
@@ -61,9 +66,9 @@ def encode_dataset(vae, files, out_dir, size, batch, shard_size, torch, np, save
     stored = 0
     for i in range(0, len(files), batch):
         x = torch.from_numpy(np.stack([preprocess(f, size, np) for f in files[i:i + batch]]))
-        dist = vae.encode(x).latent_dist
-        means.append(dist.mean.numpy())
-        logvars.append(dist.logvar.numpy())
+        dist = vae.encode(x.to(device=device, dtype=dtype)).latent_dist
+        means.append(dist.mean.float().cpu().numpy())
+        logvars.append(dist.logvar.float().cpu().numpy())
         stored += x.shape[0]
         if stored % shard_size == 0:
             flush()
@@ -79,6 +84,10 @@ def main():
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--shard-size", type=int, default=512)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--backend", help=argparse.SUPPRESS)  # libklvae's flags, ignored here
+    p.add_argument("--precision", help=argparse.SUPPRESS)
     a = p.parse_args()
     import numpy as np
     import torch
@@ -88,21 +97,24 @@ def main():
     threads = a.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     torch.set_num_interop_threads(1)
-    vae = AutoencoderKL.from_pretrained(a.model).eval()
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    vae = AutoencoderKL.from_pretrained(a.model).eval().to(device=a.device, dtype=dtype)
     times = []
     with torch.inference_mode():
-        vae.encode(torch.zeros(1, 3, a.size, a.size))  # warm-up, as libklvae's side
+        # warm-up, as libklvae's side
+        vae.encode(torch.zeros(1, 3, a.size, a.size, device=a.device, dtype=dtype))
         for _ in range(a.runs):
             with tempfile.TemporaryDirectory(prefix="klvae-bench-torch-") as out:
                 t0 = time.perf_counter()
                 files = list_images(a.data)
                 encode_dataset(vae, files, out, a.size, a.batch, a.shard_size, torch, np,
-                               save_file)
+                               save_file, a.device, dtype)
                 times.append(time.perf_counter() - t0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     med = statistics.median(times)
     print(json.dumps({"impl": "pytorch", "op": "dataset", "size": a.size, "batch": a.batch,
-                      "threads": threads, "images": len(files),
+                      "threads": threads, "device": a.device, "dtype": a.dtype,
+                      "images": len(files),
                       "times": [round(t, 3) for t in times], "median": round(med, 3),
                       "images_per_second": round(len(files) / med, 4),
                       "peak_rss_mb": round(peak, 1), "torch": torch.__version__}))
