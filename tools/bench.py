@@ -191,9 +191,10 @@ def dataset_part(a, torch_ok):
                     + common) if torch_ok else None
             ks += [k] if k else []
             ts += [t] if t else []
-            print("dataset %d^2 round %d: libklvae %s   pytorch %s" % (
-                a.dataset_size, r + 1, "%.2f images/s" % k["images_per_second"] if k else "failed",
-                "%.2f images/s" % t["images_per_second"] if t else "-"), flush=True)
+            print("dataset %d^2 round %d: libklvae %s   pytorch %s%s" % (
+                a.dataset_size, r + 1, "%.3f images/s" % k["images_per_second"] if k else "failed",
+                "%.3f images/s" % t["images_per_second"] if t else "-",
+                "   speed-up %.2f" % (t["median"] / k["median"]) if k and t else ""), flush=True)
 
         def med(rs):
             if not rs:
@@ -300,9 +301,10 @@ def main():
     train_rows = [] if a.no_train else train_part(a, klvae, torch_ok)
     dataset = None if a.no_dataset or a.train_only else dataset_part(a, torch_ok)
     print()
-    print("| size | op | libklvae median (s) | PyTorch median (s) | libklvae / PyTorch | "
-          "libklvae peak RSS (MB) | PyTorch peak RSS (MB) |")
-    print("|---|---|---|---|---|---|---|")
+    if rows or train_rows:
+        print("| size | op | libklvae median (s) | PyTorch median (s) | libklvae / PyTorch | "
+              "libklvae peak RSS (MB) | PyTorch peak RSS (MB) |")
+        print("|---|---|---|---|---|---|---|")
     for size, op, k, t in rows:
         print(fmt_row(size, "encode+decode" if op == "both" else op, k, t))
     for size, label, k, t in train_rows:
