@@ -106,7 +106,7 @@ static const opt_def option_table[] = {
      "klvae_encode_dataset: store (z - shift_factor) * scaling_factor, the model's factors "
      "(logvar + 2 ln scaling_factor for the posterior), instead of the raw latents; recorded "
      "in the manifest."},
-    {"shard_size", OPT_INT, "512", 1, 1000000, NULL,
+    {"shard_size", OPT_INT, "512", 1, 100000, NULL,
      "klvae_encode_dataset: images per shard file (fewer where images are skipped or a "
      "bucket ends). A shard is held in memory until it is written."},
     {"part", OPT_TEXT, "auto", 0, 0, NULL,
