@@ -478,7 +478,7 @@ static bool check_buckets(const char *value, char *why, size_t why_size)
     if (strcmp(value, "none") == 0 || kv_parse_buckets(value, &side, &step, &ratio))
         return true;
     snprintf(why, why_size, "expected none or SIDE,STEP[,MAX_RATIO] with SIDE from 8 to 16384, "
-             "STEP from 1 to SIDE and MAX_RATIO from 1 to 16 (1024,64 is SDXL's)");
+             "STEP from 1 to SIDE and MAX_RATIO from 1 to 16 (1024,64 is near SDXL's)");
     return false;
 }
 

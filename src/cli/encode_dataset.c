@@ -27,7 +27,7 @@ const char *const encode_dataset_help =
     "\n"
     "  --size N          resize the shorter side to N and crop N x N (default 256)\n"
     "  --buckets S,T[,R] aspect-ratio buckets of about S x S pixels, sides multiples\n"
-    "                    of T, aspect ratios up to R (default 4): SDXL's are 1024,64\n"
+    "                    of T, aspect ratios up to R (default 4): 1024,64 is near SDXL's\n"
     "  --crop C          center (default) or random (seeded by --seed)\n"
     "  --flip            also store the latents of each image mirrored\n"
     "  --store S         posterior (mean and logvar, default) or sample\n"

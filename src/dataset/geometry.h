@@ -18,8 +18,9 @@ typedef struct kv_bucket {
  * of step with h w <= side^2; the pair is kept when step <= h <= w and
  * w / h <= max_ratio, and so is its transpose w x h (portrait). Sorted by
  * aspect ratio w / h, then by width. For 1024,64 and ratio 4 the set holds
- * SDXL's published buckets (1024 x 1024, 896 x 1152, ..., 512 x 2048 and
- * the transposes). *out is malloc'ed (the caller frees it).
+ * SDXL's 1024 x 1024, 896 x 1152, 832 x 1216, 768 x 1344, 640 x 1536,
+ * 576 x 1728 and 512 x 2048 and their transposes (33 in all). *out is
+ * malloc'ed (the caller frees it).
  * Errors: KLVAE_ERR_INVALID_ARGUMENT (no bucket: step or max_ratio too
  * small for side), KLVAE_ERR_OUT_OF_MEMORY. */
 klvae_status_t kv_buckets_make(int side, int step, double max_ratio, kv_bucket **out,
