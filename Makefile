@@ -11,7 +11,8 @@
 #   make abi-check    the ABI of lib/libklvae.so against tests/abi/ (abigail-tools)
 #   make install      PREFIX=/usr/local DESTDIR= (GNU conventions)
 #   make deps         installs the Debian packages the build and tests need (tools/deps.sh)
-#   make bench        times encode/decode and a training step against PyTorch (tools/bench.py)
+#   make bench        times encode/decode, a training step and a dataset encode against
+#                     PyTorch (tools/bench.py)
 #   make parity       compares the full SD config with diffusers (needs PyTorch)
 #   make fixtures     regenerates tests/fixtures with diffusers (needs PyTorch)
 
@@ -63,7 +64,7 @@ SYS_LIBS := -lm -lpthread -ldl
 
 # The library's layers, bottom up (docs/design.md): each includes only from
 # the layers before it (tests/layers_test.sh checks).
-LAYERS := base formats backend model train
+LAYERS := base formats backend model train dataset
 LIB_SOURCES := $(foreach l,$(LAYERS),$(wildcard src/$(l)/*.c)) $(wildcard src/backend/cpu/*.c)
 LIB_HEADERS := $(wildcard src/*/*.h src/*/*/*.h include/*.h)
 LIB_OBJECTS := $(patsubst src/%.c,build/obj/%.o,$(LIB_SOURCES))
@@ -181,6 +182,7 @@ check: all $(TEST_BIN)
 	sh tests/cli_test.sh || status=1; \
 	sh tests/install_test.sh || status=1; \
 	sh tests/fault_test.sh || status=1; \
+	sh tests/encode_dataset_test.sh || status=1; \
 	sh tests/docs_test.sh || status=1; \
 	sh tests/bindings_test.sh || status=1; \
 	exit $$status
@@ -297,11 +299,14 @@ build/bench_klvae: tools/bench_klvae.c lib/libklvae.so include/klvae.h
 build/bench_gemm: tools/bench_gemm.c $(STATIC) src/backend/cpu/bf16_gemm.h
 	$(CC) $(KV_CFLAGS) $(CFLAGS) $< -o $@ $(STATIC) $(LDFLAGS) $(DEP_LIBS) $(SYS_LIBS)
 
+build/bench_dataset_klvae: tools/bench_dataset_klvae.c lib/libklvae.so include/klvae.h
+	$(CC) -std=c11 -D_GNU_SOURCE -Wall -Wextra -O2 -Iinclude $< -o $@ -Llib -lklvae -Wl,-rpath,'$$ORIGIN/../lib'
+
 # the procedural images as raw floats, for tools/demo_pytorch.py
 build/dump_procedural: tools/dump_procedural.c $(STATIC) src/train/procedural.h
 	$(CC) $(KV_CFLAGS) $(CFLAGS) $< -o $@ $(STATIC) $(LDFLAGS) $(DEP_LIBS) $(SYS_LIBS)
 
-bench: all build/bench_klvae build/bench_gemm
+bench: all build/bench_klvae build/bench_dataset_klvae build/bench_gemm
 	python3 tools/bench.py $(BENCH_ARGS)
 
 # The README's main command: trains an autoencoder on the built-in procedural

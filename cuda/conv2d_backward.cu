@@ -163,7 +163,11 @@ klvae_status_t kv_cuda_conv2d_backward_data(kv_backend *be, const kv_tensor *dy,
     const int wp = symmetric ? wd : wd + g.pad_left + g.pad_right;
     const size_t es = kv_cuda_esize(cu->compute);
     const size_t in_sample = (size_t)c * hp * wp, out_sample = (size_t)co * ho * wo;
-    const int chunk = samples_per_piece(in_sample, out_sample, n);
+    int chunk = samples_per_piece(in_sample, out_sample, n);
+    if (!symmetric) { /* the padded gradient is a buffer: as many samples as the budget holds */
+        const size_t fit = cu->conv_budget / (in_sample * es);
+        chunk = fit < 1 ? 1 : (fit < (size_t)chunk ? (int)fit : chunk);
+    }
     void *padded = NULL;
     if (!symmetric)
         KV_TRY(kv_cuda_temp(cu, (size_t)chunk * in_sample * es, "a padded gradient", &padded));
@@ -270,10 +274,11 @@ static klvae_status_t bias_gradient(kv_cuda *cu, const kv_tensor *dy, kv_tensor 
     return st;
 }
 
-/* One piece's filter gradient into dwc (compute dtype), beta 1. */
+/* One piece's filter gradient into dwc (compute dtype): added (beta 1) or
+ * written (beta 0). */
 static klvae_status_t filter_piece(kv_cuda *cu, const kv_conv_plan *pl, int nb, int rows,
                                    const void *xin, int h, int w, int pad_h, int pad_w,
-                                   const void *dyp, void *dwc)
+                                   const void *dyp, float beta, void *dwc)
 {
     KV_TRY(set_backward_descriptors(cu, nb, pl->c, h, w, pl->co, pl->kh, pl->kw, pl->stride,
                                     pad_h, pad_w, rows, pl->wo));
@@ -290,19 +295,32 @@ static klvae_status_t filter_piece(kv_cuda *cu, const kv_conv_plan *pl, int nb, 
         s = cudnnConvolutionBackwardFilter(cu->cudnn, &one, cu->x_desc, xin, cu->y_desc, dyp,
                                            cu->conv_desc,
                                            (cudnnConvolutionBwdFilterAlgo_t)ch.algo, ws,
-                                           ch.workspace, &one, cu->w_desc, dwc);
+                                           ch.workspace, &beta, cu->w_desc, dwc);
     kv_cuda_temp_free(cu, ws);
     return s == CUDNN_STATUS_SUCCESS ? KLVAE_OK
                                      : kv_cudnn_fail(cu, s, "cudnnConvolutionBackwardFilter");
 }
 
+/* dst (float32 or bf16) += src (compute dtype), elementwise. */
+static klvae_status_t accumulate(kv_cuda *cu, void *dst, int d16, const void *src, size_t count)
+{
+    accumulate_kernel<<<kv_cuda_blocks(count, cu), 256, 0, cu->stream>>>(
+        dst, d16, src, cu->compute == KV_CUDA_BF16, count);
+    KV_LAUNCHED(cu, accumulate_kernel);
+    return KLVAE_OK;
+}
+
 /* The pieces of the plan: stage (when staged), then the filter gradient of
- * each piece accumulated into dwc. */
+ * each piece: added by cuDNN into dw when dw is in the compute dtype (dwc ==
+ * dw), else written into dwc and added into the float32 dw piece by piece
+ * (so that the pieces are summed in float32, not in bf16). */
 static klvae_status_t filter_pieces(kv_cuda *cu, const kv_conv_plan *pl, const void *x,
-                                    const kv_conv_norm *norm, const void *dy, void *dwc,
-                                    void *in_buf)
+                                    const kv_conv_norm *norm, const void *dy, void *dw, int dw16,
+                                    void *dwc, void *in_buf)
 {
     const size_t es = kv_cuda_esize(cu->compute);
+    const size_t nw = (size_t)pl->co * pl->c * pl->kh * pl->kw;
+    const float beta = dwc == dw ? 1.0f : 0.0f;
     for (int n0 = 0; n0 < pl->n; n0 += pl->chunk) {
         const int nb = pl->n - n0 < pl->chunk ? pl->n - n0 : pl->chunk;
         for (int band = 0; band < pl->bands; band++) {
@@ -311,12 +329,14 @@ static klvae_status_t filter_pieces(kv_cuda *cu, const kv_conv_plan *pl, const v
             if (pl->staged) {
                 KV_TRY(kv_conv_stage(cu, pl, x, norm, in_buf, n0, nb, oy0, rows));
                 KV_TRY(filter_piece(cu, pl, nb, rows, in_buf, kv_conv_in_rows(pl, rows), pl->wp,
-                                    0, 0, dyp, dwc));
+                                    0, 0, dyp, beta, dwc));
             } else {
                 const void *xin = (const char *)x + (size_t)kv_conv_input_offset(pl, n0) * es;
                 KV_TRY(filter_piece(cu, pl, nb, rows, xin, pl->h, pl->w, pl->pad_top,
-                                    pl->pad_left, dyp, dwc));
+                                    pl->pad_left, dyp, beta, dwc));
             }
+            if (dwc != dw)
+                KV_TRY(accumulate(cu, dw, dw16, dwc, nw));
         }
     }
     return KLVAE_OK;
@@ -356,9 +376,12 @@ klvae_status_t kv_cuda_conv2d_backward_weight(kv_backend *be, const kv_tensor *x
     kv_conv_plan pl;
     kv_conv_plan_make(&pl, n, c, h, wd, 0, co, kh, kw, g, has_norm || !symmetric, cu->nhwc, es,
                       cu->conv_budget);
-    if (pl.out_buffer) /* NCHW bands: dy's band is not one tensor; whole samples then */
+    if (pl.out_buffer) { /* NCHW bands: dy's band is not one tensor; whole samples then */
+        const size_t per_sample = (size_t)c * (wd + g.pad_left + g.pad_right) *
+                                  (h + g.pad_top + g.pad_bottom) * es;
         kv_conv_plan_make(&pl, n, c, h, wd, 0, co, kh, kw, g, has_norm || !symmetric, cu->nhwc,
-                          es, (size_t)1 << 62);
+                          es, per_sample > cu->conv_budget ? per_sample : cu->conv_budget);
+    }
     if (pl.out_buffer)
         return kv_cuda_error(cu, KLVAE_ERR_UNSUPPORTED,
                              "%s: one sample of %d x %d x %d is beyond cuDNN's 2^31 elements in "
@@ -370,23 +393,11 @@ klvae_status_t kv_cuda_conv2d_backward_weight(kv_backend *be, const kv_tensor *x
     const size_t nw = (size_t)co * c * kh * kw;
     void *in_buf = NULL, *dwc = tdw == cu->compute ? dw->data : NULL;
     klvae_status_t st = kv_cuda_temp(cu, pl.in_elems * es, "conv2d backward staging", &in_buf);
-    if (st == KLVAE_OK && !dwc) { /* a float32 gradient of a bf16 filter: via bf16 */
+    if (st == KLVAE_OK && !dwc) /* a float32 gradient of a bf16 filter: via bf16 pieces */
         st = kv_cuda_temp(cu, nw * es, "a filter gradient", &dwc);
-        if (st == KLVAE_OK) {
-            cudaError_t e = cudaMemsetAsync(dwc, 0, nw * es, cu->stream);
-            if (e != cudaSuccess)
-                st = kv_cuda_fail(cu, e, "cudaMemsetAsync");
-        }
-    }
     if (st == KLVAE_OK)
-        st = filter_pieces(cu, &pl, x->data, has_norm ? &norm : NULL, dy->data, dwc, in_buf);
-    if (st == KLVAE_OK && dwc != dw->data) {
-        accumulate_kernel<<<kv_cuda_blocks(nw, cu), 256, 0, cu->stream>>>(
-            dw->data, tdw == KV_CUDA_BF16, dwc, cu->compute == KV_CUDA_BF16, nw);
-        cudaError_t e = cudaGetLastError();
-        if (e != cudaSuccess)
-            st = kv_cuda_fail(cu, e, "the launch of accumulate_kernel");
-    }
+        st = filter_pieces(cu, &pl, x->data, has_norm ? &norm : NULL, dy->data, dw->data,
+                           tdw == KV_CUDA_BF16, dwc, in_buf);
     if (st == KLVAE_OK && db && db->data)
         st = bias_gradient(cu, dy, db);
     if (dwc != dw->data)

@@ -686,9 +686,20 @@ static klvae_status_t run_steps(klvae_trainer_t *t, int from, int to, klvae_step
     return st;
 }
 
+/* Tensors whose values are rounding noise on any backend: the attention's
+ * key bias has an exactly zero true gradient (the softmax cancels it), so
+ * its Adam moments hold each backend's own round-off (about 1e-7 against
+ * 0.3 to 3.5 for the other biases); tests/test_train.c leaves them out too. */
+static bool rounding_noise(const char *name)
+{
+    return strncmp(name, "adam.", 5) == 0 && strstr(name, "to_k.bias") != NULL;
+}
+
 /* The largest relative L2 difference between the tensors of two
- * checkpoints of one trainer shape; *what names the worst. */
-static double compare_checkpoints(const char *a, const char *b, char *what, size_t size)
+ * checkpoints of one trainer shape; *what names the worst. With
+ * across_backends, the moments of rounding_noise are left out. */
+static double compare_checkpoints(const char *a, const char *b, bool across_backends, char *what,
+                                  size_t size)
 {
     kv_safetensors fa, fb;
     memset(&fa, 0, sizeof fa);
@@ -701,6 +712,8 @@ static double compare_checkpoints(const char *a, const char *b, char *what, size
     for (size_t i = 0; i < fa.count; i++) {
         const kv_st_tensor *ta = &fa.tensors[i], *tb = kv_st_find(&fb, ta->name);
         size_t n = kv_st_numel(ta);
+        if (across_backends && rounding_noise(ta->name))
+            continue;
         if (!tb || kv_st_numel(tb) != n) {
             snprintf(what, size, "%s (missing or another shape)", ta->name);
             worst = INFINITY;
@@ -770,13 +783,14 @@ static void run_device_and_bf16_steps(suite *s, const char *dir)
         st = klvae_trainer_save(tb, b_ck);
     if (st == KLVAE_OK)
         verdict(s, "klvae_trainer_step_device: the bits of klvae_trainer_step", KV_PRECISION_FP32,
-                fmax(compare_checkpoints(a_ck, b_ck, what, sizeof what),
+                fmax(compare_checkpoints(a_ck, b_ck, false, what, sizeof what),
                      worst_loss_difference(&sa, &sb, 1)),
                 0.0);
     else
         failed_call(s, "klvae_trainer_step_device", KV_PRECISION_FP32, st);
+    const float saved = x[1234];
     if (st == KLVAE_OK) { /* a NaN in the device batch */
-        x[12345] = NAN;
+        x[1234] = NAN;
         st = s->mem->ops->upload(s->mem, &dx, x);
         int64_t before = klvae_trainer_step_count(tb);
         klvae_status_t nan = st == KLVAE_OK
@@ -795,7 +809,7 @@ static void run_device_and_bf16_steps(suite *s, const char *dir)
     ta = tb = NULL;
     ma = mb = NULL;
     /* bf16: float32 master weights under bf16 ones */
-    x[12345] = 0.5f;
+    x[1234] = saved;
     klvae_step_stats_t stats[6];
     st = fixture_trainer("cuda", "bf16", &ma, &ta);
     for (int k = 0; k < 6 && st == KLVAE_OK; k++) {
@@ -866,7 +880,7 @@ void run_training_steps(suite *s, uint64_t seed, const char *plugin_path)
     }
     verdict(s, "3 fp32 steps: every loss against the CPU trainer", KV_PRECISION_FP32,
             worst_loss_difference(sc, sg, 3), 1e-4);
-    double e = compare_checkpoints(cpu_ck, gpu_ck, what, sizeof what);
+    double e = compare_checkpoints(cpu_ck, gpu_ck, true, what, sizeof what);
     char line[300];
     snprintf(line, sizeof line, "3 fp32 steps: every tensor (worst %.60s)", what);
     verdict(s, line, KV_PRECISION_FP32, e, 1e-4);
@@ -874,7 +888,7 @@ void run_training_steps(suite *s, uint64_t seed, const char *plugin_path)
     if (fixture_trainer("cuda", "fp32", &mg2, &tg2) == KLVAE_OK &&
         run_steps(tg2, 0, 3, sg2) == KLVAE_OK && klvae_trainer_save(tg2, gpu2_ck) == KLVAE_OK)
         verdict(s, "3 fp32 steps twice: the same bits", KV_PRECISION_FP32,
-                compare_checkpoints(gpu_ck, gpu2_ck, what, sizeof what), 0.0);
+                compare_checkpoints(gpu_ck, gpu2_ck, false, what, sizeof what), 0.0);
     else
         failed_call(s, "3 fp32 steps twice", KV_PRECISION_FP32, KLVAE_ERR_BACKEND);
     /* across backends: the GPU's checkpoint continued on the CPU, and the
@@ -889,7 +903,7 @@ void run_training_steps(suite *s, uint64_t seed, const char *plugin_path)
     if (st == KLVAE_OK)
         st = klvae_trainer_save(tg, gpu_ck);
     if (st == KLVAE_OK) {
-        e = compare_checkpoints(x_ck, gpu_ck, what, sizeof what);
+        e = compare_checkpoints(x_ck, gpu_ck, true, what, sizeof what);
         verdict(s, "GPU checkpoint resumed on the CPU: step 4 as on the GPU", KV_PRECISION_FP32,
                 e, 1e-4);
     } else {
@@ -908,7 +922,7 @@ void run_training_steps(suite *s, uint64_t seed, const char *plugin_path)
         st = klvae_trainer_save(tc, x_ck);
     if (st == KLVAE_OK)
         verdict(s, "CPU checkpoint resumed on the GPU: step 4 as on the CPU", KV_PRECISION_FP32,
-                compare_checkpoints(x_ck, gpu2_ck, what, sizeof what), 1e-4);
+                compare_checkpoints(x_ck, gpu2_ck, true, what, sizeof what), 1e-4);
     else
         failed_call(s, "CPU checkpoint resumed on the GPU", KV_PRECISION_FP32, st);
 out:
