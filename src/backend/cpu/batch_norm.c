@@ -69,7 +69,7 @@ klvae_status_t kv_cpu_batch_norm(kv_backend *be, const kv_tensor *x, const kv_te
     j.plane = (size_t)x->shape[2] * x->shape[3];
     j.eps = eps;
     j.momentum = momentum;
-    kv_pool_run(kv_cpu_of(be)->pool, j.channels, bn_forward_task, &j);
+    kv_pool_run_sized(kv_cpu_of(be)->pool, j.channels, bn_forward_task, &j, 3 * kv_tensor_numel(x));
     return KLVAE_OK;
 }
 
@@ -118,6 +118,6 @@ klvae_status_t kv_cpu_batch_norm_backward(kv_backend *be, const kv_tensor *x,
     j.batch = x->shape[0];
     j.channels = x->shape[1];
     j.plane = (size_t)x->shape[2] * x->shape[3];
-    kv_pool_run(kv_cpu_of(be)->pool, j.channels, bn_backward_task, &j);
+    kv_pool_run_sized(kv_cpu_of(be)->pool, j.channels, bn_backward_task, &j, 4 * kv_tensor_numel(x));
     return KLVAE_OK;
 }

@@ -204,7 +204,8 @@ static klvae_status_t conv2d_plain(kv_backend *be, const kv_tensor *x,
         return st;
     prologue_job pj = {x->data, prologue->scale->data, prologue->shift->data, normed.data,
                        (size_t)x->shape[2] * x->shape[3], prologue->act};
-    kv_pool_run(cpu->pool, x->shape[0] * x->shape[1], prologue_task, &pj);
+    kv_pool_run_sized(cpu->pool, x->shape[0] * x->shape[1], prologue_task, &pj,
+                      2 * kv_tensor_numel(x));
     st = conv2d_im2col(cpu, &normed, w, b, g, y);
     kv_tensor_release(be, &normed);
     return st;

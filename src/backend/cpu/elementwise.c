@@ -50,7 +50,8 @@ klvae_status_t kv_cpu_channel_affine(kv_backend *be, const kv_tensor *x, const f
 {
     kv_cpu_wrote(be, y);
     affine_job j = {x->data, a, b, y->data, x->shape[1], (size_t)x->shape[2] * x->shape[3]};
-    kv_pool_run(kv_cpu_of(be)->pool, x->shape[0] * x->shape[1], affine_task, &j);
+    kv_pool_run_sized(kv_cpu_of(be)->pool, x->shape[0] * x->shape[1], affine_task, &j,
+                      2 * kv_tensor_numel(x));
     return KLVAE_OK;
 }
 
