@@ -72,6 +72,19 @@ else
     grep -q "^precision *fp32 (precision=bf16 computes in fp32 here: this CPU has no AVX512-BF16" \
         "$tmp/out" && ok || bad "info bf16: $(grep precision "$tmp/out")"
 fi
+# KLVAE_CPU_NO_BF16: as on a CPU without the instructions, whatever this one has:
+# fp32 and why, and the very bits of precision=fp32
+check "info bf16 hidden" env KLVAE_CPU_NO_BF16=1 $KLVAE info $SINGLE --norm-num-groups 4 --backend cpu --precision bf16
+grep -q "^precision *fp32 (precision=bf16 computes in fp32 here: KLVAE_CPU_NO_BF16 is set" \
+    "$tmp/out" && ok || bad "info bf16 hidden: $(grep precision "$tmp/out")"
+check "encode fp32" $KLVAE encode $MODEL "$tmp/in.png" "$tmp/fp32.safetensors" --precision fp32
+check "encode bf16 hidden" env KLVAE_CPU_NO_BF16=1 $KLVAE encode $MODEL "$tmp/in.png" \
+    "$tmp/nobf16.safetensors" --precision bf16
+cmp -s "$tmp/fp32.safetensors" "$tmp/nobf16.safetensors" && ok || bad "bf16 without the instructions is not fp32's bits"
+if grep -q avx512_bf16 /proc/cpuinfo 2>/dev/null; then
+    check "encode bf16" $KLVAE encode $MODEL "$tmp/in.png" "$tmp/bf16.safetensors" --precision bf16
+    cmp -s "$tmp/fp32.safetensors" "$tmp/bf16.safetensors" && bad "bf16 gave fp32's bits" || ok
+fi
 check_fails "tf32 on the cpu" 1 "precision=tf32 needs the CUDA backend" \
     $KLVAE info $MODEL --backend cpu --precision tf32
 

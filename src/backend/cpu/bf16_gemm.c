@@ -4,6 +4,7 @@
  * after kv_bf16_available said yes. */
 #include <stdatomic.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "backend/cpu/bf16_gemm.h"
@@ -41,6 +42,10 @@ bool kv_bf16_available(char *why, size_t size)
         why[0] = '\0';
     if (atomic_load(&hidden_for_tests))
         return say(why, size, "the CPU's bf16 instructions are hidden for a test");
+    const char *off = getenv("KLVAE_CPU_NO_BF16");
+    if (off && *off && strcmp(off, "0") != 0)
+        return say(why, size, "KLVAE_CPU_NO_BF16 is set, so the CPU's bf16 instructions are "
+                              "not used");
 #ifndef KV_BF16_KERNELS
     return say(why, size, "this build of libklvae has no bf16 kernels (they need x86-64 and "
                           "GCC 10 or clang)");

@@ -50,7 +50,9 @@ static inline size_t kv_bf16_b_words(int k, int n)
 /* True when this CPU (and this build) can run the kernels: AVX512-BF16 with
  * AVX512F, BW and VL, the OS saving the AVX-512 state. Otherwise false, and
  * why is in why (size bytes; why may be NULL). AMX-BF16 CPUs have
- * AVX512-BF16 too; their tile units are not used. */
+ * AVX512-BF16 too; their tile units are not used. The environment variable
+ * KLVAE_CPU_NO_BF16 (set, not empty, not "0") makes it answer false, as on a
+ * CPU without the instructions (for tests, and to compare on one machine). */
 bool kv_bf16_available(char *why, size_t size);
 
 /* Tests only: makes kv_bf16_available answer false, as on a CPU without the
