@@ -94,20 +94,25 @@ END_TEST
 
 /* ---- whole models ---- */
 
-/* A whole bf16 model may be at most 1.5 times as far from fp32 as PyTorch's
- * own bf16 is from its fp32 on the same kind of model and inputs
- * (design/architecture.md): bf16 itself costs 1.5-2 % on the SD autoencoder
- * with random weights, PyTorch's included, so issue 14's 1e-2 is out of
- * reach for a whole model (docs/performance.md has both figures). The
+/* How far a whole bf16 model may be from fp32. The fixtures' models: issue
+ * 14's 1e-2 with a quarter more room (they are at 0.5-0.9e-2, but the
+ * noquant fixture's encode of these inputs is at 1.01e-2). The SD config with PyTorch's default
+ * initialisation: no further than PyTorch's own bf16 is from its fp32 on the
+ * same kind of model and inputs (libklvae is at about 0.8 of it), tighter
+ * than design/architecture.md's 1.5 times; bf16 itself costs 1.4-2 % there,
+ * PyTorch's included, so issue 14's 1e-2 is out of reach for that model
+ * with bf16 Winograd transforms (docs/performance.md has the figures). The
  * PyTorch figure is tools/bf16_reference.py's, in gpu/bf16_reference.json. */
-static double model_bound(const char *op)
+static double model_bound(const char *op, const char *fixture)
 {
+    if (fixture)
+        return 1.25e-2;
     json_error_t err;
     json_t *root = json_load_file("gpu/bf16_reference.json", 0, &err);
     ck_assert_msg(root != NULL, "gpu/bf16_reference.json: %s", err.text);
     json_t *v = json_object_get(json_object_get(root, op), "64");
     ck_assert(json_is_number(v));
-    double bound = 1.5 * json_number_value(v);
+    double bound = json_number_value(v);
     json_decref(root);
     return bound;
 }
@@ -174,10 +179,12 @@ START_TEST(whole_models_stay_within_the_bf16_bound)
     ck_assert_ok(klvae_decode(m16, z, n, lat, lat, dec16));
     const double e = rel_l2(enc16, enc32, 2 * nl), d = rel_l2(dec16, dec32, ni);
     if (kv_bf16_available(NULL, 0)) {
-        ck_assert_msg(e <= model_bound("encode") && e > 1e-4, "%s: encode %g, bound %g",
-                      path ? path : "sd", e, model_bound("encode"));
-        ck_assert_msg(d <= model_bound("decode") && d > 1e-4, "%s: decode %g, bound %g",
-                      path ? path : "sd", d, model_bound("decode"));
+        fprintf(stderr, "bf16 %s 64x64: encode %.4g, decode %.4g relative L2 from fp32\n",
+                path ? path : "sd (random weights)", e, d);
+        ck_assert_msg(e <= model_bound("encode", path) && e > 1e-4, "%s: encode %g, bound %g",
+                      path ? path : "sd", e, model_bound("encode", path));
+        ck_assert_msg(d <= model_bound("decode", path) && d > 1e-4, "%s: decode %g, bound %g",
+                      path ? path : "sd", d, model_bound("decode", path));
     } else { /* fp32 after all: the same bits */
         ck_assert(e == 0.0 && d == 0.0);
     }
