@@ -204,7 +204,7 @@ Suite *suite_bf16(void)
                         8 * (int)(sizeof gemm_shapes / sizeof gemm_shapes[0]));
     suite_add_tcase(s, tc);
     tc = tcase_create("models");
-    tcase_set_timeout(tc, 120);
+    tcase_set_timeout(tc, 300);
     tcase_add_loop_test(tc, whole_models_stay_within_the_bf16_bound, 0, 4);
     suite_add_tcase(s, tc);
     return s;
