@@ -58,14 +58,32 @@
  *                   dx = rstd * (dxh - mean_g(dxh) - xhat * mean_g(dxh * xhat))
  *                   with xhat = (x - mean) * rstd and dxh = du * gamma[c]; dx =.
  *
- * Family batch_norm
- *   batch_norm      training mode: per channel, mean and biased variance over
- *                   (N, H, W); y = (x - mean) * invstd * gamma + beta; saves
- *                   mean and invstd; running_mean/var (host arrays) move by
- *                   momentum towards the batch mean and the unbiased variance.
+ * Family batch_norm (training mode; split in statistics and their use, so
+ * that data-parallel training can add the statistics of every process's
+ * batch in between: src/train/discriminator.c)
+ *   batch_norm_stats
+ *                   per channel, over (N, H, W) in double: sums[c] = sum x
+ *                   and sums[C + c] = sum x^2, into a host array of 2C (=).
+ *   batch_norm      from sums over count values (this batch's, or the sums
+ *                   of several batches): mean = sums[c] / count, biased
+ *                   variance var = max(sums[C + c] / count - mean^2, 0);
+ *                   y = (x - mean) * invstd * gamma + beta with invstd =
+ *                   1/sqrt(var + eps); saves mean and invstd; running_mean/
+ *                   var (host arrays) move by momentum towards the mean and
+ *                   the unbiased variance var * count / (count - 1).
+ *   batch_norm_backward_stats
+ *                   per channel over (N, H, W), in double, for the saved
+ *                   mean and invstd and xhat = (x - mean) * invstd:
+ *                   sums[c] = sum dy and sums[C + c] = sum dy * xhat into a
+ *                   host array of 2C (=); dbeta += sums[c] and dgamma +=
+ *                   sums[C + c] when present (this batch's share of the
+ *                   parameter gradients).
  *   batch_norm_backward
- *                   dx (=), dgamma and dbeta (+=), the full training-mode
- *                   gradient (through the batch statistics).
+ *                   dx = invstd * (dy * gamma - m1 - xhat * m2) with
+ *                   m1 = sums[c] * gamma / count, m2 = sums[C + c] * gamma /
+ *                   count from the sums over the count values the forward
+ *                   normalised (=): the full training-mode gradient, through
+ *                   the batch statistics.
  *
  * Family attention
  *   attention       single-head self-attention over the N = H*W positions of
@@ -278,14 +296,19 @@ typedef struct kv_backend kv_backend;
       (kv_backend *be, const kv_tensor *a, const kv_tensor *b, const kv_tensor *w,             \
        float dropout, uint64_t dropout_seed, double *values, const float *grad_scale,           \
        kv_tensor *db))                                                                          \
+    X(batch_norm, batch_norm_stats, KV_OP_TRAINING,                                             \
+      (kv_backend *be, const kv_tensor *x, double *sums))                                      \
     X(batch_norm, batch_norm, KV_OP_TRAINING,                                                   \
       (kv_backend *be, const kv_tensor *x, const kv_tensor *gamma, const kv_tensor *beta,      \
-       float eps, float momentum, float *running_mean, float *running_var, kv_tensor *y,        \
-       kv_tensor *mean, kv_tensor *invstd))                                                     \
+       const double *sums, double count, float eps, float momentum, float *running_mean,        \
+       float *running_var, kv_tensor *y, kv_tensor *mean, kv_tensor *invstd))                   \
+    X(batch_norm, batch_norm_backward_stats, KV_OP_TRAINING,                                    \
+      (kv_backend *be, const kv_tensor *x, const kv_tensor *mean, const kv_tensor *invstd,     \
+       const kv_tensor *dy, double *sums, kv_tensor *dgamma, kv_tensor *dbeta))                 \
     X(batch_norm, batch_norm_backward, KV_OP_TRAINING,                                          \
       (kv_backend *be, const kv_tensor *x, const kv_tensor *gamma, const kv_tensor *mean,      \
-       const kv_tensor *invstd, const kv_tensor *dy, kv_tensor *dx, kv_tensor *dgamma,          \
-       kv_tensor *dbeta))                                                                       \
+       const kv_tensor *invstd, const kv_tensor *dy, const double *sums, double count,          \
+       kv_tensor *dx))                                                                          \
     X(losses, pixel_loss, KV_OP_TRAINING,                                                       \
       (kv_backend *be, const kv_tensor *x, const kv_tensor *xhat, kv_pixel_loss kind,          \
        float scale, double *sum, kv_tensor *grad))                                              \
