@@ -207,7 +207,7 @@ START_TEST(nhwc_sampling_gives_the_cpu_bits)
     ck_assert_ok(kv_cpu_backend_create(&settings, &be));
     kv_tensor tm = kv_tensor_wrap(mean, n, c, h, w), tl = kv_tensor_wrap(logvar, n, c, h, w),
               tz = kv_tensor_wrap(z, n, c, h, w);
-    ck_assert_ok(be->ops->gaussian_sample(be, &tm, &tl, 1234567, &tz));
+    ck_assert_ok(be->ops->gaussian_sample(be, &tm, &tl, 1234567, 0, &tz));
     kv_backend_destroy(be);
     for (size_t e = 0; e < count; e++) {
         size_t i = kv_nhwc_to_nchw(e, c, h, w);

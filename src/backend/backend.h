@@ -129,16 +129,18 @@
  *                   logvar = clamp(channels [Z, 2Z), -30, 20). logvar may be
  *                   absent.
  *   gaussian_sample z = mean + (float)exp(0.5 * (double)clamp(logvar)) * eps,
- *                   with eps from kv_philox_normal(seed, i) for element i of
- *                   the whole tensor (src/base/philox.h), so every backend
- *                   gives the same bits.
+ *                   with eps from kv_philox_normal(seed, first + i) for
+ *                   element i of the whole tensor (src/base/philox.h), so
+ *                   every backend gives the same bits; first places the
+ *                   tensor in a larger one (a process's share of a batch
+ *                   split over processes draws that share's numbers).
  *   posterior_backward
  *                   from moments (N, 2Z, H, W) (mean mu, raw logvar l), the
  *                   gradient dz of z and the KL weight k:
  *                   s = clamp(l), ds = k * 0.5 * (exp(s) - 1) + (sampled ?
  *                   dz * 0.5 * exp(0.5 s) * eps : 0), dmu = dz + k * mu,
  *                   dl = ds where -30 <= l <= 20, else 0; eps regenerated
- *                   from the sampling seed; dmoments =.
+ *                   from the sampling seed and first; dmoments =.
  *   kl_sum          sum over the batch of 0.5 * (mu^2 + exp(s) - 1 - s), in
  *                   double.
  *
@@ -150,7 +152,8 @@
  *                   r = 0 (PyTorch gives NaN there).
  *   lpips_distance  value[n] = mean_p sum_c w[c] m[n,c,p] (a - b)^2 for unit
  *                   normalised a, b and a dropout mask m (1, or 0 / 1/(1-p)
- *                   drawn from Philox(seed)); with grad_scale[n] != 0 also
+ *                   drawn from Philox(seed) at index first + the element's
+ *                   index in a); with grad_scale[n] != 0 also
  *                   db = grad_scale[n] * 2/P * w[c] m (b - a) (=).
  *
  * Family losses
@@ -260,7 +263,7 @@ typedef struct kv_backend kv_backend;
       (kv_backend *be, const kv_tensor *moments, kv_tensor *mean, kv_tensor *logvar))          \
     X(posterior, gaussian_sample, KV_OP_INFERENCE,                                              \
       (kv_backend *be, const kv_tensor *mean, const kv_tensor *logvar, uint64_t seed,          \
-       kv_tensor *z))                                                                           \
+       uint64_t first, kv_tensor *z))                                                           \
     X(conv2d, conv2d_backward_data, KV_OP_TRAINING,                                             \
       (kv_backend *be, const kv_tensor *dy, const kv_tensor *w, kv_conv_geometry geometry,     \
        kv_tensor *dx))                                                                          \
@@ -294,8 +297,8 @@ typedef struct kv_backend kv_backend;
        kv_tensor *dx))                                                                          \
     X(lpips, lpips_distance, KV_OP_TRAINING,                                                    \
       (kv_backend *be, const kv_tensor *a, const kv_tensor *b, const kv_tensor *w,             \
-       float dropout, uint64_t dropout_seed, double *values, const float *grad_scale,           \
-       kv_tensor *db))                                                                          \
+       float dropout, uint64_t dropout_seed, uint64_t first, double *values,                    \
+       const float *grad_scale, kv_tensor *db))                                                 \
     X(batch_norm, batch_norm_stats, KV_OP_TRAINING,                                             \
       (kv_backend *be, const kv_tensor *x, double *sums))                                      \
     X(batch_norm, batch_norm, KV_OP_TRAINING,                                                   \
@@ -317,7 +320,7 @@ typedef struct kv_backend kv_backend;
        kv_tensor *grad))                                                                        \
     X(posterior, posterior_backward, KV_OP_TRAINING,                                            \
       (kv_backend *be, const kv_tensor *moments, const kv_tensor *dz, float kl_weight,         \
-       bool sampled, uint64_t seed, kv_tensor *dmoments))                                       \
+       bool sampled, uint64_t seed, uint64_t first, kv_tensor *dmoments))                       \
     X(posterior, kl_sum, KV_OP_TRAINING,                                                        \
       (kv_backend *be, const kv_tensor *moments, double *sum))                                 \
     X(optimizer, adam, KV_OP_TRAINING,                                                          \

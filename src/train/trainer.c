@@ -336,7 +336,7 @@ static klvae_status_t posterior_z(klvae_trainer_t *t, const kv_tensor *moments, 
     if (st == KLVAE_OK)
         st = be->ops->posterior_split(be, moments, &mean, &logvar);
     if (st == KLVAE_OK && sample)
-        st = be->ops->gaussian_sample(be, &mean, &logvar, seed, &mean);
+        st = be->ops->gaussian_sample(be, &mean, &logvar, seed, 0, &mean);
     kv_tensor_release(be, &logvar);
     if (st != KLVAE_OK) {
         kv_tensor_release(be, &mean);
@@ -394,7 +394,7 @@ static klvae_status_t generator_pass(klvae_trainer_t *t, const kv_tensor *x, int
     }
     if (st == KLVAE_OK && t->lpips && s->perceptual_weight > 0.0f) {
         st = kv_lpips_forward(t->lpips, x, &xhat, s->lpips_dropout,
-                              stream_seed(t, t->step, micro, SEED_DROPOUT), lp, grad_scale,
+                              stream_seed(t, t->step, micro, SEED_DROPOUT), 0, lp, grad_scale,
                               &d_lpips);
         if (st == KLVAE_OK)
             st = be->ops->add(be, &d_img, &d_lpips, &d_img);
@@ -448,7 +448,7 @@ static klvae_status_t generator_pass(klvae_trainer_t *t, const kv_tensor *x, int
     if (st == KLVAE_OK)
         st = be->ops->posterior_backward(be, &moments, &d_z, (float)(s->kl_weight / (B * accum)),
                                          s->sample,
-                                         stream_seed(t, t->step, micro, SEED_POSTERIOR),
+                                         stream_seed(t, t->step, micro, SEED_POSTERIOR), 0,
                                          &d_moments);
     if (st == KLVAE_OK && s->train_encoder)
         st = kv_vae_encode_backward(m, t->grads, &et, &d_moments);

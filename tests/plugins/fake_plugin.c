@@ -101,8 +101,10 @@ static klvae_status_t fake_download(kv_backend *be, float *dst, const kv_tensor 
 }
 
 static klvae_status_t fake_gaussian_sample(kv_backend *be, const kv_tensor *mean,
-                                           const kv_tensor *logvar, uint64_t seed, kv_tensor *z)
+                                           const kv_tensor *logvar, uint64_t seed, uint64_t first,
+                                           kv_tensor *z)
 {
+    (void)first;
     const float *m = mean->data, *l = logvar->data;
     float *out = z->data;
     for (size_t i = 0, n = numel(z); i < n; i++)
