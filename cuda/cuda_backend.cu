@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "comm.h"
 #include "cuda_ops.h"
 
 #define KV_CUDA_STR2(x) #x
@@ -495,6 +496,11 @@ static const kv_plugin the_plugin = {
     KV_GUARDED(synchronize, kv_name_synchronize),
     KV_GUARDED(kv_cuda_import, kv_op_name_import),
     KV_GUARDED(kv_cuda_export, kv_op_name_export),
+    /* data-parallel gradient sums with NCCL (comm.cu) */
+    kv_cuda_comm_create,
+    kv_cuda_comm_allreduce,
+    kv_cuda_comm_wait,
+    kv_cuda_comm_destroy,
 };
 
 extern "C" __attribute__((visibility("default"))) const kv_plugin *klvae_plugin_entry(void)

@@ -512,7 +512,7 @@ KLVAE_API klvae_status_t klvae_sample(klvae_model_t *m, const float *mean, const
 /* A status a plugin returned, made a valid error status. */
 static klvae_status_t plugin_error(klvae_status_t st)
 {
-    return st == KLVAE_OK || (st > KLVAE_OK && st <= KLVAE_ERR_BUFFER_TOO_SMALL)
+    return st == KLVAE_OK || (st > KLVAE_OK && st <= KV_STATUS_LAST)
                ? st
                : KLVAE_ERR_BACKEND;
 }
