@@ -68,8 +68,17 @@ LIB_HEADERS := $(wildcard src/*/*.h src/*/*/*.h include/*.h)
 LIB_OBJECTS := $(patsubst src/%.c,build/obj/%.o,$(LIB_SOURCES))
 CLI_SOURCES := $(wildcard src/cli/*.c)
 CLI_OBJECTS := $(patsubst src/%.c,build/obj/%.o,$(CLI_SOURCES))
-# the tool's pieces without its main(), which the unit tests link too
-CLI_PARTS := $(filter-out build/obj/cli/klvae.o,$(CLI_OBJECTS))
+# the tool's pieces without its main(), which the unit tests link too; their
+# cli/team.c is built without MPI (team_nompi.o), so that they need no MPI
+CLI_PARTS := $(filter-out build/obj/cli/klvae.o build/obj/cli/team.o,$(CLI_OBJECTS)) \
+             build/obj/cli/team_nompi.o
+# MPI for `klvae train` under mpirun (src/cli/team.c; the library links none):
+# with Open MPI's mpicc found, bin/klvae is built with it. MPICC= (empty)
+# builds without; MPI_CFLAGS and MPI_LIBS override what mpicc reports.
+MPICC ?= $(shell command -v mpicc 2>/dev/null)
+MPI_CFLAGS ?= $(if $(MPICC),$(shell $(MPICC) --showme:compile 2>/dev/null))
+MPI_LIBS ?= $(if $(MPICC),$(shell $(MPICC) --showme:link 2>/dev/null))
+MPI_FOUND := $(if $(and $(MPICC),$(MPI_LIBS)),yes)
 EXAMPLES := $(patsubst examples/c/%.c,build/examples/%,$(wildcard examples/c/*.c))
 # tests/ops/: one file per op family (test_FAMILY.c) and their shared helpers;
 # their objects go to build/tests/ops/, so names stay unique.
@@ -123,9 +132,42 @@ build/obj/cli/%.o: src/cli/%.c $(LIB_HEADERS)
 	@mkdir -p $(dir $@)
 	$(CC) $(KV_CFLAGS) $(CFLAGS) -c $< -o $@
 
+build/obj/cli/team.o: src/cli/team.c $(LIB_HEADERS) src/cli/team.h
+	@mkdir -p $(dir $@)
+	$(CC) $(KV_CFLAGS) $(CFLAGS) $(if $(MPI_FOUND),-DKV_WITH_MPI $(MPI_CFLAGS)) -c $< -o $@
+
+build/obj/cli/team_nompi.o: src/cli/team.c $(LIB_HEADERS) src/cli/team.h
+	@mkdir -p $(dir $@)
+	$(CC) $(KV_CFLAGS) $(CFLAGS) -c $< -o $@
+
 $(CLI): $(CLI_OBJECTS) $(STATIC)
 	@mkdir -p bin
-	$(CC) -o $@ $(CLI_OBJECTS) $(STATIC) $(LDFLAGS) $(DEP_LIBS) $(SYS_LIBS)
+	$(CC) -o $@ $(CLI_OBJECTS) $(STATIC) $(LDFLAGS) $(if $(MPI_FOUND),$(MPI_LIBS)) $(DEP_LIBS) \
+	    $(SYS_LIBS)
+
+# The tool built without MPI whatever this machine has (tests/mpi_test.sh:
+# under mpirun it must refuse to train N independent copies).
+build/tests/klvae_nompi: build/obj/cli/klvae.o $(CLI_PARTS) $(STATIC)
+	@mkdir -p build/tests
+	$(CC) -o $@ build/obj/cli/klvae.o $(CLI_PARTS) $(STATIC) $(LDFLAGS) $(DEP_LIBS) $(SYS_LIBS)
+
+# The MPI example (examples/mpi/), with mpicc against lib/, when MPI is here.
+MPI_EXAMPLES := $(if $(MPI_FOUND),$(patsubst examples/mpi/%.c,build/examples/mpi/%,$(wildcard examples/mpi/*.c)))
+examples: $(MPI_EXAMPLES)
+build/examples/mpi/%: examples/mpi/%.c lib/libklvae.so include/klvae.h
+	@mkdir -p build/examples/mpi
+	$(MPICC) -std=c11 -Wall -Wextra $(CFLAGS) -Iinclude $< -o $@ -Llib -lklvae \
+	    -Wl,-rpath,'$$ORIGIN/../../../lib' -lm
+
+# tests/mpi_test.sh's helper: compares checkpoints, writes test images.
+build/tests/mpi_tool: tests/mpi/mpi_tool.c $(STATIC) $(LIB_HEADERS)
+	@mkdir -p build/tests
+	$(CC) $(KV_CFLAGS) $(CFLAGS) $< -o $@ $(STATIC) $(LDFLAGS) $(DEP_LIBS) $(SYS_LIBS)
+
+.PHONY: mpi-note
+all: mpi-note
+mpi-note:
+	@$(if $(MPI_FOUND),true,echo "klvae train: built without MPI (mpicc not found; apt-get install libopenmpi-dev openmpi-bin, or make deps); mpirun -np N klvae train needs it")
 
 examples: $(EXAMPLES)
 
@@ -172,12 +214,13 @@ $(TEST_BIN): $(TEST_OBJECTS) $(CLI_PARTS) $(STATIC) | $(FAKE_PLUGINS)
 check-unit: $(TEST_BIN)
 	cd tests && ../$(TEST_BIN)
 
-check: all $(TEST_BIN)
+check: all $(TEST_BIN) build/tests/mpi_tool build/tests/klvae_nompi
 	@status=0; \
 	(cd tests && ../$(TEST_BIN)) || status=1; \
 	sh tests/layers_test.sh || status=1; \
 	sh tests/ops_layout_test.sh || status=1; \
 	sh tests/cli_test.sh || status=1; \
+	sh tests/mpi_test.sh || status=1; \
 	sh tests/install_test.sh || status=1; \
 	sh tests/fault_test.sh || status=1; \
 	sh tests/docs_test.sh || status=1; \

@@ -260,19 +260,34 @@ static klvae_status_t check_comm(const klvae_comm_t *c)
     return KLVAE_OK;
 }
 
-/* The plugin's device communicator, for allreduce auto or nccl. */
+/* The plugin's device communicator, for allreduce auto or nccl. Every
+ * rank's backend must have one (a rank on the CPU among GPU ranks: auto
+ * sums on the host everywhere), which the ranks agree on first. */
 static klvae_status_t make_device_comm(kv_dp *dp, const kv_plugin *plugin, bool required)
 {
-    if (!kv_plugin_has_comm(plugin)) {
-        if (!required)
-            return KLVAE_OK;
-        return kv_error(KLVAE_ERR_BACKEND_UNAVAILABLE,
-                        "allreduce=nccl sums gradients on GPUs: it needs the CUDA backend (%s)",
-                        plugin ? "this plugin has no NCCL support" : "the model runs on the CPU");
+    const bool mine = kv_plugin_has_comm(plugin);
+    if (!mine && required)
+        kv_error(KLVAE_ERR_BACKEND_UNAVAILABLE,
+                 "allreduce=nccl sums gradients on GPUs: it needs the CUDA backend (%s)",
+                 plugin ? "this plugin has no NCCL support" : "the model runs on the CPU");
+    int rank, fact;
+    const double facts[1] = {mine ? 1.0 : 0.0};
+    klvae_status_t st =
+        kv_dp_agree(dp, !mine && required ? KLVAE_ERR_BACKEND_UNAVAILABLE : KLVAE_OK, facts, 1,
+                    &rank, &fact);
+    if (st != KLVAE_OK)
+        return st;
+    if (rank >= 0 || !mine) { /* not every rank can: the host for all */
+        if (required)
+            return kv_error(KLVAE_ERR_BACKEND_UNAVAILABLE,
+                            "allreduce=nccl: rank %d's model runs on another backend than rank "
+                            "0's; NCCL needs every rank on the CUDA backend",
+                            rank);
+        return KLVAE_OK;
     }
     kv_plugin_comm_host host = {sizeof host,          dp->comm.rank,          dp->comm.size,
                                 dp->comm.ctx,         dp->comm.allreduce_sum, dp->comm.broadcast};
-    klvae_status_t st = plugin->comm_create(dp->be, &host, &dp->device);
+    st = plugin->comm_create(dp->be, &host, &dp->device);
     if (st == KLVAE_ERR_BACKEND_UNAVAILABLE && !required) { /* every rank alike: sum on the host */
         kv_error_clear();
         dp->device = NULL;
