@@ -436,16 +436,30 @@ $(GPU_TEST): $(GPU_TEST_SOURCES) tests/gpu/cuda_harness.h $(STATIC) $(LIB_HEADER
 	$(CC) $(KV_CFLAGS) -Werror -Itests/gpu $(CFLAGS) $(GPU_TEST_SOURCES) -o $@ $(STATIC) $(LDFLAGS) \
 	    $(DEP_LIBS) $(SYS_LIBS)
 
+# the NCCL path of data-parallel training (tests/gpu/check_nccl.sh runs it on a GPU)
+NCCL_TEST := build/tests/test_nccl
+$(NCCL_TEST): tests/gpu/test_nccl.c tests/gpu/cuda_harness.c tests/gpu/cuda_harness.h $(STATIC) \
+              $(LIB_HEADERS)
+	@mkdir -p build/tests
+	$(CC) $(KV_CFLAGS) -Werror -Itests/gpu $(CFLAGS) tests/gpu/test_nccl.c tests/gpu/cuda_harness.c \
+	    -o $@ $(STATIC) $(LDFLAGS) $(DEP_LIBS) $(SYS_LIBS)
+
 check: check-cuda
-check-cuda: $(GPU_TEST) $(CUDA_PLUGIN_BUILT)
+check-cuda: $(GPU_TEST) $(NCCL_TEST) $(CUDA_PLUGIN_BUILT)
 	@./$(GPU_TEST) --plugin lib/libklvae_cuda.so --quick
+	@./$(NCCL_TEST) --plugin lib/libklvae_cuda.so --quick
 
 # For a GPU machine without this machine's libraries: one binary, test_cuda with the
 # benchmark inside (`test_cuda bench ...`), with OpenBLAS, jansson, libpng, libjpeg, zlib
 # and libgfortran linked statically. build/bench_cuda: the benchmark alone.
 GPU_STATIC_LIBS := $(filter -L%,$(DEP_LIBS)) -Wl,-Bstatic -lopenblas -ljansson -lpng16 -ljpeg -lz \
                    -lgfortran -lquadmath -Wl,-Bdynamic $(SYS_LIBS)
-gpu-binaries: build/gpu/test_cuda
+gpu-binaries: build/gpu/test_cuda build/gpu/test_nccl
+build/gpu/test_nccl: tests/gpu/test_nccl.c tests/gpu/cuda_harness.c tests/gpu/cuda_harness.h \
+                     $(STATIC) $(LIB_HEADERS)
+	@mkdir -p build/gpu
+	$(CC) $(KV_CFLAGS) -Werror -Itests/gpu $(CFLAGS) tests/gpu/test_nccl.c tests/gpu/cuda_harness.c \
+	    -o $@ $(STATIC) -s $(GPU_STATIC_LIBS)
 build/gpu/test_cuda: $(GPU_TEST_SOURCES) tools/bench_cuda.c tests/gpu/cuda_harness.h $(STATIC) \
                      $(LIB_HEADERS)
 	@mkdir -p build/gpu

@@ -19,6 +19,8 @@
 #      batch 1 first, the 512^2 decode also unfused and in NCHW, then 256^2
 #      and batch 8 while time is left; a bf16 8192^3 torch.matmul for the
 #      GPU's practical peak;
+#   3b. tests/gpu/check_nccl.sh: data-parallel training's NCCL path (its own
+#      limit, at most 90 s);
 #   5. compute-sanitizer memcheck of test_cuda --tiny (a few ops, fp32 and
 #      bf16) under its own 60 s limit, if it is installed (a host that
 #      refuses it is reported, and the script goes on);
@@ -29,6 +31,7 @@
 # checks), 1 otherwise.
 #
 # A device call carries the build:  carry lib/libklvae_cuda.so build/gpu tools/wheels
+# (build/gpu holds test_cuda and test_nccl: make gpu-binaries)
 # and runs:  sh tests/gpu/check.sh $OUT
 set -u
 OUT=${1:?usage: tests/gpu/check.sh OUT_DIR}
@@ -106,6 +109,13 @@ else
     say "FAILED: no test binary $BIN (build it here: make gpu-binaries)"
 fi
 
+# ---- 3b. data-parallel training's NCCL path (tests/gpu/check_nccl.sh) ----
+T=$(limit 90)
+NCCL_LINE="not run"
+if [ "$T" -gt 0 ]; then
+    NCCL_LINE=$(sh tests/gpu/check_nccl.sh "$OUT" "$T" 2>&1 | tee -a "$LOG" | tail -1)
+fi
+
 # ---- 4. timings ----
 if grep -q "^FAILED" "$OUT/test_cuda.log" 2>/dev/null || [ "$TEST_RC" = none ]; then
     say "FAILED: the plugin or the GPU cannot be used (above): no timings"
@@ -174,9 +184,9 @@ torch_bench $REST
 
 # ---- 6. the table ----
 TEST_LINE=$(tail -1 "$OUT/test_cuda.log" 2>/dev/null)
-$PY - "$BENCH" "$TEST_RC" "$TEST_LINE" "$MEMCHECK" "$(($(date +%s) - START))" <<'EOF' | tee "$OUT/summary.txt"
+$PY - "$BENCH" "$TEST_RC" "$TEST_LINE" "$MEMCHECK" "$(($(date +%s) - START))" "$NCCL_LINE" <<'EOF' | tee "$OUT/summary.txt"
 import json, sys
-bench, test_rc, test_line, memcheck, elapsed = sys.argv[1:6]
+bench, test_rc, test_line, memcheck, elapsed, nccl_line = sys.argv[1:7]
 rows = []
 for line in open(bench):
     line = line.strip()
@@ -232,6 +242,7 @@ print("%-44s %-42s %s" % ("check", "result", "target"))
 print("%-44s %-42s %s" % ("op / model checks (test_cuda)", (test_line or "not run")[:42]
                           if test_rc in ("0", "1") else "exit %s" % test_rc, "all pass"))
 print("%-44s %-42s %s" % ("compute-sanitizer memcheck", memcheck[:42], "clean"))
+print("%-44s %-42s %s" % ("NCCL path (check_nccl.sh)", nccl_line[:42], "all pass"))
 if k512 and d512:
     ratio = d512["median_ms"] / k512["median_ms"]
     print("%-44s %-42s %s" % ("decode 512^2 bf16: diffusers ms / klvae ms",
