@@ -159,6 +159,12 @@ build/examples/mpi/%: examples/mpi/%.c lib/libklvae.so include/klvae.h
 	$(MPICC) -std=c11 -Wall -Wextra $(CFLAGS) -Iinclude $< -o $@ -Llib -lklvae \
 	    -Wl,-rpath,'$$ORIGIN/../../../lib' -lm
 
+# tools/bench_dp.sh's program: data-parallel step times (docs/performance.md).
+build/bench_dp: tools/bench_dp.c lib/libklvae.so include/klvae.h
+	@[ -n "$(MPI_FOUND)" ] || { echo "build/bench_dp needs Open MPI's mpicc (make deps)" >&2; exit 1; }
+	$(MPICC) -std=c11 -D_GNU_SOURCE -Wall -Wextra -O2 -Iinclude $< -o $@ -Llib -lklvae \
+	    -Wl,-rpath,'$$ORIGIN/../lib' -lm
+
 # tests/mpi_test.sh's helper: compares checkpoints, writes test images.
 build/tests/mpi_tool: tests/mpi/mpi_tool.c $(STATIC) $(LIB_HEADERS)
 	@mkdir -p build/tests
