@@ -299,6 +299,20 @@ static int one_broadcast(void *ctx, void *data, size_t bytes, int root)
     return 0;
 }
 
+/* Two ranks that hold the same floats: the sum doubles them (and counts the
+ * calls, in ctx). */
+static int twin_allreduce(void *ctx, void *data, size_t count, klvae_comm_type_t type)
+{
+    ++*(int *)ctx;
+    for (size_t i = 0; i < count; i++) {
+        if (type == KLVAE_COMM_FLOAT32)
+            ((float *)data)[i] *= 2.0f;
+        else
+            ((double *)data)[i] *= 2.0;
+    }
+    return 0;
+}
+
 /* The data-parallel gradient sums on a plugin's backend (the NCCL path,
  * with the fake standing in for cuda/comm.cu): the communicator is
  * bootstrapped through the broadcast, the first backward is recorded and
@@ -353,8 +367,6 @@ START_TEST(gradient_sums_reach_the_plugin_bucket_by_bucket)
     }
     kv_dp_free(dp);
     ck_assert_int_eq(r->comm_destroys, 1);
-    for (int i = 0; i < 5; i++)
-        m->be->ops->release(m->be, grads[i].data);
     /* without NCCL: auto sums on the host, nccl is refused with the reason */
     setenv("FAKE_PLUGIN_NO_NCCL", "1", 1);
     ck_assert_ok(kv_dp_create(&one, m->be, 25, &dp));
@@ -364,6 +376,37 @@ START_TEST(gradient_sums_reach_the_plugin_bucket_by_bucket)
     ck_assert_error_mentions("cannot load NCCL");
     kv_dp_free(dp);
     unsetenv("FAKE_PLUGIN_NO_NCCL");
+    /* host sums of a backend whose memory is not the host's: each bucket
+     * downloaded into one buffer, summed by one call, uploaded back; here
+     * by twin ranks, which double every value */
+    int calls = 0;
+    klvae_comm_t twins = {sizeof twins, 0, 2, &calls, twin_allreduce, one_broadcast};
+    float *values[5];
+    for (int i = 0; i < 5; i++) {
+        values[i] = test_alloc((size_t)sizes[i]);
+        for (int e = 0; e < sizes[i]; e++)
+            values[i][e] = (float)(i * 1000 + e);
+        ck_assert_ok(m->be->ops->upload(m->be, &grads[i], values[i]));
+    }
+    ck_assert_ok(kv_dp_create(&twins, m->be, 0.001, &dp));
+    ck_assert_ok(kv_dp_start_device(dp, m->plugin, "host"));
+    ck_assert_ok(kv_dp_net_init(dp, &dp->model, "the test network", set, NULL));
+    ck_assert_ok(kv_dp_grads_begin(dp, &dp->model));
+    for (int i = 4; i >= 0; i--)
+        ck_assert_ok(kv_dp_grad_written(dp, &dp->model, grads[i].data));
+    ck_assert_ok(kv_dp_grads_end(dp, &dp->model));
+    ck_assert_int_eq(calls, 4); /* one per bucket */
+    for (int i = 0; i < 5; i++) {
+        float *back = test_alloc((size_t)sizes[i]);
+        ck_assert_ok(m->be->ops->download(m->be, back, &grads[i]));
+        for (int e = 0; e < sizes[i]; e++)
+            ck_assert_float_eq(back[e], 2.0f * values[i][e]);
+        free(back);
+        free(values[i]);
+    }
+    kv_dp_free(dp);
+    for (int i = 0; i < 5; i++)
+        m->be->ops->release(m->be, grads[i].data);
     klvae_model_free(m);
 }
 END_TEST

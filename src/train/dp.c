@@ -169,8 +169,10 @@ klvae_status_t kv_dp_net_init(kv_dp *dp, kv_dp_net *n, const char *name, kv_para
     return st;
 }
 
-/* Bucket k of n summed over the ranks: queued on the device, or through
- * the host (packed into one buffer, so that a bucket is one callback). */
+/* Bucket k of n summed over the ranks: queued on the device; in place,
+ * tensor by tensor, when the backend's memory is the host's (no copies:
+ * on the CPU they would cost more than the extra calls); else through the
+ * host, packed into one buffer (one callback per bucket). */
 static klvae_status_t launch(kv_dp *dp, kv_dp_net *n, size_t k)
 {
     const kv_buckets *b = &n->buckets;
@@ -179,17 +181,24 @@ static klvae_status_t launch(kv_dp *dp, kv_dp_net *n, size_t k)
         n->launch[i] = n->grads.params[b->order[first + i]].tensor;
     if (dp->device)
         return dp->plugin->comm_allreduce(dp->device, n->launch, count);
+    char what[96];
+    snprintf(what, sizeof what, "%s's gradients", n->name);
+    klvae_status_t st = KLVAE_OK;
+    if (dp->be->host_memory) {
+        for (size_t i = 0; st == KLVAE_OK && i < count; i++)
+            st = sum_chunked(dp, n->launch[i]->data, kv_tensor_numel(n->launch[i]),
+                             KLVAE_COMM_FLOAT32, what);
+        return st;
+    }
     size_t floats = 0;
     for (size_t i = 0; i < count; i++)
         floats += kv_tensor_numel(n->launch[i]);
-    klvae_status_t st = staging(dp, floats);
+    st = staging(dp, floats);
     size_t at = 0;
     for (size_t i = 0; st == KLVAE_OK && i < count; i++) {
         st = dp->be->ops->download(dp->be, dp->staging + at, n->launch[i]);
         at += kv_tensor_numel(n->launch[i]);
     }
-    char what[96];
-    snprintf(what, sizeof what, "%s's gradients", n->name);
     if (st == KLVAE_OK)
         st = sum_chunked(dp, dp->staging, floats, KLVAE_COMM_FLOAT32, what);
     at = 0;
