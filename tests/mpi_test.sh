@@ -12,6 +12,7 @@
 #     continues the same data order: the final checkpoints and data
 #     positions agree with the 2 ranks' own continuation;
 #   - rank 0 alone writes the run folder;
+#   - libklvae.so needs neither MPI nor NCCL (readelf -d), nor the plugin;
 #   - failures end every rank within a bounded time with a message naming
 #     the rank: a rank killed (SIGKILL) in the middle of training, a rank
 #     whose training data cannot be read, a rank whose trainer cannot be
@@ -42,6 +43,15 @@ if ! ldd $KLVAE | grep -q libmpi; then
     bad "mpirun is installed but $KLVAE was built without MPI (mpicc missing? apt-get install libopenmpi-dev)"
     finish
 fi
+
+# the library links neither MPI nor NCCL, and the CUDA plugin loads NCCL
+# only when a communicator asks for it (dlopen)
+for lib in lib/libklvae.so lib/libklvae_cuda.so; do
+    [ -f $lib ] || continue
+    if readelf -d $lib | grep NEEDED | grep -qiE "mpi|nccl"; then
+        bad "$lib needs MPI or NCCL: $(readelf -d $lib | grep NEEDED | grep -iE 'mpi|nccl')"
+    else ok; fi
+done
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/klvae-mpi-XXXXXX")
 launched=""
