@@ -66,12 +66,6 @@ LAYERS := base formats backend model train
 LIB_SOURCES := $(foreach l,$(LAYERS),$(wildcard src/$(l)/*.c)) $(wildcard src/backend/cpu/*.c)
 LIB_HEADERS := $(wildcard src/*/*.h src/*/*/*.h include/*.h)
 LIB_OBJECTS := $(patsubst src/%.c,build/obj/%.o,$(LIB_SOURCES))
-CLI_SOURCES := $(wildcard src/cli/*.c)
-CLI_OBJECTS := $(patsubst src/%.c,build/obj/%.o,$(CLI_SOURCES))
-# the tool's pieces without its main(), which the unit tests link too; their
-# cli/team.c is built without MPI (team_nompi.o), so that they need no MPI
-CLI_PARTS := $(filter-out build/obj/cli/klvae.o build/obj/cli/team.o,$(CLI_OBJECTS)) \
-             build/obj/cli/team_nompi.o
 # MPI for `klvae train` under mpirun (src/cli/team.c; the library links none):
 # with Open MPI's mpicc found, bin/klvae is built with it. MPICC= (empty)
 # builds without; MPI_CFLAGS and MPI_LIBS override what mpicc reports.
@@ -79,6 +73,16 @@ MPICC ?= $(shell command -v mpicc 2>/dev/null)
 MPI_CFLAGS ?= $(if $(MPICC),$(shell $(MPICC) --showme:compile 2>/dev/null))
 MPI_LIBS ?= $(if $(MPICC),$(shell $(MPICC) --showme:link 2>/dev/null))
 MPI_FOUND := $(if $(and $(MPICC),$(MPI_LIBS)),yes)
+# cli/team.c is compiled into team_mpi.o or team_nompi.o, so that the tool is
+# relinked when MPI appears (or goes)
+TEAM_OBJECT := build/obj/cli/team_$(if $(MPI_FOUND),mpi,nompi).o
+CLI_SOURCES := $(wildcard src/cli/*.c)
+CLI_OBJECTS := $(filter-out build/obj/cli/team.o,$(patsubst src/%.c,build/obj/%.o,$(CLI_SOURCES))) \
+               $(TEAM_OBJECT)
+# the tool's pieces without its main(), which the unit tests link too, with
+# cli/team.c built without MPI, so that they need no MPI
+CLI_PARTS := $(filter-out build/obj/cli/klvae.o $(TEAM_OBJECT),$(CLI_OBJECTS)) \
+             build/obj/cli/team_nompi.o
 EXAMPLES := $(patsubst examples/c/%.c,build/examples/%,$(wildcard examples/c/*.c))
 # tests/ops/: one file per op family (test_FAMILY.c) and their shared helpers;
 # their objects go to build/tests/ops/, so names stay unique.
@@ -132,9 +136,9 @@ build/obj/cli/%.o: src/cli/%.c $(LIB_HEADERS)
 	@mkdir -p $(dir $@)
 	$(CC) $(KV_CFLAGS) $(CFLAGS) -c $< -o $@
 
-build/obj/cli/team.o: src/cli/team.c $(LIB_HEADERS) src/cli/team.h
+build/obj/cli/team_mpi.o: src/cli/team.c $(LIB_HEADERS) src/cli/team.h
 	@mkdir -p $(dir $@)
-	$(CC) $(KV_CFLAGS) $(CFLAGS) $(if $(MPI_FOUND),-DKV_WITH_MPI $(MPI_CFLAGS)) -c $< -o $@
+	$(CC) $(KV_CFLAGS) $(CFLAGS) -DKV_WITH_MPI $(MPI_CFLAGS) -c $< -o $@
 
 build/obj/cli/team_nompi.o: src/cli/team.c $(LIB_HEADERS) src/cli/team.h
 	@mkdir -p $(dir $@)
