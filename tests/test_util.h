@@ -124,6 +124,7 @@ Suite *suite_golden(void);
 Suite *suite_save(void);
 Suite *suite_buckets(void);
 Suite *suite_dp(void);
+Suite *suite_dataset(void);
 
 /* The op tests, one suite per op family of src/backend/backend.h, each in
  * tests/ops/test_FAMILY.c and named FAMILY (CK_RUN_SUITE=conv2d). */

@@ -285,9 +285,11 @@ static klvae_status_t bn_forward(kv_disc *d, int i, kv_disc_tape *t, kv_tensor *
     double *sums = malloc((2 * c + 1) * sizeof *sums);
     if (!sums)
         return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory in the discriminator");
-    klvae_status_t st = kv_tensor_alloc(be, 1, (int)c, 1, 1, &t->mean[i]);
+    /* statistics in float32 whatever the backend computes in: the backward
+     * recomputes xhat from them */
+    klvae_status_t st = kv_tensor_alloc_f32(be, 1, (int)c, 1, 1, &t->mean[i]);
     if (st == KLVAE_OK)
-        st = kv_tensor_alloc(be, 1, (int)c, 1, 1, &t->invstd[i]);
+        st = kv_tensor_alloc_f32(be, 1, (int)c, 1, 1, &t->invstd[i]);
     if (st == KLVAE_OK)
         st = kv_tensor_alloc_like(be, pre, y);
     if (st == KLVAE_OK)
