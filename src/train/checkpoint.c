@@ -509,6 +509,11 @@ klvae_status_t kv_trainer_broadcast_state(klvae_trainer_t *t, kv_dp *dp)
         t->logvar_m = counters[7];
         t->logvar_v = counters[8];
     }
+    /* with master weights (they were copied), the weights are their rounding */
+    if (st == KLVAE_OK && dp->comm.rank != 0 && t->model_net.master.count)
+        st = kv_params_copy(t->be, t->model_net.weights, t->model_net.master);
+    if (st == KLVAE_OK && dp->comm.rank != 0 && t->disc_net.master.count)
+        st = kv_params_copy(t->be, t->disc_net.weights, t->disc_net.master);
     free(host);
     free(list.items);
     return st;
