@@ -332,6 +332,45 @@ static void compare_with_single(klvae_options_t *o, int size, int b, int a)
         free_run(&jobs[r].r);
 }
 
+/* A world of one rank runs the data-parallel code (its sums, the global
+ * averages, the adaptive weight and BatchNorm through the communicator, the
+ * buckets) and must give the single process's step bit for bit: what
+ * tests/gpu/test_nccl.c asserts of the NCCL path on one GPU. */
+START_TEST(a_world_of_one_steps_as_the_single_process_bit_for_bit)
+{
+    klvae_options_t *o = dp_options();
+    ck_assert_ok(klvae_options_set(o, "grad_accum", "2"));
+    ck_assert_ok(klvae_options_set(o, "grad_clip", "0.5"));
+    rank_job job;
+    memset(&job, 0, sizeof job);
+    job.r = make_run(o);
+    job.b = 4;
+    job.accum = 2;
+    job.steps = 3;
+    world w = {0};
+    run_ranks(&job, 1, &w);
+    ck_assert_msg(job.status == KLVAE_OK, "%s (%s)", klvae_status_string(job.status),
+                  klvae_last_error());
+    run single = make_run(o);
+    klvae_step_stats_t want[MAX_STEPS];
+    run_single(&single, 4, 0, 3, want);
+    for (int k = 0; k < 3; k++) {
+        const klvae_step_stats_t *a = &job.stats[k], *b = &want[k];
+        ck_assert_msg(a->total_loss == b->total_loss && a->rec_loss == b->rec_loss &&
+                          a->perceptual_loss == b->perceptual_loss && a->kl_loss == b->kl_loss &&
+                          a->g_loss == b->g_loss && a->d_weight == b->d_weight &&
+                          a->d_loss == b->d_loss && a->logits_real == b->logits_real &&
+                          a->logits_fake == b->logits_fake && a->logvar == b->logvar,
+                      "step %d: the losses differ (total %.17g against %.17g)", k, a->total_loss,
+                      b->total_loss);
+    }
+    assert_same_weights(&job.r, &single, true);
+    free_run(&single);
+    free_run(&job.r);
+    klvae_options_free(o);
+}
+END_TEST
+
 START_TEST(two_ranks_step_as_one_process_with_their_batches)
 {
     klvae_options_t *o = dp_options();
@@ -687,6 +726,7 @@ Suite *suite_dp(void)
     Suite *s = suite_create("dp");
     TCase *c = tcase_create("dp");
     tcase_set_timeout(c, 300);
+    tcase_add_test(c, a_world_of_one_steps_as_the_single_process_bit_for_bit);
     tcase_add_test(c, two_ranks_step_as_one_process_with_their_batches);
     tcase_add_test(c, three_ranks_step_as_one_process_with_their_batches);
     tcase_add_test(c, accumulation_clipping_and_fresh_updates_compose);
