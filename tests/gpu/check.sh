@@ -32,8 +32,8 @@
 #      (target >= 40 %), peak memory of a 1024^2 bf16 decode (target <= 1.5 GB),
 #      training images/s against PyTorch (target >= 1.5x), its peak memory
 #      (target <= PyTorch's) and model FLOP utilisation.
-# Exit status: 0 when test_cuda passed (the timings are measurements, not
-# checks), 1 otherwise.
+# Exit status: 0 when test_cuda and check_nccl.sh passed (the timings are
+# measurements, not checks), 1 otherwise, saying which failed.
 #
 # A device call carries the build:  carry lib/libklvae_cuda.so build/gpu tools/wheels
 # (build/gpu holds test_cuda and test_nccl: make gpu-binaries)
@@ -117,8 +117,15 @@ fi
 # ---- 3b. data-parallel training's NCCL path (tests/gpu/check_nccl.sh) ----
 T=$(limit 90)
 NCCL_LINE="not run"
+NCCL_RC=none
 if [ "$T" -gt 0 ]; then
-    NCCL_LINE=$(sh tests/gpu/check_nccl.sh "$OUT" "$T" 2>&1 | tee -a "$LOG" | tail -1)
+    sh tests/gpu/check_nccl.sh "$OUT" "$T" >"$OUT/check_nccl.out" 2>&1
+    NCCL_RC=$?
+    tee -a "$LOG" <"$OUT/check_nccl.out"
+    NCCL_LINE=$(tail -1 "$OUT/check_nccl.out")
+    [ "$NCCL_RC" = 0 ] || say "FAILED: the NCCL check (tests/gpu/check_nccl.sh, exit $NCCL_RC): see $OUT/test_nccl.log"
+else
+    say "FAILED: no time left for the NCCL check (tests/gpu/check_nccl.sh)"
 fi
 
 # ---- 4. timings ----
@@ -318,5 +325,7 @@ if kt and pe:
 else:
     print("%-44s %-42s %s" % ("train 256^2 b8 bf16 vs torch eager", "missing", ">= 1.5x"))
 EOF
-[ "$TEST_RC" = 0 ] || { echo "check.sh: test_cuda did not pass (exit $TEST_RC): see $OUT/test_cuda.log" >&2; exit 1; }
-exit 0
+status=0
+[ "$TEST_RC" = 0 ] || { echo "check.sh: test_cuda did not pass (exit $TEST_RC): see $OUT/test_cuda.log" >&2; status=1; }
+[ "$NCCL_RC" = 0 ] || { echo "check.sh: the NCCL check did not pass (exit $NCCL_RC): see $OUT/test_nccl.log" >&2; status=1; }
+exit $status

@@ -8,8 +8,10 @@
 #     launched through NCCL during a simulated backward: every value kept bit
 #     for bit (a sum over one rank), on the recorded first pass and on
 #     planned ones, timed;
-#   - a training step with allreduce=nccl against the step without a
-#     communicator, bit for bit: SKIP until CUDA training exists.
+#   - two training steps of the fixture model on the CUDA backend (fp32 with
+#     allreduce=nccl, bf16 with auto) through a communicator of one rank
+#     against the same steps without one: the same losses and checkpoints,
+#     byte for byte.
 # NCCL: LD_LIBRARY_PATH as tests/gpu/check.sh sets it (PyTorch's
 # site-packages nvidia/*/lib, /usr/local/cuda/lib64), and KLVAE_NCCL_LIBRARY
 # when libnccl.so.2 is found there. Full output in OUT_DIR/test_nccl.log;

@@ -9,10 +9,11 @@
  *      writes them (last layer first), then comm_wait: a sum over one rank
  *      leaves every value bit for bit, on the recorded first pass and on a
  *      planned one, which is timed;
- *   3. when the CUDA backend can train (another issue's work; until then
- *      SKIP with the trainer's reason): one training step of a small model
- *      with allreduce=nccl against the same step without a communicator,
- *      every weight bit for bit.
+ *   3. two training steps of the fixture model on the CUDA backend (fp32
+ *      with allreduce=nccl, bf16 with auto) through a communicator of one
+ *      rank, whose gradients NCCL sums bucket by bucket during the
+ *      backward, against the same steps without a communicator: the same
+ *      losses and checkpoints byte for byte.
  *
  * Prints PASS/FAIL/SKIP lines and a last line "N passed, N failed".
  * --quick (make check on a machine without a GPU): SKIPPED, exit 0, when
@@ -21,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "cuda_harness.h"
 #include "train/discriminator.h"
@@ -129,78 +131,143 @@ static void bucketed_sums(const kv_plugin *p)
         kv_backend_destroy(be);
 }
 
-/* ---- a training step with and without NCCL ---- */
+/* ---- training steps with and without NCCL ---- */
 
-static klvae_status_t small_trainer(const kv_plugin *p, const char *allreduce,
-                                    klvae_model_t **m, klvae_trainer_t **t)
+#define TRAIN_FIXTURE "tests/fixtures/train/"
+
+/* The fixture model on the CUDA backend (precision) and a trainer with every
+ * random choice and the data-parallel paths on: posterior samples, LPIPS
+ * dropout, the GAN from step 0 (BatchNorm statistics and the adaptive
+ * weight through the communicator), EMA, a learned logvar, grad_accum 2
+ * (the buckets start with the last micro-batch's backward) and clipping by
+ * the global norm. */
+static klvae_status_t fixture_trainer(const char *precision, const char *allreduce,
+                                      klvae_model_t **m, klvae_trainer_t **t)
 {
-    kv_backend *be = NULL;
+    static const char *const kv[][2] = {
+        {"learning_rate", "1e-4"},   {"adam_eps", "1e-5"},        {"pixel_loss", "l1"},
+        {"lpips_weights", TRAIN_FIXTURE "lpips.safetensors"},
+        {"lpips_dropout", "0.5"},    {"kl_weight", "0.01"},       {"posterior", "sample"},
+        {"disc_start", "0"},         {"disc_layers", "3"},        {"disc_channels", "8"},
+        {"disc_weights", TRAIN_FIXTURE "disc.safetensors"},
+        {"ema_decay", "0.9"},        {"learn_logvar", "true"},    {"grad_accum", "2"},
+        {"grad_clip", "0.5"},        {"seed", "5"},               {"backend", "cuda"},
+    };
+    klvae_options_t *o = NULL;
     *m = NULL;
     *t = NULL;
-    klvae_status_t st = harness_backend(p, 0, KV_PRECISION_FP32, &be);
-    if (st != KLVAE_OK)
-        return st;
-    st = harness_model(be, "tiny", 3, "fp32", m); /* owns be when it succeeds */
-    if (st != KLVAE_OK) {
-        kv_backend_destroy(be);
-        return st;
-    }
-    klvae_options_t *o = NULL;
-    klvae_options_create(&o);
-    const char *kv[][2] = {{"disc_start", "0"}, {"disc_layers", "2"}, {"seed", "4"},
-                           {"learning_rate", "1e-4"}, {"allreduce", allreduce}};
-    for (size_t i = 0; i < sizeof kv / sizeof kv[0]; i++)
-        klvae_options_set(o, kv[i][0], kv[i][1]);
+    klvae_status_t st = klvae_options_create(&o);
+    for (size_t i = 0; st == KLVAE_OK && i < sizeof kv / sizeof kv[0]; i++)
+        st = klvae_options_set(o, kv[i][0], kv[i][1]);
+    if (st == KLVAE_OK)
+        st = klvae_options_set(o, "precision", precision);
+    if (st == KLVAE_OK)
+        st = klvae_options_set(o, "allreduce", allreduce);
+    if (st == KLVAE_OK)
+        st = klvae_model_load(TRAIN_FIXTURE "vae", o, m);
     if (st == KLVAE_OK)
         st = klvae_trainer_create(*m, o, t);
     klvae_options_free(o);
     return st;
 }
 
-static void training_step(const kv_plugin *p)
+static int same_file(const char *a, const char *b)
+{
+    FILE *fa = fopen(a, "rb"), *fb = fopen(b, "rb");
+    int same = fa && fb;
+    while (same) {
+        int ca = fgetc(fa), cb = fgetc(fb);
+        same = ca == cb;
+        if (ca == EOF || cb == EOF)
+            break;
+    }
+    if (fa)
+        fclose(fa);
+    if (fb)
+        fclose(fb);
+    return same;
+}
+
+static bool same_losses(const klvae_step_stats_t *a, const klvae_step_stats_t *b)
+{
+    return a->total_loss == b->total_loss && a->rec_loss == b->rec_loss &&
+           a->perceptual_loss == b->perceptual_loss && a->nll_loss == b->nll_loss &&
+           a->kl_loss == b->kl_loss && a->g_loss == b->g_loss && a->d_weight == b->d_weight &&
+           a->d_loss == b->d_loss && a->logits_real == b->logits_real &&
+           a->logits_fake == b->logits_fake && a->logvar == b->logvar;
+}
+
+/* Two steps of a trainer with a communicator of one rank whose gradients
+ * NCCL sums (bucket by bucket during the backward) against the same steps
+ * without a communicator: the same losses and checkpoints byte for byte
+ * (weights, float32 master weights in bf16, both optimisers, EMA, the
+ * discriminator and its BatchNorm statistics). A sum over one rank changes
+ * no value, and a world of one is the single process's step bit for bit
+ * (tests/test_dp.c checks that on the CPU), so any difference is the NCCL
+ * path's: a bucket summed before the backward wrote it, or read by Adam
+ * before its sum was done. */
+static void training_steps(const char *precision, const char *allreduce, const char *dir)
 {
     klvae_model_t *ma = NULL, *mb = NULL;
     klvae_trainer_t *ta = NULL, *tb = NULL;
-    klvae_status_t st = small_trainer(p, "nccl", &ma, &ta);
-    if (st == KLVAE_ERR_UNSUPPORTED) {
-        printf("SKIP  a training step with NCCL against one without: CUDA training is not "
-               "available yet (%s)\n", klvae_last_error());
-        if (ma)
-            klvae_model_free(ma);
-        return;
-    }
+    char what[160], detail[512] = "", a_ck[600], b_ck[600];
+    snprintf(what, sizeof what, "[%s] 2 training steps with allreduce=%s (world of one) = without",
+             precision, allreduce);
+    snprintf(a_ck, sizeof a_ck, "%s/single-%s.ckpt", dir, precision);
+    snprintf(b_ck, sizeof b_ck, "%s/nccl-%s.ckpt", dir, precision);
+    klvae_status_t st = fixture_trainer(precision, allreduce, &ma, &ta);
     if (st == KLVAE_OK)
-        st = small_trainer(p, "nccl", &mb, &tb);
+        st = fixture_trainer(precision, allreduce, &mb, &tb);
     if (st == KLVAE_OK)
         st = klvae_trainer_set_comm(tb, &world_of_one);
-    const int n = 2, s = 32;
-    float *x = malloc(sizeof(float) * n * 3 * s * s);
-    for (int i = 0; x && i < n * 3 * s * s; i++)
-        x[i] = (float)((i * 7919) % 2001) / 1000.0f - 1.0f;
+    char summed[16] = "";
     if (st == KLVAE_OK)
-        st = klvae_trainer_step(ta, x, n, s, s, NULL);
+        st = klvae_trainer_get(tb, "allreduce", summed, sizeof summed);
+    const int n = 4, h = 32, w = 40;
+    const size_t count = (size_t)n * 3 * h * w;
+    float *x = malloc(count * sizeof *x);
+    bool losses = true;
+    for (int k = 0; k < 2 && st == KLVAE_OK && x; k++) {
+        for (size_t i = 0; i < count; i++)
+            x[i] = (float)((i * 7919 + (size_t)k * 104729) % 2001) / 1000.0f - 1.0f;
+        klvae_step_stats_t sa = KLVAE_STEP_STATS_INIT, sb = KLVAE_STEP_STATS_INIT;
+        st = klvae_trainer_step(ta, x, n, h, w, &sa);
+        if (st == KLVAE_OK)
+            st = klvae_trainer_step(tb, x, n, h, w, &sb);
+        losses = losses && st == KLVAE_OK && same_losses(&sa, &sb);
+    }
     if (st == KLVAE_OK)
-        st = klvae_trainer_step(tb, x, n, s, s, NULL);
-    char detail[256] = "";
-    bool same = st == KLVAE_OK;
-    size_t na = 0, nb = 0;
-    float *a = same ? download_all(ma, &na) : NULL, *b = same ? download_all(mb, &nb) : NULL;
-    same = a && b && na == nb && memcmp(a, b, na * sizeof *a) == 0;
-    char allreduce[16] = "";
-    if (tb)
-        klvae_trainer_get(tb, "allreduce", allreduce, sizeof allreduce);
-    snprintf(detail, sizeof detail, "summed on the %s%s%s", allreduce,
-             st == KLVAE_OK ? "" : "; ", st == KLVAE_OK ? "" : klvae_last_error());
-    verdict(same && strcmp(allreduce, "nccl") == 0,
-            "a training step with NCCL (world of one) equals the step without, bit for bit",
-            detail);
-    free(a);
-    free(b);
+        st = klvae_trainer_save(ta, a_ck);
+    if (st == KLVAE_OK)
+        st = klvae_trainer_save(tb, b_ck);
+    const bool files = st == KLVAE_OK && same_file(a_ck, b_ck);
+    if (st != KLVAE_OK)
+        snprintf(detail, sizeof detail, "%s: %s", klvae_status_string(st), klvae_last_error());
+    else
+        snprintf(detail, sizeof detail, "summed by %s; losses %s, checkpoints %s", summed,
+                 losses ? "equal" : "DIFFER", files ? "equal byte for byte" : "DIFFER");
+    verdict(st == KLVAE_OK && strcmp(summed, "nccl") == 0 && losses && files, what, detail);
+    unlink(a_ck);
+    unlink(b_ck);
     free(x);
     klvae_trainer_free(ta);
     klvae_trainer_free(tb);
     klvae_model_free(ma);
     klvae_model_free(mb);
+}
+
+static void training(const char *plugin_path)
+{
+    if (plugin_path)
+        setenv("KLVAE_CUDA_PLUGIN", plugin_path, 1);
+    char dir[] = "/tmp/klvae-nccl-XXXXXX";
+    if (!mkdtemp(dir)) {
+        verdict(false, "training steps", "cannot make a temporary folder");
+        return;
+    }
+    training_steps("fp32", "nccl", dir);
+    training_steps("bf16", "auto", dir); /* auto: NCCL on the CUDA backend */
+    rmdir(dir);
 }
 
 int main(int argc, char **argv)
@@ -229,7 +296,7 @@ int main(int argc, char **argv)
         return 1;
     }
     bucketed_sums(p);
-    training_step(p);
+    training(path);
     printf("%d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;
 }
