@@ -577,10 +577,11 @@ KLVAE_API void klvae_trainer_free(klvae_trainer_t *trainer);
  * communicator as two callbacks (klvae_comm_t; examples/mpi/ wraps
  * MPI_COMM_WORLD), and the trainers then make each step together:
  *
- *   - Each rank passes klvae_trainer_step its own n images, the same n,
- *     h and w on every rank: the global batch is n * size images. With
- *     grad_accum A, micro-batch m of the global batch is every rank's
- *     micro-batch m (its images m n/A .. (m+1) n/A - 1), rank 0's first.
+ *   - Each rank passes klvae_trainer_step (or klvae_trainer_step_device)
+ *     its own n images, the same n, h and w on every rank: the global batch
+ *     is n * size images. With grad_accum A, micro-batch m of the global
+ *     batch is every rank's micro-batch m (its images m n/A .. (m+1) n/A -
+ *     1), rank 0's first.
  *     The random numbers (posterior noise, LPIPS dropout) are those of each
  *     image's place in that global batch.
  *   - The gradients of both networks are summed over the ranks before the
