@@ -250,7 +250,8 @@ golden-record: $(TEST_BIN)
 # One binding at a time (tests/bindings_test.sh runs both).
 PYTHON ?= python3
 check-python: lib
-	KLVAE_LIBRARY=$(CURDIR)/lib/$(SONAME) $(PYTHON) -m pytest -q examples/python/tests
+	PYTHONPATH=$(CURDIR)/build/pydeps$${PYTHONPATH:+:$$PYTHONPATH} \
+	    KLVAE_LIBRARY=$(CURDIR)/lib/$(SONAME) $(PYTHON) -m pytest -q examples/python/tests
 check-rust: lib build/klvae-uninstalled.pc
 	cd examples/rust && PKG_CONFIG_PATH=$(CURDIR)/build CARGO_TARGET_DIR=$(CURDIR)/build/rust \
 	    cargo test --offline

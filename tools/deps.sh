@@ -126,6 +126,23 @@ install_pip() {
         { say "pip install failed (see above)"; return 1; }
 }
 
+# Python's own safetensors reader, for the test that opens encode-dataset's
+# shards without libklvae. Debian has no package of it: pip puts it in
+# build/pydeps (--target leaves the system's Python alone), which the binding
+# tests add to PYTHONPATH. Without it that one test skips, or fails under
+# KLVAE_REQUIRE_BINDINGS=1.
+PYDEPS=${PYDEPS:-build/pydeps}
+install_safetensors() {
+    reader='import safetensors.numpy'
+    "$PYTHON" -c "$reader" >/dev/null 2>&1 && return 0
+    PYTHONPATH="$PYDEPS" "$PYTHON" -c "$reader" >/dev/null 2>&1 && return 0
+    "$PYTHON" -c 'import pip' >/dev/null 2>&1 || return 0
+    say "installing Python's safetensors reader with pip into $PYDEPS (a test reads shards with it)"
+    "$PYTHON" -m pip install -q --disable-pip-version-check --root-user-action=ignore --target "$PYDEPS" safetensors ||
+        say "pip could not install safetensors: the test that reads shards with it will skip"
+    return 0
+}
+
 report_missing() {
     say "missing:"
     echo "$1" | sed 's/^/    /'
@@ -161,6 +178,7 @@ if has_apt; then
     install_debian || exit 1
     install_pip || exit 1
 fi
+install_safetensors
 missing=$(missing_tools)
 if [ -n "$missing" ]; then
     report_missing "$missing"

@@ -1289,7 +1289,13 @@ def test_encode_dataset_rows_are_the_encodings_of_the_crops(tmp_path, noquant):
 
 
 def test_shards_open_with_safetensors_numpy(tmp_path, noquant):
-    st = pytest.importorskip("safetensors.numpy")
+    try:
+        import safetensors.numpy as st
+    except ImportError:
+        # CI requires every binding test to run; elsewhere say what is missing
+        if os.environ.get("KLVAE_REQUIRE_BINDINGS") == "1":
+            raise
+        pytest.skip("Python's safetensors is not installed ('make deps' puts it in build/pydeps)")
     data = _image_folder(tmp_path / "data")
     klvae.encode_dataset(noquant, data, tmp_path / "out", size=16, flip=True, dtype="fp16")
     for shard in klvae.LatentFolder(tmp_path / "out"):
