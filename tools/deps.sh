@@ -33,7 +33,9 @@ python3-pytest   pytest, which runs the Python binding tests
 python3-pip      pip (with setuptools and wheel), for the test that pip-installs the Python package
 cargo            cargo, which builds and tests the Rust binding
 clang            clang with libFuzzer, for the fuzzing harnesses (make fuzz)
-libclang-rt-dev  compiler-rt: the fuzzer, ASan and UBSan runtimes clang links (make fuzz)'
+libclang-rt-dev  compiler-rt: the fuzzer, ASan and UBSan runtimes clang links (make fuzz)
+libopenmpi-dev   Open MPI headers and mpicc: klvae train built for mpirun (data-parallel training)
+openmpi-bin      mpirun, which starts the ranks of tests/mpi_test.sh'
 
 why() { echo "$PACKAGES" | awk -v p="$1" '$1 == p { $1 = ""; sub(/^ +/, ""); print }'; }
 
@@ -83,7 +85,7 @@ missing_tools() {
         # cc prints the bare name when it has no such library
         [ "$(cc -print-file-name=libgfortran.so)" != libgfortran.so ] || echo "libgfortran"
     fi
-    for t in strace abidw abidiff cargo clang; do
+    for t in strace abidw abidiff cargo clang mpicc mpirun; do
         command -v $t >/dev/null 2>&1 || echo "$t"
     done
     python_ready || echo "numpy, pytest, pip, setuptools and wheel for $PYTHON"
@@ -147,12 +149,13 @@ report_missing() {
     cat <<'TXT'
 Install these with your system's package manager and run make again. The build
 needs a C11 compiler, make, pkg-config, OpenBLAS (with CBLAS), jansson, libpng,
-libjpeg; the tests also need Check, libgfortran, strace, libabigail (abidw),
-Python 3 with numpy, pytest, pip, setuptools and wheel, cargo, and clang with
-compiler-rt (make fuzz). On Fedora for example:
+libjpeg, and Open MPI (mpicc, mpirun) for data-parallel training; the tests also
+need Check, libgfortran, strace, libabigail (abidw), Python 3 with numpy, pytest,
+pip, setuptools and wheel, cargo, and clang with compiler-rt (make fuzz). On
+Fedora for example (then module load mpi/openmpi-x86_64, for mpicc on PATH):
     dnf install gcc gcc-c++ make pkgconf-pkg-config openblas-devel jansson-devel \
         libpng-devel libjpeg-turbo-devel check-devel libgfortran strace libabigail \
-        python3-numpy python3-pytest python3-pip cargo clang compiler-rt
+        python3-numpy python3-pytest python3-pip cargo clang compiler-rt openmpi-devel
 (KLVAE_NO_DEPS=1 make ... skips this check.)
 TXT
 }

@@ -497,6 +497,8 @@ typedef struct loader_slot {
 struct kv_loader {
     const kv_dataset *ds;
     int n, depth;
+    bool shared;           /* a rank's share (kv_loader_create_share) */
+    kv_loader_share share; /* with shared */
     size_t image_floats, batch_floats;
     kv_data_warning_fn warn;
     void *warn_ctx;
@@ -613,6 +615,78 @@ static enum fill_result fill_slot(kv_loader *L, loader_slot *slot)
     return FILL_OK;
 }
 
+/* ---- a rank's share (kv_loader_create_share) ---- */
+
+/* The stream position of this rank's image j of the global batch at base. */
+static uint64_t share_position(const kv_loader *L, uint64_t base, int j)
+{
+    const kv_loader_share *s = &L->share;
+    const int part = s->batch / (s->accum * s->ranks); /* per rank and micro-batch */
+    const int m = j / part, k = j % part;
+    return base + (uint64_t)m * (uint64_t)(s->batch / s->accum) + (uint64_t)s->rank * part +
+           (uint64_t)k;
+}
+
+/* A failure to read the file at position p, reported once per file. */
+static void report_failure(kv_loader *L, loader_slot *slot, uint64_t p)
+{
+    size_t file = file_at(L->ds, p);
+    if (!L->reported[file]) {
+        L->reported[file] = 1;
+        queue_warning(slot, L->ds->paths[file], kv_error_message());
+    }
+}
+
+/* The image at position p into dst or, when its file cannot be read, the
+ * next readable file of the same epoch's order. */
+static enum fill_result read_or_substitute(kv_loader *L, loader_slot *slot, uint64_t p,
+                                           float *dst)
+{
+    const kv_dataset *ds = L->ds;
+    klvae_status_t st = kv_dataset_get(ds, p, dst);
+    if (st == KLVAE_OK)
+        return FILL_OK;
+    if (ds->procedural) { /* cannot happen (the generator does not fail); fail cleanly */
+        slot->status = st;
+        slot->error = kv_strdup(kv_error_message());
+        return FILL_FAILED;
+    }
+    const uint64_t count = ds->count, epoch = p - p % count, place = p % count;
+    report_failure(L, slot, p);
+    for (uint64_t j = 1; j < count; j++) {
+        if (atomic_load(&L->stop))
+            return FILL_STOPPED;
+        const uint64_t q = epoch + (place + j) % count;
+        if (kv_dataset_get(ds, q, dst) == KLVAE_OK)
+            return FILL_OK;
+        report_failure(L, slot, q);
+    }
+    const char *fmt = "none of the %zu image files under %s can be read (the last one tried: %s)";
+    int len = snprintf(NULL, 0, fmt, ds->count, ds->root, kv_error_message());
+    slot->status = KLVAE_ERR_IO;
+    slot->error = len >= 0 ? malloc((size_t)len + 1) : NULL;
+    if (slot->error)
+        snprintf(slot->error, (size_t)len + 1, fmt, ds->count, ds->root, kv_error_message());
+    return FILL_FAILED;
+}
+
+/* This rank's share of the next global batch into slot. */
+static enum fill_result fill_share(kv_loader *L, loader_slot *slot)
+{
+    for (int j = 0; j < L->n; j++) {
+        if (atomic_load(&L->stop))
+            return FILL_STOPPED;
+        enum fill_result r = read_or_substitute(L, slot, share_position(L, L->next, j),
+                                                slot->batch + (size_t)j * L->image_floats);
+        if (r != FILL_OK)
+            return r;
+    }
+    L->next += (uint64_t)L->share.batch;
+    slot->end = L->next;
+    slot->status = KLVAE_OK;
+    return FILL_OK;
+}
+
 static void *loader_main(void *arg)
 {
     kv_loader *L = arg;
@@ -625,7 +699,7 @@ static void *loader_main(void *arg)
         loader_slot *slot = &L->slots[(L->head + L->filled) % L->depth];
         pthread_mutex_unlock(&L->lock);
         /* The consumer only touches filled slots: this one is ours. */
-        enum fill_result r = fill_slot(L, slot);
+        enum fill_result r = L->shared ? fill_share(L, slot) : fill_slot(L, slot);
         pthread_mutex_lock(&L->lock);
         if (r == FILL_STOPPED)
             break;
@@ -668,10 +742,41 @@ void kv_loader_free(kv_loader *loader)
     free(loader);
 }
 
+static klvae_status_t loader_start(const kv_dataset *ds, int n, const kv_loader_share *share,
+                                   uint64_t start, int depth, kv_data_warning_fn warn,
+                                   void *warn_ctx, kv_loader **out);
+
 klvae_status_t kv_loader_create(const kv_dataset *ds, int n, uint64_t start, int depth,
                                 kv_data_warning_fn warn, void *warn_ctx, kv_loader **out)
 {
     kv_error_clear();
+    return loader_start(ds, n, NULL, start, depth, warn, warn_ctx, out);
+}
+
+klvae_status_t kv_loader_create_share(const kv_dataset *ds, const kv_loader_share *share,
+                                      uint64_t start, int depth, kv_data_warning_fn warn,
+                                      void *warn_ctx, kv_loader **out)
+{
+    kv_error_clear();
+    if (out)
+        *out = NULL;
+    if (!share)
+        return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "kv_loader_create_share: share is NULL");
+    const kv_loader_share *s = share;
+    if (s->ranks < 1 || s->rank < 0 || s->rank >= s->ranks || s->accum < 1 || s->batch < 1 ||
+        s->batch % s->accum != 0 || (s->batch / s->accum) % s->ranks != 0)
+        return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
+                        "kv_loader_create_share: a global batch of %d images cannot be shared "
+                        "by %d ranks in %d micro-batches (rank %d): it must be a multiple of "
+                        "ranks x micro-batches",
+                        s->batch, s->ranks, s->accum, s->rank);
+    return loader_start(ds, s->batch / s->ranks, share, start, depth, warn, warn_ctx, out);
+}
+
+static klvae_status_t loader_start(const kv_dataset *ds, int n, const kv_loader_share *share,
+                                   uint64_t start, int depth, kv_data_warning_fn warn,
+                                   void *warn_ctx, kv_loader **out)
+{
     if (out)
         *out = NULL;
     if (!ds || !out)
@@ -694,6 +799,10 @@ klvae_status_t kv_loader_create(const kv_dataset *ds, int n, uint64_t start, int
     L->ds = ds;
     L->n = n;
     L->depth = depth;
+    if (share) {
+        L->shared = true;
+        L->share = *share;
+    }
     L->image_floats = image_floats;
     L->batch_floats = batch_floats;
     L->warn = warn;
