@@ -27,25 +27,21 @@
  * torch's interpolate(align_corners=False): source coordinate
  * (dst + 0.5) * in / out - 0.5, clamped at 0 and at the last pixel. Only the
  * size x size window that the crop keeps is computed. */
-#include <dirent.h>
-#include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
-#include <sys/stat.h>
 
 #include "base/options.h"
 #include "base/philox.h"
 #include "formats/image.h"
+#include "formats/image_files.h"
 #include "train/data.h"
 #include "train/procedural.h"
 
 #define KV_DATA_MIN_SIZE 8
 #define KV_DATA_MAX_SIZE 8192
-#define KV_DATA_MAX_DEPTH 256 /* nested folders */
 #define KV_PERM_SLOTS 2
 
 /* Counter tags ("perm", "crop"; procedural.c uses "proc"). */
@@ -111,115 +107,6 @@ void kv_dataset_free(kv_dataset *ds)
     free(ds);
 }
 
-/* ---- folder walk ---- */
-
-typedef struct path_list {
-    char **items;
-    size_t count, cap;
-} path_list;
-
-typedef struct dir_id {
-    dev_t dev;
-    ino_t ino;
-} dir_id;
-
-static bool has_image_extension(const char *name)
-{
-    const char *dot = strrchr(name, '.');
-    if (!dot || dot == name)
-        return false;
-    return strcasecmp(dot, ".png") == 0 || strcasecmp(dot, ".jpg") == 0 ||
-           strcasecmp(dot, ".jpeg") == 0;
-}
-
-static klvae_status_t list_push(path_list *list, char *path)
-{
-    if (list->count == list->cap) {
-        size_t cap = list->cap ? list->cap * 2 : 64;
-        char **items = cap > SIZE_MAX / sizeof *items ? NULL
-                                                      : realloc(list->items, cap * sizeof *items);
-        if (!items) {
-            free(path);
-            return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory listing image files");
-        }
-        list->items = items;
-        list->cap = cap;
-    }
-    list->items[list->count++] = path;
-    return KLVAE_OK;
-}
-
-/* Adds the image files under dir (whose identity is ancestors[depth - 1])
- * to list. Symbolic links are followed; a folder that is one of its own
- * ancestors (a link loop) is skipped. Entries whose names start with '.'
- * are skipped. An entry that cannot be examined (a dangling link) is kept
- * when its name is an image name, so that reading it reports it. */
-static klvae_status_t walk(const char *dir, path_list *list, dir_id *ancestors, int depth)
-{
-    DIR *d = opendir(dir);
-    if (!d)
-        return kv_error(KLVAE_ERR_IO, "cannot read folder %s: %s", dir, strerror(errno));
-    klvae_status_t st = KLVAE_OK;
-    for (;;) {
-        errno = 0;
-        struct dirent *e = readdir(d);
-        if (!e) {
-            if (errno != 0)
-                st = kv_error(KLVAE_ERR_IO, "cannot read folder %s: %s", dir, strerror(errno));
-            break;
-        }
-        if (e->d_name[0] == '.')
-            continue; /* ".", "..", and hidden files and folders */
-        char *path = kv_path_join(dir, e->d_name);
-        if (!path) {
-            st = KLVAE_ERR_OUT_OF_MEMORY;
-            break;
-        }
-        struct stat sb;
-        if (stat(path, &sb) != 0) {
-            if (has_image_extension(e->d_name)) {
-                if ((st = list_push(list, path)) != KLVAE_OK)
-                    break;
-            } else {
-                free(path);
-            }
-            continue;
-        }
-        if (S_ISDIR(sb.st_mode)) {
-            bool loop = false;
-            for (int i = 0; i < depth; i++)
-                if (ancestors[i].dev == sb.st_dev && ancestors[i].ino == sb.st_ino)
-                    loop = true;
-            if (!loop) {
-                if (depth >= KV_DATA_MAX_DEPTH) {
-                    st = kv_error(KLVAE_ERR_IO, "folders nested more than %d deep at %s",
-                                  KV_DATA_MAX_DEPTH, path);
-                    free(path);
-                    break;
-                }
-                ancestors[depth].dev = sb.st_dev;
-                ancestors[depth].ino = sb.st_ino;
-                st = walk(path, list, ancestors, depth + 1);
-            }
-            free(path);
-            if (st != KLVAE_OK)
-                break;
-        } else if (S_ISREG(sb.st_mode) && has_image_extension(e->d_name)) {
-            if ((st = list_push(list, path)) != KLVAE_OK)
-                break;
-        } else {
-            free(path);
-        }
-    }
-    closedir(d);
-    return st;
-}
-
-static int compare_paths(const void *a, const void *b)
-{
-    return strcmp(*(char *const *)a, *(char *const *)b);
-}
-
 klvae_status_t kv_dataset_open_folder(const char *dir, int size, uint64_t seed, kv_dataset **out)
 {
     kv_error_clear();
@@ -232,23 +119,12 @@ klvae_status_t kv_dataset_open_folder(const char *dir, int size, uint64_t seed, 
         return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
                         "kv_dataset_open_folder: image size %d is not between %d and %d", size,
                         KV_DATA_MIN_SIZE, KV_DATA_MAX_SIZE);
-    struct stat sb;
-    if (stat(dir, &sb) != 0)
-        return kv_error(KLVAE_ERR_IO, "cannot open folder %s: %s", dir, strerror(errno));
-    if (!S_ISDIR(sb.st_mode))
-        return kv_error(KLVAE_ERR_IO, "%s is not a folder", dir);
-
-    dir_id *ancestors = malloc((KV_DATA_MAX_DEPTH + 1) * sizeof *ancestors);
-    if (!ancestors)
-        return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory listing %s", dir);
-    ancestors[0].dev = sb.st_dev;
-    ancestors[0].ino = sb.st_ino;
-    path_list list = {NULL, 0, 0};
-    klvae_status_t st = walk(dir, &list, ancestors, 1);
-    free(ancestors);
-    if (st == KLVAE_OK && list.count == 0)
-        st = kv_error(KLVAE_ERR_IO, "no PNG or JPEG file (*.png, *.jpg, *.jpeg) under %s", dir);
-    if (st == KLVAE_OK && list.count > UINT32_MAX)
+    /* the walk and its order are encode-dataset's too (formats/image_files.h) */
+    kv_image_files list;
+    klvae_status_t st = kv_image_files_walk(dir, &list);
+    if (st != KLVAE_OK)
+        return st;
+    if (list.count > UINT32_MAX)
         st = kv_error(KLVAE_ERR_OUT_OF_MEMORY, "%s holds %zu image files; at most %u are supported",
                       dir, list.count, (unsigned)UINT32_MAX);
     kv_dataset *ds = NULL;
@@ -257,10 +133,9 @@ klvae_status_t kv_dataset_open_folder(const char *dir, int size, uint64_t seed, 
         if (!ds) {
             st = kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory opening %s", dir);
         } else {
-            ds->paths = list.items;
+            ds->paths = list.paths; /* taken over, already sorted */
             ds->count = list.count;
-            list.items = NULL;
-            list.count = 0;
+            list.paths = NULL;
             ds->root = kv_strdup(dir);
             if (!ds->root)
                 st = KLVAE_ERR_OUT_OF_MEMORY;
@@ -272,14 +147,17 @@ klvae_status_t kv_dataset_open_folder(const char *dir, int size, uint64_t seed, 
             }
         }
     }
-    for (size_t i = 0; i < list.count; i++)
-        free(list.items[i]);
-    free(list.items);
+    if (list.paths) {
+        kv_image_files_free(&list);
+    } else {
+        for (size_t i = 0; i < list.count; i++)
+            free(list.names[i]);
+        free(list.names);
+    }
     if (st != KLVAE_OK) {
         kv_dataset_free(ds);
         return st;
     }
-    qsort(ds->paths, ds->count, sizeof *ds->paths, compare_paths);
     *out = ds;
     return KLVAE_OK;
 }

@@ -18,7 +18,9 @@ typedef struct kv_dataset kv_dataset;
 
 /* A dataset over every *.png, *.jpg and *.jpeg file (any letter case) under
  * dir, searched recursively, in byte order of their paths (so the same tree
- * gives the same order on every machine). Files are not opened here.
+ * gives the same order on every machine): the list kv_image_files_walk
+ * (formats/image_files.h) makes, which encode-dataset walks too. Files are
+ * not opened here.
  * Each image: if its shorter side is below size, it is first resized
  * (bilinear, torch align_corners=False) so that the shorter side equals
  * size and the longer side is scaled in proportion, rounded to nearest; then a size x size crop
