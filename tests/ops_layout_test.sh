@@ -17,8 +17,9 @@
 # file, a FAMILY_*.c file, or one of the backend's own parts (cpu_backend.c,
 # threadpool.c, weight_cache.c: the kept weight transforms, bf16_gemm.c: the
 # bf16 matrix products); cuda/*.cu the same
-# with cuda_backend.cu and memory.cu (the plugin's blocks, upload and
-# download, which the CPU has in cpu_backend.c); tests/ops/*.c is
+# with cuda_backend.cu, memory.cu (the plugin's blocks, upload and
+# download, which the CPU has in cpu_backend.c) and comm.cu (data-parallel
+# gradient sums with NCCL, no op); tests/ops/*.c is
 # test_FAMILY.c or op_test_util.c;
 # every "Family" heading of the specification is a family of the list.
 # Prints one line per violation and "ops layout: N passed, N failed".
@@ -133,9 +134,9 @@ done
 for f in cuda/*.cu; do
     [ -f "$f" ] || continue
     base=$(basename "$f" .cu)
-    case "$base" in cuda_backend | memory) ok; continue ;; esac
+    case "$base" in cuda_backend | memory | comm) ok; continue ;; esac
     if family_name "$base"; then ok
-    else bad "$f is named for no op family of $BACKEND_H (nor is it cuda_backend.cu or memory.cu)"; fi
+    else bad "$f is named for no op family of $BACKEND_H (nor is it cuda_backend.cu, memory.cu or comm.cu)"; fi
 done
 for f in tests/ops/*.c; do
     [ -f "$f" ] || continue

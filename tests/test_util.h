@@ -122,6 +122,8 @@ Suite *suite_plugin(void);
 Suite *suite_cuda_host(void);
 Suite *suite_golden(void);
 Suite *suite_save(void);
+Suite *suite_buckets(void);
+Suite *suite_dp(void);
 Suite *suite_dataset(void);
 Suite *suite_weight_cache(void);
 Suite *suite_bf16(void);
