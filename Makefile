@@ -348,6 +348,11 @@ deps:
 build/bench_klvae: tools/bench_klvae.c lib/libklvae.so include/klvae.h
 	$(CC) -std=c11 -D_GNU_SOURCE -Wall -Wextra -O2 -Iinclude $< -o $@ -Llib -lklvae -Wl,-rpath,'$$ORIGIN/../lib'
 
+# the machine's fp32 and bf16 matrix-product rates, for tools/bench.py: it
+# calls the library's internal bf16 kernel, so it links the static library
+build/bench_gemm: tools/bench_gemm.c $(STATIC) src/backend/cpu/bf16_gemm.h
+	$(CC) $(KV_CFLAGS) $(CFLAGS) $< -o $@ $(STATIC) $(LDFLAGS) $(DEP_LIBS) $(SYS_LIBS)
+
 build/bench_dataset_klvae: tools/bench_dataset_klvae.c lib/libklvae.so include/klvae.h
 	$(CC) -std=c11 -D_GNU_SOURCE -Wall -Wextra -O2 -Iinclude $< -o $@ -Llib -lklvae -Wl,-rpath,'$$ORIGIN/../lib'
 
@@ -355,7 +360,7 @@ build/bench_dataset_klvae: tools/bench_dataset_klvae.c lib/libklvae.so include/k
 build/dump_procedural: tools/dump_procedural.c $(STATIC) src/train/procedural.h
 	$(CC) $(KV_CFLAGS) $(CFLAGS) $< -o $@ $(STATIC) $(LDFLAGS) $(DEP_LIBS) $(SYS_LIBS)
 
-bench: all build/bench_klvae build/bench_dataset_klvae
+bench: all build/bench_klvae build/bench_dataset_klvae build/bench_gemm
 	python3 tools/bench.py $(BENCH_ARGS)
 
 # The README's main command: trains an autoencoder on the built-in procedural

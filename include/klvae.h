@@ -319,10 +319,12 @@ KLVAE_API const char *klvae_model_backend(const klvae_model_t *model);
  * config key of docs/options.md except "config" (e.g. "block_out_channels"
  * gives "128,256,512,512", "shift_factor" gives "none" when there is none),
  * one of the runtime keys "backend", "precision" and "threads" (what the
- * model actually uses), or the read-only key "backend_reason": why
+ * model actually uses), or the read-only keys "backend_reason": why
  * backend=auto chose the CPU (for example "CUDA plugin not found (looked in:
- * ...)"), "" when the model runs on CUDA or the CPU was asked for. Dashes
- * work as underscores. Errors: KLVAE_ERR_INVALID_ARGUMENT (model or key
+ * ...)"), "" when the model runs on CUDA or the CPU was asked for, and
+ * "precision_reason": why the model computes in fp32 though another
+ * precision was asked for (precision=bf16 on a CPU without AVX512-BF16,
+ * tf32 on the CPU), else "". Dashes work as underscores. Errors: KLVAE_ERR_INVALID_ARGUMENT (model or key
  * NULL, buf NULL with size > 0), KLVAE_ERR_BUFFER_TOO_SMALL (the value does
  * not fit: klvae_last_needed_size() tells the size needed; buf = NULL,
  * size = 0 asks for it), KLVAE_ERR_OPTION (a key the model has no value

@@ -64,6 +64,29 @@ check_fails "cuda unavailable" 1 "unavailable" env KLVAE_CUDA_PLUGIN="$tmp/none.
 check "info" $KLVAE info $SINGLE --norm-num-groups 4
 grep -q "^mid_block_add_attention *false" "$tmp/out" && grep -q "^parameters *53279 " "$tmp/out" \
     && grep -q "^backend *cpu" "$tmp/out" && ok || bad "info output: $(cat "$tmp/out")"
+# precision=bf16 on the CPU: bf16 where the CPU has AVX512-BF16, else fp32 and why
+check "info bf16" $KLVAE info $SINGLE --norm-num-groups 4 --backend cpu --precision bf16
+if grep -q avx512_bf16 /proc/cpuinfo 2>/dev/null; then
+    grep -q "^precision *bf16$" "$tmp/out" && ok || bad "info bf16: $(grep precision "$tmp/out")"
+else
+    grep -q "^precision *fp32 (precision=bf16 computes in fp32 here: this CPU has no AVX512-BF16" \
+        "$tmp/out" && ok || bad "info bf16: $(grep precision "$tmp/out")"
+fi
+# KLVAE_CPU_NO_BF16: as on a CPU without the instructions, whatever this one has:
+# fp32 and why, and the very bits of precision=fp32
+check "info bf16 hidden" env KLVAE_CPU_NO_BF16=1 $KLVAE info $SINGLE --norm-num-groups 4 --backend cpu --precision bf16
+grep -q "^precision *fp32 (precision=bf16 computes in fp32 here: KLVAE_CPU_NO_BF16 is set" \
+    "$tmp/out" && ok || bad "info bf16 hidden: $(grep precision "$tmp/out")"
+check "encode fp32" $KLVAE encode $MODEL "$tmp/in.png" "$tmp/fp32.safetensors" --precision fp32
+check "encode bf16 hidden" env KLVAE_CPU_NO_BF16=1 $KLVAE encode $MODEL "$tmp/in.png" \
+    "$tmp/nobf16.safetensors" --precision bf16
+cmp -s "$tmp/fp32.safetensors" "$tmp/nobf16.safetensors" && ok || bad "bf16 without the instructions is not fp32's bits"
+if grep -q avx512_bf16 /proc/cpuinfo 2>/dev/null; then
+    check "encode bf16" $KLVAE encode $MODEL "$tmp/in.png" "$tmp/bf16.safetensors" --precision bf16
+    cmp -s "$tmp/fp32.safetensors" "$tmp/bf16.safetensors" && bad "bf16 gave fp32's bits" || ok
+fi
+check_fails "tf32 on the cpu" 1 "precision=tf32 needs the CUDA backend" \
+    $KLVAE info $MODEL --backend cpu --precision tf32
 
 check "encode" $KLVAE encode $MODEL "$tmp/in.png" "$tmp/lat.safetensors"
 check "decode" $KLVAE decode $MODEL "$tmp/lat.safetensors" "$tmp/dec.png"

@@ -12,6 +12,8 @@
 #include <pthread.h>
 #include <unistd.h>
 
+#include "backend/cpu/bf16_gemm.h"
+#include "backend/cpu/cpu_ops.h"
 #include "backend/plugin_loader.h"
 #include "model/model.h"
 #include "plugins/fake_plugin.h"
@@ -554,20 +556,51 @@ START_TEST(cpu_never_loads_the_plugin)
 }
 END_TEST
 
-/* ---- precision on the CPU (unchanged rules) ---- */
+/* ---- precision on the CPU ---- */
 
+static void assert_precision(klvae_model_t *m, const char *precision, const char *reason_words)
+{
+    char buf[256];
+    ck_assert_ok(klvae_model_get(m, "precision", buf, sizeof buf));
+    ck_assert_str_eq(buf, precision);
+    ck_assert_ok(klvae_model_get(m, "precision-reason", buf, sizeof buf));
+    if (reason_words)
+        ck_assert_msg(strstr(buf, reason_words), "precision_reason '%s' lacks '%s'", buf,
+                      reason_words);
+    else
+        ck_assert_str_eq(buf, "");
+}
+
+/* bf16 runs where the CPU has the instructions and says why not elsewhere;
+ * tf32 stays the CUDA backend's. */
 START_TEST(precision_on_the_cpu)
 {
     use_plugin("/nonexistent/libklvae_cuda.so");
+    const bool bf16 = kv_bf16_available(NULL, 0);
     klvae_model_t *m = NULL;
     ck_assert_ok(create("auto", NULL, "bf16", &m));
     ck_assert_str_eq(klvae_model_backend(m), "cpu");
-    char buf[16];
-    ck_assert_ok(klvae_model_get(m, "precision", buf, sizeof buf));
-    ck_assert_str_eq(buf, "fp32");
+    assert_precision(m, bf16 ? "bf16" : "fp32", bf16 ? NULL : "no AVX512-BF16");
     klvae_model_free(m);
-    ck_assert_status(create("cpu", NULL, "bf16", &m), KLVAE_ERR_UNSUPPORTED);
-    ck_assert_error_mentions("precision=bf16");
+    ck_assert_ok(create("cpu", NULL, "bf16", &m));
+    assert_precision(m, bf16 ? "bf16" : "fp32", bf16 ? NULL : "no AVX512-BF16");
+    klvae_model_free(m);
+    /* as on a CPU without them, whatever this one has */
+    kv_bf16_hide_for_tests(true);
+    ck_assert_ok(create("cpu", NULL, "bf16", &m));
+    kv_bf16_hide_for_tests(false);
+    assert_precision(m, "fp32", "precision=bf16 computes in fp32 here");
+    ck_assert(!kv_cpu_of(m->be)->bf16);
+    klvae_model_free(m);
+    ck_assert_ok(create("cpu", NULL, "fp32", &m));
+    assert_precision(m, "fp32", NULL);
+    klvae_model_free(m);
+    ck_assert_ok(create("auto", NULL, "tf32", &m));
+    assert_precision(m, "fp32", "precision=tf32 needs the CUDA backend");
+    klvae_model_free(m);
+    m = NULL;
+    ck_assert_status(create("cpu", NULL, "tf32", &m), KLVAE_ERR_UNSUPPORTED);
+    ck_assert_error_mentions("precision=tf32");
     ck_assert_ptr_null(m);
 }
 END_TEST

@@ -125,6 +125,8 @@ Suite *suite_save(void);
 Suite *suite_buckets(void);
 Suite *suite_dp(void);
 Suite *suite_dataset(void);
+Suite *suite_weight_cache(void);
+Suite *suite_bf16(void);
 
 /* The op tests, one suite per op family of src/backend/backend.h, each in
  * tests/ops/test_FAMILY.c and named FAMILY (CK_RUN_SUITE=conv2d). */

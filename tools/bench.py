@@ -28,7 +28,15 @@ images of 280-520 pixels a side (PNG and JPEG), at --dataset-size with
 once), same threads. The two run in turn, each run in a fresh process, for
 --dataset-runs rounds; the median of each side's rounds is reported.
 
-    python3 tools/bench.py [--sizes 256 512] [--threads T] [--runs 5] [--batch 1]
+Encode and decode run at each of --precisions (fp32 and bf16: libklvae's
+precision option, the PyTorch model cast with .to(torch.bfloat16)) and each
+of --batch. build/bench_gemm measures the machine's fp32 matrix-product rate
+(OpenBLAS sgemm) and bf16 one (libklvae's AVX512-BF16 kernel) in the same
+run, before the cases, and each case's rate (the model's multiply-adds times
+two over its median) is given as a fraction of the peak of its precision.
+
+    python3 tools/bench.py [--sizes 256 512] [--threads T] [--runs 5] [--batch 1 4]
+                           [--precisions fp32 bf16] [--no-gemm]
                            [--train-sizes 256] [--train-batch 1] [--train-config sd]
                            [--train-runs R] [--no-train | --train-only]
                            [--dataset-images 16] [--dataset-size 256] [--dataset-batch 4]
@@ -130,6 +138,79 @@ def have_pytorch():
     torch here (about 700 MB) would set a floor under every case's peak."""
     return subprocess.run([sys.executable, "-c", "import torch, diffusers"],
                           capture_output=True).returncode == 0
+
+
+def sd_flops(op, size, batch):
+    """Floating-point operations (2 x multiply-adds) of the SD KL-f8 config's
+    encode (to the moments) or decode of batch images of size x size: the
+    convolutions, the attention's four linear layers and its two products.
+    Norms, activations and the softmax are left out (a few percent)."""
+    macs = 0
+
+    def conv(cin, cout, k, res):
+        nonlocal macs
+        macs += cin * cout * k * k * res * res
+
+    def resnet(cin, cout, res):
+        conv(cin, cout, 3, res)
+        conv(cout, cout, 3, res)
+        if cin != cout:
+            conv(cin, cout, 1, res)
+
+    def mid(res):
+        nonlocal macs
+        resnet(512, 512, res)
+        n = res * res
+        macs += 4 * n * 512 * 512 + 2 * n * n * 512
+        resnet(512, 512, res)
+
+    chans = [128, 256, 512, 512]
+    if op == "encode":
+        res = size
+        conv(3, 128, 3, res)
+        cin = 128
+        for i, c in enumerate(chans):
+            resnet(cin, c, res)
+            resnet(c, c, res)
+            cin = c
+            if i < 3:
+                res //= 2
+                conv(c, c, 3, res)  # stride 2: the output's positions
+        mid(res)
+        conv(512, 8, 3, res)
+        conv(8, 8, 1, res)
+    else:
+        res = size // 8
+        conv(4, 4, 1, res)
+        conv(4, 512, 3, res)
+        mid(res)
+        cin = 512
+        for i, c in enumerate(reversed(chans)):
+            for _ in range(3):
+                resnet(cin, c, res)
+                cin = c
+            if i < 3:
+                res *= 2
+                conv(c, c, 3, res)
+        conv(128, 3, 3, res)
+    return 2.0 * macs * batch
+
+
+def gemm_peak(a):
+    """build/bench_gemm's JSON ({"fp32_gflops", "bf16_gflops"}), or None."""
+    tool = os.path.join(ROOT, "build", "bench_gemm")
+    if a.no_gemm or not os.path.exists(tool):
+        return None
+    return run([tool, "--threads", str(a.threads), "--size", "2048", "--runs", "5"])
+
+
+def peak_fraction(res, precision, op, size, batch, peak):
+    """'rate GFLOP/s (fraction of the precision's peak)' of one result."""
+    if not res:
+        return "-"
+    rate = sd_flops(op, size, batch) / res["median"] / 1e9
+    p = peak and peak.get("%s_gflops" % precision)
+    return "%.0f (%.0f%%)" % (rate, 100.0 * rate / p) if p else "%.0f" % rate
 
 
 def fmt_row(size, label, k, t):
@@ -248,7 +329,11 @@ def main():
     p.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    p.add_argument("--ops", nargs="+", choices=["encode", "decode", "both"],
+                   default=["encode", "decode"])
+    p.add_argument("--no-gemm", action="store_true", help="skip the matrix-product peaks")
     p.add_argument("--no-pytorch", action="store_true")
     p.add_argument("--train-sizes", type=int, nargs="+", default=[256],
                    help="image sizes of the training-step cases (default 256)")
@@ -283,30 +368,57 @@ def main():
     if not torch_ok:
         print("PyTorch/diffusers not importable: timing libklvae only "
               "(pip install torch diffusers to compare)")
-    common = ["--batch", str(a.batch), "--threads", str(a.threads), "--runs", str(a.runs)]
     rows = []
     if a.dataset_only:
         a.no_train, a.sizes = True, []
+    peak = None if a.train_only or a.dataset_only else gemm_peak(a)
+    if peak:
+        print("matrix-product peak, %d threads, %d^3: fp32 %.0f GFLOP/s (OpenBLAS sgemm), "
+              "bf16 %s" % (peak["threads"], peak["size"], peak["fp32_gflops"],
+                           "%.0f GFLOP/s (libklvae's AVX512-BF16 kernel)" % peak["bf16_gflops"]
+                           if peak["bf16_gflops"] else "- (%s)" % peak["bf16_reason"]), flush=True)
     for size in ([] if a.train_only else a.sizes):
-        for op in ("encode", "decode", "both"):
-            k = run([klvae, op, str(size)] + common)
-            t = run([sys.executable, os.path.join(ROOT, "tools", "bench_pytorch.py"), op, str(size)]
-                    + common) if torch_ok else None
-            rows.append((size, op, k, t))
-            line = "%4d^2 %-6s libklvae %7.3f s (peak %6.0f MB)" % (size, op, k["median"], k["peak_rss_mb"])
-            if t:
-                line += "   pytorch %7.3f s (peak %6.0f MB)   ratio %.2f" % (
-                    t["median"], t["peak_rss_mb"], k["median"] / t["median"])
-            print(line, flush=True)
+        for batch in a.batch:
+            common = ["--batch", str(batch), "--threads", str(a.threads), "--runs", str(a.runs)]
+            for op in a.ops:
+                for prec in a.precisions:
+                    k = run([klvae, op, str(size), "--precision", prec] + common)
+                    t = run([sys.executable, os.path.join(ROOT, "tools", "bench_pytorch.py"), op,
+                             str(size), "--dtype", prec] + common) if torch_ok else None
+                    rows.append((size, batch, op, prec, k, t))
+                    line = "%4d^2 b%d %-6s %s" % (size, batch, op, prec)
+                    line += " libklvae %7.3f s (peak %6.0f MB%s)" % (
+                        k["median"], k["peak_rss_mb"],
+                        "" if k.get("precision", prec) == prec else
+                        ", computed in %s: %s" % (k["precision"], k["precision_reason"])) \
+                        if k else " libklvae failed"
+                    if t:
+                        line += "   pytorch %7.3f s (peak %6.0f MB)" % (t["median"], t["peak_rss_mb"])
+                        if k:
+                            line += "   ratio %.2f" % (k["median"] / t["median"])
+                    print(line, flush=True)
     train_rows = [] if a.no_train else train_part(a, klvae, torch_ok)
     dataset = None if a.no_dataset or a.train_only else dataset_part(a, torch_ok)
     print()
-    if rows or train_rows:
-        print("| size | op | libklvae median (s) | PyTorch median (s) | libklvae / PyTorch | "
+    if rows:
+        print("| size | batch | op | precision | libklvae median (s) | PyTorch median (s) | "
+              "libklvae / PyTorch | libklvae GFLOP/s (of peak) | PyTorch GFLOP/s (of peak) | "
+              "libklvae peak RSS (MB) | PyTorch peak RSS (MB) |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for size, batch, op, prec, k, t in rows:
+        ops = ["encode", "decode"] if op == "both" else [op]
+        fl = lambda r: "-" if not r else peak_fraction(
+            dict(r, median=r["median"] * sd_flops(op, size, batch) / sum(
+                sd_flops(o, size, batch) for o in ops)), prec, ops[0], size, batch, peak)
+        print("| %d² | %d | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+            size, batch, "encode+decode" if op == "both" else op, prec,
+            "%.3f" % k["median"] if k else "-", "%.3f" % t["median"] if t else "-",
+            "**%.2f**" % (k["median"] / t["median"]) if k and t else "-", fl(k), fl(t),
+            "%.0f" % k["peak_rss_mb"] if k else "-", "%.0f" % t["peak_rss_mb"] if t else "-"))
+    if train_rows:
+        print("\n| size | case | libklvae median (s) | PyTorch median (s) | libklvae / PyTorch | "
               "libklvae peak RSS (MB) | PyTorch peak RSS (MB) |")
         print("|---|---|---|---|---|---|---|")
-    for size, op, k, t in rows:
-        print(fmt_row(size, "encode+decode" if op == "both" else op, k, t))
     for size, label, k, t in train_rows:
         print(fmt_row(size, label, k, t))
     if dataset:
@@ -320,14 +432,14 @@ def main():
             "**%.2f×**" % (t["median"] / k["median"]) if k and t else "-"))
         print("| peak RSS (MB) | %s | %s | |" % ("%.0f" % k["peak_rss_mb"] if k else "-",
                                                "%.0f" % t["peak_rss_mb"] if t else "-"))
-    torch_version = next((r[3]["torch"] for r in rows + train_rows if r[3]), None)
-    if torch_ok and rows and rows[0][3]:
-        print("\nbatch %d, %d runs each after a warm-up, torch %s" % (a.batch, a.runs, rows[0][3]["torch"]))
+    torch_version = next((r[-1]["torch"] for r in rows + train_rows if r[-1]), None)
+    if torch_ok and rows and rows[0][-1]:
+        print("\n%d runs each after a warm-up, torch %s" % (a.runs, rows[0][-1]["torch"]))
     if train_rows:
         print("%straining: config %s, batch %d, %d steps each after a warm-up step; "
               "Adam lr 1e-5, posterior sample, random LPIPS-VGG16 weights; "
               "the GAN case reuses the generator's x' for the discriminator step%s" % (
-                  "" if torch_ok and rows and rows[0][3] else "\n", a.train_config, a.train_batch,
+                  "" if torch_ok and rows and rows[0][-1] else "\n", a.train_config, a.train_batch,
                   a.train_runs if a.train_runs is not None else a.runs,
                   ", torch %s" % torch_version if torch_version else ""))
 

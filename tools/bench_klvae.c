@@ -6,9 +6,10 @@
  * process so that the peak resident size belongs to that case alone.
  *
  *   bench_klvae encode|decode|both SIZE [--batch N] [--threads T] [--runs R]
- *               [--model PATH] [--config NAME]
+ *               [--model PATH] [--config NAME] [--precision fp32|bf16]
  *   bench_klvae train SIZE [--batch N] [--threads T] [--runs R] [--config NAME]
  *               [--model PATH] [--lpips FILE] [--gan 0|1] [--verbose 1]
+ *               [--precision fp32|bf16]
  *
  * train: one klvae_trainer_step per run (1 warm-up + R timed) on a fixed
  * pseudo-random batch (N, 3, SIZE, SIZE) in [-1, 1], learning rate 1e-5,
@@ -18,6 +19,9 @@
  * GAN (discriminator forward/backward, adaptive weight, discriminator Adam)
  * is on from the first step; --gan 0 (default): disc_start keeps its default
  * and the GAN is off. --verbose 1 prints each step's losses to stderr.
+ * --precision: the model's option (default fp32); the JSON says what the
+ * model computes in ("precision") and, on a CPU without bf16 instructions,
+ * why not ("precision_reason").
  */
 #include <klvae.h>
 #include <math.h>
@@ -65,9 +69,10 @@ static double median(const double *times, int n)
 static void usage(void)
 {
     fprintf(stderr, "usage: bench_klvae encode|decode|both SIZE [--batch N] [--threads T] "
-                    "[--runs R] [--model PATH] [--config NAME]\n"
+                    "[--runs R] [--model PATH] [--config NAME] [--precision fp32|bf16]\n"
                     "       bench_klvae train SIZE [--batch N] [--threads T] [--runs R] "
-                    "[--model PATH] [--config NAME] [--lpips FILE] [--gan 0|1] [--verbose 1]\n");
+                    "[--model PATH] [--config NAME] [--lpips FILE] [--gan 0|1] [--verbose 1]\n"
+                    "                   [--precision fp32|bf16]\n");
     exit(2);
 }
 
@@ -99,6 +104,7 @@ int main(int argc, char **argv)
         usage();
     int size = atoi(argv[2]), batch = 1, runs = 3, gan = 0, verbose = 0;
     const char *threads = "0", *model_path = NULL, *config = "sd", *lpips = NULL;
+    const char *precision = "fp32";
     for (int i = 3; i < argc; i += 2) {
         if (i + 1 >= argc)
             usage();
@@ -110,6 +116,7 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[i], "--lpips")) lpips = argv[i + 1];
         else if (!strcmp(argv[i], "--gan")) gan = atoi(argv[i + 1]) != 0;
         else if (!strcmp(argv[i], "--verbose")) verbose = atoi(argv[i + 1]) != 0;
+        else if (!strcmp(argv[i], "--precision")) precision = argv[i + 1];
         else usage();
     }
     if (size <= 0 || batch <= 0 || runs <= 0)
@@ -118,6 +125,7 @@ int main(int argc, char **argv)
     klvae_model_t *m = NULL;
     check(klvae_options_create(&o));
     check(klvae_options_set(o, "threads", threads));
+    check(klvae_options_set(o, "precision", precision));
     if (model_path) {
         check(klvae_model_load(model_path, o, &m));
     } else {
@@ -172,10 +180,16 @@ int main(int argc, char **argv)
     }
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
-    char used_threads[16];
+    char used_threads[16], used_precision[16], reason[256];
     klvae_model_get(m, "threads", used_threads, sizeof used_threads);
+    klvae_model_get(m, "precision", used_precision, sizeof used_precision);
+    klvae_model_get(m, "precision_reason", reason, sizeof reason);
+    for (char *c = reason; *c; c++) /* the reason is plain text: keep the JSON valid */
+        if (*c == '"' || *c == '\\')
+            *c = '\'';
     printf("{\"impl\": \"libklvae\", \"op\": \"%s\", \"size\": %d, \"batch\": %d, \"threads\": %s, ",
            op, size, batch, used_threads);
+    printf("\"precision\": \"%s\", \"precision_reason\": \"%s\", ", used_precision, reason);
     if (train)
         printf("\"config\": \"%s\", \"gan\": %d, \"lpips\": %s, ", model_path ? "model" : config,
                gan, strtod(perceptual, NULL) > 0.0 ? "true" : "false");

@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
-"""Times diffusers' AutoencoderKL (PyTorch, CPU, float32) the way
-tools/bench_klvae.c times libklvae, for tools/bench.py. Prints one JSON line.
+"""Times diffusers' AutoencoderKL (PyTorch, CPU) the way tools/bench_klvae.c
+times libklvae, for tools/bench.py. Prints one JSON line. --dtype bf16: the
+model and its inputs cast with .to(torch.bfloat16), what a CPU user runs for
+speed (oneDNN's AVX512-BF16 or AMX kernels where the CPU has them).
 
     bench_pytorch.py encode|decode|both SIZE [--batch N] [--threads T] [--runs R]
+                     [--dtype fp32|bf16]
 """
 import argparse
 import json
@@ -19,6 +22,7 @@ def main():
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     a = p.parse_args()
     import torch
     from diffusers import AutoencoderKL
@@ -32,6 +36,8 @@ def main():
     g = torch.Generator().manual_seed(0)
     x = torch.rand((a.batch, 3, a.size, a.size), generator=g) * 2 - 1
     z = torch.randn((a.batch, 4, a.size // 8, a.size // 8), generator=g)
+    if a.dtype == "bf16":
+        vae, x, z = vae.to(torch.bfloat16), x.to(torch.bfloat16), z.to(torch.bfloat16)
     times = []
     with torch.inference_mode():
         for r in range(-1, a.runs):  # run -1 warms up
@@ -44,7 +50,7 @@ def main():
                 times.append(time.perf_counter() - t0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     print(json.dumps({"impl": "pytorch", "op": a.op, "size": a.size, "batch": a.batch,
-                      "threads": threads, "times": [round(t, 4) for t in times],
+                      "threads": threads, "precision": a.dtype, "times": [round(t, 4) for t in times],
                       "median": round(statistics.median(times), 4), "peak_rss_mb": round(peak, 1),
                       "torch": torch.__version__}))
 

@@ -382,7 +382,7 @@ typedef enum kv_precision {
 typedef struct kv_backend_settings {
     int threads;            /* CPU worker threads, >= 1 */
     int device;             /* GPU index */
-    kv_precision precision; /* the CPU backend computes in fp32 whatever this says */
+    kv_precision precision; /* the CPU backend: bf16 products where the CPU has them, else fp32 */
 } kv_backend_settings;
 
 /* The name of the first op of KV_BACKEND_OPS needed by any of who
@@ -410,6 +410,11 @@ typedef struct kv_backend_info {
     const struct kv_plugin *plugin;
     /* Why "auto" did not use CUDA ("" when it did, or for "cpu"). */
     char reason[1024];
+    /* What the backend computes in: the precision asked for, except on the
+     * CPU, which computes bf16 only where the CPU has bf16 instructions
+     * (else fp32, and precision_reason says why; "" otherwise). */
+    kv_precision precision;
+    char precision_reason[256];
 } kv_backend_info;
 
 /* Picks and creates a backend by name (src/backend/selection.c):

@@ -325,6 +325,11 @@ static int cmd_info(cli *c)
         if (strcmp(keys[i], "backend") == 0 &&
             klvae_model_get(m, "backend_reason", reason, sizeof reason) == KLVAE_OK && *reason)
             printf("%-26s%s (auto: %s)\n", keys[i], value, reason);
+        /* "fp32 (precision=bf16 computes in fp32 here: this CPU has no ...)" */
+        else if (strcmp(keys[i], "precision") == 0 &&
+                 klvae_model_get(m, "precision_reason", reason, sizeof reason) == KLVAE_OK &&
+                 *reason)
+            printf("%-26s%s (%s)\n", keys[i], value, reason);
         else
             printf("%-26s%s\n", keys[i], value);
     }

@@ -46,14 +46,17 @@ static klvae_status_t choose_backend(const klvae_options_t *opts, klvae_model_t 
     snprintf(m->backend_name, sizeof m->backend_name, "%s",
              info.plugin ? info.plugin->name : m->be->ops->name);
     m->threads = settings.threads;
-    if (!m->plugin && strcmp(precision, "fp32") != 0) {
+    snprintf(m->precision_reason, sizeof m->precision_reason, "%s", info.precision_reason);
+    if (!m->plugin && strcmp(precision, "tf32") == 0) {
         if (strcmp(name, "cpu") == 0)
             return kv_error(KLVAE_ERR_UNSUPPORTED,
-                            "precision=%s needs the CUDA backend; the CPU backend computes in "
-                            "fp32",
-                            precision);
-        precision = "fp32"; /* auto fell back to the CPU */
+                            "precision=tf32 needs the CUDA backend; the CPU backend computes in "
+                            "fp32 or bf16");
+        snprintf(m->precision_reason, sizeof m->precision_reason,
+                 "precision=tf32 needs the CUDA backend; the CPU computes in fp32");
     }
+    if (!m->plugin) /* bf16 where the CPU has it (info says), else fp32 */
+        precision = info.precision == KV_PRECISION_BF16 ? "bf16" : "fp32";
     snprintf(m->precision, sizeof m->precision, "%s", precision);
     return KLVAE_OK;
 }
@@ -255,6 +258,8 @@ KLVAE_API klvae_status_t klvae_model_get(const klvae_model_t *m, const char *key
         runtime = m->backend_reason;
     } else if (strcmp(key, "precision") == 0) {
         runtime = m->precision;
+    } else if (strcmp(key, "precision_reason") == 0) {
+        runtime = m->precision_reason;
     } else if (strcmp(key, "threads") == 0) {
         snprintf(text, sizeof text, "%d", m->threads);
         runtime = text;

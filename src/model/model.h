@@ -94,6 +94,7 @@ struct klvae_model {
     char backend_name[8];
     char backend_reason[1024]; /* why backend=auto did not use CUDA, or "" */
     char precision[8];
+    char precision_reason[256]; /* why the CPU computes in fp32 though asked otherwise, or "" */
     int threads;
     kv_encoder enc;
     kv_decoder dec;

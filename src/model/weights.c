@@ -187,7 +187,10 @@ klvae_status_t kv_weights_read(kv_backend *be, const kv_safetensors *st, const k
     klvae_status_t status = kv_st_read_f32(st, t, host);
     if (status == KLVAE_OK)
         status = check_finite(st, t, host);
-    if (status == KLVAE_OK && host != dst->data)
+    /* upload also when the values were read in place (host memory): the
+     * CPU backend then forgets what it derived from the old ones (its
+     * cached weight transforms) */
+    if (status == KLVAE_OK)
         status = be->ops->upload(be, dst, host);
     return status;
 }

@@ -2,12 +2,40 @@
  * (op_test_util.h says how the tests use them). */
 #include "op_test_util.h"
 
+#include "backend/cpu/bf16_gemm.h"
+
 kv_backend *op_backend(int threads)
 {
     kv_backend_settings settings = {threads, 0, KV_PRECISION_FP32};
     kv_backend *be = NULL;
     ck_assert_ok(kv_cpu_backend_create(&settings, &be));
     return be;
+}
+
+kv_backend *op_backend_bf16(int threads)
+{
+    kv_backend_settings settings = {threads, 0, KV_PRECISION_BF16};
+    kv_backend *be = NULL;
+    ck_assert_ok(kv_cpu_backend_create(&settings, &be));
+    return be;
+}
+
+bool op_bf16(void)
+{
+    return kv_bf16_available(NULL, 0);
+}
+
+double op_relative_l2(const float *got, const double *want, size_t n)
+{
+    double diff = 0.0, norm = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        if (!isfinite(got[i]))
+            return INFINITY;
+        double d = (double)got[i] - want[i];
+        diff += d * d;
+        norm += want[i] * want[i];
+    }
+    return sqrt(diff / norm);
 }
 
 kv_tensor op_tensor4(float *data, int n, int c, int h, int w)

@@ -31,6 +31,18 @@
  * 2 threads where the split of the work could change results). */
 kv_backend *op_backend(int threads);
 
+/* The same computing in precision=bf16: bf16 products where the CPU has
+ * AVX512-BF16 (op_bf16() says whether it does), else the fp32 backend. */
+kv_backend *op_backend_bf16(int threads);
+bool op_bf16(void);
+
+/* The bound on a single op with bf16 operands and float32 accumulation
+ * against float64 on the unrounded inputs (design/architecture.md: bf16
+ * single ops within 1e-2 relative L2), and the least error that shows the
+ * operands really were rounded (float32 products stay near 1e-7). */
+#define OP_BF16_TOLERANCE 1e-2
+#define OP_BF16_ROUNDED 1e-4
+
 /* Non-owning tensors over test arrays: (n, c, h, w), and 1-D of n values. */
 kv_tensor op_tensor4(float *data, int n, int c, int h, int w);
 kv_tensor op_tensor1(float *data, int n);
@@ -41,6 +53,10 @@ kv_tensor op_tensor1(float *data, int n);
  * "training" (the losses, which give their gradient with their value, and
  * the optimizer), and CK_RUN_CASE=backward runs the backward ops' tests of every family. */
 TCase *op_tcase(Suite *s, const char *name);
+
+/* ||got - want|| / ||want|| (L2); INFINITY when got holds a NaN or an
+ * infinity. */
+double op_relative_l2(const float *got, const double *want, size_t n);
 
 /* max |got - want| / max(1, max |want|); INFINITY when got holds a NaN. */
 double op_relative_error(const float *got, const double *want, size_t n);

@@ -6,19 +6,12 @@
 
 /* ---- forward ---- */
 
-START_TEST(attention_matches_float64_reference)
+/* out = attention(q, k, v) in float64 for b images of c channels and n
+ * positions. */
+static void attention_reference(int b, int c, int N, double scale, const float *q, const float *k,
+                                const float *v, double *ref)
 {
-    /* 9 x 11 = 99 positions: more than one block of queries. */
-    const int b = 2, c = 6, h = 9, w = 11, N = h * w;
-    const size_t count = (size_t)b * c * N;
-    const double scale = 1.0 / sqrt((double)c);
-    test_rng rng = test_rng_new(500);
-    float *q = test_alloc(count), *k = test_alloc(count), *v = test_alloc(count),
-          *out = test_alloc(count);
-    double *ref = calloc(count, sizeof *ref), *p = calloc((size_t)N, sizeof *p);
-    test_fill(q, count, &rng, -2, 2);
-    test_fill(k, count, &rng, -2, 2);
-    test_fill(v, count, &rng, -1, 1);
+    double *p = calloc((size_t)N, sizeof *p);
     for (int bb = 0; bb < b; bb++) {
         const float *Q = q + (size_t)bb * c * N, *K = k + (size_t)bb * c * N,
                     *V = v + (size_t)bb * c * N;
@@ -41,6 +34,23 @@ START_TEST(attention_matches_float64_reference)
             }
         }
     }
+    free(p);
+}
+
+START_TEST(attention_matches_float64_reference)
+{
+    /* 9 x 11 = 99 positions: more than one block of queries. */
+    const int b = 2, c = 6, h = 9, w = 11, N = h * w;
+    const size_t count = (size_t)b * c * N;
+    const double scale = 1.0 / sqrt((double)c);
+    test_rng rng = test_rng_new(500);
+    float *q = test_alloc(count), *k = test_alloc(count), *v = test_alloc(count),
+          *out = test_alloc(count);
+    double *ref = calloc(count, sizeof *ref);
+    test_fill(q, count, &rng, -2, 2);
+    test_fill(k, count, &rng, -2, 2);
+    test_fill(v, count, &rng, -1, 1);
+    attention_reference(b, c, N, scale, q, k, v, ref);
     kv_backend *be = op_backend(2);
     kv_tensor tq = op_tensor4(q, b, c, h, w), tk = op_tensor4(k, b, c, h, w);
     kv_tensor tv = op_tensor4(v, b, c, h, w), to = op_tensor4(out, b, c, h, w);
@@ -48,7 +58,48 @@ START_TEST(attention_matches_float64_reference)
     double err = op_relative_error(out, ref, count);
     ck_assert_msg(err < OP_TOLERANCE, "relative error %g", err);
     kv_backend_destroy(be);
-    free(q), free(k), free(v), free(out), free(ref), free(p);
+    free(q), free(k), free(v), free(out), free(ref);
+}
+END_TEST
+
+/* With bf16 products (precision=bf16): 11 x 19 = 209 positions (three
+ * blocks of queries, the last partial, an odd number of positions summed
+ * in pairs) and 37 channels. Within the single-op bound of float64,
+ * visibly rounded, the same bits for 1 and 2 threads; without AVX512-BF16
+ * the bits of the fp32 backend. */
+START_TEST(attention_bf16_matches_float64_reference)
+{
+    const int b = 2, c = 37, h = 11, w = 19, N = h * w;
+    const size_t count = (size_t)b * c * N;
+    const double scale = 1.0 / sqrt((double)c);
+    test_rng rng = test_rng_new(510);
+    float *q = test_alloc(count), *k = test_alloc(count), *v = test_alloc(count),
+          *out1 = test_alloc(count), *out2 = test_alloc(count), *out32 = test_alloc(count);
+    double *ref = calloc(count, sizeof *ref);
+    test_fill(q, count, &rng, -2, 2);
+    test_fill(k, count, &rng, -2, 2);
+    test_fill(v, count, &rng, -1, 1);
+    attention_reference(b, c, N, scale, q, k, v, ref);
+    kv_backend *one = op_backend_bf16(1), *two = op_backend_bf16(2), *fp32 = op_backend(2);
+    kv_tensor tq = op_tensor4(q, b, c, h, w), tk = op_tensor4(k, b, c, h, w);
+    kv_tensor tv = op_tensor4(v, b, c, h, w), t1 = op_tensor4(out1, b, c, h, w);
+    kv_tensor t2 = op_tensor4(out2, b, c, h, w), t32 = op_tensor4(out32, b, c, h, w);
+    ck_assert_ok(one->ops->attention(one, &tq, &tk, &tv, (float)scale, &t1));
+    ck_assert_ok(two->ops->attention(two, &tq, &tk, &tv, (float)scale, &t2));
+    ck_assert_ok(fp32->ops->attention(fp32, &tq, &tk, &tv, (float)scale, &t32));
+    if (op_bf16()) {
+        double l2 = op_relative_l2(out1, ref, count);
+        ck_assert_msg(l2 < OP_BF16_TOLERANCE && l2 > OP_BF16_ROUNDED,
+                      "relative L2 error %g outside (%g, %g)", l2, OP_BF16_ROUNDED,
+                      OP_BF16_TOLERANCE);
+    } else {
+        ck_assert(memcmp(out1, out32, count * sizeof(float)) == 0);
+    }
+    ck_assert_msg(memcmp(out1, out2, count * sizeof(float)) == 0, "1 and 2 threads differ");
+    kv_backend_destroy(one);
+    kv_backend_destroy(two);
+    kv_backend_destroy(fp32);
+    free(q), free(k), free(v), free(out1), free(out2), free(out32), free(ref);
 }
 END_TEST
 
@@ -123,6 +174,7 @@ Suite *suite_attention_ops(void)
     Suite *s = suite_create("attention");
     TCase *forward = op_tcase(s, "forward"), *backward = op_tcase(s, "backward");
     tcase_add_test(forward, attention_matches_float64_reference);
+    tcase_add_test(forward, attention_bf16_matches_float64_reference);
     tcase_add_test(backward, attention_backward_matches_finite_differences);
     return s;
 }

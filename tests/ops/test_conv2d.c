@@ -192,6 +192,178 @@ START_TEST(conv2d_residual_and_upsample_match_float64_reference)
 }
 END_TEST
 
+/* ---- bf16 products (precision=bf16) ---- */
+
+/* Winograd (odd sizes and channels, a tiny image, a larger one with many
+ * tile blocks), 1x1, im2col with a channel split and a partial kernel
+ * panel, and a layer with fewer than 8 outputs, which stays float32. */
+static const conv_case bf16_cases[] = {
+    {2, 40, 9, 11, 36, 3, {1, 1, 1, 1, 1}, true},
+    {2, 33, 7, 9, 35, 3, {1, 1, 1, 1, 1}, true},
+    {2, 96, 4, 6, 64, 3, {1, 1, 1, 1, 1}, true},
+    {1, 48, 50, 45, 40, 3, {1, 1, 1, 1, 1}, false},
+    {2, 21, 7, 9, 24, 1, {1, 0, 0, 0, 0}, true},
+    {2, 96, 4, 6, 64, 3, {2, 1, 1, 1, 1}, true},
+    {2, 12, 8, 10, 10, 3, {2, 0, 0, 1, 1}, true},
+    {2, 5, 7, 9, 6, 3, {1, 1, 1, 1, 1}, true},
+};
+
+/* The checks every bf16 result gets: against float64 on the unrounded
+ * inputs, within the single-op bound and visibly rounded (or float32
+ * exact where the op stays float32: rounded false), and with the bits of
+ * the fp32 backend on a CPU without bf16 instructions. */
+static void check_bf16_result(const char *what, int i, const float *got, const double *ref,
+                              const float *fp32, size_t n, bool rounded)
+{
+    if (!op_bf16()) {
+        ck_assert_msg(memcmp(got, fp32, n * sizeof(float)) == 0,
+                      "%s %d: precision=bf16 without bf16 instructions is not fp32", what, i);
+        return;
+    }
+    double l2 = op_relative_l2(got, ref, n), max = op_relative_error(got, ref, n);
+    if (rounded)
+        ck_assert_msg(l2 < OP_BF16_TOLERANCE && l2 > OP_BF16_ROUNDED,
+                      "%s %d: relative L2 error %g outside (%g, %g)", what, i, l2,
+                      OP_BF16_ROUNDED, OP_BF16_TOLERANCE);
+    else
+        ck_assert_msg(max < OP_TOLERANCE, "%s %d: float32 layer, relative error %g", what, i, max);
+}
+
+START_TEST(conv2d_bf16_matches_float64_reference)
+{
+    const conv_case *c = &bf16_cases[_i];
+    test_rng rng = test_rng_new(1300 + (uint64_t)_i);
+    int ho = (c->h + c->g.pad_top + c->g.pad_bottom - c->k) / c->g.stride + 1;
+    int wo = (c->w + c->g.pad_left + c->g.pad_right - c->k) / c->g.stride + 1;
+    size_t nx = (size_t)c->n * c->ci * c->h * c->w, nw = (size_t)c->co * c->ci * c->k * c->k;
+    size_t ny = (size_t)c->n * c->co * ho * wo;
+    float *x = test_alloc(nx), *w = test_alloc(nw), *b = test_alloc((size_t)c->co);
+    float *y1 = test_alloc(ny), *y2 = test_alloc(ny), *y32 = test_alloc(ny);
+    double *ref = calloc(ny, sizeof *ref);
+    test_fill(x, nx, &rng, -1.0f, 1.0f);
+    test_fill(w, nw, &rng, -0.5f, 0.5f);
+    test_fill(b, (size_t)c->co, &rng, -1.0f, 1.0f);
+    kv_tensor tx = op_tensor4(x, c->n, c->ci, c->h, c->w);
+    kv_tensor tw = op_tensor4(w, c->co, c->ci, c->k, c->k);
+    kv_tensor tb = op_tensor1(b, c->co), *bias = c->bias ? &tb : NULL;
+    kv_tensor ty1 = op_tensor4(y1, c->n, c->co, ho, wo), ty2 = op_tensor4(y2, c->n, c->co, ho, wo);
+    kv_tensor ty32 = op_tensor4(y32, c->n, c->co, ho, wo);
+    kv_backend *one = op_backend_bf16(1), *two = op_backend_bf16(2), *fp32 = op_backend(2);
+    ck_assert_ok(one->ops->conv2d(one, &tx, NULL, &tw, bias, NULL, c->g, &ty1));
+    ck_assert_ok(two->ops->conv2d(two, &tx, NULL, &tw, bias, NULL, c->g, &ty2));
+    ck_assert_ok(fp32->ops->conv2d(fp32, &tx, NULL, &tw, bias, NULL, c->g, &ty32));
+    conv_reference(c, x, w, b, ho, wo, ref);
+    check_bf16_result("conv2d", _i, y1, ref, y32, ny, c->co >= 8);
+    ck_assert_msg(memcmp(y1, y2, ny * sizeof(float)) == 0, "case %d: 1 and 2 threads differ", _i);
+    kv_backend_destroy(one);
+    kv_backend_destroy(two);
+    kv_backend_destroy(fp32);
+    free(x), free(w), free(b), free(y1), free(y2), free(y32), free(ref);
+}
+END_TEST
+
+/* The prologue (SiLU of a group norm's scale and shift), the 2x upsample
+ * and the residual with bf16 products: Winograd (case 0) and im2col
+ * (case 1, stride 2). */
+START_TEST(conv2d_bf16_prologue_upsample_residual)
+{
+    static const conv_case cases[] = {
+        {2, 40, 5, 7, 36, 3, {1, 1, 1, 1, 1}, true},
+        {2, 16, 5, 6, 12, 3, {2, 0, 0, 1, 1}, true},
+    };
+    const conv_case *c = &cases[_i];
+    test_rng rng = test_rng_new(1350 + (uint64_t)_i);
+    conv_case cu = *c; /* as the convolution sees x: upsampled */
+    cu.h *= 2, cu.w *= 2;
+    int ho = (cu.h + c->g.pad_top + c->g.pad_bottom - c->k) / c->g.stride + 1;
+    int wo = (cu.w + c->g.pad_left + c->g.pad_right - c->k) / c->g.stride + 1;
+    size_t plane = (size_t)c->h * c->w, nx = (size_t)c->n * c->ci * plane, nsc = (size_t)c->n * c->ci;
+    size_t nw = (size_t)c->co * c->ci * 9, ny = (size_t)c->n * c->co * ho * wo;
+    float *x = test_alloc(nx), *xu = test_alloc(4 * nx), *w = test_alloc(nw),
+          *b = test_alloc((size_t)c->co), *r = test_alloc(ny), *y = test_alloc(ny),
+          *y32 = test_alloc(ny), *scale = test_alloc(nsc), *shift = test_alloc(nsc);
+    double *ref = calloc(ny, sizeof *ref);
+    test_fill(x, nx, &rng, -3, 3);
+    test_fill(w, nw, &rng, -0.5f, 0.5f);
+    test_fill(b, (size_t)c->co, &rng, -1, 1);
+    test_fill(r, ny, &rng, -2, 2);
+    test_fill(scale, nsc, &rng, 0.2f, 2.0f);
+    test_fill(shift, nsc, &rng, -1, 1);
+    for (size_t i = 0; i < 4 * nx; i++) {
+        size_t nc = i / (4 * plane), rest = i % (4 * plane);
+        size_t yy = rest / (size_t)cu.w / 2, xx = rest % (size_t)cu.w / 2;
+        xu[i] = (float)op_activation_reference(
+            KV_ACT_SILU, (double)x[nc * plane + yy * c->w + xx] * scale[nc] + shift[nc]);
+    }
+    conv_reference(&cu, xu, w, b, ho, wo, ref);
+    for (size_t i = 0; i < ny; i++)
+        ref[i] += r[i];
+    kv_backend *be = op_backend_bf16(2), *fp32 = op_backend(2);
+    kv_tensor tx = op_tensor4(x, c->n, c->ci, c->h, c->w);
+    kv_tensor tw = op_tensor4(w, c->co, c->ci, 3, 3), tb = op_tensor1(b, c->co);
+    kv_tensor ty = op_tensor4(y, c->n, c->co, ho, wo), tr = op_tensor4(r, c->n, c->co, ho, wo);
+    kv_tensor ty32 = op_tensor4(y32, c->n, c->co, ho, wo);
+    kv_tensor ts = op_tensor4(scale, c->n, c->ci, 1, 1), tt = op_tensor4(shift, c->n, c->ci, 1, 1);
+    kv_conv_prologue p = {&ts, &tt, KV_ACT_SILU, true};
+    ck_assert_ok(be->ops->conv2d(be, &tx, &p, &tw, &tb, &tr, c->g, &ty));
+    ck_assert_ok(fp32->ops->conv2d(fp32, &tx, &p, &tw, &tb, &tr, c->g, &ty32));
+    check_bf16_result("prologue", _i, y, ref, y32, ny, true);
+    kv_backend_destroy(be);
+    kv_backend_destroy(fp32);
+    free(x), free(xu), free(w), free(b), free(r), free(y), free(y32), free(scale), free(shift);
+    free(ref);
+}
+END_TEST
+
+/* conv2d_backward_data with bf16 products: the flipped kernel through
+ * Winograd (case 0), the transposed 1x1 (case 1); the strided col2im path
+ * (case 2) stays float32. */
+START_TEST(conv2d_bf16_backward_data)
+{
+    static const conv_case cases[] = {
+        {2, 36, 7, 9, 40, 3, {1, 1, 1, 1, 1}, false},
+        {2, 24, 5, 7, 21, 1, {1, 0, 0, 0, 0}, false},
+        {2, 12, 8, 10, 10, 3, {2, 0, 0, 1, 1}, false},
+    };
+    const conv_case *c = &cases[_i]; /* the forward convolution */
+    test_rng rng = test_rng_new(1380 + (uint64_t)_i);
+    int ho = (c->h + c->g.pad_top + c->g.pad_bottom - c->k) / c->g.stride + 1;
+    int wo = (c->w + c->g.pad_left + c->g.pad_right - c->k) / c->g.stride + 1;
+    size_t nx = (size_t)c->n * c->ci * c->h * c->w, nw = (size_t)c->co * c->ci * c->k * c->k;
+    size_t ny = (size_t)c->n * c->co * ho * wo;
+    float *dy = test_alloc(ny), *w = test_alloc(nw), *dx = test_alloc(nx), *dx32 = test_alloc(nx);
+    double *ref = calloc(nx, sizeof *ref);
+    test_fill(dy, ny, &rng, -1, 1);
+    test_fill(w, nw, &rng, -0.5f, 0.5f);
+    /* dx[n,i,iy,ix] = sum over the outputs each input reached */
+    for (int n = 0; n < c->n; n++)
+        for (int o = 0; o < c->co; o++)
+            for (int oy = 0; oy < ho; oy++)
+                for (int ox = 0; ox < wo; ox++)
+                    for (int i = 0; i < c->ci; i++)
+                        for (int ky = 0; ky < c->k; ky++)
+                            for (int kx = 0; kx < c->k; kx++) {
+                                int iy = oy * c->g.stride - c->g.pad_top + ky;
+                                int ix = ox * c->g.stride - c->g.pad_left + kx;
+                                if (iy < 0 || iy >= c->h || ix < 0 || ix >= c->w)
+                                    continue;
+                                ref[((size_t)(n * c->ci + i) * c->h + iy) * c->w + ix] +=
+                                    (double)w[((o * c->ci + i) * c->k + ky) * c->k + kx] *
+                                    dy[((size_t)(n * c->co + o) * ho + oy) * wo + ox];
+                            }
+    kv_backend *be = op_backend_bf16(2), *fp32 = op_backend(2);
+    kv_tensor tdy = op_tensor4(dy, c->n, c->co, ho, wo), tw = op_tensor4(w, c->co, c->ci, c->k, c->k);
+    kv_tensor tdx = op_tensor4(dx, c->n, c->ci, c->h, c->w);
+    kv_tensor tdx32 = op_tensor4(dx32, c->n, c->ci, c->h, c->w);
+    ck_assert_ok(be->ops->conv2d_backward_data(be, &tdy, &tw, c->g, &tdx));
+    ck_assert_ok(fp32->ops->conv2d_backward_data(fp32, &tdy, &tw, c->g, &tdx32));
+    check_bf16_result("backward data", _i, dx, ref, dx32, nx, c->g.stride == 1);
+    kv_backend_destroy(be);
+    kv_backend_destroy(fp32);
+    free(dy), free(w), free(dx), free(dx32), free(ref);
+}
+END_TEST
+
 /* ---- backward ---- */
 
 typedef struct conv_ctx {
@@ -305,6 +477,10 @@ Suite *suite_conv2d_ops(void)
                         (int)(sizeof conv_cases / sizeof conv_cases[0]));
     tcase_add_loop_test(forward, conv2d_prologue_matches_float64_reference, 0, 3);
     tcase_add_loop_test(forward, conv2d_residual_and_upsample_match_float64_reference, 0, 6);
+    tcase_add_loop_test(forward, conv2d_bf16_matches_float64_reference, 0,
+                        (int)(sizeof bf16_cases / sizeof bf16_cases[0]));
+    tcase_add_loop_test(forward, conv2d_bf16_prologue_upsample_residual, 0, 2);
+    tcase_add_loop_test(backward, conv2d_bf16_backward_data, 0, 3);
     tcase_add_loop_test(backward, conv2d_gradients_match_finite_differences, 0,
                         (int)(sizeof conv_grad_cases / sizeof conv_grad_cases[0]));
     return s;

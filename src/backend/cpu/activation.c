@@ -24,6 +24,7 @@ static void activation_task(void *arg, int task, int thread)
 klvae_status_t kv_cpu_activation(kv_backend *be, const kv_tensor *x, kv_activation act,
                                  kv_tensor *y)
 {
+    kv_cpu_wrote(be, y);
     activation_job j = {x->data, NULL, y->data, kv_tensor_numel(x), act};
     kv_pool_run(kv_cpu_of(be)->pool, kv_cpu_chunks(j.count), activation_task, &j);
     return KLVAE_OK;
@@ -45,6 +46,7 @@ klvae_status_t kv_cpu_activation_backward(kv_backend *be, const kv_tensor *y,
 {
     if (act != KV_ACT_RELU && act != KV_ACT_LEAKY_RELU)
         return kv_error(KLVAE_ERR_INTERNAL, "activation_backward supports relu and leaky relu");
+    kv_cpu_wrote(be, dx);
     activation_job j = {dy->data, y->data, dx->data, kv_tensor_numel(dy), act};
     kv_pool_run(kv_cpu_of(be)->pool, kv_cpu_chunks(j.count), activation_backward_task, &j);
     return KLVAE_OK;

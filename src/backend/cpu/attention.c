@@ -6,6 +6,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "backend/cpu/bf16_gemm.h"
 #include "backend/cpu/cpu_ops.h"
 
 #define KV_ATTENTION_BLOCK 64
@@ -56,10 +57,103 @@ static void attention_task(void *arg, int task, int thread)
                 out + n0, N);
 }
 
+/* ---- bf16 products (precision=bf16) ----
+ * The same blocks of queries, with both products on the bf16 kernel: per
+ * image, K is packed once as the right operand of the scores and V as the
+ * left operand of the output (out = V P^T, so the output block is written
+ * in place, channel-major); per block, the queries and the probabilities
+ * are packed. The softmax stays float32 with its sum in double. Blocks are
+ * two kernel blocks of queries wide (96). */
+
+#define KV_ATTENTION_BF16_BLOCK (2 * KV_BF16_NR)
+
+typedef struct attention_bf16_job {
+    const float *q, *k, *v; /* this image */
+    float *out;
+    uint32_t *kp, *vp; /* K packed as B (channels x positions), V as A */
+    int channels, positions;
+    float scale;
+    size_t s_floats, q_words; /* scratch: scores, then packed queries, then P */
+    kv_cpu *cpu;
+} attention_bf16_job;
+
+static void pack_k_task(void *arg, int task, int thread)
+{
+    (void)thread;
+    const attention_bf16_job *j = arg;
+    const int n0 = task * KV_BF16_NR, n = KV_MIN(KV_BF16_NR, j->positions - n0);
+    kv_bf16_pack_b(j->k + n0, (size_t)j->positions, 1, j->channels, n,
+                   j->kp + (size_t)n0 * kv_bf16_pairs(j->channels));
+}
+
+static void pack_v_task(void *arg, int task, int thread)
+{
+    (void)thread;
+    const attention_bf16_job *j = arg;
+    const int c0 = task * KV_BF16_MR, c = KV_MIN(KV_BF16_MR, j->channels - c0);
+    kv_bf16_pack_a(j->v + (size_t)c0 * j->positions, (size_t)j->positions, 1, c, j->positions,
+                   j->vp + (size_t)c0 * kv_bf16_pairs(j->positions));
+}
+
+static void attention_bf16_task(void *arg, int task, int thread)
+{
+    const attention_bf16_job *j = arg;
+    const int C = j->channels, N = j->positions;
+    const int n0 = task * KV_ATTENTION_BF16_BLOCK, rows = KV_MIN(KV_ATTENTION_BF16_BLOCK, N - n0);
+    float *scores = j->cpu->scratch[thread];
+    uint32_t *qa = (uint32_t *)(scores + j->s_floats), *pb = qa + j->q_words;
+    /* scores[r, m] = sum_c q[c, n0 + r] k[c, m], then scaled */
+    kv_bf16_pack_a(j->q + n0, 1, (size_t)N, rows, C, qa);
+    kv_bf16_gemm(rows, N, kv_bf16_pairs(C), qa, j->kp, scores, (size_t)N, false);
+    for (size_t i = 0; i < (size_t)rows * N; i++)
+        scores[i] *= j->scale;
+    softmax_rows(scores, rows, N);
+    /* out[c, n0 + r] = sum_m v[c, m] p[r, m]: P^T (positions x rows) as B */
+    kv_bf16_pack_b(scores, 1, (size_t)N, N, rows, pb);
+    kv_bf16_gemm(C, rows, kv_bf16_pairs(N), j->vp, pb, j->out + n0, (size_t)N, false);
+}
+
+static klvae_status_t attention_bf16(kv_cpu *cpu, const kv_tensor *q, const kv_tensor *k,
+                                     const kv_tensor *v, float scale, kv_tensor *out)
+{
+    attention_bf16_job j;
+    memset(&j, 0, sizeof j);
+    j.channels = q->shape[1];
+    j.positions = q->shape[2] * q->shape[3];
+    j.scale = scale;
+    j.cpu = cpu;
+    const int C = j.channels, N = j.positions;
+    j.s_floats = (size_t)KV_ATTENTION_BF16_BLOCK * N;
+    j.q_words = kv_bf16_a_words(KV_ATTENTION_BF16_BLOCK, C);
+    const size_t kp_words = kv_bf16_b_words(C, N), vp_words = kv_bf16_a_words(C, N);
+    klvae_status_t st = kv_cpu_reserve_scratch(
+        cpu, j.s_floats + j.q_words + kv_bf16_b_words(N, KV_ATTENTION_BF16_BLOCK));
+    if (st == KLVAE_OK)
+        st = kv_cpu_reserve_shared(cpu, kp_words + vp_words);
+    if (st != KLVAE_OK)
+        return st;
+    j.kp = (uint32_t *)cpu->shared;
+    j.vp = j.kp + kp_words;
+    const int blocks = (N + KV_ATTENTION_BF16_BLOCK - 1) / KV_ATTENTION_BF16_BLOCK;
+    for (int b = 0; b < q->shape[0]; b++) {
+        const size_t offset = (size_t)b * C * N;
+        j.q = (const float *)q->data + offset;
+        j.k = (const float *)k->data + offset;
+        j.v = (const float *)v->data + offset;
+        j.out = (float *)out->data + offset;
+        kv_pool_run(cpu->pool, (N + KV_BF16_NR - 1) / KV_BF16_NR, pack_k_task, &j);
+        kv_pool_run(cpu->pool, (C + KV_BF16_MR - 1) / KV_BF16_MR, pack_v_task, &j);
+        kv_pool_run(cpu->pool, blocks, attention_bf16_task, &j);
+    }
+    return KLVAE_OK;
+}
+
 klvae_status_t kv_cpu_attention(kv_backend *be, const kv_tensor *q, const kv_tensor *k,
                                 const kv_tensor *v, float scale, kv_tensor *out)
 {
     kv_cpu *cpu = kv_cpu_of(be);
+    if (cpu->bf16)
+        return attention_bf16(cpu, q, k, v, scale, out);
     attention_job j;
     memset(&j, 0, sizeof j);
     j.q = q->data;

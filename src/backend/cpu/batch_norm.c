@@ -101,7 +101,7 @@ klvae_status_t kv_cpu_batch_norm(kv_backend *be, const kv_tensor *x, const kv_te
     bn_job_shape(&j, x);
     j.eps = eps;
     j.momentum = momentum;
-    kv_pool_run(kv_cpu_of(be)->pool, j.channels, bn_forward_task, &j);
+    kv_pool_run_sized(kv_cpu_of(be)->pool, j.channels, bn_forward_task, &j, 3 * kv_tensor_numel(x));
     return KLVAE_OK;
 }
 
@@ -179,6 +179,6 @@ klvae_status_t kv_cpu_batch_norm_backward(kv_backend *be, const kv_tensor *x,
     j.sums = sums;
     j.count = count;
     bn_job_shape(&j, x);
-    kv_pool_run(kv_cpu_of(be)->pool, j.channels, bn_backward_task, &j);
+    kv_pool_run_sized(kv_cpu_of(be)->pool, j.channels, bn_backward_task, &j, 4 * kv_tensor_numel(x));
     return KLVAE_OK;
 }

@@ -7,6 +7,7 @@
 #include <cblas.h>
 #include <string.h>
 
+#include "backend/cpu/bf16_gemm.h"
 #include "backend/cpu/conv2d_internal.h"
 
 /* Target size of one band's column buffer, in floats. Bands are sized from
@@ -24,6 +25,8 @@ typedef struct conv_job {
     kv_conv_geometry g;
     bool direct;
     int rows_per_band, bands, co_splits;
+    const uint32_t *wp; /* bf16 products: the packed weights (else NULL: sgemm) */
+    size_t col_floats;  /* bf16: the packed columns follow this many floats of scratch */
     kv_cpu *cpu;
 } conv_job;
 
@@ -78,6 +81,8 @@ static void conv_task(void *arg, int task, int thread)
     int oy0 = band * j->rows_per_band;
     int oy1 = KV_MIN(j->ho, oy0 + j->rows_per_band);
     int co_per = (j->co + j->co_splits - 1) / j->co_splits;
+    if (j->wp) /* whole panels of the packed weights */
+        co_per = (co_per + KV_BF16_MR - 1) / KV_BF16_MR * KV_BF16_MR;
     int co0 = split * co_per, co1 = KV_MIN(j->co, co0 + co_per);
     if (co0 >= co1)
         return;
@@ -107,8 +112,58 @@ static void conv_task(void *arg, int task, int thread)
         B = col;
         ldb = cols;
     }
+    if (j->wp) {
+        uint32_t *packed = (uint32_t *)(j->cpu->scratch[thread] + j->col_floats);
+        const int pairs = kv_bf16_pairs(K);
+        kv_bf16_pack_b(B, (size_t)ldb, 1, K, cols, packed);
+        kv_bf16_gemm(co1 - co0, cols, pairs, j->wp + (size_t)co0 * pairs, packed,
+                     y + (size_t)co0 * P, P, true);
+        return;
+    }
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, co1 - co0, cols, K, 1.0f,
                 j->w + (size_t)co0 * K, K, B, ldb, 1.0f, y + (size_t)co0 * P, (int)P);
+}
+
+typedef struct pack_w_job {
+    const float *w;
+    uint32_t *out;
+    int co, k;
+} pack_w_job;
+
+/* Panels [8 task, 8 task + 64) of the packed weights. */
+static void pack_w_task(void *arg, int task, int thread)
+{
+    (void)thread;
+    const pack_w_job *j = arg;
+    const int r0 = task * 8 * KV_BF16_MR, rows = KV_MIN(8 * KV_BF16_MR, j->co - r0);
+    kv_bf16_pack_a(j->w + (size_t)r0 * j->k, (size_t)j->k, 1, rows, j->k,
+                   j->out + (size_t)r0 * kv_bf16_pairs(j->k));
+}
+
+/* The weights as a packed bf16 (co x K) matrix: kept from an earlier call,
+ * or packed now into the cache or into the shared buffer. */
+static klvae_status_t packed_weights(kv_cpu *cpu, const kv_tensor *w, int co, int k,
+                                     const uint32_t **out)
+{
+    const size_t bytes = kv_tensor_numel(w) * sizeof(float);
+    const int shape[4] = {co, w->shape[1], w->ndim == 4 ? w->shape[2] : 1,
+                          w->ndim == 4 ? w->shape[3] : 1};
+    const size_t words = kv_bf16_a_words(co, k);
+    *out = kv_weight_cache_find(&cpu->weights, w->data, bytes, shape, KV_WEIGHT_GEMM_BF16);
+    if (*out)
+        return KLVAE_OK;
+    uint32_t *dst = kv_weight_cache_store(&cpu->weights, w->data, bytes, shape,
+                                          KV_WEIGHT_GEMM_BF16, words * sizeof(uint32_t));
+    if (!dst) {
+        klvae_status_t st = kv_cpu_reserve_shared(cpu, words);
+        if (st != KLVAE_OK)
+            return st;
+        dst = (uint32_t *)cpu->shared;
+    }
+    pack_w_job pj = {w->data, dst, co, k};
+    kv_pool_run(cpu->pool, (co + 8 * KV_BF16_MR - 1) / (8 * KV_BF16_MR), pack_w_task, &pj);
+    *out = dst;
+    return KLVAE_OK;
 }
 
 typedef struct prologue_job {
@@ -136,7 +191,7 @@ static klvae_status_t conv2d_plain(kv_backend *be, const kv_tensor *x,
 {
     kv_cpu *cpu = kv_cpu_of(be);
     if (w->ndim == 4 && kv_winograd_applies(x->shape[1], w->shape[0], w->shape[2], w->shape[3], g))
-        return kv_conv2d_winograd(cpu, x, prologue, w, b, y);
+        return kv_conv2d_winograd(cpu, x, prologue, w, false, b, y);
     if (!prologue)
         return conv2d_im2col(cpu, x, w, b, g, y);
     /* The im2col path reads every input value kh * kw times, so it applies
@@ -149,7 +204,8 @@ static klvae_status_t conv2d_plain(kv_backend *be, const kv_tensor *x,
         return st;
     prologue_job pj = {x->data, prologue->scale->data, prologue->shift->data, normed.data,
                        (size_t)x->shape[2] * x->shape[3], prologue->act};
-    kv_pool_run(cpu->pool, x->shape[0] * x->shape[1], prologue_task, &pj);
+    kv_pool_run_sized(cpu->pool, x->shape[0] * x->shape[1], prologue_task, &pj,
+                      2 * kv_tensor_numel(x));
     st = conv2d_im2col(cpu, &normed, w, b, g, y);
     kv_tensor_release(be, &normed);
     return st;
@@ -215,9 +271,21 @@ static klvae_status_t conv2d_im2col(kv_cpu *cpu, const kv_tensor *x, const kv_te
     j.co_splits = 1;
     while (per_image * j.co_splits < KV_CONV_MIN_TASKS && j.co / (j.co_splits * 2) >= 16)
         j.co_splits *= 2;
-    if (!j.direct) {
-        klvae_status_t st =
-            kv_cpu_reserve_scratch(cpu, K * (size_t)j.rows_per_band * (size_t)j.wo);
+    /* bf16 products for layers with at least a kernel's rows of outputs
+     * (not conv_out's 3 channels, where they would save nothing) */
+    const bool bf16 = cpu->bf16 && j.co >= KV_BF16_MR;
+    const size_t cols_per_band = (size_t)j.rows_per_band * (size_t)j.wo;
+    j.col_floats = j.direct ? 0 : K * cols_per_band;
+    size_t scratch = j.col_floats;
+    if (bf16)
+        scratch += kv_bf16_b_words((int)K, (int)cols_per_band);
+    if (scratch > 0) {
+        klvae_status_t st = kv_cpu_reserve_scratch(cpu, scratch);
+        if (st != KLVAE_OK)
+            return st;
+    }
+    if (bf16) {
+        klvae_status_t st = packed_weights(cpu, w, j.co, (int)K, &j.wp);
         if (st != KLVAE_OK)
             return st;
     }

@@ -49,14 +49,18 @@ static klvae_status_t backward_data_stride1(kv_backend *be, const kv_tensor *dy,
     kv_cpu *cpu = kv_cpu_of(be);
     const int co = w->shape[0], ci = w->shape[1];
     const int kh = w->ndim == 4 ? w->shape[2] : 1, kw = w->ndim == 4 ? w->shape[3] : 1;
+    kv_conv_geometry t = {1, kh - 1 - g.pad_top, kw - 1 - g.pad_left, kh - 1 - g.pad_bottom,
+                          kw - 1 - g.pad_right};
+    /* Winograd reads the flipped kernel straight from w, so its transform is
+     * kept for w (frozen weights: LPIPS) instead of for a fresh copy */
+    if (w->ndim == 4 && kv_winograd_applies(co, ci, kh, kw, t))
+        return kv_conv2d_winograd(cpu, dy, NULL, w, true, NULL, dx);
     kv_tensor wt;
     klvae_status_t st = kv_tensor_alloc(be, ci, co, kh, kw, &wt);
     if (st != KLVAE_OK)
         return st;
     flip_job fj = {w->data, wt.data, co, ci, kh, kw};
     kv_pool_run(cpu->pool, ci, flip_task, &fj);
-    kv_conv_geometry t = {1, kh - 1 - g.pad_top, kw - 1 - g.pad_left, kh - 1 - g.pad_bottom,
-                          kw - 1 - g.pad_right};
     st = kv_cpu_conv2d(be, dy, NULL, &wt, NULL, NULL, t, dx);
     kv_tensor_release(be, &wt);
     return st;

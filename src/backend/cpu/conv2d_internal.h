@@ -9,9 +9,46 @@
 /* Below this many channels the transforms cost more than they save. */
 #define KV_WINOGRAD_MIN_CHANNELS 32
 
+/* One Winograd convolution's state (conv2d_winograd.c), also what the
+ * input transform reads. */
+typedef struct kv_winograd_job {
+    const float *x, *bias; /* this image */
+    float *y;
+    const float *scale, *shift; /* this image's prologue, or NULL */
+    kv_activation act;
+    const float *u; /* transformed weights: 16 x Co x Ci */
+    float *v;       /* this band's transformed inputs: 16 x Ci x tiles */
+    int ci, co, h, w;
+    int tiles_w, tile_rows_per_band;
+    int tr0, tr1; /* this band's tile rows */
+    int rows_per_chunk, chunks, co_per_split, splits;
+    kv_cpu *cpu;
+} kv_winograd_job;
+
+/* V[xi][c][t] = (B^T d B)[xi] at j->v + xi * Ci * tiles + c * tiles + t for
+ * channels [c0, c1) and the tiles of tile rows [j->tr0, j->tr1) (tiles of
+ * them), with the prologue; rows holds 8 padded rows (8 (2 tiles_w + 2)
+ * floats). */
+void kv_winograd_transform_inputs(const kv_winograd_job *j, int c0, int c1, size_t tiles,
+                                  float *rows);
+
 bool kv_winograd_applies(int ci, int co, int kh, int kw, kv_conv_geometry g);
+/* y = conv(prologue(x), w') + b for a 3x3 "same" convolution, where w' is
+ * w, or with flipped the flipped transpose of w (w'[i][o][ky][kx] =
+ * w[o][i][2-ky][2-kx]: the kernel of the data gradient, so that its
+ * transform is kept for w itself). */
 klvae_status_t kv_conv2d_winograd(kv_cpu *cpu, const kv_tensor *x,
                                   const kv_conv_prologue *prologue, const kv_tensor *w,
-                                  const kv_tensor *b, kv_tensor *y);
+                                  bool flipped, const kv_tensor *b, kv_tensor *y);
+/* The same with bf16 products (cpu->bf16; conv2d_winograd_bf16.c);
+ * kv_conv2d_winograd calls it in that mode. */
+klvae_status_t kv_conv2d_winograd_bf16(kv_cpu *cpu, const kv_tensor *x,
+                                       const kv_conv_prologue *prologue, const kv_tensor *w,
+                                       bool flipped, const kv_tensor *b, kv_tensor *y);
+/* U = G w' G^T for every (co, ci) of the convolution's ci x co kernel w'
+ * (w, or w's flipped transpose), 16 x co x ci floats, over the pool (each
+ * thread's scratch must hold 9 ci floats). */
+void kv_winograd_transform_weights(kv_cpu *cpu, const float *w, bool flipped, int ci, int co,
+                                   float *u);
 
 #endif

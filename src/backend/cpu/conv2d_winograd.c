@@ -38,19 +38,6 @@
 /* Input channels per task of the first phase. */
 #define KV_WINOGRAD_TRANSFORM_CHANNELS 16
 
-typedef struct winograd_job {
-    const float *x, *bias; /* this image */
-    float *y;
-    const float *scale, *shift; /* this image's prologue, or NULL */
-    kv_activation act;
-    const float *u; /* transformed weights: 16 x Co x Ci */
-    float *v;       /* this band's transformed inputs: 16 x Ci x tiles */
-    int ci, co, h, w;
-    int tiles_w, tile_rows_per_band;
-    int tr0, tr1; /* this band's tile rows */
-    int rows_per_chunk, chunks, co_per_split, splits;
-    kv_cpu *cpu;
-} winograd_job;
 
 bool kv_winograd_applies(int ci, int co, int kh, int kw, kv_conv_geometry g)
 {
@@ -69,7 +56,8 @@ bool kv_winograd_applies(int ci, int co, int kh, int kw, kv_conv_geometry g)
 typedef struct weight_job {
     const float *w;
     float *u;
-    int ci, co;
+    int ci, co; /* of the convolution U is for */
+    bool flipped;
     kv_cpu *cpu;
 } weight_job;
 
@@ -120,22 +108,61 @@ static void transform_weights(const float *taps, int ci, float *u, size_t plane)
     }
 }
 
+/* The taps of output channel co: w[co][c][k], or for the flipped
+ * transpose (the backward's kernel, w being (ci, co, 3, 3) for this
+ * convolution's ci and co) w[c][co][8 - k]. */
 static void weight_transform_task(void *arg, int co, int thread)
 {
     const weight_job *j = arg;
     float *taps = j->cpu->scratch[thread];
-    const float *w = j->w + (size_t)co * j->ci * 9;
-    for (int c = 0; c < j->ci; c++)
-        for (int k = 0; k < 9; k++)
-            taps[(size_t)k * j->ci + c] = w[(size_t)c * 9 + k];
+    if (j->flipped) {
+        for (int c = 0; c < j->ci; c++) {
+            const float *g = j->w + ((size_t)c * j->co + co) * 9;
+            for (int k = 0; k < 9; k++)
+                taps[(size_t)k * j->ci + c] = g[8 - k];
+        }
+    } else {
+        const float *w = j->w + (size_t)co * j->ci * 9;
+        for (int c = 0; c < j->ci; c++)
+            for (int k = 0; k < 9; k++)
+                taps[(size_t)k * j->ci + c] = w[(size_t)c * 9 + k];
+    }
     transform_weights(taps, j->ci, j->u + (size_t)co * j->ci, (size_t)j->co * j->ci);
+}
+
+void kv_winograd_transform_weights(kv_cpu *cpu, const float *w, bool flipped, int ci, int co,
+                                   float *u)
+{
+    weight_job wj = {w, u, ci, co, flipped, cpu};
+    kv_pool_run(cpu->pool, co, weight_transform_task, &wj);
+}
+
+/* U for the weights w of this convolution (flipped: w is the forward
+ * kernel whose flipped transpose this is): kept from an earlier call, or
+ * computed, into the cache when it keeps it, else into scratch. */
+static const float *winograd_weights(kv_cpu *cpu, const kv_tensor *w, bool flipped, int ci,
+                                     int co, float *scratch)
+{
+    const kv_weight_form form = flipped ? KV_WEIGHT_WINOGRAD_FLIPPED : KV_WEIGHT_WINOGRAD;
+    const size_t bytes = kv_tensor_numel(w) * sizeof(float);
+    const int shape[4] = {w->shape[0], w->shape[1], 3, 3};
+    const float *u = kv_weight_cache_find(&cpu->weights, w->data, bytes, shape, form);
+    if (u)
+        return u;
+    float *dst = kv_weight_cache_store(&cpu->weights, w->data, bytes, shape, form,
+                                       (size_t)16 * co * ci * sizeof(float));
+    if (!dst)
+        dst = scratch;
+    kv_winograd_transform_weights(cpu, w->data, flipped, ci, co, dst);
+    return dst;
 }
 
 /* V[xi][ci][t] = (B^T d B)[xi] for the band's tiles. The vertical half of
  * the transform works on whole (zero-padded) image rows; the horizontal half
  * then reads those rows at even and odd offsets, one tile per lane. */
 KV_VECTOR_CLONES
-static void transform_inputs(const winograd_job *j, int c0, int c1, size_t tiles, float *rows)
+void kv_winograd_transform_inputs(const kv_winograd_job *j, int c0, int c1, size_t tiles,
+                                  float *rows)
 {
     const float *x = j->x;
     float *v = j->v;
@@ -206,7 +233,7 @@ static void transform_inputs(const winograd_job *j, int c0, int c1, size_t tiles
  * written to two padded output rows, then copied into the image so odd sizes
  * drop their extra row and column. */
 KV_VECTOR_CLONES
-static void transform_outputs(const winograd_job *j, const float *m, int c0, int c1, int tr0,
+static void transform_outputs(const kv_winograd_job *j, const float *m, int c0, int c1, int tr0,
                               int tr1, float *rows)
 {
     const int h = j->h, w = j->w, tw = j->tiles_w;
@@ -241,7 +268,7 @@ static void transform_outputs(const winograd_job *j, const float *m, int c0, int
     }
 }
 
-static size_t band_tiles(const winograd_job *j)
+static size_t band_tiles(const kv_winograd_job *j)
 {
     return (size_t)(j->tr1 - j->tr0) * (size_t)j->tiles_w;
 }
@@ -249,17 +276,17 @@ static size_t band_tiles(const winograd_job *j)
 /* Phase 1: V for input channels [16 task, 16 task + 16). */
 static void input_task(void *arg, int task, int thread)
 {
-    const winograd_job *j = arg;
+    const kv_winograd_job *j = arg;
     int c0 = task * KV_WINOGRAD_TRANSFORM_CHANNELS;
     int c1 = KV_MIN(j->ci, c0 + KV_WINOGRAD_TRANSFORM_CHANNELS);
-    transform_inputs(j, c0, c1, band_tiles(j), j->cpu->scratch[thread]);
+    kv_winograd_transform_inputs(j, c0, c1, band_tiles(j), j->cpu->scratch[thread]);
 }
 
 /* Phase 2: the 16 products and the output transform for one chunk of tile
  * rows and one range of output channels. */
 static void output_task(void *arg, int task, int thread)
 {
-    const winograd_job *j = arg;
+    const kv_winograd_job *j = arg;
     const int chunk = task / j->splits, split = task % j->splits;
     const int c0 = split * j->co_per_split, c1 = KV_MIN(j->co, c0 + j->co_per_split);
     const int tr0 = j->tr0 + chunk * j->rows_per_chunk;
@@ -282,13 +309,15 @@ static void output_task(void *arg, int task, int thread)
 
 klvae_status_t kv_conv2d_winograd(kv_cpu *cpu, const kv_tensor *x,
                                   const kv_conv_prologue *prologue, const kv_tensor *w,
-                                  const kv_tensor *b, kv_tensor *y)
+                                  bool flipped, const kv_tensor *b, kv_tensor *y)
 {
-    winograd_job j;
+    if (cpu->bf16)
+        return kv_conv2d_winograd_bf16(cpu, x, prologue, w, flipped, b, y);
+    kv_winograd_job j;
     memset(&j, 0, sizeof j);
     j.bias = b ? b->data : NULL;
     j.ci = x->shape[1];
-    j.co = w->shape[0];
+    j.co = flipped ? w->shape[1] : w->shape[0];
     j.h = x->shape[2];
     j.w = x->shape[3];
     j.tiles_w = (j.w + 1) / 2;
@@ -319,11 +348,8 @@ klvae_status_t kv_conv2d_winograd(kv_cpu *cpu, const kv_tensor *x,
         st = kv_cpu_reserve_shared(cpu, (size_t)16 * j.co * j.ci + (size_t)16 * j.ci * most_tiles);
     if (st != KLVAE_OK)
         return st;
-    float *u = cpu->shared;
-    j.u = u;
-    j.v = u + (size_t)16 * j.co * j.ci;
-    weight_job wj = {w->data, u, j.ci, j.co, cpu};
-    kv_pool_run(cpu->pool, j.co, weight_transform_task, &wj);
+    j.v = cpu->shared + (size_t)16 * j.co * j.ci;
+    j.u = winograd_weights(cpu, w, flipped, j.ci, j.co, cpu->shared);
     const int input_tasks = (j.ci + KV_WINOGRAD_TRANSFORM_CHANNELS - 1) / KV_WINOGRAD_TRANSFORM_CHANNELS;
     for (int n = 0; n < x->shape[0]; n++) {
         j.x = (const float *)x->data + (size_t)n * j.ci * j.h * j.w;

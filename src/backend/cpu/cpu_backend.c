@@ -7,6 +7,7 @@
 #include <string.h>
 #include <sys/mman.h>
 
+#include "backend/cpu/bf16_gemm.h"
 #include "backend/cpu/cpu_ops.h"
 
 /* Present when the CBLAS is OpenBLAS; weak so that any other CBLAS links. */
@@ -93,6 +94,10 @@ static void cpu_release(kv_backend *be, void *ptr)
     unsigned char *base = (unsigned char *)ptr - KV_CPU_HEADER;
     size_t total;
     memcpy(&total, base, sizeof total);
+    /* the memory may come back as another tensor: no form of its old
+     * contents may be found there */
+    if (cpu->weights.count > 0)
+        kv_weight_cache_forget(&cpu->weights, ptr, total - KV_CPU_HEADER);
     if (total < KV_CPU_MMAP_THRESHOLD) {
         free(base);
         return;
@@ -120,7 +125,9 @@ static void cpu_trim(kv_backend *be)
 
 static klvae_status_t cpu_upload(kv_backend *be, kv_tensor *dst, const float *src)
 {
-    (void)be;
+    /* also when the data is already in place (written directly into host
+     * memory, as weight loading does): the upload says it changed */
+    kv_cpu_wrote(be, dst);
     if (dst->data != src)
         memmove(dst->data, src, kv_tensor_numel(dst) * sizeof(float));
     return KLVAE_OK;
@@ -211,6 +218,7 @@ static void cpu_destroy(kv_backend *be)
         free(cpu->scratch);
         free(cpu->scratch_floats);
         free(cpu->shared);
+        kv_weight_cache_free(&cpu->weights);
         free(cpu);
     }
     free(be);
@@ -243,6 +251,8 @@ klvae_status_t kv_cpu_backend_create(const kv_backend_settings *settings, kv_bac
     be->ctx = cpu;
     be->host_memory = true;
     cpu->threads = settings->threads > 0 ? settings->threads : kv_cpu_count();
+    cpu->bf16 = settings->precision == KV_PRECISION_BF16 && kv_bf16_available(NULL, 0);
+    cpu->weights.budget = KV_WEIGHT_CACHE_BUDGET;
     cpu->scratch = calloc((size_t)cpu->threads, sizeof *cpu->scratch);
     cpu->scratch_floats = calloc((size_t)cpu->threads, sizeof *cpu->scratch_floats);
     if (!cpu->scratch || !cpu->scratch_floats) {

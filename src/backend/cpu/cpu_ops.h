@@ -8,6 +8,7 @@
 
 #include "backend/backend.h"
 #include "backend/cpu/threadpool.h"
+#include "backend/cpu/weight_cache.h"
 
 #define KV_CPU_CACHE_SLOTS 16
 
@@ -30,11 +31,26 @@ typedef struct kv_cpu {
     } cache[KV_CPU_CACHE_SLOTS];
     int cached;
     size_t cached_bytes;
+    /* precision=bf16 on a CPU with AVX512-BF16: convolutions, attention
+     * and linear layers multiply bf16 operands with float32 accumulation
+     * (bf16_gemm.h); storage stays float32. */
+    bool bf16;
+    /* Transformed and packed weights kept between calls (weight_cache.h). */
+    kv_weight_cache weights;
 } kv_cpu;
 
 static inline kv_cpu *kv_cpu_of(kv_backend *be)
 {
     return (kv_cpu *)be->ctx;
+}
+
+/* Every op that writes a tensor that may hold weights calls this first, so
+ * that no stored form of the old values outlives them (weight_cache.h). */
+static inline void kv_cpu_wrote(kv_backend *be, const kv_tensor *t)
+{
+    kv_cpu *cpu = kv_cpu_of(be);
+    if (cpu->weights.count > 0)
+        kv_weight_cache_forget(&cpu->weights, t->data, kv_tensor_numel(t) * sizeof(float));
 }
 
 /* Elementwise ops split their work into chunks of KV_CPU_CHUNK values: a

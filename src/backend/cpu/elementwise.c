@@ -20,6 +20,7 @@ static void add_task(void *arg, int task, int thread)
 
 klvae_status_t kv_cpu_add(kv_backend *be, const kv_tensor *a, const kv_tensor *b, kv_tensor *y)
 {
+    kv_cpu_wrote(be, y);
     add_job j = {a->data, b->data, y->data, kv_tensor_numel(y)};
     kv_pool_run(kv_cpu_of(be)->pool, kv_cpu_chunks(j.count), add_task, &j);
     return KLVAE_OK;
@@ -47,8 +48,10 @@ static void affine_task(void *arg, int task, int thread)
 klvae_status_t kv_cpu_channel_affine(kv_backend *be, const kv_tensor *x, const float *a,
                                      const float *b, kv_tensor *y)
 {
+    kv_cpu_wrote(be, y);
     affine_job j = {x->data, a, b, y->data, x->shape[1], (size_t)x->shape[2] * x->shape[3]};
-    kv_pool_run(kv_cpu_of(be)->pool, x->shape[0] * x->shape[1], affine_task, &j);
+    kv_pool_run_sized(kv_cpu_of(be)->pool, x->shape[0] * x->shape[1], affine_task, &j,
+                      2 * kv_tensor_numel(x));
     return KLVAE_OK;
 }
 
@@ -72,6 +75,7 @@ static void scale_task(void *arg, int task, int thread)
 
 klvae_status_t kv_cpu_scale(kv_backend *be, kv_tensor *x, float a)
 {
+    kv_cpu_wrote(be, x);
     unary_job j = {NULL, NULL, x->data, kv_tensor_numel(x), a};
     kv_pool_run(kv_cpu_of(be)->pool, kv_cpu_chunks(j.count), scale_task, &j);
     return KLVAE_OK;
@@ -89,6 +93,7 @@ static void fill_task(void *arg, int task, int thread)
 
 klvae_status_t kv_cpu_fill(kv_backend *be, kv_tensor *x, float value)
 {
+    kv_cpu_wrote(be, x);
     unary_job j = {NULL, NULL, x->data, kv_tensor_numel(x), value};
     kv_pool_run(kv_cpu_of(be)->pool, kv_cpu_chunks(j.count), fill_task, &j);
     return KLVAE_OK;
@@ -106,6 +111,7 @@ static void axpy_task(void *arg, int task, int thread)
 
 klvae_status_t kv_cpu_axpy(kv_backend *be, float a, const kv_tensor *x, kv_tensor *y)
 {
+    kv_cpu_wrote(be, y);
     unary_job j = {x->data, NULL, y->data, kv_tensor_numel(x), a};
     kv_pool_run(kv_cpu_of(be)->pool, kv_cpu_chunks(j.count), axpy_task, &j);
     return KLVAE_OK;
@@ -123,6 +129,7 @@ static void lerp_task(void *arg, int task, int thread)
 
 klvae_status_t kv_cpu_lerp(kv_backend *be, kv_tensor *x, const kv_tensor *y, float t)
 {
+    kv_cpu_wrote(be, x);
     unary_job j = {NULL, y->data, x->data, kv_tensor_numel(x), t};
     kv_pool_run(kv_cpu_of(be)->pool, kv_cpu_chunks(j.count), lerp_task, &j);
     return KLVAE_OK;

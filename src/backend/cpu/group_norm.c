@@ -169,7 +169,8 @@ klvae_status_t kv_cpu_group_norm_stats(kv_backend *be, const kv_tensor *x, const
     j.groups = groups;
     j.plane = (size_t)x->shape[2] * x->shape[3];
     j.eps = eps;
-    kv_pool_run(kv_cpu_of(be)->pool, x->shape[0] * groups, gn_stats_task, &j);
+    kv_pool_run_sized(kv_cpu_of(be)->pool, x->shape[0] * groups, gn_stats_task, &j,
+                      kv_tensor_numel(x));
     return KLVAE_OK;
 }
 
@@ -205,7 +206,7 @@ klvae_status_t kv_cpu_group_norm(kv_backend *be, const kv_tensor *x, const kv_te
     kv_cpu_group_norm_stats(be, x, gamma, beta, groups, eps, &scale, &shift, NULL, NULL);
     apply_job j = {x->data, scale.data, shift.data, y->data,
                    (size_t)x->shape[2] * x->shape[3], act};
-    kv_pool_run(cpu->pool, batch * channels, apply_task, &j);
+    kv_pool_run_sized(cpu->pool, batch * channels, apply_task, &j, 2 * kv_tensor_numel(x));
     return KLVAE_OK;
 }
 
@@ -280,7 +281,7 @@ klvae_status_t kv_cpu_group_norm_backward(kv_backend *be, const kv_tensor *x,
                          rstd->data, da->data,    dx->data,    (double *)cpu->shared,
                          (double *)cpu->shared + nc, channels, groups,
                          (size_t)x->shape[2] * x->shape[3], act};
-    kv_pool_run(cpu->pool, batch * groups, gn_backward_task, &j);
+    kv_pool_run_sized(cpu->pool, batch * groups, gn_backward_task, &j, 3 * kv_tensor_numel(x));
     /* Sum over the batch in a fixed order: the same bits for any threads. */
     float *dg = dgamma->data, *db = dbeta->data;
     for (int c = 0; c < channels; c++) {

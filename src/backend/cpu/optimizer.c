@@ -36,6 +36,7 @@ klvae_status_t kv_cpu_adam(kv_backend *be, kv_tensor *param, const kv_tensor *gr
                            kv_tensor *v, float lr, float beta1, float beta2, float eps,
                            int64_t step)
 {
+    kv_cpu_wrote(be, param);
     /* The bias corrections in double, as Python computes them. */
     double bc1 = 1.0 - pow((double)beta1, (double)step);
     double bc2 = 1.0 - pow((double)beta2, (double)step);

@@ -29,7 +29,8 @@ static void max_pool_task(void *arg, int task, int thread)
 klvae_status_t kv_cpu_max_pool2x2(kv_backend *be, const kv_tensor *x, kv_tensor *y)
 {
     pool_job j = {x->data, NULL, y->data, x->shape[2], x->shape[3], y->shape[2], y->shape[3]};
-    kv_pool_run(kv_cpu_of(be)->pool, x->shape[0] * x->shape[1], max_pool_task, &j);
+    kv_pool_run_sized(kv_cpu_of(be)->pool, x->shape[0] * x->shape[1], max_pool_task, &j,
+                      kv_tensor_numel(x) + kv_tensor_numel(y));
     return KLVAE_OK;
 }
 
@@ -59,6 +60,7 @@ klvae_status_t kv_cpu_max_pool2x2_backward(kv_backend *be, const kv_tensor *x,
 {
     pool_job j = {x->data, dy->data, dx->data, x->shape[2], x->shape[3], dy->shape[2],
                   dy->shape[3]};
-    kv_pool_run(kv_cpu_of(be)->pool, x->shape[0] * x->shape[1], max_pool_backward_task, &j);
+    kv_pool_run_sized(kv_cpu_of(be)->pool, x->shape[0] * x->shape[1], max_pool_backward_task, &j,
+                      2 * kv_tensor_numel(x) + kv_tensor_numel(dy));
     return KLVAE_OK;
 }

@@ -104,7 +104,8 @@ klvae_status_t kv_cpu_posterior_backward(kv_backend *be, const kv_tensor *moment
 {
     posterior_back_job j = {moments->data, dz->data, dmoments->data, dz->shape[1],
                             (size_t)dz->shape[2] * dz->shape[3], kl_weight, sampled, seed, first};
-    kv_pool_run(kv_cpu_of(be)->pool, dz->shape[0] * dz->shape[1], posterior_backward_task, &j);
+    kv_pool_run_sized(kv_cpu_of(be)->pool, dz->shape[0] * dz->shape[1], posterior_backward_task, &j,
+                      4 * kv_tensor_numel(dz));
     return KLVAE_OK;
 }
 

@@ -178,6 +178,16 @@ void kv_pool_run(kv_pool *pool, int ntasks, kv_task_fn fn, void *arg)
     }
 }
 
+void kv_pool_run_sized(kv_pool *pool, int ntasks, kv_task_fn fn, void *arg, size_t values)
+{
+    if (values < KV_POOL_INLINE_VALUES) {
+        for (int t = 0; t < ntasks; t++)
+            fn(arg, t, 0);
+        return;
+    }
+    kv_pool_run(pool, ntasks, fn, arg);
+}
+
 int kv_pool_threads(const kv_pool *pool)
 {
     return pool->threads;

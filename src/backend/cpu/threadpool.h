@@ -20,6 +20,17 @@ kv_pool *kv_pool_create(int threads);
  * task must not call kv_pool_run on the same pool. */
 void kv_pool_run(kv_pool *pool, int ntasks, kv_task_fn fn, void *arg);
 
+/* Work below this many values runs on the calling thread alone: waking the
+ * workers (a broadcast, and a futex wake for each one asleep) costs more
+ * than such an op (tens of microseconds at most). The tasks are the same
+ * either way, so the results are too. */
+#define KV_POOL_INLINE_VALUES 32768
+
+/* kv_pool_run for work that touches about values values (read plus
+ * written): the calling thread alone when that is under
+ * KV_POOL_INLINE_VALUES. */
+void kv_pool_run_sized(kv_pool *pool, int ntasks, kv_task_fn fn, void *arg, size_t values);
+
 int kv_pool_threads(const kv_pool *pool);
 
 /* Stops and joins the workers. NULL is a no-op. */

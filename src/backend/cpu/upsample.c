@@ -30,7 +30,8 @@ static void upsample_task(void *arg, int task, int thread)
 klvae_status_t kv_cpu_upsample_nearest2x(kv_backend *be, const kv_tensor *x, kv_tensor *y)
 {
     upsample_job j = {x->data, y->data, x->shape[2], x->shape[3]};
-    kv_pool_run(kv_cpu_of(be)->pool, x->shape[0] * x->shape[1], upsample_task, &j);
+    kv_pool_run_sized(kv_cpu_of(be)->pool, x->shape[0] * x->shape[1], upsample_task, &j,
+                      5 * kv_tensor_numel(x));
     return KLVAE_OK;
 }
 
@@ -58,6 +59,7 @@ klvae_status_t kv_cpu_upsample_nearest2x_backward(kv_backend *be, const kv_tenso
                                                   kv_tensor *dx)
 {
     upsample_back_job j = {dy->data, dx->data, dx->shape[2], dx->shape[3]};
-    kv_pool_run(kv_cpu_of(be)->pool, dx->shape[0] * dx->shape[1], upsample_backward_task, &j);
+    kv_pool_run_sized(kv_cpu_of(be)->pool, dx->shape[0] * dx->shape[1], upsample_backward_task, &j,
+                      5 * kv_tensor_numel(dx));
     return KLVAE_OK;
 }
