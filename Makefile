@@ -291,6 +291,9 @@ deps:
 build/bench_klvae: tools/bench_klvae.c lib/libklvae.so include/klvae.h
 	$(CC) -std=c11 -D_GNU_SOURCE -Wall -Wextra -O2 -Iinclude $< -o $@ -Llib -lklvae -Wl,-rpath,'$$ORIGIN/../lib'
 
+build/bench_stream: tools/bench_stream.c lib/libklvae.so include/klvae.h
+	$(CC) -std=c11 -D_GNU_SOURCE -Wall -Wextra -O2 -Iinclude $< -o $@ -Llib -lklvae -Wl,-rpath,'$$ORIGIN/../lib'
+
 # the procedural images as raw floats, for tools/demo_pytorch.py
 build/dump_procedural: tools/dump_procedural.c $(STATIC) src/train/procedural.h
 	$(CC) $(KV_CFLAGS) $(CFLAGS) $< -o $@ $(STATIC) $(LDFLAGS) $(DEP_LIBS) $(SYS_LIBS)
