@@ -184,6 +184,11 @@ typedef struct conv_pass {
     bool last_x, last_residual; /* no later pass reads them: free as we go */
     kv_store *y;             /* written in bands of rows */
     const kv_norm *y_norm;   /* the norm that reads y (y->groups > 0) */
+    /* A second output: side_y = side(rows of x), a 1x1 convolution of the
+     * band's own rows (a resnet's shortcut, computed while x is read anyway
+     * so that x can be freed as the pass goes). */
+    const kv_conv *side;
+    kv_store *side_y;
 } conv_pass;
 
 static int kernel_rows(const kv_conv *c)
@@ -253,7 +258,7 @@ static int band_end(const conv_pass *p, int rows, int o0)
  * written where it is stored; host staging for a backend without host
  * memory. */
 typedef struct pass_buffers {
-    kv_tensor in, res, aux, out;
+    kv_tensor in, res, aux, out, side;
     float *staging;
     size_t staging_floats;
 } pass_buffers;
@@ -282,12 +287,17 @@ static klvae_status_t buffers_make(kv_stream *s, const conv_pass *p, int rows, p
         st = take_tensor(s, co, most_out, wo, false, &b->res);
     if (st == KLVAE_OK && p->shortcut)
         st = take_tensor(s, p->residual->c, most_out, p->residual->w, false, &b->aux);
+    if (st == KLVAE_OK && p->side)
+        st = take_tensor(s, p->x->c, most_out, p->x->w, false, &b->aux);
+    if (st == KLVAE_OK && p->side && !s->be->host_memory)
+        st = take_tensor(s, p->side_y->c, most_out, p->side_y->w, false, &b->side);
     if (st == KLVAE_OK && !writes_in_place(s, p))
         st = take_tensor(s, co, most_out, wo, false, &b->out);
     if (st == KLVAE_OK && !s->be->host_memory) {
         size_t n = KV_MAX(kv_tensor_numel(&b->in), kv_tensor_numel(&b->out));
         n = KV_MAX(n, kv_tensor_numel(&b->res));
         n = KV_MAX(n, kv_tensor_numel(&b->aux));
+        n = KV_MAX(n, kv_tensor_numel(&b->side));
         b->staging_floats = n;
         kv_stream_take(s, n * sizeof(float));
         if (!s->dry && !(b->staging = malloc(n * sizeof(float))))
@@ -302,6 +312,7 @@ static void buffers_free(kv_stream *s, pass_buffers *b)
     give_tensor(s, &b->res);
     give_tensor(s, &b->aux);
     give_tensor(s, &b->out);
+    give_tensor(s, &b->side);
     if (b->staging_floats)
         kv_stream_give(s, b->staging_floats * sizeof(float));
     free(b->staging);
@@ -364,6 +375,29 @@ static klvae_status_t store_output(kv_stream *s, const conv_pass *p, int o0, int
     return KLVAE_OK;
 }
 
+/* The side output of rows [o0, o1): side(rows of x) into a new band of
+ * side_y. */
+static klvae_status_t run_side(kv_stream *s, const conv_pass *p, int o0, int o1,
+                               pass_buffers *b)
+{
+    const int co = p->side->weight.shape[0], w = p->side_y->w;
+    kv_tensor in, y;
+    float *band = NULL;
+    klvae_status_t st = load_rows(s, p->x, o0, o1, &b->aux, b->staging, &in);
+    if (st == KLVAE_OK)
+        st = kv_store_begin_band(s, p->side_y, o0, o1, &band);
+    if (st != KLVAE_OK)
+        return st;
+    const bool in_place = s->be->host_memory;
+    y = in_place ? kv_tensor_wrap(band, 1, co, o1 - o0, w) : view(&b->side, co, o1 - o0, w);
+    if (!s->dry)
+        st = kv_conv_into(s->be, p->side, &in, NULL, NULL, kv_pointwise, &y);
+    if (st == KLVAE_OK && !s->dry && !in_place)
+        st = s->be->ops->download(s->be, band, &y);
+    kv_store_end_band(s, p->side_y, band);
+    return st;
+}
+
 /* One band of output rows [o0, o1). */
 static klvae_status_t run_band(kv_stream *s, const conv_pass *p, const prologue *pr, int o0,
                                int o1, pass_buffers *b, band_stats *bs)
@@ -374,6 +408,8 @@ static klvae_status_t run_band(kv_stream *s, const conv_pass *p, const prologue 
     input_rows(p, o0, o1, &a, &z, &g);
     kv_tensor r = {0}, x, y;
     klvae_status_t st = p->residual ? load_residual(s, p, o0, o1, b, &r) : KLVAE_OK;
+    if (st == KLVAE_OK && p->side)
+        st = run_side(s, p, o0, o1, b);
     if (st == KLVAE_OK)
         st = load_rows(s, p->x, a, z, &b->in, b->staging, &x);
     float *band = NULL;
@@ -451,8 +487,8 @@ static int groups_of(const kv_stream *s, const kv_norm *reader)
 static klvae_status_t conv_step(kv_stream *s, const kv_conv *c, kv_conv_geometry g,
                                 bool upsample, kv_store *x, const kv_norm *next)
 {
-    conv_pass p = {c, g, upsample, x, NULL, KV_ACT_NONE, NULL, NULL, !x->external, false, NULL,
-                   next};
+    conv_pass p = {.conv = c, .g = g, .upsample = upsample, .x = x, .last_x = !x->external,
+                   .y_norm = next};
     kv_store y;
     const int co = c->weight.shape[0];
     klvae_status_t st = kv_store_init(s, &y, co, output_rows(&p), output_cols(&p),
@@ -475,25 +511,37 @@ static klvae_status_t resnet_step(kv_stream *s, const kv_resnet *r, kv_store *x,
 {
     const kv_activation act = kv_config_activation(&s->m->cfg);
     const int g = s->m->cfg.norm_num_groups;
-    kv_store h, out;
+    /* A shortcut narrower than x (the decoder's) is computed in the first
+     * pass, which then frees x as it goes: x and conv1's output never need
+     * to be held whole together. */
+    const bool early = r->has_shortcut && r->out_channels < r->in_channels;
+    const int rows = x->h, cols = x->w; /* x is freed by the first pass when early */
+    kv_store h, skip, out;
+    memset(&skip, 0, sizeof skip);
     memset(&out, 0, sizeof out);
-    klvae_status_t st = kv_store_init(s, &h, r->out_channels, x->h, x->w, g);
-    conv_pass p1 = {&r->conv1, kv_same_3x3, false, x, &r->norm1, act, NULL, NULL, false, false,
-                    &h, &r->norm2};
+    klvae_status_t st = kv_store_init(s, &h, r->out_channels, rows, cols, g);
+    if (st == KLVAE_OK && early)
+        st = kv_store_init(s, &skip, r->out_channels, rows, cols, 0);
+    conv_pass p1 = {.conv = &r->conv1, .g = kv_same_3x3, .x = x, .norm = &r->norm1, .act = act,
+                    .last_x = early, .y = &h, .y_norm = &r->norm2,
+                    .side = early ? &r->shortcut : NULL, .side_y = early ? &skip : NULL};
     if (st == KLVAE_OK)
         st = run_conv(s, &p1);
     if (st == KLVAE_OK)
-        st = kv_store_init(s, &out, r->out_channels, x->h, x->w, groups_of(s, next));
-    conv_pass p2 = {&r->conv2, kv_same_3x3, false, &h, &r->norm2, act, x,
-                    r->has_shortcut ? &r->shortcut : NULL, true, true, &out, next};
+        st = kv_store_init(s, &out, r->out_channels, rows, cols, groups_of(s, next));
+    conv_pass p2 = {.conv = &r->conv2, .g = kv_same_3x3, .x = &h, .norm = &r->norm2, .act = act,
+                    .residual = early ? &skip : x,
+                    .shortcut = r->has_shortcut && !early ? &r->shortcut : NULL,
+                    .last_x = true, .last_residual = true, .y = &out, .y_norm = next};
     if (st == KLVAE_OK)
         st = run_conv(s, &p2);
     kv_store_free(s, &h);
+    kv_store_free(s, &skip);
     if (st != KLVAE_OK) {
         kv_store_free(s, &out);
         return st;
     }
-    *x = out;
+    *x = out; /* the first pass or the second freed x */
     return KLVAE_OK;
 }
 
@@ -572,8 +620,8 @@ static klvae_status_t attention_step(kv_stream *s, const kv_attention *a, kv_sto
     if (st == KLVAE_OK)
         st = kv_store_init(s, &y, c, h, w, groups_of(s, next));
     kv_store_external(&os, o.data, c, h, w);
-    conv_pass out = {&po, kv_pointwise, false, &os, NULL, KV_ACT_NONE, x, NULL, false, true,
-                     &y, next};
+    conv_pass out = {.conv = &po, .g = kv_pointwise, .x = &os, .residual = x,
+                     .last_residual = true, .y = &y, .y_norm = next};
     if (st == KLVAE_OK)
         st = run_conv(s, &out);
     if (host) {
@@ -644,8 +692,8 @@ static klvae_status_t decode_sample(kv_stream *s, const float *z, int lat_h, int
             i + 1 < m->cfg.num_blocks ? &d->up[i + 1].resnets[0].norm1 : &d->norm_out;
         st = level_step(s, &d->up[i], true, &h, next);
     }
-    conv_pass out = {&d->conv_out, kv_same_3x3, false, &h, &d->norm_out, KV_ACT_SILU, NULL,
-                     NULL, true, false, &img, NULL};
+    conv_pass out = {.conv = &d->conv_out, .g = kv_same_3x3, .x = &h, .norm = &d->norm_out,
+                     .act = KV_ACT_SILU, .last_x = true, .y = &img};
     if (st == KLVAE_OK)
         st = run_conv(s, &out);
     kv_store_free(s, &h);
@@ -708,8 +756,8 @@ static klvae_status_t encode_sample(kv_stream *s, const float *image, int h, int
     memset(&moments, 0, sizeof moments);
     if (st == KLVAE_OK)
         st = kv_store_init(s, &moments, 2 * m->cfg.latent_channels, cur.h, cur.w, 0);
-    conv_pass out = {&e->conv_out, kv_same_3x3, false, &cur, &e->norm_out, KV_ACT_SILU, NULL,
-                     NULL, true, false, &moments, NULL};
+    conv_pass out = {.conv = &e->conv_out, .g = kv_same_3x3, .x = &cur, .norm = &e->norm_out,
+                     .act = KV_ACT_SILU, .last_x = true, .y = &moments};
     if (st == KLVAE_OK)
         st = run_conv(s, &out);
     if (st == KLVAE_OK && m->cfg.use_quant_conv)
