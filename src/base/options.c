@@ -53,7 +53,8 @@ static const opt_def option_table[] = {
      "caller's arrays, in bytes with an optional K, M, G or T (4G, 1.5G, 3000000000). A "
      "forward that needs more runs streamed: layer by layer over row bands, with every group "
      "norm and the attention over the whole image, so the result is the untiled one within "
-     "float rounding. auto: the memory the system has available; none: always untiled."},
+     "float rounding. auto: 85% of the memory the system has available (on the CPU backend; "
+     "untiled on CUDA); none: always untiled."},
     {"spill_dir", OPT_PATH, "", 0, 0, NULL,
      "Folder of the temporary file that holds a streamed forward's activations when they do "
      "not fit in memory_limit (created without a name, so nothing is left behind). Unset: "

@@ -83,6 +83,7 @@ uint64_t kv_untiled_bytes(const klvae_model_t *m, bool encode, int n, int h, int
  * anything, only counting (the planner's tool). */
 typedef struct kv_stream_dry {
     uint64_t peak_bytes;  /* the most it would hold at once */
+    bool thin;            /* some layer in bands of fewer than 16 rows */
     uint64_t sizes[64];   /* the sizes of the activations it stores (one
                              sample), without repeats: spill thresholds */
     int nsizes;

@@ -268,8 +268,9 @@ static uint64_t dry_peak(const klvae_model_t *m, kv_forward_plan *plan, size_t b
 /* Band sizes to try, largest first; 0 is one row. Larger bands save
  * little: the backend works on bands of a few MB inside each call anyway,
  * and the halo rows computed twice are already under 2% at 256 MB. */
-static const size_t band_sizes[] = {256 * MB, 128 * MB, 64 * MB, 32 * MB, 16 * MB, 8 * MB,
-                                    4 * MB,   2 * MB,   1 * MB,  0};
+static const size_t band_sizes[] = {256 * MB, 128 * MB, 64 * MB, 32 * MB, 16 * MB,
+                                    8 * MB,   4 * MB,   2 * MB,  1 * MB,  MB / 2,
+                                    MB / 4,   MB / 8,   MB / 16, MB / 32, 0};
 
 static int descending(const void *a, const void *b)
 {
@@ -278,24 +279,26 @@ static int descending(const void *a, const void *b)
 }
 
 /* The largest bands that fit in limit, spilling as little as it can:
- * first without spilling (bands of 16 MB or more), then spilling the
- * largest activations, then all of them with any bands. */
+ * first nothing spilled, then the activations of at least T bytes for T
+ * from the largest down, both with bands of 16 rows or more (thinner ones
+ * recompute too many halo rows); then everything spilled with any bands. */
 static klvae_status_t plan_streamed(const klvae_model_t *m, uint64_t limit, kv_forward_plan *plan)
 {
-    kv_stream_dry dry;
+    kv_stream_dry dry, trial;
     const size_t nb = KV_ARRAY_LEN(band_sizes);
-    for (size_t i = 0; i < nb && band_sizes[i] >= 16 * MB; i++)
-        if ((plan->planned_bytes = dry_peak(m, plan, band_sizes[i], UINT64_MAX, &dry)) <= limit)
-            return KLVAE_OK;
+    dry_peak(m, plan, band_sizes[0], UINT64_MAX, &dry); /* the activations' sizes */
     qsort(dry.sizes, (size_t)dry.nsizes, sizeof *dry.sizes, descending);
-    kv_stream_dry spill;
-    for (int t = 0; t < dry.nsizes; t++)
-        for (size_t i = 0; i < nb && band_sizes[i] >= 16 * MB; i++)
-            if ((plan->planned_bytes = dry_peak(m, plan, band_sizes[i], dry.sizes[t], &spill)) <=
-                limit)
+    for (int t = -1; t < dry.nsizes; t++)
+        for (size_t i = 0; i < nb; i++) {
+            const uint64_t threshold = t < 0 ? UINT64_MAX : dry.sizes[t];
+            plan->planned_bytes = dry_peak(m, plan, band_sizes[i], threshold, &trial);
+            if (trial.thin)
+                break; /* smaller bands are thinner still */
+            if (plan->planned_bytes <= limit)
                 return KLVAE_OK;
+        }
     for (size_t i = 0; i < nb; i++)
-        if ((plan->planned_bytes = dry_peak(m, plan, band_sizes[i], 0, &spill)) <= limit)
+        if ((plan->planned_bytes = dry_peak(m, plan, band_sizes[i], 0, &trial)) <= limit)
             return KLVAE_OK;
     return KLVAE_ERR_OUT_OF_MEMORY; /* planned_bytes: the least it needs */
 }

@@ -25,6 +25,8 @@ typedef struct kv_stream {
      * then on (for its life), so they count for the whole forward. */
     uint64_t scratch_shared, scratch_thread;
     kv_stream_report report;
+    bool thin;                /* some layer had bands of fewer than 16 rows (and
+                                 more than one band) */
     uint64_t *sizes;          /* a dry run: the sizes of the stores it makes */
     int nsizes, max_sizes;
 } kv_stream;

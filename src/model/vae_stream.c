@@ -235,10 +235,7 @@ static int band_rows(const kv_stream *s, const conv_pass *p)
     size_t row = co * wo * (p->residual ? 3 : 2); /* output, residual, copy */
     row += p->upsample ? ci * wi * 5 / 2 : ci * wi * (size_t)p->g.stride; /* input (+ upsampled) */
     row *= sizeof(float);
-    int rows = (int)KV_MIN((size_t)output_rows(p), KV_MAX((size_t)1, s->band_bytes / row));
-    if (s->max_rows > 0)
-        rows = KV_MIN(rows, s->max_rows);
-    return rows;
+    return (int)KV_MIN((size_t)output_rows(p), KV_MAX((size_t)1, s->band_bytes / row));
 }
 
 /* The end of the band that starts at o0. Behind the upsample a band must
@@ -440,7 +437,10 @@ static klvae_status_t run_band(kv_stream *s, const conv_pass *p, const prologue 
  * freed band by band, and whole at its end. */
 static klvae_status_t run_conv(kv_stream *s, const conv_pass *p)
 {
-    const int ho = output_rows(p), rows = band_rows(s, p);
+    const int ho = output_rows(p), planned = band_rows(s, p);
+    const int rows = s->max_rows > 0 ? KV_MIN(planned, s->max_rows) : planned;
+    if (planned < KV_MIN(16, ho)) /* the halo rows cost more than an eighth */
+        s->thin = true;
     prologue pr;
     pass_buffers b;
     band_stats bs;
@@ -836,6 +836,7 @@ klvae_status_t kv_stream_dry_run(const klvae_model_t *m, const kv_forward_plan *
                             ? encode_sample(&s, NULL, plan->h, plan->w, NULL, NULL)
                             : decode_sample(&s, NULL, plan->h / f, plan->w / f, NULL);
     out->peak_bytes = kv_stream_peak(&s);
+    out->thin = s.thin;
     out->nsizes = s.nsizes;
     return st;
 }
