@@ -164,7 +164,8 @@ START_TEST(whole_bands_are_the_untiled_forward_bit_for_bit)
     float *mean2 = test_alloc(nz), *logvar2 = test_alloc(nz);
     ck_assert_ok(klvae_decode(m, z, n, 6, 5, ref));
     ck_assert_ok(klvae_encode(m, x, n, h, w, mean, logvar));
-    kv_forward_plan plan = {KV_FORWARD_STREAMED, false, n, h, w, 0, (size_t)1 << 30, UINT64_MAX, 0};
+    kv_forward_plan plan = {.mode = KV_FORWARD_STREAMED, .n = n, .h = h, .w = w,
+                            .band_bytes = (size_t)1 << 30, .spill_threshold = UINT64_MAX};
     kv_stream_report report;
     ck_assert_ok(kv_stream_decode(m, &plan, z, out, &report));
     ck_assert_int_eq(report.max_rows, h);

@@ -485,9 +485,7 @@ static void note_plan(klvae_model_t *m, const kv_forward_plan *plan,
                           report->bands, report->min_rows, report->max_rows, peak, planned, limit);
         if (report->spilled_bytes && at > 0 && (size_t)at < size)
             snprintf(text + at, size - (size_t)at, "; %s spilled to a file in %s", spilled,
-                     m->infer.spill_dir ? m->infer.spill_dir
-                     : getenv("TMPDIR") && *getenv("TMPDIR") ? getenv("TMPDIR")
-                                                             : "/var/tmp");
+                     kv_spill_folder(m));
     }
 }
 

@@ -67,6 +67,10 @@ klvae_status_t kv_stream_encode(klvae_model_t *m, const kv_forward_plan *plan,
 klvae_status_t kv_stream_decode(klvae_model_t *m, const kv_forward_plan *plan, const float *z,
                                 float *images, kv_stream_report *report);
 
+/* The folder of the spill file: the option spill_dir, else TMPDIR, else
+ * /var/tmp (/tmp is often in memory). */
+const char *kv_spill_folder(const klvae_model_t *m);
+
 /* Blend tiling (vae_blend.c) on the caller's host arrays. */
 klvae_status_t kv_blend_encode(klvae_model_t *m, const kv_forward_plan *plan,
                                const float *images, float *mean, float *logvar);

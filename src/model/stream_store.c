@@ -48,9 +48,7 @@ static size_t band_bytes(const kv_store *st, const kv_band *b)
     return (size_t)st->c * (size_t)(b->r1 - b->r0) * st->w * sizeof(float);
 }
 
-/* The folder of the spill file: the option, else TMPDIR, else /var/tmp
- * (/tmp is often in memory). */
-static const char *spill_folder(const klvae_model_t *m)
+const char *kv_spill_folder(const klvae_model_t *m)
 {
     if (m->infer.spill_dir)
         return m->infer.spill_dir;
@@ -68,7 +66,7 @@ klvae_status_t kv_store_init(kv_stream *s, kv_store *st, int c, int h, int w, in
     if (s->sizes)
         note_size(s, kv_store_bytes(st));
     if (st->spilled && !s->dry && !s->spill) {
-        klvae_status_t status = kv_spill_open(spill_folder(s->m), &s->spill);
+        klvae_status_t status = kv_spill_open(kv_spill_folder(s->m), &s->spill);
         if (status != KLVAE_OK)
             return status;
     }
