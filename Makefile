@@ -1,7 +1,8 @@
 # libklvae — one entry point for building, testing and installing.
 #
 #   make              library (lib/), CLI (bin/klvae), C examples (build/examples/)
-#   make demo         trains the small config on procedural images for 3 minutes (demo-run/)
+#   make demo         trains on procedural images for 3 minutes (demo-run/): the small
+#                     config on the CPU, the SD config at 256x256 where a GPU answers
 #   make check        the test suite (Check), then the CLI, install, fault and binding tests
 #                     (both install what is missing first, once: tools/deps.sh)
 #   make check-asan   the same suite under AddressSanitizer and UBSan
@@ -10,7 +11,8 @@
 #   make abi-check    the ABI of lib/libklvae.so against tests/abi/ (abigail-tools)
 #   make install      PREFIX=/usr/local DESTDIR= (GNU conventions)
 #   make deps         installs the Debian packages the build and tests need (tools/deps.sh)
-#   make bench        times encode/decode and a training step against PyTorch (tools/bench.py)
+#   make bench        times encode/decode, a training step and a dataset encode against
+#                     PyTorch (tools/bench.py)
 #   make parity       compares the full SD config with diffusers (needs PyTorch)
 #   make fixtures     regenerates tests/fixtures with diffusers (needs PyTorch)
 
@@ -62,7 +64,7 @@ SYS_LIBS := -lm -lpthread -ldl
 
 # The library's layers, bottom up (docs/design.md): each includes only from
 # the layers before it (tests/layers_test.sh checks).
-LAYERS := base formats backend model train
+LAYERS := base formats backend model train dataset
 LIB_SOURCES := $(foreach l,$(LAYERS),$(wildcard src/$(l)/*.c)) $(wildcard src/backend/cpu/*.c)
 LIB_HEADERS := $(wildcard src/*/*.h src/*/*/*.h include/*.h)
 LIB_OBJECTS := $(patsubst src/%.c,build/obj/%.o,$(LIB_SOURCES))
@@ -180,6 +182,7 @@ check: all $(TEST_BIN)
 	sh tests/cli_test.sh || status=1; \
 	sh tests/install_test.sh || status=1; \
 	sh tests/fault_test.sh || status=1; \
+	sh tests/encode_dataset_test.sh || status=1; \
 	sh tests/docs_test.sh || status=1; \
 	sh tests/bindings_test.sh || status=1; \
 	exit $$status
@@ -294,28 +297,24 @@ build/bench_klvae: tools/bench_klvae.c lib/libklvae.so include/klvae.h
 build/bench_stream: tools/bench_stream.c lib/libklvae.so include/klvae.h
 	$(CC) -std=c11 -D_GNU_SOURCE -Wall -Wextra -O2 -Iinclude $< -o $@ -Llib -lklvae -Wl,-rpath,'$$ORIGIN/../lib'
 
+build/bench_dataset_klvae: tools/bench_dataset_klvae.c lib/libklvae.so include/klvae.h
+	$(CC) -std=c11 -D_GNU_SOURCE -Wall -Wextra -O2 -Iinclude $< -o $@ -Llib -lklvae -Wl,-rpath,'$$ORIGIN/../lib'
+
 # the procedural images as raw floats, for tools/demo_pytorch.py
 build/dump_procedural: tools/dump_procedural.c $(STATIC) src/train/procedural.h
 	$(CC) $(KV_CFLAGS) $(CFLAGS) $< -o $@ $(STATIC) $(LDFLAGS) $(DEP_LIBS) $(SYS_LIBS)
 
-bench: all build/bench_klvae
+bench: all build/bench_klvae build/bench_dataset_klvae
 	python3 tools/bench.py $(BENCH_ARGS)
 
-# The README's main command: trains the small config on the built-in
-# procedural images for DEMO_MINUTES of this machine and leaves demo-run/
-# (grid.png, loss.png, log.csv, eval.csv, checkpoint, model/).
+# The README's main command: trains an autoencoder on the built-in procedural
+# images for DEMO_MINUTES and leaves demo-run/ (grid.png, loss.png, log.csv,
+# eval.csv, checkpoint, model/): the small config on the CPU, or the full SD
+# config at 256x256 where a GPU answers (tools/demo.sh).
 DEMO_MINUTES ?= 3
 DEMO_DIR ?= demo-run
 demo: all
-	@echo "klvae demo: training the 'small' autoencoder (3.9 M parameters) on procedural"
-	@echo "64x64 images for $(DEMO_MINUTES) minutes on the CPU; pixel + KL loss (no LPIPS"
-	@echo "weights on a fresh machine; see docs/training.md). Output: $(DEMO_DIR)/"
-	@rm -rf $(DEMO_DIR)
-	./bin/klvae train --config small --size 64 --batch 4 --learning-rate 3e-4 \
-	    --perceptual-weight 0 --steps 100000 --minutes $(DEMO_MINUTES) \
-	    --grid-every 50 --checkpoint-every 200 --eval-images 8 --out $(DEMO_DIR)
-	@echo "look at $(DEMO_DIR)/grid.png (top: held-out inputs, bottom: reconstructions)"
-	@echo "and $(DEMO_DIR)/loss.png; the model is $(DEMO_DIR)/model/"
+	@sh tools/demo.sh $(DEMO_DIR) $(DEMO_MINUTES)
 
 parity: all
 	python3 tools/parity.py
@@ -388,10 +387,12 @@ uninstall: uninstall-cuda
 uninstall-cuda:
 	rm -f $(DESTDIR)$(LIBDIR)/libklvae_cuda.so
 
-GPU_TEST_SOURCES := tests/gpu/test_cuda.c tests/gpu/cuda_harness.c
+GPU_TEST_SOURCES := tests/gpu/test_cuda.c tests/gpu/test_cuda_train.c tests/gpu/test_cuda_util.c \
+                    tests/gpu/cuda_harness.c
 # -Werror: these programs only run on a GPU machine, so a warning here is the
 # only notice of a drift before GPU time is spent on it.
-$(GPU_TEST): $(GPU_TEST_SOURCES) tests/gpu/cuda_harness.h $(STATIC) $(LIB_HEADERS)
+$(GPU_TEST): $(GPU_TEST_SOURCES) tests/gpu/cuda_harness.h tests/gpu/test_cuda.h $(STATIC) \
+             $(LIB_HEADERS)
 	@mkdir -p build/tests
 	$(CC) $(KV_CFLAGS) -Werror -Itests/gpu $(CFLAGS) $(GPU_TEST_SOURCES) -o $@ $(STATIC) $(LDFLAGS) \
 	    $(DEP_LIBS) $(SYS_LIBS)
@@ -406,8 +407,8 @@ check-cuda: $(GPU_TEST) $(CUDA_PLUGIN_BUILT)
 GPU_STATIC_LIBS := $(filter -L%,$(DEP_LIBS)) -Wl,-Bstatic -lopenblas -ljansson -lpng16 -ljpeg -lz \
                    -lgfortran -lquadmath -Wl,-Bdynamic $(SYS_LIBS)
 gpu-binaries: build/gpu/test_cuda
-build/gpu/test_cuda: $(GPU_TEST_SOURCES) tools/bench_cuda.c tests/gpu/cuda_harness.h $(STATIC) \
-                     $(LIB_HEADERS)
+build/gpu/test_cuda: $(GPU_TEST_SOURCES) tools/bench_cuda.c tests/gpu/cuda_harness.h \
+                     tests/gpu/test_cuda.h $(STATIC) $(LIB_HEADERS)
 	@mkdir -p build/gpu
 	$(CC) $(KV_CFLAGS) -Werror -Itests/gpu $(CFLAGS) -DKV_WITH_BENCH -c tests/gpu/test_cuda.c \
 	    -o build/gpu/test_cuda.o
@@ -415,8 +416,12 @@ build/gpu/test_cuda: $(GPU_TEST_SOURCES) tools/bench_cuda.c tests/gpu/cuda_harne
 	    -o build/gpu/bench_cuda.o
 	$(CC) $(KV_CFLAGS) -Werror -Itests/gpu $(CFLAGS) -c tests/gpu/cuda_harness.c \
 	    -o build/gpu/cuda_harness.o
-	$(CC) -o $@ build/gpu/test_cuda.o build/gpu/bench_cuda.o build/gpu/cuda_harness.o $(STATIC) -s \
-	    $(GPU_STATIC_LIBS)
+	$(CC) $(KV_CFLAGS) -Werror -Itests/gpu $(CFLAGS) -c tests/gpu/test_cuda_train.c \
+	    -o build/gpu/test_cuda_train.o
+	$(CC) $(KV_CFLAGS) -Werror -Itests/gpu $(CFLAGS) -c tests/gpu/test_cuda_util.c \
+	    -o build/gpu/test_cuda_util.o
+	$(CC) -o $@ build/gpu/test_cuda.o build/gpu/test_cuda_train.o build/gpu/test_cuda_util.o \
+	    build/gpu/bench_cuda.o build/gpu/cuda_harness.o $(STATIC) -s $(GPU_STATIC_LIBS)
 build/bench_cuda: tools/bench_cuda.c tests/gpu/cuda_harness.c tests/gpu/cuda_harness.h $(STATIC)
 	$(CC) $(KV_CFLAGS) -Itests/gpu $(CFLAGS) tools/bench_cuda.c tests/gpu/cuda_harness.c \
 	    -o $@ $(STATIC) $(LDFLAGS) $(DEP_LIBS) $(SYS_LIBS)

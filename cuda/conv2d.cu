@@ -21,7 +21,7 @@
 #include <pthread.h>
 #include <stdlib.h>
 
-#include "cuda_ops.h"
+#include "conv2d_internal.h"
 
 /* Convolutions of at least this many multiply-adds have their candidates
  * timed once (a 3x3 256 -> 256 conv at 64^2 is 2.4e9). */
@@ -30,37 +30,25 @@
 
 /* ---- the choice per shape, for the process ---- */
 
-struct conv_key {
-    int dims[16]; /* device, dtype, nhwc, precision, n, c, h, w, co, kh, kw, stride, pad_h,
-                     pad_w, epilogue kind (0 none, 1 bias, 2 bias + residual), alignment */
-};
-
-struct conv_choice {
-    int fused;  /* cuDNN's conv + bias + residual */
-    cudnnConvolutionFwdAlgo_t algo;
-    cudnnMathType_t math;
-    size_t workspace;
-};
-
 struct conv_entry {
     bool used;
-    conv_key key;
-    conv_choice choice;
+    kv_conv_key key;
+    kv_conv_choice choice;
 };
 
 static pthread_mutex_t choices_lock = PTHREAD_MUTEX_INITIALIZER;
 static conv_entry *choices;
 static size_t choices_capacity, choices_count;
 
-static size_t key_hash(const conv_key *k)
+static size_t key_hash(const kv_conv_key *k)
 {
     size_t h = 1469598103934665603ull;
-    for (int i = 0; i < 16; i++)
+    for (int i = 0; i < KV_CONV_KEY_DIMS; i++)
         h = (h ^ (size_t)(unsigned)k->dims[i]) * 1099511628211ull;
     return h;
 }
 
-static bool choice_lookup(const conv_key *k, conv_choice *out)
+bool kv_conv_choice_lookup(const kv_conv_key *k, kv_conv_choice *out)
 {
     bool found = false;
     pthread_mutex_lock(&choices_lock);
@@ -78,7 +66,7 @@ static bool choice_lookup(const conv_key *k, conv_choice *out)
 
 /* Records (or replaces) the choice for k; a full table of the host's memory
  * only means the choice is made again next time. */
-static void choice_store(const conv_key *k, const conv_choice *c)
+void kv_conv_choice_store(const kv_conv_key *k, const kv_conv_choice *c)
 {
     pthread_mutex_lock(&choices_lock);
     if ((choices_count + 1) * 2 > choices_capacity) {
@@ -122,7 +110,7 @@ struct conv_piece {
     bool in_place;      /* y is the piece's place in the op's y */
 };
 
-static cudnnMathType_t wanted_math(const kv_cuda *cu)
+cudnnMathType_t kv_conv_wanted_math(const kv_cuda *cu)
 {
     switch (cu->precision) {
     case KV_PRECISION_TF32: return CUDNN_DEFAULT_MATH;
@@ -133,7 +121,8 @@ static cudnnMathType_t wanted_math(const kv_cuda *cu)
 
 /* fp32 mode: the algorithms whose float32 FMA results meet 1e-5 against
  * the CPU through a whole model (the GPU check runs each of them,
- * tests/gpu/test_cuda.c); the FFT and Winograd ones are not among them. */
+ * tests/gpu/test_cuda.c); the FFT and Winograd ones are not among them, and
+ * cuDNN implements no DIRECT convolution. */
 static bool algo_allowed(const kv_cuda *cu, cudnnConvolutionFwdAlgo_t algo, cudnnMathType_t m)
 {
     if (cu->precision != KV_PRECISION_FP32)
@@ -144,7 +133,6 @@ static bool algo_allowed(const kv_cuda *cu, cudnnConvolutionFwdAlgo_t algo, cudn
     case CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM:
     case CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM:
     case CUDNN_CONVOLUTION_FWD_ALGO_GEMM:
-    case CUDNN_CONVOLUTION_FWD_ALGO_DIRECT:
         return true;
     default:
         return false;
@@ -306,8 +294,8 @@ struct conv_call {
     kv_conv_plan plan;
     int kh, kw, stride;
     const void *w, *bias;   /* compute dtype */
-    const void *scale, *shift;
-    int scale16, shift16, act;
+    const void *scale;      /* the prologue's group norm (norm), or NULL */
+    kv_conv_norm norm;
     const void *x, *r;      /* x; the residual, or NULL */
     void *y;
     void *in_buf, *out_buf; /* the plan's buffers, or NULL */
@@ -332,25 +320,32 @@ template <typename T> static klvae_status_t launch_epilogue(kv_cuda *cu, const c
 }
 
 /* Runs one piece with choice c: cuDNN, then the epilogue unless fused.
- * Returns the cuDNN status through *refused when cuDNN refuses the choice
- * (not supported, bad parameters), so that the caller can choose again. */
+ * When the choice cannot run — cuDNN refuses it (not supported, bad
+ * parameters) or its workspace does not fit in device memory — returns
+ * KLVAE_OK with the reason in *refused, so that the caller can take another
+ * candidate. */
 static klvae_status_t run_piece(kv_cuda *cu, const conv_call *k, const conv_piece *p,
-                                const conv_choice *c, cudnnStatus_t *refused)
+                                const kv_conv_choice *c, cudnnStatus_t *refused)
 {
     *refused = CUDNN_STATUS_SUCCESS;
     KV_CUDNN(cu, cudnnSetConvolutionMathType(cu->conv_desc, c->math));
     void *ws = NULL;
-    KV_TRY(kv_cuda_temp(cu, c->workspace, "a cuDNN workspace", &ws));
+    klvae_status_t st = kv_cuda_temp(cu, c->workspace, "a cuDNN workspace", &ws);
+    if (st == KLVAE_ERR_OUT_OF_MEMORY && c->workspace) {
+        *refused = CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED;
+        return KLVAE_OK;
+    }
+    KV_TRY(st);
     const float one = 1.0f, zero = 0.0f;
     cudnnStatus_t s;
     if (c->fused)
         s = cudnnConvolutionBiasActivationForward(
-            cu->cudnn, &one, cu->x_desc, p->x, cu->w_desc, k->w, cu->conv_desc, c->algo, ws,
+            cu->cudnn, &one, cu->x_desc, p->x, cu->w_desc, k->w, cu->conv_desc, (cudnnConvolutionFwdAlgo_t)c->algo, ws,
             c->workspace, p->r ? &one : &zero, cu->y_desc, p->r ? p->r : p->y, cu->bias_desc,
             k->bias, cu->identity, cu->y_desc, p->y);
     else
         s = cudnnConvolutionForward(cu->cudnn, &one, cu->x_desc, p->x, cu->w_desc, k->w,
-                                    cu->conv_desc, c->algo, ws, c->workspace, &zero, cu->y_desc,
+                                    cu->conv_desc, (cudnnConvolutionFwdAlgo_t)c->algo, ws, c->workspace, &zero, cu->y_desc,
                                     p->y);
     kv_cuda_temp_free(cu, ws);
     if (s != CUDNN_STATUS_SUCCESS) {
@@ -371,24 +366,32 @@ static klvae_status_t run_piece(kv_cuda *cu, const conv_call *k, const conv_piec
 /* The candidates for the shape in the descriptors, best first by cuDNN's
  * heuristics, the fused one (when the piece can have it) ahead. */
 static klvae_status_t candidates(kv_cuda *cu, const conv_call *k, const conv_piece *p,
-                                 conv_choice *out, int *count)
+                                 kv_conv_choice *out, int *count)
 {
     *count = 0;
-    const cudnnMathType_t math = wanted_math(cu);
+    const cudnnMathType_t math = kv_conv_wanted_math(cu);
     if (cu->forced_algo >= 0) { /* tests: one algorithm, plain */
-        conv_choice c = {0, (cudnnConvolutionFwdAlgo_t)cu->forced_algo, math, 0};
+        kv_conv_choice c = {0, cu->forced_algo, math, 0};
         KV_CUDNN(cu, cudnnSetConvolutionMathType(cu->conv_desc, math));
-        KV_CUDNN(cu, cudnnGetConvolutionForwardWorkspaceSize(cu->cudnn, cu->x_desc, cu->w_desc,
-                                                             cu->conv_desc, cu->y_desc, c.algo,
-                                                             &c.workspace));
+        cudnnStatus_t s = cudnnGetConvolutionForwardWorkspaceSize(
+            cu->cudnn, cu->x_desc, cu->w_desc, cu->conv_desc, cu->y_desc,
+            (cudnnConvolutionFwdAlgo_t)c.algo, &c.workspace);
+        if (CUDNN_STATUS_CATEGORY(s) == CUDNN_STATUS_NOT_SUPPORTED ||
+            CUDNN_STATUS_CATEGORY(s) == CUDNN_STATUS_BAD_PARAM)
+            return kv_cuda_error(cu, KLVAE_ERR_UNSUPPORTED,
+                                 "conv2d: cuDNN has no algorithm %d (KLVAE_CUDA_CONV_ALGO) for a "
+                                 "%d x %d x %d x %d convolution (%s)",
+                                 cu->forced_algo, p->n, p->c, p->h, p->w, cudnnGetErrorString(s));
+        if (s != CUDNN_STATUS_SUCCESS)
+            return kv_cudnn_fail(cu, s, "cudnnGetConvolutionForwardWorkspaceSize");
         out[(*count)++] = c;
         return KLVAE_OK;
     }
     if (cu->fused_epilogue && k->bias && p->in_place) {
-        conv_choice c = {1, CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM, math, 0};
+        kv_conv_choice c = {1, CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM, math, 0};
         KV_CUDNN(cu, cudnnSetConvolutionMathType(cu->conv_desc, math));
         cudnnStatus_t s = cudnnGetConvolutionForwardWorkspaceSize(
-            cu->cudnn, cu->x_desc, cu->w_desc, cu->conv_desc, cu->y_desc, c.algo, &c.workspace);
+            cu->cudnn, cu->x_desc, cu->w_desc, cu->conv_desc, cu->y_desc, (cudnnConvolutionFwdAlgo_t)c.algo, &c.workspace);
         if (s == CUDNN_STATUS_SUCCESS && c.workspace <= cu->workspace_max)
             out[(*count)++] = c;
     }
@@ -403,13 +406,13 @@ static klvae_status_t candidates(kv_cuda *cu, const conv_call *k, const conv_pie
     for (int i = 0; s == CUDNN_STATUS_SUCCESS && i < got && *count < KV_CONV_CANDIDATES; i++)
         if (perf[i].status == CUDNN_STATUS_SUCCESS && perf[i].memory <= cu->workspace_max &&
             algo_allowed(cu, perf[i].algo, perf[i].mathType)) {
-            conv_choice c = {0, perf[i].algo, perf[i].mathType, perf[i].memory};
+            kv_conv_choice c = {0, (int)perf[i].algo, perf[i].mathType, perf[i].memory};
             out[(*count)++] = c;
         }
     if (*count == 0 || (*count == 1 && out[0].fused)) { /* the one every configuration has */
-        conv_choice c = {0, CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM, math, 0};
+        kv_conv_choice c = {0, CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM, math, 0};
         KV_CUDNN(cu, cudnnGetConvolutionForwardWorkspaceSize(cu->cudnn, cu->x_desc, cu->w_desc,
-                                                             cu->conv_desc, cu->y_desc, c.algo,
+                                                             cu->conv_desc, cu->y_desc, (cudnnConvolutionFwdAlgo_t)c.algo,
                                                              &c.workspace));
         out[(*count)++] = c;
     }
@@ -419,7 +422,7 @@ static klvae_status_t candidates(kv_cuda *cu, const conv_call *k, const conv_pie
 /* Milliseconds of one run of c (after a first run), or a negative number
  * when cuDNN refuses it. Synchronises: only the first call of a shape. */
 static klvae_status_t time_choice(kv_cuda *cu, const conv_call *k, const conv_piece *p,
-                                  const conv_choice *c, float *ms)
+                                  const kv_conv_choice *c, float *ms)
 {
     *ms = -1.0f;
     cudnnStatus_t refused;
@@ -450,17 +453,13 @@ static klvae_status_t time_choice(kv_cuda *cu, const conv_call *k, const conv_pi
     return st;
 }
 
-static conv_key key_of(const kv_cuda *cu, const conv_call *k, const conv_piece *p)
+static kv_conv_key key_of(const kv_cuda *cu, const conv_call *k, const conv_piece *p)
 {
-    conv_key key;
-    memset(&key, 0, sizeof key);
+    kv_conv_key key;
     const int align = (int)((((uintptr_t)p->x | (uintptr_t)p->y | (uintptr_t)p->r) & 255u) != 0);
-    const int dims[16] = {cu->device, (int)cu->compute, cu->nhwc,   (int)cu->precision,
-                          p->n,       p->c,             p->h,       p->w,
-                          p->co,      k->kh,            k->kw,      k->stride,
-                          p->pad_h,   p->pad_w,         (k->bias ? 1 : 0) + (p->r ? 1 : 0) + (p->in_place ? 0 : 4),
-                          align};
-    memcpy(key.dims, dims, sizeof dims);
+    const int epilogue = (k->bias ? 1 : 0) + (p->r ? 2 : 0) + (p->in_place ? 0 : 4);
+    kv_conv_key_make(&key, cu, KV_CONV_FORWARD, p->n, p->c, p->h, p->w, p->co, k->kh, k->kw,
+                     k->stride, p->pad_h, p->pad_w, epilogue, align);
     return key;
 }
 
@@ -469,15 +468,15 @@ static conv_key key_of(const kv_cuda *cu, const conv_call *k, const conv_piece *
 static klvae_status_t convolve(kv_cuda *cu, const conv_call *k, const conv_piece *p)
 {
     KV_TRY(set_descriptors(cu, p, k->kh, k->kw, k->stride));
-    const conv_key key = key_of(cu, k, p);
-    conv_choice c;
+    const kv_conv_key key = key_of(cu, k, p);
+    kv_conv_choice c;
     cudnnStatus_t refused;
-    if (choice_lookup(&key, &c)) {
+    if (kv_conv_choice_lookup(&key, &c)) {
         KV_TRY(run_piece(cu, k, p, &c, &refused));
         if (refused == CUDNN_STATUS_SUCCESS)
             return KLVAE_OK;
     }
-    conv_choice list[KV_CONV_CANDIDATES + 1];
+    kv_conv_choice list[KV_CONV_CANDIDATES + 1];
     int count = 0;
     KV_TRY(candidates(cu, k, p, list, &count));
     const double flops = 2.0 * p->n * p->co * p->rows * p->wo * (double)p->c * k->kh * k->kw;
@@ -493,37 +492,46 @@ static klvae_status_t convolve(kv_cuda *cu, const conv_call *k, const conv_piece
             }
         }
     }
-    for (int i = best >= 0 ? best : 0; i < count; i++) {
+    /* the fastest first, then the others in the heuristics' order */
+    refused = CUDNN_STATUS_NOT_SUPPORTED;
+    for (int j = -1; j < count; j++) {
+        const int i = j < 0 ? best : j;
+        if (i < 0 || (j >= 0 && j == best))
+            continue;
         KV_TRY(run_piece(cu, k, p, &list[i], &refused));
         if (refused == CUDNN_STATUS_SUCCESS) {
-            choice_store(&key, &list[i]);
+            kv_conv_choice_store(&key, &list[i]);
             return KLVAE_OK;
         }
     }
+    if (refused == CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED)
+        return kv_cuda_error(cu, KLVAE_ERR_OUT_OF_MEMORY,
+                             "conv2d: no cuDNN algorithm's workspace fits in device memory");
     return kv_cudnn_fail(cu, refused, "cudnnConvolutionForward (every candidate algorithm)");
 }
 
-static klvae_status_t stage_piece(kv_cuda *cu, const conv_call *k, int n0, int nb, int oy0,
-                                  int rows)
+klvae_status_t kv_conv_stage(kv_cuda *cu, const kv_conv_plan *plan, const void *x,
+                            const kv_conv_norm *norm, void *dst, int n0, int nb, int oy0, int rows)
 {
     stage_args a;
     memset(&a, 0, sizeof a);
-    a.plan = k->plan;
-    a.x = k->x;
-    a.scale = k->scale;
-    a.shift = k->shift;
-    a.scale16 = k->scale16;
-    a.shift16 = k->shift16;
-    a.act = k->act;
-    a.dst = k->in_buf;
+    a.plan = *plan;
+    a.x = x;
+    if (norm) {
+        a.scale = norm->scale;
+        a.shift = norm->shift;
+        a.scale16 = norm->scale16;
+        a.shift16 = norm->shift16;
+        a.act = norm->act;
+    }
+    a.dst = dst;
     a.n0 = n0;
-    a.pr0 = oy0 * k->stride;
-    a.in_rows = kv_conv_in_rows(&k->plan, rows);
-    a.count = kv_conv_piece_x_elems(&k->plan, nb, rows);
+    a.pr0 = oy0 * plan->stride;
+    a.in_rows = kv_conv_in_rows(plan, rows);
+    a.count = kv_conv_piece_x_elems(plan, nb, rows);
     const bool bf16 = cu->compute == KV_CUDA_BF16;
     const int width = bf16 ? 8 : 4;
-    const bool vec = k->plan.nhwc && k->plan.c % width == 0 &&
-                     kv_cuda_aligned16(k->x, k->in_buf);
+    const bool vec = plan->nhwc && plan->c % width == 0 && kv_cuda_aligned16(x, dst);
     const unsigned blocks = kv_cuda_blocks(vec ? a.count / width : a.count, cu);
     if (bf16 && vec)
         stage_kernel<uint16_t, 8><<<blocks, 256, 0, cu->stream>>>(a);
@@ -535,6 +543,13 @@ static klvae_status_t stage_piece(kv_cuda *cu, const conv_call *k, int n0, int n
         stage_kernel<float, 1><<<blocks, 256, 0, cu->stream>>>(a);
     KV_LAUNCHED(cu, stage_kernel);
     return KLVAE_OK;
+}
+
+static klvae_status_t stage_piece(kv_cuda *cu, const conv_call *k, int n0, int nb, int oy0,
+                                  int rows)
+{
+    return kv_conv_stage(cu, &k->plan, k->x, k->scale ? &k->norm : NULL, k->in_buf, n0, nb, oy0,
+                         rows);
 }
 
 static klvae_status_t band_out(kv_cuda *cu, const conv_call *k, const conv_piece *p, int n0,
@@ -631,10 +646,11 @@ static klvae_status_t operands(kv_cuda *cu, const kv_tensor *x, const kv_conv_pr
         KV_TRY(kv_cuda_dtype_of(cu, pro->scale->data, "conv2d", "the prologue's scale", &ds));
         KV_TRY(kv_cuda_dtype_of(cu, pro->shift->data, "conv2d", "the prologue's shift", &dh));
         k->scale = pro->scale->data;
-        k->shift = pro->shift->data;
-        k->scale16 = ds == KV_CUDA_BF16;
-        k->shift16 = dh == KV_CUDA_BF16;
-        k->act = (int)pro->act;
+        k->norm.scale = pro->scale->data;
+        k->norm.shift = pro->shift->data;
+        k->norm.scale16 = ds == KV_CUDA_BF16;
+        k->norm.shift16 = dh == KV_CUDA_BF16;
+        k->norm.act = (int)pro->act;
     }
     return KLVAE_OK;
 }

@@ -240,4 +240,30 @@ static inline KV_HD int64_t kv_conv_input_offset(const kv_conv_plan *p, int n0)
     return (int64_t)n0 * p->c * p->h * p->w;
 }
 
+/* The backward data of an asymmetrically padded convolution is computed
+ * for the padded input (hp x wp, the padding included) and cropped: element
+ * e of dx (n, c, h, w in the layout) is element returned of that padded
+ * gradient, whose padding starts top rows and left columns before x. */
+static inline KV_HD int64_t kv_conv_crop_source(int64_t e, int nhwc, int c, int h, int w, int hp,
+                                                int wp, int top, int left)
+{
+    int n, ch, y, x;
+    if (nhwc) {
+        ch = (int)(e % c);
+        int64_t pix = e / c;
+        x = (int)(pix % w);
+        int64_t row = pix / w;
+        y = (int)(row % h);
+        n = (int)(row / h);
+        return (((int64_t)n * hp + y + top) * wp + x + left) * c + ch;
+    }
+    x = (int)(e % w);
+    int64_t row = e / w;
+    y = (int)(row % h);
+    int64_t plane = row / h;
+    ch = (int)(plane % c);
+    n = (int)(plane / c);
+    return (((int64_t)n * c + ch) * hp + y + top) * wp + x + left;
+}
+
 #endif /* KV_CONV2D_PLAN_CUH */

@@ -63,6 +63,7 @@ static bool sticky(cudaError_t e)
     case cudaErrorHardwareStackError:
     case cudaErrorAssert:
     case cudaErrorECCUncorrectable:
+    case cudaErrorLaunchTimeout:
         return true;
     default:
         return false;
@@ -159,12 +160,17 @@ struct kv_op_guard<klvae_status_t (*)(kv_backend *, A...), F, Name> {
 };
 #define KV_GUARDED(fn, name) kv_op_guard<decltype(&fn), &fn, name>::call
 
-/* The ops this backend has, by name; every other op of KV_BACKEND_OPS is
- * NULL in its table (the core asks before it needs one: a CUDA model cannot
- * create a trainer until the training ops are here). */
+/* The ops this backend has, by name: every op of KV_BACKEND_OPS (an op
+ * missing here would be NULL in the table, and the core would refuse what
+ * needs it, naming it). */
 #define KV_CUDA_OPS(X)                                                                          \
     X(conv2d) X(group_norm_stats) X(group_norm) X(add) X(upsample_nearest2x) X(attention)       \
-    X(posterior_split) X(gaussian_sample) X(activation) X(scale) X(lerp) X(axpy) X(fill)
+    X(posterior_split) X(gaussian_sample) X(conv2d_backward_data) X(conv2d_backward_weight)     \
+    X(group_norm_backward) X(attention_backward) X(upsample_nearest2x_backward) X(activation)    \
+    X(activation_backward) X(channel_affine) X(max_pool2x2) X(max_pool2x2_backward)             \
+    X(unit_normalize) X(unit_normalize_backward) X(lpips_distance) X(batch_norm)                \
+    X(batch_norm_backward) X(pixel_loss) X(logit_loss) X(posterior_backward) X(kl_sum) X(adam)  \
+    X(sum_squares) X(scale) X(lerp) X(axpy) X(fill)
 
 #define KV_CUDA_NAME(name) static constexpr char kv_op_name_##name[] = #name;
 KV_CUDA_OPS(KV_CUDA_NAME)
@@ -214,6 +220,8 @@ static void context_free(kv_cuda *cu)
             /* blocks still out (none, unless the core leaked) go with the pool */
             (void)cudaMemPoolDestroy(cu->pool);
         }
+        if (cu->host_scalars)
+            (void)cudaFreeHost(cu->host_scalars);
         if (cu->identity)
             cudnnDestroyActivationDescriptor(cu->identity);
         if (cu->x_desc)
@@ -382,7 +390,11 @@ static void read_environment(kv_cuda *cu, size_t free_bytes)
     cu->conv_search = !env_is("KLVAE_CUDA_CONV_SEARCH", "0");
     cu->fused_epilogue = !env_is("KLVAE_CUDA_FUSED", "0");
     const char *algo = getenv("KLVAE_CUDA_CONV_ALGO");
-    cu->forced_algo = algo && *algo ? atoi(algo) : -1;
+    char *end = NULL;
+    long forced = algo && *algo ? strtol(algo, &end, 10) : -1;
+    /* a value that is not an algorithm number forces none (and create says so) */
+    cu->forced_algo = algo && *algo && (!end || *end || forced < 0 || forced > 7) ? -2
+                                                                                   : (int)forced;
     cu->debug = env_is("KLVAE_CUDA_DEBUG", "1");
     /* NHWC where tensor cores run (tf32, bf16); fp32 keeps the CPU's NCHW */
     cu->nhwc = cu->precision != KV_PRECISION_FP32;
@@ -408,7 +420,13 @@ static klvae_status_t context_init(kv_cuda *cu)
     size_t free_bytes = 0, total = 0;
     KV_CU(cu, cudaMemGetInfo(&free_bytes, &total));
     read_environment(cu, free_bytes);
+    if (cu->forced_algo == -2)
+        return kv_cuda_error(cu, KLVAE_ERR_OPTION,
+                             "KLVAE_CUDA_CONV_ALGO is '%s'; it must be a cuDNN forward algorithm "
+                             "number from 0 to 7",
+                             getenv("KLVAE_CUDA_CONV_ALGO"));
     KV_TRY(create_pool(cu));
+    KV_CU(cu, cudaMallocHost(&cu->host_scalars, KV_CUDA_HOST_SCALARS));
     return create_libraries(cu);
 }
 
@@ -450,6 +468,7 @@ static klvae_status_t plugin_create(const kv_plugin_host *host, const kv_plugin_
     be->ops = &cuda_ops;
     be->ctx = cu;
     be->host_memory = false;
+    be->lossy_storage = cu->compute != KV_CUDA_F32;
     *out = be;
     return KLVAE_OK;
 }

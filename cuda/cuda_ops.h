@@ -48,6 +48,7 @@ struct kv_cuda {
     cudnnConvolutionDescriptor_t conv_desc;
     cudnnActivationDescriptor_t identity;
     cudaMemPool_t pool;    /* this backend's stream-ordered pool */
+    void *host_scalars;    /* pinned host memory for results the host reads (kv_cuda_to_host) */
     kv_tensor_table table; /* every block handed out: size, dtype; bytes in use and peak */
     size_t conv_budget, attention_budget, workspace_max;
     int conv_search;     /* 1: time the best candidates of a large convolution once */
@@ -135,11 +136,24 @@ struct kv_device_scope {
  * when ptr is not memory of this backend. */
 klvae_status_t kv_cuda_dtype_of(const kv_cuda *cu, const void *ptr, const char *op,
                                 const char *what, kv_cuda_dtype *out);
+/* *bf16 = 1 when tensor t (named what in op's messages) is stored in bf16,
+ * 0 for float32; the error of kv_cuda_dtype_of. */
+klvae_status_t kv_cuda_bf16_flag(const kv_cuda *cu, const char *op, const kv_tensor *t,
+                                 const char *what, int *bf16);
 /* A block of bytes for the rest of one op (staging, workspace, scores):
  * stream-ordered, so kv_cuda_temp_free may follow the work queued on it at
  * once; both are no-ops for 0 bytes / NULL. */
 klvae_status_t kv_cuda_temp(kv_cuda *cu, size_t bytes, const char *what, void **ptr);
 void kv_cuda_temp_free(kv_cuda *cu, void *ptr);
+/* Copies bytes (at most KV_CUDA_HOST_SCALARS) from device memory into
+ * cu->host_scalars and waits for the stream: how a training op hands a sum
+ * to the host. */
+#define KV_CUDA_HOST_SCALARS ((size_t)64 << 10)
+klvae_status_t kv_cuda_to_host(kv_cuda *cu, const void *device, size_t bytes);
+/* A temporary device copy of a host array of bytes (kv_cuda_temp_free it);
+ * the host array may be reused when this returns. */
+klvae_status_t kv_cuda_from_host(kv_cuda *cu, const void *host, size_t bytes, const char *what,
+                                 void **device);
 /* y (count elements, dtype ty) = x (dtype tx), on the backend's stream. */
 klvae_status_t kv_cuda_convert(kv_cuda *cu, const void *x, kv_cuda_dtype tx, void *y,
                                kv_cuda_dtype ty, size_t count);

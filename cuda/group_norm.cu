@@ -65,35 +65,43 @@ static __global__ void __launch_bounds__(GN_THREADS)
  * GN_THREADS, T = GN_THREADS / S threads share a slot, taking every T-th
  * pixel, and their sums are added in thread order through shared memory
  * (2 * T * S * W doubles); with more slots each thread takes whole slots. */
+/* The sums of W channels (slot) of pixels p0, p0 + step, ... below p1. */
+template <typename T, int W>
+static __device__ __forceinline__ void gn_slot_sums(const T *xs, int channels, int slot, size_t p0,
+                                                    size_t p1, size_t step, double s[W],
+                                                    double q[W])
+{
+#pragma unroll
+    for (int j = 0; j < W; j++)
+        s[j] = q[j] = 0.0;
+    for (size_t p = p0; p < p1; p += step) {
+        float v[W];
+        if (W > 1)
+            kv_vec<T>::load(xs, p * channels + (size_t)slot * W, v);
+        else
+            v[0] = kv_ld(xs, sizeof(T) == 2, p * channels + slot);
+#pragma unroll
+        for (int j = 0; j < W; j++) {
+            s[j] += v[j];
+            q[j] += (double)v[j] * v[j];
+        }
+    }
+}
+
 template <typename T, int W>
 static __global__ void __launch_bounds__(GN_THREADS)
     gn_partial_nhwc_kernel(const T *x, int channels, size_t pixels, int chunks, double *partials)
 {
     extern __shared__ double lanes[]; /* sums, then squares: (sharers, channels) each */
     const int slots = channels / W, n = blockIdx.y, k = blockIdx.x;
-    const int b16 = sizeof(T) == 2;
     size_t p0, p1;
     kv_gn_chunk_range(pixels, chunks, k, &p0, &p1);
     const T *xs = x + (size_t)n * pixels * channels;
     double *out = partials + 2 * ((size_t)n * chunks + k) * channels;
+    double s[W], q[W];
     if (slots > GN_THREADS) { /* whole slots per thread */
         for (int slot = threadIdx.x; slot < slots; slot += GN_THREADS) {
-            double s[W], q[W];
-#pragma unroll
-            for (int j = 0; j < W; j++)
-                s[j] = q[j] = 0.0;
-            for (size_t p = p0; p < p1; p++) {
-                float v[W];
-                if (W > 1)
-                    kv_vec<T>::load(xs, p * channels + (size_t)slot * W, v);
-                else
-                    v[0] = kv_ld(xs, b16, p * channels + slot);
-#pragma unroll
-                for (int j = 0; j < W; j++) {
-                    s[j] += v[j];
-                    q[j] += (double)v[j] * v[j];
-                }
-            }
+            gn_slot_sums<T, W>(xs, channels, slot, p0, p1, 1, s, q);
 #pragma unroll
             for (int j = 0; j < W; j++) {
                 out[2 * ((size_t)slot * W + j)] = s[j];
@@ -106,22 +114,7 @@ static __global__ void __launch_bounds__(GN_THREADS)
     const int slot = threadIdx.x % slots, lane = threadIdx.x / slots;
     double *lane_s = lanes, *lane_q = lanes + (size_t)sharers * channels;
     if (lane < sharers) {
-        double s[W], q[W];
-#pragma unroll
-        for (int j = 0; j < W; j++)
-            s[j] = q[j] = 0.0;
-        for (size_t p = p0 + lane; p < p1; p += sharers) {
-            float v[W];
-            if (W > 1)
-                kv_vec<T>::load(xs, p * channels + (size_t)slot * W, v);
-            else
-                v[0] = kv_ld(xs, b16, p * channels + slot);
-#pragma unroll
-            for (int j = 0; j < W; j++) {
-                s[j] += v[j];
-                q[j] += (double)v[j] * v[j];
-            }
-        }
+        gn_slot_sums<T, W>(xs, channels, slot, p0 + lane, p1, sharers, s, q);
 #pragma unroll
         for (int j = 0; j < W; j++) {
             lane_s[(size_t)lane * channels + slot * W + j] = s[j];
@@ -130,13 +123,13 @@ static __global__ void __launch_bounds__(GN_THREADS)
     }
     __syncthreads();
     for (int ch = threadIdx.x; ch < channels; ch += GN_THREADS) {
-        double s = 0.0, q = 0.0;
+        double ss = 0.0, qq = 0.0;
         for (int l = 0; l < sharers; l++) { /* in lane order: fixed by the shape */
-            s += lane_s[(size_t)l * channels + ch];
-            q += lane_q[(size_t)l * channels + ch];
+            ss += lane_s[(size_t)l * channels + ch];
+            qq += lane_q[(size_t)l * channels + ch];
         }
-        out[2 * (size_t)ch] = s;
-        out[2 * (size_t)ch + 1] = q;
+        out[2 * (size_t)ch] = ss;
+        out[2 * (size_t)ch + 1] = qq;
     }
 }
 
@@ -202,7 +195,8 @@ static klvae_status_t launch_partials_nhwc(kv_cuda *cu, const kv_tensor *x, kv_c
     const bool vec = channels % width == 0 && kv_cuda_aligned16(x->data);
     const int w = vec ? width : 1, slots = channels / w;
     const int sharers = slots <= GN_THREADS ? GN_THREADS / slots : 1;
-    const size_t shared = sharers > 1 ? (size_t)2 * sharers * slots * w * sizeof(double) : 0;
+    /* the kernel's lanes whenever slots <= GN_THREADS (sharers may be 1) */
+    const size_t shared = slots <= GN_THREADS ? (size_t)2 * sharers * channels * sizeof(double) : 0;
     const dim3 grid((unsigned)chunks, (unsigned)x->shape[0]);
     if (dt == KV_CUDA_BF16 && vec)
         gn_partial_nhwc_kernel<uint16_t, 8><<<grid, GN_THREADS, shared, cu->stream>>>(

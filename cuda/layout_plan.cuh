@@ -43,4 +43,18 @@ static inline KV_HD size_t kv_storage_index(size_t i, int nhwc, int ndim, int c,
     return nhwc && ndim == 4 && (size_t)h * (size_t)w > 1 ? kv_nchw_to_nhwc(i, c, h, w) : i;
 }
 
+/* The sample and channel of the element at storage index i of an (n, c, h,
+ * w) tensor of hw = h * w pixels. */
+static inline KV_HD void kv_storage_nc(size_t i, int nhwc, int c, size_t hw, int *n, int *ch)
+{
+    if (nhwc) {
+        *ch = (int)(i % (size_t)c);
+        *n = (int)(i / ((size_t)c * hw));
+    } else {
+        const size_t plane = i / hw;
+        *ch = (int)(plane % (size_t)c);
+        *n = (int)(plane / (size_t)c);
+    }
+}
+
 #endif /* KV_LAYOUT_PLAN_CUH */

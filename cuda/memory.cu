@@ -77,6 +77,15 @@ klvae_status_t kv_cuda_dtype_of(const kv_cuda *cu, const void *ptr, const char *
     return KLVAE_OK;
 }
 
+klvae_status_t kv_cuda_bf16_flag(const kv_cuda *cu, const char *op, const kv_tensor *t,
+                                 const char *what, int *bf16)
+{
+    kv_cuda_dtype d;
+    KV_TRY(kv_cuda_dtype_of(cu, t->data, op, what, &d));
+    *bf16 = d == KV_CUDA_BF16;
+    return KLVAE_OK;
+}
+
 klvae_status_t kv_cuda_temp(kv_cuda *cu, size_t bytes, const char *what, void **ptr)
 {
     *ptr = NULL;
@@ -137,6 +146,38 @@ void kv_cuda_trim(kv_backend *be)
     uint64_t zero = 0;
     (void)cudaMemPoolSetAttribute(cu->pool, cudaMemPoolAttrReservedMemHigh, &zero);
     (void)cudaGetLastError();
+}
+
+klvae_status_t kv_cuda_to_host(kv_cuda *cu, const void *device, size_t bytes)
+{
+    if (bytes > KV_CUDA_HOST_SCALARS)
+        return kv_cuda_error(cu, KLVAE_ERR_INTERNAL, "%zu bytes of results for the host", bytes);
+    KV_CU(cu, cudaMemcpyAsync(cu->host_scalars, device, bytes, cudaMemcpyDeviceToHost,
+                              cu->stream));
+    KV_CU(cu, cudaStreamSynchronize(cu->stream));
+    return KLVAE_OK;
+}
+
+klvae_status_t kv_cuda_from_host(kv_cuda *cu, const void *host, size_t bytes, const char *what,
+                                 void **device)
+{
+    KV_TRY(kv_cuda_temp(cu, bytes, what, device));
+    if (!bytes)
+        return KLVAE_OK;
+    cudaError_t e = cudaMemcpyAsync(*device, host, bytes, cudaMemcpyHostToDevice, cu->stream);
+    /* From pageable memory the copy has taken the bytes when it returns; from
+     * pinned memory it may still be queued, so wait for it. */
+    cudaPointerAttributes attr;
+    if (e == cudaSuccess && cudaPointerGetAttributes(&attr, host) == cudaSuccess &&
+        attr.type == cudaMemoryTypeHost)
+        e = cudaStreamSynchronize(cu->stream);
+    (void)cudaGetLastError(); /* cudaPointerGetAttributes of a plain pointer */
+    if (e != cudaSuccess) {
+        kv_cuda_temp_free(cu, *device);
+        *device = NULL;
+        return kv_cuda_fail(cu, e, "cudaMemcpyAsync");
+    }
+    return KLVAE_OK;
 }
 
 /* ---- conversions ---- */
@@ -261,10 +302,13 @@ static klvae_status_t copy_nchw(kv_cuda *cu, kv_tensor *t, const float *in, floa
 klvae_status_t kv_cuda_upload(kv_backend *be, kv_tensor *dst, const float *src)
 {
     kv_cuda *cu = kv_cuda_of(be);
-    KV_TRY(copy_nchw(cu, dst, src, NULL, true));
-    /* the caller may reuse src at once, also when it is pinned memory */
-    KV_CU(cu, cudaStreamSynchronize(cu->stream));
-    return KLVAE_OK;
+    klvae_status_t st = copy_nchw(cu, dst, src, NULL, true);
+    /* the caller may reuse src at once, also when it is pinned memory (and
+     * when the copy failed half way) */
+    cudaError_t e = cudaStreamSynchronize(cu->stream);
+    if (st == KLVAE_OK && e != cudaSuccess)
+        return kv_cuda_fail(cu, e, "cudaStreamSynchronize");
+    return st;
 }
 
 klvae_status_t kv_cuda_download(kv_backend *be, float *dst, const kv_tensor *src)

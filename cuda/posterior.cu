@@ -9,8 +9,8 @@
  * The Philox counter of an element is its NCHW index (the CPU's), also
  * when the backend stores NHWC (layout_plan.cuh). */
 #include "base/philox.h"
-#include "cuda_ops.h"
 #include "posterior_plan.cuh"
+#include "reduce.cuh"
 
 static __global__ void posterior_split_kernel(const void *moments, int m16, void *mean, int mean16,
                                               void *logvar, int lv16, size_t block, size_t count)
@@ -130,4 +130,93 @@ klvae_status_t kv_cuda_gaussian_sample(kv_backend *be, const kv_tensor *mean,
         KV_LAUNCHED(cu, gaussian_sample_nchw_kernel);
     }
     return KLVAE_OK;
+}
+
+/* ---- training: the gradient through the posterior, and its KL ---- */
+
+struct posterior_grad_args {
+    const void *moments, *dz;
+    void *dmoments;
+    int m16, dz16, dm16;
+    size_t block; /* posterior_plan.cuh */
+    float kl_weight;
+    int sampled, nhwc, z, h, w;
+    uint64_t seed;
+};
+
+static __global__ void posterior_backward_kernel(posterior_grad_args a, size_t count)
+{
+    for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < count;
+         e += (size_t)gridDim.x * blockDim.x) {
+        const size_t mi = kv_posterior_source(e, a.block), li = mi + a.block;
+        const float mu = kv_ld(a.moments, a.m16, mi), l = kv_ld(a.moments, a.m16, li);
+        const float dz = kv_ld(a.dz, a.dz16, e);
+        const float s = kv_clamp_logvar(l);
+        float ds = __fmul_rn(__fmul_rn(a.kl_weight, 0.5f), (float)(exp((double)s) - 1.0));
+        if (a.sampled) {
+            const size_t i = a.nhwc ? kv_nhwc_to_nchw(e, a.z, a.h, a.w) : e;
+            ds = __fadd_rn(ds, __fmul_rn(__fmul_rn(__fmul_rn(dz, 0.5f), kv_posterior_std(l)),
+                                         kv_philox_normal(a.seed, i)));
+        }
+        kv_st(a.dmoments, a.dm16, mi, __fadd_rn(dz, __fmul_rn(a.kl_weight, mu)));
+        kv_st(a.dmoments, a.dm16, li, kv_logvar_unclamped(l) ? ds : 0.0f);
+    }
+}
+
+klvae_status_t kv_cuda_posterior_backward(kv_backend *be, const kv_tensor *moments,
+                                          const kv_tensor *dz, float kl_weight, bool sampled,
+                                          uint64_t seed, kv_tensor *dmoments)
+{
+    kv_cuda *cu = kv_cuda_of(be);
+    posterior_grad_args a;
+    memset(&a, 0, sizeof a);
+    kv_cuda_dtype d;
+    KV_TRY(kv_cuda_dtype_of(cu, moments->data, "posterior_backward", "moments", &d));
+    a.m16 = d == KV_CUDA_BF16;
+    KV_TRY(kv_cuda_dtype_of(cu, dz->data, "posterior_backward", "dz", &d));
+    a.dz16 = d == KV_CUDA_BF16;
+    KV_TRY(kv_cuda_dtype_of(cu, dmoments->data, "posterior_backward", "dmoments", &d));
+    a.dm16 = d == KV_CUDA_BF16;
+    const size_t count = kv_cuda_numel(dz), pixels = (size_t)dz->shape[2] * dz->shape[3];
+    if (!count)
+        return KLVAE_OK;
+    a.moments = moments->data;
+    a.dz = dz->data;
+    a.dmoments = dmoments->data;
+    a.nhwc = cu->nhwc && pixels > 1;
+    a.block = (size_t)dz->shape[1] * (a.nhwc ? 1 : pixels);
+    a.kl_weight = kl_weight;
+    a.sampled = sampled;
+    a.seed = seed;
+    a.z = dz->shape[1];
+    a.h = dz->shape[2];
+    a.w = dz->shape[3];
+    posterior_backward_kernel<<<kv_cuda_blocks(count, cu), 256, 0, cu->stream>>>(a, count);
+    KV_LAUNCHED(cu, posterior_backward_kernel);
+    return KLVAE_OK;
+}
+
+struct kl_terms {
+    const void *moments;
+    int m16;
+    size_t block;
+    __device__ double2 operator()(size_t e) const
+    {
+        const size_t mi = kv_posterior_source(e, block);
+        const double mu = kv_ld(moments, m16, mi);
+        const double l = kv_clamp_logvar(kv_ld(moments, m16, mi + block));
+        return make_double2(0.5 * (mu * mu + exp(l) - 1.0 - l), 0.0);
+    }
+};
+
+klvae_status_t kv_cuda_kl_sum(kv_backend *be, const kv_tensor *moments, double *sum)
+{
+    kv_cuda *cu = kv_cuda_of(be);
+    kv_cuda_dtype d;
+    KV_TRY(kv_cuda_dtype_of(cu, moments->data, "kl_sum", "moments", &d));
+    const size_t pixels = (size_t)moments->shape[2] * moments->shape[3];
+    const int z = moments->shape[1] / 2;
+    const bool nhwc = cu->nhwc && pixels > 1;
+    kl_terms f = {moments->data, d == KV_CUDA_BF16, (size_t)z * (nhwc ? 1 : pixels)};
+    return kv_cuda_total(cu, (size_t)moments->shape[0] * z * pixels, f, sum, NULL);
 }

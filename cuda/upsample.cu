@@ -51,3 +51,49 @@ klvae_status_t kv_cuda_upsample_nearest2x(kv_backend *be, const kv_tensor *x, kv
     }
     return KLVAE_OK;
 }
+
+/* ---- backward: dx = the sum of the four dy values each x was copied to,
+ * added as the CPU does: (top left + top right) + (bottom left + bottom
+ * right). ---- */
+
+static __global__ void upsample_backward_kernel(const void *dy, int dy16, void *dx, int dx16,
+                                                int nhwc, int c, int h, int w, size_t count)
+{
+    const size_t ow = 2 * (size_t)w;
+    for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < count;
+         e += (size_t)gridDim.x * blockDim.x) {
+        size_t a, step_x, step_y; /* dy index of the top left value, and its neighbours' steps */
+        if (nhwc) {
+            const size_t ch = e % c, pix = e / c, x = pix % w, rest = pix / w;
+            const size_t y = rest % h, n = rest / h;
+            a = ((n * 2 * h + 2 * y) * ow + 2 * x) * c + ch;
+            step_x = c;
+            step_y = ow * c;
+        } else {
+            const size_t x = e % w, rest = e / w, y = rest % h, plane = rest / h;
+            a = (plane * 2 * h + 2 * y) * ow + 2 * x;
+            step_x = 1;
+            step_y = ow;
+        }
+        const float top = kv_ld(dy, dy16, a) + kv_ld(dy, dy16, a + step_x);
+        const float bottom = kv_ld(dy, dy16, a + step_y) + kv_ld(dy, dy16, a + step_y + step_x);
+        kv_st(dx, dx16, e, top + bottom);
+    }
+}
+
+klvae_status_t kv_cuda_upsample_nearest2x_backward(kv_backend *be, const kv_tensor *dy,
+                                                   kv_tensor *dx)
+{
+    kv_cuda *cu = kv_cuda_of(be);
+    const size_t count = kv_cuda_numel(dx);
+    if (!count)
+        return KLVAE_OK;
+    kv_cuda_dtype ty, tx;
+    KV_TRY(kv_cuda_dtype_of(cu, dy->data, "upsample_nearest2x_backward", "dy", &ty));
+    KV_TRY(kv_cuda_dtype_of(cu, dx->data, "upsample_nearest2x_backward", "dx", &tx));
+    upsample_backward_kernel<<<kv_cuda_blocks(count, cu), 256, 0, cu->stream>>>(
+        dy->data, ty == KV_CUDA_BF16, dx->data, tx == KV_CUDA_BF16, cu->nhwc, dx->shape[1],
+        dx->shape[2], dx->shape[3], count);
+    KV_LAUNCHED(cu, upsample_backward_kernel);
+    return KLVAE_OK;
+}

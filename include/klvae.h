@@ -526,6 +526,19 @@ KLVAE_API klvae_status_t klvae_trainer_create(klvae_model_t *model, const klvae_
 KLVAE_API klvae_status_t klvae_trainer_step(klvae_trainer_t *trainer, const float *images, int n,
                                             int h, int w, klvae_step_stats_t *stats);
 
+/* klvae_trainer_step on a batch already in GPU memory: images is a device
+ * pointer to n float32 NCHW images in [-1, 1], read on the CUDA stream
+ * stream (a cudaStream_t; NULL: the model's own stream), which the step
+ * runs on; the call returns when that work is done (stats filled). The
+ * images are copied into the trainer's memory first and checked for NaN and
+ * infinity on the device (KLVAE_ERR_NONFINITE, nothing changed). Needs a
+ * model on the CUDA backend (KLVAE_ERR_INVALID_ARGUMENT otherwise); the
+ * same arguments, results and errors as klvae_trainer_step. Host pointers
+ * are undefined behaviour, as in CUDA itself. */
+KLVAE_API klvae_status_t klvae_trainer_step_device(klvae_trainer_t *trainer, const float *images,
+                                                   int n, int h, int w, void *stream,
+                                                   klvae_step_stats_t *stats);
+
 /* Writes a checkpoint: one safetensors file with the autoencoder, the
  * discriminator (with its BatchNorm statistics), both Adam states, the EMA
  * weights, the loss' logvar, and in its metadata the step, the random state,
@@ -576,6 +589,124 @@ KLVAE_API klvae_status_t klvae_trainer_get_note(const klvae_trainer_t *trainer, 
  * before the model: the trainer uses the model's weights and backend until
  * then. NULL is a no-op. */
 KLVAE_API void klvae_trainer_free(klvae_trainer_t *trainer);
+
+/* ------------------------------------------------------------------------ */
+/* Encoding datasets                                                         */
+/* ------------------------------------------------------------------------ */
+
+/* What klvae_encode_dataset has done, given to its progress function and
+ * in its summary. Set struct_size to sizeof(klvae_dataset_progress_t)
+ * before the call (KLVAE_DATASET_PROGRESS_INIT does): the library writes
+ * only the fields that fit, so later versions can append fields. Counts
+ * are of this call's part, and include what earlier runs into the same
+ * folder finished (a resumed run starts where they stopped). */
+typedef struct klvae_dataset_progress {
+    uint32_t struct_size;
+    uint32_t reserved;
+    int32_t part, parts;     /* this call encodes part `part` of `parts` (from 0) */
+    int64_t images_total;    /* image files of this part */
+    int64_t images_done;     /* encoded into shards (resumed ones included) */
+    int64_t images_skipped;  /* files that could not be read (resumed ones included) */
+    int64_t images_resumed;  /* of images_done: found in shards of an earlier run */
+    int64_t shards_total;
+    int64_t shards_done;
+    double seconds;          /* since the call started */
+    double images_per_second; /* images encoded by this call per second of it */
+    double eta_seconds;      /* at that rate, for the rest of the part; -1 while unknown */
+    /* In one call per skipped file, the file (as listed) and why it was
+     * skipped; NULL otherwise. Valid during the call only. */
+    const char *skipped_path;
+    const char *skipped_reason;
+    int32_t finished;         /* 1 when the part is complete (the last call, the summary) */
+    int32_t dataset_complete; /* 1 when every part is, and the manifest is final */
+} klvae_dataset_progress_t;
+
+#define KLVAE_DATASET_PROGRESS_INIT                                                          \
+    {sizeof(klvae_dataset_progress_t), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, NULL, NULL, 0, 0}
+
+/* Called by klvae_encode_dataset on the calling thread: after every batch
+ * of images, once per skipped file, and once at the end. A non-zero return
+ * stops the work at once: the shard being filled is not written, those
+ * written stay (a later call continues from them), and the call returns
+ * KLVAE_OK with finished = 0. */
+typedef int (*klvae_dataset_progress_fn)(void *user, const klvae_dataset_progress_t *progress);
+
+/* Encodes a whole dataset of images into latents for diffusion training:
+ * shards of safetensors files in out_dir, with an index and a manifest
+ * (docs/latents.md describes the folder; any safetensors reader opens it).
+ *
+ * data is a folder, whose PNG and JPEG files (recursively, in byte order of
+ * their paths, as `klvae train` reads them) are the dataset, or a text file
+ * listing image paths, one per line (relative ones are relative to the
+ * list's folder). Each image is read, resized and cropped to the options'
+ * size (or to its aspect-ratio bucket, option buckets), encoded, and its
+ * posterior mean and logvar (or a sample, store=sample) stored in the
+ * dtype chosen, optionally scaled by the model's factors (scale_latents)
+ * and with the latents of its mirror image (flip). The dataset options
+ * (size, crop, buckets, flip, store, dtype, scale_latents, shard_size,
+ * part, encode_batch, loader_threads, seed, max_image_pixels, model_name)
+ * are in docs/options.md; opts may be NULL (all defaults). Threads read and
+ * resize images while the model encodes, images of one bucket at a time.
+ *
+ * Work is split for clusters: option part I/N encodes a disjoint,
+ * deterministic part of the file list (under mpirun, part "auto" takes the
+ * MPI rank and size from the environment, Open MPI's or MPICH's, without
+ * linking MPI). Parts write into the same out_dir; the part that finishes
+ * last merges them into one dataset (index.jsonl, errors.jsonl and the final
+ * manifest.json with the latents' statistics, as klvae_latent_stats).
+ *
+ * Resuming: shards are written whole or not at all (a temporary file
+ * renamed into place). Calling again with the same model, data and options
+ * after a crash or a kill keeps the shards already written and encodes the
+ * missing ones; the finished folder is byte for byte the one an
+ * uninterrupted run makes (for the same backend and precision). out_dir
+ * may exist; its manifest.json, when present, must record the same settings
+ * (model config and encoder weights, data files, options), else the call is
+ * refused before anything is written.
+ *
+ * Unreadable images (missing, truncated, not an image, over the pixel
+ * budget) are skipped, reported through progress and listed with the reason
+ * in out_dir/errors.jsonl; they are no error of the call. An error of the
+ * output (a full disk, no permission) stops the call: no shard is left half
+ * written, and the message names the file and the OS error.
+ *
+ * progress (may be NULL) is called as klvae_dataset_progress_fn says, with
+ * user. summary (may be NULL; its struct_size set) receives the final
+ * counts. The model is used by this thread throughout (see "Threads").
+ * Errors: KLVAE_ERR_INVALID_ARGUMENT (NULL model, data or out_dir; a size
+ * or bucket step that is no multiple of the downsampling factor; a model
+ * without 3 input channels; out_dir holding a dataset made otherwise),
+ * KLVAE_ERR_IO (data or out_dir cannot be read or written, no image file
+ * under data), KLVAE_ERR_FORMAT (a damaged shard in out_dir, a bad list
+ * file), KLVAE_ERR_OUT_OF_MEMORY, KLVAE_ERR_BACKEND. */
+KLVAE_API klvae_status_t klvae_encode_dataset(klvae_model_t *model, const char *data,
+                                              const char *out_dir, const klvae_options_t *opts,
+                                              klvae_dataset_progress_fn progress, void *user,
+                                              klvae_dataset_progress_t *summary);
+
+/* The statistics of a finished latent dataset (out_dir of
+ * klvae_encode_dataset, every part done): per latent channel the mean and
+ * standard deviation of the latents over every stored image (flipped
+ * copies included), in the model's raw latent space (stored values
+ * unscaled when scale_latents was on). For a stored posterior they are
+ * those of z drawn from it: the mean of the means, and the standard
+ * deviation from the variance of the means plus the mean of exp(logvar).
+ * scaling_factor is 1 / the standard deviation over all channels, and
+ * shift_factor the mean over all channels: (z - shift_factor) *
+ * scaling_factor has mean 0 and variance 1, as SD3 and FLUX use them (SD
+ * uses the scaling factor alone). The statistics are also written to
+ * shards_dir/manifest.json, with index.jsonl and errors.jsonl (the merge
+ * of the parts), by a temporary file and a rename each.
+ *
+ * mean and std receive min(channels, capacity) values each (either may be
+ * NULL); *channels the number of latent channels; the other outputs may
+ * be NULL. Errors: KLVAE_ERR_INVALID_ARGUMENT (shards_dir NULL, capacity
+ * < 0), KLVAE_ERR_IO (no manifest.json, a part or shard missing: the
+ * message names it), KLVAE_ERR_FORMAT (a damaged file),
+ * KLVAE_ERR_OUT_OF_MEMORY. */
+KLVAE_API klvae_status_t klvae_latent_stats(const char *shards_dir, int capacity, int *channels,
+                                            double *mean, double *std, double *scaling_factor,
+                                            double *shift_factor);
 
 /* ------------------------------------------------------------------------ */
 /* Images                                                                    */

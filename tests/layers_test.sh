@@ -1,6 +1,7 @@
 #!/bin/sh
 # layers_test.sh — the tree shows the architecture: src/ is grouped in
-# layers (base, formats, backend, model, train, cli; docs/design.md), and an
+# layers (base, formats, backend, model, train and dataset, cli;
+# docs/design.md), and an
 # #include "dir/file.h" may only name the file's own layer or one below it.
 # The CUDA plugin (cuda/) is a backend: it may include base/ and backend/.
 # Prints one line per violation and "layers: N passed, N failed".
@@ -10,7 +11,7 @@ fail=0
 rank() {
     case "$1" in
     base) echo 0 ;; formats) echo 1 ;; backend) echo 2 ;; model) echo 3 ;;
-    train) echo 4 ;; cli) echo 5 ;; cuda) echo 2 ;; *) echo -1 ;;
+    train) echo 4 ;; dataset) echo 4 ;; cli) echo 5 ;; cuda) echo 2 ;; *) echo -1 ;;
     esac
 }
 check_file() { # file layer
@@ -36,7 +37,7 @@ check_file() { # file layer
     done
     if [ $bad -eq 0 ]; then pass=$((pass + 1)); else fail=$((fail + 1)); fi
 }
-for layer in base formats backend model train cli; do
+for layer in base formats backend model train dataset cli; do
     [ -d "src/$layer" ] || { echo "FAIL: src/$layer is missing"; fail=$((fail + 1)); continue; }
     for f in $(find "src/$layer" -name '*.[ch]'); do
         check_file "$f" "$layer"

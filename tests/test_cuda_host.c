@@ -540,6 +540,83 @@ START_TEST(conv_plan_bands_the_decoders_largest_input)
 }
 END_TEST
 
+/* conv2d_backward_data with asymmetric padding, as conv2d_backward.cu does
+ * it: the gradient of the padded input (the convolution unpadded), then
+ * cropped with kv_conv_crop_source in either layout; against the CPU
+ * backend's op. */
+START_TEST(backward_data_crop_gives_the_cpu_gradient)
+{
+    test_rng rng = test_rng_new(606);
+    const kv_conv_geometry geos[] = {{2, 0, 0, 1, 1}, {1, 0, 1, 2, 0}, {2, 1, 0, 0, 1}};
+    for (int gi = 0; gi < 3; gi++)
+        for (int nhwc = 0; nhwc <= 1; nhwc++) {
+            const kv_conv_geometry g = geos[gi];
+            const int n = 2, c = 3, h = 7, w = 6, co = 4, k = 3;
+            const int hp = h + g.pad_top + g.pad_bottom, wp = w + g.pad_left + g.pad_right;
+            const int ho = (hp - k) / g.stride + 1, wo = (wp - k) / g.stride + 1;
+            size_t nx = (size_t)n * c * h * w, nw = (size_t)co * c * k * k;
+            size_t ny = (size_t)n * co * ho * wo, np = (size_t)n * c * hp * wp;
+            float *wt = test_alloc(nw), *dy = test_alloc(ny), *want = test_alloc(nx);
+            double *dxp = calloc(np, sizeof *dxp); /* NCHW, padded */
+            ck_assert_ptr_nonnull(dxp);
+            test_fill(wt, nw, &rng, -1, 1);
+            test_fill(dy, ny, &rng, -1, 1);
+            for (int b = 0; b < n; b++)
+                for (int o = 0; o < co; o++)
+                    for (int oy = 0; oy < ho; oy++)
+                        for (int ox = 0; ox < wo; ox++)
+                            for (int ch = 0; ch < c; ch++)
+                                for (int ky = 0; ky < k; ky++)
+                                    for (int kx = 0; kx < k; kx++)
+                                        dxp[(((size_t)b * c + ch) * hp + oy * g.stride + ky) * wp +
+                                            ox * g.stride + kx] +=
+                                            (double)dy[(((size_t)b * co + o) * ho + oy) * wo + ox] *
+                                            wt[((o * c + ch) * k + ky) * k + kx];
+            /* the padded gradient as the backend stores it, then the crop */
+            double *stored = calloc(np, sizeof *stored);
+            ck_assert_ptr_nonnull(stored);
+            for (size_t i = 0; i < np; i++)
+                stored[nhwc ? kv_nchw_to_nhwc(i, c, hp, wp) : i] = dxp[i];
+            kv_backend_settings settings;
+            memset(&settings, 0, sizeof settings);
+            settings.threads = 1;
+            kv_backend *be = NULL;
+            ck_assert_ok(kv_cpu_backend_create(&settings, &be));
+            kv_tensor tdy = kv_tensor_wrap(dy, n, co, ho, wo), tw = kv_tensor_wrap(wt, co, c, k, k),
+                      tdx = kv_tensor_wrap(want, n, c, h, w);
+            ck_assert_ok(be->ops->conv2d_backward_data(be, &tdy, &tw, g, &tdx));
+            kv_backend_destroy(be);
+            for (size_t e = 0; e < nx; e++) {
+                double got = stored[kv_conv_crop_source((int64_t)e, nhwc, c, h, w, hp, wp,
+                                                        g.pad_top, g.pad_left)];
+                size_t i = nhwc ? kv_nhwc_to_nchw(e, c, h, w) : e;
+                ck_assert_msg(fabs(got - want[i]) <= 1e-5 * (1.0 + fabs(want[i])),
+                              "geometry %d, nhwc %d: dx[%zu] = %g, the CPU's %g", gi, nhwc, i,
+                              got, (double)want[i]);
+            }
+            free(wt), free(dy), free(want), free(dxp), free(stored);
+        }
+}
+END_TEST
+
+START_TEST(storage_nc_names_sample_and_channel)
+{
+    const int n = 3, c = 5, h = 4, w = 3;
+    const size_t hw = (size_t)h * w;
+    for (int nhwc = 0; nhwc <= 1; nhwc++)
+        for (int b = 0; b < n; b++)
+            for (int ch = 0; ch < c; ch++)
+                for (size_t p = 0; p < hw; p++) {
+                    size_t i = ((size_t)b * c + ch) * hw + p;
+                    size_t e = nhwc ? kv_nchw_to_nhwc(i, c, h, w) : i;
+                    int gn, gc;
+                    kv_storage_nc(e, nhwc, c, hw, &gn, &gc);
+                    ck_assert_int_eq(gn, b);
+                    ck_assert_int_eq(gc, ch);
+                }
+}
+END_TEST
+
 /* ---- group norm ---- */
 
 START_TEST(group_norm_chunks_tile_each_group)
@@ -796,6 +873,8 @@ Suite *suite_cuda_host(void)
     tcase_add_test(tc, conv_plan_covers_every_output_row_within_budget);
     tcase_add_loop_test(tc, conv_pieces_compute_the_specified_convolution, 0, 4);
     tcase_add_test(tc, conv_plan_bands_the_decoders_largest_input);
+    tcase_add_test(tc, backward_data_crop_gives_the_cpu_gradient);
+    tcase_add_test(tc, storage_nc_names_sample_and_channel);
     tcase_add_test(tc, group_norm_chunks_tile_each_group);
     tcase_add_test(tc, group_norm_finalize_matches_the_cpu_backend);
     tcase_add_test(tc, group_norm_nhwc_sums_match_the_cpu_backend);

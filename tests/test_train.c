@@ -416,6 +416,27 @@ static void assert_same_state(klvae_trainer_t *a, klvae_model_t *ma, klvae_train
     ck_assert_int_eq(klvae_trainer_step_count(a), klvae_trainer_step_count(b));
 }
 
+/* recompute=true keeps less and computes conv1 twice: the same bits. */
+START_TEST(recompute_gives_the_same_bits)
+{
+    klvae_model_t *ma = NULL, *mb = NULL;
+    klvae_trainer_t *a = random_trainer(&ma, NULL, NULL);
+    klvae_trainer_t *b = random_trainer(&mb, "recompute", "true");
+    char word[16];
+    ck_assert_ok(klvae_trainer_get(b, "recompute", word, sizeof word));
+    ck_assert_str_eq(word, "true");
+    klvae_step_stats_t sa, sb;
+    run_steps(a, 0, 3, &sa);
+    run_steps(b, 0, 3, &sb);
+    ck_assert(sa.total_loss == sb.total_loss && sa.d_loss == sb.d_loss);
+    assert_same_state(a, ma, b, mb);
+    klvae_trainer_free(a);
+    klvae_trainer_free(b);
+    klvae_model_free(ma);
+    klvae_model_free(mb);
+}
+END_TEST
+
 START_TEST(resume_is_exact)
 {
     char *dir = test_tmpdir();
@@ -914,6 +935,7 @@ Suite *suite_train(void)
     TCase *tc2 = tcase_create("trainer");
     tcase_set_timeout(tc2, 120);
     tcase_add_test(tc2, resume_is_exact);
+    tcase_add_test(tc2, recompute_gives_the_same_bits);
     tcase_add_test(tc2, failed_save_keeps_the_earlier_checkpoint);
     tcase_add_test(tc2, failed_load_leaves_the_trainer_unchanged);
     tcase_add_test(tc2, nonfinite_input_is_refused_and_changes_nothing);

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""make bench: encode, decode and one training step, libklvae and PyTorch side by side.
+"""make bench: encode, decode, one training step and a dataset encode, libklvae and PyTorch side by side.
 
 Encode and decode of the SD KL-f8 config on this CPU, and one training step,
 libklvae and diffusers/PyTorch side by side in the same run.
@@ -19,9 +19,20 @@ reused for the discriminator step). The LPIPS weights are a random
 full-width VGG16 file written once to a temporary folder with numpy (or the
 standard library alone, slower), so libklvae needs no PyTorch for it.
 
+The dataset part times `klvae encode-dataset`'s work (klvae_encode_dataset,
+tools/bench_dataset_klvae.c) against a PyTorch/diffusers loop doing the same
+(tools/bench_dataset_pytorch.py: PIL read, resize, centre crop, encode,
+mean and logvar stored in safetensors shards) on --dataset-images generated
+images of 280-520 pixels a side (PNG and JPEG), at --dataset-size with
+--dataset-batch images per encode call, same weights (a random SD model saved
+once), same threads. The two run in turn, each run in a fresh process, for
+--dataset-runs rounds; the median of each side's rounds is reported.
+
     python3 tools/bench.py [--sizes 256 512] [--threads T] [--runs 5] [--batch 1]
                            [--train-sizes 256] [--train-batch 1] [--train-config sd]
                            [--train-runs R] [--no-train | --train-only]
+                           [--dataset-images 16] [--dataset-size 256] [--dataset-batch 4]
+                           [--dataset-runs 3] [--no-dataset | --dataset-only]
 """
 import argparse
 import json
@@ -129,6 +140,75 @@ def fmt_row(size, label, k, t):
         "%.0f" % k["peak_rss_mb"] if k else "-", "%.0f" % t["peak_rss_mb"] if t else "-")
 
 
+def write_dataset_images(folder, count, seed=1):
+    """count smooth noisy pictures of 280-520 pixels a side, every other one a
+    JPEG (with PIL; PNG only, written by hand, without it)."""
+    import random
+    import zlib
+    rnd = random.Random(seed)
+    try:
+        import numpy as np
+        from PIL import Image
+    except ImportError:
+        np = Image = None
+    for i in range(count):
+        h, w = rnd.randint(280, 520), rnd.randint(280, 520)
+        if Image is not None:
+            y, x = np.mgrid[0:h, 0:w]
+            a = np.stack([np.sin(x / 17.0 + i) + np.cos(y / 23.0), np.sin((x + y) / 31.0),
+                          np.cos(x * y / 5000.0)], -1)
+            a = (a - a.min()) / (a.max() - a.min()) * 255
+            a += np.random.default_rng(i).normal(0, 8, a.shape)
+            img = Image.fromarray(a.clip(0, 255).astype(np.uint8))
+            img.save(os.path.join(folder, "im%03d.%s" % (i, "jpg" if i % 2 else "png")), quality=92)
+            continue
+        rows = b"".join(b"\0" + bytes((x * 7 + y * 3 + c * 50 + i) % 256 for x in range(w)
+                                      for c in range(3)) for y in range(h))
+        def chunk(kind, data):
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(
+                ">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+        png += chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+        with open(os.path.join(folder, "im%03d.png" % i), "wb") as f:
+            f.write(png)
+
+
+def dataset_part(a, torch_ok):
+    """Times the dataset encode, the two sides in turn; returns [(k, t)] of one
+    row (median JSONs)."""
+    tool = os.path.join(ROOT, "build", "bench_dataset_klvae")
+    with tempfile.TemporaryDirectory(prefix="klvae-bench-dataset-") as tmp:
+        model, data = os.path.join(tmp, "sd"), os.path.join(tmp, "images")
+        os.mkdir(data)
+        write_dataset_images(data, a.dataset_images)
+        subprocess.run([tool, "--create-model", model], check=True)
+        common = [model, data, str(a.dataset_size), "--batch", str(a.dataset_batch),
+                  "--threads", str(a.threads), "--runs", "1"]
+        ks, ts = [], []
+        for r in range(a.dataset_runs):
+            k = run([tool] + common)
+            t = run([sys.executable, os.path.join(ROOT, "tools", "bench_dataset_pytorch.py")]
+                    + common) if torch_ok else None
+            ks += [k] if k else []
+            ts += [t] if t else []
+            print("dataset %d^2 round %d: libklvae %s   pytorch %s%s" % (
+                a.dataset_size, r + 1, "%.3f images/s" % k["images_per_second"] if k else "failed",
+                "%.3f images/s" % t["images_per_second"] if t else "-",
+                "   speed-up %.2f" % (t["median"] / k["median"]) if k and t else ""), flush=True)
+
+        def med(rs):
+            if not rs:
+                return None
+            times = sorted(x["median"] for x in rs)
+            m = dict(rs[0])
+            m["median"] = times[len(times) // 2] if len(times) % 2 else 0.5 * (
+                times[len(times) // 2 - 1] + times[len(times) // 2])
+            m["images_per_second"] = m["images"] / m["median"]
+            m["peak_rss_mb"] = max(x["peak_rss_mb"] for x in rs)
+            return m
+        return med(ks), med(ts)
+
+
 TRAIN_CASES = [(0, "train step (LPIPS, GAN off)"), (1, "train step (LPIPS + GAN)")]
 
 
@@ -177,9 +257,19 @@ def main():
                    help="model config of the training cases (default sd)")
     p.add_argument("--train-runs", type=int, default=None,
                    help="timed training steps per case (default: --runs)")
+    p.add_argument("--dataset-images", type=int, default=16,
+                   help="images of the dataset case (default 16)")
+    p.add_argument("--dataset-size", type=int, default=256, help="its crop (default 256)")
+    p.add_argument("--dataset-batch", type=int, default=4,
+                   help="images per encode call in it (default 4)")
+    p.add_argument("--dataset-runs", type=int, default=3,
+                   help="rounds of the two sides in turn (default 3)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--no-train", action="store_true", help="skip the training step")
     g.add_argument("--train-only", action="store_true", help="skip encode/decode")
+    g.add_argument("--dataset-only", action="store_true",
+                   help="only the dataset encode")
+    p.add_argument("--no-dataset", action="store_true", help="skip the dataset encode")
     p.add_argument("--write-lpips", metavar="PATH", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.write_lpips:  # the child process of train_part
@@ -195,6 +285,8 @@ def main():
               "(pip install torch diffusers to compare)")
     common = ["--batch", str(a.batch), "--threads", str(a.threads), "--runs", str(a.runs)]
     rows = []
+    if a.dataset_only:
+        a.no_train, a.sizes = True, []
     for size in ([] if a.train_only else a.sizes):
         for op in ("encode", "decode", "both"):
             k = run([klvae, op, str(size)] + common)
@@ -207,14 +299,27 @@ def main():
                     t["median"], t["peak_rss_mb"], k["median"] / t["median"])
             print(line, flush=True)
     train_rows = [] if a.no_train else train_part(a, klvae, torch_ok)
+    dataset = None if a.no_dataset or a.train_only else dataset_part(a, torch_ok)
     print()
-    print("| size | op | libklvae median (s) | PyTorch median (s) | libklvae / PyTorch | "
-          "libklvae peak RSS (MB) | PyTorch peak RSS (MB) |")
-    print("|---|---|---|---|---|---|---|")
+    if rows or train_rows:
+        print("| size | op | libklvae median (s) | PyTorch median (s) | libklvae / PyTorch | "
+              "libklvae peak RSS (MB) | PyTorch peak RSS (MB) |")
+        print("|---|---|---|---|---|---|---|")
     for size, op, k, t in rows:
         print(fmt_row(size, "encode+decode" if op == "both" else op, k, t))
     for size, label, k, t in train_rows:
         print(fmt_row(size, label, k, t))
+    if dataset:
+        k, t = dataset
+        print("\n| dataset encode, %d images at %d², batch %d | libklvae | PyTorch | "
+              "libklvae speed-up |" % (a.dataset_images, a.dataset_size, a.dataset_batch))
+        print("|---|---|---|---|")
+        print("| images/s (median of %d rounds) | %s | %s | %s |" % (
+            a.dataset_runs, "%.3f" % k["images_per_second"] if k else "-",
+            "%.3f" % t["images_per_second"] if t else "-",
+            "**%.2f×**" % (t["median"] / k["median"]) if k and t else "-"))
+        print("| peak RSS (MB) | %s | %s | |" % ("%.0f" % k["peak_rss_mb"] if k else "-",
+                                               "%.0f" % t["peak_rss_mb"] if t else "-"))
     torch_version = next((r[3]["torch"] for r in rows + train_rows if r[3]), None)
     if torch_ok and rows and rows[0][3]:
         print("\nbatch %d, %d runs each after a warm-up, torch %s" % (a.batch, a.runs, rows[0][3]["torch"]))

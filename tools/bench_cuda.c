@@ -10,8 +10,13 @@
  *
  *   bench_cuda OP:SIZE:BATCH[,OP:SIZE:BATCH...] [--precision fp32|tf32|bf16]
  *              [--runs R] [--warmup W] [--config NAME] [--plugin PATH] [--device D]
+ *              [--lpips FILE]
  *
- * OP is encode or decode. One model serves every case (its creation, about a
+ * OP is encode, decode or train. train times klvae_trainer_step of the
+ * model on a batch of random images, with the settings of
+ * tools/bench_train_pytorch.py (pixel L1 + LPIPS from --lpips FILE + KL
+ * 1e-6 + the PatchGAN from step 0 with the adaptive weight, Adam lr 1e-5
+ * betas 0.5, 0.9): its line also has "images_per_s". One model serves every case (its creation, about a
  * second of CPU, is paid once); cuDNN's algorithm choices stay cached across
  * cases, as PyTorch's do. Per case: the first call (first_ms, with cuDNN's
  * algorithm search for shapes not seen yet), W more untimed calls, a trim
@@ -45,7 +50,8 @@ static int compare(const void *a, const void *b)
 static void usage(void)
 {
     fprintf(stderr, "usage: bench_cuda OP:SIZE:BATCH[,...] [--precision P] [--runs R] "
-                    "[--warmup W] [--config NAME] [--plugin PATH] [--device D]\n");
+                    "[--warmup W] [--config NAME] [--plugin PATH] [--device D] [--lpips FILE]\n"
+                    "(OP: encode, decode or train)\n");
     exit(2);
 }
 
@@ -73,7 +79,7 @@ static void read_last(const char *path, double *in_use_mb, double *peak_held_mb,
 
 typedef struct options {
     int runs, warmup;
-    const char *config, *precision;
+    const char *config, *precision, *lpips;
 } options;
 
 /* The plugin settings this run has from the environment, for the JSON. */
@@ -93,6 +99,87 @@ static void variant(char *out, size_t size)
         snprintf(out, size, "default");
 }
 
+/* The trainer of the train case (tools/bench_train_pytorch.py's step). */
+static klvae_status_t bench_trainer(klvae_model_t *m, const options *o, klvae_trainer_t **t)
+{
+    static const char *const kv[][2] = {
+        {"learning_rate", "1e-5"}, {"disc_learning_rate", "1e-5"}, {"adam_beta1", "0.5"},
+        {"adam_beta2", "0.9"},     {"adam_eps", "1e-8"},           {"pixel_loss", "l1"},
+        {"kl_weight", "1e-6"},     {"disc_start", "0"},            {"disc_factor", "1"},
+        {"disc_weight", "0.5"},    {"disc_loss", "hinge"},         {"disc_update", "reuse"},
+        {"posterior", "sample"},   {"ema_decay", "0"},
+    };
+    klvae_options_t *opts = NULL;
+    klvae_status_t st = klvae_options_create(&opts);
+    for (size_t i = 0; st == KLVAE_OK && i < sizeof kv / sizeof kv[0]; i++)
+        st = klvae_options_set(opts, kv[i][0], kv[i][1]);
+    if (st == KLVAE_OK)
+        st = klvae_options_set(opts, "perceptual_weight", o->lpips ? "1" : "0");
+    if (st == KLVAE_OK && o->lpips)
+        st = klvae_options_set(opts, "lpips_weights", o->lpips);
+    if (st == KLVAE_OK)
+        st = klvae_trainer_create(m, opts, t);
+    klvae_options_free(opts);
+    return st;
+}
+
+/* The train case: steps of batch random images. */
+static int run_train_case(klvae_model_t *m, const kv_plugin *plugin, const options *o,
+                          const char *stats, int size, int batch)
+{
+    kv_backend *be = m->be;
+    const size_t count = (size_t)batch * 3 * size * size;
+    float *x = malloc(count * sizeof *x);
+    double *times = malloc((size_t)o->runs * sizeof *times), first = 0.0;
+    klvae_trainer_t *t = NULL;
+    klvae_status_t st = x && times ? bench_trainer(m, o, &t) : KLVAE_ERR_OUT_OF_MEMORY;
+    uint64_t state = 777;
+    for (size_t i = 0; x && i < count; i++) {
+        state = state * 6364136223846793005ull + 1442695040888963407ull;
+        x[i] = (float)((double)(state >> 11) / 9007199254740992.0 * 2.0 - 1.0);
+    }
+    for (int r = -o->warmup - 2; r < o->runs && st == KLVAE_OK; r++) {
+        if (r == -1)
+            be->ops->trim(be);
+        double t0 = harness_now();
+        st = klvae_trainer_step(t, x, batch, size, size, NULL);
+        if (st == KLVAE_OK)
+            st = plugin->synchronize(be);
+        double ms = (harness_now() - t0) * 1e3;
+        if (r == -o->warmup - 2)
+            first = ms;
+        if (r >= 0)
+            times[r] = ms;
+    }
+    if (st != KLVAE_OK) {
+        fprintf(stderr, "bench_cuda: train %d batch %d %s: %s\n", size, batch, o->precision,
+                klvae_last_error());
+    } else {
+        be->ops->trim(be);
+        double in_use_mb, reserved_mb, unused;
+        read_last(stats, &in_use_mb, &reserved_mb, &unused);
+        char settings[256];
+        variant(settings, sizeof settings);
+        printf("{\"tool\": \"klvae\", \"op\": \"train\", \"size\": %d, \"batch\": %d, "
+               "\"precision\": \"%s\", \"config\": \"%s\", \"lpips\": %s, \"times_ms\": [",
+               size, batch, o->precision, o->config, o->lpips ? "true" : "false");
+        for (int r = 0; r < o->runs; r++)
+            printf("%s%.3f", r ? ", " : "", times[r]);
+        qsort(times, (size_t)o->runs, sizeof *times, compare);
+        int n = o->runs;
+        double median = n % 2 ? times[n / 2] : 0.5 * (times[n / 2 - 1] + times[n / 2]);
+        printf("], \"median_ms\": %.3f, \"first_ms\": %.1f, \"images_per_s\": %.3f, "
+               "\"peak_in_use_mb\": %.1f, \"peak_reserved_mb\": %.1f, \"variant\": \"%s\"}\n",
+               median, first, batch / (median / 1e3), in_use_mb, reserved_mb, settings);
+        fflush(stdout);
+    }
+    klvae_trainer_free(t);
+    free(x);
+    free(times);
+    be->ops->trim(be);
+    return st == KLVAE_OK ? 0 : 1;
+}
+
 /* One case; returns 0, or 1 after printing why on stderr. */
 static int run_case(klvae_model_t *m, const kv_plugin *plugin, const options *o,
                     const char *stats, const char *op, int size, int batch)
@@ -101,6 +188,8 @@ static int run_case(klvae_model_t *m, const kv_plugin *plugin, const options *o,
     const int f = kv_config_factor(&m->cfg), lat = size / f, zc = m->cfg.latent_channels;
     const int in_c = m->cfg.in_channels, out_c = m->cfg.out_channels;
     const int decode = strcmp(op, "decode") == 0;
+    if (strcmp(op, "train") == 0 && size > 0 && size % f == 0 && batch >= 1)
+        return run_train_case(m, plugin, o, stats, size, batch);
     if ((!decode && strcmp(op, "encode") != 0) || size <= 0 || size % f || batch < 1) {
         fprintf(stderr, "bench_cuda: bad case %s:%d:%d\n", op, size, batch);
         return 1;
@@ -195,7 +284,7 @@ int main(int argc, char **argv)
     if (argc < 2)
         usage();
     const char *cases = argv[1], *plugin_path = NULL;
-    options o = {5, 1, "sd", "bf16"};
+    options o = {5, 1, "sd", "bf16", NULL};
     int device = 0;
     for (int i = 2; i < argc; i += 2) {
         if (i + 1 >= argc)
@@ -212,6 +301,8 @@ int main(int argc, char **argv)
             plugin_path = argv[i + 1];
         else if (strcmp(argv[i], "--device") == 0)
             device = atoi(argv[i + 1]);
+        else if (strcmp(argv[i], "--lpips") == 0)
+            o.lpips = argv[i + 1];
         else
             usage();
     }

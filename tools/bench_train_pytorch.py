@@ -1,11 +1,22 @@
 #!/usr/bin/env python3
-"""Times one training step of diffusers' AutoencoderKL in PyTorch (CPU,
-float32) the way `bench_klvae train` times klvae_trainer_step, for
-tools/bench.py. Prints one JSON line.
+"""Times one training step of diffusers' AutoencoderKL in PyTorch the way
+`bench_klvae train` (CPU, float32, for tools/bench.py) and `test_cuda bench
+train:SIZE:BATCH` (GPU, for tests/gpu/check.sh) time klvae_trainer_step.
+Prints one JSON line.
 
     bench_train_pytorch.py train SIZE [--batch N] [--threads T] [--runs R]
         [--config sd|small|tiny] [--lpips FILE] [--gan 0|1] [--verbose]
-        [--adaptive grad|split]
+        [--adaptive grad|split] [--device cpu|cuda] [--amp bf16]
+        [--compile] [--write-random-lpips FILE]
+
+On the GPU (--device cuda) the step runs under torch.autocast(bf16) with
+--amp bf16 (PyTorch's mixed precision: float32 weights and optimiser, bf16
+products), the timings synchronise the device, and the JSON has the peak
+device memory (torch.cuda.max_memory_allocated) and images/s. --compile
+wraps the autoencoder, LPIPS and the discriminator in torch.compile (the
+first, untimed, steps compile). --write-random-lpips FILE writes LPIPS-VGG16
+weights drawn at random (same shapes, same work) to FILE and exits: a GPU
+machine has no LPIPS download, and both benchmarks then read that file.
 
 The step is the latent-diffusion recipe (docs/training.md, "One step", and
 /work/shared/spec/training.md sections 1, 2, 5-7) with libklvae's default
@@ -80,6 +91,35 @@ def read_safetensors(path):
         t = torch.frombuffer(bytearray(data[base + begin:base + end]), dtype=torch.float32)
         out[name] = t.reshape(info["shape"])
     return out
+
+
+def write_random_lpips(path):
+    """LPIPS-VGG16 weights of the right shapes, drawn at random (the work of
+    the network does not depend on them), as an F32 safetensors file."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    tensors, cin, idx = {}, 3, 0
+    for v in VGG16_CFG:
+        if v == "M":
+            idx += 1
+            continue
+        bound = 1.0 / math.sqrt(cin * 9)
+        tensors["features.%d.weight" % idx] = rng.uniform(-bound, bound, (v, cin, 3, 3))
+        tensors["features.%d.bias" % idx] = rng.uniform(-bound, bound, (v,))
+        cin, idx = v, idx + 2  # conv, relu
+    for k, c in enumerate(TAP_WIDTHS):
+        tensors["lin%d.model.1.weight" % k] = rng.uniform(0, 0.1, (1, c, 1, 1))
+    header, blobs, offset = {}, [], 0
+    for name in sorted(tensors):
+        b = tensors[name].astype("<f4").tobytes()
+        header[name] = {"dtype": "F32", "shape": list(tensors[name].shape),
+                        "data_offsets": [offset, offset + len(b)]}
+        blobs.append(b)
+        offset += len(b)
+    h = json.dumps(header).encode()
+    h += b" " * ((8 - len(h) % 8) % 8)
+    with open(path, "wb") as f:
+        f.write(len(h).to_bytes(8, "little") + h + b"".join(blobs))
 
 
 def build(torch):
@@ -169,12 +209,21 @@ def main():
     p.add_argument("--gan", type=int, choices=[0, 1], default=0)
     p.add_argument("--adaptive", choices=["grad", "split"], default="grad")
     p.add_argument("--verbose", action="store_true", help="print each step's losses to stderr")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--amp", choices=["none", "bf16"], default="none")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--write-random-lpips", metavar="FILE")
     a = p.parse_args()
+    if a.write_random_lpips:
+        write_random_lpips(a.write_random_lpips)
+        return
     import torch
     import torch.nn.functional as F
     from diffusers import AutoencoderKL
 
     threads = a.threads or len(os.sched_getaffinity(0))
+    dev = torch.device(a.device)
+    cuda = a.device == "cuda"
     torch.set_num_threads(threads)
     torch.set_num_interop_threads(1)
     torch.manual_seed(0)
@@ -183,7 +232,7 @@ def main():
     widths, layers, groups = CONFIGS[a.config]
     vae = AutoencoderKL(block_out_channels=widths, layers_per_block=layers, norm_num_groups=groups,
                         latent_channels=4, down_block_types=["DownEncoderBlock2D"] * len(widths),
-                        up_block_types=["UpDecoderBlock2D"] * len(widths)).train()
+                        up_block_types=["UpDecoderBlock2D"] * len(widths)).to(dev).train()
     opt_ae = torch.optim.Adam(vae.parameters(), lr=1e-5, betas=(0.5, 0.9), eps=1e-8)
     last = vae.decoder.conv_out.weight
 
@@ -191,28 +240,38 @@ def main():
     if a.lpips:
         lpips = LPIPS()
         lpips.load(a.lpips)
-        lpips.eval().requires_grad_(False)
+        lpips = lpips.to(dev).eval().requires_grad_(False)
     disc = opt_d = None
     if a.gan:
-        disc = NLayerDiscriminator().train()
+        disc = NLayerDiscriminator().to(dev).train()
         opt_d = torch.optim.Adam(disc.parameters(), lr=1e-5, betas=(0.5, 0.9), eps=1e-8)
 
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand((a.batch, 3, a.size, a.size), generator=g) * 2 - 1
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.rand((a.batch, 3, a.size, a.size), generator=g, device=dev) * 2 - 1
     B = a.batch
+    amp = (torch.autocast(device_type=a.device, dtype=torch.bfloat16) if a.amp == "bf16"
+           else __import__("contextlib").nullcontext())
+    encode, decode = vae.encode, vae.decode
+    if a.compile:
+        encode, decode = torch.compile(vae.encode), torch.compile(vae.decode)
+        if lpips is not None:
+            lpips = torch.compile(lpips)
+        if disc is not None:
+            disc = torch.compile(disc)
 
     def step():
         # ---- the autoencoder (generator) step; D frozen as Lightning toggles it
         if disc is not None:
             disc.requires_grad_(False)
-        posterior = vae.encode(x).latent_dist
-        z = posterior.sample(generator=g)
-        xhat = vae.decode(z).sample
-        rec = (x - xhat).abs()
-        p = None
-        if lpips is not None:
-            p = lpips(x, xhat)
-            rec = rec + p
+        with amp:
+            posterior = encode(x).latent_dist
+            z = posterior.sample(generator=g)
+            xhat = decode(z).sample.float()
+            rec = (x - xhat).abs()
+            p = None
+            if lpips is not None:
+                p = lpips(x, xhat).float()
+                rec = rec + p
         nll = rec.sum() / B
         kl = posterior.kl().sum() / B
         log = {"rec": rec.mean().item(), "perceptual": p.mean().item() if p is not None else 0.0,
@@ -222,7 +281,8 @@ def main():
             total = nll + 1e-6 * kl
             total.backward()
         else:
-            g_loss = -torch.mean(disc(xhat))
+            with amp:
+                g_loss = -torch.mean(disc(xhat).float())
             if a.adaptive == "grad":
                 gn = torch.autograd.grad(nll, last, retain_graph=True)[0]
                 gg = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
@@ -243,8 +303,9 @@ def main():
         # ---- the discriminator step on x and the same x'
         if disc is not None:
             disc.requires_grad_(True)
-            logits_real = disc(x)
-            logits_fake = disc(xhat.detach())
+            with amp:
+                logits_real = disc(x).float()
+                logits_fake = disc(xhat.detach()).float()
             d_loss = 0.5 * (torch.mean(F.relu(1.0 - logits_real)) + torch.mean(F.relu(1.0 + logits_fake)))
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
@@ -254,9 +315,16 @@ def main():
         return log
 
     times = []
-    for r in range(-1, a.runs):  # run -1 warms up
+    warm = 3 if a.compile else 1
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for r in range(-warm, a.runs):  # the first runs warm up (and compile)
+        if cuda:
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         log = step()
+        if cuda:
+            torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         if r >= 0:
             times.append(dt)
@@ -266,11 +334,17 @@ def main():
             if not all(math.isfinite(v) for v in log.values()):
                 sys.exit("bench_train_pytorch: a loss is not finite")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    print(json.dumps({"impl": "pytorch", "op": "train", "size": a.size, "batch": a.batch,
-                      "threads": threads, "config": a.config, "gan": a.gan, "lpips": lpips is not None,
-                      "adaptive": a.adaptive, "times": [round(t, 4) for t in times],
-                      "median": round(statistics.median(times), 4), "peak_rss_mb": round(peak, 1),
-                      "torch": torch.__version__}))
+    median = statistics.median(times)
+    out = {"impl": "pytorch", "op": "train", "size": a.size, "batch": a.batch,
+           "threads": threads, "config": a.config, "gan": a.gan, "lpips": lpips is not None,
+           "adaptive": a.adaptive, "device": a.device, "amp": a.amp, "compile": a.compile,
+           "times": [round(t, 4) for t in times], "median": round(median, 4),
+           "images_per_s": round(a.batch / median, 3), "peak_rss_mb": round(peak, 1),
+           "torch": torch.__version__}
+    if cuda:
+        out["peak_device_mb"] = round(torch.cuda.max_memory_allocated() / 1048576.0, 1)
+        out["gpu"] = torch.cuda.get_device_name()
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -339,6 +339,9 @@ struct kv_backend {
     /* True when backend memory is ordinary host memory, so caller arrays can
      * be used as tensors without a copy. */
     bool host_memory;
+    /* True when the backend's compute format holds fewer bits than float32
+     * (bf16), so that a trainer keeps float32 master weights for Adam. */
+    bool lossy_storage;
 };
 
 /* Numerical mode of the backend (option precision). */

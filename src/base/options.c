@@ -17,7 +17,8 @@ typedef enum {
     OPT_CHOICE,
     OPT_INT_LIST,
     OPT_PATH,
-    OPT_BYTES /* a size in bytes (kv_parse_bytes), or one of choices */
+    OPT_BYTES, /* a size in bytes (kv_parse_bytes), or one of choices */
+    OPT_TEXT   /* free text, or what its checker (text_checks) accepts */
 } opt_type;
 
 typedef struct opt_def {
@@ -28,6 +29,15 @@ typedef struct opt_def {
     const char *choices; /* OPT_CHOICE, OPT_BYTES' words: '|'-separated */
     const char *help;
 } opt_def;
+
+static bool check_buckets(const char *value, char *why, size_t why_size);
+static bool check_part(const char *value, char *why, size_t why_size);
+
+/* The OPT_TEXT keys whose values have a syntax. */
+static const struct {
+    const char *key;
+    bool (*check)(const char *value, char *why, size_t why_size);
+} text_checks[] = {{"buckets", check_buckets}, {"part", check_part}};
 
 /* The order here is the order of klvae_option_describe and docs/options.md. */
 static const opt_def option_table[] = {
@@ -94,6 +104,47 @@ static const opt_def option_table[] = {
      "Latent scale used by diffusion pipelines (not applied by libklvae)."},
     {"shift_factor", OPT_OPTIONAL_FLOAT, "none", -1e30, 1e30, NULL,
      "Latent shift used by diffusion pipelines, or none."},
+    /* dataset encoding (klvae_encode_dataset, klvae encode-dataset) */
+    {"size", OPT_INT, "256", 8, 16384, NULL,
+     "klvae_encode_dataset without buckets: each image is resized (antialiased bilinear) so "
+     "that its shorter side is size, then cropped to size x size. A multiple of the model's "
+     "downsampling factor."},
+    {"crop", OPT_CHOICE, "center", 0, 0, "center|random",
+     "klvae_encode_dataset: where the crop is taken from the resized image: its centre, or "
+     "a position drawn from seed and the image's place in the file list."},
+    {"buckets", OPT_TEXT, "none", 0, 0, NULL,
+     "klvae_encode_dataset: none, or SIDE,STEP[,MAX_RATIO] for aspect-ratio buckets of about "
+     "SIDE x SIDE pixels whose sides are multiples of STEP (a multiple of the downsampling "
+     "factor) and whose aspect ratio is at most MAX_RATIO (default 4): each image goes to the "
+     "bucket nearest its aspect ratio, is resized to cover it and cropped."},
+    {"flip", OPT_BOOL, "false", 0, 0, NULL,
+     "klvae_encode_dataset: also store the latents of each image mirrored left to right, "
+     "beside the plain ones."},
+    {"store", OPT_CHOICE, "posterior", 0, 0, "posterior|sample",
+     "klvae_encode_dataset: store the posterior (mean and logvar, so that training can draw "
+     "a fresh sample each epoch) or one sample drawn from it with seed."},
+    {"dtype", OPT_CHOICE, "fp32", 0, 0, "fp32|bf16|fp16",
+     "klvae_encode_dataset: the number format of the stored latents."},
+    {"scale_latents", OPT_BOOL, "false", 0, 0, NULL,
+     "klvae_encode_dataset: store (z - shift_factor) * scaling_factor, the model's factors "
+     "(logvar + 2 ln scaling_factor for the posterior), instead of the raw latents; recorded "
+     "in the manifest."},
+    {"shard_size", OPT_INT, "512", 1, 100000, NULL,
+     "klvae_encode_dataset: images per shard file (fewer where images are skipped or a "
+     "bucket ends). A shard is held in memory until it is written."},
+    {"part", OPT_TEXT, "auto", 0, 0, NULL,
+     "klvae_encode_dataset: I/N encodes part I (0 to N-1) of N disjoint parts of the file "
+     "list; auto takes the rank and size of an MPI launch from OMPI_COMM_WORLD_RANK and "
+     "OMPI_COMM_WORLD_SIZE (Open MPI) or PMI_RANK and PMI_SIZE (MPICH, Intel MPI), else 0/1."},
+    {"encode_batch", OPT_INT, "4", 1, 4096, NULL,
+     "klvae_encode_dataset: images per klvae_encode call (flipped copies count too); the "
+     "images of one call come from one bucket."},
+    {"loader_threads", OPT_INT, "0", 0, 256, NULL,
+     "klvae_encode_dataset: threads that read and resize images ahead of the encoder; 0 "
+     "picks one per 8 CPUs (at least 1) on the CPU backend and one per CPU on CUDA."},
+    {"model_name", OPT_TEXT, "", 0, 0, NULL,
+     "klvae_encode_dataset: the model's name or path, recorded in the manifest (the klvae "
+     "tool gives the MODEL argument)."},
     /* trainer */
     {"preset", OPT_CHOICE, "default", 0, 0, "default|ldm",
      "ldm reproduces the latent-diffusion reference's observable behaviour: a second "
@@ -143,6 +194,10 @@ static const opt_def option_table[] = {
     {"train_encoder", OPT_BOOL, "true", 0, 0, NULL,
      "false fine-tunes the decoder only (encoder and quant_conv frozen), the recipe of "
      "sd-vae-ft-mse."},
+    {"recompute", OPT_BOOL, "false", 0, 0, NULL,
+     "true keeps only each resnet block's input and norm statistics for the backward, which "
+     "recomputes the block's first convolution: about one activation less per block, for one "
+     "convolution more (the same results, bit for bit)."},
     {"grad_accum", OPT_INT, "1", 1, 4096, NULL,
      "Micro-batches per optimizer step: a step's batch is split into this many parts, run one "
      "after another."},
@@ -428,7 +483,70 @@ static bool validate(const opt_def *def, const char *value, char *why, size_t wh
             return false;
         }
         return true;
+    case OPT_TEXT:
+        for (size_t i = 0; i < KV_ARRAY_LEN(text_checks); i++)
+            if (strcmp(text_checks[i].key, def->key) == 0)
+                return text_checks[i].check(value, why, why_size);
+        return true;
     }
+    return false;
+}
+
+/* "I/N" with 0 <= I < N <= 2^20. */
+bool kv_parse_part(const char *text, int *index, int *count)
+{
+    const char *slash = strchr(text, '/');
+    char head[24];
+    if (!slash || (size_t)(slash - text) >= sizeof head)
+        return false;
+    memcpy(head, text, (size_t)(slash - text));
+    head[slash - text] = '\0';
+    long long i, n;
+    if (!parse_long(head, &i) || !parse_long(slash + 1, &n) || head[0] == '+' ||
+        slash[1] == '+' || i < 0 || n < 1 || i >= n || n > (1 << 20))
+        return false;
+    *index = (int)i;
+    *count = (int)n;
+    return true;
+}
+
+static bool check_part(const char *value, char *why, size_t why_size)
+{
+    int i, n;
+    if (strcmp(value, "auto") == 0 || kv_parse_part(value, &i, &n))
+        return true;
+    snprintf(why, why_size, "expected auto or I/N with 0 <= I < N (part 0/4 is the first of 4)");
+    return false;
+}
+
+bool kv_parse_buckets(const char *text, int *side, int *step, double *max_ratio)
+{
+    char copy[64];
+    if (strlen(text) >= sizeof copy)
+        return false;
+    strcpy(copy, text);
+    char *first = strtok(copy, ","), *second = strtok(NULL, ","), *third = strtok(NULL, ",");
+    long long a, b;
+    double r = 4.0;
+    if (!first || !second || strtok(NULL, ",") || !parse_long(first, &a) ||
+        !parse_long(second, &b) || (third && !parse_double(third, &r)))
+        return false;
+    if (a < 8 || a > 16384 || b < 1 || b > a || r < 1.0 || r > 16.0)
+        return false;
+    *side = (int)a;
+    *step = (int)b;
+    *max_ratio = r;
+    return true;
+}
+
+static bool check_buckets(const char *value, char *why, size_t why_size)
+{
+    int side, step;
+    double ratio;
+    if (strcmp(value, "none") == 0 || kv_parse_buckets(value, &side, &step, &ratio))
+        return true;
+    snprintf(why, why_size, "expected none or SIDE,STEP[,MAX_RATIO] with SIDE from 8 to 16384, "
+             "STEP from 1 to SIDE and MAX_RATIO from 1 to 16 (1024,64 is near SDXL's)");
     return false;
 }
 

@@ -37,6 +37,10 @@ bool kv_parse_bytes(const char *text, uint64_t *out);
 /* Parsers shared with config.json handling and the CLI. */
 bool kv_parse_int_list(const char *text, kv_int_list *out);
 void kv_format_int_list(const kv_int_list *list, char *buf, size_t size);
+/* The option part's "I/N" (0 <= I < N <= 2^20). */
+bool kv_parse_part(const char *text, int *index, int *count);
+/* The option buckets' "SIDE,STEP[,MAX_RATIO]" (MAX_RATIO 4 when absent). */
+bool kv_parse_buckets(const char *text, int *side, int *step, double *max_ratio);
 /* The shortest decimal text that reads back as exactly v (0.18215, not
  * 0.18215000000000001). */
 void kv_format_double(double v, char *buf, size_t size);

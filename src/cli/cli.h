@@ -68,7 +68,11 @@ double image_ssim(const float *a, const float *b, int h, int w);
 
 int cmd_train(cli *c);
 int cmd_eval(cli *c);
+int cmd_encode_dataset(cli *c);
+int cmd_latent_stats(cli *c);
 extern const char *const train_help;
 extern const char *const eval_help;
+extern const char *const encode_dataset_help;
+extern const char *const latent_stats_help;
 
 #endif

@@ -1,5 +1,6 @@
 /* klvae — the command-line tool: info, encode, decode, reconstruct,
- * convert, options (here), train (train.c) and eval (eval.c). It uses the public API (include/klvae.h) for everything but the
+ * convert, options (here), train (train.c), eval (eval.c), encode-dataset
+ * and latent-stats (encode_dataset.c). It uses the public API (include/klvae.h) for everything but the
  * latent files, which it reads and writes with the library's own safetensors
  * code; so it links libklvae.a. */
 #include <errno.h>
@@ -22,6 +23,7 @@ static const char *const train_flags[] = {"data", "out", "size", "batch", "steps
                                           "model", "resume", "lpips", "grid-every",
                                           "checkpoint-every", "log-every", "eval-images", NULL};
 static const char *const eval_flags[] = {"data", "lpips", "size", "images", NULL};
+static const char *const encode_dataset_flags[] = {"data", "list", "out", NULL};
 
 static const char *const general_help =
     "usage: klvae COMMAND [ARGS] [--OPTION VALUE ...]\n"
@@ -36,6 +38,9 @@ static const char *const general_help =
     "  convert MODEL OUT_DIR               write MODEL as a diffusers folder\n"
     "  train [--data DIR] [--out RUN_DIR]  train an autoencoder (LDM recipe)\n"
     "  eval MODEL [--data DIR]             PSNR, SSIM (and LPIPS) over images\n"
+    "  encode-dataset MODEL --data DIR --out SHARDS_DIR\n"
+    "                                      a folder of images -> latent shards\n"
+    "  latent-stats SHARDS_DIR             the latents' statistics and scaling\n"
     "  options                             list every --OPTION with its default\n"
     "\n"
     "MODEL is a diffusers folder (config.json + diffusion_pytorch_model.safetensors)\n"
@@ -89,6 +94,10 @@ static const char *command_help(const char *command)
         return train_help;
     if (strcmp(command, "eval") == 0)
         return eval_help;
+    if (strcmp(command, "encode-dataset") == 0)
+        return encode_dataset_help;
+    if (strcmp(command, "latent-stats") == 0)
+        return latent_stats_help;
     if (strcmp(command, "options") == 0)
         return "usage: klvae options\n"
                "\n"
@@ -139,6 +148,12 @@ static void parse_args(int argc, char **argv, cli *c)
             c->scaled = true;
             continue;
         }
+        if (strcmp(flag, "flip") == 0 && c->command && strcmp(c->command, "encode-dataset") == 0) {
+            st = klvae_options_set(c->opts, "flip", "true");
+            if (st != KLVAE_OK)
+                die_status(st, "options");
+            continue;
+        }
         if (strcmp(flag, "quiet") == 0 || strcmp(flag, "q") == 0) {
             c->quiet = true;
             continue;
@@ -166,6 +181,8 @@ static void parse_args(int argc, char **argv, cli *c)
             own = train_flags;
         else if (c->command && strcmp(c->command, "eval") == 0)
             own = eval_flags;
+        else if (c->command && strcmp(c->command, "encode-dataset") == 0)
+            own = encode_dataset_flags;
         for (char *u = key; *u; u++) /* --grid_every and --grid-every alike */
             if (*u == '_' && own)
                 *u = '-';
@@ -493,6 +510,10 @@ int main(int argc, char **argv)
         rc = cmd_train(&c);
     else if (strcmp(c.command, "eval") == 0)
         rc = cmd_eval(&c);
+    else if (strcmp(c.command, "encode-dataset") == 0)
+        rc = cmd_encode_dataset(&c);
+    else if (strcmp(c.command, "latent-stats") == 0)
+        rc = cmd_latent_stats(&c);
     else
         rc = cmd_options(&c);
     klvae_options_free(c.opts);

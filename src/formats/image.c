@@ -332,6 +332,109 @@ static klvae_status_t read_jpeg(FILE *fp, const char *path, uint64_t budget, flo
     return KLVAE_OK;
 }
 
+/* The size in a PNG's IHDR, through libpng (which checks the signature,
+ * the chunk's CRC and the side limits). */
+static klvae_status_t png_size(FILE *fp, const char *path, uint64_t budget, int *h, int *w)
+{
+    png_failure failure;
+    failure.message[0] = '\0';
+    png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, &failure, png_error_handler,
+                                             png_warning_handler);
+    png_infop info = png ? png_create_info_struct(png) : NULL;
+    if (!png || !info) {
+        png_destroy_read_struct(&png, &info, NULL);
+        return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory reading %s", path);
+    }
+    if (setjmp(failure.jump)) {
+        png_destroy_read_struct(&png, &info, NULL);
+        return kv_error(KLVAE_ERR_FORMAT, "%s: corrupt PNG: %s", path, failure.message);
+    }
+    png_init_io(png, fp);
+    png_set_user_limits(png, KV_IMAGE_MAX_SIDE, KV_IMAGE_MAX_SIDE);
+    png_skip_metadata(png);
+    png_read_info(png, info);
+    png_uint_32 width = png_get_image_width(png, info);
+    png_uint_32 height = png_get_image_height(png, info);
+    png_destroy_read_struct(&png, &info, NULL);
+    klvae_status_t st = check_pixel_budget(path, width, height, budget);
+    if (st == KLVAE_OK) {
+        *h = (int)height;
+        *w = (int)width;
+    }
+    return st;
+}
+
+/* The size in a JPEG's frame header (the markers before the first scan). */
+static klvae_status_t jpeg_size(FILE *fp, const char *path, uint64_t budget, int *h, int *w)
+{
+    struct jpeg_decompress_struct cinfo;
+    jpeg_failure failure;
+    cinfo.err = jpeg_std_error(&failure.base);
+    failure.base.error_exit = jpeg_error_exit;
+    failure.base.emit_message = jpeg_emit_message;
+    failure.message[0] = '\0';
+    if (setjmp(failure.jump)) {
+        jpeg_destroy_decompress(&cinfo);
+        const char *why = failure.message;
+        if (strncmp(why, "Corrupt JPEG data: ", 19) == 0)
+            why += 19;
+        return kv_error(KLVAE_ERR_FORMAT, "%s: corrupt JPEG: %s", path, why);
+    }
+    jpeg_create_decompress(&cinfo);
+    jpeg_stdio_src(&cinfo, fp);
+    bool cmyk;
+    klvae_status_t st = jpeg_read_size(&cinfo, path, budget, &cmyk);
+    if (st == KLVAE_OK) {
+        *h = (int)cinfo.output_height;
+        *w = (int)cinfo.output_width;
+    }
+    jpeg_destroy_decompress(&cinfo);
+    return st;
+}
+
+/* Opens path as a regular file and tells PNG from JPEG by the first bytes:
+ * 'p' or 'j' with fp positioned at the start, else an error (fp closed). */
+static klvae_status_t open_image(const char *path, FILE **out, char *kind)
+{
+    *out = NULL;
+    FILE *fp = fopen(path, "rb");
+    if (!fp)
+        return kv_error(KLVAE_ERR_IO, "cannot open %s: %s", path, strerror(errno));
+    struct stat info;
+    if (fstat(fileno(fp), &info) != 0 || !S_ISREG(info.st_mode)) {
+        fclose(fp);
+        return kv_error(KLVAE_ERR_IO, "%s is not a regular file", path);
+    }
+    unsigned char magic[8] = {0};
+    size_t got = fread(magic, 1, sizeof magic, fp);
+    rewind(fp);
+    if (got == 8 && png_sig_cmp(magic, 0, 8) == 0) {
+        *kind = 'p';
+    } else if (got >= 3 && magic[0] == 0xFF && magic[1] == 0xD8 && magic[2] == 0xFF) {
+        *kind = 'j';
+    } else {
+        fclose(fp);
+        return kv_error(KLVAE_ERR_FORMAT, "%s is neither a PNG nor a JPEG file%s", path,
+                        got == 0 ? " (it is empty)" : "");
+    }
+    *out = fp;
+    return KLVAE_OK;
+}
+
+klvae_status_t kv_image_read_size(const char *path, uint64_t max_pixels, int *h, int *w)
+{
+    *h = 0;
+    *w = 0;
+    FILE *fp;
+    char kind;
+    klvae_status_t st = open_image(path, &fp, &kind);
+    if (st != KLVAE_OK)
+        return st;
+    st = kind == 'p' ? png_size(fp, path, max_pixels, h, w) : jpeg_size(fp, path, max_pixels, h, w);
+    fclose(fp);
+    return st;
+}
+
 klvae_status_t kv_image_read(const char *function, const char *path, uint64_t max_pixels,
                              float **pixels, int *h, int *w)
 {
@@ -344,25 +447,15 @@ klvae_status_t kv_image_read(const char *function, const char *path, uint64_t ma
     if (!path || !pixels || !h || !w)
         return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "%s: %s is NULL", function,
                         !path ? "path" : !pixels ? "pixels" : !h ? "h" : "w");
-    FILE *fp = fopen(path, "rb");
-    if (!fp)
-        return kv_error(KLVAE_ERR_IO, "cannot open %s: %s", path, strerror(errno));
-    struct stat info;
-    if (fstat(fileno(fp), &info) != 0 || !S_ISREG(info.st_mode)) {
-        fclose(fp);
-        return kv_error(KLVAE_ERR_IO, "%s is not a regular file", path);
-    }
-    unsigned char magic[8] = {0};
-    size_t got = fread(magic, 1, sizeof magic, fp);
-    rewind(fp);
-    klvae_status_t st;
-    if (got == 8 && png_sig_cmp(magic, 0, 8) == 0)
+    FILE *fp;
+    char kind;
+    klvae_status_t st = open_image(path, &fp, &kind);
+    if (st != KLVAE_OK)
+        return st;
+    if (kind == 'p')
         st = read_png(fp, path, max_pixels, pixels, h, w);
-    else if (got >= 3 && magic[0] == 0xFF && magic[1] == 0xD8 && magic[2] == 0xFF)
-        st = read_jpeg(fp, path, max_pixels, pixels, h, w);
     else
-        st = kv_error(KLVAE_ERR_FORMAT, "%s is neither a PNG nor a JPEG file%s", path,
-                      got == 0 ? " (it is empty)" : "");
+        st = read_jpeg(fp, path, max_pixels, pixels, h, w);
     fclose(fp);
     return st;
 }

@@ -13,4 +13,10 @@
 klvae_status_t kv_image_read(const char *function, const char *path, uint64_t max_pixels,
                              float **pixels, int *h, int *w);
 
+/* The size of the PNG or JPEG image at path, from its header alone (the
+ * pixels are not decoded, so a file whose image data is damaged passes):
+ * the same checks and errors as kv_image_read up to the header, the budget
+ * included. *h and *w are 0 on error. */
+klvae_status_t kv_image_read_size(const char *path, uint64_t max_pixels, int *h, int *w);
+
 #endif

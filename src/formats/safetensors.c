@@ -693,3 +693,91 @@ done:
     json_decref(root);
     return status;
 }
+
+int kv_st_dtype_bits(const char *dtype)
+{
+    return dtype_bits(dtype);
+}
+
+/* The header of kv_st_write_raw as compact JSON text (sorted keys), with
+ * each tensor's byte count in sizes. */
+static klvae_status_t raw_header(const char *path, const kv_st_raw *tensors, size_t count,
+                                 const kv_st_meta *metadata, size_t metadata_count,
+                                 uint64_t *sizes, char **text)
+{
+    *text = NULL;
+    json_t *root = json_object();
+    if (!root)
+        return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory writing %s", path);
+    bool ok = true;
+    if (metadata_count > 0) {
+        json_t *meta = json_object();
+        ok = meta && json_object_set_new(root, "__metadata__", meta) == 0;
+        for (size_t i = 0; ok && i < metadata_count; i++)
+            ok = json_object_set_new(meta, metadata[i].key, json_string(metadata[i].value)) == 0;
+    }
+    uint64_t offset = 0;
+    for (size_t i = 0; ok && i < count; i++) {
+        const kv_st_raw *t = &tensors[i];
+        int bits = dtype_bits(t->dtype);
+        if (bits == 0 || bits % 8 != 0 || t->ndim < 0 || t->ndim > KV_ST_MAX_DIMS) {
+            json_decref(root);
+            return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "%s: tensor '%s' has dtype '%s' or %d "
+                            "dimensions, which cannot be written", path, t->name, t->dtype,
+                            t->ndim);
+        }
+        json_t *shape = json_array();
+        uint64_t numel = 1;
+        for (int d = 0; shape && d < t->ndim; d++) {
+            json_array_append_new(shape, json_integer(t->shape[d]));
+            numel *= (uint64_t)t->shape[d];
+        }
+        sizes[i] = numel * (uint64_t)(bits / 8);
+        json_t *item = shape ? json_pack("{s:s, s:o, s:[I, I]}", "dtype", t->dtype, "shape",
+                                         shape, "data_offsets", (json_int_t)offset,
+                                         (json_int_t)(offset + sizes[i]))
+                             : NULL;
+        ok = item && json_object_set_new(root, t->name, item) == 0;
+        offset += sizes[i];
+    }
+    *text = ok ? json_dumps(root, JSON_COMPACT | JSON_SORT_KEYS) : NULL;
+    json_decref(root);
+    if (!*text)
+        return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory writing %s", path);
+    return KLVAE_OK;
+}
+
+/* The header lists the tensors by name (sorted keys), but their offsets
+ * follow the caller's order, and so does the data. */
+klvae_status_t kv_st_write_raw(const char *path, const kv_st_raw *tensors, size_t count,
+                               const kv_st_meta *metadata, size_t metadata_count)
+{
+    uint64_t *sizes = calloc(count ? count : 1, sizeof *sizes);
+    if (!sizes)
+        return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory writing %s", path);
+    char *text = NULL;
+    klvae_status_t status =
+        raw_header(path, tensors, count, metadata, metadata_count, sizes, &text);
+    if (status != KLVAE_OK) {
+        free(sizes);
+        return status;
+    }
+    size_t header_len = strlen(text);
+    size_t padded = (header_len + 7) / 8 * 8;
+    unsigned char length_bytes[8];
+    for (int i = 0; i < 8; i++)
+        length_bytes[i] = (unsigned char)((uint64_t)padded >> (8 * i));
+    static const char spaces[8] = "        ";
+    kv_atomic_file f;
+    status = kv_atomic_open(&f, path);
+    if (status == KLVAE_OK && (status = kv_atomic_write(&f, length_bytes, 8)) == KLVAE_OK &&
+        (status = kv_atomic_write(&f, text, header_len)) == KLVAE_OK)
+        status = kv_atomic_write(&f, spaces, padded - header_len);
+    for (size_t i = 0; status == KLVAE_OK && i < count; i++)
+        status = kv_atomic_write(&f, tensors[i].data, (size_t)sizes[i]);
+    if (status == KLVAE_OK)
+        status = kv_atomic_commit(&f);
+    free(text);
+    free(sizes);
+    return status;
+}

@@ -94,6 +94,28 @@ klvae_status_t kv_st_write(const char *path, const kv_st_entry *entries, size_t 
                            const kv_st_meta *metadata, size_t metadata_count,
                            kv_st_fetch_fn fetch, void *ctx, struct kv_atomic_file *pending);
 
+/* Writing tensors that are already in memory, of any dtype this file
+ * reads (F32, F16, BF16, F64, I32, I64, ...): entry i is data[i], numel x
+ * the dtype's size bytes, written as they are (little-endian hosts). */
+typedef struct kv_st_raw {
+    const char *name;
+    const char *dtype;
+    int ndim;
+    int64_t shape[KV_ST_MAX_DIMS];
+    const void *data;
+} kv_st_raw;
+
+/* Writes path atomically (temporary file, fsync, rename), the header's keys
+ * sorted and the data 8-byte aligned, so the same tensors and metadata give
+ * the same bytes. count may be 0 (a file of metadata alone).
+ * Errors: KLVAE_ERR_INVALID_ARGUMENT (an unknown dtype), KLVAE_ERR_IO,
+ * KLVAE_ERR_OUT_OF_MEMORY; nothing is left at path or beside it on error. */
+klvae_status_t kv_st_write_raw(const char *path, const kv_st_raw *tensors, size_t count,
+                               const kv_st_meta *metadata, size_t metadata_count);
+
+/* Bits per element of a safetensors dtype name, or 0 when unknown. */
+int kv_st_dtype_bits(const char *dtype);
+
 /* IEEE half to float (bfloat16: kv_bf16_to_float, base/numerics.h). */
 float kv_half_to_float(uint16_t h);
 

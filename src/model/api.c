@@ -328,7 +328,6 @@ typedef struct caller_arrays {
     const kv_plugin *device; /* the plugin for device arrays; NULL: host arrays */
 } caller_arrays;
 
-static klvae_status_t plugin_error(klvae_status_t st);
 
 /* A tensor holding caller data (copied in when copy_in), stored as storage
  * says. */
@@ -343,7 +342,7 @@ static klvae_status_t take_in(const caller_arrays *io, float *array, int n, int 
     klvae_status_t st = storage == KV_STORAGE_FLOAT32 ? kv_tensor_alloc_f32(be, n, c, h, w, t)
                                                       : kv_tensor_alloc(be, n, c, h, w, t);
     if (st == KLVAE_OK && copy_in)
-        st = io->device ? plugin_error(io->device->import_device(be, t, array))
+        st = io->device ? kv_plugin_status(io->device->import_device(be, t, array))
                         : be->ops->upload(be, t, array);
     if (st != KLVAE_OK)
         kv_tensor_release(be, t);
@@ -357,7 +356,7 @@ static klvae_status_t give_out(const caller_arrays *io, kv_tensor *t, float *arr
 {
     kv_backend *be = io->be;
     if (st == KLVAE_OK && t->owned && array)
-        st = io->device ? plugin_error(io->device->export_device(be, array, t))
+        st = io->device ? kv_plugin_status(io->device->export_device(be, array, t))
                         : be->ops->download(be, array, t);
     kv_tensor_release(be, t);
     return st;
@@ -631,55 +630,24 @@ KLVAE_API klvae_status_t klvae_sample(klvae_model_t *m, const float *mean, const
 
 /* ---- inference on device memory ---- */
 
-/* A status a plugin returned, made a valid error status. */
-static klvae_status_t plugin_error(klvae_status_t st)
-{
-    return st == KLVAE_OK || (st > KLVAE_OK && st <= KLVAE_ERR_BUFFER_TOO_SMALL)
-               ? st
-               : KLVAE_ERR_BACKEND;
-}
-
 /* Starts a klvae_*_device call: the model must run on a plugin's backend,
  * which then works on the caller's stream; marks the model in use until
  * device_end. */
 static klvae_status_t device_begin(const char *fn, const char *host_fn, klvae_model_t *m,
                                    void *stream)
 {
-    if (!m->plugin)
-        return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
-                        "%s: the model runs on the %s backend, which has no device memory; use "
-                        "%s with host arrays (or load the model with backend=cuda)",
-                        fn, m->backend_name, host_fn);
     klvae_status_t st = kv_busy_enter(&m->busy, fn);
-    if (st == KLVAE_OK && (st = plugin_error(m->plugin->set_stream(m->be, stream))) != KLVAE_OK)
+    if (st == KLVAE_OK && (st = kv_model_stream_enter(m, fn, host_fn, stream)) != KLVAE_OK)
         kv_busy_leave(&m->busy, st);
     return st;
 }
 
-/* Ends a klvae_*_device call whose work returned st: waits for the work on
- * the caller's stream, puts the backend back on its own stream, and returns
- * the first error with its message. */
+/* Ends a klvae_*_device call whose work returned st (kv_model_stream_leave)
+ * and leaves the model. */
 static klvae_status_t device_end(klvae_model_t *m, klvae_status_t st)
 {
-    char saved[1024] = "";
-    if (st != KLVAE_OK)
-        snprintf(saved, sizeof saved, "%s", kv_error_message());
-    klvae_status_t sync = plugin_error(m->plugin->synchronize(m->be));
-    if (st == KLVAE_OK && sync != KLVAE_OK) {
-        st = sync;
-        snprintf(saved, sizeof saved, "%s", kv_error_message());
-    }
-    klvae_status_t reset = plugin_error(m->plugin->set_stream(m->be, NULL));
-    if (st == KLVAE_OK && reset != KLVAE_OK) {
-        st = reset;
-        snprintf(saved, sizeof saved, "%s", kv_error_message());
-    }
-    m->be->ops->trim(m->be);
-    kv_busy_leave(&m->busy, st);
-    if (st != KLVAE_OK)
-        return kv_error(st, "%s", saved);
-    kv_error_clear();
-    return KLVAE_OK;
+    st = kv_model_stream_leave(m, st);
+    return kv_busy_leave(&m->busy, st);
 }
 
 KLVAE_API klvae_status_t klvae_encode_device(klvae_model_t *m, const float *images, int n, int h,

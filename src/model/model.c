@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend/plugin.h"
 #include "base/philox.h"
 #include "model/model.h"
 
@@ -297,4 +298,46 @@ void kv_model_destroy(klvae_model_t *m)
     kv_config_free(&m->cfg);
     free(m->infer.spill_dir);
     free(m);
+}
+
+/* ---- device calls ---- */
+
+klvae_status_t kv_plugin_status(klvae_status_t st)
+{
+    return st == KLVAE_OK || (st > KLVAE_OK && st <= KLVAE_ERR_BUFFER_TOO_SMALL)
+               ? st
+               : KLVAE_ERR_BACKEND;
+}
+
+klvae_status_t kv_model_stream_enter(klvae_model_t *m, const char *fn, const char *host_fn,
+                                     void *stream)
+{
+    if (!m->plugin)
+        return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
+                        "%s: the model runs on the %s backend, which has no device memory; use "
+                        "%s with host arrays (or load the model with backend=cuda)",
+                        fn, m->backend_name, host_fn);
+    return kv_plugin_status(m->plugin->set_stream(m->be, stream));
+}
+
+klvae_status_t kv_model_stream_leave(klvae_model_t *m, klvae_status_t st)
+{
+    char saved[1024] = "";
+    if (st != KLVAE_OK)
+        snprintf(saved, sizeof saved, "%s", kv_error_message());
+    klvae_status_t sync = kv_plugin_status(m->plugin->synchronize(m->be));
+    if (st == KLVAE_OK && sync != KLVAE_OK) {
+        st = sync;
+        snprintf(saved, sizeof saved, "%s", kv_error_message());
+    }
+    klvae_status_t reset = kv_plugin_status(m->plugin->set_stream(m->be, NULL));
+    if (st == KLVAE_OK && reset != KLVAE_OK) {
+        st = reset;
+        snprintf(saved, sizeof saved, "%s", kv_error_message());
+    }
+    m->be->ops->trim(m->be);
+    if (st != KLVAE_OK)
+        return kv_error(st, "%s", saved);
+    kv_error_clear();
+    return KLVAE_OK;
 }

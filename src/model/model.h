@@ -140,6 +140,19 @@ klvae_status_t kv_model_init_params(klvae_model_t *m, uint64_t seed);
 /* Releases parameters, registry and backend. */
 void kv_model_destroy(klvae_model_t *m);
 
+/* The calls on a caller's device arrays (klvae_*_device,
+ * klvae_trainer_step_device). kv_model_stream_enter puts the model's plugin
+ * backend on the caller's stream (KLVAE_ERR_INVALID_ARGUMENT naming fn and
+ * host_fn, the host call to use instead, when the model runs on the CPU);
+ * kv_model_stream_leave, given the status of the work, waits for the
+ * stream, puts the backend back on its own one, trims, and returns the
+ * first error with its message. kv_plugin_status makes a plugin's status a
+ * valid klvae_status_t. */
+klvae_status_t kv_model_stream_enter(klvae_model_t *m, const char *fn, const char *host_fn,
+                                     void *stream);
+klvae_status_t kv_model_stream_leave(klvae_model_t *m, klvae_status_t st);
+klvae_status_t kv_plugin_status(klvae_status_t st);
+
 /* src/model/weights.c: reading and writing weight files. */
 struct kv_safetensors;
 struct kv_st_tensor;

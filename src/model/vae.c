@@ -79,7 +79,7 @@ static klvae_status_t norm_conv_new(klvae_model_t *m, const kv_norm *nm, kv_acti
  * 1x1 conv) added by conv2 as its residual. Consumes *x (kept in the tape, or
  * released unless the caller owns it) and leaves the result in *x. */
 static klvae_status_t resnet_forward(klvae_model_t *m, const kv_resnet *r, kv_resnet_tape *t,
-                                     kv_tensor *x)
+                                     bool recompute, kv_tensor *x)
 {
     kv_backend *be = m->be;
     const kv_activation act = kv_config_activation(&m->cfg);
@@ -96,7 +96,7 @@ static klvae_status_t resnet_forward(klvae_model_t *m, const kv_resnet *r, kv_re
     if (st == KLVAE_OK)
         st = norm_conv_new(m, &r->norm2, act, &r->conv2, &h2, residual, t ? &t->n2 : NULL, &h);
     if (st == KLVAE_OK)
-        keep_or_release(be, t != NULL, t ? &t->h2 : NULL, &h2);
+        keep_or_release(be, t != NULL && !recompute, t ? &t->h2 : NULL, &h2);
     if (st == KLVAE_OK && !r->has_shortcut)
         keep_or_release(be, t != NULL, t ? &t->x : NULL, x);
     kv_tensor_release(be, &skip);
@@ -166,13 +166,13 @@ static klvae_status_t attention_forward(klvae_model_t *m, const kv_attention *a,
 }
 
 static klvae_status_t mid_block_forward(klvae_model_t *m, const kv_mid_block *mid, kv_mid_tape *t,
-                                        kv_tensor *x)
+                                        bool recompute, kv_tensor *x)
 {
-    klvae_status_t st = resnet_forward(m, &mid->resnets[0], t ? &t->res[0] : NULL, x);
+    klvae_status_t st = resnet_forward(m, &mid->resnets[0], t ? &t->res[0] : NULL, recompute, x);
     if (st == KLVAE_OK && mid->has_attention)
         st = attention_forward(m, &mid->attention, t ? &t->attn : NULL, x);
     if (st == KLVAE_OK)
-        st = resnet_forward(m, &mid->resnets[1], t ? &t->res[1] : NULL, x);
+        st = resnet_forward(m, &mid->resnets[1], t ? &t->res[1] : NULL, recompute, x);
     return st;
 }
 
@@ -197,8 +197,10 @@ klvae_status_t kv_vae_encode_moments(klvae_model_t *m, const kv_tensor *images,
     kv_backend *be = m->be;
     const kv_encoder *e = &m->enc;
     memset(moments, 0, sizeof *moments);
+    const bool recompute = t && t->recompute;
     if (t) {
         memset(t, 0, sizeof *t);
+        t->recompute = recompute;
         t->images = *images;
         t->images.owned = false;
     }
@@ -208,12 +210,12 @@ klvae_status_t kv_vae_encode_moments(klvae_model_t *m, const kv_tensor *images,
         const kv_level *lv = &e->down[i];
         kv_level_tape *lt = t ? &t->down[i] : NULL;
         for (int j = 0; st == KLVAE_OK && j < lv->num_resnets; j++)
-            st = resnet_forward(m, &lv->resnets[j], lt ? &lt->res[j] : NULL, &h);
+            st = resnet_forward(m, &lv->resnets[j], lt ? &lt->res[j] : NULL, recompute, &h);
         if (st == KLVAE_OK && lv->has_sampler)
             st = conv_replace(be, &lv->sampler, kv_downsample, lt ? &lt->sampler_in : NULL, &h);
     }
     if (st == KLVAE_OK)
-        st = mid_block_forward(m, &e->mid, t ? &t->mid : NULL, &h);
+        st = mid_block_forward(m, &e->mid, t ? &t->mid : NULL, recompute, &h);
     if (st == KLVAE_OK) { /* conv_norm_out, SiLU, conv_out */
         kv_tensor out;
         st = norm_conv_new(m, &e->norm_out, KV_ACT_SILU, &e->conv_out, &h, NULL,
@@ -270,8 +272,10 @@ klvae_status_t kv_vae_decode(klvae_model_t *m, const kv_tensor *z, kv_decoder_ta
     const kv_decoder *d = &m->dec;
     kv_tensor h = {0}, zq = {0};
     klvae_status_t st = KLVAE_OK;
+    const bool recompute = t && t->recompute;
     if (t) {
         memset(t, 0, sizeof *t);
+        t->recompute = recompute;
         t->z = *z;
         t->z.owned = false;
     }
@@ -287,12 +291,12 @@ klvae_status_t kv_vae_decode(klvae_model_t *m, const kv_tensor *z, kv_decoder_ta
     else
         kv_tensor_release(be, &zq);
     if (st == KLVAE_OK)
-        st = mid_block_forward(m, &d->mid, t ? &t->mid : NULL, &h);
+        st = mid_block_forward(m, &d->mid, t ? &t->mid : NULL, recompute, &h);
     for (int i = 0; st == KLVAE_OK && i < m->cfg.num_blocks; i++) {
         const kv_level *lv = &d->up[i];
         kv_level_tape *lt = t ? &t->up[i] : NULL;
         for (int j = 0; st == KLVAE_OK && j < lv->num_resnets; j++)
-            st = resnet_forward(m, &lv->resnets[j], lt ? &lt->res[j] : NULL, &h);
+            st = resnet_forward(m, &lv->resnets[j], lt ? &lt->res[j] : NULL, recompute, &h);
         if (st == KLVAE_OK && lv->has_sampler)
             st = upsample_forward(be, &lv->sampler, lt ? &lt->sampler_in : NULL, &h);
     }

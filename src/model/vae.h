@@ -15,7 +15,7 @@
 
 typedef struct kv_resnet_tape {
     kv_tensor x;  /* block input */
-    kv_tensor h2; /* conv1 output */
+    kv_tensor h2; /* conv1 output (empty with recompute) */
     kv_norm_state n1, n2;
 } kv_resnet_tape;
 
@@ -34,7 +34,11 @@ typedef struct kv_level_tape {
     kv_tensor sampler_in; /* downsample conv input / upsample input */
 } kv_level_tape;
 
+/* recompute (set by the caller before the forward, kept by it): each
+ * resnet keeps its input and statistics only, and the backward recomputes
+ * its conv1 output (kv_resnet_tape.h2 stays empty). */
 typedef struct kv_encoder_tape {
+    bool recompute;
     kv_tensor images; /* the caller's; not owned */
     kv_level_tape down[KV_MAX_BLOCKS];
     kv_mid_tape mid;
@@ -44,6 +48,7 @@ typedef struct kv_encoder_tape {
 } kv_encoder_tape;
 
 typedef struct kv_decoder_tape {
+    bool recompute;    /* as kv_encoder_tape's */
     kv_tensor z;       /* the caller's; not owned */
     kv_tensor conv_in_in; /* post_quant_conv's output (owned), or z */
     kv_mid_tape mid;

@@ -57,7 +57,11 @@ static klvae_status_t resnet_backward(klvae_model_t *m, const kv_resnet *r, kv_r
     const kv_activation act = kv_config_activation(&m->cfg);
     kv_conv_prologue p1 = kv_norm_prologue(&t->n1, act), p2 = kv_norm_prologue(&t->n2, act);
     kv_tensor dh2 = {0}, dx = {0}, dskip = {0};
-    klvae_status_t st = conv_back(be, &r->conv2, &gr->conv2, &t->h2, &p2, kv_same_3x3, d, &dh2);
+    klvae_status_t st = KLVAE_OK;
+    if (!t->h2.data) /* recompute: conv1's output again, from the kept input and statistics */
+        st = kv_conv_new(be, &r->conv1, &t->x, &p1, NULL, kv_same_3x3, &t->h2);
+    if (st == KLVAE_OK)
+        st = conv_back(be, &r->conv2, &gr->conv2, &t->h2, &p2, kv_same_3x3, d, &dh2);
     if (st == KLVAE_OK)
         st = norm_back(m, &r->norm2, &gr->norm2, &t->n2, act, &t->h2, &dh2);
     if (st == KLVAE_OK)

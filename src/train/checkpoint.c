@@ -54,18 +54,20 @@ static klvae_status_t ck_add(ck_list *l, const char *prefix, const char *name, k
     return KLVAE_OK;
 }
 
-/* A network's parameters, both Adam moments and (when kept) EMA weights,
- * under the names NAME.P, adam.NAME.m.P, adam.NAME.v.P and ema.P. */
+/* A network's parameters (its float32 master weights when it has them),
+ * both Adam moments and (when kept) EMA weights, under the names NAME.P,
+ * adam.NAME.m.P, adam.NAME.v.P and ema.P. */
 static klvae_status_t ck_collect_net(const kv_trained_net *n, ck_list *l)
 {
     char weights[16], adam_m[24], adam_v[24];
     snprintf(weights, sizeof weights, "%s.", n->name);
     snprintf(adam_m, sizeof adam_m, "adam.%s.m.", n->name);
     snprintf(adam_v, sizeof adam_v, "adam.%s.v.", n->name);
+    const kv_param_set exact = n->master.count ? n->master : n->weights;
     klvae_status_t st = KLVAE_OK;
     for (size_t i = 0; st == KLVAE_OK && i < n->weights.count; i++) {
         const char *name = n->weights.params[i].name;
-        st = ck_add(l, weights, name, n->weights.params[i].tensor, NULL, 0);
+        st = ck_add(l, weights, name, exact.params[i].tensor, NULL, 0);
         if (st == KLVAE_OK)
             st = ck_add(l, adam_m, name, n->adam_m.params[i].tensor, NULL, 0);
         if (st == KLVAE_OK)
@@ -320,8 +322,15 @@ static klvae_status_t trainer_load_unlocked(klvae_trainer_t *t, const char *path
         else
             status = kv_st_read_f32(&st, f, e->host);
     }
+    /* the weights are the loaded master weights' rounding */
+    if (status == KLVAE_OK && t->model_net.master.count)
+        status = kv_params_copy(t->be, t->model_net.weights, t->model_net.master);
+    if (status == KLVAE_OK && t->disc_net.master.count)
+        status = kv_params_copy(t->be, t->disc_net.weights, t->disc_net.master);
     if (status == KLVAE_OK && t->ema && !kv_st_find(&st, "ema.decoder.conv_out.weight"))
-        status = kv_params_copy(t->be, t->model_net.ema, t->model_net.weights);
+        status = kv_params_copy(t->be, t->model_net.ema,
+                                t->model_net.master.count ? t->model_net.master
+                                                          : t->model_net.weights);
     if (status == KLVAE_OK) {
         t->logvar = scalars[0];
         t->logvar_m = scalars[1];

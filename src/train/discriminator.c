@@ -300,9 +300,11 @@ klvae_status_t kv_disc_forward(kv_disc *d, const kv_tensor *x, kv_disc_tape *t, 
         if (has_bn(d, i)) {
             t->pre[i] = y;
             memset(&y, 0, sizeof y);
-            st = kv_tensor_alloc(be, 1, t->pre[i].shape[1], 1, 1, &t->mean[i]);
+            /* statistics in float32 whatever the backend computes in: the
+             * backward recomputes xhat from them */
+            st = kv_tensor_alloc_f32(be, 1, t->pre[i].shape[1], 1, 1, &t->mean[i]);
             if (st == KLVAE_OK)
-                st = kv_tensor_alloc(be, 1, t->pre[i].shape[1], 1, 1, &t->invstd[i]);
+                st = kv_tensor_alloc_f32(be, 1, t->pre[i].shape[1], 1, 1, &t->invstd[i]);
             if (st == KLVAE_OK)
                 st = kv_tensor_alloc(be, t->pre[i].shape[0], t->pre[i].shape[1],
                                      t->pre[i].shape[2], t->pre[i].shape[3], &y);

@@ -218,7 +218,7 @@ static klvae_status_t trunk_forward(kv_lpips *l, const kv_tensor *images, bool k
             const kv_tensor *f = &t->y[i];
             st = kv_tensor_alloc(be, n, f->shape[1], f->shape[2], f->shape[3], &t->normed[k]);
             if (st == KLVAE_OK)
-                st = kv_tensor_alloc(be, n, 1, f->shape[2], f->shape[3], &t->norms[k]);
+                st = kv_tensor_alloc_f32(be, n, 1, f->shape[2], f->shape[3], &t->norms[k]);
             if (st == KLVAE_OK)
                 st = be->ops->unit_normalize(be, f, &t->normed[k], &t->norms[k]);
         }

@@ -27,7 +27,9 @@ static inline kv_param_set kv_model_param_set(const klvae_model_t *m)
 /* Every tensor of s = value. */
 klvae_status_t kv_params_fill(kv_backend *be, kv_param_set s, float value);
 
-/* dst = src, bit for bit (sets of the same network). */
+/* dst = src (sets of the same network): bit for bit (but for the sign of a
+ * zero: 0 + -0 is +0), or rounded to dst's storage when that holds fewer
+ * bits (float32 master weights to bf16). */
 klvae_status_t kv_params_copy(kv_backend *be, kv_param_set dst, kv_param_set src);
 
 /* *total += the sum of squares of the tensors i of s with use[i] (use may be

@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend/plugin.h"
 #include "base/options.h"
 #include "base/philox.h"
 #include "model/vae.h"
@@ -85,6 +86,7 @@ static klvae_status_t read_settings(const klvae_options_t *o, trainer_settings *
     s->kl_weight = (float)kv_options_double(o, "kl_weight");
     s->logvar_init = (float)kv_options_double(o, "logvar_init");
     s->learn_logvar = kv_options_bool(o, "learn_logvar");
+    s->recompute = kv_options_bool(o, "recompute");
     s->disc_start = kv_options_int(o, "disc_start");
     s->disc_factor = (float)kv_options_double(o, "disc_factor");
     s->disc_weight = (float)kv_options_double(o, "disc_weight");
@@ -153,6 +155,7 @@ static klvae_status_t describe_nets(klvae_trainer_t *t)
     m->adam_m = kv_model_param_set(t->adam_m);
     m->adam_v = kv_model_param_set(t->adam_v);
     m->ema = kv_model_param_set(t->ema);
+    m->master = kv_model_param_set(t->master);
     m->lr = t->s.lr;
     m->trained = calloc(m->weights.count ? m->weights.count : 1, sizeof *m->trained);
     if (!m->trained)
@@ -164,6 +167,7 @@ static klvae_status_t describe_nets(klvae_trainer_t *t)
     d->grads = kv_disc_param_set(t->disc_grads);
     d->adam_m = kv_disc_param_set(t->disc_m);
     d->adam_v = kv_disc_param_set(t->disc_v);
+    d->master = kv_disc_param_set(t->disc_master);
     d->lr = t->s.disc_lr;
     return KLVAE_OK;
 }
@@ -177,7 +181,9 @@ KLVAE_API void klvae_trainer_free(klvae_trainer_t *t)
     shadow_release(be, t->adam_m);
     shadow_release(be, t->adam_v);
     shadow_release(be, t->ema);
+    shadow_release(be, t->master);
     kv_disc_free(t->disc);
+    kv_disc_free(t->disc_master);
     kv_disc_free(t->disc_grads);
     kv_disc_free(t->disc_m);
     kv_disc_free(t->disc_v);
@@ -225,6 +231,8 @@ KLVAE_API klvae_status_t klvae_trainer_create(klvae_model_t *model, const klvae_
         st = shadow_create(model, false, &t->adam_v);
     if (st == KLVAE_OK && t->s.ema_decay > 0.0f)
         st = shadow_create(model, true, &t->ema);
+    if (st == KLVAE_OK && t->be->lossy_storage) /* float32 master weights for Adam */
+        st = shadow_create(model, true, &t->master);
     if (st == KLVAE_OK)
         st = kv_disc_create(t->be, model->cfg.out_channels, t->s.disc_channels, t->s.disc_layers,
                             t->seed ^ 0x44495343ull, &t->disc);
@@ -237,6 +245,10 @@ KLVAE_API klvae_status_t klvae_trainer_create(klvae_model_t *model, const klvae_
         st = kv_disc_create_like(t->disc, &t->disc_m);
     if (st == KLVAE_OK)
         st = kv_disc_create_like(t->disc, &t->disc_v);
+    if (st == KLVAE_OK && t->be->lossy_storage)
+        st = kv_disc_create_like(t->disc, &t->disc_master);
+    if (st == KLVAE_OK && t->disc_master)
+        st = kv_params_copy(t->be, kv_disc_param_set(t->disc_master), kv_disc_param_set(t->disc));
     const char *lpips_path = kv_options_string(opts, "lpips_weights");
     if (st == KLVAE_OK && *lpips_path)
         st = kv_lpips_load(t->be, lpips_path, &t->lpips);
@@ -299,11 +311,15 @@ static klvae_status_t optimizer_step(klvae_trainer_t *t, kv_trained_net *n, doub
     if (t->s.grad_clip > 0.0f)
         st = clip_grads(t->be, n, extra, t->s.grad_clip);
     n->adam_steps++;
+    /* with master weights, Adam and EMA work on them and the weights follow */
+    const kv_param_set exact = n->master.count ? n->master : n->weights;
     if (st == KLVAE_OK)
-        st = kv_params_adam(t->be, n->weights, n->grads, n->adam_m, n->adam_v, n->trained, n->lr,
+        st = kv_params_adam(t->be, exact, n->grads, n->adam_m, n->adam_v, n->trained, n->lr,
                             t->s.beta1, t->s.beta2, t->s.eps, n->adam_steps);
     if (st == KLVAE_OK && n->ema.count)
-        st = kv_params_ema(t->be, n->ema, n->weights, t->s.ema_decay);
+        st = kv_params_ema(t->be, n->ema, exact, t->s.ema_decay);
+    if (st == KLVAE_OK && n->master.count)
+        st = kv_params_copy(t->be, n->weights, n->master);
     return st;
 }
 
@@ -362,6 +378,7 @@ static klvae_status_t generator_pass(klvae_trainer_t *t, const kv_tensor *x, int
     kv_decoder_tape dt;
     memset(&et, 0, sizeof et);
     memset(&dt, 0, sizeof dt);
+    et.recompute = dt.recompute = s->recompute;
     kv_tensor moments = {0}, z = {0}, xhat = {0}, d_img = {0}, d_gimg = {0}, d_lpips = {0};
     kv_tensor logits = {0}, d_logits = {0}, d_z = {0}, d_moments = {0};
     kv_disc_tape gt;
@@ -531,38 +548,46 @@ typedef struct step_plan {
     bool adaptive, disc_pass;
 } step_plan;
 
+/* Where a step's images are: host memory, or the caller's device memory
+ * (klvae_trainer_step_device: device is the model's plugin). */
+typedef struct step_input {
+    const char *fn; /* the API function, for messages */
+    const float *images;
+    const kv_plugin *device;
+} step_input;
+
 /* The arguments of klvae_trainer_step, checked; the plan. */
-static klvae_status_t plan_step(const klvae_trainer_t *t, const float *images, int n, int h,
+static klvae_status_t plan_step(const klvae_trainer_t *t, const step_input *in, int n, int h,
                                 int w, const klvae_step_stats_t *stats, step_plan *plan)
 {
+    const char *fn = in->fn;
+    const float *images = in->images;
     if (!t || !images)
-        return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "klvae_trainer_step: %s is NULL",
+        return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "%s: %s is NULL", fn,
                         !t ? "trainer" : "images");
     if (stats && stats->struct_size < 8)
         return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
-                        "klvae_trainer_step: stats->struct_size is %u; set it to "
-                        "sizeof(klvae_step_stats_t)",
+                        "%s: stats->struct_size is %u; set it to sizeof(klvae_step_stats_t)", fn,
                         stats->struct_size);
     const klvae_model_t *m = t->m;
     const int f = kv_config_factor(&m->cfg), c = m->cfg.in_channels, accum = t->s.grad_accum;
     if (n <= 0 || n % accum != 0)
         return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
-                        "klvae_trainer_step: n is %d; it must be a positive multiple of "
-                        "grad_accum = %d",
-                        n, accum);
+                        "%s: n is %d; it must be a positive multiple of grad_accum = %d", fn, n,
+                        accum);
     if (h < 16 || w < 16 || h % f != 0 || w % f != 0)
         return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
-                        "klvae_trainer_step: images of %d x %d; training needs sides of at "
-                        "least 16 that are multiples of the downsampling factor %d",
-                        h, w, f);
+                        "%s: images of %d x %d; training needs sides of at least 16 that "
+                        "are multiples of the downsampling factor %d",
+                        fn, h, w, f);
     if (m->cfg.out_channels != c)
         return kv_error(KLVAE_ERR_CONFIG,
-                        "klvae_trainer_step: the model maps %d channels to %d; training "
-                        "reconstructs its input, so they must be equal",
-                        c, m->cfg.out_channels);
+                        "%s: the model maps %d channels to %d; training reconstructs its "
+                        "input, so they must be equal",
+                        fn, c, m->cfg.out_channels);
     size_t count;
     if (!kv_numel4(n, c, h, w, &count))
-        return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "klvae_trainer_step: batch too large");
+        return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "%s: batch too large", fn);
     plan->micro_batch = n / accum;
     plan->channels = c;
     plan->h = h;
@@ -573,16 +598,18 @@ static klvae_status_t plan_step(const klvae_trainer_t *t, const float *images, i
     const int disc_min = kv_disc_min_size(t->disc);
     if (plan->disc_pass && (h < disc_min || w < disc_min))
         return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
-                        "klvae_trainer_step: %d x %d images are too small for the %d-layer "
-                        "discriminator, which needs at least %d x %d",
-                        h, w, t->disc->layers, disc_min, disc_min);
+                        "%s: %d x %d images are too small for the %d-layer discriminator, "
+                        "which needs at least %d x %d",
+                        fn, h, w, t->disc->layers, disc_min, disc_min);
+    if (in->device) /* device pixels are checked on the device (check_device_input) */
+        return KLVAE_OK;
     for (size_t i = 0; i < count; i++) /* a cheap pass next to a step */
         if (!isfinite(images[i])) {
             size_t plane = (size_t)h * w;
             return kv_error(KLVAE_ERR_NONFINITE,
-                            "klvae_trainer_step: image %zu of the batch holds %g at channel %zu, "
-                            "row %zu, column %zu; nothing was changed",
-                            i / (plane * c), (double)images[i], i / plane % c, i % plane / w,
+                            "%s: image %zu of the batch holds %g at channel %zu, row %zu, "
+                            "column %zu; nothing was changed",
+                            fn, i / (plane * c), (double)images[i], i / plane % c, i % plane / w,
                             i % w);
         }
     return KLVAE_OK;
@@ -654,20 +681,59 @@ static klvae_status_t check_discriminator(klvae_trainer_t *t, const step_sums *s
 
 /* One micro-batch of the step; the last one also updates both networks
  * unless a value is non-finite (*skipped then says what). */
-static klvae_status_t micro_step(klvae_trainer_t *t, const step_plan *plan, const float *src,
-                                 int micro, bool last, step_sums *sums, const char **skipped)
+/* Micro-batch micro of the input as a tensor: the caller's array itself when
+ * the backend computes in host memory, else a copy (upload, or import from
+ * the caller's device memory). */
+static klvae_status_t stage_micro(klvae_trainer_t *t, const step_plan *plan, const step_input *in,
+                                  int micro, kv_tensor *x)
 {
     kv_backend *be = t->be;
     const int mb = plan->micro_batch, c = plan->channels, h = plan->h, w = plan->w;
-    kv_tensor x = {0}, xhat = {0};
-    klvae_status_t st = KLVAE_OK;
-    if (be->host_memory) {
-        x = kv_tensor_wrap((float *)src, mb, c, h, w);
-    } else {
-        st = kv_tensor_alloc(be, mb, c, h, w, &x);
-        if (st == KLVAE_OK)
-            st = be->ops->upload(be, &x, src);
+    const float *src = in->images + (size_t)micro * mb * c * h * w;
+    if (be->host_memory && !in->device) {
+        *x = kv_tensor_wrap((float *)src, mb, c, h, w);
+        return KLVAE_OK;
     }
+    klvae_status_t st = kv_tensor_alloc(be, mb, c, h, w, x);
+    if (st == KLVAE_OK)
+        st = in->device ? kv_plugin_status(in->device->import_device(be, x, src))
+                        : be->ops->upload(be, x, src);
+    if (st != KLVAE_OK)
+        kv_tensor_release(be, x);
+    return st;
+}
+
+/* The device batch is checked for NaN and infinity before anything runs
+ * (the host batch is scanned by plan_step): one sum of squares per
+ * micro-batch. */
+static klvae_status_t check_device_input(klvae_trainer_t *t, const step_plan *plan,
+                                         const step_input *in)
+{
+    for (int micro = 0; micro < t->s.grad_accum; micro++) {
+        kv_tensor x = {0};
+        double sum = 0.0;
+        klvae_status_t st = stage_micro(t, plan, in, micro, &x);
+        if (st == KLVAE_OK)
+            st = t->be->ops->sum_squares(t->be, &x, &sum);
+        kv_tensor_release(t->be, &x);
+        if (st != KLVAE_OK)
+            return st;
+        if (!isfinite(sum))
+            return kv_error(KLVAE_ERR_NONFINITE,
+                            "%s: images %d to %d of the batch hold a NaN or an infinity; "
+                            "nothing was changed",
+                            in->fn, micro * plan->micro_batch,
+                            (micro + 1) * plan->micro_batch - 1);
+    }
+    return KLVAE_OK;
+}
+
+static klvae_status_t micro_step(klvae_trainer_t *t, const step_plan *plan, const step_input *in,
+                                 int micro, bool last, step_sums *sums, const char **skipped)
+{
+    kv_backend *be = t->be;
+    kv_tensor x = {0}, xhat = {0};
+    klvae_status_t st = stage_micro(t, plan, in, micro, &x);
     if (st == KLVAE_OK)
         st = generator_pass(t, &x, micro, plan->gan_factor, plan->adaptive, sums, &xhat);
     /* Everything that does not need the autoencoder's update runs before it,
@@ -754,26 +820,25 @@ static void write_stats(const klvae_trainer_t *t, const step_plan *plan, const s
     stats->struct_size = (uint32_t)size;
 }
 
-static klvae_status_t trainer_step(klvae_trainer_t *t, const float *images, const step_plan *p,
+static klvae_status_t trainer_step(klvae_trainer_t *t, const step_input *in, const step_plan *p,
                                    klvae_step_stats_t *stats)
 {
     step_plan plan = *p;
-    const int h = plan.h, w = plan.w;
     klvae_status_t st;
     const double t0 = kv_now_seconds();
     const int accum = t->s.grad_accum;
-    const size_t micro_floats = (size_t)plan.micro_batch * plan.channels * h * w;
     step_sums sums;
     memset(&sums, 0, sizeof sums);
     const char *nonfinite = NULL;
     const int64_t model_steps = t->model_net.adam_steps;
+    if (in->device && (st = check_device_input(t, &plan, in)) != KLVAE_OK)
+        return st;
     float *running = running_stats_copy(t->disc);
     if (!running)
-        return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory in klvae_trainer_step");
+        return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory in %s", in->fn);
     st = zero_grads(t);
     for (int micro = 0; micro < accum && st == KLVAE_OK; micro++)
-        st = micro_step(t, &plan, images + (size_t)micro * micro_floats, micro,
-                        micro == accum - 1, &sums, &nonfinite);
+        st = micro_step(t, &plan, in, micro, micro == accum - 1, &sums, &nonfinite);
     t->be->ops->trim(t->be);
     /* A non-finite value before the autoencoder's update: nothing changed.
      * After it (disc_update=fresh only): the discriminator's update was
@@ -786,7 +851,7 @@ static klvae_status_t trainer_step(klvae_trainer_t *t, const float *images, cons
         return st;
     if (nonfinite && t->s.refuse_nonfinite) {
         klvae_status_t refused = kv_error(
-            KLVAE_ERR_NONFINITE, "klvae_trainer_step: %s is not finite at step %lld; %s",
+            KLVAE_ERR_NONFINITE, "%s: %s is not finite at step %lld; %s", in->fn,
             nonfinite, (long long)t->step,
             updated ? "the autoencoder was updated (disc_update=fresh finds this after its "
                       "update) but the discriminator was not"
@@ -804,21 +869,54 @@ static klvae_status_t trainer_step(klvae_trainer_t *t, const float *images, cons
     return KLVAE_OK;
 }
 
+/* A step behind the busy marks of the trainer and its model (no encode or
+ * decode meanwhile); a device step on the caller's stream. */
+static klvae_status_t locked_step(klvae_trainer_t *t, const step_input *in, int n, int h, int w,
+                                  void *stream, klvae_step_stats_t *stats)
+{
+    step_plan plan;
+    klvae_status_t st = plan_step(t, in, n, h, w, stats, &plan);
+    if (st == KLVAE_OK)
+        st = kv_busy_enter(&t->busy, in->fn);
+    if (st != KLVAE_OK)
+        return st;
+    char model_fn[64];
+    snprintf(model_fn, sizeof model_fn, "%s (its model)", in->fn);
+    st = kv_busy_enter(&t->m->busy, model_fn);
+    if (st == KLVAE_OK) {
+        if (in->device) {
+            st = kv_model_stream_enter(t->m, in->fn, "klvae_trainer_step", stream);
+            if (st == KLVAE_OK)
+                st = kv_model_stream_leave(t->m, trainer_step(t, in, &plan, stats));
+        } else {
+            st = trainer_step(t, in, &plan, stats);
+        }
+        st = kv_busy_leave(&t->m->busy, st);
+    }
+    return kv_busy_leave(&t->busy, st);
+}
+
 KLVAE_API klvae_status_t klvae_trainer_step(klvae_trainer_t *t, const float *images, int n, int h,
                                             int w, klvae_step_stats_t *stats)
 {
     kv_error_clear();
-    step_plan plan;
-    klvae_status_t st = plan_step(t, images, n, h, w, stats, &plan);
-    if (st == KLVAE_OK)
-        st = kv_busy_enter(&t->busy, "klvae_trainer_step");
-    if (st != KLVAE_OK)
-        return st;
-    /* the model's weights and worker pool too: no encode or decode meanwhile */
-    st = kv_busy_enter(&t->m->busy, "klvae_trainer_step (its model)");
-    if (st == KLVAE_OK)
-        st = kv_busy_leave(&t->m->busy, trainer_step(t, images, &plan, stats));
-    return kv_busy_leave(&t->busy, st);
+    const step_input in = {"klvae_trainer_step", images, NULL};
+    return locked_step(t, &in, n, h, w, NULL, stats);
+}
+
+KLVAE_API klvae_status_t klvae_trainer_step_device(klvae_trainer_t *t, const float *images, int n,
+                                                   int h, int w, void *stream,
+                                                   klvae_step_stats_t *stats)
+{
+    kv_error_clear();
+    const step_input in = {"klvae_trainer_step_device", images, t && t->m ? t->m->plugin : NULL};
+    if (t && !in.device)
+        return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
+                        "klvae_trainer_step_device: the model runs on the %s backend, which has "
+                        "no device memory; use klvae_trainer_step with host arrays (or load the "
+                        "model with backend=cuda)",
+                        t->m->backend_name);
+    return locked_step(t, &in, n, h, w, stream, stats);
 }
 
 KLVAE_API int64_t klvae_trainer_step_count(const klvae_trainer_t *t)
@@ -887,6 +985,8 @@ static klvae_status_t trainer_get_unlocked(const klvae_trainer_t *t, const char 
         word = s->learn_logvar ? "true" : "false";
     else if (strcmp(normal, "train_encoder") == 0)
         word = s->train_encoder ? "true" : "false";
+    else if (strcmp(normal, "recompute") == 0)
+        word = s->recompute ? "true" : "false";
     else if (strcmp(normal, "nonfinite") == 0)
         word = s->refuse_nonfinite ? "refuse" : "skip";
     if (!word)

@@ -13,6 +13,10 @@
 typedef struct kv_trained_net {
     const char *name;       /* "model" or "disc": its checkpoint prefixes */
     kv_param_set weights;   /* the network's own */
+    /* float32 copies of the weights that Adam and EMA work on, when the
+     * backend stores weights in fewer bits (be->lossy_storage); the weights
+     * are then the master's rounding after every step. count 0 otherwise. */
+    kv_param_set master;
     kv_param_set grads, adam_m, adam_v;
     kv_param_set ema;       /* count 0: no EMA */
     bool *trained;          /* per parameter: false for frozen ones */
@@ -37,6 +41,7 @@ typedef struct trainer_settings {
     int disc_layers, disc_channels, grad_accum;
     float ema_decay, grad_clip;
     bool refuse_nonfinite; /* nonfinite=refuse, else skip */
+    bool recompute;        /* resnets recompute conv1 in the backward (option recompute) */
 } trainer_settings;
 
 struct klvae_trainer {
@@ -47,8 +52,8 @@ struct klvae_trainer {
     uint64_t seed;
     int64_t step;
     int64_t skipped_steps; /* steps left out for a non-finite value (nonfinite=skip) */
-    klvae_model_t *grads, *adam_m, *adam_v, *ema; /* shadows of the model */
-    kv_disc *disc, *disc_grads, *disc_m, *disc_v;
+    klvae_model_t *grads, *adam_m, *adam_v, *ema, *master; /* shadows of the model */
+    kv_disc *disc, *disc_grads, *disc_m, *disc_v, *disc_master;
     /* the two networks as the optimiser and checkpoints see them */
     kv_trained_net model_net, disc_net;
     kv_lpips *lpips;

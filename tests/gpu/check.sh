@@ -22,9 +22,14 @@
 #   5. compute-sanitizer memcheck of test_cuda --tiny (a few ops, fp32 and
 #      bf16) under its own 60 s limit, if it is installed (a host that
 #      refuses it is reported, and the script goes on);
+#   4b. training: the LDM step of the SD model at 256^2, batch 8, bf16, in
+#      libklvae (test_cuda bench train:256:8) and in PyTorch eager with AMP
+#      bf16 (tools/bench_train_pytorch.py --device cuda), then torch.compile;
 #   6. the table: op checks, decode 512^2 bf16 speed against diffusers
 #      (target >= 1.5x), decode FLOP rate as a share of the matmul rate
-#      (target >= 40 %), peak memory of a 1024^2 bf16 decode (target <= 1.5 GB).
+#      (target >= 40 %), peak memory of a 1024^2 bf16 decode (target <= 1.5 GB),
+#      training images/s against PyTorch (target >= 1.5x), its peak memory
+#      (target <= PyTorch's) and model FLOP utilisation.
 # Exit status: 0 when test_cuda passed (the timings are measurements, not
 # checks), 1 otherwise.
 #
@@ -143,6 +148,28 @@ klvae_bench decode:512:1 fp32
 klvae_bench decode:512:1 tf32
 torch_bench encode:512:1,decode:512:1 --cudnn-benchmark
 
+# training: the LDM step (L1 + LPIPS-VGG16 + KL + PatchGAN with the adaptive
+# weight, Adam) of the SD model at 256^2, batch 8, bf16, in both; LPIPS weights
+# drawn at random into one file both read (no download on this machine)
+LPIPS_FILE=/tmp/klvae-lpips-random.safetensors
+if [ "$(limit 60)" -gt 0 ]; then
+    $PY tools/bench_train_pytorch.py train 0 --write-random-lpips "$LPIPS_FILE" >>"$LOG" 2>&1 ||
+        say "could not write random LPIPS weights"
+fi
+T=$(limit 150)
+if [ "$T" -gt 0 ] && [ -f "$LPIPS_FILE" ]; then
+    timeout -k 5 "$T" "$BIN" bench train:256:8 --precision bf16 --runs 5 --plugin "$PLUGIN" \
+        --lpips "$LPIPS_FILE" >>"$BENCH" 2>>"$LOG" || say "klvae train bench failed or timed out"
+fi
+train_torch() { # extra flags
+    T=$(limit 150)
+    [ "$T" -gt 0 ] && [ -f "$LPIPS_FILE" ] || return 1
+    timeout -k 5 "$T" env PYTHONUNBUFFERED=1 $PY tools/bench_train_pytorch.py train 256 --batch 8 \
+        --device cuda --amp bf16 --gan 1 --lpips "$LPIPS_FILE" --runs 5 ${1:-} >>"$BENCH" 2>>"$LOG" ||
+        say "torch train bench ${1:-} failed or timed out"
+}
+train_torch
+
 # ---- 5. memcheck ----
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
 MEMCHECK="not run"
@@ -150,7 +177,7 @@ T=$(limit 60)
 if [ -n "$SAN" ] && [ -x "$BIN" ] && [ "$T" -gt 0 ]; then
     say "== compute-sanitizer memcheck, tiny case (limit ${T} s)"
     KLVAE_CUDA_CONV_SEARCH=0 timeout -k 5 "$T" "$SAN" --tool memcheck --error-exitcode 9 \
-        --print-limit 20 "$BIN" --plugin "$PLUGIN" --tiny >"$OUT/memcheck.log" 2>&1
+        --print-limit 20 "$BIN" --plugin "$PLUGIN" --tiny --require-gpu >"$OUT/memcheck.log" 2>&1
     rc=$?
     case $rc in
     0) MEMCHECK="clean" ;;
@@ -171,6 +198,7 @@ fi
 REST=decode:256:1,encode:256:1,encode:1024:1,decode:512:8,encode:512:8,decode:256:8,decode:1024:8
 klvae_bench $REST bf16
 torch_bench $REST
+train_torch --compile
 
 # ---- 6. the table ----
 TEST_LINE=$(tail -1 "$OUT/test_cuda.log" 2>/dev/null)
@@ -254,6 +282,30 @@ if k1024:
                               "<= 1.5 GB  %s" % ("MET" if gb <= 1.5 else "NOT MET")))
 else:
     print("%-44s %-42s %s" % ("peak memory, 1024^2 bf16 decode", "missing", "<= 1.5 GB"))
+# training: klvae's images/s against PyTorch eager AMP bf16 (and compiled)
+kt = next((r for r in rows if r.get("tool") == "klvae" and r.get("op") == "train"), None)
+pe = next((r for r in rows if r.get("impl") == "pytorch" and r.get("device") == "cuda"
+           and not r.get("compile")), None)
+pc = next((r for r in rows if r.get("impl") == "pytorch" and r.get("device") == "cuda"
+           and r.get("compile")), None)
+if kt and pe:
+    ratio = kt["images_per_s"] / pe["images_per_s"]
+    print("%-44s %-42s %s" % ("train 256^2 b8 bf16: klvae img/s / torch eager",
+                              "%.2fx (%.1f / %.1f img/s)" % (ratio, kt["images_per_s"], pe["images_per_s"]),
+                              ">= 1.5x  %s" % ("MET" if ratio >= 1.5 else "NOT MET")))
+    kmem = kt["peak_in_use_mb"]
+    print("%-44s %-42s %s" % ("train peak device memory: klvae / torch",
+                              "%.0f / %.0f MiB" % (kmem, pe.get("peak_device_mb", -1)),
+                              "<= torch  %s" % ("MET" if kmem <= pe.get("peak_device_mb", 0) else "NOT MET")))
+    if pc:
+        print("%-44s %-42s %s" % ("train: torch.compile img/s", "%.1f img/s" % pc["images_per_s"],
+                                  "(for reference)"))
+    if mm:  # 2.7 TFLOP per image: the autoencoder's forward and backward at 256^2
+        mfu = 100 * 2.7 * kt["images_per_s"] / mm["tflops"]
+        print("%-44s %-42s %s" % ("train model FLOP utilisation (bf16 matmul)", "%.0f %%" % mfu,
+                                  "reported"))
+else:
+    print("%-44s %-42s %s" % ("train 256^2 b8 bf16 vs torch eager", "missing", ">= 1.5x"))
 EOF
 [ "$TEST_RC" = 0 ] || { echo "check.sh: test_cuda did not pass (exit $TEST_RC): see $OUT/test_cuda.log" >&2; exit 1; }
 exit 0

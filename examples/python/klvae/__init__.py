@@ -7,6 +7,12 @@
         z = model.sample(mean, logvar, seed=7)
         klvae.write_png("back.png", model.decode(z))
 
+Latent datasets for diffusion training (docs/latents.md):
+
+    summary = klvae.encode_dataset(model, "images/", "latents/", size=256, flip=True)
+    for shard in klvae.LatentFolder("latents/"):     # numpy arrays and their records
+        shard.arrays["mean"], shard.arrays["logvar"], shard.records
+
 Arrays are numpy float32, NCHW. A C-contiguous float32 array (or anything
 np.asarray wraps as one without copying: a memoryview, an array.array reshaped
 through np.frombuffer) is handed to C by pointer, without a copy; any other dtype
@@ -20,6 +26,8 @@ before any C call; a closed handle raises ValueError("model is closed").
 """
 from ._lib import STEP_STATS_FIELDS, KlvaeError, LibraryError, Status, lib as _cdll, library_path
 from ._api import Model, Trainer, options, read_image, write_png
+from ._latents import (LatentFolder, LatentShard, encode_dataset, latent_stats,
+                       read_safetensors)
 
 __version__ = "0.2.0"
 
@@ -29,7 +37,7 @@ library_version = _cdll.klvae_version_string().decode()
 library_version_number = int(_cdll.klvae_version())
 
 __all__ = [
-    "KlvaeError", "LibraryError", "Model", "STEP_STATS_FIELDS", "Status", "Trainer",
-    "library_path", "library_version", "library_version_number", "options", "read_image",
-    "write_png",
+    "KlvaeError", "LatentFolder", "LatentShard", "LibraryError", "Model", "STEP_STATS_FIELDS",
+    "Status", "Trainer", "encode_dataset", "latent_stats", "library_path", "library_version",
+    "library_version_number", "options", "read_image", "read_safetensors", "write_png",
 ]

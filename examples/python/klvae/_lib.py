@@ -23,8 +23,8 @@ import ctypes
 import ctypes.util
 import enum
 import os
-from ctypes import (POINTER, c_char_p, c_double, c_float, c_int, c_int64, c_size_t, c_uint,
-                    c_uint32, c_uint64, c_void_p)
+from ctypes import (POINTER, c_char_p, c_double, c_float, c_int, c_int32, c_int64, c_size_t,
+                    c_uint, c_uint32, c_uint64, c_void_p)
 
 # The version of klvae.h this module was written against.
 VERSION_MAJOR = 0
@@ -113,6 +113,34 @@ class StepStats(ctypes.Structure):
 # The fields a step reports (struct_size and reserved are the protocol).
 STEP_STATS_FIELDS = tuple(name for name, _ in StepStats._fields_[2:])
 
+
+class DatasetProgress(ctypes.Structure):
+    """``klvae_dataset_progress_t``, field for field as in klvae.h."""
+
+    _fields_ = [
+        ("struct_size", c_uint32),
+        ("reserved", c_uint32),
+        ("part", c_int32),
+        ("parts", c_int32),
+        ("images_total", c_int64),
+        ("images_done", c_int64),
+        ("images_skipped", c_int64),
+        ("images_resumed", c_int64),
+        ("shards_total", c_int64),
+        ("shards_done", c_int64),
+        ("seconds", c_double),
+        ("images_per_second", c_double),
+        ("eta_seconds", c_double),
+        ("skipped_path", c_char_p),
+        ("skipped_reason", c_char_p),
+        ("finished", c_int32),
+        ("dataset_complete", c_int32),
+    ]
+
+
+# klvae_dataset_progress_fn
+PROGRESS_FN = ctypes.CFUNCTYPE(c_int, c_void_p, POINTER(DatasetProgress))
+
 _float_p = POINTER(c_float)
 _status = c_int  # klvae_status_t: an enum, int-sized on every ABI the library builds for
 
@@ -158,6 +186,10 @@ _PROTOTYPES = {
     "klvae_image_read_opts": (_status, [c_char_p, c_void_p, POINTER(_float_p), POINTER(c_int),
                                         POINTER(c_int)]),
     "klvae_image_write_png": (_status, [c_char_p, _float_p, c_int, c_int]),
+    "klvae_encode_dataset": (_status, [c_void_p, c_char_p, c_char_p, c_void_p, PROGRESS_FN,
+                                       c_void_p, POINTER(DatasetProgress)]),
+    "klvae_latent_stats": (_status, [c_char_p, c_int, POINTER(c_int), POINTER(c_double),
+                                     POINTER(c_double), POINTER(c_double), POINTER(c_double)]),
 }
 
 

@@ -1203,3 +1203,126 @@ def test_read_image_frees_the_library_buffer(tmp_path, spy):
     with pytest.raises(KlvaeError):
         klvae.read_image(tmp_path / "missing.png")
     assert len(frees) == 1  # nothing to free after an error: the pointer is NULL
+
+
+# ---------------------------------------------------------------------------
+# latent datasets (klvae.encode_dataset, klvae.LatentFolder, klvae.latent_stats)
+# ---------------------------------------------------------------------------
+
+# (h, w): shorter side 16 or more; the first two need no resize for size 16
+DATASET_SIZES = [(16, 23), (29, 16), (37, 53), (20, 20), (45, 31)]
+
+
+def _image_folder(root):
+    root.mkdir()
+    (root / "sub").mkdir()
+    rng = np.random.default_rng(3)
+    for i, (h, w) in enumerate(DATASET_SIZES):
+        img = np.round(rng.uniform(0, 255, (3, h, w))) / 127.5 - 1
+        klvae.write_png(root / ("sub" if i > 2 else ".") / f"im{i}.png", img.astype(np.float32))
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return root
+
+
+def test_encode_dataset_rows_are_the_encodings_of_the_crops(tmp_path, noquant):
+    data = _image_folder(tmp_path / "data")
+    summary = klvae.encode_dataset(noquant, data, tmp_path / "out", size=16, shard_size=2)
+    assert summary["finished"] and summary["dataset_complete"]
+    assert (summary["images_done"], summary["images_skipped"]) == (5, 1)
+    folder = klvae.LatentFolder(tmp_path / "out")
+    assert len(folder) == 5 and len(folder.shard_names) == 3
+    records = list(folder.records())
+    assert [r["path"] for r in records] == ["im0.png", "im1.png", "im2.png", "sub/im3.png",
+                                            "sub/im4.png"]
+    assert [e["path"] for e in folder.errors()] == ["broken.png"]
+    seen = 0
+    for shard in folder:
+        assert shard.arrays["mean"].shape == (len(shard), 4, 2, 2)
+        assert shard.arrays["original_size"].dtype == np.int32
+        for row, rec in enumerate(shard.records):
+            assert rec["row"] == row
+            top, left, h, w = rec["crop"]
+            assert list(shard.arrays["crop_top_left"][row]) == [top, left]
+            assert list(shard.arrays["original_size"][row]) == rec["original_size"]
+            if rec["resized_size"] == rec["original_size"]:  # a plain crop: check the bits
+                img = klvae.read_image(data / rec["path"])[:, top:top + h, left:left + w]
+                mean, logvar = noquant.encode(img)
+                assert np.array_equal(shard.arrays["mean"][row], mean[0])
+                assert np.array_equal(shard.arrays["logvar"][row], logvar[0])
+                seen += 1
+    assert seen == 2
+
+
+def test_shards_open_with_safetensors_numpy(tmp_path, noquant):
+    st = pytest.importorskip("safetensors.numpy")
+    data = _image_folder(tmp_path / "data")
+    klvae.encode_dataset(noquant, data, tmp_path / "out", size=16, flip=True, dtype="fp16")
+    for shard in klvae.LatentFolder(tmp_path / "out"):
+        theirs = st.load_file(shard.path)
+        assert sorted(theirs) == sorted(shard.arrays)
+        for name, arr in theirs.items():
+            assert np.array_equal(arr.astype(shard.arrays[name].dtype), shard.arrays[name])
+
+
+def test_bf16_dataset_holds_the_rounded_values(tmp_path, noquant):
+    data = _image_folder(tmp_path / "data")
+    klvae.encode_dataset(noquant, data, tmp_path / "f32", size=16)
+    klvae.encode_dataset(noquant, data, tmp_path / "bf16", size=16, dtype="bf16")
+    a = next(iter(klvae.LatentFolder(tmp_path / "f32"))).arrays["mean"]
+    b = next(iter(klvae.LatentFolder(tmp_path / "bf16"))).arrays["mean"]
+    bits = a.view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16).astype(np.uint32)
+    assert np.array_equal(b, rounded.view(np.float32))
+
+
+def test_progress_stops_and_the_next_call_continues(tmp_path, noquant):
+    data = _image_folder(tmp_path / "data")
+    klvae.encode_dataset(noquant, data, tmp_path / "whole", size=16, shard_size=2,
+                         encode_batch=1)
+    calls = []
+
+    def stop_after_first_shard(d):
+        calls.append(d)
+        if d["shards_done"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        klvae.encode_dataset(noquant, data, tmp_path / "out", progress=stop_after_first_shard,
+                             size=16, shard_size=2, encode_batch=1)
+    assert any(c["skipped_path"] == "broken.png" for c in calls)
+    assert not (tmp_path / "out" / "manifest.json").read_text().count('"complete": true')
+    summary = klvae.encode_dataset(noquant, data, tmp_path / "out", size=16, shard_size=2,
+                                   encode_batch=1)
+    assert summary["images_resumed"] == 1 and summary["finished"]
+    for name in sorted(os.listdir(tmp_path / "whole")):
+        if name.endswith((".safetensors", ".json", ".jsonl")):
+            assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "out" / name).read_bytes()
+
+
+def test_latent_stats_agree_with_numpy(tmp_path, noquant):
+    data = _image_folder(tmp_path / "data")
+    klvae.encode_dataset(noquant, data, tmp_path / "out", size=16, store="sample", seed=5)
+    stats = klvae.latent_stats(tmp_path / "out")
+    z = np.concatenate([s.arrays["latent"] for s in klvae.LatentFolder(tmp_path / "out")])
+    z = z.astype(np.float64)
+    np.testing.assert_allclose(stats["mean"], z.mean(axis=(0, 2, 3)), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(stats["std"], z.std(axis=(0, 2, 3)), rtol=1e-9)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["latent_stats"]["scaling_factor"] == stats["scaling_factor"]
+
+
+def test_encode_dataset_errors(tmp_path, noquant):
+    data = _image_folder(tmp_path / "data")
+    with pytest.raises(KlvaeError) as e:
+        klvae.encode_dataset(noquant, data, tmp_path / "out", size=12)
+    assert e.value.status == Status.INVALID_ARGUMENT and "size 12" in e.value.message
+    with pytest.raises(KlvaeError) as e:
+        klvae.encode_dataset(noquant, data, tmp_path / "out", crop="middle")
+    assert e.value.status == Status.OPTION
+    with pytest.raises(KlvaeError) as e:
+        klvae.encode_dataset(noquant, tmp_path / "nothing", tmp_path / "out")
+    assert e.value.status == Status.IO
+    with pytest.raises(KlvaeError) as e:
+        klvae.latent_stats(tmp_path)
+    assert e.value.status == Status.IO
+    assert not (tmp_path / "out").exists()

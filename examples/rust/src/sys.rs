@@ -135,6 +135,70 @@ impl Default for klvae_step_stats_t {
 const _: () = assert!(std::mem::size_of::<klvae_step_stats_t>() == 136);
 const _: () = assert!(std::mem::align_of::<klvae_step_stats_t>() == 8);
 
+/// `klvae_dataset_progress_t`: what `klvae_encode_dataset` has done. Set `struct_size`
+/// (`klvae_dataset_progress_t::new()` does, like `KLVAE_DATASET_PROGRESS_INIT`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct klvae_dataset_progress_t {
+    pub struct_size: u32,
+    pub reserved: u32,
+    pub part: i32,
+    pub parts: i32,
+    pub images_total: i64,
+    pub images_done: i64,
+    pub images_skipped: i64,
+    pub images_resumed: i64,
+    pub shards_total: i64,
+    pub shards_done: i64,
+    pub seconds: f64,
+    pub images_per_second: f64,
+    pub eta_seconds: f64,
+    pub skipped_path: *const c_char,
+    pub skipped_reason: *const c_char,
+    pub finished: i32,
+    pub dataset_complete: i32,
+}
+
+impl klvae_dataset_progress_t {
+    /// `KLVAE_DATASET_PROGRESS_INIT`: zeros with `struct_size` set.
+    pub const fn new() -> Self {
+        klvae_dataset_progress_t {
+            struct_size: std::mem::size_of::<klvae_dataset_progress_t>() as u32,
+            reserved: 0,
+            part: 0,
+            parts: 0,
+            images_total: 0,
+            images_done: 0,
+            images_skipped: 0,
+            images_resumed: 0,
+            shards_total: 0,
+            shards_done: 0,
+            seconds: 0.0,
+            images_per_second: 0.0,
+            eta_seconds: 0.0,
+            skipped_path: std::ptr::null(),
+            skipped_reason: std::ptr::null(),
+            finished: 0,
+            dataset_complete: 0,
+        }
+    }
+}
+
+impl Default for klvae_dataset_progress_t {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+// The 0.2 layout: four 32-bit fields, six i64, three doubles, two pointers, two i32.
+#[cfg(target_pointer_width = "64")]
+const _: () = assert!(std::mem::size_of::<klvae_dataset_progress_t>() == 112);
+
+/// `klvae_dataset_progress_fn`: a non-zero return stops the run.
+pub type klvae_dataset_progress_fn = Option<
+    unsafe extern "C" fn(user: *mut c_void, progress: *const klvae_dataset_progress_t) -> c_int,
+>;
+
 /* ---- functions ---- */
 
 extern "C" {
@@ -274,6 +338,15 @@ extern "C" {
         w: c_int,
         stats: *mut klvae_step_stats_t,
     ) -> klvae_status_t;
+    pub fn klvae_trainer_step_device(
+        trainer: *mut klvae_trainer_t,
+        images: *const f32,
+        n: c_int,
+        h: c_int,
+        w: c_int,
+        stream: *mut c_void,
+        stats: *mut klvae_step_stats_t,
+    ) -> klvae_status_t;
     pub fn klvae_trainer_save(
         trainer: *const klvae_trainer_t,
         path: *const c_char,
@@ -324,5 +397,25 @@ extern "C" {
         pixels: *const f32,
         h: c_int,
         w: c_int,
+    ) -> klvae_status_t;
+
+    // datasets
+    pub fn klvae_encode_dataset(
+        model: *mut klvae_model_t,
+        data: *const c_char,
+        out_dir: *const c_char,
+        opts: *const klvae_options_t,
+        progress: klvae_dataset_progress_fn,
+        user: *mut c_void,
+        summary: *mut klvae_dataset_progress_t,
+    ) -> klvae_status_t;
+    pub fn klvae_latent_stats(
+        shards_dir: *const c_char,
+        capacity: c_int,
+        channels: *mut c_int,
+        mean: *mut f64,
+        std: *mut f64,
+        scaling_factor: *mut f64,
+        shift_factor: *mut f64,
     ) -> klvae_status_t;
 }
