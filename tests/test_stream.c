@@ -204,6 +204,16 @@ START_TEST(streamed_forward_holds_what_it_planned_within_the_limit)
 }
 END_TEST
 
+/* The size in the message "... needs at least N MiB ...", in bytes. */
+static uint64_t minimum_from_message(void)
+{
+    const char *at = strstr(klvae_last_error(), "needs at least ");
+    ck_assert_ptr_nonnull(at);
+    double v = strtod(at + strlen("needs at least "), NULL);
+    const char *unit = strstr(at, "MiB") ? "MiB" : "GiB";
+    return (uint64_t)(v * (strcmp(unit, "MiB") == 0 ? 1048576.0 : 1073741824.0));
+}
+
 START_TEST(a_backend_without_host_memory_streams_through_staging)
 {
     /* The CPU backend flagged as if its memory were a device's: bands,
@@ -223,26 +233,42 @@ START_TEST(a_backend_without_host_memory_streams_through_staging)
     set_streaming(m, below_untiled(m, true, n, h, w), 3);
     ck_assert_ok(klvae_encode(m, x, n, h, w, mean2, NULL));
     assert_plan_starts(m, "streamed");
-    m->be->host_memory = true;
+    char text[600];
+    ck_assert_ok(klvae_model_get(m, "last_plan", text, sizeof text));
+    ck_assert_msg(strstr(text, " on the device; ") && strstr(text, " in host memory"), "%s", text);
     double e_dec = relative_l2(out, ref, ni), e_mean = relative_l2(mean2, mean, nz);
     ck_assert_msg(e_dec < EXACT_TOLERANCE && e_mean < EXACT_TOLERANCE,
                   "relative error %g (decode), %g (mean)", e_dec, e_mean);
+    /* memory_limit bounds the device's memory: the stores are in host memory,
+     * counted apart, planned as they are held */
+    set_streaming(m, below_untiled(m, false, 1, h, w), 0);
+    kv_forward_plan plan;
+    ck_assert_ok(kv_plan_forward(m, false, 1, h, w, false, &plan));
+    ck_assert_int_eq(plan.mode, KV_FORWARD_STREAMED);
+    kv_stream_report report;
+    ck_assert_ok(kv_stream_decode(m, &plan, z, out, &report));
+    ck_assert_uint_eq(report.peak_bytes, plan.planned_bytes);
+    ck_assert_uint_le(report.peak_bytes, plan.limit);
+    ck_assert_uint_eq(report.host_peak_bytes, plan.planned_host_bytes);
+    ck_assert_uint_gt(report.host_peak_bytes, 0);
+    /* the least device limit it names streams without spilling (host memory
+     * is plentiful here), within that limit */
+    set_streaming(m, 1 << 16, 0);
+    ck_assert_status(klvae_decode(m, z, 1, 5, 6, out), KLVAE_ERR_OUT_OF_MEMORY);
+    set_streaming(m, minimum_from_message() + (1 << 17), 0);
+    ck_assert_ok(kv_plan_forward(m, false, 1, h, w, false, &plan));
+    ck_assert_uint_eq(plan.spill_threshold, UINT64_MAX);
+    ck_assert_ok(kv_stream_decode(m, &plan, z, out, &report));
+    ck_assert_uint_eq(report.spilled_bytes, 0);
+    ck_assert_uint_le(report.peak_bytes, plan.limit);
+    ck_assert_double_lt(relative_l2(out, ref, (size_t)3 * h * w), EXACT_TOLERANCE);
+    m->be->host_memory = true;
     klvae_model_free(m);
     free(z), free(ref), free(out), free(x), free(mean), free(mean2);
 }
 END_TEST
 
 /* ---- the limit, and the spill file ---- */
-
-/* The size in the message "... needs at least N MiB ...", in bytes. */
-static uint64_t minimum_from_message(void)
-{
-    const char *at = strstr(klvae_last_error(), "needs at least ");
-    ck_assert_ptr_nonnull(at);
-    double v = strtod(at + strlen("needs at least "), NULL);
-    const char *unit = strstr(at, "MiB") ? "MiB" : "GiB";
-    return (uint64_t)(v * (strcmp(unit, "MiB") == 0 ? 1048576.0 : 1073741824.0));
-}
 
 START_TEST(a_limit_too_small_names_the_least_that_works)
 {

@@ -463,7 +463,7 @@ static void format_gib(uint64_t bytes, char *buf, size_t size)
 static void note_plan(klvae_model_t *m, const kv_forward_plan *plan,
                       const kv_stream_report *report)
 {
-    char *text = m->infer.last_plan, limit[32], planned[32], peak[32], spilled[32];
+    char *text = m->infer.last_plan, limit[32], planned[32], peak[32], spilled[32], host[32];
     const size_t size = sizeof m->infer.last_plan;
     format_gib(plan->limit, limit, sizeof limit);
     format_gib(plan->planned_bytes, planned, sizeof planned);
@@ -482,6 +482,12 @@ static void note_plan(klvae_model_t *m, const kv_forward_plan *plan,
                           "streamed: %d bands of %d to %d rows; %s held at most (planned %s, "
                           "memory_limit %s)",
                           report->bands, report->min_rows, report->max_rows, peak, planned, limit);
+        if (!m->be->host_memory && at > 0 && (size_t)at < size) {
+            /* a GPU: the above is its memory; the stores are in host memory */
+            format_gib(report->host_peak_bytes, host, sizeof host);
+            at += snprintf(text + at, size - (size_t)at, " on the device; %s in host memory",
+                           host);
+        }
         if (report->spilled_bytes && at > 0 && (size_t)at < size)
             snprintf(text + at, size - (size_t)at, "; %s spilled to a file in %s", spilled,
                      kv_spill_folder(m));

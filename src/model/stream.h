@@ -37,13 +37,19 @@ typedef struct kv_forward_plan {
     size_t band_bytes;        /* target size of one band's buffers; 0: one row */
     uint64_t spill_threshold; /* activations of at least this many bytes are
                                  spilled; UINT64_MAX: none */
-    uint64_t planned_bytes;   /* the most memory it holds at once, planned */
+    uint64_t planned_bytes;   /* the most memory it holds at once, planned (on a
+                                 backend without host memory: the device's) */
+    uint64_t planned_host_bytes; /* a backend without host memory: the most host
+                                    memory it holds at once (its stores), planned */
 } kv_forward_plan;
 
 /* What a streamed forward measured as it ran (for klvae_model_get's
  * "last_plan" and the tests). */
 typedef struct kv_stream_report {
-    uint64_t peak_bytes;    /* the most memory it held at once, by its own count */
+    uint64_t peak_bytes;    /* the most memory it held at once, by its own count
+                               (a backend without host memory: the device's) */
+    uint64_t host_peak_bytes; /* a backend without host memory: the most host
+                                 memory (stores, staging) it held; else 0 */
     uint64_t spilled_bytes; /* the most the spill file held at once */
     int min_rows, max_rows; /* rows of the smallest and largest band */
     int bands;              /* bands computed, over every layer and sample */
@@ -87,6 +93,7 @@ uint64_t kv_untiled_bytes(const klvae_model_t *m, bool encode, int n, int h, int
  * anything, only counting (the planner's tool). */
 typedef struct kv_stream_dry {
     uint64_t peak_bytes;  /* the most it would hold at once */
+    uint64_t host_peak_bytes; /* a backend without host memory: in host memory */
     bool thin;            /* some layer in bands of fewer than 16 rows */
     uint64_t sizes[64];   /* the sizes of the activations it stores (one
                              sample), without repeats: spill thresholds */

@@ -262,7 +262,9 @@ static uint64_t dry_peak(const klvae_model_t *m, kv_forward_plan *plan, size_t b
 {
     plan->band_bytes = band;
     plan->spill_threshold = threshold;
-    return kv_stream_dry_run(m, plan, dry) == KLVAE_OK ? dry->peak_bytes : UINT64_MAX;
+    const bool ok = kv_stream_dry_run(m, plan, dry) == KLVAE_OK;
+    plan->planned_host_bytes = ok ? dry->host_peak_bytes : UINT64_MAX;
+    return ok ? dry->peak_bytes : UINT64_MAX;
 }
 
 /* Band sizes to try, largest first; 0 is one row. Larger bands save
@@ -281,8 +283,12 @@ static int descending(const void *a, const void *b)
 /* The largest bands that fit in limit, spilling as little as it can:
  * first nothing spilled, then the activations of at least T bytes for T
  * from the largest down, both with bands of 16 rows or more (thinner ones
- * recompute too many halo rows); then everything spilled with any bands. */
-static klvae_status_t plan_streamed(const klvae_model_t *m, uint64_t limit, kv_forward_plan *plan)
+ * recompute too many halo rows); then everything spilled with any bands.
+ * On a backend without host memory, limit bounds the device's memory and
+ * host_limit the host memory of the stores (which spilling lowers); with
+ * host memory, host_limit is UINT64_MAX (limit counts both). */
+static klvae_status_t plan_streamed(const klvae_model_t *m, uint64_t limit, uint64_t host_limit,
+                                    kv_forward_plan *plan)
 {
     kv_stream_dry dry, trial;
     const size_t nb = KV_ARRAY_LEN(band_sizes);
@@ -294,12 +300,18 @@ static klvae_status_t plan_streamed(const klvae_model_t *m, uint64_t limit, kv_f
             plan->planned_bytes = dry_peak(m, plan, band_sizes[i], threshold, &trial);
             if (trial.thin)
                 break; /* smaller bands are thinner still */
-            if (plan->planned_bytes <= limit)
+            if (plan->planned_bytes <= limit && plan->planned_host_bytes <= host_limit)
                 return KLVAE_OK;
         }
-    for (size_t i = 0; i < nb; i++)
+    for (size_t i = 0; i < nb; i++) {
+        /* on a GPU spilling lowers only the host side: thin bands unspilled first */
+        if (host_limit != UINT64_MAX &&
+            (plan->planned_bytes = dry_peak(m, plan, band_sizes[i], UINT64_MAX, &trial)) <= limit &&
+            plan->planned_host_bytes <= host_limit)
+            return KLVAE_OK;
         if ((plan->planned_bytes = dry_peak(m, plan, band_sizes[i], 0, &trial)) <= limit)
             return KLVAE_OK;
+    }
     return KLVAE_ERR_OUT_OF_MEMORY; /* planned_bytes: the least it needs */
 }
 
@@ -354,7 +366,8 @@ klvae_status_t kv_plan_forward(const klvae_model_t *m, bool encode, int n, int h
     /* auto on a GPU: its memory is not known here */
     if (automatic && (device_arrays || !m->be->host_memory))
         return KLVAE_OK;
-    plan->limit = automatic ? available_memory() / 20 * 17 : set->memory_limit;
+    const uint64_t host_budget = available_memory() / 20 * 17;
+    plan->limit = automatic ? host_budget : set->memory_limit;
     plan->planned_bytes = kv_untiled_bytes(m, encode, n, h, w);
     if (plan->planned_bytes <= plan->limit)
         return KLVAE_OK;
@@ -368,9 +381,13 @@ klvae_status_t kv_plan_forward(const klvae_model_t *m, bool encode, int n, int h
     plan->mode = KV_FORWARD_STREAMED;
     kv_forward_plan one = *plan; /* samples stream one at a time */
     one.n = 1;
-    klvae_status_t st = plan_streamed(m, plan->limit, &one);
+    /* a GPU: memory_limit bounds its memory, the stores take host memory
+     * (85% of what is available, then the spill file) */
+    klvae_status_t st =
+        plan_streamed(m, plan->limit, m->be->host_memory ? UINT64_MAX : host_budget, &one);
     plan->band_bytes = one.band_bytes;
     plan->spill_threshold = one.spill_threshold;
     plan->planned_bytes = one.planned_bytes;
+    plan->planned_host_bytes = m->be->host_memory ? 0 : one.planned_host_bytes;
     return st == KLVAE_OK ? KLVAE_OK : too_small(m, plan);
 }

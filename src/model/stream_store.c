@@ -17,6 +17,25 @@ void kv_stream_give(kv_stream *s, uint64_t bytes)
     s->held -= bytes;
 }
 
+void kv_stream_take_host(kv_stream *s, uint64_t bytes)
+{
+    if (s->be->host_memory) {
+        kv_stream_take(s, bytes);
+        return;
+    }
+    s->host_held += bytes;
+    if (s->host_held > s->host_peak)
+        s->host_peak = s->host_held;
+}
+
+void kv_stream_give_host(kv_stream *s, uint64_t bytes)
+{
+    if (s->be->host_memory)
+        kv_stream_give(s, bytes);
+    else
+        s->host_held -= bytes;
+}
+
 void kv_stream_scratch(kv_stream *s, uint64_t shared, uint64_t per_thread)
 {
     s->scratch_shared = KV_MAX(s->scratch_shared, shared);
@@ -104,7 +123,7 @@ static void drop_band(kv_stream *s, kv_store *st, int i)
             kv_spill_free(s->spill, b->offset, band_bytes(st, b));
     } else {
         kv_host_block_free(b->data, band_bytes(st, b));
-        kv_stream_give(s, band_bytes(st, b));
+        kv_stream_give_host(s, band_bytes(st, b));
     }
     b->data = NULL;
     b->live = false;
@@ -154,7 +173,7 @@ klvae_status_t kv_store_begin_band(kv_stream *s, kv_store *st, int r0, int r1, f
     }
     if (status != KLVAE_OK)
         return status;
-    kv_stream_take(s, bytes); /* a spilled band: its window, until end_band */
+    kv_stream_take_host(s, bytes); /* a spilled band: its window, until end_band */
     b->live = true;
     st->nbands++;
     *data = b->data;
@@ -168,7 +187,7 @@ void kv_store_end_band(kv_stream *s, kv_store *st, float *data)
     kv_band *b = &st->bands[st->nbands - 1];
     kv_spill_unmap(data, band_bytes(st, b));
     b->data = NULL;
-    kv_stream_give(s, band_bytes(st, b));
+    kv_stream_give_host(s, band_bytes(st, b));
 }
 
 /* Copies the rows [r0, r1) that band b holds of the region [a, b) that
@@ -199,18 +218,18 @@ klvae_status_t kv_store_read(kv_stream *s, const kv_store *st, int r0, int r1, f
             continue;
         }
         const size_t bytes = band_bytes(st, b);
-        kv_stream_take(s, bytes); /* the mapped window */
+        kv_stream_take_host(s, bytes); /* the mapped window */
         if (!s->dry) {
             void *window;
             klvae_status_t status = kv_spill_map(s->spill, b->offset, bytes, &window);
             if (status != KLVAE_OK) {
-                kv_stream_give(s, bytes);
+                kv_stream_give_host(s, bytes);
                 return status;
             }
             copy_rows(st, b, window, lo, hi, r0, r1 - r0, dst);
             kv_spill_unmap(window, bytes);
         }
-        kv_stream_give(s, bytes);
+        kv_stream_give_host(s, bytes);
     }
     return KLVAE_OK;
 }

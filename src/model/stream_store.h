@@ -20,6 +20,11 @@ typedef struct kv_stream {
     kv_spill *spill;          /* opened by the first spilled store */
     uint64_t held, peak;      /* bytes held now (stores in memory, buffers, mapped
                                  windows) and at most */
+    /* On a backend without host memory (CUDA), held and peak count the
+     * device's memory (its band buffers, tensors and scratch) and these the
+     * host memory of the stores, mapped windows and staging: memory_limit
+     * bounds the device's. With host memory both are one count (held). */
+    uint64_t host_held, host_peak;
     /* The backend's own buffers, estimated: one shared and one per thread,
      * each as large as the largest layer needs. The backend keeps them from
      * then on (for its life), so they count for the whole forward. */
@@ -31,9 +36,12 @@ typedef struct kv_stream {
     int nsizes, max_sizes;
 } kv_stream;
 
-/* Counts bytes taken and given back. */
+/* Counts bytes taken and given back: the backend's memory, and host
+ * memory (the same count when the backend's memory is the host's). */
 void kv_stream_take(kv_stream *s, uint64_t bytes);
 void kv_stream_give(kv_stream *s, uint64_t bytes);
+void kv_stream_take_host(kv_stream *s, uint64_t bytes);
+void kv_stream_give_host(kv_stream *s, uint64_t bytes);
 /* Counts the backend's scratch a layer needs: shared bytes, and bytes for
  * each thread. */
 void kv_stream_scratch(kv_stream *s, uint64_t shared, uint64_t per_thread);

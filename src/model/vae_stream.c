@@ -17,6 +17,13 @@
 
 /* ---- tensors of the forward: counted, and only counted in a dry run ---- */
 
+/* The bytes of a backend tensor: float32 ones (statistics), or the
+ * backend's compute format (bf16 on a lossy backend: 2 bytes). */
+static uint64_t tensor_bytes(const kv_stream *s, const kv_tensor *t, bool f32)
+{
+    return kv_tensor_numel(t) * (f32 || !s->be->lossy_storage ? sizeof(float) : 2);
+}
+
 static klvae_status_t take_tensor(kv_stream *s, int c, int h, int w, bool f32, kv_tensor *t)
 {
     memset(t, 0, sizeof *t);
@@ -27,15 +34,16 @@ static klvae_status_t take_tensor(kv_stream *s, int c, int h, int w, bool f32, k
         if (st != KLVAE_OK)
             return st;
     }
-    kv_stream_take(s, kv_tensor_numel(t) * sizeof(float));
+    kv_stream_take(s, tensor_bytes(s, t, f32));
     return KLVAE_OK;
 }
 
-static void give_tensor(kv_stream *s, kv_tensor *t)
+/* Gives back a tensor take_tensor made (with the same f32). */
+static void give_tensor(kv_stream *s, kv_tensor *t, bool f32)
 {
     if (t->ndim == 0)
         return;
-    kv_stream_give(s, kv_tensor_numel(t) * sizeof(float));
+    kv_stream_give(s, tensor_bytes(s, t, f32));
     kv_tensor_release(s->be, t);
     memset(t, 0, sizeof *t);
 }
@@ -103,8 +111,8 @@ static klvae_status_t prologue_make(kv_stream *s, const kv_store *x, const kv_no
 
 static void prologue_free(kv_stream *s, prologue *pr)
 {
-    give_tensor(s, &pr->scale);
-    give_tensor(s, &pr->shift);
+    give_tensor(s, &pr->scale, true);
+    give_tensor(s, &pr->shift, true);
 }
 
 /* ---- statistics of an output band ---- */
@@ -133,10 +141,10 @@ static klvae_status_t band_stats_make(kv_stream *s, const kv_store *y, band_stat
 
 static void band_stats_free(kv_stream *s, band_stats *b)
 {
-    give_tensor(s, &b->scale);
-    give_tensor(s, &b->shift);
-    give_tensor(s, &b->mean);
-    give_tensor(s, &b->rstd);
+    give_tensor(s, &b->scale, true);
+    give_tensor(s, &b->shift, true);
+    give_tensor(s, &b->mean, true);
+    give_tensor(s, &b->rstd, true);
     free(b->host);
     b->host = NULL;
 }
@@ -296,7 +304,7 @@ static klvae_status_t buffers_make(kv_stream *s, const conv_pass *p, int rows, p
         n = KV_MAX(n, kv_tensor_numel(&b->aux));
         n = KV_MAX(n, kv_tensor_numel(&b->side));
         b->staging_floats = n;
-        kv_stream_take(s, n * sizeof(float));
+        kv_stream_take_host(s, n * sizeof(float));
         if (!s->dry && !(b->staging = malloc(n * sizeof(float))))
             st = kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory for a staging buffer");
     }
@@ -305,13 +313,13 @@ static klvae_status_t buffers_make(kv_stream *s, const conv_pass *p, int rows, p
 
 static void buffers_free(kv_stream *s, pass_buffers *b)
 {
-    give_tensor(s, &b->in);
-    give_tensor(s, &b->res);
-    give_tensor(s, &b->aux);
-    give_tensor(s, &b->out);
-    give_tensor(s, &b->side);
+    give_tensor(s, &b->in, false);
+    give_tensor(s, &b->res, false);
+    give_tensor(s, &b->aux, false);
+    give_tensor(s, &b->out, false);
+    give_tensor(s, &b->side, false);
     if (b->staging_floats)
-        kv_stream_give(s, b->staging_floats * sizeof(float));
+        kv_stream_give_host(s, b->staging_floats * sizeof(float));
     free(b->staging);
     memset(b, 0, sizeof *b);
 }
@@ -549,17 +557,21 @@ static klvae_status_t resnet_step(kv_stream *s, const kv_resnet *r, kv_store *x,
 static klvae_status_t load_whole(kv_stream *s, const kv_store *x, kv_tensor *t)
 {
     klvae_status_t st = take_tensor(s, x->c, x->h, x->w, false, t);
-    if (st != KLVAE_OK || s->dry)
-        return st == KLVAE_OK ? kv_store_read(s, x, 0, x->h, NULL) : st;
+    if (st != KLVAE_OK)
+        return st;
     if (s->be->host_memory)
-        return kv_store_read(s, x, 0, x->h, t->data);
-    float *host = malloc(kv_tensor_numel(t) * sizeof(float));
-    if (!host)
+        return kv_store_read(s, x, 0, x->h, s->dry ? NULL : t->data);
+    /* through host memory (counted in a dry run too) */
+    const uint64_t bytes = kv_tensor_numel(t) * sizeof(float);
+    float *host = NULL;
+    if (!s->dry && !(host = malloc(bytes)))
         return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory staging the attention's input");
+    kv_stream_take_host(s, bytes);
     st = kv_store_read(s, x, 0, x->h, host);
-    if (st == KLVAE_OK)
+    if (st == KLVAE_OK && !s->dry)
         st = s->be->ops->upload(s->be, t, host);
     free(host);
+    kv_stream_give_host(s, bytes);
     return st;
 }
 
@@ -582,7 +594,7 @@ static klvae_status_t attend(kv_stream *s, const kv_attention *a, const kv_store
         if (st == KLVAE_OK && !s->dry)
             st = kv_conv_into(s->be, &proj[i], &xt, &pr.p, NULL, kv_pointwise, &qkv[i]);
     }
-    give_tensor(s, &xt);
+    give_tensor(s, &xt, false);
     prologue_free(s, &pr);
     if (st == KLVAE_OK)
         st = take_tensor(s, c, x->h, x->w, false, o);
@@ -591,7 +603,7 @@ static klvae_status_t attend(kv_stream *s, const kv_attention *a, const kv_store
         st = s->be->ops->attention(s->be, &qkv[0], &qkv[1], &qkv[2],
                                    (float)(1.0 / sqrt((double)c)), o);
     for (int i = 0; i < 3; i++)
-        give_tensor(s, &qkv[i]);
+        give_tensor(s, &qkv[i], false);
     return st;
 }
 
@@ -606,15 +618,20 @@ static klvae_status_t attention_step(kv_stream *s, const kv_attention *a, kv_sto
     kv_tensor o;
     memset(&o, 0, sizeof o);
     float *host = NULL; /* o in host memory */
+    const uint64_t host_bytes = (uint64_t)c * h * w * sizeof(float);
+    bool staged = false;
     kv_store os, y;
     memset(&y, 0, sizeof y);
     klvae_status_t st = attend(s, a, x, &o);
-    if (st == KLVAE_OK && !s->dry && !s->be->host_memory) {
-        st = (host = malloc(kv_tensor_numel(&o) * sizeof(float)))
-                 ? s->be->ops->download(s->be, host, &o)
-                 : kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory staging the attention");
-        kv_stream_take(s, kv_tensor_numel(&o) * sizeof(float));
-        give_tensor(s, &o); /* counts the copy instead */
+    if (st == KLVAE_OK && !s->be->host_memory) {
+        /* o moves to host memory (also in a dry run, which counts it) */
+        staged = true;
+        kv_stream_take_host(s, host_bytes);
+        if (!s->dry)
+            st = (host = malloc(host_bytes))
+                     ? s->be->ops->download(s->be, host, &o)
+                     : kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory staging the attention");
+        give_tensor(s, &o, false);
         o.data = host;
     }
     if (st == KLVAE_OK)
@@ -624,11 +641,11 @@ static klvae_status_t attention_step(kv_stream *s, const kv_attention *a, kv_sto
                      .last_residual = true, .y = &y, .y_norm = next};
     if (st == KLVAE_OK)
         st = run_conv(s, &out);
-    if (host) {
+    if (staged) {
         free(host);
-        kv_stream_give(s, (uint64_t)c * h * w * sizeof(float));
+        kv_stream_give_host(s, host_bytes);
     } else {
-        give_tensor(s, &o);
+        give_tensor(s, &o, false);
     }
     if (st != KLVAE_OK) {
         kv_store_free(s, &y);
@@ -728,10 +745,10 @@ static klvae_status_t posterior_step(kv_stream *s, kv_store *moments, float *mea
     if (st == KLVAE_OK && !in_place && !s->dry && logvar)
         st = be->ops->download(be, logvar, &lv);
     if (!in_place) {
-        give_tensor(s, &mu);
-        give_tensor(s, &lv);
+        give_tensor(s, &mu, false);
+        give_tensor(s, &lv, false);
     }
-    give_tensor(s, &mt);
+    give_tensor(s, &mt, false);
     return st;
 }
 
@@ -786,6 +803,7 @@ static void stream_begin(kv_stream *s, klvae_model_t *m, const kv_forward_plan *
 static klvae_status_t stream_end(kv_stream *s, klvae_status_t st, kv_stream_report *report)
 {
     s->report.peak_bytes = kv_stream_peak(s);
+    s->report.host_peak_bytes = s->host_peak;
     s->report.spilled_bytes = s->spill ? kv_spill_peak(s->spill) : 0;
     kv_spill_close(s->spill);
     s->spill = NULL;
@@ -836,6 +854,7 @@ klvae_status_t kv_stream_dry_run(const klvae_model_t *m, const kv_forward_plan *
                             ? encode_sample(&s, NULL, plan->h, plan->w, NULL, NULL)
                             : decode_sample(&s, NULL, plan->h / f, plan->w / f, NULL);
     out->peak_bytes = kv_stream_peak(&s);
+    out->host_peak_bytes = s.host_peak;
     out->thin = s.thin;
     out->nsizes = s.nsizes;
     return st;
