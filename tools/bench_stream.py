@@ -11,10 +11,12 @@ docs/design.md). PyTorch is optional: without it those cases are skipped.
 
     python3 tools/bench_stream.py [--sizes 1024 2048] [--runs 3] [--big-runs 1]
         [--limits 1024=1G+2G,2048=3G+5G] [--threads 2] [--work DIR]
-        [--torch-untiled 1024] [--only untiled,exact-1G,...]
+        [--torch-untiled 1024] [--only untiled,exact-1G,...] [--lock FILE]
 
 --limits gives the memory_limit values per size (one exact case each); --big-runs is the rounds of sizes over
-1024; --torch-untiled the largest size at which PyTorch also decodes untiled.
+1024; --torch-untiled the largest size at which PyTorch also decodes untiled;
+--lock runs each case under flock FILE (a machine shared with other benchmarks:
+no two timings overlap, and the wait is not timed).
 Results: a markdown table on stdout, every run in DIR/results.json.
 """
 import argparse
@@ -27,7 +29,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "build", "bench_stream")
 
 
-def run(cmd):
+def run(cmd, lock=None):
+    if lock:
+        cmd = ["flock", lock] + cmd
     sys.stderr.write("+ " + " ".join(cmd) + "\n")
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
@@ -69,6 +73,7 @@ def main():
     p.add_argument("--work", default=os.path.join(ROOT, "build", "bench_stream_work"))
     p.add_argument("--torch-untiled", type=int, default=1024)
     p.add_argument("--only", default="")
+    p.add_argument("--lock", default="")
     a = p.parse_args()
     import numpy as np
     limits = dict(item.split("=") for item in a.limits.split(","))
@@ -93,7 +98,7 @@ def main():
         for r in range(rounds):
             order = list(todo) if r % 2 == 0 else list(reversed(todo))
             for name in order:
-                res = run(todo[name])
+                res = run(todo[name], a.lock)
                 if res:
                     runs[name].append(res)
         for name, rs in runs.items():
