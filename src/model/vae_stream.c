@@ -366,6 +366,8 @@ static klvae_status_t store_output(kv_stream *s, const conv_pass *p, int o0, int
 {
     if (s->dry || writes_in_place(s, p))
         return KLVAE_OK;
+    if (!s->be->host_memory && !p->y->external) /* straight into the band */
+        return s->be->ops->download(s->be, band, yt);
     const float *host = yt->data;
     if (!s->be->host_memory) {
         klvae_status_t st = s->be->ops->download(s->be, b->staging, yt);
