@@ -3,16 +3,16 @@
 the three channels at each pixel) on a log scale from 1e-6 (black) through
 1e-4 (red) and 1e-2 (yellow) to 1 and more (white); or with --tone, the
 mean of a - b over the channels and each N x N block, blue where a is darker,
-red where it is brighter, full colour at the largest shift. For
-docs/performance.md: blend tiling against the exact (streamed or untiled)
-decode, whose tone map shows each tile's own brightness, and exact against
-untiled, whose map is float rounding. Needs numpy and Pillow.
+red where it is brighter, full colour at the largest shift; or with
+--figure, four panels side by side: b as a picture, a as a picture, the heat
+map and the tone map (docs/images/blend-vs-exact.png: blend tiling against
+the exact decode). Needs numpy and Pillow.
 
-    error_map.py A.raw B.raw SIZE OUT.png [--scale N] [--tone]
+    error_map.py A.raw B.raw SIZE OUT.png [--scale N] [--tone | --figure]
 
-A and B are raw float32 (3, SIZE, SIZE) images (tools/bench_stream.py's
-outputs); --scale N shrinks the map by N, keeping each block's largest error
-(or its mean shift).
+A and B are raw float32 (3, SIZE, SIZE) images in [-1, 1] (tools/bench_stream.py's
+outputs); --scale N shrinks the maps by N, keeping each block's largest error
+(or its mean shift); the pictures are shrunk by averaging.
 """
 import argparse
 
@@ -29,6 +29,29 @@ def colour(err):
     return (np.stack([r, g, b], axis=-1) * 255).astype(np.uint8)
 
 
+def blocks(v, s, reduce):
+    """v (n, n) in s x s blocks, each reduced by reduce (np.max, np.mean)."""
+    n = v.shape[0] // s * s
+    return reduce(v[:n, :n].reshape(n // s, s, n // s, s), axis=(1, 3))
+
+
+def heat(x, y, s):
+    err = np.abs(x.astype(np.float64) - y).max(axis=0)
+    return colour(blocks(err, s, np.max) if s > 1 else err), err
+
+
+def tone(x, y, s):
+    shift = blocks((x.astype(np.float64) - y).mean(axis=0), s, np.mean)
+    v = shift / max(np.abs(shift).max(), 1e-30)
+    rgb = np.stack([np.clip(v, 0, 1), np.zeros_like(v), np.clip(-v, 0, 1)], axis=-1)
+    return (rgb * 255).astype(np.uint8), shift
+
+
+def picture(x, s):
+    rgb = np.stack([blocks(c, s, np.mean) if s > 1 else c for c in x], axis=-1)
+    return (np.clip((rgb + 1.0) * 127.5, 0, 255) + 0.5).astype(np.uint8)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("a")
@@ -37,23 +60,28 @@ def main():
     p.add_argument("out")
     p.add_argument("--scale", type=int, default=1)
     p.add_argument("--tone", action="store_true")
+    p.add_argument("--figure", action="store_true")
     a = p.parse_args()
-    n = a.size
+    n, s = a.size, a.scale
     x = np.fromfile(a.a, dtype=np.float32).reshape(3, n, n)
     y = np.fromfile(a.b, dtype=np.float32).reshape(3, n, n)
-    s = a.scale
+    if a.figure:
+        h, err = heat(x, y, s)
+        t, shift = tone(x, y, s)
+        panels = [picture(y, s), picture(x, s), h, t]
+        gap = np.full((h.shape[0], 6, 3), 255, np.uint8)
+        strip = np.concatenate([q for p_ in panels for q in (p_, gap)][:-1], axis=1)
+        Image.fromarray(strip).save(a.out, optimize=True)
+        print(f"{a.out}: max {err.max():.3g}, median {np.median(err):.3g}, "
+              f"largest block shift {np.abs(shift).max():.3g}")
+        return
     if a.tone:
-        shift = (x.astype(np.float64) - y).mean(axis=0)
-        shift = shift[: n // s * s, : n // s * s].reshape(n // s, s, n // s, s).mean(axis=(1, 3))
-        v = shift / np.abs(shift).max()
-        rgb = np.stack([np.clip(v, 0, 1), np.zeros_like(v), np.clip(-v, 0, 1)], axis=-1)
-        Image.fromarray((rgb * 255).astype(np.uint8)).save(a.out, optimize=True)
+        rgb, shift = tone(x, y, s)
+        Image.fromarray(rgb).save(a.out, optimize=True)
         print(f"{a.out}: largest block shift {np.abs(shift).max():.3g}")
         return
-    err = np.abs(x.astype(np.float64) - y).max(axis=0)
-    if s > 1:
-        err = err[: n // s * s, : n // s * s].reshape(n // s, s, n // s, s).max(axis=(1, 3))
-    Image.fromarray(colour(err)).save(a.out, optimize=True)
+    rgb, err = heat(x, y, s)
+    Image.fromarray(rgb).save(a.out, optimize=True)
     print(f"{a.out}: max {err.max():.3g}, median {np.median(err):.3g}")
 
 
