@@ -17,7 +17,8 @@ docs/design.md). PyTorch is optional: without it those cases are skipped.
 1024; --torch-untiled the largest size at which PyTorch also decodes untiled;
 --lock runs each case under flock FILE (a machine shared with other benchmarks:
 no two timings overlap, and the wait is not timed).
-Results: a markdown table on stdout, every run in DIR/results.json.
+Results: a markdown table on stdout, every run in DIR/results.json (and each
+run's line as it ends in DIR/runs.jsonl).
 """
 import argparse
 import json
@@ -101,6 +102,8 @@ def main():
                 res = run(todo[name], a.lock)
                 if res:
                     runs[name].append(res)
+                    with open(os.path.join(a.work, "runs.jsonl"), "a") as fp:
+                        fp.write(json.dumps({"size": size, "case": name, **res}) + "\n")
         for name, rs in runs.items():
             if not rs:
                 continue
