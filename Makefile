@@ -68,10 +68,23 @@ LAYERS := base formats backend model train dataset
 LIB_SOURCES := $(foreach l,$(LAYERS),$(wildcard src/$(l)/*.c)) $(wildcard src/backend/cpu/*.c)
 LIB_HEADERS := $(wildcard src/*/*.h src/*/*/*.h include/*.h)
 LIB_OBJECTS := $(patsubst src/%.c,build/obj/%.o,$(LIB_SOURCES))
+# MPI for `klvae train` under mpirun (src/cli/team.c; the library links none):
+# with Open MPI's mpicc found, bin/klvae is built with it. MPICC= (empty)
+# builds without; MPI_CFLAGS and MPI_LIBS override what mpicc reports.
+MPICC ?= $(shell command -v mpicc 2>/dev/null)
+MPI_CFLAGS ?= $(if $(MPICC),$(shell $(MPICC) --showme:compile 2>/dev/null))
+MPI_LIBS ?= $(if $(MPICC),$(shell $(MPICC) --showme:link 2>/dev/null))
+MPI_FOUND := $(if $(and $(MPICC),$(MPI_LIBS)),yes)
+# cli/team.c is compiled into team_mpi.o or team_nompi.o, so that the tool is
+# relinked when MPI appears (or goes)
+TEAM_OBJECT := build/obj/cli/team_$(if $(MPI_FOUND),mpi,nompi).o
 CLI_SOURCES := $(wildcard src/cli/*.c)
-CLI_OBJECTS := $(patsubst src/%.c,build/obj/%.o,$(CLI_SOURCES))
-# the tool's pieces without its main(), which the unit tests link too
-CLI_PARTS := $(filter-out build/obj/cli/klvae.o,$(CLI_OBJECTS))
+CLI_OBJECTS := $(filter-out build/obj/cli/team.o,$(patsubst src/%.c,build/obj/%.o,$(CLI_SOURCES))) \
+               $(TEAM_OBJECT)
+# the tool's pieces without its main(), which the unit tests link too, with
+# cli/team.c built without MPI, so that they need no MPI
+CLI_PARTS := $(filter-out build/obj/cli/klvae.o $(TEAM_OBJECT),$(CLI_OBJECTS)) \
+             build/obj/cli/team_nompi.o
 EXAMPLES := $(patsubst examples/c/%.c,build/examples/%,$(wildcard examples/c/*.c))
 # tests/ops/: one file per op family (test_FAMILY.c) and their shared helpers;
 # their objects go to build/tests/ops/, so names stay unique.
@@ -125,9 +138,48 @@ build/obj/cli/%.o: src/cli/%.c $(LIB_HEADERS)
 	@mkdir -p $(dir $@)
 	$(CC) $(KV_CFLAGS) $(CFLAGS) -c $< -o $@
 
+build/obj/cli/team_mpi.o: src/cli/team.c $(LIB_HEADERS) src/cli/team.h
+	@mkdir -p $(dir $@)
+	$(CC) $(KV_CFLAGS) $(CFLAGS) -DKV_WITH_MPI $(MPI_CFLAGS) -c $< -o $@
+
+build/obj/cli/team_nompi.o: src/cli/team.c $(LIB_HEADERS) src/cli/team.h
+	@mkdir -p $(dir $@)
+	$(CC) $(KV_CFLAGS) $(CFLAGS) -c $< -o $@
+
 $(CLI): $(CLI_OBJECTS) $(STATIC)
 	@mkdir -p bin
-	$(CC) -o $@ $(CLI_OBJECTS) $(STATIC) $(LDFLAGS) $(DEP_LIBS) $(SYS_LIBS)
+	$(CC) -o $@ $(CLI_OBJECTS) $(STATIC) $(LDFLAGS) $(if $(MPI_FOUND),$(MPI_LIBS)) $(DEP_LIBS) \
+	    $(SYS_LIBS)
+
+# The tool built without MPI whatever this machine has (tests/mpi_test.sh:
+# under mpirun it must refuse to train N independent copies).
+build/tests/klvae_nompi: build/obj/cli/klvae.o $(CLI_PARTS) $(STATIC)
+	@mkdir -p build/tests
+	$(CC) -o $@ build/obj/cli/klvae.o $(CLI_PARTS) $(STATIC) $(LDFLAGS) $(DEP_LIBS) $(SYS_LIBS)
+
+# The MPI example (examples/mpi/), with mpicc against lib/, when MPI is here.
+MPI_EXAMPLES := $(if $(MPI_FOUND),$(patsubst examples/mpi/%.c,build/examples/mpi/%,$(wildcard examples/mpi/*.c)))
+examples: $(MPI_EXAMPLES)
+build/examples/mpi/%: examples/mpi/%.c lib/libklvae.so include/klvae.h
+	@mkdir -p build/examples/mpi
+	$(MPICC) -std=c11 -Wall -Wextra $(CFLAGS) -Iinclude $< -o $@ -Llib -lklvae \
+	    -Wl,-rpath,'$$ORIGIN/../../../lib' -lm
+
+# tools/bench_dp.sh's program: data-parallel step times (docs/performance.md).
+build/bench_dp: tools/bench_dp.c lib/libklvae.so include/klvae.h
+	@[ -n "$(MPI_FOUND)" ] || { echo "build/bench_dp needs Open MPI's mpicc (make deps)" >&2; exit 1; }
+	$(MPICC) -std=c11 -D_GNU_SOURCE -Wall -Wextra -O2 -Iinclude $< -o $@ -Llib -lklvae \
+	    -Wl,-rpath,'$$ORIGIN/../lib' -lm
+
+# tests/mpi_test.sh's helper: compares checkpoints, writes test images.
+build/tests/mpi_tool: tests/mpi/mpi_tool.c $(STATIC) $(LIB_HEADERS)
+	@mkdir -p build/tests
+	$(CC) $(KV_CFLAGS) $(CFLAGS) $< -o $@ $(STATIC) $(LDFLAGS) $(DEP_LIBS) $(SYS_LIBS)
+
+.PHONY: mpi-note
+all: mpi-note
+mpi-note:
+	@$(if $(MPI_FOUND),true,echo "klvae train: built without MPI (mpicc not found; apt-get install libopenmpi-dev openmpi-bin, or make deps); mpirun -np N klvae train needs it")
 
 examples: $(EXAMPLES)
 
@@ -174,12 +226,13 @@ $(TEST_BIN): $(TEST_OBJECTS) $(CLI_PARTS) $(STATIC) | $(FAKE_PLUGINS)
 check-unit: $(TEST_BIN)
 	cd tests && ../$(TEST_BIN)
 
-check: all $(TEST_BIN)
+check: all $(TEST_BIN) build/tests/mpi_tool build/tests/klvae_nompi
 	@status=0; \
 	(cd tests && ../$(TEST_BIN)) || status=1; \
 	sh tests/layers_test.sh || status=1; \
 	sh tests/ops_layout_test.sh || status=1; \
 	sh tests/cli_test.sh || status=1; \
+	sh tests/mpi_test.sh || status=1; \
 	sh tests/install_test.sh || status=1; \
 	sh tests/fault_test.sh || status=1; \
 	sh tests/encode_dataset_test.sh || status=1; \
@@ -197,7 +250,8 @@ golden-record: $(TEST_BIN)
 # One binding at a time (tests/bindings_test.sh runs both).
 PYTHON ?= python3
 check-python: lib
-	KLVAE_LIBRARY=$(CURDIR)/lib/$(SONAME) $(PYTHON) -m pytest -q examples/python/tests
+	PYTHONPATH=$(CURDIR)/build/pydeps$${PYTHONPATH:+:$$PYTHONPATH} \
+	    KLVAE_LIBRARY=$(CURDIR)/lib/$(SONAME) $(PYTHON) -m pytest -q examples/python/tests
 check-rust: lib build/klvae-uninstalled.pc
 	cd examples/rust && PKG_CONFIG_PATH=$(CURDIR)/build CARGO_TARGET_DIR=$(CURDIR)/build/rust \
 	    cargo test --offline
@@ -397,16 +451,30 @@ $(GPU_TEST): $(GPU_TEST_SOURCES) tests/gpu/cuda_harness.h tests/gpu/test_cuda.h 
 	$(CC) $(KV_CFLAGS) -Werror -Itests/gpu $(CFLAGS) $(GPU_TEST_SOURCES) -o $@ $(STATIC) $(LDFLAGS) \
 	    $(DEP_LIBS) $(SYS_LIBS)
 
+# the NCCL path of data-parallel training (tests/gpu/check_nccl.sh runs it on a GPU)
+NCCL_TEST := build/tests/test_nccl
+$(NCCL_TEST): tests/gpu/test_nccl.c tests/gpu/cuda_harness.c tests/gpu/cuda_harness.h $(STATIC) \
+              $(LIB_HEADERS)
+	@mkdir -p build/tests
+	$(CC) $(KV_CFLAGS) -Werror -Itests/gpu $(CFLAGS) tests/gpu/test_nccl.c tests/gpu/cuda_harness.c \
+	    -o $@ $(STATIC) $(LDFLAGS) $(DEP_LIBS) $(SYS_LIBS)
+
 check: check-cuda
-check-cuda: $(GPU_TEST) $(CUDA_PLUGIN_BUILT)
+check-cuda: $(GPU_TEST) $(NCCL_TEST) $(CUDA_PLUGIN_BUILT)
 	@./$(GPU_TEST) --plugin lib/libklvae_cuda.so --quick
+	@./$(NCCL_TEST) --plugin lib/libklvae_cuda.so --quick
 
 # For a GPU machine without this machine's libraries: one binary, test_cuda with the
 # benchmark inside (`test_cuda bench ...`), with OpenBLAS, jansson, libpng, libjpeg, zlib
 # and libgfortran linked statically. build/bench_cuda: the benchmark alone.
 GPU_STATIC_LIBS := $(filter -L%,$(DEP_LIBS)) -Wl,-Bstatic -lopenblas -ljansson -lpng16 -ljpeg -lz \
                    -lgfortran -lquadmath -Wl,-Bdynamic $(SYS_LIBS)
-gpu-binaries: build/gpu/test_cuda
+gpu-binaries: build/gpu/test_cuda build/gpu/test_nccl
+build/gpu/test_nccl: tests/gpu/test_nccl.c tests/gpu/cuda_harness.c tests/gpu/cuda_harness.h \
+                     $(STATIC) $(LIB_HEADERS)
+	@mkdir -p build/gpu
+	$(CC) $(KV_CFLAGS) -Werror -Itests/gpu $(CFLAGS) tests/gpu/test_nccl.c tests/gpu/cuda_harness.c \
+	    -o $@ $(STATIC) -s $(GPU_STATIC_LIBS)
 build/gpu/test_cuda: $(GPU_TEST_SOURCES) tools/bench_cuda.c tests/gpu/cuda_harness.h \
                      tests/gpu/test_cuda.h $(STATIC) $(LIB_HEADERS)
 	@mkdir -p build/gpu

@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "comm.h"
 #include "cuda_ops.h"
 
 #define KV_CUDA_STR2(x) #x
@@ -168,9 +169,10 @@ struct kv_op_guard<klvae_status_t (*)(kv_backend *, A...), F, Name> {
     X(posterior_split) X(gaussian_sample) X(conv2d_backward_data) X(conv2d_backward_weight)     \
     X(group_norm_backward) X(attention_backward) X(upsample_nearest2x_backward) X(activation)    \
     X(activation_backward) X(channel_affine) X(max_pool2x2) X(max_pool2x2_backward)             \
-    X(unit_normalize) X(unit_normalize_backward) X(lpips_distance) X(batch_norm)                \
-    X(batch_norm_backward) X(pixel_loss) X(logit_loss) X(posterior_backward) X(kl_sum) X(adam)  \
-    X(sum_squares) X(scale) X(lerp) X(axpy) X(fill)
+    X(unit_normalize) X(unit_normalize_backward) X(lpips_distance) X(batch_norm_stats)          \
+    X(batch_norm) X(batch_norm_backward_stats) X(batch_norm_backward) X(pixel_loss)             \
+    X(logit_loss) X(posterior_backward) X(kl_sum) X(adam) X(sum_squares) X(scale) X(lerp)       \
+    X(axpy) X(fill)
 
 #define KV_CUDA_NAME(name) static constexpr char kv_op_name_##name[] = #name;
 KV_CUDA_OPS(KV_CUDA_NAME)
@@ -514,6 +516,11 @@ static const kv_plugin the_plugin = {
     KV_GUARDED(synchronize, kv_name_synchronize),
     KV_GUARDED(kv_cuda_import, kv_op_name_import),
     KV_GUARDED(kv_cuda_export, kv_op_name_export),
+    /* data-parallel gradient sums with NCCL (comm.cu) */
+    kv_cuda_comm_create,
+    kv_cuda_comm_allreduce,
+    kv_cuda_comm_wait,
+    kv_cuda_comm_destroy,
 };
 
 extern "C" __attribute__((visibility("default"))) const kv_plugin *klvae_plugin_entry(void)

@@ -14,6 +14,7 @@
 #define KV_LAYOUT_PLAN_CUH
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include "base/numerics.h"
 
@@ -55,6 +56,21 @@ static inline KV_HD void kv_storage_nc(size_t i, int nhwc, int c, size_t hw, int
         *ch = (int)(plane % (size_t)c);
         *n = (int)(plane / (size_t)c);
     }
+}
+
+/* The Philox index of the element at storage index e of an (n, c, h, w)
+ * tensor of hw = h * w pixels whose first element (NCHW order) draws index
+ * first: first + its NCHW index, the CPU ops' counter, whatever the layout
+ * (gaussian_sample, posterior_backward's noise, lpips_distance's dropout
+ * mask). first places the tensor in a larger one: a process's share of a
+ * batch split over processes draws that share's numbers. */
+static inline KV_HD uint64_t kv_philox_index(size_t e, int nhwc, int c, size_t hw, uint64_t first)
+{
+    if (!nhwc)
+        return first + (uint64_t)e;
+    const size_t ch = e % (size_t)c, rest = e / (size_t)c;
+    const size_t pix = rest % hw, n = rest / hw;
+    return first + (uint64_t)((n * (size_t)c + ch) * hw + pix);
 }
 
 #endif /* KV_LAYOUT_PLAN_CUH */

@@ -2,8 +2,8 @@
  * backend's layout, as src/backend/cpu/lpips.c: the unit normalisation of a
  * feature map over its channels and its gradient (one thread per pixel, sums
  * in double), and the weighted squared distance of two normalised taps with
- * an optional dropout mask drawn from Philox at each value's NCHW index, and
- * its gradient. The per-sample distances go to the host. */
+ * an optional dropout mask drawn from Philox at first + each value's NCHW
+ * index, and its gradient. The per-sample distances go to the host. */
 #include "base/philox.h"
 #include "reduce.cuh"
 
@@ -112,25 +112,24 @@ struct lpips_args {
     int a16, b16, nhwc, channels;
     size_t pixels;
     float dropout, keep;
-    uint64_t seed;
+    uint64_t seed, first; /* the mask of NCHW element i: Philox index first + i */
 };
 
-/* The dropout factor of the value at storage index i (sample n, channel c):
- * drawn at its NCHW index, as the CPU does. */
-static __device__ __forceinline__ float lpips_mask(const lpips_args &a, size_t i, int n, int c)
+/* The dropout factor of the value at storage index i: drawn at first + its
+ * NCHW index, as the CPU does (kv_philox_index, layout_plan.cuh). */
+static __device__ __forceinline__ float lpips_mask(const lpips_args &a, size_t i)
 {
     if (a.dropout <= 0.0f)
         return 1.0f;
-    const size_t p = a.nhwc ? i / a.channels % a.pixels : i % a.pixels;
-    const uint64_t nchw = ((uint64_t)n * a.channels + c) * a.pixels + p;
-    return kv_philox_uniform(a.seed, nchw) < a.dropout ? 0.0f : a.keep;
+    const uint64_t at = kv_philox_index(i, a.nhwc, a.channels, a.pixels, a.first);
+    return kv_philox_uniform(a.seed, at) < a.dropout ? 0.0f : a.keep;
 }
 
 struct lpips_squares {
     lpips_args a;
-    __device__ double2 operator()(size_t i, int n, int c) const
+    __device__ double2 operator()(size_t i, int, int) const
     {
-        const float m = lpips_mask(a, i, n, c);
+        const float m = lpips_mask(a, i);
         const float d = kv_ld(a.a, a.a16, i) - kv_ld(a.b, a.b16, i);
         return make_double2((double)(m * d * d), 0.0);
     }
@@ -160,13 +159,14 @@ static __global__ void lpips_grad_kernel(lpips_args a, const void *w, int w16,
         kv_storage_nc(i, a.nhwc, a.channels, a.pixels, &n, &c);
         const float g = grad_scale[n] * 2.0f / (float)a.pixels;
         const float d = kv_ld(a.a, a.a16, i) - kv_ld(a.b, a.b16, i);
-        kv_st(db, db16, i, g * kv_ld(w, w16, c) * lpips_mask(a, i, n, c) * (-d));
+        kv_st(db, db16, i, g * kv_ld(w, w16, c) * lpips_mask(a, i) * (-d));
     }
 }
 
 klvae_status_t kv_cuda_lpips_distance(kv_backend *be, const kv_tensor *a, const kv_tensor *b,
                                       const kv_tensor *w, float dropout, uint64_t dropout_seed,
-                                      double *values, const float *grad_scale, kv_tensor *db)
+                                      uint64_t first, double *values, const float *grad_scale,
+                                      kv_tensor *db)
 {
     kv_cuda *cu = kv_cuda_of(be);
     const char *op = "lpips_distance";
@@ -187,6 +187,7 @@ klvae_status_t kv_cuda_lpips_distance(kv_backend *be, const kv_tensor *a, const 
     la.dropout = dropout;
     la.keep = dropout > 0.0f ? 1.0f / (1.0f - dropout) : 1.0f;
     la.seed = dropout_seed;
+    la.first = first;
     if ((size_t)batch * sizeof(double) > KV_CUDA_HOST_SCALARS)
         return kv_cuda_error(cu, KLVAE_ERR_UNSUPPORTED, "%s: a batch of %d", op, batch);
     double2 *sums = NULL;

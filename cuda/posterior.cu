@@ -6,8 +6,8 @@
  * the CPU (built with -ffp-contract=off) does. This file alone is compiled
  * with --fmad=false (Makefile), so that no other product is fused either.
  *
- * The Philox counter of an element is its NCHW index (the CPU's), also
- * when the backend stores NHWC (layout_plan.cuh). */
+ * The Philox counter of an element is first + its NCHW index (the CPU's),
+ * also when the backend stores NHWC (kv_philox_index, layout_plan.cuh). */
 #include "base/philox.h"
 #include "posterior_plan.cuh"
 #include "reduce.cuh"
@@ -51,7 +51,7 @@ struct sample_args {
     const void *mean, *logvar;
     void *z;
     int mean16, lv16, z16;
-    uint64_t seed;
+    uint64_t seed, first; /* element i draws Philox index first + i */
     size_t count;
     int nhwc, c, h, w; /* the storage map of layout_plan.cuh */
 };
@@ -62,17 +62,21 @@ static __device__ __forceinline__ float sample_one(const sample_args &a, size_t 
     return __fadd_rn(kv_ld(a.mean, a.mean16, i), __fmul_rn(std, eps));
 }
 
-/* NCHW: thread j makes the pair of normals of counter j, elements 2j and
- * 2j + 1. */
+/* NCHW: thread j makes the pair of normals of counter first / 2 + j, the
+ * elements of Philox index 2 (first / 2 + j) and the one after. */
 static __global__ void gaussian_sample_nchw_kernel(sample_args a)
 {
-    const size_t pairs = (a.count + 1) / 2;
+    const uint64_t pair0 = a.first / 2;
+    const size_t pairs = (size_t)((a.first + a.count + 1) / 2 - pair0);
     for (size_t j = blockIdx.x * (size_t)blockDim.x + threadIdx.x; j < pairs;
          j += (size_t)gridDim.x * blockDim.x) {
         float eps[2];
-        kv_philox_normal_pair(a.seed, j, &eps[0], &eps[1]);
+        kv_philox_normal_pair(a.seed, pair0 + j, &eps[0], &eps[1]);
         for (int e = 0; e < 2; e++) {
-            size_t i = 2 * j + e;
+            const uint64_t at = 2 * (pair0 + j) + e;
+            if (at < a.first)
+                continue;
+            size_t i = (size_t)(at - a.first);
             if (i >= a.count)
                 break;
             kv_st(a.z, a.z16, i, sample_one(a, i, eps[e]));
@@ -86,15 +90,16 @@ static __global__ void gaussian_sample_nhwc_kernel(sample_args a)
 {
     for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < a.count;
          e += (size_t)gridDim.x * blockDim.x) {
-        const size_t i = kv_nhwc_to_nchw(e, a.c, a.h, a.w);
+        const uint64_t at = kv_philox_index(e, 1, a.c, (size_t)a.h * a.w, a.first);
         float eps[2];
-        kv_philox_normal_pair(a.seed, i / 2, &eps[0], &eps[1]);
-        kv_st(a.z, a.z16, e, sample_one(a, e, eps[i % 2]));
+        kv_philox_normal_pair(a.seed, at / 2, &eps[0], &eps[1]);
+        kv_st(a.z, a.z16, e, sample_one(a, e, eps[at % 2]));
     }
 }
 
 klvae_status_t kv_cuda_gaussian_sample(kv_backend *be, const kv_tensor *mean,
-                                       const kv_tensor *logvar, uint64_t seed, kv_tensor *z)
+                                       const kv_tensor *logvar, uint64_t seed, uint64_t first,
+                                       kv_tensor *z)
 {
     kv_cuda *cu = kv_cuda_of(be);
     sample_args a;
@@ -113,6 +118,7 @@ klvae_status_t kv_cuda_gaussian_sample(kv_backend *be, const kv_tensor *mean,
     a.logvar = logvar->data;
     a.z = z->data;
     a.seed = seed;
+    a.first = first;
     a.nhwc = cu->nhwc && z->ndim == 4 && (size_t)z->shape[2] * z->shape[3] > 1;
     if (a.nhwc) {
         a.c = z->shape[1];
@@ -125,7 +131,7 @@ klvae_status_t kv_cuda_gaussian_sample(kv_backend *be, const kv_tensor *mean,
         gaussian_sample_nhwc_kernel<<<kv_cuda_blocks(a.count, cu), 256, 0, cu->stream>>>(a);
         KV_LAUNCHED(cu, gaussian_sample_nhwc_kernel);
     } else {
-        gaussian_sample_nchw_kernel<<<kv_cuda_blocks((a.count + 1) / 2, cu), 256, 0,
+        gaussian_sample_nchw_kernel<<<kv_cuda_blocks(a.count / 2 + 1, cu), 256, 0,
                                       cu->stream>>>(a);
         KV_LAUNCHED(cu, gaussian_sample_nchw_kernel);
     }
@@ -140,8 +146,9 @@ struct posterior_grad_args {
     int m16, dz16, dm16;
     size_t block; /* posterior_plan.cuh */
     float kl_weight;
-    int sampled, nhwc, z, h, w;
-    uint64_t seed;
+    int sampled, nhwc, z;
+    size_t pixels;
+    uint64_t seed, first; /* element i's noise: Philox index first + i (NCHW) */
 };
 
 static __global__ void posterior_backward_kernel(posterior_grad_args a, size_t count)
@@ -154,9 +161,9 @@ static __global__ void posterior_backward_kernel(posterior_grad_args a, size_t c
         const float s = kv_clamp_logvar(l);
         float ds = __fmul_rn(__fmul_rn(a.kl_weight, 0.5f), (float)(exp((double)s) - 1.0));
         if (a.sampled) {
-            const size_t i = a.nhwc ? kv_nhwc_to_nchw(e, a.z, a.h, a.w) : e;
+            const uint64_t at = kv_philox_index(e, a.nhwc, a.z, a.pixels, a.first);
             ds = __fadd_rn(ds, __fmul_rn(__fmul_rn(__fmul_rn(dz, 0.5f), kv_posterior_std(l)),
-                                         kv_philox_normal(a.seed, i)));
+                                         kv_philox_normal(a.seed, at)));
         }
         kv_st(a.dmoments, a.dm16, mi, __fadd_rn(dz, __fmul_rn(a.kl_weight, mu)));
         kv_st(a.dmoments, a.dm16, li, kv_logvar_unclamped(l) ? ds : 0.0f);
@@ -165,7 +172,7 @@ static __global__ void posterior_backward_kernel(posterior_grad_args a, size_t c
 
 klvae_status_t kv_cuda_posterior_backward(kv_backend *be, const kv_tensor *moments,
                                           const kv_tensor *dz, float kl_weight, bool sampled,
-                                          uint64_t seed, kv_tensor *dmoments)
+                                          uint64_t seed, uint64_t first, kv_tensor *dmoments)
 {
     kv_cuda *cu = kv_cuda_of(be);
     posterior_grad_args a;
@@ -188,9 +195,9 @@ klvae_status_t kv_cuda_posterior_backward(kv_backend *be, const kv_tensor *momen
     a.kl_weight = kl_weight;
     a.sampled = sampled;
     a.seed = seed;
+    a.first = first;
     a.z = dz->shape[1];
-    a.h = dz->shape[2];
-    a.w = dz->shape[3];
+    a.pixels = pixels;
     posterior_backward_kernel<<<kv_cuda_blocks(count, cu), 256, 0, cu->stream>>>(a, count);
     KV_LAUNCHED(cu, posterior_backward_kernel);
     return KLVAE_OK;

@@ -146,7 +146,10 @@ typedef enum klvae_status {
     KLVAE_ERR_BUSY = 14,
     /* A *_get function's buffer is too small for the value;
      * klvae_last_needed_size() gives the size it needs. */
-    KLVAE_ERR_BUFFER_TOO_SMALL = 15
+    KLVAE_ERR_BUFFER_TOO_SMALL = 15,
+    /* Data-parallel training: a communicator callback failed, or another
+     * rank failed (the message names the rank). See klvae_comm_t. */
+    KLVAE_ERR_COMM = 16
 } klvae_status_t;
 
 /* A short, static, English description of a status ("invalid argument").
@@ -589,6 +592,106 @@ KLVAE_API klvae_status_t klvae_trainer_get_note(const klvae_trainer_t *trainer, 
  * before the model: the trainer uses the model's weights and backend until
  * then. NULL is a no-op. */
 KLVAE_API void klvae_trainer_free(klvae_trainer_t *trainer);
+
+/* ------------------------------------------------------------------------ */
+/* Data-parallel training                                                    */
+/* ------------------------------------------------------------------------ */
+
+/* libklvae links no MPI and no NCCL. A program that trains on several
+ * processes ("ranks", say one per GPU) gives each rank's trainer its
+ * communicator as two callbacks (klvae_comm_t; examples/mpi/ wraps
+ * MPI_COMM_WORLD), and the trainers then make each step together:
+ *
+ *   - Each rank passes klvae_trainer_step (or klvae_trainer_step_device)
+ *     its own n images, the same n, h and w on every rank: the global batch
+ *     is n * size images. With grad_accum A, micro-batch m of the global
+ *     batch is every rank's micro-batch m (its images m n/A .. (m+1) n/A -
+ *     1), rank 0's first.
+ *     The random numbers (posterior noise, LPIPS dropout) are those of each
+ *     image's place in that global batch.
+ *   - The gradients of both networks are summed over the ranks before the
+ *     optimisers step (clipping uses the global norm), so every rank holds
+ *     the same weights after every step. The losses in klvae_step_stats_t
+ *     are the global batch's, on every rank.
+ *   - Option data_parallel=exact (the default): the step is the
+ *     single-process step on the global batch, up to float rounding: the
+ *     adaptive GAN weight comes from the summed last-layer gradients and the
+ *     discriminator's BatchNorm normalises with the global batch's
+ *     statistics. data_parallel=ddp (the default of preset=ldm) is Lightning
+ *     DDP's step: each rank's own BatchNorm statistics and adaptive weight,
+ *     and rank 0's BatchNorm running statistics (docs/training.md).
+ *   - On the CUDA backend the gradients are summed on the GPUs with NCCL
+ *     (option allreduce): the plugin loads libnccl.so.2 (or the file named
+ *     by the environment variable KLVAE_NCCL_LIBRARY), rank 0 makes the
+ *     ncclUniqueId and the broadcast callback sends it to the other ranks.
+ *     The sums of gradient buckets (allreduce_bucket_mb) start while the
+ *     backward still runs. Elsewhere they go through allreduce_sum.
+ *
+ * Every callback is a collective: every rank calls it in the same order
+ * with the same count, and the library makes its calls so as long as every
+ * rank calls the library the same way (the same functions, in the same
+ * order, with the same sizes). A callback returns 0 on success; anything
+ * else fails the library call with KLVAE_ERR_COMM. Callbacks run on the
+ * thread that called the library. */
+
+typedef enum klvae_comm_type {
+    KLVAE_COMM_FLOAT32 = 0, /* float */
+    KLVAE_COMM_FLOAT64 = 1  /* double */
+} klvae_comm_type_t;
+
+typedef struct klvae_comm {
+    uint32_t struct_size; /* sizeof(klvae_comm_t) */
+    int rank;             /* this process, 0 .. size - 1 */
+    int size;             /* the number of processes, at least 1 */
+    void *ctx;            /* given back to every callback */
+    /* data[0 .. count) = the elementwise sum over all ranks of their
+     * data[0 .. count), in place, in host memory, with the same bits on
+     * every rank (MPI_Allreduce with MPI_IN_PLACE and MPI_SUM does this;
+     * the library never passes more than 2^28 elements at once). */
+    int (*allreduce_sum)(void *ctx, void *data, size_t count, klvae_comm_type_t type);
+    /* bytes bytes at data on rank root, copied to data on every other rank
+     * (MPI_Bcast). */
+    int (*broadcast)(void *ctx, void *data, size_t bytes, int root);
+} klvae_comm_t;
+
+/* Makes trainer rank comm->rank of a data-parallel run of comm->size ranks
+ * (see above), or with comm NULL a single process again. Collective: every
+ * rank calls it, with trainers of the same model config and trainer options
+ * (backend, device and threads may differ). It checks that they agree, then
+ * copies rank 0's whole state (weights, both optimisers, EMA, the
+ * discriminator and its BatchNorm statistics, the step counter) to every
+ * rank, as DDP does when it wraps a model: load a checkpoint before, on
+ * rank 0 at least. Later klvae_trainer_load calls are not collective: make
+ * them on every rank with the same file. klvae_trainer_save and
+ * klvae_trainer_export are not collective either: every rank holds the same
+ * state, so rank 0 alone usually writes.
+ *
+ * *comm is copied; ctx and the callbacks must stay usable until the trainer
+ * is freed or another klvae_trainer_set_comm call replaces them.
+ *
+ * Failures during a step: a rank whose klvae_trainer_step refuses its
+ * arguments (a size, images that differ in number or size from the other
+ * ranks', a NaN in its images) makes every rank's call return that status,
+ * with a message naming the rank, before anything runs. Any later failure
+ * (out of memory, a backend error, KLVAE_ERR_COMM) returns on the rank it
+ * happened on while the others may be waiting in a callback: the program
+ * must then abort its communicator (MPI_Abort), as the klvae tool does.
+ * (KLVAE_ERR_BUSY and a NULL trainer return at once on that rank only: they
+ * are program errors.) A non-finite loss or gradient is the same on every
+ * rank (losses and gradients are global), so every rank refuses or skips
+ * the step together.
+ *
+ * Errors: KLVAE_ERR_INVALID_ARGUMENT (NULL trainer, struct_size too small,
+ * size < 1, rank outside 0 .. size - 1, a NULL callback), KLVAE_ERR_CONFIG
+ * (the ranks' trainers differ: the message names the first rank and what
+ * differs), KLVAE_ERR_COMM (a callback failed), KLVAE_ERR_BACKEND_UNAVAILABLE
+ * (allreduce=nccl and NCCL cannot be used here: the message says why),
+ * KLVAE_ERR_OUT_OF_MEMORY, KLVAE_ERR_BUSY (on that rank only). On every
+ * error but KLVAE_ERR_COMM the trainer is unchanged; after KLVAE_ERR_COMM
+ * the ranks' states may differ (the copy may have stopped halfway) and the
+ * trainer is a single process. */
+KLVAE_API klvae_status_t klvae_trainer_set_comm(klvae_trainer_t *trainer,
+                                                const klvae_comm_t *comm);
 
 /* ------------------------------------------------------------------------ */
 /* Encoding datasets                                                         */

@@ -15,7 +15,9 @@ skip() {
 
 PYTHON=${PYTHON:-python3}
 if "$PYTHON" -c "import numpy, pytest" >/dev/null 2>&1; then
-    KLVAE_LIBRARY="$top/lib/libklvae.so.0" "$PYTHON" -m pytest -q -p no:cacheprovider \
+    # build/pydeps: Python's safetensors reader, when tools/deps.sh put it there
+    PYTHONPATH="$top/build/pydeps${PYTHONPATH:+:$PYTHONPATH}" \
+        KLVAE_LIBRARY="$top/lib/libklvae.so.0" "$PYTHON" -m pytest -q -p no:cacheprovider \
         examples/python/tests || status=1
 else
     skip "python" "$PYTHON cannot import numpy and pytest; 'make deps' installs them"

@@ -15,8 +15,9 @@
 #     ops->NAME).
 # And every file is named for what it holds: src/backend/cpu/*.c is a family
 # file, a FAMILY_*.c file, cpu_backend.c or threadpool.c; cuda/*.cu the same
-# with cuda_backend.cu and memory.cu (the plugin's blocks, upload and
-# download, which the CPU has in cpu_backend.c); tests/ops/*.c is
+# with cuda_backend.cu, memory.cu (the plugin's blocks, upload and
+# download, which the CPU has in cpu_backend.c) and comm.cu (data-parallel
+# gradient sums with NCCL, no op); tests/ops/*.c is
 # test_FAMILY.c or op_test_util.c;
 # every "Family" heading of the specification is a family of the list.
 # Prints one line per violation and "ops layout: N passed, N failed".
@@ -131,9 +132,9 @@ done
 for f in cuda/*.cu; do
     [ -f "$f" ] || continue
     base=$(basename "$f" .cu)
-    case "$base" in cuda_backend | memory) ok; continue ;; esac
+    case "$base" in cuda_backend | memory | comm) ok; continue ;; esac
     if family_name "$base"; then ok
-    else bad "$f is named for no op family of $BACKEND_H (nor is it cuda_backend.cu or memory.cu)"; fi
+    else bad "$f is named for no op family of $BACKEND_H (nor is it cuda_backend.cu, memory.cu or comm.cu)"; fi
 done
 for f in tests/ops/*.c; do
     [ -f "$f" ] || continue

@@ -23,8 +23,8 @@ END_TEST
 
 START_TEST(every_status_has_its_own_string)
 {
-    const char *seen[KLVAE_ERR_BUFFER_TOO_SMALL + 1];
-    for (int s = KLVAE_OK; s <= KLVAE_ERR_BUFFER_TOO_SMALL; s++) {
+    const char *seen[KLVAE_ERR_COMM + 1];
+    for (int s = KLVAE_OK; s <= KLVAE_ERR_COMM; s++) {
         seen[s] = klvae_status_string((klvae_status_t)s);
         ck_assert_ptr_nonnull(seen[s]);
         ck_assert_str_ne(seen[s], "unknown status");
@@ -40,6 +40,7 @@ START_TEST(every_status_has_its_own_string)
     ck_assert_int_eq(KLVAE_ERR_NONFINITE, 13);
     ck_assert_int_eq(KLVAE_ERR_BUSY, 14);
     ck_assert_int_eq(KLVAE_ERR_BUFFER_TOO_SMALL, 15);
+    ck_assert_int_eq(KLVAE_ERR_COMM, 16);
 }
 END_TEST
 

@@ -6,6 +6,7 @@
 #include "test_util.h"
 
 #include "../cuda/attention_plan.cuh"
+#include "../cuda/batch_norm_plan.cuh"
 #include "../cuda/conv2d_plan.cuh"
 #include "../cuda/group_norm_plan.cuh"
 #include "../cuda/layout_plan.cuh"
@@ -207,7 +208,7 @@ START_TEST(nhwc_sampling_gives_the_cpu_bits)
     ck_assert_ok(kv_cpu_backend_create(&settings, &be));
     kv_tensor tm = kv_tensor_wrap(mean, n, c, h, w), tl = kv_tensor_wrap(logvar, n, c, h, w),
               tz = kv_tensor_wrap(z, n, c, h, w);
-    ck_assert_ok(be->ops->gaussian_sample(be, &tm, &tl, 1234567, &tz));
+    ck_assert_ok(be->ops->gaussian_sample(be, &tm, &tl, 1234567, 0, &tz));
     kv_backend_destroy(be);
     for (size_t e = 0; e < count; e++) {
         size_t i = kv_nhwc_to_nchw(e, c, h, w);
@@ -219,6 +220,185 @@ START_TEST(nhwc_sampling_gives_the_cpu_bits)
                       (double)got, (double)z[i]);
     }
     free(mean), free(logvar), free(z), free(mean_s), free(lv_s);
+}
+END_TEST
+
+/* ---- Philox indices of a share of a batch ---- */
+
+/* kv_philox_index: first + the NCHW index of a storage index, in both
+ * layouts. */
+START_TEST(philox_index_is_first_plus_the_nchw_index)
+{
+    const int n = 3, c = 5, h = 4, w = 3;
+    const size_t hw = (size_t)h * w, count = (size_t)n * c * hw;
+    const uint64_t firsts[] = {0, 1, 4097, (uint64_t)1 << 40};
+    for (size_t f = 0; f < sizeof firsts / sizeof firsts[0]; f++)
+        for (size_t i = 0; i < count; i++) {
+            ck_assert_uint_eq(kv_philox_index(i, 0, c, hw, firsts[f]), firsts[f] + i);
+            ck_assert_uint_eq(kv_philox_index(kv_nchw_to_nhwc(i, c, h, w), 1, c, hw, firsts[f]),
+                              firsts[f] + i);
+        }
+}
+END_TEST
+
+/* cuda/lpips.cu's gradient kernel on the CPU, NHWC, at an odd first: each
+ * value's dropout mask and db must be the CPU backend's bits. */
+START_TEST(nhwc_lpips_mask_at_first_gives_the_cpu_bits)
+{
+    const int n = 2, c = 3, h = 5, w = 7;
+    const size_t hw = (size_t)h * w, count = (size_t)n * c * hw;
+    const uint64_t seed = 77, first = 4097;
+    const float dropout = 0.5f, keep = 1.0f / (1.0f - dropout);
+    test_rng rng = test_rng_new(313);
+    float *a = test_alloc(count), *b = test_alloc(count), *db = test_alloc(count), wt[3];
+    test_fill(a, count, &rng, -0.5f, 0.5f);
+    test_fill(b, count, &rng, -0.5f, 0.5f);
+    test_fill(wt, 3, &rng, 0, 1);
+    const float scale[2] = {0.7f, -1.3f};
+    double values[2];
+    kv_backend_settings settings;
+    memset(&settings, 0, sizeof settings);
+    settings.threads = 2;
+    kv_backend *be = NULL;
+    ck_assert_ok(kv_cpu_backend_create(&settings, &be));
+    kv_tensor ta = kv_tensor_wrap(a, n, c, h, w), tb = kv_tensor_wrap(b, n, c, h, w),
+              tw = kv_tensor_wrap(wt, 1, c, 1, 1), tdb = kv_tensor_wrap(db, n, c, h, w);
+    ck_assert_ok(be->ops->lpips_distance(be, &ta, &tb, &tw, dropout, seed, first, values, scale,
+                                         &tdb));
+    kv_backend_destroy(be);
+    int dropped = 0;
+    for (size_t e = 0; e < count; e++) { /* e: the NHWC storage index */
+        const size_t i = kv_nhwc_to_nchw(e, c, h, w);
+        int sn, sc;
+        kv_storage_nc(e, 1, c, hw, &sn, &sc);
+        const float m =
+            kv_philox_uniform(seed, kv_philox_index(e, 1, c, hw, first)) < dropout ? 0.0f : keep;
+        dropped += m == 0.0f;
+        const float g = scale[sn] * 2.0f / (float)hw, d = a[i] - b[i];
+        const float got = g * wt[sc] * m * (-d);
+        ck_assert_msg(memcmp(&got, &db[i], sizeof got) == 0, "element %zu: %a vs the CPU's %a",
+                      i, (double)got, (double)db[i]);
+    }
+    ck_assert_int_gt(dropped, 0);
+    ck_assert_int_lt(dropped, (int)count);
+    free(a), free(b), free(db);
+}
+END_TEST
+
+/* cuda/posterior.cu's posterior_backward kernel on the CPU, NHWC, sampled
+ * at an odd first: the CPU backend's bits. */
+START_TEST(nhwc_posterior_backward_at_first_gives_the_cpu_bits)
+{
+    const int n = 2, z = 3, h = 5, w = 7;
+    const size_t hw = (size_t)h * w, count = (size_t)n * z * hw;
+    const uint64_t seed = 4242, first = 1001;
+    const float k = 0.01f;
+    test_rng rng = test_rng_new(717);
+    float *mom = test_alloc(2 * count), *dz = test_alloc(count), *dm = test_alloc(2 * count);
+    test_fill(mom, 2 * count, &rng, -35, 25);
+    test_fill(dz, count, &rng, -1, 1);
+    kv_backend_settings settings;
+    memset(&settings, 0, sizeof settings);
+    settings.threads = 2;
+    kv_backend *be = NULL;
+    ck_assert_ok(kv_cpu_backend_create(&settings, &be));
+    kv_tensor tm = kv_tensor_wrap(mom, n, 2 * z, h, w), tz = kv_tensor_wrap(dz, n, z, h, w),
+              td = kv_tensor_wrap(dm, n, 2 * z, h, w);
+    ck_assert_ok(be->ops->posterior_backward(be, &tm, &tz, k, true, seed, first, &td));
+    kv_backend_destroy(be);
+    for (size_t e = 0; e < count; e++) { /* e: the NHWC index of dz's element */
+        const size_t i = kv_nhwc_to_nchw(e, z, h, w);
+        const size_t nn = i / ((size_t)z * hw), ch = i / hw % (size_t)z, p = i % hw;
+        const size_t mi = (nn * 2 * z + ch) * hw + p, li = mi + (size_t)z * hw;
+        const float l = mom[li], s = kv_clamp_logvar(l);
+        float ds = k * 0.5f * (float)(exp((double)s) - 1.0);
+        ds = ds + dz[i] * 0.5f * kv_posterior_std(l) *
+                      kv_philox_normal(seed, kv_philox_index(e, 1, z, hw, first));
+        const float dl = kv_logvar_unclamped(l) ? ds : 0.0f, dmu = dz[i] + k * mom[mi];
+        ck_assert_msg(memcmp(&dl, &dm[li], sizeof dl) == 0, "dlogvar %zu: %a vs the CPU's %a", i,
+                      (double)dl, (double)dm[li]);
+        ck_assert_msg(memcmp(&dmu, &dm[mi], sizeof dmu) == 0, "dmean %zu: %a vs the CPU's %a", i,
+                      (double)dmu, (double)dm[mi]);
+    }
+    free(mom), free(dz), free(dm);
+}
+END_TEST
+
+/* ---- batch norm ---- */
+
+/* batch_norm_plan.cuh's per-channel arithmetic from the CPU backend's sums
+ * gives the CPU's bits: mean, invstd, y, the running statistics, dx (and
+ * from sums of two halves of the batch, the same channel values). */
+START_TEST(batch_norm_channel_math_gives_the_cpu_bits)
+{
+    const int n = 4, c = 5, h = 3, w = 7;
+    const size_t hw = (size_t)h * w, numel = (size_t)n * c * hw;
+    const double count = (double)n * hw;
+    test_rng rng = test_rng_new(1212);
+    float *x = test_alloc(numel), *y = test_alloc(numel), *dy = test_alloc(numel);
+    float *dx = test_alloc(numel);
+    float gamma[5], beta[5], mean[5], invstd[5], rm[5], rv[5], rm0[5], rv0[5], dg[5] = {0},
+                                                                               dbt[5] = {0};
+    test_fill(x, numel, &rng, -2, 3);
+    test_fill(dy, numel, &rng, -1, 1);
+    test_fill(gamma, 5, &rng, 0.5f, 1.5f);
+    test_fill(beta, 5, &rng, -0.5f, 0.5f);
+    test_fill(rm0, 5, &rng, -1, 1);
+    test_fill(rv0, 5, &rng, 0.5f, 2);
+    memcpy(rm, rm0, sizeof rm);
+    memcpy(rv, rv0, sizeof rv);
+    double sums[10], dsums[10], half[2][10];
+    kv_backend_settings settings;
+    memset(&settings, 0, sizeof settings);
+    settings.threads = 2;
+    kv_backend *be = NULL;
+    ck_assert_ok(kv_cpu_backend_create(&settings, &be));
+    kv_tensor tx = kv_tensor_wrap(x, n, c, h, w), ty = kv_tensor_wrap(y, n, c, h, w),
+              tdy = kv_tensor_wrap(dy, n, c, h, w), tdx = kv_tensor_wrap(dx, n, c, h, w),
+              tg = kv_tensor_wrap(gamma, 1, c, 1, 1), tb = kv_tensor_wrap(beta, 1, c, 1, 1),
+              tm = kv_tensor_wrap(mean, 1, c, 1, 1), ti = kv_tensor_wrap(invstd, 1, c, 1, 1),
+              tdg = kv_tensor_wrap(dg, 1, c, 1, 1), tdb = kv_tensor_wrap(dbt, 1, c, 1, 1);
+    ck_assert_ok(be->ops->batch_norm_stats(be, &tx, sums));
+    ck_assert_ok(be->ops->batch_norm(be, &tx, &tg, &tb, sums, count, 1e-5f, 0.1f, rm, rv, &ty,
+                                     &tm, &ti));
+    ck_assert_ok(be->ops->batch_norm_backward_stats(be, &tx, &tm, &ti, &tdy, dsums, &tdg, &tdb));
+    ck_assert_ok(be->ops->batch_norm_backward(be, &tx, &tg, &tm, &ti, &tdy, dsums, count, &tdx));
+    for (int p = 0; p < 2; p++) { /* samples 0-1 and 2-3, as two processes would sum them */
+        kv_tensor part = kv_tensor_wrap(x + (size_t)p * 2 * c * hw, 2, c, h, w);
+        ck_assert_ok(be->ops->batch_norm_stats(be, &part, half[p]));
+    }
+    kv_backend_destroy(be);
+    for (int ch = 0; ch < c; ch++) {
+        const kv_bn_channel k =
+            kv_bn_forward_channel(sums[ch], sums[c + ch], count, 1e-5f, gamma[ch], beta[ch]);
+        ck_assert_float_eq(k.mean, mean[ch]);
+        ck_assert_float_eq(k.invstd, invstd[ch]);
+        const kv_bn_channel kh = kv_bn_forward_channel(
+            half[0][ch] + half[1][ch], half[0][c + ch] + half[1][c + ch], count, 1e-5f,
+            gamma[ch], beta[ch]);
+        ck_assert_float_eq_tol(kh.mean, k.mean, 1e-6f);
+        ck_assert_float_eq_tol(kh.invstd, k.invstd, 1e-6f * k.invstd);
+        float m = rm0[ch], v = rv0[ch];
+        kv_bn_running(&k, count, 0.1f, &m, &v);
+        ck_assert_float_eq(m, rm[ch]);
+        ck_assert_float_eq(v, rv[ch]);
+        const kv_bn_grad_channel g =
+            kv_bn_backward_channel(dsums[ch], dsums[c + ch], count, gamma[ch]);
+        for (int b = 0; b < n; b++)
+            for (size_t p = 0; p < hw; p++) {
+                const size_t i = ((size_t)b * c + ch) * hw + p;
+                const float got_y = kv_bn_add(kv_bn_mul(x[i], k.s), k.t);
+                ck_assert_msg(memcmp(&got_y, &y[i], sizeof got_y) == 0, "y %zu: %a vs %a", i,
+                              (double)got_y, (double)y[i]);
+                const float xhat = kv_bn_xhat(x[i], k.mean, k.invstd);
+                const float got_dx = kv_bn_dx(&g, dy[i], xhat, k.invstd);
+                ck_assert_msg(memcmp(&got_dx, &dx[i], sizeof got_dx) == 0, "dx %zu: %a vs %a",
+                              i, (double)got_dx, (double)dx[i]);
+            }
+        ck_assert_float_eq(dg[ch], (float)dsums[c + ch]);
+        ck_assert_float_eq(dbt[ch], (float)dsums[ch]);
+    }
+    free(x), free(y), free(dy), free(dx);
 }
 END_TEST
 
@@ -870,6 +1050,10 @@ Suite *suite_cuda_host(void)
     tcase_add_test(tc, posterior_maps_take_the_halves);
     tcase_add_test(tc, layout_maps_are_inverse_permutations);
     tcase_add_test(tc, nhwc_sampling_gives_the_cpu_bits);
+    tcase_add_test(tc, philox_index_is_first_plus_the_nchw_index);
+    tcase_add_test(tc, nhwc_lpips_mask_at_first_gives_the_cpu_bits);
+    tcase_add_test(tc, nhwc_posterior_backward_at_first_gives_the_cpu_bits);
+    tcase_add_test(tc, batch_norm_channel_math_gives_the_cpu_bits);
     tcase_add_test(tc, conv_plan_covers_every_output_row_within_budget);
     tcase_add_loop_test(tc, conv_pieces_compute_the_specified_convolution, 0, 4);
     tcase_add_test(tc, conv_plan_bands_the_decoders_largest_input);

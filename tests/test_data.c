@@ -1245,6 +1245,140 @@ START_TEST(loader_stops_early)
 }
 END_TEST
 
+/* A rank's share (kv_loader_create_share): with 2 micro-batches of 6
+ * images and 3 ranks, rank r takes images 2r, 2r + 1 of each micro-batch,
+ * and the ranks' shares, put back in the order klvae.h defines, are the
+ * single loader's global batches; every rank's position after a batch is
+ * the global one. */
+START_TEST(loader_shares_make_the_global_batch)
+{
+    const int size = 8, batch = 12, accum = 2, ranks = 3, part = batch / accum / ranks;
+    const uint64_t start = 7;
+    char *root = make_noise_folder();
+    kv_dataset *ds = NULL;
+    ck_assert_ok(kv_dataset_open_folder(root, size, 12, &ds));
+    const size_t img = image_floats(size);
+    kv_loader *whole = NULL, *rank[3] = {NULL, NULL, NULL};
+    ck_assert_ok(kv_loader_create(ds, batch, start, 2, NULL, NULL, &whole));
+    for (int r = 0; r < ranks; r++) {
+        kv_loader_share share = {batch, accum, r, ranks};
+        ck_assert_ok(kv_loader_create_share(ds, &share, start, 2, NULL, NULL, &rank[r]));
+    }
+    float *global = test_alloc(img * batch), *mine = test_alloc(img * (batch / ranks));
+    for (int b = 0; b < 4; b++) { /* more than an epoch of the 6 files */
+        uint64_t pos_whole = 0, pos = 0;
+        ck_assert_ok(kv_loader_next(whole, global, &pos_whole));
+        for (int r = 0; r < ranks; r++) {
+            ck_assert_ok(kv_loader_next(rank[r], mine, &pos));
+            ck_assert_uint_eq(pos, pos_whole);
+            for (int j = 0; j < batch / ranks; j++) {
+                const int m = j / part, k = j % part, g = m * (batch / accum) + r * part + k;
+                ck_assert_msg(memcmp(mine + (size_t)j * img, global + (size_t)g * img,
+                                     img * sizeof *mine) == 0,
+                              "batch %d: rank %d's image %d is not global image %d", b, r, j, g);
+            }
+        }
+    }
+    for (int r = 0; r < ranks; r++)
+        kv_loader_free(rank[r]);
+    kv_loader_free(whole);
+    /* shares that do not divide */
+    kv_loader_share bad = {10, 2, 0, 3};
+    kv_loader *none = NULL;
+    ck_assert_status(kv_loader_create_share(ds, &bad, 0, 2, NULL, NULL, &none),
+                     KLVAE_ERR_INVALID_ARGUMENT);
+    ck_assert_error_mentions("10 images cannot be shared by 3 ranks in 2 micro-batches");
+    ck_assert_ptr_null(none);
+    bad = (kv_loader_share){6, 1, 3, 3};
+    ck_assert_status(kv_loader_create_share(ds, &bad, 0, 2, NULL, NULL, &none),
+                     KLVAE_ERR_INVALID_ARGUMENT);
+    free(global);
+    free(mine);
+    kv_dataset_free(ds);
+    test_rmtree(root);
+    free(root);
+}
+END_TEST
+
+/* An unreadable file in a share takes the next readable file of the same
+ * epoch's order, reported once; the batches stay where they are: the
+ * position after each is start + k batch, and one rank's share or two
+ * ranks' shares give the same images. With nothing readable: KLVAE_ERR_IO. */
+START_TEST(loader_share_replaces_unreadable_files)
+{
+    const int size = 8, batch = 4;
+    char *root = test_tmpdir();
+    for (int i = 0; i < 4; i++) {
+        char name[32];
+        snprintf(name, sizeof name, "good%d.png", i);
+        write_png8_at(root, name, 9, 8 + i, noise, (unsigned)(300 + i));
+    }
+    char *bad = make_path(root, "bad.png");
+    write_text(bad, "not a PNG\n");
+    kv_dataset *ds = NULL;
+    ck_assert_ok(kv_dataset_open_folder(root, size, 4, &ds));
+    const size_t img = image_floats(size);
+    warnings w1 = {0}, w2[2] = {{0}, {0}};
+    kv_loader *one = NULL, *two[2] = {NULL, NULL};
+    kv_loader_share s1 = {batch, 1, 0, 1};
+    ck_assert_ok(kv_loader_create_share(ds, &s1, 0, 2, collect_warning, &w1, &one));
+    for (int r = 0; r < 2; r++) {
+        kv_loader_share s2 = {batch, 1, r, 2};
+        ck_assert_ok(kv_loader_create_share(ds, &s2, 0, 2, collect_warning, &w2[r], &two[r]));
+    }
+    float *all = test_alloc(img * batch), *half = test_alloc(img * 2), *want = test_alloc(img);
+    for (int b = 0; b < 5; b++) { /* four epochs of the 5 files */
+        uint64_t pos = 0;
+        ck_assert_ok(kv_loader_next(one, all, &pos));
+        ck_assert_uint_eq(pos, (uint64_t)(b + 1) * batch);
+        for (int k = 0; k < batch; k++) { /* what the rule says, from the dataset itself */
+            uint64_t p = (uint64_t)(b * batch + k), q = p;
+            while (kv_dataset_get(ds, q, want) != KLVAE_OK) {
+                ck_assert_str_eq(kv_dataset_path(ds, q), bad);
+                q = p - p % 5 + (q % 5 + 1) % 5;
+            }
+            ck_assert_msg(memcmp(all + (size_t)k * img, want, img * sizeof *want) == 0,
+                          "batch %d image %d", b, k);
+        }
+        for (int r = 0; r < 2; r++) {
+            ck_assert_ok(kv_loader_next(two[r], half, &pos));
+            ck_assert_uint_eq(pos, (uint64_t)(b + 1) * batch);
+            ck_assert(memcmp(half, all + (size_t)(2 * r) * img, 2 * img * sizeof *half) == 0);
+        }
+    }
+    ck_assert_int_eq(w1.count, 1);
+    ck_assert_int_eq(warnings_naming(&w1, bad), 1);
+    ck_assert_int_eq(w2[0].count + w2[1].count, 2); /* each rank that met it, once */
+    kv_loader_free(one);
+    kv_loader_free(two[0]);
+    kv_loader_free(two[1]);
+    kv_dataset_free(ds);
+    test_rmtree(root);
+    free(root);
+    free(bad);
+    /* nothing readable */
+    root = test_tmpdir();
+    char *a = make_path(root, "a.png"), *c = make_path(root, "c.png");
+    write_text(a, "text");
+    write_truncated_png(c);
+    ck_assert_ok(kv_dataset_open_folder(root, 8, 1, &ds));
+    w1.count = 0;
+    ck_assert_ok(kv_loader_create_share(ds, &s1, 0, 2, collect_warning, &w1, &one));
+    ck_assert_status(kv_loader_next(one, all, NULL), KLVAE_ERR_IO);
+    ck_assert_error_mentions("none of the 2 image files");
+    ck_assert_int_eq(w1.count, 2);
+    kv_loader_free(one);
+    kv_dataset_free(ds);
+    test_rmtree(root);
+    free(root);
+    free(a);
+    free(c);
+    free(all);
+    free(half);
+    free(want);
+}
+END_TEST
+
 START_TEST(loader_argument_errors)
 {
     kv_dataset *ds = NULL;
@@ -1304,6 +1438,8 @@ Suite *suite_data(void)
     tcase_add_test(tc, loader_default_warning_goes_to_stderr);
     tcase_add_test(tc, loader_stops_early);
     tcase_add_test(tc, loader_argument_errors);
+    tcase_add_test(tc, loader_shares_make_the_global_batch);
+    tcase_add_test(tc, loader_share_replaces_unreadable_files);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -13,8 +13,10 @@
 #include <unistd.h>
 
 #include "backend/plugin_loader.h"
+#include "model/model.h"
 #include "plugins/fake_plugin.h"
 #include "test_util.h"
+#include "train/dp.h"
 
 static char *saved_plugin_env, *saved_backend_env;
 
@@ -281,6 +283,131 @@ START_TEST(cuda_reaches_the_plugin_with_its_settings)
     klvae_model_free(m);
     ck_assert_int_eq(r->destroys, 1);
     ck_assert_int_eq(r->live_allocations, 0);
+}
+END_TEST
+
+/* A world of one rank for kv_dp: the sums are the values themselves. */
+static int one_allreduce(void *ctx, void *data, size_t count, klvae_comm_type_t type)
+{
+    (void)ctx, (void)data, (void)count, (void)type;
+    return 0;
+}
+
+static int one_broadcast(void *ctx, void *data, size_t bytes, int root)
+{
+    (void)ctx, (void)data, (void)bytes, (void)root;
+    return 0;
+}
+
+/* Two ranks that hold the same floats: the sum doubles them (and counts the
+ * calls, in ctx). */
+static int twin_allreduce(void *ctx, void *data, size_t count, klvae_comm_type_t type)
+{
+    ++*(int *)ctx;
+    for (size_t i = 0; i < count; i++) {
+        if (type == KLVAE_COMM_FLOAT32)
+            ((float *)data)[i] *= 2.0f;
+        else
+            ((double *)data)[i] *= 2.0;
+    }
+    return 0;
+}
+
+/* The data-parallel gradient sums on a plugin's backend (the NCCL path,
+ * with the fake standing in for cuda/comm.cu): the communicator is
+ * bootstrapped through the broadcast, the first backward is recorded and
+ * summed at its end, later ones launch each bucket as soon as the backward
+ * has written it, and the end makes the backend wait. */
+START_TEST(gradient_sums_reach_the_plugin_bucket_by_bucket)
+{
+    use_plugin(fake("working"));
+    klvae_model_t *m = NULL;
+    ck_assert_ok(create("cuda", NULL, NULL, &m));
+    fake_record *r = record_of("working");
+    klvae_comm_t one = {sizeof one, 0, 1, NULL, one_allreduce, one_broadcast};
+    kv_dp *dp = NULL;
+    ck_assert_ok(kv_dp_create(&one, m->be, 0.001, &dp)); /* buckets of 1048 bytes */
+    ck_assert_ok(kv_dp_start_device(dp, m->plugin, "nccl"));
+    ck_assert_str_eq(kv_dp_allreduce_name(dp), "nccl");
+    ck_assert_int_eq(r->comm_creates, 1);
+    ck_assert_int_eq(r->bootstrap_ok, 1);
+    /* five "gradients" of 100, 200, 300, 100 and 50 floats */
+    const int sizes[5] = {100, 200, 300, 100, 50};
+    kv_tensor grads[5];
+    kv_param params[5];
+    memset(params, 0, sizeof params);
+    for (int i = 0; i < 5; i++) {
+        grads[i] = (kv_tensor){NULL, 1, {sizes[i], 0, 0, 0}, KV_F32, true};
+        ck_assert_ok(m->be->ops->alloc(m->be, (size_t)sizes[i] * 4, KV_STORAGE_FLOAT32,
+                                       &grads[i].data));
+        params[i].tensor = &grads[i];
+    }
+    kv_param_set set = {params, 5};
+    ck_assert_ok(kv_dp_net_init(dp, &dp->model, "the test network", set, NULL));
+    for (int pass = 0; pass < 2; pass++) {
+        const int before = r->buckets;
+        ck_assert_ok(kv_dp_grads_begin(dp, &dp->model));
+        for (int i = 4; i >= 0; i--) { /* the backward: last layer first */
+            ck_assert_ok(kv_dp_grad_written(dp, &dp->model, grads[i].data));
+            if (pass == 0) /* recorded only */
+                ck_assert_int_eq(r->buckets, before);
+        }
+        if (pass == 1) /* each launched as soon as written, before the end */
+            ck_assert_int_eq(r->buckets - before, 4);
+        ck_assert_ok(kv_dp_grads_end(dp, &dp->model));
+        /* write order 4, 3 (150 floats: 600 bytes) | 2 (1200: alone) | 1 | 0 */
+        ck_assert_int_eq(r->buckets - before, 4);
+        ck_assert_int_eq(r->bucket_tensors[before], 2);
+        ck_assert_int_eq(r->bucket_floats[before], 150);
+        ck_assert_int_eq(r->bucket_floats[before + 1], 300);
+        ck_assert_int_eq(r->bucket_floats[before + 2], 200);
+        ck_assert_int_eq(r->bucket_floats[before + 3], 100);
+        ck_assert_int_eq(r->comm_waits, pass + 1);
+        ck_assert_int_eq(r->buckets_at_wait[pass], before + 4); /* the wait comes last */
+    }
+    kv_dp_free(dp);
+    ck_assert_int_eq(r->comm_destroys, 1);
+    /* without NCCL: auto sums on the host, nccl is refused with the reason */
+    setenv("FAKE_PLUGIN_NO_NCCL", "1", 1);
+    ck_assert_ok(kv_dp_create(&one, m->be, 25, &dp));
+    ck_assert_ok(kv_dp_start_device(dp, m->plugin, "auto"));
+    ck_assert_str_eq(kv_dp_allreduce_name(dp), "host");
+    ck_assert_status(kv_dp_start_device(dp, m->plugin, "nccl"), KLVAE_ERR_BACKEND_UNAVAILABLE);
+    ck_assert_error_mentions("cannot load NCCL");
+    kv_dp_free(dp);
+    unsetenv("FAKE_PLUGIN_NO_NCCL");
+    /* host sums of a backend whose memory is not the host's: each bucket
+     * downloaded into one buffer, summed by one call, uploaded back; here
+     * by twin ranks, which double every value */
+    int calls = 0;
+    klvae_comm_t twins = {sizeof twins, 0, 2, &calls, twin_allreduce, one_broadcast};
+    float *values[5];
+    for (int i = 0; i < 5; i++) {
+        values[i] = test_alloc((size_t)sizes[i]);
+        for (int e = 0; e < sizes[i]; e++)
+            values[i][e] = (float)(i * 1000 + e);
+        ck_assert_ok(m->be->ops->upload(m->be, &grads[i], values[i]));
+    }
+    ck_assert_ok(kv_dp_create(&twins, m->be, 0.001, &dp));
+    ck_assert_ok(kv_dp_start_device(dp, m->plugin, "host"));
+    ck_assert_ok(kv_dp_net_init(dp, &dp->model, "the test network", set, NULL));
+    ck_assert_ok(kv_dp_grads_begin(dp, &dp->model));
+    for (int i = 4; i >= 0; i--)
+        ck_assert_ok(kv_dp_grad_written(dp, &dp->model, grads[i].data));
+    ck_assert_ok(kv_dp_grads_end(dp, &dp->model));
+    ck_assert_int_eq(calls, 4); /* one per bucket */
+    for (int i = 0; i < 5; i++) {
+        float *back = test_alloc((size_t)sizes[i]);
+        ck_assert_ok(m->be->ops->download(m->be, back, &grads[i]));
+        for (int e = 0; e < sizes[i]; e++)
+            ck_assert_float_eq(back[e], 2.0f * values[i][e]);
+        free(back);
+        free(values[i]);
+    }
+    kv_dp_free(dp);
+    for (int i = 0; i < 5; i++)
+        m->be->ops->release(m->be, grads[i].data);
+    klvae_model_free(m);
 }
 END_TEST
 
@@ -585,6 +712,7 @@ Suite *suite_plugin(void)
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_add_test(tc, cuda_reaches_the_plugin_with_its_settings);
     tcase_add_test(tc, auto_prefers_a_usable_plugin);
+    tcase_add_test(tc, gradient_sums_reach_the_plugin_bucket_by_bucket);
     tcase_add_test(tc, op_errors_come_back_with_their_message);
     tcase_add_test(tc, weights_go_through_upload_and_download);
     tcase_add_test(tc, env_backend_selects);

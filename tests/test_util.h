@@ -123,6 +123,8 @@ Suite *suite_cuda_host(void);
 Suite *suite_golden(void);
 Suite *suite_save(void);
 Suite *suite_stream(void);
+Suite *suite_buckets(void);
+Suite *suite_dp(void);
 Suite *suite_dataset(void);
 
 /* The op tests, one suite per op family of src/backend/backend.h, each in

@@ -33,7 +33,9 @@ python3-pytest   pytest, which runs the Python binding tests
 python3-pip      pip (with setuptools and wheel), for the test that pip-installs the Python package
 cargo            cargo, which builds and tests the Rust binding
 clang            clang with libFuzzer, for the fuzzing harnesses (make fuzz)
-libclang-rt-dev  compiler-rt: the fuzzer, ASan and UBSan runtimes clang links (make fuzz)'
+libclang-rt-dev  compiler-rt: the fuzzer, ASan and UBSan runtimes clang links (make fuzz)
+libopenmpi-dev   Open MPI headers and mpicc: klvae train built for mpirun (data-parallel training)
+openmpi-bin      mpirun, which starts the ranks of tests/mpi_test.sh'
 
 why() { echo "$PACKAGES" | awk -v p="$1" '$1 == p { $1 = ""; sub(/^ +/, ""); print }'; }
 
@@ -83,7 +85,7 @@ missing_tools() {
         # cc prints the bare name when it has no such library
         [ "$(cc -print-file-name=libgfortran.so)" != libgfortran.so ] || echo "libgfortran"
     fi
-    for t in strace abidw abidiff cargo clang; do
+    for t in strace abidw abidiff cargo clang mpicc mpirun; do
         command -v $t >/dev/null 2>&1 || echo "$t"
     done
     python_ready || echo "numpy, pytest, pip, setuptools and wheel for $PYTHON"
@@ -124,18 +126,36 @@ install_pip() {
         { say "pip install failed (see above)"; return 1; }
 }
 
+# Python's own safetensors reader, for the test that opens encode-dataset's
+# shards without libklvae. Debian has no package of it: pip puts it in
+# build/pydeps (--target leaves the system's Python alone), which the binding
+# tests add to PYTHONPATH. Without it that one test skips, or fails under
+# KLVAE_REQUIRE_BINDINGS=1.
+PYDEPS=${PYDEPS:-build/pydeps}
+install_safetensors() {
+    reader='import safetensors.numpy'
+    "$PYTHON" -c "$reader" >/dev/null 2>&1 && return 0
+    PYTHONPATH="$PYDEPS" "$PYTHON" -c "$reader" >/dev/null 2>&1 && return 0
+    "$PYTHON" -c 'import pip' >/dev/null 2>&1 || return 0
+    say "installing Python's safetensors reader with pip into $PYDEPS (a test reads shards with it)"
+    "$PYTHON" -m pip install -q --disable-pip-version-check --root-user-action=ignore --target "$PYDEPS" safetensors ||
+        say "pip could not install safetensors: the test that reads shards with it will skip"
+    return 0
+}
+
 report_missing() {
     say "missing:"
     echo "$1" | sed 's/^/    /'
     cat <<'TXT'
 Install these with your system's package manager and run make again. The build
 needs a C11 compiler, make, pkg-config, OpenBLAS (with CBLAS), jansson, libpng,
-libjpeg; the tests also need Check, libgfortran, strace, libabigail (abidw),
-Python 3 with numpy, pytest, pip, setuptools and wheel, cargo, and clang with
-compiler-rt (make fuzz). On Fedora for example:
+libjpeg, and Open MPI (mpicc, mpirun) for data-parallel training; the tests also
+need Check, libgfortran, strace, libabigail (abidw), Python 3 with numpy, pytest,
+pip, setuptools and wheel, cargo, and clang with compiler-rt (make fuzz). On
+Fedora for example (then module load mpi/openmpi-x86_64, for mpicc on PATH):
     dnf install gcc gcc-c++ make pkgconf-pkg-config openblas-devel jansson-devel \
         libpng-devel libjpeg-turbo-devel check-devel libgfortran strace libabigail \
-        python3-numpy python3-pytest python3-pip cargo clang compiler-rt
+        python3-numpy python3-pytest python3-pip cargo clang compiler-rt openmpi-devel
 (KLVAE_NO_DEPS=1 make ... skips this check.)
 TXT
 }
@@ -158,6 +178,7 @@ if has_apt; then
     install_debian || exit 1
     install_pip || exit 1
 fi
+install_safetensors
 missing=$(missing_tools)
 if [ -n "$missing" ]; then
     report_missing "$missing"

@@ -58,14 +58,32 @@
  *                   dx = rstd * (dxh - mean_g(dxh) - xhat * mean_g(dxh * xhat))
  *                   with xhat = (x - mean) * rstd and dxh = du * gamma[c]; dx =.
  *
- * Family batch_norm
- *   batch_norm      training mode: per channel, mean and biased variance over
- *                   (N, H, W); y = (x - mean) * invstd * gamma + beta; saves
- *                   mean and invstd; running_mean/var (host arrays) move by
- *                   momentum towards the batch mean and the unbiased variance.
+ * Family batch_norm (training mode; split in statistics and their use, so
+ * that data-parallel training can add the statistics of every process's
+ * batch in between: src/train/discriminator.c)
+ *   batch_norm_stats
+ *                   per channel, over (N, H, W) in double: sums[c] = sum x
+ *                   and sums[C + c] = sum x^2, into a host array of 2C (=).
+ *   batch_norm      from sums over count values (this batch's, or the sums
+ *                   of several batches): mean = sums[c] / count, biased
+ *                   variance var = max(sums[C + c] / count - mean^2, 0);
+ *                   y = (x - mean) * invstd * gamma + beta with invstd =
+ *                   1/sqrt(var + eps); saves mean and invstd; running_mean/
+ *                   var (host arrays) move by momentum towards the mean and
+ *                   the unbiased variance var * count / (count - 1).
+ *   batch_norm_backward_stats
+ *                   per channel over (N, H, W), in double, for the saved
+ *                   mean and invstd and xhat = (x - mean) * invstd:
+ *                   sums[c] = sum dy and sums[C + c] = sum dy * xhat into a
+ *                   host array of 2C (=); dbeta += sums[c] and dgamma +=
+ *                   sums[C + c] when present (this batch's share of the
+ *                   parameter gradients).
  *   batch_norm_backward
- *                   dx (=), dgamma and dbeta (+=), the full training-mode
- *                   gradient (through the batch statistics).
+ *                   dx = invstd * (dy * gamma - m1 - xhat * m2) with
+ *                   m1 = sums[c] * gamma / count, m2 = sums[C + c] * gamma /
+ *                   count from the sums over the count values the forward
+ *                   normalised (=): the full training-mode gradient, through
+ *                   the batch statistics.
  *
  * Family attention
  *   attention       single-head self-attention over the N = H*W positions of
@@ -111,16 +129,18 @@
  *                   logvar = clamp(channels [Z, 2Z), -30, 20). logvar may be
  *                   absent.
  *   gaussian_sample z = mean + (float)exp(0.5 * (double)clamp(logvar)) * eps,
- *                   with eps from kv_philox_normal(seed, i) for element i of
- *                   the whole tensor (src/base/philox.h), so every backend
- *                   gives the same bits.
+ *                   with eps from kv_philox_normal(seed, first + i) for
+ *                   element i of the whole tensor (src/base/philox.h), so
+ *                   every backend gives the same bits; first places the
+ *                   tensor in a larger one (a process's share of a batch
+ *                   split over processes draws that share's numbers).
  *   posterior_backward
  *                   from moments (N, 2Z, H, W) (mean mu, raw logvar l), the
  *                   gradient dz of z and the KL weight k:
  *                   s = clamp(l), ds = k * 0.5 * (exp(s) - 1) + (sampled ?
  *                   dz * 0.5 * exp(0.5 s) * eps : 0), dmu = dz + k * mu,
  *                   dl = ds where -30 <= l <= 20, else 0; eps regenerated
- *                   from the sampling seed; dmoments =.
+ *                   from the sampling seed and first; dmoments =.
  *   kl_sum          sum over the batch of 0.5 * (mu^2 + exp(s) - 1 - s), in
  *                   double.
  *
@@ -132,7 +152,8 @@
  *                   r = 0 (PyTorch gives NaN there).
  *   lpips_distance  value[n] = mean_p sum_c w[c] m[n,c,p] (a - b)^2 for unit
  *                   normalised a, b and a dropout mask m (1, or 0 / 1/(1-p)
- *                   drawn from Philox(seed)); with grad_scale[n] != 0 also
+ *                   drawn from Philox(seed) at index first + the element's
+ *                   index in a); with grad_scale[n] != 0 also
  *                   db = grad_scale[n] * 2/P * w[c] m (b - a) (=).
  *
  * Family losses
@@ -242,7 +263,7 @@ typedef struct kv_backend kv_backend;
       (kv_backend *be, const kv_tensor *moments, kv_tensor *mean, kv_tensor *logvar))          \
     X(posterior, gaussian_sample, KV_OP_INFERENCE,                                              \
       (kv_backend *be, const kv_tensor *mean, const kv_tensor *logvar, uint64_t seed,          \
-       kv_tensor *z))                                                                           \
+       uint64_t first, kv_tensor *z))                                                           \
     X(conv2d, conv2d_backward_data, KV_OP_TRAINING,                                             \
       (kv_backend *be, const kv_tensor *dy, const kv_tensor *w, kv_conv_geometry geometry,     \
        kv_tensor *dx))                                                                          \
@@ -276,16 +297,21 @@ typedef struct kv_backend kv_backend;
        kv_tensor *dx))                                                                          \
     X(lpips, lpips_distance, KV_OP_TRAINING,                                                    \
       (kv_backend *be, const kv_tensor *a, const kv_tensor *b, const kv_tensor *w,             \
-       float dropout, uint64_t dropout_seed, double *values, const float *grad_scale,           \
-       kv_tensor *db))                                                                          \
+       float dropout, uint64_t dropout_seed, uint64_t first, double *values,                    \
+       const float *grad_scale, kv_tensor *db))                                                 \
+    X(batch_norm, batch_norm_stats, KV_OP_TRAINING,                                             \
+      (kv_backend *be, const kv_tensor *x, double *sums))                                      \
     X(batch_norm, batch_norm, KV_OP_TRAINING,                                                   \
       (kv_backend *be, const kv_tensor *x, const kv_tensor *gamma, const kv_tensor *beta,      \
-       float eps, float momentum, float *running_mean, float *running_var, kv_tensor *y,        \
-       kv_tensor *mean, kv_tensor *invstd))                                                     \
+       const double *sums, double count, float eps, float momentum, float *running_mean,        \
+       float *running_var, kv_tensor *y, kv_tensor *mean, kv_tensor *invstd))                   \
+    X(batch_norm, batch_norm_backward_stats, KV_OP_TRAINING,                                    \
+      (kv_backend *be, const kv_tensor *x, const kv_tensor *mean, const kv_tensor *invstd,     \
+       const kv_tensor *dy, double *sums, kv_tensor *dgamma, kv_tensor *dbeta))                 \
     X(batch_norm, batch_norm_backward, KV_OP_TRAINING,                                          \
       (kv_backend *be, const kv_tensor *x, const kv_tensor *gamma, const kv_tensor *mean,      \
-       const kv_tensor *invstd, const kv_tensor *dy, kv_tensor *dx, kv_tensor *dgamma,          \
-       kv_tensor *dbeta))                                                                       \
+       const kv_tensor *invstd, const kv_tensor *dy, const double *sums, double count,          \
+       kv_tensor *dx))                                                                          \
     X(losses, pixel_loss, KV_OP_TRAINING,                                                       \
       (kv_backend *be, const kv_tensor *x, const kv_tensor *xhat, kv_pixel_loss kind,          \
        float scale, double *sum, kv_tensor *grad))                                              \
@@ -294,7 +320,7 @@ typedef struct kv_backend kv_backend;
        kv_tensor *grad))                                                                        \
     X(posterior, posterior_backward, KV_OP_TRAINING,                                            \
       (kv_backend *be, const kv_tensor *moments, const kv_tensor *dz, float kl_weight,         \
-       bool sampled, uint64_t seed, kv_tensor *dmoments))                                       \
+       bool sampled, uint64_t seed, uint64_t first, kv_tensor *dmoments))                       \
     X(posterior, kl_sum, KV_OP_TRAINING,                                                        \
       (kv_backend *be, const kv_tensor *moments, double *sum))                                 \
     X(optimizer, adam, KV_OP_TRAINING,                                                          \

@@ -15,7 +15,7 @@
 
 #include "backend/backend.h"
 
-#define KV_PLUGIN_ABI_VERSION 3
+#define KV_PLUGIN_ABI_VERSION 4
 #define KV_PLUGIN_ENTRY_NAME "klvae_plugin_entry"
 
 /* Services of the core for the plugin. */
@@ -33,6 +33,20 @@ typedef struct kv_plugin_settings {
     int device;             /* GPU index (option device) */
     kv_precision precision;
 } kv_plugin_settings;
+
+/* Data-parallel training (ABI 4): what the plugin needs of the program's
+ * communicator to bootstrap its own (NCCL): the ranks and a broadcast in
+ * host memory, the callback of klvae_comm_t. */
+typedef struct kv_plugin_comm_host {
+    uint32_t struct_size;
+    int rank, size;
+    void *ctx;
+    int (*allreduce_sum)(void *ctx, void *data, size_t count, klvae_comm_type_t type);
+    int (*broadcast)(void *ctx, void *data, size_t bytes, int root);
+} kv_plugin_comm_host;
+
+/* A plugin's device communicator (opaque to the core). */
+struct kv_device_comm;
 
 typedef struct kv_plugin {
     uint32_t abi_version; /* KV_PLUGIN_ABI_VERSION of the plugin's build */
@@ -66,7 +80,39 @@ typedef struct kv_plugin {
      * that the ops only ever see the backend's own tensors. */
     klvae_status_t (*import_device)(kv_backend *be, kv_tensor *dst, const float *src);
     klvae_status_t (*export_device)(kv_backend *be, float *dst, const kv_tensor *src);
+
+    /* ---- ABI 4: data-parallel gradient sums on the device; all four NULL
+     * in a plugin without them (the trainer then sums on the host) ---- */
+
+    /* Creates backend be's communicator over comm's ranks (NCCL, loaded
+     * with dlopen: KLVAE_NCCL_LIBRARY, else libnccl.so.2): rank 0 makes the
+     * unique id and comm->broadcast gives it to every rank. Collective, and
+     * every rank returns KLVAE_ERR_BACKEND_UNAVAILABLE when NCCL cannot be
+     * loaded on any rank (the message says where and why: the ranks agree
+     * through comm->allreduce_sum first). Other errors: KLVAE_ERR_COMM (a
+     * callback failed), KLVAE_ERR_BACKEND (NCCL failed). */
+    klvae_status_t (*comm_create)(kv_backend *be, const kv_plugin_comm_host *comm,
+                                  struct kv_device_comm **out);
+    /* Queues the sum over all ranks, in place, of count float32 tensors of
+     * be (one gradient bucket): on the communicator's own stream, after the
+     * work queued so far on be's stream, so that be's stream goes on with
+     * the backward meanwhile. Returns without waiting. Every rank queues
+     * tensors of the same sizes in the same order. */
+    klvae_status_t (*comm_allreduce)(struct kv_device_comm *c, kv_tensor *const *tensors,
+                                     size_t count);
+    /* Makes be's stream wait (on the device) for every sum queued so far,
+     * and reports an error NCCL found meanwhile. */
+    klvae_status_t (*comm_wait)(struct kv_device_comm *c);
+    /* Waits for the queued sums and frees c (NULL: nothing). */
+    void (*comm_destroy)(struct kv_device_comm *c);
 } kv_plugin;
+
+/* Whether plugin p (of struct_size) has the data-parallel functions. */
+static inline bool kv_plugin_has_comm(const kv_plugin *p)
+{
+    return p && p->struct_size >= sizeof(kv_plugin) && p->comm_create && p->comm_allreduce &&
+           p->comm_wait && p->comm_destroy;
+}
 
 typedef const kv_plugin *(*kv_plugin_entry_fn)(void);
 

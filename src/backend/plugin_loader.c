@@ -275,7 +275,7 @@ void kv_plugin_reset_for_tests(void)
 /* A valid error status of a plugin call, or KLVAE_ERR_BACKEND. */
 static klvae_status_t plugin_status(klvae_status_t st)
 {
-    return st > KLVAE_OK && st <= KLVAE_ERR_BUFFER_TOO_SMALL ? st : KLVAE_ERR_BACKEND;
+    return st > KLVAE_OK && st <= KV_STATUS_LAST ? st : KLVAE_ERR_BACKEND;
 }
 
 klvae_status_t kv_cuda_backend_create(const kv_backend_settings *settings, kv_backend **out,

@@ -78,6 +78,7 @@ KLVAE_API const char *klvae_status_string(klvae_status_t status)
     case KLVAE_ERR_NONFINITE: return "non-finite value";
     case KLVAE_ERR_BUSY: return "handle in use by another thread";
     case KLVAE_ERR_BUFFER_TOO_SMALL: return "buffer too small";
+    case KLVAE_ERR_COMM: return "communication failure";
     }
     return "unknown status";
 }

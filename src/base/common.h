@@ -14,6 +14,8 @@
 #include "klvae.h"
 
 #define KV_ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
+/* The largest klvae_status_t value (statuses a plugin may return). */
+#define KV_STATUS_LAST KLVAE_ERR_COMM
 #define KV_MIN(a, b) ((a) < (b) ? (a) : (b))
 #define KV_MAX(a, b) ((a) > (b) ? (a) : (b))
 

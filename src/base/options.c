@@ -149,8 +149,8 @@ static const opt_def option_table[] = {
     {"preset", OPT_CHOICE, "default", 0, 0, "default|ldm",
      "ldm reproduces the latent-diffusion reference's observable behaviour: a second "
      "autoencoder forward for the discriminator step, the discriminator's Adam stepping on zero "
-     "gradients before disc_start, the adaptive weight computed before disc_start, and LPIPS "
-     "dropout 0.5. Keys set explicitly override the preset."},
+     "gradients before disc_start, the adaptive weight computed before disc_start, LPIPS "
+     "dropout 0.5 and data_parallel=ddp. Keys set explicitly override the preset."},
     {"learning_rate", OPT_FLOAT, "4.5e-6", 0, 10, NULL,
      "Adam learning rate of the autoencoder (the LDM base rate; LDM multiplies it by the batch "
      "size, libklvae does not)."},
@@ -207,6 +207,18 @@ static const opt_def option_table[] = {
      "A NaN or infinity in a training batch, loss or gradient: refuse returns "
      "KLVAE_ERR_NONFINITE and changes nothing; skip makes no update, counts the step as "
      "skipped and carries on."},
+    {"data_parallel", OPT_CHOICE, "exact", 0, 0, "exact|ddp",
+     "With a communicator (klvae_trainer_set_comm; klvae train under mpirun): exact makes each "
+     "step the single-process step on the global batch (the discriminator's BatchNorm "
+     "statistics and the adaptive weight over the global batch); ddp is Lightning DDP's step "
+     "(each rank's own). preset=ldm defaults to ddp."},
+    {"allreduce", OPT_CHOICE, "auto", 0, 0, "auto|host|nccl",
+     "How a data-parallel trainer sums gradients over the ranks: nccl on the GPUs (CUDA "
+     "backend; the plugin loads libnccl.so.2), host through the communicator's allreduce_sum "
+     "callback; auto is nccl on the CUDA backend when NCCL loads, host otherwise."},
+    {"allreduce_bucket_mb", OPT_FLOAT, "25", 0.0009765625, 65536, NULL,
+     "Gradients are summed over the ranks in buckets of about this many MiB, each as soon as "
+     "the backward has written all of its gradients."},
 };
 
 #define OPTION_COUNT ((int)KV_ARRAY_LEN(option_table))

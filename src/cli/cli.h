@@ -30,6 +30,12 @@ typedef struct cli {
 } cli;
 
 extern const char *const program;
+/* Set by a command that runs as one rank of several (klvae train under
+ * mpirun): " (rank R of N)", which every message puts after the program's
+ * name, and what a failure does instead of exit(code) (MPI_Abort: the
+ * other ranks may be waiting for this one in a collective). */
+extern char cli_rank_text[32];
+extern void (*cli_failure_exit)(int code);
 
 void die_usage(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
 /* Reports a failed library call (its message and status) and exits 1. */

@@ -10,34 +10,44 @@
 #include "cli/cli.h"
 
 const char *const program = "klvae";
+char cli_rank_text[32] = "";
+void (*cli_failure_exit)(int code) = NULL;
+
+static void leave(int code) __attribute__((noreturn));
+static void leave(int code)
+{
+    if (cli_failure_exit)
+        cli_failure_exit(code);
+    exit(code);
+}
 
 void die_usage(const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
-    fprintf(stderr, "%s: ", program);
+    fprintf(stderr, "%s%s: ", program, cli_rank_text);
     vfprintf(stderr, fmt, ap);
     fprintf(stderr, "\nTry '%s --help'.\n", program);
     va_end(ap);
-    exit(EXIT_USAGE);
+    leave(EXIT_USAGE);
 }
 
 void die_status(klvae_status_t st, const char *what)
 {
-    fprintf(stderr, "%s: %s: %s (%s)\n", program, what, klvae_last_error(),
+    fprintf(stderr, "%s%s: %s: %s (%s)\n", program, cli_rank_text, what, klvae_last_error(),
             klvae_status_string(st));
-    exit(1);
+    leave(1);
 }
 
 void die(const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
-    fprintf(stderr, "%s: ", program);
+    fprintf(stderr, "%s%s: ", program, cli_rank_text);
     vfprintf(stderr, fmt, ap);
     fputc('\n', stderr);
     va_end(ap);
-    exit(1);
+    leave(1);
 }
 
 void note(const cli *c, const char *fmt, ...)

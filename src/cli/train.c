@@ -10,9 +10,16 @@
  *   eval.csv                held-out PSNR and SSIM at every evaluation
  *   grid.png, grids/        inputs (top) above reconstructions (bottom)
  *   loss.png                the curves of log.csv and eval.csv
- *   model/, model_ema/      the final weights as diffusers folders */
+ *   model/, model_ema/      the final weights as diffusers folders
+ *
+ * Under mpirun (mpirun -np N klvae train ...) every rank runs this same
+ * program as one rank of a data-parallel run (cli/team.h): --batch is the
+ * global batch, each rank loads its share of it and steps with the others
+ * (klvae_trainer_set_comm); rank 0 alone writes RUN_DIR, evaluates and
+ * prints progress; the ranks agree at every step on whether to go on. */
 #include <errno.h>
 #include <math.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -24,6 +31,7 @@
 #include "cli/cli.h"
 #include "cli/plot.h"
 #include "cli/plot_run.h"
+#include "cli/team.h"
 #include "formats/safetensors.h"
 #include "train/data.h"
 
@@ -60,6 +68,11 @@ const char *const train_help =
     "  --checkpoint-every K  checkpoint every K steps (default 500)\n"
     "  --log-every K         progress line every K steps when stderr is not a\n"
     "                        terminal (default 10)\n"
+    "\n"
+    "Data-parallel: mpirun -np N klvae train ... trains on N processes (one per\n"
+    "GPU with --backend cuda; each takes device = its rank on the machine unless\n"
+    "--device is given); --batch is the global batch, a multiple of N x\n"
+    "--grad-accum. Rank 0 writes RUN_DIR (docs/training.md).\n"
     "\n"
     "Every library option is a flag too: --learning-rate, --kl-weight,\n"
     "--disc-start, --pixel-loss l2, --ema-decay 0.999, --preset ldm, --seed, ...\n"
@@ -110,6 +123,10 @@ typedef struct run {
     int64_t last_eval_step; /* and its result, so the end does not redo it */
     double last_psnr, last_ssim;
     int skipped_in_a_row; /* batches skipped for non-finite values (--nonfinite skip) */
+    team team;            /* this process alone, or the ranks of an MPI job */
+    bool leader;          /* rank 0: writes RUN_DIR, evaluates, prints */
+    int local_batch;      /* this rank's share of --batch */
+    bool interrupted;     /* Ctrl-C (on any rank) */
 } run;
 
 static char *join(const char *dir, const char *name)
@@ -318,6 +335,13 @@ static void warn_missing_lpips(run *r)
                 program, asked);
 }
 
+/* A file the loader skipped, said with this rank's name. */
+static void loader_warning(void *ctx, const char *message)
+{
+    (void)ctx;
+    fprintf(stderr, "%s%s: %s\n", program, cli_rank_text, message);
+}
+
 static void open_data(run *r)
 {
     const int f = klvae_model_downsampling_factor(r->model);
@@ -338,10 +362,18 @@ static void open_data(run *r)
         check(kv_dataset_open_procedural(r->size, r->seed ^ 0x5EEDE7A1C0FFEEull, &r->eval_data),
               "procedural data");
     }
-    check(kv_loader_create(r->data, r->batch, r->position, 3, NULL, NULL, &r->loader),
-          "cannot start the data loader");
+    if (r->team.mpi) { /* this rank's share of each global batch */
+        kv_loader_share share = {r->batch, (int)kv_options_int(r->c->opts, "grad_accum"),
+                                 r->team.rank, r->team.size};
+        check(kv_loader_create_share(r->data, &share, r->position, 3, loader_warning, r,
+                                     &r->loader),
+              "cannot start the data loader");
+    } else {
+        check(kv_loader_create(r->data, r->batch, r->position, 3, NULL, NULL, &r->loader),
+              "cannot start the data loader");
+    }
     const size_t image = (size_t)3 * r->size * r->size;
-    r->images = xmalloc((size_t)r->batch * image * sizeof(float));
+    r->images = xmalloc((size_t)r->local_batch * image * sizeof(float));
     if (r->eval_n > 0) {
         r->eval_images = xmalloc((size_t)r->eval_n * image * sizeof(float));
         r->eval_recon = xmalloc((size_t)r->eval_n * image * sizeof(float));
@@ -415,6 +447,8 @@ static void write_grids(run *r, int64_t step)
 
 static eval_result evaluate_and_show(run *r, int64_t step)
 {
+    if (!r->leader)
+        return (eval_result){0, 0};
     if (step == r->last_eval_step)
         return (eval_result){r->last_psnr, r->last_ssim};
     eval_result e = evaluate(r);
@@ -442,6 +476,8 @@ static void format_duration(double s, char *buf, size_t size)
 
 static void log_step(run *r, const klvae_step_stats_t *s, double elapsed)
 {
+    if (!r->log) /* a rank other than 0 */
+        return;
     fprintf(r->log,
             "%lld,%.3f,%.4f,%.8g,%.8g,%.8g,%.8g,%.8g,%.8g,%.8g,%.6g,%.8g,%.8g,%.8g,%.8g,%lld\n",
             (long long)s->step, elapsed, s->seconds, s->total_loss, s->rec_loss,
@@ -467,7 +503,35 @@ static void show_progress(run *r, const klvae_step_stats_t *s, double img_per_s,
     fflush(stderr);
 }
 
-static void save_checkpoint(run *r)
+/* Every rank stops here when one failed (its message, as every rank
+ * learned it from team_agree): the others have not failed, so they leave
+ * MPI in order. */
+static void stop_with(run *r, int rank, const char *message) __attribute__((noreturn));
+static void stop_with(run *r, int rank, const char *message)
+{
+    if (r->team.size > 1)
+        fprintf(stderr, "%s%s: stopping: rank %d failed: %s\n", program, cli_rank_text, rank,
+                message);
+    else
+        fprintf(stderr, "%s: %s\n", program, message);
+    team_leave(&r->team);
+    exit(1);
+}
+
+/* Rank 0's outcome of something only it does (a write), learned by every
+ * rank: the others wait for it here, and all stop when it failed. */
+static void agree_on_leader(run *r, klvae_status_t st, const char *what)
+{
+    char message[1024] = "";
+    if (st != KLVAE_OK)
+        snprintf(message, sizeof message, "%s: %s (%s)", what, klvae_last_error(),
+                 klvae_status_string(st));
+    int failed = team_agree(&r->team, st == KLVAE_OK, message, sizeof message);
+    if (failed >= 0)
+        stop_with(r, failed, message);
+}
+
+static klvae_status_t write_checkpoint(run *r)
 {
     char text[32];
     snprintf(text, sizeof text, "%llu", (unsigned long long)r->position);
@@ -487,15 +551,44 @@ static void save_checkpoint(run *r)
         snprintf(text, sizeof text, "%d", kept[i].value);
         check(klvae_trainer_set_note(r->trainer, kept[i].flag, text), "checkpoint note");
     }
+    snprintf(text, sizeof text, "%d", r->team.size);
+    check(klvae_trainer_set_note(r->trainer, "ranks", text), "checkpoint note");
     char *path = join(r->dir, "checkpoint.safetensors");
-    check(klvae_trainer_save(r->trainer, path), "cannot write the checkpoint");
+    klvae_status_t st = klvae_trainer_save(r->trainer, path);
     free(path);
+    return st;
+}
+
+/* Rank 0 writes RUN_DIR/checkpoint.safetensors; the other ranks wait. */
+static void save_checkpoint(run *r)
+{
+    agree_on_leader(r, r->leader ? write_checkpoint(r) : KLVAE_OK, "cannot write the checkpoint");
 }
 
 static void end_line(run *r)
 {
     if (r->tty && !r->c->quiet)
         fputc('\n', stderr);
+}
+
+/* The next batch (this rank's share of it); a rank whose data fails stops
+ * every rank, named. */
+static void next_batch(run *r, uint64_t *next)
+{
+    klvae_status_t st = kv_loader_next(r->loader, r->images, next);
+    if (!r->team.mpi) {
+        check(st, "cannot load training data");
+        return;
+    }
+    char message[1024] = "";
+    if (st != KLVAE_OK)
+        snprintf(message, sizeof message, "cannot load training data: %s (%s)",
+                 klvae_last_error(), klvae_status_string(st));
+    int failed = team_agree(&r->team, st == KLVAE_OK, message, sizeof message);
+    if (failed >= 0) {
+        end_line(r);
+        stop_with(r, failed, message);
+    }
 }
 
 /* Trains until --steps, --minutes or Ctrl-C. */
@@ -505,15 +598,19 @@ static void train_loop(run *r)
     double step_time = 0; /* a running mean for the ETA */
     int64_t step = klvae_trainer_step_count(r->trainer);
     const int64_t first = step;
-    while (step < r->steps && !stop_requested) {
-        if (budget > 0 && kv_now_seconds() - start >= budget)
+    while (step < r->steps) {
+        /* Ctrl-C on any rank (mpirun passes it to all, maybe in different
+         * steps), rank 0's clock: every rank stops after the same step */
+        r->interrupted = team_any(&r->team, stop_requested);
+        bool out_of_time = r->leader && budget > 0 && kv_now_seconds() - start >= budget;
+        if (r->interrupted || team_any(&r->team, out_of_time))
             break;
         uint64_t next = 0;
-        check(kv_loader_next(r->loader, r->images, &next), "cannot load training data");
+        next_batch(r, &next);
         klvae_step_stats_t stats = KLVAE_STEP_STATS_INIT;
         double t0 = kv_now_seconds();
         klvae_status_t st =
-            klvae_trainer_step(r->trainer, r->images, r->batch, r->size, r->size, &stats);
+            klvae_trainer_step(r->trainer, r->images, r->local_batch, r->size, r->size, &stats);
         if (st != KLVAE_OK) {
             end_line(r);
             die_status(st, "training step failed (resume from the last checkpoint)");
@@ -553,13 +650,18 @@ static void train_loop(run *r)
         if (step % r->ckpt_every == 0)
             save_checkpoint(r);
     }
+    /* also a Ctrl-C during the last step (every rank is here now) */
+    r->interrupted = team_any(&r->team, stop_requested);
     end_line(r);
-    fflush(r->log);
+    if (r->log)
+        fflush(r->log);
 }
 
 static void finish(run *r, double psnr_start, int64_t start_step)
 {
     save_checkpoint(r);
+    if (!r->leader) /* rank 0 writes the rest */
+        return;
     int64_t step = klvae_trainer_step_count(r->trainer);
     eval_result e = evaluate_and_show(r, step);
     char *model_dir = join(r->dir, "model");
@@ -601,6 +703,60 @@ static void free_run(run *r)
     free(r->dir);
 }
 
+/* ---- data-parallel ------------------------------------------------------ */
+
+static team *the_team; /* for cli_failure_exit */
+
+static void abort_team(int code)
+{
+    team_abort(the_team, code);
+}
+
+/* This process as one rank of an MPI job: its messages name it, a failure
+ * ends every rank, rank 0 alone prints progress, and each rank takes its
+ * share of the machine: threads (cores / ranks on it) and its own GPU
+ * (device = its rank on the machine), unless given. */
+static void join_team(run *r)
+{
+    team_join(&r->team);
+    r->leader = r->team.rank == 0;
+    if (!r->team.mpi)
+        return;
+    cli *c = r->c;
+    if (r->team.size > 1)
+        snprintf(cli_rank_text, sizeof cli_rank_text, " (rank %d of %d)", r->team.rank,
+                 r->team.size);
+    the_team = &r->team;
+    cli_failure_exit = abort_team;
+    if (!r->leader)
+        c->quiet = true;
+    char text[16];
+    if (!kv_options_is_set(c->opts, "threads") && r->team.local_size > 1) {
+        cpu_set_t cpus;
+        int cores = sched_getaffinity(0, sizeof cpus, &cpus) == 0 ? CPU_COUNT(&cpus) : 1;
+        snprintf(text, sizeof text, "%d", KV_MAX(1, cores / r->team.local_size));
+        check(klvae_options_set(c->opts, "threads", text), "--threads");
+    }
+    if (!kv_options_is_set(c->opts, "device")) {
+        snprintf(text, sizeof text, "%d", r->team.local_rank);
+        check(klvae_options_set(c->opts, "device", text), "--device");
+    }
+}
+
+/* --batch is the global batch: every rank takes batch / ranks images, in
+ * grad_accum micro-batches. */
+static void share_batch(run *r)
+{
+    const int ranks = r->team.size, accum = (int)kv_options_int(r->c->opts, "grad_accum");
+    if (r->team.mpi && r->batch % (ranks * accum) != 0)
+        die_usage("--batch %d is the global batch of %d ranks: it must be a multiple of the "
+                  "ranks times --grad-accum (%d x %d)",
+                  r->batch, ranks, ranks, accum);
+    r->local_batch = r->batch / ranks;
+    if (!r->leader) /* rank 0 evaluates */
+        r->eval_n = 0;
+}
+
 int cmd_train(cli *c)
 {
     run r;
@@ -608,6 +764,7 @@ int cmd_train(cli *c)
     r.c = c;
     r.last_eval_step = -1;
     r.tty = isatty(STDERR_FILENO);
+    join_team(&r);
     const char *resume = NULL, *data_note = NULL;
     read_flags(&r, &resume);
     char *checkpoint = NULL;
@@ -622,6 +779,7 @@ int cmd_train(cli *c)
                     program, data_note ? data_note : "procedural images", r.data_dir);
     }
     r.seed = kv_options_uint64(c->opts, "seed");
+    share_batch(&r);
     create_model(&r, resume != NULL);
     check(klvae_trainer_create(r.model, c->opts, &r.trainer), "cannot create the trainer");
     if (checkpoint) {
@@ -629,24 +787,39 @@ int cmd_train(cli *c)
         note(c, "resumed %s at step %lld\n", checkpoint,
              (long long)klvae_trainer_step_count(r.trainer));
     }
-    warn_missing_lpips(&r);
-    check(kv_make_directory(r.dir), "cannot create the run folder");
-    char *grids = join(r.dir, "grids");
-    check(kv_make_directory(grids), "cannot create the run folder");
-    free(grids);
+    if (r.team.mpi)
+        check(klvae_trainer_set_comm(r.trainer, &r.team.comm),
+              "cannot start data-parallel training");
+    if (r.leader) {
+        warn_missing_lpips(&r);
+        check(kv_make_directory(r.dir), "cannot create the run folder");
+        char *grids = join(r.dir, "grids");
+        check(kv_make_directory(grids), "cannot create the run folder");
+        free(grids);
+    }
     const int64_t start_step = klvae_trainer_step_count(r.trainer);
     if (start_step >= r.steps)
         die("the run is already at step %lld; give a larger --steps to continue",
             (long long)start_step);
     open_data(&r);
-    r.log = open_log(r.dir, "log.csv",
-                     "step,elapsed_s,step_s,total,rec,perceptual,nll,kl,g,d_weight,disc_factor,"
-                     "d_loss,logits_real,logits_fake,logvar,skipped_steps",
-                     checkpoint != NULL, start_step);
-    r.eval_log = open_log(r.dir, "eval.csv", "step,psnr,ssim", checkpoint != NULL, start_step);
-    note(c, "training %s on %s, %dx%d crops, batch %d, steps %lld..%lld%s -> %s\n",
+    if (r.leader) {
+        r.log = open_log(r.dir, "log.csv",
+                         "step,elapsed_s,step_s,total,rec,perceptual,nll,kl,g,d_weight,"
+                         "disc_factor,d_loss,logits_real,logits_fake,logvar,skipped_steps",
+                         checkpoint != NULL, start_step);
+        r.eval_log = open_log(r.dir, "eval.csv", "step,psnr,ssim", checkpoint != NULL,
+                              start_step);
+    }
+    char ranks[64] = "";
+    if (r.team.mpi) {
+        char allreduce[16] = "";
+        klvae_trainer_get(r.trainer, "allreduce", allreduce, sizeof allreduce);
+        snprintf(ranks, sizeof ranks, " on %d ranks (gradients summed on the %s)", r.team.size,
+                 allreduce);
+    }
+    note(c, "training %s on %s, %dx%d crops, batch %d%s, steps %lld..%lld%s -> %s\n",
          cli_flag(c, "model") ? cli_flag(c, "model") : "the model",
-         r.data_dir ? r.data_dir : "procedural images", r.size, r.size, r.batch,
+         r.data_dir ? r.data_dir : "procedural images", r.size, r.size, r.batch, ranks,
          (long long)start_step, r.steps, r.minutes > 0 ? " (or the time limit)" : "", r.dir);
     eval_result e0 = evaluate_and_show(&r, start_step);
     if (r.eval_n > 0)
@@ -655,15 +828,16 @@ int cmd_train(cli *c)
              r.data_dir ? "fixed crops of the data" : "held-out procedural images");
     catch_interrupts();
     train_loop(&r);
-    bool interrupted = stop_requested;
+    bool interrupted = r.interrupted;
     signal(SIGINT, SIG_DFL);
     signal(SIGTERM, SIG_DFL);
     finish(&r, e0.psnr, start_step);
-    if (interrupted)
+    if (interrupted && r.leader)
         fprintf(stderr, "%s: interrupted at step %lld; continue with: %s train --resume %s\n",
                 program, (long long)klvae_trainer_step_count(r.trainer), program, r.dir);
     free(checkpoint);
     free((char *)data_note);
     free_run(&r);
+    team_leave(&r.team);
     return interrupted ? 130 : 0;
 }

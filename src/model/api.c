@@ -584,7 +584,7 @@ static klvae_status_t sample_arrays(klvae_model_t *m, const caller_arrays *io, c
     if (st == KLVAE_OK)
         st = take_in(io, z, n, zc, lat_h, lat_w, false, KV_STORAGE_FLOAT32, &zt);
     if (st == KLVAE_OK)
-        st = be->ops->gaussian_sample(be, &mu, &lv, seed, &zt);
+        st = be->ops->gaussian_sample(be, &mu, &lv, seed, 0, &zt);
     kv_tensor_release(be, &mu);
     kv_tensor_release(be, &lv);
     return give_out(io, &zt, z, st);

@@ -123,6 +123,13 @@ struct klvae_model {
     kv_param *params;
     size_t num_params;
     int64_t parameter_count;
+    /* Set by a trainer of this model: kv_vae_encode_backward and
+     * kv_vae_decode_backward report each parameter gradient (the tensor of
+     * the gradient tree) as soon as they have finished writing it, so that
+     * data-parallel training can sum it over the ranks while the backward
+     * goes on. NULL: nobody listens. */
+    klvae_status_t (*grad_written)(void *ctx, const kv_tensor *grad);
+    void *grad_written_ctx;
 };
 
 /* Fills the module tree's shapes from model->cfg and builds the registry

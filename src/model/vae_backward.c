@@ -9,15 +9,26 @@
 #include "model/layers.h"
 #include "model/vae.h"
 
-/* Backward of y = conv(prologue(x)): accumulates the weight and bias
- * gradients into gc, and when dx is not NULL allocates dx = the gradient of
- * the convolution's input (that is, of prologue(x)). */
-static klvae_status_t conv_back(kv_backend *be, const kv_conv *c, kv_conv *gc, const kv_tensor *x,
-                                const kv_conv_prologue *p, kv_conv_geometry g,
+/* Tells m's trainer that gradient g is complete for this backward. */
+static klvae_status_t written(const klvae_model_t *m, const kv_tensor *g)
+{
+    return m->grad_written && g->data ? m->grad_written(m->grad_written_ctx, g) : KLVAE_OK;
+}
+
+/* Backward of y = conv(prologue(x)) for m's conv c: accumulates the weight
+ * and bias gradients into gc, and when dx is not NULL allocates dx = the
+ * gradient of the convolution's input (that is, of prologue(x)). */
+static klvae_status_t conv_back(const klvae_model_t *m, const kv_conv *c, kv_conv *gc,
+                                const kv_tensor *x, const kv_conv_prologue *p, kv_conv_geometry g,
                                 const kv_tensor *dy, kv_tensor *dx)
 {
+    kv_backend *be = m->be;
     klvae_status_t st =
         be->ops->conv2d_backward_weight(be, x, p, dy, g, &gc->weight, &gc->bias);
+    if (st == KLVAE_OK)
+        st = written(m, &gc->weight);
+    if (st == KLVAE_OK)
+        st = written(m, &gc->bias);
     if (st != KLVAE_OK || !dx)
         return st;
     st = kv_tensor_alloc_like(be, x, dx);
@@ -33,9 +44,14 @@ static klvae_status_t norm_back(klvae_model_t *m, const kv_norm *nm, kv_norm *gn
                                 const kv_norm_state *n, kv_activation act, const kv_tensor *x,
                                 kv_tensor *da)
 {
-    return m->be->ops->group_norm_backward(m->be, x, &nm->weight, &n->scale, &n->shift, &n->mean,
-                                           &n->rstd, m->cfg.norm_num_groups, act, da, da,
-                                           &gn->weight, &gn->bias);
+    klvae_status_t st = m->be->ops->group_norm_backward(
+        m->be, x, &nm->weight, &n->scale, &n->shift, &n->mean, &n->rstd, m->cfg.norm_num_groups,
+        act, da, da, &gn->weight, &gn->bias);
+    if (st == KLVAE_OK)
+        st = written(m, &gn->weight);
+    if (st == KLVAE_OK)
+        st = written(m, &gn->bias);
+    return st;
 }
 
 /* ---- resnet ---- */
@@ -61,16 +77,16 @@ static klvae_status_t resnet_backward(klvae_model_t *m, const kv_resnet *r, kv_r
     if (!t->h2.data) /* recompute: conv1's output again, from the kept input and statistics */
         st = kv_conv_new(be, &r->conv1, &t->x, &p1, NULL, kv_same_3x3, &t->h2);
     if (st == KLVAE_OK)
-        st = conv_back(be, &r->conv2, &gr->conv2, &t->h2, &p2, kv_same_3x3, d, &dh2);
+        st = conv_back(m, &r->conv2, &gr->conv2, &t->h2, &p2, kv_same_3x3, d, &dh2);
     if (st == KLVAE_OK)
         st = norm_back(m, &r->norm2, &gr->norm2, &t->n2, act, &t->h2, &dh2);
     if (st == KLVAE_OK)
-        st = conv_back(be, &r->conv1, &gr->conv1, &t->x, &p1, kv_same_3x3, &dh2, &dx);
+        st = conv_back(m, &r->conv1, &gr->conv1, &t->x, &p1, kv_same_3x3, &dh2, &dx);
     kv_tensor_release(be, &dh2);
     if (st == KLVAE_OK)
         st = norm_back(m, &r->norm1, &gr->norm1, &t->n1, act, &t->x, &dx);
     if (st == KLVAE_OK && r->has_shortcut) {
-        st = conv_back(be, &r->shortcut, &gr->shortcut, &t->x, NULL, kv_pointwise, d, &dskip);
+        st = conv_back(m, &r->shortcut, &gr->shortcut, &t->x, NULL, kv_pointwise, d, &dskip);
         if (st == KLVAE_OK)
             st = be->ops->add(be, &dx, &dskip, &dx);
         kv_tensor_release(be, &dskip);
@@ -107,7 +123,7 @@ static klvae_status_t attention_backward(klvae_model_t *m, const kv_attention *a
     kv_conv gq = kv_conv_as_1x1(&ga->to_q, c), gk = kv_conv_as_1x1(&ga->to_k, c),
             gv = kv_conv_as_1x1(&ga->to_v, c), go = kv_conv_as_1x1(&ga->to_out, c);
     kv_tensor da = {0}, dq = {0}, dk = {0}, dv = {0}, dn = {0}, tmp = {0};
-    klvae_status_t st = conv_back(be, &po, &go, &t->a, NULL, kv_pointwise, d, &da);
+    klvae_status_t st = conv_back(m, &po, &go, &t->a, NULL, kv_pointwise, d, &da);
     if (st == KLVAE_OK)
         st = kv_tensor_alloc_like(be, &t->q, &dq);
     if (st == KLVAE_OK)
@@ -119,14 +135,14 @@ static klvae_status_t attention_backward(klvae_model_t *m, const kv_attention *a
                                          &da, &dq, &dk, &dv);
     kv_tensor_release(be, &da);
     if (st == KLVAE_OK)
-        st = conv_back(be, &pq, &gq, &t->normed, NULL, kv_pointwise, &dq, &dn);
+        st = conv_back(m, &pq, &gq, &t->normed, NULL, kv_pointwise, &dq, &dn);
     if (st == KLVAE_OK)
-        st = conv_back(be, &pk, &gk, &t->normed, NULL, kv_pointwise, &dk, &tmp);
+        st = conv_back(m, &pk, &gk, &t->normed, NULL, kv_pointwise, &dk, &tmp);
     if (st == KLVAE_OK)
         st = be->ops->add(be, &dn, &tmp, &dn);
     kv_tensor_release(be, &tmp);
     if (st == KLVAE_OK)
-        st = conv_back(be, &pv, &gv, &t->normed, NULL, kv_pointwise, &dv, &tmp);
+        st = conv_back(m, &pv, &gv, &t->normed, NULL, kv_pointwise, &dv, &tmp);
     if (st == KLVAE_OK)
         st = be->ops->add(be, &dn, &tmp, &dn);
     kv_tensor_release(be, &tmp);
@@ -201,7 +217,7 @@ klvae_status_t kv_vae_encode_backward(klvae_model_t *m, kv_grads *g, kv_encoder_
     if (st == KLVAE_OK)
         st = be->ops->add(be, &d, d_moments, &d);
     if (st == KLVAE_OK && m->cfg.use_quant_conv) {
-        st = conv_back(be, &m->quant_conv, &g->quant_conv, &t->quant_in, NULL, kv_pointwise, &d,
+        st = conv_back(m, &m->quant_conv, &g->quant_conv, &t->quant_in, NULL, kv_pointwise, &d,
                        &tmp);
         kv_tensor_release(be, &d);
         d = tmp;
@@ -209,7 +225,7 @@ klvae_status_t kv_vae_encode_backward(klvae_model_t *m, kv_grads *g, kv_encoder_
     }
     kv_conv_prologue p = kv_norm_prologue(&t->out_norm, KV_ACT_SILU);
     if (st == KLVAE_OK) {
-        st = conv_back(be, &e->conv_out, &ge->conv_out, &t->out_in, &p, kv_same_3x3, &d, &tmp);
+        st = conv_back(m, &e->conv_out, &ge->conv_out, &t->out_in, &p, kv_same_3x3, &d, &tmp);
         kv_tensor_release(be, &d);
         d = tmp;
         memset(&tmp, 0, sizeof tmp);
@@ -221,7 +237,7 @@ klvae_status_t kv_vae_encode_backward(klvae_model_t *m, kv_grads *g, kv_encoder_
     for (int i = m->cfg.num_blocks - 1; st == KLVAE_OK && i >= 0; i--) {
         const kv_level *lv = &e->down[i];
         if (lv->has_sampler) {
-            st = conv_back(be, &lv->sampler, &ge->down[i].sampler, &t->down[i].sampler_in, NULL,
+            st = conv_back(m, &lv->sampler, &ge->down[i].sampler, &t->down[i].sampler_in, NULL,
                            kv_downsample, &d, &tmp);
             kv_tensor_release(be, &d);
             d = tmp;
@@ -232,7 +248,7 @@ klvae_status_t kv_vae_encode_backward(klvae_model_t *m, kv_grads *g, kv_encoder_
                                  &d);
     }
     if (st == KLVAE_OK) /* the images need no gradient */
-        st = conv_back(be, &e->conv_in, &ge->conv_in, &t->images, NULL, kv_same_3x3, &d, NULL);
+        st = conv_back(m, &e->conv_in, &ge->conv_in, &t->images, NULL, kv_same_3x3, &d, NULL);
     kv_tensor_release(be, &d);
     kv_encoder_tape_free(be, t);
     return st;
@@ -275,7 +291,7 @@ klvae_status_t kv_vae_decode_backward(klvae_model_t *m, kv_grads *g, kv_decoder_
         memset(d_z, 0, sizeof *d_z);
     kv_conv_prologue p = kv_norm_prologue(&t->out_norm, KV_ACT_SILU);
     klvae_status_t st =
-        conv_back(be, &dd->conv_out, &gd->conv_out, &t->out_in, &p, kv_same_3x3, d_images, &d);
+        conv_back(m, &dd->conv_out, &gd->conv_out, &t->out_in, &p, kv_same_3x3, d_images, &d);
     if (st == KLVAE_OK)
         st = norm_back(m, &dd->norm_out, &gd->norm_out, &t->out_norm, KV_ACT_SILU, &t->out_in, &d);
     for (int i = m->cfg.num_blocks - 1; st == KLVAE_OK && i >= 0; i--) {
@@ -287,7 +303,7 @@ klvae_status_t kv_vae_decode_backward(klvae_model_t *m, kv_grads *g, kv_decoder_
             if (st == KLVAE_OK) /* recomputed rather than kept */
                 st = be->ops->upsample_nearest2x(be, in, &up);
             if (st == KLVAE_OK)
-                st = conv_back(be, &lv->sampler, &gd->up[i].sampler, &up, NULL, kv_same_3x3, &d,
+                st = conv_back(m, &lv->sampler, &gd->up[i].sampler, &up, NULL, kv_same_3x3, &d,
                                &tmp);
             kv_tensor_release(be, &up);
             kv_tensor_release(be, &d);
@@ -304,14 +320,14 @@ klvae_status_t kv_vae_decode_backward(klvae_model_t *m, kv_grads *g, kv_decoder_
         st = mid_backward(m, &dd->mid, &gd->mid, &t->mid, &d);
     if (st == KLVAE_OK) {
         bool want = d_z != NULL || m->cfg.use_post_quant_conv;
-        st = conv_back(be, &dd->conv_in, &gd->conv_in, &t->conv_in_in, NULL, kv_same_3x3, &d,
+        st = conv_back(m, &dd->conv_in, &gd->conv_in, &t->conv_in_in, NULL, kv_same_3x3, &d,
                        want ? &tmp : NULL);
         kv_tensor_release(be, &d);
         d = tmp;
         memset(&tmp, 0, sizeof tmp);
     }
     if (st == KLVAE_OK && m->cfg.use_post_quant_conv) {
-        st = conv_back(be, &m->post_quant_conv, &g->post_quant_conv, &t->z, NULL, kv_pointwise, &d,
+        st = conv_back(m, &m->post_quant_conv, &g->post_quant_conv, &t->z, NULL, kv_pointwise, &d,
                        d_z ? &tmp : NULL);
         kv_tensor_release(be, &d);
         d = tmp;

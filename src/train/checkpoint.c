@@ -406,3 +406,115 @@ KLVAE_API klvae_status_t klvae_trainer_export(const klvae_trainer_t *t, const ch
     st = trainer_export_unlocked(busy, path, use_ema);
     return t ? kv_busy_leave(&busy->busy, st) : st;
 }
+
+/* ---- data-parallel: the ranks' shared state ---- */
+
+/* A line "key=value\n" appended to text (grown as needed). */
+static bool append_line(char **text, size_t *len, size_t *cap, const char *key, const char *value)
+{
+    size_t need = strlen(key) + strlen(value) + 3;
+    if (*len + need >= *cap) {
+        size_t grown_cap = 2 * (*len + need);
+        char *grown = realloc(*text, grown_cap);
+        if (!grown)
+            return false;
+        *text = grown;
+        *cap = grown_cap;
+    }
+    *len += (size_t)snprintf(*text + *len, *cap - *len, "%s=%s\n", key, value);
+    return true;
+}
+
+char *kv_trainer_identity_text(const klvae_trainer_t *t)
+{
+    static const char *const machine[] = {"backend", "device", "threads"};
+    size_t cap = 4096, len = 0;
+    char *text = malloc(cap);
+    bool ok = text != NULL;
+    if (ok)
+        text[0] = '\0';
+    for (const char *line = t->options_text; ok && line && *line;) {
+        size_t n = strcspn(line, "\n"), key = strcspn(line, "=");
+        bool skip = false;
+        for (size_t i = 0; i < KV_ARRAY_LEN(machine); i++)
+            skip |= key == strlen(machine[i]) && strncmp(line, machine[i], key) == 0;
+        if (!skip && n < 2048) {
+            char buf[2048];
+            memcpy(buf, line, n);
+            buf[n] = '\0';
+            buf[KV_MIN(key, n)] = '\0';
+            ok = append_line(&text, &len, &cap, buf, key < n ? buf + key + 1 : "");
+        }
+        line += n + (line[n] == '\n');
+    }
+    for (size_t i = 0; ok && i < STRUCTURE_KEY_COUNT; i++) {
+        char key[64], value[96];
+        snprintf(key, sizeof key, "config.%s", structure_keys[i]);
+        kv_config_get(&t->m->cfg, structure_keys[i], value, sizeof value);
+        ok = append_line(&text, &len, &cap, key, value);
+    }
+    if (!ok) {
+        free(text);
+        return NULL;
+    }
+    return text;
+}
+
+klvae_status_t kv_trainer_broadcast_state(klvae_trainer_t *t, kv_dp *dp)
+{
+    float scalars[3];
+    ck_list list = {NULL, 0, 0};
+    klvae_status_t st = ck_collect(t, scalars, &list);
+    size_t largest = 1;
+    for (size_t i = 0; i < list.count; i++) {
+        size_t n = 1;
+        for (int d = 0; d < list.items[i].ndim; d++)
+            n *= (size_t)list.items[i].shape[d];
+        largest = KV_MAX(largest, n);
+    }
+    float *host = st == KLVAE_OK ? malloc(largest * sizeof *host) : NULL;
+    if (st == KLVAE_OK && !host)
+        st = kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory copying the trainer's state");
+    ck_fetch_ctx ctx = {t, &list};
+    for (size_t i = 0; st == KLVAE_OK && i < list.count; i++) {
+        const ck_entry *e = &list.items[i];
+        const size_t n = e->tensor ? kv_tensor_numel(e->tensor) : (size_t)e->shape[0];
+        if (dp->comm.rank == 0)
+            st = ck_fetch(&ctx, i, host);
+        if (st == KLVAE_OK)
+            st = kv_dp_broadcast(dp, host, n * sizeof *host, e->name);
+        if (st == KLVAE_OK && dp->comm.rank != 0) {
+            if (e->tensor)
+                st = t->be->ops->upload(t->be, e->tensor, host);
+            else
+                memcpy(e->host, host, n * sizeof *host);
+        }
+    }
+    /* the counters, and the loss' logvar with its Adam moments in double
+     * (a checkpoint rounds them to float) */
+    double counters[] = {(double)t->step,          (double)t->model_net.adam_steps,
+                         (double)t->disc_net.adam_steps, (double)t->skipped_steps,
+                         (double)(t->seed >> 32),  (double)(t->seed & 0xFFFFFFFFu),
+                         t->logvar,                t->logvar_m,
+                         t->logvar_v};
+    if (st == KLVAE_OK)
+        st = kv_dp_broadcast(dp, counters, sizeof counters, "the step counters");
+    if (st == KLVAE_OK && dp->comm.rank != 0) {
+        t->step = (int64_t)counters[0];
+        t->model_net.adam_steps = (int64_t)counters[1];
+        t->disc_net.adam_steps = (int64_t)counters[2];
+        t->skipped_steps = (int64_t)counters[3];
+        t->seed = (uint64_t)counters[4] << 32 | (uint64_t)counters[5];
+        t->logvar = (float)counters[6];
+        t->logvar_m = counters[7];
+        t->logvar_v = counters[8];
+    }
+    /* with master weights (they were copied), the weights are their rounding */
+    if (st == KLVAE_OK && dp->comm.rank != 0 && t->model_net.master.count)
+        st = kv_params_copy(t->be, t->model_net.weights, t->model_net.master);
+    if (st == KLVAE_OK && dp->comm.rank != 0 && t->disc_net.master.count)
+        st = kv_params_copy(t->be, t->disc_net.weights, t->disc_net.master);
+    free(host);
+    free(list.items);
+    return st;
+}

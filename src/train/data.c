@@ -27,25 +27,21 @@
  * torch's interpolate(align_corners=False): source coordinate
  * (dst + 0.5) * in / out - 0.5, clamped at 0 and at the last pixel. Only the
  * size x size window that the crop keeps is computed. */
-#include <dirent.h>
-#include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
-#include <sys/stat.h>
 
 #include "base/options.h"
 #include "base/philox.h"
 #include "formats/image.h"
+#include "formats/image_files.h"
 #include "train/data.h"
 #include "train/procedural.h"
 
 #define KV_DATA_MIN_SIZE 8
 #define KV_DATA_MAX_SIZE 8192
-#define KV_DATA_MAX_DEPTH 256 /* nested folders */
 #define KV_PERM_SLOTS 2
 
 /* Counter tags ("perm", "crop"; procedural.c uses "proc"). */
@@ -111,115 +107,6 @@ void kv_dataset_free(kv_dataset *ds)
     free(ds);
 }
 
-/* ---- folder walk ---- */
-
-typedef struct path_list {
-    char **items;
-    size_t count, cap;
-} path_list;
-
-typedef struct dir_id {
-    dev_t dev;
-    ino_t ino;
-} dir_id;
-
-static bool has_image_extension(const char *name)
-{
-    const char *dot = strrchr(name, '.');
-    if (!dot || dot == name)
-        return false;
-    return strcasecmp(dot, ".png") == 0 || strcasecmp(dot, ".jpg") == 0 ||
-           strcasecmp(dot, ".jpeg") == 0;
-}
-
-static klvae_status_t list_push(path_list *list, char *path)
-{
-    if (list->count == list->cap) {
-        size_t cap = list->cap ? list->cap * 2 : 64;
-        char **items = cap > SIZE_MAX / sizeof *items ? NULL
-                                                      : realloc(list->items, cap * sizeof *items);
-        if (!items) {
-            free(path);
-            return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory listing image files");
-        }
-        list->items = items;
-        list->cap = cap;
-    }
-    list->items[list->count++] = path;
-    return KLVAE_OK;
-}
-
-/* Adds the image files under dir (whose identity is ancestors[depth - 1])
- * to list. Symbolic links are followed; a folder that is one of its own
- * ancestors (a link loop) is skipped. Entries whose names start with '.'
- * are skipped. An entry that cannot be examined (a dangling link) is kept
- * when its name is an image name, so that reading it reports it. */
-static klvae_status_t walk(const char *dir, path_list *list, dir_id *ancestors, int depth)
-{
-    DIR *d = opendir(dir);
-    if (!d)
-        return kv_error(KLVAE_ERR_IO, "cannot read folder %s: %s", dir, strerror(errno));
-    klvae_status_t st = KLVAE_OK;
-    for (;;) {
-        errno = 0;
-        struct dirent *e = readdir(d);
-        if (!e) {
-            if (errno != 0)
-                st = kv_error(KLVAE_ERR_IO, "cannot read folder %s: %s", dir, strerror(errno));
-            break;
-        }
-        if (e->d_name[0] == '.')
-            continue; /* ".", "..", and hidden files and folders */
-        char *path = kv_path_join(dir, e->d_name);
-        if (!path) {
-            st = KLVAE_ERR_OUT_OF_MEMORY;
-            break;
-        }
-        struct stat sb;
-        if (stat(path, &sb) != 0) {
-            if (has_image_extension(e->d_name)) {
-                if ((st = list_push(list, path)) != KLVAE_OK)
-                    break;
-            } else {
-                free(path);
-            }
-            continue;
-        }
-        if (S_ISDIR(sb.st_mode)) {
-            bool loop = false;
-            for (int i = 0; i < depth; i++)
-                if (ancestors[i].dev == sb.st_dev && ancestors[i].ino == sb.st_ino)
-                    loop = true;
-            if (!loop) {
-                if (depth >= KV_DATA_MAX_DEPTH) {
-                    st = kv_error(KLVAE_ERR_IO, "folders nested more than %d deep at %s",
-                                  KV_DATA_MAX_DEPTH, path);
-                    free(path);
-                    break;
-                }
-                ancestors[depth].dev = sb.st_dev;
-                ancestors[depth].ino = sb.st_ino;
-                st = walk(path, list, ancestors, depth + 1);
-            }
-            free(path);
-            if (st != KLVAE_OK)
-                break;
-        } else if (S_ISREG(sb.st_mode) && has_image_extension(e->d_name)) {
-            if ((st = list_push(list, path)) != KLVAE_OK)
-                break;
-        } else {
-            free(path);
-        }
-    }
-    closedir(d);
-    return st;
-}
-
-static int compare_paths(const void *a, const void *b)
-{
-    return strcmp(*(char *const *)a, *(char *const *)b);
-}
-
 klvae_status_t kv_dataset_open_folder(const char *dir, int size, uint64_t seed, kv_dataset **out)
 {
     kv_error_clear();
@@ -232,23 +119,12 @@ klvae_status_t kv_dataset_open_folder(const char *dir, int size, uint64_t seed, 
         return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
                         "kv_dataset_open_folder: image size %d is not between %d and %d", size,
                         KV_DATA_MIN_SIZE, KV_DATA_MAX_SIZE);
-    struct stat sb;
-    if (stat(dir, &sb) != 0)
-        return kv_error(KLVAE_ERR_IO, "cannot open folder %s: %s", dir, strerror(errno));
-    if (!S_ISDIR(sb.st_mode))
-        return kv_error(KLVAE_ERR_IO, "%s is not a folder", dir);
-
-    dir_id *ancestors = malloc((KV_DATA_MAX_DEPTH + 1) * sizeof *ancestors);
-    if (!ancestors)
-        return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory listing %s", dir);
-    ancestors[0].dev = sb.st_dev;
-    ancestors[0].ino = sb.st_ino;
-    path_list list = {NULL, 0, 0};
-    klvae_status_t st = walk(dir, &list, ancestors, 1);
-    free(ancestors);
-    if (st == KLVAE_OK && list.count == 0)
-        st = kv_error(KLVAE_ERR_IO, "no PNG or JPEG file (*.png, *.jpg, *.jpeg) under %s", dir);
-    if (st == KLVAE_OK && list.count > UINT32_MAX)
+    /* the walk and its order are encode-dataset's too (formats/image_files.h) */
+    kv_image_files list;
+    klvae_status_t st = kv_image_files_walk(dir, &list);
+    if (st != KLVAE_OK)
+        return st;
+    if (list.count > UINT32_MAX)
         st = kv_error(KLVAE_ERR_OUT_OF_MEMORY, "%s holds %zu image files; at most %u are supported",
                       dir, list.count, (unsigned)UINT32_MAX);
     kv_dataset *ds = NULL;
@@ -257,10 +133,9 @@ klvae_status_t kv_dataset_open_folder(const char *dir, int size, uint64_t seed, 
         if (!ds) {
             st = kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory opening %s", dir);
         } else {
-            ds->paths = list.items;
+            ds->paths = list.paths; /* taken over, already sorted */
             ds->count = list.count;
-            list.items = NULL;
-            list.count = 0;
+            list.paths = NULL;
             ds->root = kv_strdup(dir);
             if (!ds->root)
                 st = KLVAE_ERR_OUT_OF_MEMORY;
@@ -272,14 +147,17 @@ klvae_status_t kv_dataset_open_folder(const char *dir, int size, uint64_t seed, 
             }
         }
     }
-    for (size_t i = 0; i < list.count; i++)
-        free(list.items[i]);
-    free(list.items);
+    if (list.paths) {
+        kv_image_files_free(&list);
+    } else {
+        for (size_t i = 0; i < list.count; i++)
+            free(list.names[i]);
+        free(list.names);
+    }
     if (st != KLVAE_OK) {
         kv_dataset_free(ds);
         return st;
     }
-    qsort(ds->paths, ds->count, sizeof *ds->paths, compare_paths);
     *out = ds;
     return KLVAE_OK;
 }
@@ -497,6 +375,8 @@ typedef struct loader_slot {
 struct kv_loader {
     const kv_dataset *ds;
     int n, depth;
+    bool shared;           /* a rank's share (kv_loader_create_share) */
+    kv_loader_share share; /* with shared */
     size_t image_floats, batch_floats;
     kv_data_warning_fn warn;
     void *warn_ctx;
@@ -613,6 +493,78 @@ static enum fill_result fill_slot(kv_loader *L, loader_slot *slot)
     return FILL_OK;
 }
 
+/* ---- a rank's share (kv_loader_create_share) ---- */
+
+/* The stream position of this rank's image j of the global batch at base. */
+static uint64_t share_position(const kv_loader *L, uint64_t base, int j)
+{
+    const kv_loader_share *s = &L->share;
+    const int part = s->batch / (s->accum * s->ranks); /* per rank and micro-batch */
+    const int m = j / part, k = j % part;
+    return base + (uint64_t)m * (uint64_t)(s->batch / s->accum) + (uint64_t)s->rank * part +
+           (uint64_t)k;
+}
+
+/* A failure to read the file at position p, reported once per file. */
+static void report_failure(kv_loader *L, loader_slot *slot, uint64_t p)
+{
+    size_t file = file_at(L->ds, p);
+    if (!L->reported[file]) {
+        L->reported[file] = 1;
+        queue_warning(slot, L->ds->paths[file], kv_error_message());
+    }
+}
+
+/* The image at position p into dst or, when its file cannot be read, the
+ * next readable file of the same epoch's order. */
+static enum fill_result read_or_substitute(kv_loader *L, loader_slot *slot, uint64_t p,
+                                           float *dst)
+{
+    const kv_dataset *ds = L->ds;
+    klvae_status_t st = kv_dataset_get(ds, p, dst);
+    if (st == KLVAE_OK)
+        return FILL_OK;
+    if (ds->procedural) { /* cannot happen (the generator does not fail); fail cleanly */
+        slot->status = st;
+        slot->error = kv_strdup(kv_error_message());
+        return FILL_FAILED;
+    }
+    const uint64_t count = ds->count, epoch = p - p % count, place = p % count;
+    report_failure(L, slot, p);
+    for (uint64_t j = 1; j < count; j++) {
+        if (atomic_load(&L->stop))
+            return FILL_STOPPED;
+        const uint64_t q = epoch + (place + j) % count;
+        if (kv_dataset_get(ds, q, dst) == KLVAE_OK)
+            return FILL_OK;
+        report_failure(L, slot, q);
+    }
+    const char *fmt = "none of the %zu image files under %s can be read (the last one tried: %s)";
+    int len = snprintf(NULL, 0, fmt, ds->count, ds->root, kv_error_message());
+    slot->status = KLVAE_ERR_IO;
+    slot->error = len >= 0 ? malloc((size_t)len + 1) : NULL;
+    if (slot->error)
+        snprintf(slot->error, (size_t)len + 1, fmt, ds->count, ds->root, kv_error_message());
+    return FILL_FAILED;
+}
+
+/* This rank's share of the next global batch into slot. */
+static enum fill_result fill_share(kv_loader *L, loader_slot *slot)
+{
+    for (int j = 0; j < L->n; j++) {
+        if (atomic_load(&L->stop))
+            return FILL_STOPPED;
+        enum fill_result r = read_or_substitute(L, slot, share_position(L, L->next, j),
+                                                slot->batch + (size_t)j * L->image_floats);
+        if (r != FILL_OK)
+            return r;
+    }
+    L->next += (uint64_t)L->share.batch;
+    slot->end = L->next;
+    slot->status = KLVAE_OK;
+    return FILL_OK;
+}
+
 static void *loader_main(void *arg)
 {
     kv_loader *L = arg;
@@ -625,7 +577,7 @@ static void *loader_main(void *arg)
         loader_slot *slot = &L->slots[(L->head + L->filled) % L->depth];
         pthread_mutex_unlock(&L->lock);
         /* The consumer only touches filled slots: this one is ours. */
-        enum fill_result r = fill_slot(L, slot);
+        enum fill_result r = L->shared ? fill_share(L, slot) : fill_slot(L, slot);
         pthread_mutex_lock(&L->lock);
         if (r == FILL_STOPPED)
             break;
@@ -668,10 +620,41 @@ void kv_loader_free(kv_loader *loader)
     free(loader);
 }
 
+static klvae_status_t loader_start(const kv_dataset *ds, int n, const kv_loader_share *share,
+                                   uint64_t start, int depth, kv_data_warning_fn warn,
+                                   void *warn_ctx, kv_loader **out);
+
 klvae_status_t kv_loader_create(const kv_dataset *ds, int n, uint64_t start, int depth,
                                 kv_data_warning_fn warn, void *warn_ctx, kv_loader **out)
 {
     kv_error_clear();
+    return loader_start(ds, n, NULL, start, depth, warn, warn_ctx, out);
+}
+
+klvae_status_t kv_loader_create_share(const kv_dataset *ds, const kv_loader_share *share,
+                                      uint64_t start, int depth, kv_data_warning_fn warn,
+                                      void *warn_ctx, kv_loader **out)
+{
+    kv_error_clear();
+    if (out)
+        *out = NULL;
+    if (!share)
+        return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "kv_loader_create_share: share is NULL");
+    const kv_loader_share *s = share;
+    if (s->ranks < 1 || s->rank < 0 || s->rank >= s->ranks || s->accum < 1 || s->batch < 1 ||
+        s->batch % s->accum != 0 || (s->batch / s->accum) % s->ranks != 0)
+        return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
+                        "kv_loader_create_share: a global batch of %d images cannot be shared "
+                        "by %d ranks in %d micro-batches (rank %d): it must be a multiple of "
+                        "ranks x micro-batches",
+                        s->batch, s->ranks, s->accum, s->rank);
+    return loader_start(ds, s->batch / s->ranks, share, start, depth, warn, warn_ctx, out);
+}
+
+static klvae_status_t loader_start(const kv_dataset *ds, int n, const kv_loader_share *share,
+                                   uint64_t start, int depth, kv_data_warning_fn warn,
+                                   void *warn_ctx, kv_loader **out)
+{
     if (out)
         *out = NULL;
     if (!ds || !out)
@@ -694,6 +677,10 @@ klvae_status_t kv_loader_create(const kv_dataset *ds, int n, uint64_t start, int
     L->ds = ds;
     L->n = n;
     L->depth = depth;
+    if (share) {
+        L->shared = true;
+        L->share = *share;
+    }
     L->image_floats = image_floats;
     L->batch_floats = batch_floats;
     L->warn = warn;

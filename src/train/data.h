@@ -18,7 +18,9 @@ typedef struct kv_dataset kv_dataset;
 
 /* A dataset over every *.png, *.jpg and *.jpeg file (any letter case) under
  * dir, searched recursively, in byte order of their paths (so the same tree
- * gives the same order on every machine). Files are not opened here.
+ * gives the same order on every machine): the list kv_image_files_walk
+ * (formats/image_files.h) makes, which encode-dataset walks too. Files are
+ * not opened here.
  * Each image: if its shorter side is below size, it is first resized
  * (bilinear, torch align_corners=False) so that the shorter side equals
  * size and the longer side is scaled in proportion, rounded to nearest; then a size x size crop
@@ -70,6 +72,29 @@ typedef struct kv_loader kv_loader;
  * Errors: KLVAE_ERR_INVALID_ARGUMENT, KLVAE_ERR_OUT_OF_MEMORY. */
 klvae_status_t kv_loader_create(const kv_dataset *ds, int n, uint64_t start, int depth,
                                 kv_data_warning_fn warn, void *warn_ctx, kv_loader **out);
+
+/* One rank's share of the global batches of a data-parallel run (klvae.h,
+ * "Data-parallel training"): the global batch of batch images starts at
+ * stream position p and the next one at p + batch; with accum micro-batches,
+ * rank r of ranks takes, of each micro-batch of batch / accum images, the
+ * share r of batch / (accum * ranks) images, so that the ranks' shares make
+ * the single-process batch in its order. batch must be a multiple of
+ * accum * ranks. */
+typedef struct kv_loader_share {
+    int batch, accum, rank, ranks;
+} kv_loader_share;
+
+/* A loader of this rank's batch / ranks images per global batch, from
+ * position start on. A file that cannot be read is reported once, as
+ * above, and its place takes the next readable file of the same epoch's
+ * order (positions e N + (i + 1) mod N, e N + (i + 2) mod N, ... for place i
+ * of epoch e): the global batches stay where they are, whatever each rank
+ * failed to read, so every rank agrees on them and on the position after
+ * them, for any number of ranks. Errors: those of kv_loader_create, and
+ * KLVAE_ERR_INVALID_ARGUMENT for a share that does not divide. */
+klvae_status_t kv_loader_create_share(const kv_dataset *ds, const kv_loader_share *share,
+                                      uint64_t start, int depth, kv_data_warning_fn warn,
+                                      void *warn_ctx, kv_loader **out);
 
 /* Copies the next batch (n, 3, size, size) into batch and, when position is
  * not NULL, the stream position after it. Blocks until the batch is ready.

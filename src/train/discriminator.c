@@ -274,6 +274,65 @@ int kv_disc_min_size(const kv_disc *d)
     }
 }
 
+/* Conv i's BatchNorm on t->pre[i] into y (allocated): the batch's
+ * per-channel sums (over every process's batch with sum_across), then the
+ * normalisation; the tape keeps mean, invstd and the count. */
+static klvae_status_t bn_forward(kv_disc *d, int i, kv_disc_tape *t, kv_tensor *y)
+{
+    kv_backend *be = d->be;
+    const kv_tensor *pre = &t->pre[i];
+    const size_t c = (size_t)pre->shape[1];
+    double *sums = malloc((2 * c + 1) * sizeof *sums);
+    if (!sums)
+        return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory in the discriminator");
+    /* statistics in float32 whatever the backend computes in: the backward
+     * recomputes xhat from them */
+    klvae_status_t st = kv_tensor_alloc_f32(be, 1, (int)c, 1, 1, &t->mean[i]);
+    if (st == KLVAE_OK)
+        st = kv_tensor_alloc_f32(be, 1, (int)c, 1, 1, &t->invstd[i]);
+    if (st == KLVAE_OK)
+        st = kv_tensor_alloc_like(be, pre, y);
+    if (st == KLVAE_OK)
+        st = be->ops->batch_norm_stats(be, pre, sums);
+    sums[2 * c] = (double)pre->shape[0] * pre->shape[2] * pre->shape[3];
+    if (st == KLVAE_OK && d->sum_across)
+        st = d->sum_across(d->sum_across_ctx, sums, 2 * c + 1);
+    t->count[i] = sums[2 * c];
+    if (st == KLVAE_OK)
+        st = be->ops->batch_norm(be, pre, &d->bn[i].weight, &d->bn[i].bias, sums, t->count[i],
+                                 BN_EPS, BN_MOMENTUM, d->running_mean[i], d->running_var[i], y,
+                                 &t->mean[i], &t->invstd[i]);
+    free(sums);
+    return st;
+}
+
+/* The backward of conv i's BatchNorm: dx (allocated) from dy; its weight
+ * and bias gradients accumulate into g (NULL: frozen). The gradient sums
+ * are added over every process's batch with sum_across, as the statistics
+ * were. */
+static klvae_status_t bn_backward(kv_disc *d, kv_disc *g, int i, const kv_disc_tape *t,
+                                  const kv_tensor *dy, kv_tensor *dx)
+{
+    kv_backend *be = d->be;
+    const kv_tensor *pre = &t->pre[i];
+    const size_t c = (size_t)pre->shape[1];
+    double *sums = malloc(2 * c * sizeof *sums);
+    if (!sums)
+        return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory in the discriminator");
+    klvae_status_t st = kv_tensor_alloc_like(be, pre, dx);
+    if (st == KLVAE_OK)
+        st = be->ops->batch_norm_backward_stats(be, pre, &t->mean[i], &t->invstd[i], dy, sums,
+                                                g ? &g->bn[i].weight : NULL,
+                                                g ? &g->bn[i].bias : NULL);
+    if (st == KLVAE_OK && d->sum_across)
+        st = d->sum_across(d->sum_across_ctx, sums, 2 * c);
+    if (st == KLVAE_OK)
+        st = be->ops->batch_norm_backward(be, pre, &d->bn[i].weight, &t->mean[i], &t->invstd[i],
+                                          dy, sums, t->count[i], dx);
+    free(sums);
+    return st;
+}
+
 klvae_status_t kv_disc_forward(kv_disc *d, const kv_tensor *x, kv_disc_tape *t, kv_tensor *logits)
 {
     kv_backend *be = d->be;
@@ -300,18 +359,7 @@ klvae_status_t kv_disc_forward(kv_disc *d, const kv_tensor *x, kv_disc_tape *t, 
         if (has_bn(d, i)) {
             t->pre[i] = y;
             memset(&y, 0, sizeof y);
-            /* statistics in float32 whatever the backend computes in: the
-             * backward recomputes xhat from them */
-            st = kv_tensor_alloc_f32(be, 1, t->pre[i].shape[1], 1, 1, &t->mean[i]);
-            if (st == KLVAE_OK)
-                st = kv_tensor_alloc_f32(be, 1, t->pre[i].shape[1], 1, 1, &t->invstd[i]);
-            if (st == KLVAE_OK)
-                st = kv_tensor_alloc(be, t->pre[i].shape[0], t->pre[i].shape[1],
-                                     t->pre[i].shape[2], t->pre[i].shape[3], &y);
-            if (st == KLVAE_OK)
-                st = be->ops->batch_norm(be, &t->pre[i], &d->bn[i].weight, &d->bn[i].bias, BN_EPS,
-                                         BN_MOMENTUM, d->running_mean[i], d->running_var[i], &y,
-                                         &t->mean[i], &t->invstd[i]);
+            st = bn_forward(d, i, t, &y);
         }
         if (st == KLVAE_OK)
             st = be->ops->activation(be, &y, KV_ACT_LEAKY_RELU, &y);
@@ -350,25 +398,7 @@ klvae_status_t kv_disc_backward(kv_disc *d, kv_disc *g, kv_disc_tape *t,
         /* through conv i-1's LeakyReLU (from its output) and BatchNorm */
         st = be->ops->activation_backward(be, &t->in[i], &cur, KV_ACT_LEAKY_RELU, &cur);
         if (st == KLVAE_OK && has_bn(d, i - 1)) {
-            const kv_tensor *pre = &t->pre[i - 1];
-            kv_tensor dummy_g = {0}, dummy_b = {0};
-            kv_tensor *dg = &dummy_g, *db = &dummy_b;
-            if (g) {
-                dg = &g->bn[i - 1].weight;
-                db = &g->bn[i - 1].bias;
-            } else {
-                st = kv_tensor_alloc(be, 1, pre->shape[1], 1, 1, &dummy_g);
-                if (st == KLVAE_OK)
-                    st = kv_tensor_alloc(be, 1, pre->shape[1], 1, 1, &dummy_b);
-            }
-            if (st == KLVAE_OK)
-                st = kv_tensor_alloc(be, pre->shape[0], pre->shape[1], pre->shape[2],
-                                     pre->shape[3], &din);
-            if (st == KLVAE_OK)
-                st = be->ops->batch_norm_backward(be, pre, &d->bn[i - 1].weight, &t->mean[i - 1],
-                                                  &t->invstd[i - 1], &cur, &din, dg, db);
-            kv_tensor_release(be, &dummy_g);
-            kv_tensor_release(be, &dummy_b);
+            st = bn_backward(d, g, i - 1, t, &cur, &din);
             kv_tensor_release(be, &cur);
             cur = din;
             memset(&din, 0, sizeof din);

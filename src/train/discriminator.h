@@ -8,7 +8,12 @@
  *
  * Channels ndf * min(2^n, 8). BatchNorm runs in training mode (batch
  * statistics; running statistics updated with momentum 0.1). Parameter names
- * follow taming's Sequential: main.0, main.2, main.3 (BN), ... */
+ * follow taming's Sequential: main.0, main.2, main.3 (BN), ...
+ *
+ * Data-parallel training with statistics over the global batch sets
+ * sum_across: every BatchNorm then adds its per-channel sums (forward: sum x,
+ * sum x^2 and the count; backward: sum dy, sum dy xhat) over all processes
+ * before it uses them, as PyTorch's SyncBatchNorm does. */
 #ifndef KV_DISCRIMINATOR_H
 #define KV_DISCRIMINATOR_H
 
@@ -27,6 +32,10 @@ typedef struct kv_disc {
     float *running_mean[KV_DISC_MAX_LAYERS + 2], *running_var[KV_DISC_MAX_LAYERS + 2]; /* host */
     kv_param params[4 * (KV_DISC_MAX_LAYERS + 2)]; /* the trainable tensors */
     int num_params;
+    /* NULL: each process's own batch statistics. Else values[0 .. count) =
+     * their sum over all processes, in place, the same on every process. */
+    klvae_status_t (*sum_across)(void *ctx, double *values, size_t count);
+    void *sum_across_ctx;
 } kv_disc;
 
 /* Builds and allocates; initialises as taming's weights_init (conv weights
@@ -54,6 +63,7 @@ typedef struct kv_disc_tape {
     kv_tensor in[KV_DISC_MAX_LAYERS + 2];  /* each conv's input (in[0] borrowed) */
     kv_tensor pre[KV_DISC_MAX_LAYERS + 2]; /* each BN's input (the conv output) */
     kv_tensor mean[KV_DISC_MAX_LAYERS + 2], invstd[KV_DISC_MAX_LAYERS + 2];
+    double count[KV_DISC_MAX_LAYERS + 2]; /* values each BN's statistics are over */
 } kv_disc_tape;
 
 /* logits = D(x) in training mode, keeping the tape (logits allocated). */

@@ -235,9 +235,15 @@ static klvae_status_t trunk_forward(kv_lpips *l, const kv_tensor *images, bool k
     return st;
 }
 
+/* Elements of one image of a tap. */
+static uint64_t image_elements(const kv_tensor *t)
+{
+    return (uint64_t)t->shape[1] * t->shape[2] * t->shape[3];
+}
+
 klvae_status_t kv_lpips_forward(kv_lpips *l, const kv_tensor *a, const kv_tensor *b,
-                                float dropout, uint64_t seed, double *distances,
-                                const float *grad_scale, kv_tensor *db)
+                                float dropout, uint64_t seed, uint64_t first_image,
+                                double *distances, const float *grad_scale, kv_tensor *db)
 {
     kv_backend *be = l->be;
     const int n = a->shape[0];
@@ -268,7 +274,8 @@ klvae_status_t kv_lpips_forward(kv_lpips *l, const kv_tensor *a, const kv_tensor
                                  tb.normed[k].shape[3], &dn);
         if (st == KLVAE_OK)
             st = be->ops->lpips_distance(be, &ta.normed[k], &tb.normed[k], &l->lin[k], dropout,
-                                         seed + (uint64_t)k * 0x9E3779B97F4A7C15ull, per_tap,
+                                         seed + (uint64_t)k * 0x9E3779B97F4A7C15ull,
+                                         first_image * image_elements(&ta.normed[k]), per_tap,
                                          grad_scale, grad ? &dn : NULL);
         for (int i = 0; st == KLVAE_OK && i < n; i++)
             distances[i] += per_tap[i];
@@ -356,7 +363,7 @@ klvae_status_t kv_lpips_distance_host(kv_lpips *l, const float *a, const float *
     if (st == KLVAE_OK)
         st = stage_host(l->be, b, n, h, w, &tb);
     if (st == KLVAE_OK)
-        st = kv_lpips_forward(l, &ta, &tb, 0.0f, 0, distances, NULL, NULL);
+        st = kv_lpips_forward(l, &ta, &tb, 0.0f, 0, 0, distances, NULL, NULL);
     kv_tensor_release(l->be, &ta);
     kv_tensor_release(l->be, &tb);
     return st;

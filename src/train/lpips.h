@@ -40,10 +40,12 @@ void kv_lpips_free(kv_lpips *l);
 /* distances[n] = LPIPS(a[n], b[n]) for (N, 3, H, W) images in [-1, 1]. With
  * grad_scale not NULL, db (allocated here) = sum_n grad_scale[n] *
  * d LPIPS(a[n], b[n]) / d b. dropout is the probability of zeroing a term
- * (0 in eval mode), its mask drawn from seed. */
+ * (0 in eval mode), its mask drawn from seed; a and b are images
+ * first_image, first_image + 1, ... of a larger batch, whose masks they
+ * draw (a process's share of a batch split over processes). */
 klvae_status_t kv_lpips_forward(kv_lpips *l, const kv_tensor *a, const kv_tensor *b,
-                                float dropout, uint64_t seed, double *distances,
-                                const float *grad_scale, kv_tensor *db);
+                                float dropout, uint64_t seed, uint64_t first_image,
+                                double *distances, const float *grad_scale, kv_tensor *db);
 
 /* The LPIPS distances (eval mode) of n host images a[i], b[i] (n, 3, h, w)
  * in [-1, 1], h and w at least 16. */

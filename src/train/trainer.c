@@ -102,6 +102,11 @@ static klvae_status_t read_settings(const klvae_options_t *o, trainer_settings *
     s->grad_accum = kv_options_int(o, "grad_accum");
     s->grad_clip = (float)kv_options_double(o, "grad_clip");
     s->refuse_nonfinite = strcmp(kv_options_string(o, "nonfinite"), "refuse") == 0;
+    s->dp_exact = kv_options_is_set(o, "data_parallel")
+                      ? strcmp(kv_options_string(o, "data_parallel"), "exact") == 0
+                      : !s->ldm;
+    snprintf(s->allreduce, sizeof s->allreduce, "%s", kv_options_string(o, "allreduce"));
+    s->bucket_mb = kv_options_double(o, "allreduce_bucket_mb");
     return KLVAE_OK;
 }
 
@@ -177,6 +182,7 @@ KLVAE_API void klvae_trainer_free(klvae_trainer_t *t)
     if (!t)
         return;
     kv_backend *be = t->be;
+    kv_trainer_detach_comm(t);
     shadow_release(be, t->grads);
     shadow_release(be, t->adam_m);
     shadow_release(be, t->adam_v);
@@ -273,6 +279,20 @@ KLVAE_API klvae_status_t klvae_trainer_create(klvae_model_t *model, const klvae_
 
 /* ---- the step ---- */
 
+/* What one call of klvae_trainer_step does, decided from its arguments and
+ * the step counter before anything runs. */
+typedef struct step_plan {
+    int micro_batch, channels, h, w;
+    float gan_factor;
+    bool adaptive, disc_pass;
+    /* The micro-batch of the losses' averages: this process's micro_batch
+     * images are global_micro's images first_image, first_image + 1, ...
+     * (data-parallel; else global_micro = micro_batch, first_image = 0), and
+     * share = micro_batch / global_micro. */
+    int global_micro, first_image;
+    double share;
+} step_plan;
+
 typedef struct step_sums {
     double total, rec, perceptual, nll, kl, g, d_weight, d_loss, real, fake;
 } step_sums;
@@ -339,9 +359,10 @@ static klvae_status_t model_optimizer_step(klvae_trainer_t *t)
     return st;
 }
 
-/* z from the posterior: a sample (seeded) or the mean. Allocates z. */
+/* z from the posterior: a sample (seeded; moments are images first_image,
+ * ... of the micro-batch) or the mean. Allocates z. */
 static klvae_status_t posterior_z(klvae_trainer_t *t, const kv_tensor *moments, bool sample,
-                                  uint64_t seed, kv_tensor *z)
+                                  uint64_t seed, int first_image, kv_tensor *z)
 {
     kv_backend *be = t->be;
     const int n = moments->shape[0], zc = moments->shape[1] / 2;
@@ -352,7 +373,9 @@ static klvae_status_t posterior_z(klvae_trainer_t *t, const kv_tensor *moments, 
     if (st == KLVAE_OK)
         st = be->ops->posterior_split(be, moments, &mean, &logvar);
     if (st == KLVAE_OK && sample)
-        st = be->ops->gaussian_sample(be, &mean, &logvar, seed, &mean);
+        st = be->ops->gaussian_sample(be, &mean, &logvar, seed,
+                                      (uint64_t)first_image * (kv_tensor_numel(&mean) / n),
+                                      &mean);
     kv_tensor_release(be, &logvar);
     if (st != KLVAE_OK) {
         kv_tensor_release(be, &mean);
@@ -362,16 +385,54 @@ static klvae_status_t posterior_z(klvae_trainer_t *t, const kv_tensor *moments, 
     return KLVAE_OK;
 }
 
+/* The adaptive weight lambda = disc_weight ||d nll/dW|| / (||d g/dW|| + 1e-4)
+ * at W = decoder.conv_out.weight, from the gradient of nll (d_img) and of g
+ * (d_gimg) at the reconstruction. Data-parallel: exact sums the two
+ * gradients over the ranks first (the global batch's); ddp takes this
+ * rank's, normalised by its own batch as Lightning's loss is. */
+static klvae_status_t adaptive_weight(klvae_trainer_t *t, const step_plan *plan,
+                                      const kv_decoder_tape *dt, const kv_tensor *d_img,
+                                      const kv_tensor *d_gimg, double *lambda)
+{
+    kv_backend *be = t->be;
+    double gn = 0.0, gg = 0.0;
+    klvae_status_t st = kv_vae_decoder_last_weight_grad(t->m, dt, d_img, &t->last_grad_nll);
+    if (st == KLVAE_OK)
+        st = kv_vae_decoder_last_weight_grad(t->m, dt, d_gimg, &t->last_grad_g);
+    if (st == KLVAE_OK && t->dp && t->s.dp_exact)
+        st = kv_dp_sum_tensor(t->dp, &t->last_grad_nll, "the adaptive weight's gradients");
+    if (st == KLVAE_OK && t->dp && t->s.dp_exact)
+        st = kv_dp_sum_tensor(t->dp, &t->last_grad_g, "the adaptive weight's gradients");
+    if (st == KLVAE_OK)
+        st = be->ops->sum_squares(be, &t->last_grad_nll, &gn);
+    if (st == KLVAE_OK)
+        st = be->ops->sum_squares(be, &t->last_grad_g, &gg);
+    if (t->dp && !t->s.dp_exact) { /* this rank's batch mean, not its share of the global one */
+        gn /= plan->share * plan->share;
+        gg /= plan->share * plan->share;
+    }
+    double l = sqrt(gn) / (sqrt(gg) + KV_LAMBDA_EPS);
+    l = l < 0.0 ? 0.0 : (l > KV_LAMBDA_MAX ? KV_LAMBDA_MAX : l);
+    *lambda = l * t->s.disc_weight;
+    return st;
+}
+
 /* The generator pass on one micro-batch: losses, gradients accumulated into
- * t->grads, and the reconstruction (for a discriminator step that reuses it). */
-static klvae_status_t generator_pass(klvae_trainer_t *t, const kv_tensor *x, int micro,
-                                     float gan_factor, bool adaptive, step_sums *sums,
+ * t->grads, and the reconstruction (for a discriminator step that reuses it).
+ * Data-parallel: x is this rank's part of the global micro-batch; every
+ * average is over the global micro-batch (the gradients summed over the
+ * ranks are the global batch's), and the losses added into sums are the
+ * global batch's. */
+static klvae_status_t generator_pass(klvae_trainer_t *t, const step_plan *plan,
+                                     const kv_tensor *x, int micro, step_sums *sums,
                                      kv_tensor *recon)
 {
     kv_backend *be = t->be;
     klvae_model_t *m = t->m;
     const trainer_settings *s = &t->s;
-    const int B = x->shape[0];
+    const float gan_factor = plan->gan_factor;
+    const bool adaptive = plan->adaptive;
+    const int B = x->shape[0], G = plan->global_micro;
     const double accum = s->grad_accum, pixels = (double)x->shape[1] * x->shape[2] * x->shape[3];
     const double inv_var = exp(-(double)t->logvar);
     kv_encoder_tape et;
@@ -388,12 +449,12 @@ static klvae_status_t generator_pass(klvae_trainer_t *t, const kv_tensor *x, int
     if (B > 64)
         return kv_error(KLVAE_ERR_INVALID_ARGUMENT,
                         "klvae_trainer_step: at most 64 images per micro-batch (got %d)", B);
+    const uint64_t posterior_seed = stream_seed(t, t->step, micro, SEED_POSTERIOR);
 
     /* the encoder keeps a tape only when it trains */
     klvae_status_t st = kv_vae_encode_moments(m, x, s->train_encoder ? &et : NULL, &moments);
     if (st == KLVAE_OK)
-        st = posterior_z(t, &moments, s->sample, stream_seed(t, t->step, micro, SEED_POSTERIOR),
-                         &z);
+        st = posterior_z(t, &moments, s->sample, posterior_seed, plan->first_image, &z);
     if (st == KLVAE_OK)
         st = kv_tensor_alloc(be, B, m->cfg.out_channels, x->shape[2], x->shape[3], &xhat);
     if (st == KLVAE_OK)
@@ -404,28 +465,25 @@ static klvae_status_t generator_pass(klvae_trainer_t *t, const kv_tensor *x, int
         st = kv_tensor_alloc(be, B, xhat.shape[1], xhat.shape[2], xhat.shape[3], &d_img);
     if (st == KLVAE_OK)
         st = be->ops->pixel_loss(be, x, &xhat, s->pixel_loss,
-                                 (float)(s->pixel_weight * inv_var / B), &pixel_sum, &d_img);
+                                 (float)(s->pixel_weight * inv_var / G), &pixel_sum, &d_img);
     for (int b = 0; b < B; b++) {
-        grad_scale[b] = (float)(s->perceptual_weight * pixels * inv_var / B);
+        grad_scale[b] = (float)(s->perceptual_weight * pixels * inv_var / G);
         lp[b] = 0.0;
     }
     if (st == KLVAE_OK && t->lpips && s->perceptual_weight > 0.0f) {
         st = kv_lpips_forward(t->lpips, x, &xhat, s->lpips_dropout,
-                              stream_seed(t, t->step, micro, SEED_DROPOUT), lp, grad_scale,
-                              &d_lpips);
+                              stream_seed(t, t->step, micro, SEED_DROPOUT),
+                              (uint64_t)plan->first_image, lp, grad_scale, &d_lpips);
         if (st == KLVAE_OK)
             st = be->ops->add(be, &d_img, &d_lpips, &d_img);
         kv_tensor_release(be, &d_lpips);
         for (int b = 0; b < B; b++)
             lpips_sum += lp[b];
     }
-    const double rec_sum = s->pixel_weight * pixel_sum + s->perceptual_weight * pixels * lpips_sum;
-    const double nll = rec_sum * inv_var / B + pixels * t->logvar;
-    double kl = 0.0;
-    if (st == KLVAE_OK) {
-        st = be->ops->kl_sum(be, &moments, &kl);
-        kl /= B;
-    }
+    double rec_sum = s->pixel_weight * pixel_sum + s->perceptual_weight * pixels * lpips_sum;
+    double kl_sum = 0.0;
+    if (st == KLVAE_OK)
+        st = be->ops->kl_sum(be, &moments, &kl_sum);
     /* the generator's GAN term and the adaptive weight */
     double g_loss = 0.0, lambda = 0.0;
     if (st == KLVAE_OK && adaptive) {
@@ -433,50 +491,57 @@ static klvae_status_t generator_pass(klvae_trainer_t *t, const kv_tensor *x, int
         if (st == KLVAE_OK)
             st = kv_tensor_alloc(be, logits.shape[0], 1, logits.shape[2], logits.shape[3],
                                  &d_logits);
-        if (st == KLVAE_OK)
-            st = be->ops->logit_loss(be, &logits, KV_LOGITS_GENERATOR, 1.0f, &g_loss, &d_logits);
+        if (st == KLVAE_OK) /* the mean over the global micro-batch's logits */
+            st = be->ops->logit_loss(be, &logits, KV_LOGITS_GENERATOR, (float)plan->share,
+                                     &g_loss, &d_logits);
         if (st == KLVAE_OK) /* the discriminator is frozen here */
             st = kv_disc_backward(t->disc, NULL, &gt, &d_logits, &d_gimg);
-        double gn = 0.0, gg = 0.0;
         if (st == KLVAE_OK)
-            st = kv_vae_decoder_last_weight_grad(m, &dt, &d_img, &t->last_grad_nll);
-        if (st == KLVAE_OK)
-            st = kv_vae_decoder_last_weight_grad(m, &dt, &d_gimg, &t->last_grad_g);
-        if (st == KLVAE_OK)
-            st = be->ops->sum_squares(be, &t->last_grad_nll, &gn);
-        if (st == KLVAE_OK)
-            st = be->ops->sum_squares(be, &t->last_grad_g, &gg);
-        lambda = sqrt(gn) / (sqrt(gg) + KV_LAMBDA_EPS);
-        lambda = lambda < 0.0 ? 0.0 : (lambda > KV_LAMBDA_MAX ? KV_LAMBDA_MAX : lambda);
-        lambda *= s->disc_weight;
+            st = adaptive_weight(t, plan, &dt, &d_img, &d_gimg, &lambda);
     }
+    /* for the stats: the GAN term lambda f g, and lambda (with ddp, the
+     * ranks' lambdas differ: their mean) */
+    double gan_term = lambda * gan_factor * g_loss, lambda_mean = lambda;
+    if (st == KLVAE_OK && t->dp) { /* the global micro-batch's losses */
+        double v[6] = {rec_sum, lpips_sum, kl_sum, g_loss * B, lambda * B, lambda * g_loss * B};
+        st = kv_dp_sum(t->dp, v, 6, "the losses");
+        rec_sum = v[0];
+        lpips_sum = v[1];
+        kl_sum = v[2];
+        g_loss = v[3] / G;
+        lambda_mean = v[4] / G;
+        gan_term = gan_factor * (v[5] / G);
+    }
+    const double nll = rec_sum * inv_var / G + pixels * t->logvar;
+    const double kl = kl_sum / G;
     /* d total / d xhat = d nll + lambda f d g, over the accumulation window */
     if (st == KLVAE_OK)
         st = be->ops->scale(be, &d_img, (float)(1.0 / accum));
     if (st == KLVAE_OK && adaptive && gan_factor > 0.0f)
         st = be->ops->axpy(be, (float)(lambda * gan_factor / accum), &d_gimg, &d_img);
     if (s->learn_logvar) /* d nll / d s = pixels - exp(-s) sum(rec) / B */
-        t->logvar_grad += (pixels - inv_var * rec_sum / B) / accum;
+        t->logvar_grad += (pixels - inv_var * rec_sum / G) / accum;
     if (st == KLVAE_OK)
         st = kv_vae_decode_backward(m, t->grads, &dt, &d_img, &d_z);
     if (st == KLVAE_OK)
         st = kv_tensor_alloc(be, moments.shape[0], moments.shape[1], moments.shape[2],
                              moments.shape[3], &d_moments);
     if (st == KLVAE_OK)
-        st = be->ops->posterior_backward(be, &moments, &d_z, (float)(s->kl_weight / (B * accum)),
-                                         s->sample,
-                                         stream_seed(t, t->step, micro, SEED_POSTERIOR),
+        st = be->ops->posterior_backward(be, &moments, &d_z, (float)(s->kl_weight / (G * accum)),
+                                         s->sample, posterior_seed,
+                                         (uint64_t)plan->first_image *
+                                             (kv_tensor_numel(&d_z) / (size_t)B),
                                          &d_moments);
     if (st == KLVAE_OK && s->train_encoder)
         st = kv_vae_encode_backward(m, t->grads, &et, &d_moments);
 
-    sums->rec += rec_sum / ((double)B * pixels);
-    sums->perceptual += lpips_sum / B;
+    sums->rec += rec_sum / ((double)G * pixels);
+    sums->perceptual += lpips_sum / G;
     sums->nll += nll;
     sums->kl += kl;
     sums->g += g_loss;
-    sums->d_weight += lambda;
-    sums->total += nll + s->kl_weight * kl + lambda * gan_factor * g_loss;
+    sums->d_weight += lambda_mean;
+    sums->total += nll + s->kl_weight * kl + gan_term;
 
     kv_encoder_tape_free(be, &et);
     kv_decoder_tape_free(be, &dt);
@@ -494,14 +559,15 @@ static klvae_status_t generator_pass(klvae_trainer_t *t, const kv_tensor *x, int
 
 /* The discriminator pass on one micro-batch: D(x) and D(xhat) forwarded
  * separately (each with its own batch statistics), gradients accumulated
- * when the GAN is on. */
-static klvae_status_t discriminator_pass(klvae_trainer_t *t, const kv_tensor *x,
-                                         const kv_tensor *xhat, float gan_factor,
+ * when the GAN is on. Data-parallel: means over the global micro-batch. */
+static klvae_status_t discriminator_pass(klvae_trainer_t *t, const step_plan *plan,
+                                         const kv_tensor *x, const kv_tensor *xhat,
                                          step_sums *sums)
 {
     kv_backend *be = t->be;
     const double accum = t->s.grad_accum;
-    const float scale = (float)(gan_factor * 0.5 / accum);
+    const float gan_factor = plan->gan_factor;
+    const float scale = (float)(gan_factor * 0.5 / accum * plan->share);
     const bool backward = gan_factor > 0.0f; /* otherwise the gradients are exactly zero */
     double real = 0.0, fake = 0.0, lr = 0.0, lf = 0.0;
     klvae_status_t st = KLVAE_OK;
@@ -534,19 +600,20 @@ static klvae_status_t discriminator_pass(klvae_trainer_t *t, const kv_tensor *x,
             fake = -mean_logit;
         }
     }
+    if (st == KLVAE_OK && t->dp) { /* the global micro-batch's means */
+        const int B = x->shape[0], G = plan->global_micro;
+        double v[4] = {lr * B, lf * B, real * B, fake * B};
+        st = kv_dp_sum(t->dp, v, 4, "the discriminator's losses");
+        lr = v[0] / G;
+        lf = v[1] / G;
+        real = v[2] / G;
+        fake = v[3] / G;
+    }
     sums->d_loss += gan_factor * 0.5 * (lr + lf);
     sums->real += real;
     sums->fake += fake;
     return st;
 }
-
-/* What one call of klvae_trainer_step does, decided from its arguments and
- * the step counter before anything runs. */
-typedef struct step_plan {
-    int micro_batch, channels, h, w;
-    float gan_factor;
-    bool adaptive, disc_pass;
-} step_plan;
 
 /* Where a step's images are: host memory, or the caller's device memory
  * (klvae_trainer_step_device: device is the model's plugin). */
@@ -589,6 +656,9 @@ static klvae_status_t plan_step(const klvae_trainer_t *t, const step_input *in, 
     if (!kv_numel4(n, c, h, w, &count))
         return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "%s: batch too large", fn);
     plan->micro_batch = n / accum;
+    plan->global_micro = plan->micro_batch * (t->dp ? t->dp->comm.size : 1);
+    plan->first_image = plan->micro_batch * (t->dp ? t->dp->comm.rank : 0);
+    plan->share = (double)plan->micro_batch / plan->global_micro;
     plan->channels = c;
     plan->h = h;
     plan->w = w;
@@ -622,19 +692,20 @@ static klvae_status_t discriminate(klvae_trainer_t *t, const step_plan *plan, co
                                    const kv_tensor *xhat, int micro, step_sums *sums)
 {
     if (!t->s.fresh)
-        return discriminator_pass(t, x, xhat, plan->gan_factor, sums);
+        return discriminator_pass(t, plan, x, xhat, sums);
     kv_backend *be = t->be;
     kv_tensor moments = {0}, z = {0}, xhat2 = {0};
     klvae_status_t st = kv_vae_encode_moments(t->m, x, NULL, &moments);
     if (st == KLVAE_OK)
         st = posterior_z(t, &moments, t->s.sample,
-                         stream_seed(t, t->step, micro, SEED_FRESH_POSTERIOR), &z);
+                         stream_seed(t, t->step, micro, SEED_FRESH_POSTERIOR), plan->first_image,
+                         &z);
     if (st == KLVAE_OK)
         st = kv_tensor_alloc_like(be, x, &xhat2);
     if (st == KLVAE_OK)
         st = kv_vae_decode(t->m, &z, NULL, &xhat2);
     if (st == KLVAE_OK)
-        st = discriminator_pass(t, x, &xhat2, plan->gan_factor, sums);
+        st = discriminator_pass(t, plan, x, &xhat2, sums);
     kv_tensor_release(be, &moments);
     kv_tensor_release(be, &z);
     kv_tensor_release(be, &xhat2);
@@ -679,8 +750,19 @@ static klvae_status_t check_discriminator(klvae_trainer_t *t, const step_sums *s
     return first_nonfinite(t, &t->disc_net, v, names, (int)KV_ARRAY_LEN(v), 0.0, what);
 }
 
-/* One micro-batch of the step; the last one also updates both networks
- * unless a value is non-finite (*skipped then says what). */
+/* Data-parallel: the discriminator's gradients summed over the ranks, once
+ * its last pass of the step is done (it runs twice per micro-batch, so
+ * there is nothing to overlap; without the GAN they are zeros). */
+static klvae_status_t sum_disc_grads(klvae_trainer_t *t, const step_plan *plan)
+{
+    if (!t->dp || !plan->disc_pass || plan->gan_factor <= 0.0f)
+        return KLVAE_OK;
+    klvae_status_t st = kv_dp_grads_begin(t->dp, &t->dp->disc);
+    if (st == KLVAE_OK)
+        st = kv_dp_grads_end(t->dp, &t->dp->disc);
+    return st;
+}
+
 /* Micro-batch micro of the input as a tensor: the caller's array itself when
  * the backend computes in host memory, else a copy (upload, or import from
  * the caller's device memory). */
@@ -728,19 +810,29 @@ static klvae_status_t check_device_input(klvae_trainer_t *t, const step_plan *pl
     return KLVAE_OK;
 }
 
+/* One micro-batch of the step; the last one also updates both networks
+ * unless a value is non-finite (*skipped then says what). */
 static klvae_status_t micro_step(klvae_trainer_t *t, const step_plan *plan, const step_input *in,
                                  int micro, bool last, step_sums *sums, const char **skipped)
 {
     kv_backend *be = t->be;
     kv_tensor x = {0}, xhat = {0};
     klvae_status_t st = stage_micro(t, plan, in, micro, &x);
+    /* data-parallel: the last micro-batch's backward sums the gradients
+     * over the ranks, bucket by bucket as it writes them */
+    if (st == KLVAE_OK && last && t->dp)
+        st = kv_dp_grads_begin(t->dp, &t->dp->model);
     if (st == KLVAE_OK)
-        st = generator_pass(t, &x, micro, plan->gan_factor, plan->adaptive, sums, &xhat);
+        st = generator_pass(t, plan, &x, micro, sums, &xhat);
     /* Everything that does not need the autoencoder's update runs before it,
      * so that a non-finite value is found while nothing has changed. */
     const bool disc_first = plan->disc_pass && (!t->s.fresh || !last);
     if (st == KLVAE_OK && disc_first)
         st = discriminate(t, plan, &x, &xhat, micro, sums);
+    if (st == KLVAE_OK && last && t->dp) /* after the discriminator's pass, which they overlap */
+        st = kv_dp_grads_end(t->dp, &t->dp->model);
+    if (st == KLVAE_OK && last && disc_first)
+        st = sum_disc_grads(t, plan);
     if (st == KLVAE_OK && last)
         st = check_generator(t, sums, skipped);
     if (st == KLVAE_OK && last && !*skipped && disc_first)
@@ -749,6 +841,8 @@ static klvae_status_t micro_step(klvae_trainer_t *t, const step_plan *plan, cons
         st = model_optimizer_step(t);
         if (st == KLVAE_OK && plan->disc_pass && !disc_first)
             st = discriminate(t, plan, &x, &xhat, micro, sums);
+        if (st == KLVAE_OK && plan->disc_pass && !disc_first)
+            st = sum_disc_grads(t, plan);
         if (st == KLVAE_OK && plan->disc_pass && !disc_first)
             st = check_discriminator(t, sums, skipped);
         if (st == KLVAE_OK && plan->disc_pass && !*skipped)
@@ -792,6 +886,25 @@ static void running_stats_restore(kv_disc *d, const float *copy)
     }
 }
 
+/* data_parallel=ddp: each rank's BatchNorm running statistics moved with
+ * its own batch; every rank takes rank 0's, as DDP's broadcast_buffers. */
+static klvae_status_t share_running_stats(klvae_trainer_t *t)
+{
+    float *stats = running_stats_copy(t->disc);
+    if (!stats)
+        return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory in klvae_trainer_step");
+    size_t floats = 0;
+    for (int i = 0; i < t->disc->convs; i++)
+        if (t->disc->running_mean[i])
+            floats += 2 * (size_t)t->disc->bn[i].weight.shape[0];
+    klvae_status_t st = kv_dp_broadcast(t->dp, stats, floats * sizeof *stats,
+                                        "the BatchNorm running statistics");
+    if (st == KLVAE_OK)
+        running_stats_restore(t->disc, stats);
+    free(stats);
+    return st;
+}
+
 static void write_stats(const klvae_trainer_t *t, const step_plan *plan, const step_sums *sums,
                         bool skipped, double seconds, klvae_step_stats_t *stats)
 {
@@ -831,8 +944,6 @@ static klvae_status_t trainer_step(klvae_trainer_t *t, const step_input *in, con
     memset(&sums, 0, sizeof sums);
     const char *nonfinite = NULL;
     const int64_t model_steps = t->model_net.adam_steps;
-    if (in->device && (st = check_device_input(t, &plan, in)) != KLVAE_OK)
-        return st;
     float *running = running_stats_copy(t->disc);
     if (!running)
         return kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of memory in %s", in->fn);
@@ -847,6 +958,8 @@ static klvae_status_t trainer_step(klvae_trainer_t *t, const step_input *in, con
     if (st == KLVAE_OK && nonfinite) /* the discriminator is as it was, in both cases */
         running_stats_restore(t->disc, running);
     free(running);
+    if (st == KLVAE_OK && !nonfinite && t->dp && !t->s.dp_exact)
+        st = share_running_stats(t);
     if (st != KLVAE_OK)
         return st;
     if (nonfinite && t->s.refuse_nonfinite) {
@@ -869,15 +982,51 @@ static klvae_status_t trainer_step(klvae_trainer_t *t, const step_input *in, con
     return KLVAE_OK;
 }
 
+/* Data-parallel: every rank learns whether every other could plan its step,
+ * with the same n, h, w and step counter; a rank that failed is named to
+ * all. */
+static klvae_status_t agree_on_step(klvae_trainer_t *t, const char *fn, klvae_status_t mine, int n,
+                                    int h, int w)
+{
+    static const char *const fact_names[] = {"n", "h", "w", "the step counter"};
+    const double facts[] = {n, h, w, (double)t->step};
+    int rank, fact;
+    klvae_status_t st = kv_dp_agree(t->dp, mine, facts, 4, &rank, &fact);
+    if (st == KLVAE_OK && rank >= 0)
+        st = kv_error(KLVAE_ERR_INVALID_ARGUMENT,
+                      "%s: rank %d's %s differs from rank 0's; every rank passes its share of "
+                      "the global batch: the same n, h and w, at the same step (load a "
+                      "checkpoint on every rank)",
+                      fn, rank, fact_names[fact]);
+    return st;
+}
+
+/* The step once the busy marks (and a device step's stream) are taken:
+ * mine is KLVAE_OK or what already failed on this rank. Data-parallel, the
+ * ranks first learn whether every one of them can step (its arguments, a
+ * device batch's values), so that a rank that refuses stops them all. */
+static klvae_status_t checked_step(klvae_trainer_t *t, const step_input *in, klvae_status_t mine,
+                                   int n, int h, int w, klvae_step_stats_t *stats)
+{
+    step_plan plan;
+    klvae_status_t st = mine;
+    if (st == KLVAE_OK)
+        st = plan_step(t, in, n, h, w, stats, &plan);
+    if (st == KLVAE_OK && in->device)
+        st = check_device_input(t, &plan, in);
+    if (t->dp)
+        st = agree_on_step(t, in->fn, st, n, h, w);
+    return st == KLVAE_OK ? trainer_step(t, in, &plan, stats) : st;
+}
+
 /* A step behind the busy marks of the trainer and its model (no encode or
  * decode meanwhile); a device step on the caller's stream. */
 static klvae_status_t locked_step(klvae_trainer_t *t, const step_input *in, int n, int h, int w,
                                   void *stream, klvae_step_stats_t *stats)
 {
-    step_plan plan;
-    klvae_status_t st = plan_step(t, in, n, h, w, stats, &plan);
-    if (st == KLVAE_OK)
-        st = kv_busy_enter(&t->busy, in->fn);
+    if (!t)
+        return kv_error(KLVAE_ERR_INVALID_ARGUMENT, "%s: trainer is NULL", in->fn);
+    klvae_status_t st = kv_busy_enter(&t->busy, in->fn);
     if (st != KLVAE_OK)
         return st;
     char model_fn[64];
@@ -887,9 +1036,11 @@ static klvae_status_t locked_step(klvae_trainer_t *t, const step_input *in, int 
         if (in->device) {
             st = kv_model_stream_enter(t->m, in->fn, "klvae_trainer_step", stream);
             if (st == KLVAE_OK)
-                st = kv_model_stream_leave(t->m, trainer_step(t, in, &plan, stats));
+                st = kv_model_stream_leave(t->m, checked_step(t, in, KLVAE_OK, n, h, w, stats));
+            else if (t->dp) /* the other ranks learn that this one cannot step */
+                st = checked_step(t, in, st, n, h, w, stats);
         } else {
-            st = trainer_step(t, in, &plan, stats);
+            st = checked_step(t, in, KLVAE_OK, n, h, w, stats);
         }
         st = kv_busy_leave(&t->m->busy, st);
     }
@@ -954,6 +1105,7 @@ static klvae_status_t trainer_get_unlocked(const klvae_trainer_t *t, const char 
         {"ema_decay", s->ema_decay},       {"grad_clip", s->grad_clip},
         {"disc_start", (double)s->disc_start}, {"disc_layers", s->disc_layers},
         {"disc_channels", s->disc_channels},   {"grad_accum", s->grad_accum},
+        {"allreduce_bucket_mb", s->bucket_mb},
     };
     const char *word = NULL;
     for (size_t i = 0; i < KV_ARRAY_LEN(numbers); i++) {
@@ -989,6 +1141,10 @@ static klvae_status_t trainer_get_unlocked(const klvae_trainer_t *t, const char 
         word = s->recompute ? "true" : "false";
     else if (strcmp(normal, "nonfinite") == 0)
         word = s->refuse_nonfinite ? "refuse" : "skip";
+    else if (strcmp(normal, "data_parallel") == 0)
+        word = s->dp_exact ? "exact" : "ddp";
+    else if (strcmp(normal, "allreduce") == 0) /* what a communicator made of it */
+        word = t->dp ? kv_dp_allreduce_name(t->dp) : s->allreduce;
     if (!word)
         return kv_error(KLVAE_ERR_OPTION, "'%s' is not a trainer setting", key);
     return kv_copy_out("klvae_trainer_get", key, word, buf, size);

@@ -5,6 +5,7 @@
 
 #include "model/model.h"
 #include "train/discriminator.h"
+#include "train/dp.h"
 #include "train/lpips.h"
 #include "train/param_set.h"
 
@@ -41,6 +42,9 @@ typedef struct trainer_settings {
     int disc_layers, disc_channels, grad_accum;
     float ema_decay, grad_clip;
     bool refuse_nonfinite; /* nonfinite=refuse, else skip */
+    bool dp_exact;         /* data_parallel=exact, else ddp */
+    char allreduce[8];     /* auto, host or nccl */
+    double bucket_mb;
     bool recompute;        /* resnets recompute conv1 in the backward (option recompute) */
 } trainer_settings;
 
@@ -63,6 +67,18 @@ struct klvae_trainer {
     char *options_text; /* every option's value, for checkpoints */
     int notes;
     char note_key[KV_MAX_NOTES][KV_NOTE_SIZE], note_value[KV_MAX_NOTES][KV_NOTE_SIZE];
+    kv_dp *dp; /* data-parallel (klvae_trainer_set_comm), or NULL */
 };
+
+/* data_parallel.c: leaves the communicator (its hooks too); dp may be NULL. */
+void kv_trainer_detach_comm(klvae_trainer_t *t);
+
+/* checkpoint.c: rank 0's whole state (what a checkpoint holds) copied to
+ * every rank of dp. */
+klvae_status_t kv_trainer_broadcast_state(klvae_trainer_t *t, kv_dp *dp);
+/* checkpoint.c: what the ranks' trainers must agree on, as text: the
+ * options but those of the machine (backend, device, threads), the model's
+ * structure, the discriminator's shape. Free it; NULL when out of memory. */
+char *kv_trainer_identity_text(const klvae_trainer_t *t);
 
 #endif /* KV_TRAINER_STATE_H */

@@ -19,6 +19,8 @@
 #      batch 1 first, the 512^2 decode also unfused and in NCHW, then 256^2
 #      and batch 8 while time is left; a bf16 8192^3 torch.matmul for the
 #      GPU's practical peak;
+#   3b. tests/gpu/check_nccl.sh: data-parallel training's NCCL path (its own
+#      limit, at most 90 s);
 #   5. compute-sanitizer memcheck of test_cuda --tiny (a few ops, fp32 and
 #      bf16) under its own 60 s limit, if it is installed (a host that
 #      refuses it is reported, and the script goes on);
@@ -39,12 +41,14 @@
 #      (target >= 40 %), peak memory of a 1024^2 bf16 decode (target <= 1.5 GB),
 #      training images/s against PyTorch (target >= 1.5x), its peak memory
 #      (target <= PyTorch's) and model FLOP utilisation.
-# Exit status: 0 when test_cuda passed and 4c, where it ran, decoded and
-# agreed (the timings are measurements, not checks), 1 otherwise.
-# CHECK_STREAM=only runs steps 1, 2 and 4c alone (test_cuda's checks and the
-# other timings skipped); CHECK_STREAM=0 leaves 4c out.
+# Exit status: 0 when test_cuda and check_nccl.sh passed and 4c, where it
+# ran, decoded and agreed (the timings are measurements, not checks), 1
+# otherwise, saying which failed.
+# CHECK_STREAM=only runs steps 1, 2 and 4c alone (test_cuda's checks, the
+# NCCL check and the other timings skipped); CHECK_STREAM=0 leaves 4c out.
 #
 # A device call carries the build:  carry lib/libklvae_cuda.so build/gpu tools/wheels
+# (build/gpu holds test_cuda and test_nccl: make gpu-binaries)
 # and runs:  sh tests/gpu/check.sh $OUT
 set -u
 OUT=${1:?usage: tests/gpu/check.sh OUT_DIR}
@@ -126,6 +130,23 @@ elif [ -x "$BIN" ] && [ "$T" -gt 0 ]; then
     tail -1 "$OUT/test_cuda.log" | tee -a "$LOG"
 else
     say "FAILED: no test binary $BIN (build it here: make gpu-binaries)"
+fi
+
+# ---- 3b. data-parallel training's NCCL path (tests/gpu/check_nccl.sh) ----
+T=$(limit 90)
+NCCL_LINE="not run"
+NCCL_RC=none
+if [ "$STREAM" = only ]; then
+    NCCL_LINE="skipped (CHECK_STREAM=only)"
+    NCCL_RC=0
+elif [ "$T" -gt 0 ]; then
+    sh tests/gpu/check_nccl.sh "$OUT" "$T" >"$OUT/check_nccl.out" 2>&1
+    NCCL_RC=$?
+    tee -a "$LOG" <"$OUT/check_nccl.out"
+    NCCL_LINE=$(tail -1 "$OUT/check_nccl.out")
+    [ "$NCCL_RC" = 0 ] || say "FAILED: the NCCL check (tests/gpu/check_nccl.sh, exit $NCCL_RC): see $OUT/test_nccl.log"
+else
+    say "FAILED: no time left for the NCCL check (tests/gpu/check_nccl.sh)"
 fi
 
 # ---- 4. timings ----
@@ -304,9 +325,9 @@ fi
 
 # ---- 6. the table ----
 TEST_LINE=$(tail -1 "$OUT/test_cuda.log" 2>/dev/null)
-$PY - "$BENCH" "$TEST_RC" "$TEST_LINE" "$MEMCHECK" "$(($(date +%s) - START))" <<'EOF' | tee "$OUT/summary.txt"
+$PY - "$BENCH" "$TEST_RC" "$TEST_LINE" "$MEMCHECK" "$(($(date +%s) - START))" "$NCCL_LINE" <<'EOF' | tee "$OUT/summary.txt"
 import json, sys
-bench, test_rc, test_line, memcheck, elapsed = sys.argv[1:6]
+bench, test_rc, test_line, memcheck, elapsed, nccl_line = sys.argv[1:7]
 rows = []
 for line in open(bench):
     line = line.strip()
@@ -362,6 +383,7 @@ print("%-44s %-42s %s" % ("check", "result", "target"))
 print("%-44s %-42s %s" % ("op / model checks (test_cuda)", (test_line or "not run")[:42]
                           if test_rc in ("0", "1") else "exit %s" % test_rc, "all pass"))
 print("%-44s %-42s %s" % ("compute-sanitizer memcheck", memcheck[:42], "clean"))
+print("%-44s %-42s %s" % ("NCCL path (check_nccl.sh)", nccl_line[:42], "all pass"))
 if k512 and d512:
     ratio = d512["median_ms"] / k512["median_ms"]
     print("%-44s %-42s %s" % ("decode 512^2 bf16: diffusers ms / klvae ms",
@@ -437,6 +459,8 @@ if e8:
                               "max abs %.3g, rel L2 %.3g" % (e8["max_abs"], e8["rel_l2"]),
                               "(tiling's error and bf16)"))
 EOF
-[ "$TEST_RC" = 0 ] || { echo "check.sh: test_cuda did not pass (exit $TEST_RC): see $OUT/test_cuda.log" >&2; exit 1; }
-[ "$STREAM_RC" = 0 ] || { echo "check.sh: the streamed decode (4c) failed: see $LOG" >&2; exit 1; }
-exit 0
+status=0
+[ "$TEST_RC" = 0 ] || { echo "check.sh: test_cuda did not pass (exit $TEST_RC): see $OUT/test_cuda.log" >&2; status=1; }
+[ "$NCCL_RC" = 0 ] || { echo "check.sh: the NCCL check did not pass (exit $NCCL_RC): see $OUT/test_nccl.log" >&2; status=1; }
+[ "$STREAM_RC" = 0 ] || { echo "check.sh: the streamed decode (4c) failed: see $LOG" >&2; status=1; }
+exit $status

@@ -258,33 +258,79 @@ static void test_batch_norm(suite *s, kv_backend *gpu, kv_precision p, int n, in
     fill(rv_c, (size_t)c, &s->r, 0.5f, 2);
     memcpy(rm_g, rm_c, (size_t)c * sizeof(float));
     memcpy(rv_g, rv_c, (size_t)c * sizeof(float));
+    double *sums_c = calloc(2 * (size_t)c, sizeof(double)), *sums_g = calloc(2 * (size_t)c, sizeof(double));
+    if (!sums_c || !sums_g) {
+        fprintf(stderr, "out of memory\n");
+        exit(2);
+    }
+    const double count = (double)n * h * w;
     char what[160];
-    snprintf(what, sizeof what, "batch_norm %dx%dx%dx%d (output, statistics)", n, c, h, w);
+    snprintf(what, sizeof what, "batch_norm_stats + batch_norm %dx%dx%dx%d (output, statistics)",
+             n, c, h, w);
     if (st != KLVAE_OK) {
         failed_call(s, what, p, st);
     } else {
-        klvae_status_t cs = s->cpu->ops->batch_norm(s->cpu, &x.cpu, &gamma.cpu, &beta.cpu, 1e-5f,
-                                                    0.1f, rm_c, rv_c, &y.cpu, &mean.cpu,
-                                                    &invstd.cpu);
-        klvae_status_t gs =
-            done(s, gpu, gpu->ops->batch_norm(gpu, &x.gpu, &gamma.gpu, &beta.gpu, 1e-5f, 0.1f,
-                                              rm_g, rv_g, &y.gpu, &mean.gpu, &invstd.gpu));
+        klvae_status_t cs = s->cpu->ops->batch_norm_stats(s->cpu, &x.cpu, sums_c);
+        if (cs == KLVAE_OK)
+            cs = s->cpu->ops->batch_norm(s->cpu, &x.cpu, &gamma.cpu, &beta.cpu, sums_c, count,
+                                         1e-5f, 0.1f, rm_c, rv_c, &y.cpu, &mean.cpu, &invstd.cpu);
+        klvae_status_t gs = done(s, gpu, gpu->ops->batch_norm_stats(gpu, &x.gpu, sums_g));
+        if (gs == KLVAE_OK)
+            gs = done(s, gpu, gpu->ops->batch_norm(gpu, &x.gpu, &gamma.gpu, &beta.gpu, sums_g,
+                                                  count, 1e-5f, 0.1f, rm_g, rv_g, &y.gpu,
+                                                  &mean.gpu, &invstd.gpu));
         const operand *outs[] = {&y, &mean, &invstd};
         double e = gs == KLVAE_OK ? compare(gpu, outs, 3) : 0.0;
         e = fmax(e, fmax(rel_l2(rm_g, rm_c, (size_t)c), rel_l2(rv_g, rv_c, (size_t)c)));
+        for (int i = 0; i < 2 * c; i++)
+            e = fmax(e, rel_diff(sums_g[i], sums_c[i]));
         judge(s, what, p, cs, gs, e);
-        snprintf(what, sizeof what, "batch_norm_backward %dx%dx%dx%d (+=)", n, c, h, w);
-        cs = s->cpu->ops->batch_norm_backward(s->cpu, &x.cpu, &gamma.cpu, &mean.cpu, &invstd.cpu,
-                                              &dy.cpu, &dx.cpu, &dg.cpu, &dbt.cpu);
+        /* given sums (data-parallel: every process's, added): twice this batch
+         * over twice the count is the same normalisation */
+        snprintf(what, sizeof what, "batch_norm from given sums %dx%dx%dx%d", n, c, h, w);
+        for (int i = 0; i < 2 * c; i++)
+            sums_g[i] = 2.0 * sums_c[i];
+        gs = done(s, gpu, gpu->ops->batch_norm(gpu, &x.gpu, &gamma.gpu, &beta.gpu, sums_g,
+                                              2.0 * count, 1e-5f, 0.1f, NULL, NULL, &y.gpu,
+                                              &mean.gpu, &invstd.gpu));
+        judge(s, what, p, cs, gs, gs == KLVAE_OK ? compare(gpu, outs, 3) : 0.0);
+        snprintf(what, sizeof what,
+                 "batch_norm_backward_stats + batch_norm_backward %dx%dx%dx%d (+=)", n, c, h, w);
+        cs = s->cpu->ops->batch_norm_backward_stats(s->cpu, &x.cpu, &mean.cpu, &invstd.cpu,
+                                                    &dy.cpu, sums_c, &dg.cpu, &dbt.cpu);
+        if (cs == KLVAE_OK)
+            cs = s->cpu->ops->batch_norm_backward(s->cpu, &x.cpu, &gamma.cpu, &mean.cpu,
+                                                  &invstd.cpu, &dy.cpu, sums_c, count, &dx.cpu);
         /* the GPU's from the CPU's statistics, so that only the backward differs */
-        if (gpu->ops->upload(gpu, &mean.gpu, mean.host) == KLVAE_OK &&
-            gpu->ops->upload(gpu, &invstd.gpu, invstd.host) == KLVAE_OK)
+        gs = gpu->ops->upload(gpu, &mean.gpu, mean.host);
+        if (gs == KLVAE_OK)
+            gs = gpu->ops->upload(gpu, &invstd.gpu, invstd.host);
+        if (gs == KLVAE_OK)
+            gs = done(s, gpu, gpu->ops->batch_norm_backward_stats(gpu, &x.gpu, &mean.gpu,
+                                                                  &invstd.gpu, &dy.gpu, sums_g,
+                                                                  &dg.gpu, &dbt.gpu));
+        if (gs == KLVAE_OK)
             gs = done(s, gpu, gpu->ops->batch_norm_backward(gpu, &x.gpu, &gamma.gpu, &mean.gpu,
-                                                            &invstd.gpu, &dy.gpu, &dx.gpu,
-                                                            &dg.gpu, &dbt.gpu));
+                                                            &invstd.gpu, &dy.gpu, sums_g, count,
+                                                            &dx.gpu));
         const operand *douts[] = {&dx, &dg, &dbt};
-        judge(s, what, p, cs, gs, gs == KLVAE_OK ? compare(gpu, douts, 3) : 0.0);
+        e = gs == KLVAE_OK ? compare(gpu, douts, 3) : 0.0;
+        for (int i = 0; i < 2 * c; i++)
+            e = fmax(e, rel_diff(sums_g[i], sums_c[i]));
+        judge(s, what, p, cs, gs, e);
+        /* a frozen discriminator: no parameter gradients, the same sums */
+        snprintf(what, sizeof what, "batch_norm_backward_stats without dgamma, dbeta");
+        for (int i = 0; i < 2 * c; i++)
+            sums_g[i] = NAN;
+        gs = done(s, gpu, gpu->ops->batch_norm_backward_stats(gpu, &x.gpu, &mean.gpu,
+                                                              &invstd.gpu, &dy.gpu, sums_g, NULL,
+                                                              NULL));
+        e = 0.0;
+        for (int i = 0; i < 2 * c; i++)
+            e = fmax(e, rel_diff(sums_g[i], sums_c[i]));
+        judge(s, what, p, cs, gs, e);
     }
+    free(sums_c), free(sums_g);
     free(rm_c), free(rv_c), free(rm_g), free(rv_g);
     operand *all[] = {&x, &gamma, &beta, &y, &mean, &invstd, &dy, &dx, &dg, &dbt};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
@@ -450,10 +496,12 @@ static void test_lpips_ops(suite *s, kv_backend *gpu, kv_precision p)
             double vc[2], vg[2] = {NAN, NAN};
             const float scale[2] = {0.7f, -1.3f};
             const float dropout = drop ? 0.5f : 0.0f;
-            cs = s->cpu->ops->lpips_distance(s->cpu, &a.cpu, &b.cpu, &wt.cpu, dropout, 77, vc,
-                                             scale, &db.cpu);
+            /* the mask at an odd first index: one process's share of a batch */
+            const uint64_t first = drop ? 4097 : 0;
+            cs = s->cpu->ops->lpips_distance(s->cpu, &a.cpu, &b.cpu, &wt.cpu, dropout, 77, first,
+                                             vc, scale, &db.cpu);
             gs = done(s, gpu, gpu->ops->lpips_distance(gpu, &a.gpu, &b.gpu, &wt.gpu, dropout, 77,
-                                                       vg, scale, &db.gpu));
+                                                       first, vg, scale, &db.gpu));
             const operand *o3[] = {&db};
             double e = gs ? 0.0 : compare(gpu, o3, 1);
             e = fmax(e, fmax(rel_diff(vg[0], vc[0]), rel_diff(vg[1], vc[1])));
@@ -532,13 +580,15 @@ static void test_posterior_grads(suite *s, kv_backend *gpu, kv_precision p)
         failed_call(s, "posterior gradients (operands)", p, st);
     } else {
         for (int sampled = 0; sampled < 2; sampled++) {
-            klvae_status_t cs = s->cpu->ops->posterior_backward(s->cpu, &moments.cpu, &dz.cpu,
-                                                                0.01f, sampled, 4242, &dm.cpu);
+            /* sampled: eps of a share of a batch, from an odd first index */
+            const uint64_t first = sampled ? 1001 : 0;
+            klvae_status_t cs = s->cpu->ops->posterior_backward(
+                s->cpu, &moments.cpu, &dz.cpu, 0.01f, sampled, 4242, first, &dm.cpu);
             klvae_status_t gs =
                 done(s, gpu, gpu->ops->posterior_backward(gpu, &moments.gpu, &dz.gpu, 0.01f,
-                                                          sampled, 4242, &dm.gpu));
+                                                          sampled, 4242, first, &dm.gpu));
             const operand *o[] = {&dm};
-            judge(s, sampled ? "posterior_backward (sampled: eps regenerated)"
+            judge(s, sampled ? "posterior_backward (sampled: eps regenerated at first 1001)"
                              : "posterior_backward (mode)",
                   p, cs, gs, gs ? 0.0 : compare(gpu, o, 1));
         }

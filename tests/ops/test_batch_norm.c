@@ -47,7 +47,10 @@ START_TEST(batch_norm_matches_float64_reference)
     kv_tensor tx = op_tensor4(x, n, c, h, w), ty = op_tensor4(y, n, c, h, w);
     kv_tensor tg = op_tensor1(gamma, c), tb = op_tensor1(beta, c), tm = op_tensor1(mean, c),
               ti = op_tensor1(invstd, c);
-    ck_assert_ok(be->ops->batch_norm(be, &tx, &tg, &tb, eps, momentum, rmean, rvar, &ty, &tm, &ti));
+    double sums[10];
+    ck_assert_ok(be->ops->batch_norm_stats(be, &tx, sums));
+    ck_assert_ok(be->ops->batch_norm(be, &tx, &tg, &tb, sums, cnt, eps, momentum, rmean, rvar, &ty,
+                                     &tm, &ti));
     double err = op_relative_error(y, ref, count);
     ck_assert_msg(err < OP_TOLERANCE, "y: relative error %g", err);
     err = op_relative_error(mean, ref_mean, (size_t)c);
@@ -114,8 +117,12 @@ START_TEST(batch_norm_backward_matches_finite_differences)
               tr = op_tensor4(r, 3, 4, 2, 5), tdx = op_tensor4(dx, 3, 4, 2, 5);
     kv_tensor tg = op_tensor1(gamma, 4), tb = op_tensor1(beta, 4), tm = op_tensor1(mean, 4),
               ti = op_tensor1(invstd, 4), tdg = op_tensor1(dgamma, 4), tdb = op_tensor1(dbeta, 4);
-    ck_assert_ok(be->ops->batch_norm(be, &tx, &tg, &tb, 1e-5f, 0.1f, rmean, rvar, &ty, &tm, &ti));
-    ck_assert_ok(be->ops->batch_norm_backward(be, &tx, &tg, &tm, &ti, &tr, &tdx, &tdg, &tdb));
+    double sums[8], dsums[8];
+    ck_assert_ok(be->ops->batch_norm_stats(be, &tx, sums));
+    ck_assert_ok(be->ops->batch_norm(be, &tx, &tg, &tb, sums, 30.0, 1e-5f, 0.1f, rmean, rvar, &ty,
+                                     &tm, &ti));
+    ck_assert_ok(be->ops->batch_norm_backward_stats(be, &tx, &tm, &ti, &tr, dsums, &tdg, &tdb));
+    ck_assert_ok(be->ops->batch_norm_backward(be, &tx, &tg, &tm, &ti, &tr, dsums, 30.0, &tdx));
     op_check_gradient("batch norm dx", b.x, n, dx, bn_loss, &b);
     op_check_gradient("batch norm dgamma", b.gamma, 4, dgamma, bn_loss, &b);
     op_check_gradient("batch norm dbeta", b.beta, 4, dbeta, bn_loss, &b);
@@ -138,11 +145,106 @@ START_TEST(batch_norm_backward_matches_finite_differences)
 }
 END_TEST
 
+/* Data-parallel use: the batch in two parts, each part's sums added before
+ * they are used, gives every output of the whole batch (y, saved and
+ * running statistics, dx), and the parts' dgamma and dbeta add up to the
+ * whole batch's. */
+START_TEST(batch_norm_sums_of_parts_give_the_whole_batch)
+{
+    enum { N = 5, C = 3, H = 4, W = 6, FIRST = 2 };
+    const size_t plane = (size_t)H * W, count = (size_t)N * C * plane;
+    const size_t first = (size_t)FIRST * C * plane;
+    test_rng rng = test_rng_new(2101);
+    float *x = test_alloc(count), *dy = test_alloc(count);
+    float *y_whole = test_alloc(count), *y_parts = test_alloc(count);
+    float *dx_whole = test_alloc(count), *dx_parts = test_alloc(count);
+    test_fill(x, count, &rng, -2, 3);
+    test_fill(dy, count, &rng, -1, 1);
+    float gamma[C], beta[C];
+    test_fill(gamma, C, &rng, 0.5f, 1.5f);
+    test_fill(beta, C, &rng, -0.5f, 0.5f);
+    kv_backend *be = op_backend(2);
+    kv_tensor tg = op_tensor1(gamma, C), tb = op_tensor1(beta, C);
+
+    /* the whole batch */
+    float mean[C], invstd[C], rm[C] = {0}, rv[C] = {1, 1, 1}, dg[C] = {0}, db[C] = {0};
+    kv_tensor tm = op_tensor1(mean, C), ti = op_tensor1(invstd, C);
+    kv_tensor tdg = op_tensor1(dg, C), tdb = op_tensor1(db, C);
+    kv_tensor tx = op_tensor4(x, N, C, H, W), ty = op_tensor4(y_whole, N, C, H, W),
+              tdy = op_tensor4(dy, N, C, H, W), tdx = op_tensor4(dx_whole, N, C, H, W);
+    double sums[2 * C], dsums[2 * C];
+    ck_assert_ok(be->ops->batch_norm_stats(be, &tx, sums));
+    ck_assert_ok(be->ops->batch_norm(be, &tx, &tg, &tb, sums, (double)N * plane, 1e-5f, 0.1f, rm,
+                                     rv, &ty, &tm, &ti));
+    ck_assert_ok(be->ops->batch_norm_backward_stats(be, &tx, &tm, &ti, &tdy, dsums, &tdg, &tdb));
+    ck_assert_ok(be->ops->batch_norm_backward(be, &tx, &tg, &tm, &ti, &tdy, dsums,
+                                              (double)N * plane, &tdx));
+
+    /* the parts: images [0, FIRST) and [FIRST, N), as two processes */
+    float pmean[2][C], pinvstd[2][C], prm[2][C] = {{0}}, prv[2][C] = {{1, 1, 1}, {1, 1, 1}};
+    float pdg[2][C] = {{0}}, pdb[2][C] = {{0}};
+    double psums[2][2 * C], pdsums[2][2 * C], added[2 * C], dadded[2 * C];
+    kv_tensor px[2], py[2], pdy[2], pdx[2], pm[2], pi[2], pdgt[2], pdbt[2];
+    const int part_n[2] = {FIRST, N - FIRST};
+    const size_t at[2] = {0, first};
+    for (int p = 0; p < 2; p++) {
+        px[p] = op_tensor4(x + at[p], part_n[p], C, H, W);
+        py[p] = op_tensor4(y_parts + at[p], part_n[p], C, H, W);
+        pdy[p] = op_tensor4(dy + at[p], part_n[p], C, H, W);
+        pdx[p] = op_tensor4(dx_parts + at[p], part_n[p], C, H, W);
+        pm[p] = op_tensor1(pmean[p], C);
+        pi[p] = op_tensor1(pinvstd[p], C);
+        pdgt[p] = op_tensor1(pdg[p], C);
+        pdbt[p] = op_tensor1(pdb[p], C);
+        ck_assert_ok(be->ops->batch_norm_stats(be, &px[p], psums[p]));
+    }
+    for (int k = 0; k < 2 * C; k++)
+        added[k] = psums[0][k] + psums[1][k];
+    for (int p = 0; p < 2; p++) {
+        ck_assert_ok(be->ops->batch_norm(be, &px[p], &tg, &tb, added, (double)N * plane, 1e-5f,
+                                         0.1f, prm[p], prv[p], &py[p], &pm[p], &pi[p]));
+        ck_assert_ok(be->ops->batch_norm_backward_stats(be, &px[p], &pm[p], &pi[p], &pdy[p],
+                                                        pdsums[p], &pdgt[p], &pdbt[p]));
+    }
+    for (int k = 0; k < 2 * C; k++)
+        dadded[k] = pdsums[0][k] + pdsums[1][k];
+    for (int p = 0; p < 2; p++)
+        ck_assert_ok(be->ops->batch_norm_backward(be, &px[p], &tg, &pm[p], &pi[p], &pdy[p], dadded,
+                                                  (double)N * plane, &pdx[p]));
+    /* the sums differ from the whole batch's only in the order of addition */
+    double ydiff = 0, dxdiff = 0, ymax = 0, dxmax = 0;
+    for (size_t i = 0; i < count; i++) {
+        ydiff = fmax(ydiff, fabs(y_parts[i] - y_whole[i]));
+        dxdiff = fmax(dxdiff, fabs(dx_parts[i] - dx_whole[i]));
+        ymax = fmax(ymax, fabs(y_whole[i]));
+        dxmax = fmax(dxmax, fabs(dx_whole[i]));
+    }
+    ck_assert_msg(ydiff <= 1e-6 * ymax, "y of the parts differs by %g", ydiff);
+    ck_assert_msg(dxdiff <= 1e-6 * dxmax, "dx of the parts differs by %g", dxdiff);
+    for (int c = 0; c < C; c++)
+        for (int p = 0; p < 2; p++) {
+            ck_assert_float_eq_tol(pmean[p][c], mean[c], 1e-6f);
+            ck_assert_float_eq_tol(pinvstd[p][c], invstd[c], 1e-6f * invstd[c]);
+            ck_assert_float_eq_tol(prm[p][c], rm[c], 1e-6f);
+            ck_assert_float_eq_tol(prv[p][c], rv[c], 1e-6f);
+            ck_assert_float_eq_tol(pdg[0][c] + pdg[1][c], dg[c], 1e-5f);
+            ck_assert_float_eq_tol(pdb[0][c] + pdb[1][c], db[c], 1e-5f);
+        }
+    /* and a part's own statistics are not the whole batch's (the test can fail) */
+    ck_assert_ok(be->ops->batch_norm(be, &px[0], &tg, &tb, psums[0], (double)FIRST * plane, 1e-5f,
+                                     0.1f, NULL, NULL, &py[0], &pm[0], &pi[0]));
+    ck_assert_double_gt(fabs(pmean[0][0] - mean[0]) + fabs(pmean[0][1] - mean[1]), 1e-3);
+    kv_backend_destroy(be);
+    free(x), free(dy), free(y_whole), free(y_parts), free(dx_whole), free(dx_parts);
+}
+END_TEST
+
 Suite *suite_batch_norm_ops(void)
 {
     Suite *s = suite_create("batch_norm");
     TCase *forward = op_tcase(s, "forward"), *backward = op_tcase(s, "backward");
     tcase_add_test(forward, batch_norm_matches_float64_reference);
     tcase_add_test(backward, batch_norm_backward_matches_finite_differences);
+    tcase_add_test(backward, batch_norm_sums_of_parts_give_the_whole_batch);
     return s;
 }

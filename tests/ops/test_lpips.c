@@ -142,7 +142,7 @@ START_TEST(lpips_distance_matches_definition_and_gradient)
     kv_backend *be = op_backend(2);
     kv_tensor ta = op_tensor4(a, n, c, h, w), tb = op_tensor4(b, n, c, h, w),
               tw = op_tensor4(wl, 1, c, 1, 1), tdb = op_tensor4(db, n, c, h, w);
-    ck_assert_ok(be->ops->lpips_distance(be, &ta, &tb, &tw, 0.0f, 0, values, gscale, &tdb));
+    ck_assert_ok(be->ops->lpips_distance(be, &ta, &tb, &tw, 0.0f, 0, 0, values, gscale, &tdb));
     for (int k = 0; k < n; k++) {
         lpips_ctx one = l;
         float unit[2] = {0, 0};
@@ -153,11 +153,20 @@ START_TEST(lpips_distance_matches_definition_and_gradient)
     op_check_gradient("lpips db", l.b, count, db, lpips_loss, &l);
     /* dropout: about half the terms vanish, the rest double; same seed, same mask */
     double dropped[2], again[2];
-    ck_assert_ok(be->ops->lpips_distance(be, &ta, &tb, &tw, 0.5f, 42, dropped, NULL, NULL));
-    ck_assert_ok(be->ops->lpips_distance(be, &ta, &tb, &tw, 0.5f, 42, again, NULL, NULL));
+    ck_assert_ok(be->ops->lpips_distance(be, &ta, &tb, &tw, 0.5f, 42, 0, dropped, NULL, NULL));
+    ck_assert_ok(be->ops->lpips_distance(be, &ta, &tb, &tw, 0.5f, 42, 0, again, NULL, NULL));
     ck_assert_double_eq(dropped[0], again[0]);
     ck_assert_double_ne(dropped[0], values[0]);
     ck_assert_double_lt(fabs(dropped[0] / values[0] - 1.0), 0.6);
+    /* image 1 alone, placed by first after image 0, draws the whole batch's
+     * mask for image 1 (and another one without first) */
+    const size_t image = (size_t)c * h * w;
+    kv_tensor ta1 = op_tensor4(a + image, 1, c, h, w), tb1 = op_tensor4(b + image, 1, c, h, w);
+    double alone;
+    ck_assert_ok(be->ops->lpips_distance(be, &ta1, &tb1, &tw, 0.5f, 42, image, &alone, NULL, NULL));
+    ck_assert_double_eq(alone, dropped[1]);
+    ck_assert_ok(be->ops->lpips_distance(be, &ta1, &tb1, &tw, 0.5f, 42, 0, &alone, NULL, NULL));
+    ck_assert_double_ne(alone, dropped[1]);
     kv_backend_destroy(be);
     free(a), free(b), free(db), free(l.a), free(l.b), free(l.w);
 }

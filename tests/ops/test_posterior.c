@@ -50,8 +50,8 @@ START_TEST(gaussian_sample_matches_float64_reference)
     kv_backend *one = op_backend(1), *two = op_backend(2);
     kv_tensor tm = op_tensor4(mean, n, z, h, w), tl = op_tensor4(logvar, n, z, h, w);
     kv_tensor tz1 = op_tensor4(z1, n, z, h, w), tz2 = op_tensor4(z2, n, z, h, w);
-    ck_assert_ok(two->ops->gaussian_sample(two, &tm, &tl, seed, &tz2));
-    ck_assert_ok(one->ops->gaussian_sample(one, &tm, &tl, seed, &tz1));
+    ck_assert_ok(two->ops->gaussian_sample(two, &tm, &tl, seed, 0, &tz2));
+    ck_assert_ok(one->ops->gaussian_sample(one, &tm, &tl, seed, 0, &tz1));
     /* float32 rounds std, the product and the sum: relative to the size of
      * the terms, element by element (std spans e^-15 .. e^10) */
     for (size_t i = 0; i < count; i++) {
@@ -65,6 +65,40 @@ START_TEST(gaussian_sample_matches_float64_reference)
     kv_backend_destroy(one);
     kv_backend_destroy(two);
     free(mean), free(logvar), free(z1), free(z2);
+}
+END_TEST
+
+/* first places a tensor in a larger one: the images [k, n) sampled on their
+ * own with first = k * (elements per image) are the whole batch's z of
+ * those images, bit for bit, for an odd first (mid-pair) and an even one. */
+START_TEST(gaussian_sample_first_continues_the_whole_tensor)
+{
+    const int n = 4, z = 3, h = 5, w = 7; /* 105 elements per image: odd */
+    const size_t image = (size_t)z * h * w, count = (size_t)n * image;
+    const uint64_t seed = 99;
+    test_rng rng = test_rng_new(1901);
+    float *mean = test_alloc(count), *logvar = test_alloc(count), *whole = test_alloc(count),
+          *part = test_alloc(count);
+    test_fill(mean, count, &rng, -1, 1);
+    test_fill(logvar, count, &rng, -4, 2);
+    kv_backend *be = op_backend(2);
+    kv_tensor tm = op_tensor4(mean, n, z, h, w), tl = op_tensor4(logvar, n, z, h, w),
+              tw = op_tensor4(whole, n, z, h, w);
+    ck_assert_ok(be->ops->gaussian_sample(be, &tm, &tl, seed, 0, &tw));
+    for (int k = 1; k <= 2; k++) {
+        const size_t at = (size_t)k * image;
+        kv_tensor pm = op_tensor4(mean + at, n - k, z, h, w),
+                  pl = op_tensor4(logvar + at, n - k, z, h, w),
+                  pz = op_tensor4(part, n - k, z, h, w);
+        ck_assert_ok(be->ops->gaussian_sample(be, &pm, &pl, seed, at, &pz));
+        ck_assert_msg(memcmp(part, whole + at, (count - at) * sizeof(float)) == 0,
+                      "images %d.. sampled with first %zu differ from the whole tensor's", k, at);
+        /* and without first they draw other numbers */
+        ck_assert_ok(be->ops->gaussian_sample(be, &pm, &pl, seed, 0, &pz));
+        ck_assert_msg(memcmp(part, whole + at, image * sizeof(float)) != 0, "first is ignored");
+    }
+    kv_backend_destroy(be);
+    free(mean), free(logvar), free(whole), free(part);
 }
 END_TEST
 
@@ -114,7 +148,7 @@ typedef struct post_ctx {
     int n, z, hw;
     double *moments, *r;
     double kl_weight;
-    uint64_t seed;
+    uint64_t seed, first; /* an odd first: eps of a share of a larger batch */
 } post_ctx;
 
 static double post_loss(void *p)
@@ -128,7 +162,7 @@ static double post_loss(void *p)
                 double l = q->moments[((size_t)n * 2 * q->z + q->z + c) * q->hw + i];
                 double s = l < -30 ? -30 : (l > 20 ? 20 : l);
                 size_t zi = ((size_t)n * q->z + c) * q->hw + i;
-                double eps = kv_philox_normal(q->seed, zi);
+                double eps = kv_philox_normal(q->seed, q->first + zi);
                 double zv = mu + exp(0.5 * s) * eps;
                 total += zv * q->r[zi] + q->kl_weight * 0.5 * (mu * mu + exp(s) - 1 - s);
             }
@@ -137,7 +171,7 @@ static double post_loss(void *p)
 
 START_TEST(posterior_backward_matches_finite_differences)
 {
-    post_ctx q = {2, 3, 4 * 5, NULL, NULL, 0.3, 77};
+    post_ctx q = {2, 3, 4 * 5, NULL, NULL, 0.3, 77, 12345};
     size_t nm = (size_t)q.n * 2 * q.z * q.hw, nz = (size_t)q.n * q.z * q.hw;
     test_rng rng = test_rng_new(1400);
     float *m = test_alloc(nm), *r = test_alloc(nz), *dm = test_alloc(nm);
@@ -149,7 +183,8 @@ START_TEST(posterior_backward_matches_finite_differences)
     kv_backend *be = op_backend(2);
     kv_tensor tm = op_tensor4(m, q.n, 2 * q.z, 4, 5), tr = op_tensor4(r, q.n, q.z, 4, 5),
               tdm = op_tensor4(dm, q.n, 2 * q.z, 4, 5);
-    ck_assert_ok(be->ops->posterior_backward(be, &tm, &tr, (float)q.kl_weight, true, q.seed, &tdm));
+    ck_assert_ok(be->ops->posterior_backward(be, &tm, &tr, (float)q.kl_weight, true, q.seed,
+                                             q.first, &tdm));
     op_check_gradient("posterior dmoments", q.moments, nm, dm, post_loss, &q);
     ck_assert_float_eq(dm[nz / q.n + 1], 0.0f);
     double kl, want = 0;
@@ -174,6 +209,7 @@ Suite *suite_posterior_ops(void)
     TCase *forward = op_tcase(s, "forward"), *backward = op_tcase(s, "backward");
     tcase_add_test(forward, posterior_split_takes_halves_and_clamps_logvar);
     tcase_add_test(forward, gaussian_sample_matches_float64_reference);
+    tcase_add_test(forward, gaussian_sample_first_continues_the_whole_tensor);
     tcase_add_test(forward, kl_sum_matches_float64_reference);
     tcase_add_test(backward, posterior_backward_matches_finite_differences);
     return s;

@@ -9,7 +9,13 @@
  *               z = mean + logvar (a recognisable value, not a sample); every
  *               other op fails with KLVAE_ERR_BACKEND "fake plugin: OP is not
  *               implemented". It records what the core asked of it in
- *               fake_plugin_record (read by the tests with dlsym).
+ *               fake_plugin_record (read by the tests with dlsym). Its
+ *               data-parallel functions (plugin ABI 4) stand in for NCCL:
+ *               comm_create bootstraps through the host's broadcast as the
+ *               real one does (FAKE_PLUGIN_NO_NCCL=1 in the environment:
+ *               KLVAE_ERR_BACKEND_UNAVAILABLE, as without libnccl), and
+ *               comm_allreduce records each bucket and sums nothing (a
+ *               world of one rank).
  *   no_entry    exports no klvae_plugin_entry;
  *   bad_abi     reports ABI version 7;
  *   no_driver   probe fails: KLVAE_ERR_BACKEND_UNAVAILABLE "no CUDA driver";
@@ -101,8 +107,10 @@ static klvae_status_t fake_download(kv_backend *be, float *dst, const kv_tensor 
 }
 
 static klvae_status_t fake_gaussian_sample(kv_backend *be, const kv_tensor *mean,
-                                           const kv_tensor *logvar, uint64_t seed, kv_tensor *z)
+                                           const kv_tensor *logvar, uint64_t seed, uint64_t first,
+                                           kv_tensor *z)
 {
+    (void)first;
     const float *m = mean->data, *l = logvar->data;
     float *out = z->data;
     for (size_t i = 0, n = numel(z); i < n; i++)
@@ -218,6 +226,66 @@ static klvae_status_t fake_export_device(kv_backend *be, float *dst, const kv_te
     return KLVAE_OK;
 }
 
+/* ---- data-parallel functions (ABI 4), a world of one rank ---- */
+
+struct kv_device_comm {
+    int rank;
+};
+
+#define FAKE_NCCL_ID "fake-nccl-unique-id"
+
+static klvae_status_t fake_comm_create(kv_backend *be, const kv_plugin_comm_host *comm,
+                                       struct kv_device_comm **out)
+{
+    *out = NULL;
+    const char *no = getenv("FAKE_PLUGIN_NO_NCCL");
+    if (no && *no == '1')
+        return host->set_error(KLVAE_ERR_BACKEND_UNAVAILABLE,
+                               "NCCL cannot be used on rank 0: cannot load NCCL (fake)");
+    char id[32] = "";
+    if (comm->rank == 0)
+        strcpy(id, FAKE_NCCL_ID);
+    if (comm->broadcast(comm->ctx, id, sizeof id, 0) != 0)
+        return host->set_error(KLVAE_ERR_COMM, "fake plugin: the broadcast failed");
+    fake_plugin_record.bootstrap_ok = strcmp(id, FAKE_NCCL_ID) == 0;
+    *out = calloc(1, sizeof **out);
+    if (!*out)
+        return host->set_error(KLVAE_ERR_OUT_OF_MEMORY, "fake plugin: out of memory");
+    (*out)->rank = comm->rank;
+    BUMP(comm_creates);
+    return KLVAE_OK;
+}
+
+static klvae_status_t fake_comm_allreduce(struct kv_device_comm *c, kv_tensor *const *tensors,
+                                          size_t count)
+{
+    int k = fake_plugin_record.buckets++;
+    if (k < 16) {
+        fake_plugin_record.bucket_tensors[k] = (int)count;
+        long floats = 0;
+        for (size_t i = 0; i < count; i++)
+            floats += (long)numel(tensors[i]);
+        fake_plugin_record.bucket_floats[k] = floats;
+    }
+    return KLVAE_OK;
+}
+
+static klvae_status_t fake_comm_wait(struct kv_device_comm *c)
+{
+    if (fake_plugin_record.comm_waits < 4)
+        fake_plugin_record.buckets_at_wait[fake_plugin_record.comm_waits] =
+            fake_plugin_record.buckets;
+    BUMP(comm_waits);
+    return KLVAE_OK;
+}
+
+static void fake_comm_destroy(struct kv_device_comm *c)
+{
+    if (c)
+        BUMP(comm_destroys);
+    free(c);
+}
+
 static const kv_plugin fake_plugin = {
 #if defined(FAKE_MODE_bad_abi)
     .abi_version = 7,
@@ -233,6 +301,10 @@ static const kv_plugin fake_plugin = {
     .synchronize = fake_synchronize,
     .import_device = fake_import_device,
     .export_device = fake_export_device,
+    .comm_create = fake_comm_create,
+    .comm_allreduce = fake_comm_allreduce,
+    .comm_wait = fake_comm_wait,
+    .comm_destroy = fake_comm_destroy,
 };
 
 #if defined(FAKE_MODE_no_entry)

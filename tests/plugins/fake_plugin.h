@@ -10,6 +10,13 @@ typedef struct fake_record {
     int probe_device, create_device, create_precision;
     void *last_stream;
     void *streams[8]; /* the first set_stream arguments, in order */
+    /* the data-parallel functions (working mode): comm_create got the id
+     * rank 0 broadcast (bootstrap_ok), each comm_allreduce is one bucket
+     * (its tensor count and the total floats, in order), comm_wait calls */
+    int comm_creates, comm_destroys, comm_waits, bootstrap_ok;
+    int buckets, bucket_tensors[16];
+    long bucket_floats[16];
+    int buckets_at_wait[4]; /* buckets queued when each of the first waits came */
 } fake_record;
 
 #define FAKE_RECORD_SYMBOL "fake_plugin_record"

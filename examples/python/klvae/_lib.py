@@ -58,6 +58,7 @@ class Status(enum.IntEnum):
     NONFINITE = 13
     BUSY = 14
     BUFFER_TOO_SMALL = 15
+    COMM = 16
 
 
 class KlvaeError(Exception):
@@ -107,6 +108,25 @@ class StepStats(ctypes.Structure):
         ("skipped", c_uint32),
         ("spare", c_uint32),
         ("skipped_steps", c_int64),
+    ]
+
+
+# ``klvae_allreduce_sum`` and ``klvae_broadcast`` of ``klvae_comm_t``: the
+# callbacks of a data-parallel communicator (klvae.h, "Data-parallel training").
+ALLREDUCE_SUM_FN = ctypes.CFUNCTYPE(c_int, c_void_p, c_void_p, c_size_t, c_int)
+BROADCAST_FN = ctypes.CFUNCTYPE(c_int, c_void_p, c_void_p, c_size_t, c_int)
+
+
+class Comm(ctypes.Structure):
+    """``klvae_comm_t``, field for field as in klvae.h."""
+
+    _fields_ = [
+        ("struct_size", c_uint32),
+        ("rank", c_int),
+        ("size", c_int),
+        ("ctx", c_void_p),
+        ("allreduce_sum", ALLREDUCE_SUM_FN),
+        ("broadcast", BROADCAST_FN),
     ]
 
 
@@ -182,6 +202,7 @@ _PROTOTYPES = {
     "klvae_trainer_set_note": (_status, [c_void_p, c_char_p, c_char_p]),
     "klvae_trainer_get_note": (_status, [c_void_p, c_char_p, c_char_p, c_size_t]),
     "klvae_trainer_free": (None, [c_void_p]),
+    "klvae_trainer_set_comm": (_status, [c_void_p, POINTER(Comm)]),
     "klvae_image_read": (_status, [c_char_p, POINTER(_float_p), POINTER(c_int), POINTER(c_int)]),
     "klvae_image_read_opts": (_status, [c_char_p, c_void_p, POINTER(_float_p), POINTER(c_int),
                                         POINTER(c_int)]),

@@ -1205,6 +1205,41 @@ def test_read_image_frees_the_library_buffer(tmp_path, spy):
     assert len(frees) == 1  # nothing to free after an error: the pointer is NULL
 
 
+def test_data_parallel_communicator_through_ctypes():
+    """klvae_trainer_set_comm with Python callbacks for a world of one rank: the
+    declaration of klvae_comm_t matches the header (the library calls both callbacks
+    with the promised arguments), a failing callback is Status.COMM with the callback's
+    name in the message, and a trainer with a communicator steps."""
+    import ctypes
+    from klvae import _lib
+    calls = []
+
+    def allreduce(ctx, data, count, kind):
+        calls.append(("allreduce_sum", ctx, count, kind))
+        return 0
+
+    def broadcast(ctx, data, size, root):
+        calls.append(("broadcast", ctx, size, root))
+        return 0
+
+    keep = (_lib.ALLREDUCE_SUM_FN(allreduce), _lib.BROADCAST_FN(broadcast),
+            _lib.ALLREDUCE_SUM_FN(lambda ctx, data, count, kind: 5))
+    comm = _lib.Comm(ctypes.sizeof(_lib.Comm), 0, 1, 1234, keep[0], keep[1])
+    with Model.create(config="tiny", threads=1) as m, Trainer(m, disc_start=0, disc_layers=1) as t:
+        assert _lib.lib.klvae_trainer_set_comm(t._live(), ctypes.byref(comm)) == 0
+        assert {c[0] for c in calls} == {"allreduce_sum", "broadcast"}
+        assert all(c[1] == 1234 for c in calls)
+        assert all(c[3] == 0 for c in calls if c[0] == "broadcast")  # root 0
+        assert {c[3] for c in calls if c[0] == "allreduce_sum"} <= {0, 1}  # float32, float64
+        calls.clear()
+        stats = t.step(rand((2, 3, 32, 32)))
+        assert stats["step"] == 0 and np.isfinite(stats["total_loss"])
+        assert any(c[0] == "allreduce_sum" and c[3] == 0 for c in calls)  # the gradients
+        failing = _lib.Comm(ctypes.sizeof(_lib.Comm), 0, 1, None, keep[2], keep[1])
+        assert _lib.lib.klvae_trainer_set_comm(t._live(), ctypes.byref(failing)) == Status.COMM
+        assert b"allreduce_sum failed (returned 5)" in _lib.lib.klvae_last_error()
+
+
 # ---------------------------------------------------------------------------
 # latent datasets (klvae.encode_dataset, klvae.LatentFolder, klvae.latent_stats)
 # ---------------------------------------------------------------------------
@@ -1254,7 +1289,13 @@ def test_encode_dataset_rows_are_the_encodings_of_the_crops(tmp_path, noquant):
 
 
 def test_shards_open_with_safetensors_numpy(tmp_path, noquant):
-    st = pytest.importorskip("safetensors.numpy")
+    try:
+        import safetensors.numpy as st
+    except ImportError:
+        # CI requires every binding test to run; elsewhere say what is missing
+        if os.environ.get("KLVAE_REQUIRE_BINDINGS") == "1":
+            raise
+        pytest.skip("Python's safetensors is not installed ('make deps' puts it in build/pydeps)")
     data = _image_folder(tmp_path / "data")
     klvae.encode_dataset(noquant, data, tmp_path / "out", size=16, flip=True, dtype="fp16")
     for shard in klvae.LatentFolder(tmp_path / "out"):

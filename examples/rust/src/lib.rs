@@ -100,6 +100,8 @@ pub enum Status {
     Busy,
     /// A buffer is too small for the value.
     BufferTooSmall,
+    /// Data-parallel training: a communicator callback or another rank failed.
+    Comm,
     /// A status this binding does not know (from a newer library).
     Unknown(i32),
 }
@@ -124,6 +126,7 @@ impl Status {
             sys::KLVAE_ERR_NONFINITE => Status::NonFinite,
             sys::KLVAE_ERR_BUSY => Status::Busy,
             sys::KLVAE_ERR_BUFFER_TOO_SMALL => Status::BufferTooSmall,
+            sys::KLVAE_ERR_COMM => Status::Comm,
             other => Status::Unknown(other),
         })
     }
@@ -146,6 +149,7 @@ impl Status {
             Status::NonFinite => sys::KLVAE_ERR_NONFINITE,
             Status::Busy => sys::KLVAE_ERR_BUSY,
             Status::BufferTooSmall => sys::KLVAE_ERR_BUFFER_TOO_SMALL,
+            Status::Comm => sys::KLVAE_ERR_COMM,
             Status::Unknown(code) => code,
         }
     }

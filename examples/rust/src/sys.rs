@@ -45,6 +45,7 @@ pub const KLVAE_ERR_INTERNAL: klvae_status_t = 12;
 pub const KLVAE_ERR_NONFINITE: klvae_status_t = 13;
 pub const KLVAE_ERR_BUSY: klvae_status_t = 14;
 pub const KLVAE_ERR_BUFFER_TOO_SMALL: klvae_status_t = 15;
+pub const KLVAE_ERR_COMM: klvae_status_t = 16;
 
 /* ---- opaque handles ---- */
 
@@ -134,6 +135,26 @@ impl Default for klvae_step_stats_t {
 // The 0.1 layout: two u32, one i64, thirteen doubles.
 const _: () = assert!(std::mem::size_of::<klvae_step_stats_t>() == 136);
 const _: () = assert!(std::mem::align_of::<klvae_step_stats_t>() == 8);
+
+/// `klvae_comm_type_t`: the element type of an `allreduce_sum` call.
+pub type klvae_comm_type_t = c_int;
+pub const KLVAE_COMM_FLOAT32: klvae_comm_type_t = 0;
+pub const KLVAE_COMM_FLOAT64: klvae_comm_type_t = 1;
+
+/// `klvae_comm_t`: a data-parallel communicator's ranks and callbacks (klvae.h, "Data-parallel
+/// training"). Set `struct_size` to `size_of::<klvae_comm_t>()`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct klvae_comm_t {
+    pub struct_size: u32,
+    pub rank: c_int,
+    pub size: c_int,
+    pub ctx: *mut c_void,
+    pub allreduce_sum: Option<
+        unsafe extern "C" fn(*mut c_void, *mut c_void, usize, klvae_comm_type_t) -> c_int,
+    >,
+    pub broadcast: Option<unsafe extern "C" fn(*mut c_void, *mut c_void, usize, c_int) -> c_int>,
+}
 
 /// `klvae_dataset_progress_t`: what `klvae_encode_dataset` has done. Set `struct_size`
 /// (`klvae_dataset_progress_t::new()` does, like `KLVAE_DATASET_PROGRESS_INIT`).
@@ -377,6 +398,10 @@ extern "C" {
         size: usize,
     ) -> klvae_status_t;
     pub fn klvae_trainer_free(trainer: *mut klvae_trainer_t);
+    pub fn klvae_trainer_set_comm(
+        trainer: *mut klvae_trainer_t,
+        comm: *const klvae_comm_t,
+    ) -> klvae_status_t;
 
     // images
     pub fn klvae_image_read(

@@ -1,5 +1,7 @@
 /* batch_norm.c — training-mode batch normalisation (the PatchGAN's): batch
- * statistics per channel over (N, H, W), summed in double. */
+ * statistics per channel over (N, H, W), summed in double. The statistics
+ * and their use are separate ops so that data-parallel training can add the
+ * sums of every process's batch in between (backend.h, Family batch_norm). */
 #include <math.h>
 #include <string.h>
 
@@ -10,12 +12,22 @@ typedef struct bn_job {
     float *y, *dx;
     float *out_mean, *out_invstd, *dgamma, *dbeta;
     float *running_mean, *running_var;
+    const double *sums;
+    double *out_sums;
+    double count;
     int batch, channels;
     size_t plane;
     float eps, momentum;
 } bn_job;
 
-static void bn_forward_task(void *arg, int c, int thread)
+static void bn_job_shape(bn_job *j, const kv_tensor *x)
+{
+    j->batch = x->shape[0];
+    j->channels = x->shape[1];
+    j->plane = (size_t)x->shape[2] * x->shape[3];
+}
+
+static void bn_stats_task(void *arg, int c, int thread)
 {
     (void)thread;
     const bn_job *j = arg;
@@ -27,8 +39,27 @@ static void bn_forward_task(void *arg, int c, int thread)
             sumsq += (double)x[i] * x[i];
         }
     }
-    const double count = (double)j->batch * (double)j->plane;
-    double mean = sum / count, var = sumsq / count - mean * mean;
+    j->out_sums[c] = sum;
+    j->out_sums[j->channels + c] = sumsq;
+}
+
+klvae_status_t kv_cpu_batch_norm_stats(kv_backend *be, const kv_tensor *x, double *sums)
+{
+    bn_job j;
+    memset(&j, 0, sizeof j);
+    j.x = x->data;
+    j.out_sums = sums;
+    bn_job_shape(&j, x);
+    kv_pool_run(kv_cpu_of(be)->pool, j.channels, bn_stats_task, &j);
+    return KLVAE_OK;
+}
+
+static void bn_forward_task(void *arg, int c, int thread)
+{
+    (void)thread;
+    const bn_job *j = arg;
+    const double count = j->count;
+    double mean = j->sums[c] / count, var = j->sums[j->channels + c] / count - mean * mean;
     if (var < 0.0)
         var = 0.0;
     const float invstd = (float)(1.0 / sqrt(var + (double)j->eps));
@@ -50,9 +81,10 @@ static void bn_forward_task(void *arg, int c, int thread)
 }
 
 klvae_status_t kv_cpu_batch_norm(kv_backend *be, const kv_tensor *x, const kv_tensor *gamma,
-                                 const kv_tensor *beta, float eps, float momentum,
-                                 float *running_mean, float *running_var, kv_tensor *y,
-                                 kv_tensor *mean, kv_tensor *invstd)
+                                 const kv_tensor *beta, const double *sums, double count,
+                                 float eps, float momentum, float *running_mean,
+                                 float *running_var, kv_tensor *y, kv_tensor *mean,
+                                 kv_tensor *invstd)
 {
     bn_job j;
     memset(&j, 0, sizeof j);
@@ -64,20 +96,20 @@ klvae_status_t kv_cpu_batch_norm(kv_backend *be, const kv_tensor *x, const kv_te
     j.out_invstd = invstd->data;
     j.running_mean = running_mean;
     j.running_var = running_var;
-    j.batch = x->shape[0];
-    j.channels = x->shape[1];
-    j.plane = (size_t)x->shape[2] * x->shape[3];
+    j.sums = sums;
+    j.count = count;
+    bn_job_shape(&j, x);
     j.eps = eps;
     j.momentum = momentum;
     kv_pool_run(kv_cpu_of(be)->pool, j.channels, bn_forward_task, &j);
     return KLVAE_OK;
 }
 
-static void bn_backward_task(void *arg, int c, int thread)
+static void bn_backward_stats_task(void *arg, int c, int thread)
 {
     (void)thread;
     const bn_job *j = arg;
-    const float mean = j->mean[c], invstd = j->invstd[c], gamma = j->gamma[c];
+    const float mean = j->mean[c], invstd = j->invstd[c];
     double sum_dy = 0.0, sum_dy_xhat = 0.0;
     for (int n = 0; n < j->batch; n++) {
         const size_t base = ((size_t)n * j->channels + c) * j->plane;
@@ -87,10 +119,41 @@ static void bn_backward_task(void *arg, int c, int thread)
             sum_dy_xhat += (double)j->dy[base + i] * xhat;
         }
     }
-    j->dgamma[c] += (float)sum_dy_xhat;
-    j->dbeta[c] += (float)sum_dy;
-    const double count = (double)j->batch * (double)j->plane;
-    const float m1 = (float)(sum_dy * gamma / count), m2 = (float)(sum_dy_xhat * gamma / count);
+    j->out_sums[c] = sum_dy;
+    j->out_sums[j->channels + c] = sum_dy_xhat;
+    if (j->dgamma)
+        j->dgamma[c] += (float)sum_dy_xhat;
+    if (j->dbeta)
+        j->dbeta[c] += (float)sum_dy;
+}
+
+klvae_status_t kv_cpu_batch_norm_backward_stats(kv_backend *be, const kv_tensor *x,
+                                                const kv_tensor *mean, const kv_tensor *invstd,
+                                                const kv_tensor *dy, double *sums,
+                                                kv_tensor *dgamma, kv_tensor *dbeta)
+{
+    bn_job j;
+    memset(&j, 0, sizeof j);
+    j.x = x->data;
+    j.mean = mean->data;
+    j.invstd = invstd->data;
+    j.dy = dy->data;
+    j.out_sums = sums;
+    j.dgamma = dgamma ? dgamma->data : NULL;
+    j.dbeta = dbeta ? dbeta->data : NULL;
+    bn_job_shape(&j, x);
+    kv_pool_run(kv_cpu_of(be)->pool, j.channels, bn_backward_stats_task, &j);
+    return KLVAE_OK;
+}
+
+static void bn_backward_task(void *arg, int c, int thread)
+{
+    (void)thread;
+    const bn_job *j = arg;
+    const float mean = j->mean[c], invstd = j->invstd[c], gamma = j->gamma[c];
+    const double sum_dy = j->sums[c], sum_dy_xhat = j->sums[j->channels + c];
+    const float m1 = (float)(sum_dy * gamma / j->count),
+                m2 = (float)(sum_dy_xhat * gamma / j->count);
     for (int n = 0; n < j->batch; n++) {
         const size_t base = ((size_t)n * j->channels + c) * j->plane;
         for (size_t i = 0; i < j->plane; i++) {
@@ -103,7 +166,7 @@ static void bn_backward_task(void *arg, int c, int thread)
 klvae_status_t kv_cpu_batch_norm_backward(kv_backend *be, const kv_tensor *x,
                                           const kv_tensor *gamma, const kv_tensor *mean,
                                           const kv_tensor *invstd, const kv_tensor *dy,
-                                          kv_tensor *dx, kv_tensor *dgamma, kv_tensor *dbeta)
+                                          const double *sums, double count, kv_tensor *dx)
 {
     bn_job j;
     memset(&j, 0, sizeof j);
@@ -113,11 +176,9 @@ klvae_status_t kv_cpu_batch_norm_backward(kv_backend *be, const kv_tensor *x,
     j.invstd = invstd->data;
     j.dy = dy->data;
     j.dx = dx->data;
-    j.dgamma = dgamma->data;
-    j.dbeta = dbeta->data;
-    j.batch = x->shape[0];
-    j.channels = x->shape[1];
-    j.plane = (size_t)x->shape[2] * x->shape[3];
+    j.sums = sums;
+    j.count = count;
+    bn_job_shape(&j, x);
     kv_pool_run(kv_cpu_of(be)->pool, j.channels, bn_backward_task, &j);
     return KLVAE_OK;
 }

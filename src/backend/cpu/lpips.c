@@ -107,7 +107,7 @@ typedef struct lpips_job {
     int channels, chunks;
     size_t plane;
     float dropout, keep_scale;
-    uint64_t seed;
+    uint64_t seed, first;
 } lpips_job;
 
 static void lpips_task(void *arg, int task, int thread)
@@ -126,7 +126,7 @@ static void lpips_task(void *arg, int task, int thread)
         for (size_t p = p0; p < p1; p++) {
             float m = 1.0f;
             if (j->dropout > 0.0f)
-                m = kv_philox_uniform(j->seed, base + p) < j->dropout ? 0.0f : j->keep_scale;
+                m = kv_philox_uniform(j->seed, j->first + base + p) < j->dropout ? 0.0f : j->keep_scale;
             float d = j->a[base + p] - j->b[base + p];
             sc += (double)(m * d * d);
             if (j->db)
@@ -139,7 +139,8 @@ static void lpips_task(void *arg, int task, int thread)
 
 klvae_status_t kv_cpu_lpips_distance(kv_backend *be, const kv_tensor *a, const kv_tensor *b,
                                      const kv_tensor *w, float dropout, uint64_t dropout_seed,
-                                     double *values, const float *grad_scale, kv_tensor *db)
+                                     uint64_t first, double *values, const float *grad_scale,
+                                     kv_tensor *db)
 {
     kv_cpu *cpu = kv_cpu_of(be);
     const int batch = a->shape[0];
@@ -151,7 +152,7 @@ klvae_status_t kv_cpu_lpips_distance(kv_backend *be, const kv_tensor *a, const k
     lpips_job j = {a->data,      b->data,        w->data, db ? db->data : NULL,
                    grad_scale,   (double *)cpu->shared,   a->shape[1],
                    chunks,       plane,          dropout, dropout > 0.0f ? 1.0f / (1.0f - dropout) : 1.0f,
-                   dropout_seed};
+                   dropout_seed, first};
     kv_pool_run(cpu->pool, batch * chunks, lpips_task, &j);
     for (int n = 0; n < batch; n++) {
         double s = 0.0;

@@ -26,13 +26,13 @@ klvae_status_t kv_cpu_posterior_split(kv_backend *be, const kv_tensor *moments, 
     return KLVAE_OK;
 }
 
-#define KV_SAMPLE_CHUNK 8192 /* even, so a task never splits a pair */
+#define KV_SAMPLE_CHUNK 8192 /* even: with an even first, a task never splits a pair */
 
 typedef struct sample_job {
     const float *mean, *logvar;
     float *z;
     size_t count;
-    uint64_t seed;
+    uint64_t seed, first;
 } sample_job;
 
 static void sample_task(void *arg, int task, int thread)
@@ -41,20 +41,24 @@ static void sample_task(void *arg, int task, int thread)
     const sample_job *j = arg;
     size_t i0 = (size_t)task * KV_SAMPLE_CHUNK;
     size_t i1 = KV_MIN(j->count, i0 + KV_SAMPLE_CHUNK);
-    for (size_t i = i0; i < i1; i += 2) {
-        float eps[2];
-        kv_philox_normal_pair(j->seed, i >> 1, &eps[0], &eps[1]);
-        for (size_t e = 0; e < 2 && i + e < i1; e++) {
-            float std = kv_posterior_std(j->logvar[i + e]);
-            j->z[i + e] = j->mean[i + e] + std * eps[e];
+    float eps[2];
+    uint64_t pair = UINT64_MAX;
+    for (size_t i = i0; i < i1; i++) {
+        const uint64_t at = j->first + i; /* Philox index: pair at / 2, half at % 2 */
+        if (at >> 1 != pair) {
+            pair = at >> 1;
+            kv_philox_normal_pair(j->seed, pair, &eps[0], &eps[1]);
         }
+        float std = kv_posterior_std(j->logvar[i]);
+        j->z[i] = j->mean[i] + std * eps[at & 1];
     }
 }
 
 klvae_status_t kv_cpu_gaussian_sample(kv_backend *be, const kv_tensor *mean,
-                                      const kv_tensor *logvar, uint64_t seed, kv_tensor *z)
+                                      const kv_tensor *logvar, uint64_t seed, uint64_t first,
+                                      kv_tensor *z)
 {
-    sample_job j = {mean->data, logvar->data, z->data, kv_tensor_numel(z), seed};
+    sample_job j = {mean->data, logvar->data, z->data, kv_tensor_numel(z), seed, first};
     int tasks = (int)((j.count + KV_SAMPLE_CHUNK - 1) / KV_SAMPLE_CHUNK);
     kv_pool_run(kv_cpu_of(be)->pool, tasks, sample_task, &j);
     return KLVAE_OK;
@@ -69,7 +73,7 @@ typedef struct posterior_back_job {
     size_t plane;
     float kl_weight;
     bool sampled;
-    uint64_t seed;
+    uint64_t seed, first;
 } posterior_back_job;
 
 static void posterior_backward_task(void *arg, int task, int thread)
@@ -82,7 +86,7 @@ static void posterior_backward_task(void *arg, int task, int thread)
     const float *dz = j->dz + ((size_t)n * j->z + c) * j->plane;
     float *dmu = j->dmoments + ((size_t)n * 2 * j->z + c) * j->plane;
     float *dlv = dmu + (size_t)j->z * j->plane;
-    const uint64_t first = (uint64_t)task * j->plane; /* element index in z */
+    const uint64_t first = j->first + (uint64_t)task * j->plane; /* Philox index of the plane */
     for (size_t p = 0; p < j->plane; p++) {
         float l = lv[p];
         float s = kv_clamp_logvar(l);
@@ -96,10 +100,10 @@ static void posterior_backward_task(void *arg, int task, int thread)
 
 klvae_status_t kv_cpu_posterior_backward(kv_backend *be, const kv_tensor *moments,
                                          const kv_tensor *dz, float kl_weight, bool sampled,
-                                         uint64_t seed, kv_tensor *dmoments)
+                                         uint64_t seed, uint64_t first, kv_tensor *dmoments)
 {
     posterior_back_job j = {moments->data, dz->data, dmoments->data, dz->shape[1],
-                            (size_t)dz->shape[2] * dz->shape[3], kl_weight, sampled, seed};
+                            (size_t)dz->shape[2] * dz->shape[3], kl_weight, sampled, seed, first};
     kv_pool_run(kv_cpu_of(be)->pool, dz->shape[0] * dz->shape[1], posterior_backward_task, &j);
     return KLVAE_OK;
 }
