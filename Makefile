@@ -353,6 +353,9 @@ build/bench_klvae: tools/bench_klvae.c lib/libklvae.so include/klvae.h
 build/bench_gemm: tools/bench_gemm.c $(STATIC) src/backend/cpu/bf16_gemm.h
 	$(CC) $(KV_CFLAGS) $(CFLAGS) $< -o $@ $(STATIC) $(LDFLAGS) $(DEP_LIBS) $(SYS_LIBS)
 
+build/bench_stream: tools/bench_stream.c lib/libklvae.so include/klvae.h
+	$(CC) -std=c11 -D_GNU_SOURCE -Wall -Wextra -O2 -Iinclude $< -o $@ -Llib -lklvae -Wl,-rpath,'$$ORIGIN/../lib'
+
 build/bench_dataset_klvae: tools/bench_dataset_klvae.c lib/libklvae.so include/klvae.h
 	$(CC) -std=c11 -D_GNU_SOURCE -Wall -Wextra -O2 -Iinclude $< -o $@ -Llib -lklvae -Wl,-rpath,'$$ORIGIN/../lib'
 

@@ -319,12 +319,18 @@ KLVAE_API const char *klvae_model_backend(const klvae_model_t *model);
  * config key of docs/options.md except "config" (e.g. "block_out_channels"
  * gives "128,256,512,512", "shift_factor" gives "none" when there is none),
  * one of the runtime keys "backend", "precision" and "threads" (what the
- * model actually uses), or the read-only keys "backend_reason": why
- * backend=auto chose the CPU (for example "CUDA plugin not found (looked in:
- * ...)"), "" when the model runs on CUDA or the CPU was asked for, and
- * "precision_reason": why the model computes in fp32 though another
- * precision was asked for (precision=bf16 on a CPU without AVX512-BF16,
- * tf32 on the CPU), else "". Dashes work as underscores. Errors: KLVAE_ERR_INVALID_ARGUMENT (model or key
+ * model actually uses), the inference keys "memory_limit" ("auto", "none"
+ * or the number of bytes), "spill_dir", "tiling", "tile_size" and
+ * "tile_overlap", or the read-only keys "backend_reason": why backend=auto
+ * chose the CPU (for example "CUDA plugin not found (looked in: ...)"), ""
+ * when the model runs on CUDA or the CPU was asked for; "precision_reason":
+ * why the model computes in fp32 though another precision was asked for
+ * (precision=bf16 on a CPU without AVX512-BF16, tf32 on the CPU), else "";
+ * and "last_plan": how the last klvae_encode or klvae_decode ran, for
+ * example "untiled" or "streamed: 121 bands of 2 to 256 rows; 2.50 GiB held
+ * at most (planned 2.50 GiB, memory_limit 3.00 GiB); 4.00 GiB spilled to a
+ * file in /var/tmp" ("none yet" before the first). Dashes work as
+ * underscores. Errors: KLVAE_ERR_INVALID_ARGUMENT (model or key
  * NULL, buf NULL with size > 0), KLVAE_ERR_BUFFER_TOO_SMALL (the value does
  * not fit: klvae_last_needed_size() tells the size needed; buf = NULL,
  * size = 0 asks for it), KLVAE_ERR_OPTION (a key the model has no value
@@ -342,9 +348,24 @@ KLVAE_API klvae_status_t klvae_model_get(const klvae_model_t *model, const char 
  * diffusers. h and w must be positive multiples of the downsampling factor f.
  * logvar may be NULL when it is not wanted. mean and logvar must not
  * overlap images.
+ *
+ * Large images: the model's option memory_limit (docs/options.md) bounds
+ * the memory the call takes beyond the weights and your arrays. When the
+ * untiled forward would need more, the call runs streamed (layer by layer
+ * over row bands, one image at a time, every group norm and the attention
+ * still over the whole image: the untiled result within float rounding),
+ * with what does not fit in a temporary file in spill_dir that nothing
+ * outlives. tiling=blend runs diffusers' tiled forward instead (not the
+ * same result). The same holds for klvae_decode; klvae_model_get's
+ * "last_plan" says how the call ran.
+ *
  * Errors: KLVAE_ERR_INVALID_ARGUMENT (NULL pointer, n <= 0, bad size, the
- * message says which), KLVAE_ERR_OUT_OF_MEMORY, KLVAE_ERR_BACKEND. On error
- * the contents of mean and logvar are unspecified. A NaN or infinity in
+ * message says which), KLVAE_ERR_OUT_OF_MEMORY (also: memory_limit is too
+ * small even for streaming; the message names the least limit that works),
+ * KLVAE_ERR_IO (the spill file cannot be created or grow: the message names
+ * the folder), KLVAE_ERR_OPTION (tile_size and tile_overlap do not tile the
+ * image), KLVAE_ERR_BACKEND. On error the contents of mean and logvar are
+ * unspecified. A NaN or infinity in
  * images is not an error: it propagates (through the group norms, to the
  * whole latent of its image and no other), as in PyTorch; the same holds for
  * klvae_sample and klvae_decode. */
@@ -396,6 +417,11 @@ KLVAE_API klvae_status_t klvae_decode(klvae_model_t *model, const float *z, int 
  *     waited for too.)
  *   - The model still must not be used by two threads at once; the call
  *     leaves the model on its own stream again.
+ *
+ *   - They run the untiled forward: streaming and tiling work on host
+ *     arrays. With memory_limit a size that the untiled forward exceeds, or
+ *     tiling=blend on an image larger than a tile, they return
+ *     KLVAE_ERR_UNSUPPORTED (klvae_encode and klvae_decode stream it).
  *
  * Errors: those of the host functions; KLVAE_ERR_INVALID_ARGUMENT when the
  * model runs on the CPU backend ("the model runs on the cpu backend, which

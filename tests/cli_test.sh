@@ -101,6 +101,29 @@ w, h = struct.unpack(">II", data[16:24])
 sys.exit(0 if (w, h) == (53, 37) else 1)
 PY
 
+# --memory-limit: a decode too large for the limit runs streamed (in bands,
+# spilling to --spill-dir), says so, and writes the untiled image
+mkdir -p "$tmp/spill"
+check "streamed decode" $KLVAE decode $MODEL "$tmp/lat.safetensors" "$tmp/streamed.png" \
+    --memory-limit 1M --spill-dir "$tmp/spill"
+grep -q "streamed: .* bands" "$tmp/err" && ok || bad "decode --memory-limit 1M: $(cat "$tmp/err")"
+cmp -s "$tmp/streamed.png" "$tmp/dec.png" && ok || python3 - "$tmp/streamed.png" "$tmp/dec.png" <<'PY' && ok || bad "the streamed decode differs from the untiled one"
+import sys, zlib, struct
+def pixels(path):
+    d = open(path, "rb").read(); i = 8; idat = b""
+    while i < len(d):
+        n, t = struct.unpack(">I4s", d[i:i + 8]); idat += d[i + 8:i + 8 + n] if t == b"IDAT" else b""; i += 12 + n
+    return zlib.decompress(idat)
+a, b = pixels(sys.argv[1]), pixels(sys.argv[2])  # 8-bit: at most one level, rarely
+sys.exit(0 if len(a) == len(b) and all(abs(x - y) <= 1 for x, y in zip(a, b)) else 1)
+PY
+[ -z "$(ls -A "$tmp/spill")" ] && ok || bad "the spill folder is not empty: $(ls -A "$tmp/spill")"
+check_fails "memory limit syntax" 2 "bad value '4X' for option 'memory_limit'" \
+    $KLVAE decode $MODEL "$tmp/lat.safetensors" "$tmp/x.png" --memory-limit 4X
+check_fails "spill folder missing" 1 "cannot create the spill file in $tmp/no-such-dir" \
+    $KLVAE decode $MODEL "$tmp/lat.safetensors" "$tmp/x.png" --memory-limit 1M --spill-dir "$tmp/no-such-dir"
+[ ! -e "$tmp/x.png" ] && ok || bad "a failed decode left an image"
+
 # --sample with a seed is repeatable; another seed differs; --scaled round trips
 check "sample 1" $KLVAE encode $MODEL "$tmp/in.png" "$tmp/s1.safetensors" --sample --seed 5
 check "sample 2" $KLVAE encode $MODEL "$tmp/in.png" "$tmp/s2.safetensors" --sample --seed 5

@@ -122,6 +122,7 @@ Suite *suite_plugin(void);
 Suite *suite_cuda_host(void);
 Suite *suite_golden(void);
 Suite *suite_save(void);
+Suite *suite_stream(void);
 Suite *suite_buckets(void);
 Suite *suite_dp(void);
 Suite *suite_dataset(void);

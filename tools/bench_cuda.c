@@ -16,7 +16,20 @@
  * model on a batch of random images, with the settings of
  * tools/bench_train_pytorch.py (pixel L1 + LPIPS from --lpips FILE + KL
  * 1e-6 + the PatchGAN from step 0 with the adaptive weight, Adam lr 1e-5
- * betas 0.5, 0.9): its line also has "images_per_s". One model serves every case (its creation, about a
+ * betas 0.5, 0.9): its line also has "images_per_s".
+ *
+ * OP stream (stream:SIZE:LIMIT) decodes one SIZE^2 latent as a user does
+ * (klvae_decode on host arrays) with memory_limit LIMIT GiB, or none when
+ * LIMIT is 0 (untiled): the streamed forward on the GPU (issue 13). The
+ * latent is DIR/zSIZE.raw (raw float32 (1, 4, SIZE/8, SIZE/8)) with
+ * --latents DIR, where the image is written too
+ * (DIR/klvae_SIZE_LIMITg_PRECISION.raw, float32 (1, 3, SIZE, SIZE)). Its
+ * line has "limit_gib", "plan" (last_plan), "peak_in_use_mb" (the device's
+ * peak over the call, weights included) and "peak_rss_mb" (the process's).
+ * --save-model DIR writes the model (its random weights) as a diffusers
+ * folder first, for the PyTorch side to decode the same latent.
+ *
+ * One model serves every case (its creation, about a
  * second of CPU, is paid once); cuDNN's algorithm choices stay cached across
  * cases, as PyTorch's do. Per case: the first call (first_ms, with cuDNN's
  * algorithm search for shapes not seen yet), W more untimed calls, a trim
@@ -37,6 +50,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include "cuda_harness.h"
@@ -51,7 +65,8 @@ static void usage(void)
 {
     fprintf(stderr, "usage: bench_cuda OP:SIZE:BATCH[,...] [--precision P] [--runs R] "
                     "[--warmup W] [--config NAME] [--plugin PATH] [--device D] [--lpips FILE]\n"
-                    "(OP: encode, decode or train)\n");
+                    "       [--latents DIR] [--save-model DIR]\n"
+                    "(OP: encode, decode, train, or stream with SIZE:LIMIT_GIB)\n");
     exit(2);
 }
 
@@ -79,7 +94,7 @@ static void read_last(const char *path, double *in_use_mb, double *peak_held_mb,
 
 typedef struct options {
     int runs, warmup;
-    const char *config, *precision, *lpips;
+    const char *config, *precision, *lpips, *latents, *save_model;
 } options;
 
 /* The plugin settings this run has from the environment, for the JSON. */
@@ -180,6 +195,95 @@ static int run_train_case(klvae_model_t *m, const kv_plugin *plugin, const optio
     return st == KLVAE_OK ? 0 : 1;
 }
 
+/* The stream case: klvae_decode of one size^2 latent from host arrays with
+ * memory_limit limit_gib GiB (0: none), o->runs times. */
+static int run_stream_case(klvae_model_t *m, const options *o, const char *stats, int size,
+                           int limit_gib)
+{
+    const int f = kv_config_factor(&m->cfg), lat = size / f;
+    const size_t n_lat = (size_t)m->cfg.latent_channels * lat * lat;
+    const size_t n_img = (size_t)m->cfg.out_channels * size * size;
+    float *z = malloc(n_lat * sizeof *z), *img = malloc(n_img * sizeof *img);
+    double *times = malloc((size_t)o->runs * sizeof *times);
+    char path[4096];
+    if (!z || !img || !times) {
+        fprintf(stderr, "bench_cuda: stream %d: out of host memory\n", size);
+        free(z), free(img), free(times);
+        return 1;
+    }
+    FILE *fp = NULL;
+    if (o->latents) {
+        snprintf(path, sizeof path, "%s/z%d.raw", o->latents, size);
+        fp = fopen(path, "rb");
+    }
+    if (fp) {
+        size_t got = fread(z, sizeof *z, n_lat, fp);
+        fclose(fp);
+        if (got != n_lat) {
+            fprintf(stderr, "bench_cuda: %s holds %zu floats, not %zu\n", path, got, n_lat);
+            free(z), free(img), free(times);
+            return 1;
+        }
+    } else {
+        uint64_t state = 12345;
+        for (size_t i = 0; i < n_lat; i++) {
+            state = state * 6364136223846793005ull + 1442695040888963407ull;
+            z[i] = 6.0f * (float)((double)(state >> 11) / 9007199254740992.0 * 2.0 - 1.0);
+        }
+    }
+    m->infer.limit_kind = limit_gib > 0 ? KV_LIMIT_BYTES : KV_LIMIT_NONE;
+    m->infer.memory_limit = (uint64_t)limit_gib << 30;
+    m->be->ops->trim(m->be); /* the statistics restart */
+    double in_use_mb = -1.0, reserved_mb = -1.0;
+    klvae_status_t st = KLVAE_OK;
+    for (int r = 0; r < o->runs && st == KLVAE_OK; r++) {
+        double t0 = harness_now();
+        st = klvae_decode(m, z, 1, lat, lat, img); /* synchronous; trims at its end */
+        times[r] = (harness_now() - t0) * 1e3;
+        double a, b, unused;
+        read_last(stats, &a, &b, &unused); /* this call's peaks */
+        in_use_mb = a > in_use_mb ? a : in_use_mb;
+        reserved_mb = b > reserved_mb ? b : reserved_mb;
+    }
+    char plan[600] = "";
+    if (st == KLVAE_OK)
+        klvae_model_get(m, "last_plan", plan, sizeof plan);
+    if (st == KLVAE_OK && o->latents) {
+        snprintf(path, sizeof path, "%s/klvae_%d_%dg_%s.raw", o->latents, size, limit_gib,
+                 o->precision);
+        fp = fopen(path, "wb");
+        if (!fp || fwrite(img, sizeof *img, n_img, fp) != n_img || fclose(fp) != 0) {
+            fprintf(stderr, "bench_cuda: cannot write %s\n", path);
+            st = KLVAE_ERR_IO;
+        }
+    }
+    if (st != KLVAE_OK) {
+        fprintf(stderr, "bench_cuda: stream %d memory_limit %dG %s: %s\n", size, limit_gib,
+                o->precision, klvae_last_error());
+    } else {
+        struct rusage ru;
+        getrusage(RUSAGE_SELF, &ru);
+        printf("{\"tool\": \"klvae\", \"op\": \"stream\", \"size\": %d, \"batch\": 1, "
+               "\"limit_gib\": %d, \"precision\": \"%s\", \"config\": \"%s\", \"times_ms\": [",
+               size, limit_gib, o->precision, o->config);
+        for (int r = 0; r < o->runs; r++)
+            printf("%s%.1f", r ? ", " : "", times[r]);
+        qsort(times, (size_t)o->runs, sizeof *times, compare);
+        int n = o->runs;
+        double median = n % 2 ? times[n / 2] : 0.5 * (times[n / 2 - 1] + times[n / 2]);
+        for (char *q = plan; *q; q++)
+            if (*q == '"' || *q == '\\')
+                *q = '\'';
+        printf("], \"median_ms\": %.1f, \"peak_in_use_mb\": %.1f, \"peak_reserved_mb\": %.1f, "
+               "\"peak_rss_mb\": %.0f, \"plan\": \"%s\"}\n",
+               median, in_use_mb, reserved_mb, (double)ru.ru_maxrss / 1024.0, plan);
+        fflush(stdout);
+    }
+    m->infer.limit_kind = KV_LIMIT_NONE;
+    free(z), free(img), free(times);
+    return st == KLVAE_OK ? 0 : 1;
+}
+
 /* One case; returns 0, or 1 after printing why on stderr. */
 static int run_case(klvae_model_t *m, const kv_plugin *plugin, const options *o,
                     const char *stats, const char *op, int size, int batch)
@@ -190,6 +294,8 @@ static int run_case(klvae_model_t *m, const kv_plugin *plugin, const options *o,
     const int decode = strcmp(op, "decode") == 0;
     if (strcmp(op, "train") == 0 && size > 0 && size % f == 0 && batch >= 1)
         return run_train_case(m, plugin, o, stats, size, batch);
+    if (strcmp(op, "stream") == 0 && size > 0 && size % f == 0 && batch >= 0)
+        return run_stream_case(m, o, stats, size, batch);
     if ((!decode && strcmp(op, "encode") != 0) || size <= 0 || size % f || batch < 1) {
         fprintf(stderr, "bench_cuda: bad case %s:%d:%d\n", op, size, batch);
         return 1;
@@ -284,7 +390,7 @@ int main(int argc, char **argv)
     if (argc < 2)
         usage();
     const char *cases = argv[1], *plugin_path = NULL;
-    options o = {5, 1, "sd", "bf16", NULL};
+    options o = {5, 1, "sd", "bf16", NULL, NULL, NULL};
     int device = 0;
     for (int i = 2; i < argc; i += 2) {
         if (i + 1 >= argc)
@@ -303,6 +409,10 @@ int main(int argc, char **argv)
             device = atoi(argv[i + 1]);
         else if (strcmp(argv[i], "--lpips") == 0)
             o.lpips = argv[i + 1];
+        else if (strcmp(argv[i], "--latents") == 0)
+            o.latents = argv[i + 1];
+        else if (strcmp(argv[i], "--save-model") == 0)
+            o.save_model = argv[i + 1];
         else
             usage();
     }
@@ -334,6 +444,12 @@ int main(int argc, char **argv)
         st = harness_model(be, o.config, 1, o.precision, &m);
     if (st != KLVAE_OK) {
         fprintf(stderr, "bench_cuda: creating the model: %s\n", klvae_last_error());
+        unlink(stats);
+        return 1;
+    }
+    if (o.save_model && klvae_model_save(m, o.save_model) != KLVAE_OK) {
+        fprintf(stderr, "bench_cuda: saving the model: %s\n", klvae_last_error());
+        kv_model_destroy(m);
         unlink(stats);
         return 1;
     }

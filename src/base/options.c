@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "base/options.h"
 
@@ -16,7 +17,8 @@ typedef enum {
     OPT_CHOICE,
     OPT_INT_LIST,
     OPT_PATH,
-    OPT_TEXT /* free text, or what its checker (text_checks) accepts */
+    OPT_BYTES, /* a size in bytes (kv_parse_bytes), or one of choices */
+    OPT_TEXT   /* free text, or what its checker (text_checks) accepts */
 } opt_type;
 
 typedef struct opt_def {
@@ -24,7 +26,7 @@ typedef struct opt_def {
     opt_type type;
     const char *default_value;
     double min, max;     /* numbers and list items */
-    const char *choices; /* OPT_CHOICE: '|'-separated */
+    const char *choices; /* OPT_CHOICE, OPT_BYTES' words: '|'-separated */
     const char *help;
 } opt_def;
 
@@ -56,6 +58,27 @@ static const opt_def option_table[] = {
      "Largest image, in pixels (width x height), that klvae_image_read_opts, the klvae tool "
      "and the training data reader decode. The size is read from the file's header and a "
      "larger image is refused before its pixels are allocated."},
+    {"memory_limit", OPT_BYTES, "auto", 1048576, 0, "auto|none",
+     "Most memory one klvae_encode or klvae_decode may take beyond the weights and the "
+     "caller's arrays, in bytes with an optional K, M, G or T (4G, 1.5G, 3000000000). A "
+     "forward that needs more runs streamed: layer by layer over row bands, with every group "
+     "norm and the attention over the whole image, so the result is the untiled one within "
+     "float rounding. auto: 85% of the memory the system has available (on the CPU backend; "
+     "untiled on CUDA); none: always untiled."},
+    {"spill_dir", OPT_PATH, "", 0, 0, NULL,
+     "Folder of the temporary file that holds a streamed forward's activations when they do "
+     "not fit in memory_limit (created without a name, so nothing is left behind). Unset: "
+     "TMPDIR, else /var/tmp."},
+    {"tiling", OPT_CHOICE, "exact", 0, 0, "exact|blend",
+     "exact: large images run streamed when memory_limit asks for it, with the untiled "
+     "result. blend: diffusers' tiled encode and decode (overlapping tiles, each with its own "
+     "group-norm statistics, blended linearly), for comparison: faster, not the same picture."},
+    {"tile_size", OPT_INT, "0", 0, 65536, NULL,
+     "tiling=blend: tile size in image pixels, a multiple of the downsampling factor; 0 uses "
+     "the config's sample_size, as diffusers does."},
+    {"tile_overlap", OPT_FLOAT, "0.25", 0, 0.875, NULL,
+     "tiling=blend: the part of a tile that overlaps the next one (diffusers' "
+     "tile_overlap_factor)."},
     /* model config */
     {"config", OPT_CHOICE, "sd", 0, 0, "sd|small|tiny",
      "Named starting config for klvae_model_create: sd is the Stable Diffusion KL-f8 VAE, "
@@ -350,6 +373,31 @@ void kv_format_double(double v, char *buf, size_t size)
     }
 }
 
+bool kv_parse_bytes(const char *text, uint64_t *out)
+{
+    if (!text || !*text || !(text[0] >= '0' && text[0] <= '9'))
+        return false;
+    errno = 0;
+    char *end;
+    double v = strtod(text, &end);
+    if (errno != 0 || end == text || !isfinite(v))
+        return false;
+    static const char units[] = "KMGT";
+    const char *unit = *end ? strchr(units, *end >= 'a' ? *end - 'a' + 'A' : *end) : NULL;
+    if (*end && !unit)
+        return false;
+    if (unit) {
+        v *= pow(1024.0, (double)(unit - units + 1));
+        end++;
+        if (strcasecmp(end, "iB") == 0 || strcasecmp(end, "B") == 0)
+            end += strlen(end);
+    }
+    if (*end || v < 1.0 || v >= 18446744073709551616.0)
+        return false;
+    *out = (uint64_t)v;
+    return true;
+}
+
 /* Validates value for option def; on failure describes why in why. */
 static bool validate(const opt_def *def, const char *value, char *why, size_t why_size)
 {
@@ -422,6 +470,22 @@ static bool validate(const opt_def *def, const char *value, char *why, size_t wh
                          def->max);
                 return false;
             }
+        }
+        return true;
+    }
+    case OPT_BYTES: {
+        uint64_t v;
+        if (choice_matches(def->choices, value))
+            return true;
+        if (!kv_parse_bytes(value, &v)) {
+            snprintf(why, why_size,
+                     "expected %s or a size in bytes with an optional K, M, G or T (4G)",
+                     def->choices);
+            return false;
+        }
+        if (v < (uint64_t)def->min) {
+            snprintf(why, why_size, "expected at least %.0f bytes", def->min);
+            return false;
         }
         return true;
     }

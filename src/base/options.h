@@ -29,6 +29,11 @@ kv_int_list kv_options_int_list(const klvae_options_t *opts, const char *key);
 /* For keys whose value may be "none": false when it is none. */
 bool kv_options_optional_double(const klvae_options_t *opts, const char *key, double *out);
 
+/* A size in bytes: a decimal number (1.5 is fine) with an optional unit K,
+ * M, G or T (powers of 1024, either case, optionally followed by B or iB),
+ * at least 1 byte and below 2^64; "4G" is 4294967296. */
+bool kv_parse_bytes(const char *text, uint64_t *out);
+
 /* Parsers shared with config.json handling and the CLI. */
 bool kv_parse_int_list(const char *text, kv_int_list *out);
 void kv_format_int_list(const kv_int_list *list, char *buf, size_t size);

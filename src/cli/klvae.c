@@ -223,6 +223,15 @@ static void parse_args(int argc, char **argv, cli *c)
         die_usage("--seed only makes sense with --sample");
 }
 
+/* Says how a forward ran when it was not untiled (memory_limit, tiling). */
+static void note_plan(const cli *c, klvae_model_t *m)
+{
+    char plan[600];
+    if (klvae_model_get(m, "last_plan", plan, sizeof plan) == KLVAE_OK &&
+        strncmp(plan, "untiled", 7) != 0)
+        note(c, "  %s\n", plan);
+}
+
 typedef struct encoded {
     int h, w, ph, pw, lh, lw, zc;
     float *mean, *logvar, *latent;
@@ -258,6 +267,7 @@ static encoded encode_image(const cli *c, klvae_model_t *m, const char *path)
         die_status(st, "encode failed");
     note(c, "encoded %d x %d%s in %.2f s\n", e.h, e.w, e.ph != e.h || e.pw != e.w ? " (padded)" : "",
          kv_now_seconds() - t0);
+    note_plan(c, m);
     free(padded);
     if (c->sample) {
         st = klvae_sample(m, e.mean, e.logvar, 1, e.lh, e.lw, c->seed, e.latent);
@@ -291,6 +301,7 @@ static float *decode_latent(const cli *c, klvae_model_t *m, const float *z, int 
     if (st != KLVAE_OK)
         die_status(st, "decode failed");
     note(c, "decoded %d x %d latent in %.2f s\n", lh, lw, kv_now_seconds() - t0);
+    note_plan(c, m);
     if (h == lh * f && w == lw * f)
         return full;
     float *out = xmalloc((size_t)3 * h * w * sizeof(float));

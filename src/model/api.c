@@ -7,6 +7,7 @@
 #include "backend/plugin.h"
 #include "base/io.h"
 #include "formats/safetensors.h"
+#include "model/stream.h"
 #include "model/vae.h"
 
 #define DIFFUSERS_WEIGHTS "diffusion_pytorch_model.safetensors"
@@ -61,6 +62,31 @@ static klvae_status_t choose_backend(const klvae_options_t *opts, klvae_model_t 
     return KLVAE_OK;
 }
 
+/* memory_limit, spill_dir and the tiling keys: how large images run. */
+static klvae_status_t read_inference_options(const klvae_options_t *opts, klvae_model_t *m)
+{
+    kv_inference_settings *set = &m->infer;
+    const char *limit = kv_options_string(opts, "memory_limit");
+    set->limit_kind = strcmp(limit, "auto") == 0   ? KV_LIMIT_AUTO
+                      : strcmp(limit, "none") == 0 ? KV_LIMIT_NONE
+                                                   : KV_LIMIT_BYTES;
+    if (set->limit_kind == KV_LIMIT_BYTES)
+        kv_parse_bytes(limit, &set->memory_limit);
+    const char *dir = kv_options_value(opts, "spill_dir");
+    if (dir && !(set->spill_dir = kv_strdup(dir)))
+        return KLVAE_ERR_OUT_OF_MEMORY;
+    set->blend = strcmp(kv_options_string(opts, "tiling"), "blend") == 0;
+    set->tile_size = kv_options_int(opts, "tile_size");
+    set->tile_overlap = kv_options_double(opts, "tile_overlap");
+    const int f = kv_config_factor(&m->cfg);
+    if (set->tile_size % f != 0)
+        return kv_error(KLVAE_ERR_OPTION,
+                        "tile_size %d is not a multiple of the model's downsampling factor %d",
+                        set->tile_size, f);
+    snprintf(set->last_plan, sizeof set->last_plan, "none yet");
+    return KLVAE_OK;
+}
+
 static klvae_model_t *model_new(void)
 {
     klvae_model_t *m = calloc(1, sizeof *m);
@@ -81,6 +107,8 @@ KLVAE_API klvae_status_t klvae_model_create(const klvae_options_t *opts, klvae_m
     klvae_status_t st = kv_config_from_options(opts, &m->cfg);
     if (st == KLVAE_OK)
         st = choose_backend(opts, m);
+    if (st == KLVAE_OK)
+        st = read_inference_options(opts, m);
     if (st == KLVAE_OK)
         st = kv_model_build(m);
     if (st == KLVAE_OK)
@@ -163,6 +191,8 @@ KLVAE_API klvae_status_t klvae_model_load(const char *path, const klvae_options_
         status = kv_config_apply_load_options(opts, config == NULL, &m->cfg);
     if (status == KLVAE_OK)
         status = choose_backend(opts, m);
+    if (status == KLVAE_OK)
+        status = read_inference_options(opts, m);
     if (status == KLVAE_OK)
         status = kv_model_build(m);
     if (status == KLVAE_OK)
@@ -263,6 +293,24 @@ KLVAE_API klvae_status_t klvae_model_get(const klvae_model_t *m, const char *key
     } else if (strcmp(key, "threads") == 0) {
         snprintf(text, sizeof text, "%d", m->threads);
         runtime = text;
+    } else if (strcmp(key, "memory_limit") == 0) {
+        const kv_inference_settings *set = &m->infer;
+        snprintf(text, sizeof text, "%llu", (unsigned long long)set->memory_limit);
+        runtime = set->limit_kind == KV_LIMIT_AUTO   ? "auto"
+                  : set->limit_kind == KV_LIMIT_NONE ? "none"
+                                                     : text;
+    } else if (strcmp(key, "spill_dir") == 0) {
+        runtime = m->infer.spill_dir ? m->infer.spill_dir : "";
+    } else if (strcmp(key, "tiling") == 0) {
+        runtime = m->infer.blend ? "blend" : "exact";
+    } else if (strcmp(key, "tile_size") == 0) {
+        snprintf(text, sizeof text, "%d", m->infer.tile_size);
+        runtime = text;
+    } else if (strcmp(key, "tile_overlap") == 0) {
+        kv_format_double(m->infer.tile_overlap, text, sizeof text);
+        runtime = text;
+    } else if (strcmp(key, "last_plan") == 0) {
+        runtime = m->infer.last_plan;
     }
     if (!runtime)
         return kv_config_get(&m->cfg, key, buf, size);
@@ -408,6 +456,76 @@ static klvae_status_t check_sample(const char *fn, const klvae_model_t *m, const
     return KLVAE_OK;
 }
 
+static void format_gib(uint64_t bytes, char *buf, size_t size)
+{
+    if (bytes >= ((uint64_t)1 << 30))
+        snprintf(buf, size, "%.2f GiB", (double)bytes / (double)((uint64_t)1 << 30));
+    else
+        snprintf(buf, size, "%.1f MiB", (double)bytes / (double)((uint64_t)1 << 20));
+}
+
+/* Records how the forward ran, for klvae_model_get's "last_plan". */
+static void note_plan(klvae_model_t *m, const kv_forward_plan *plan,
+                      const kv_stream_report *report)
+{
+    char *text = m->infer.last_plan, limit[32], planned[32], peak[32], spilled[32], host[32];
+    const size_t size = sizeof m->infer.last_plan;
+    format_gib(plan->limit, limit, sizeof limit);
+    format_gib(plan->planned_bytes, planned, sizeof planned);
+    if (plan->mode == KV_FORWARD_UNTILED && plan->limit)
+        snprintf(text, size, "untiled (about %s, within memory_limit %s)", planned, limit);
+    else if (plan->mode == KV_FORWARD_UNTILED)
+        snprintf(text, size, "untiled");
+    else if (plan->mode == KV_FORWARD_BLEND)
+        snprintf(text, size, "blend: tiles of %d pixels, overlap %g",
+                 m->infer.tile_size ? m->infer.tile_size : m->cfg.sample_size,
+                 m->infer.tile_overlap);
+    else {
+        format_gib(report->peak_bytes, peak, sizeof peak);
+        format_gib(report->spilled_bytes, spilled, sizeof spilled);
+        int at = snprintf(text, size,
+                          "streamed: %d bands of %d to %d rows; %s held at most (planned %s, "
+                          "memory_limit %s)",
+                          report->bands, report->min_rows, report->max_rows, peak, planned, limit);
+        if (!m->be->host_memory && at > 0 && (size_t)at < size) {
+            /* a GPU: the above is its memory; the stores are in host memory */
+            format_gib(report->host_peak_bytes, host, sizeof host);
+            at += snprintf(text + at, size - (size_t)at, " on the device; %s in host memory",
+                           host);
+        }
+        if (report->spilled_bytes && at > 0 && (size_t)at < size)
+            snprintf(text + at, size - (size_t)at, "; %s spilled to a file in %s", spilled,
+                     kv_spill_folder(m));
+    }
+}
+
+/* A streamed or blended encode (the caller's host arrays). */
+static klvae_status_t encode_planned(klvae_model_t *m, const kv_forward_plan *plan,
+                                     const float *images, float *mean, float *logvar)
+{
+    kv_stream_report report;
+    memset(&report, 0, sizeof report);
+    klvae_status_t st = plan->mode == KV_FORWARD_BLEND
+                            ? kv_blend_encode(m, plan, images, mean, logvar)
+                            : kv_stream_encode(m, plan, images, mean, logvar, &report);
+    if (st == KLVAE_OK)
+        note_plan(m, plan, &report);
+    return st;
+}
+
+static klvae_status_t decode_planned(klvae_model_t *m, const kv_forward_plan *plan,
+                                     const float *z, float *images)
+{
+    kv_stream_report report;
+    memset(&report, 0, sizeof report);
+    klvae_status_t st = plan->mode == KV_FORWARD_BLEND
+                            ? kv_blend_decode(m, plan, z, images)
+                            : kv_stream_decode(m, plan, z, images, &report);
+    if (st == KLVAE_OK)
+        note_plan(m, plan, &report);
+    return st;
+}
+
 /* The work of klvae_encode and klvae_encode_device, arguments checked. */
 static klvae_status_t encode_arrays(klvae_model_t *m, const caller_arrays *io,
                                     const float *images, int n, int h, int w, float *mean,
@@ -415,8 +533,13 @@ static klvae_status_t encode_arrays(klvae_model_t *m, const caller_arrays *io,
 {
     const int f = kv_config_factor(&m->cfg);
     const int c = m->cfg.in_channels, z = m->cfg.latent_channels;
+    kv_forward_plan plan;
+    klvae_status_t st = kv_plan_forward(m, true, n, h, w, io->device != NULL, &plan);
+    if (st != KLVAE_OK || plan.mode != KV_FORWARD_UNTILED)
+        return st == KLVAE_OK ? encode_planned(m, &plan, images, mean, logvar) : st;
+    note_plan(m, &plan, NULL);
     kv_tensor x = {0}, mu = {0}, lv = {0};
-    klvae_status_t st = take_in(io, (float *)images, n, c, h, w, true, KV_STORAGE_COMPUTE, &x);
+    st = take_in(io, (float *)images, n, c, h, w, true, KV_STORAGE_COMPUTE, &x);
     if (st == KLVAE_OK)
         st = take_in(io, mean, n, z, h / f, w / f, false, KV_STORAGE_COMPUTE, &mu);
     if (st == KLVAE_OK && logvar)
@@ -434,9 +557,14 @@ static klvae_status_t decode_arrays(klvae_model_t *m, const caller_arrays *io, c
 {
     const int f = kv_config_factor(&m->cfg);
     const int zc = m->cfg.latent_channels, c = m->cfg.out_channels;
-    kv_tensor zt = {0}, out = {0};
+    kv_forward_plan plan;
     klvae_status_t st =
-        take_in(io, (float *)z, n, zc, lat_h, lat_w, true, KV_STORAGE_COMPUTE, &zt);
+        kv_plan_forward(m, false, n, lat_h * f, lat_w * f, io->device != NULL, &plan);
+    if (st != KLVAE_OK || plan.mode != KV_FORWARD_UNTILED)
+        return st == KLVAE_OK ? decode_planned(m, &plan, z, images) : st;
+    note_plan(m, &plan, NULL);
+    kv_tensor zt = {0}, out = {0};
+    st = take_in(io, (float *)z, n, zc, lat_h, lat_w, true, KV_STORAGE_COMPUTE, &zt);
     if (st == KLVAE_OK)
         st = take_in(io, images, n, c, lat_h * f, lat_w * f, false, KV_STORAGE_COMPUTE, &out);
     if (st == KLVAE_OK)

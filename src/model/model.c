@@ -296,6 +296,7 @@ void kv_model_destroy(klvae_model_t *m)
     free(m->params);
     kv_backend_destroy(m->be);
     kv_config_free(&m->cfg);
+    free(m->infer.spill_dir);
     free(m);
 }
 

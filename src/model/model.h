@@ -86,6 +86,27 @@ typedef enum kv_naming {
     KV_NAMING_COMPVIS = 1
 } kv_naming;
 
+/* The inference options (docs/options.md): how klvae_encode and
+ * klvae_decode run images that need much memory (src/model/stream.h). */
+typedef enum kv_limit_kind {
+    KV_LIMIT_AUTO = 0, /* the memory the system has available */
+    KV_LIMIT_NONE,     /* always untiled */
+    KV_LIMIT_BYTES     /* memory_limit bytes */
+} kv_limit_kind;
+
+typedef struct kv_inference_settings {
+    kv_limit_kind limit_kind;
+    uint64_t memory_limit; /* KV_LIMIT_BYTES */
+    char *spill_dir;       /* owned; NULL: TMPDIR, else /var/tmp */
+    bool blend;            /* tiling=blend */
+    int tile_size;         /* pixels; 0: the config's sample_size */
+    double tile_overlap;
+    /* For the tests: the most rows a streamed band may have (0: as
+     * planned), so that small images meet every boundary case. */
+    int max_band_rows;
+    char last_plan[512]; /* how the last encode or decode ran */
+} kv_inference_settings;
+
 struct klvae_model {
     kv_busy busy; /* klvae_encode, decode, sample and a trainer's step */
     kv_config cfg;
@@ -96,6 +117,7 @@ struct klvae_model {
     char precision[8];
     char precision_reason[256]; /* why the CPU computes in fp32 though asked otherwise, or "" */
     int threads;
+    kv_inference_settings infer;
     kv_encoder enc;
     kv_decoder dec;
     kv_conv quant_conv, post_quant_conv;

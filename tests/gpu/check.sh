@@ -27,13 +27,25 @@
 #   4b. training: the LDM step of the SD model at 256^2, batch 8, bf16, in
 #      libklvae (test_cuda bench train:256:8) and in PyTorch eager with AMP
 #      bf16 (tools/bench_train_pytorch.py --device cuda), then torch.compile;
+#   4c. huge images (issue 13), when 200 s are left (or alone, with
+#      CHECK_STREAM=only): the streamed decode on the GPU (klvae_decode from
+#      host arrays: test_cuda bench stream:SIZE:LIMIT_GIB) against the
+#      untiled one at 1024^2 in fp32 (a check: relative L2 <= 1e-4) and in
+#      bf16 (reported); then an 8192^2 bf16 decode with memory_limit 8G
+#      against diffusers' enable_tiling() on the same latent and weights
+#      (tools/bench_stream_torch.py --device cuda --dtype bf16): time, peak
+#      device memory (target <= 8 GB), max abs and relative L2 difference. A
+#      streamed decode that fails, times out or disagrees fails the script;
 #   6. the table: op checks, decode 512^2 bf16 speed against diffusers
 #      (target >= 1.5x), decode FLOP rate as a share of the matmul rate
 #      (target >= 40 %), peak memory of a 1024^2 bf16 decode (target <= 1.5 GB),
 #      training images/s against PyTorch (target >= 1.5x), its peak memory
 #      (target <= PyTorch's) and model FLOP utilisation.
-# Exit status: 0 when test_cuda and check_nccl.sh passed (the timings are
-# measurements, not checks), 1 otherwise, saying which failed.
+# Exit status: 0 when test_cuda and check_nccl.sh passed and 4c, where it
+# ran, decoded and agreed (the timings are measurements, not checks), 1
+# otherwise, saying which failed.
+# CHECK_STREAM=only runs steps 1, 2 and 4c alone (test_cuda's checks, the
+# NCCL check and the other timings skipped); CHECK_STREAM=0 leaves 4c out.
 #
 # A device call carries the build:  carry lib/libklvae_cuda.so build/gpu tools/wheels
 # (build/gpu holds test_cuda and test_nccl: make gpu-binaries)
@@ -103,8 +115,14 @@ ldd "$PLUGIN" >>"$LOG" 2>&1
 
 # ---- 3. the checks ----
 TEST_RC=none
+STREAM=${CHECK_STREAM:-1}
+STREAM_RC=0
 T=$(limit 250)
-if [ -x "$BIN" ] && [ "$T" -gt 0 ]; then
+if [ "$STREAM" = only ]; then
+    say "CHECK_STREAM=only: test_cuda's checks and the other timings are skipped"
+    TEST_RC=0
+    : >"$OUT/test_cuda.log"
+elif [ -x "$BIN" ] && [ "$T" -gt 0 ]; then
     say "== test_cuda (limit ${T} s)"
     timeout -k 5 "$T" "$BIN" --plugin "$PLUGIN" --require-gpu >"$OUT/test_cuda.log" 2>&1
     TEST_RC=$?
@@ -118,7 +136,10 @@ fi
 T=$(limit 90)
 NCCL_LINE="not run"
 NCCL_RC=none
-if [ "$T" -gt 0 ]; then
+if [ "$STREAM" = only ]; then
+    NCCL_LINE="skipped (CHECK_STREAM=only)"
+    NCCL_RC=0
+elif [ "$T" -gt 0 ]; then
     sh tests/gpu/check_nccl.sh "$OUT" "$T" >"$OUT/check_nccl.out" 2>&1
     NCCL_RC=$?
     tee -a "$LOG" <"$OUT/check_nccl.out"
@@ -133,6 +154,9 @@ if grep -q "^FAILED" "$OUT/test_cuda.log" 2>/dev/null || [ "$TEST_RC" = none ]; 
     say "FAILED: the plugin or the GPU cannot be used (above): no timings"
     BUDGET=0
 fi
+# CHECK_STREAM=only: the whole budget is 4c's
+FULL_BUDGET=$BUDGET
+[ "$STREAM" = only ] && BUDGET=0
 WHEELS_OK=0
 if ls tools/wheels/*.whl >/dev/null 2>&1; then
     if $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -216,6 +240,88 @@ REST=decode:256:1,encode:256:1,encode:1024:1,decode:512:8,encode:512:8,decode:25
 klvae_bench $REST bf16
 torch_bench $REST
 train_torch --compile
+
+# ---- 4c. huge images: the streamed decode (issue 13) ----
+BUDGET=$FULL_BUDGET
+[ "$STREAM" = only ] && [ "$TEST_RC" != 0 ] && BUDGET=0
+stream_fail() {
+    say "FAILED (streamed decode): $*"
+    STREAM_RC=1
+}
+SDIR=/tmp/klvae-stream
+if [ "$STREAM" != 0 ] && [ -x "$BIN" ] && [ "$(limit 200)" -ge 200 ]; then
+    say "== huge images: the streamed decode (4c)"
+    rm -rf "$SDIR" && mkdir -p "$SDIR"
+    # the latents (standard normal, seeded) both sides read
+    $PY -c 'import numpy as np, sys
+for s in (1024, 8192):
+    np.random.default_rng(s).standard_normal((1, 4, s // 8, s // 8), dtype=np.float32).tofile(
+        sys.argv[1] + "/z%d.raw" % s)' "$SDIR" >>"$LOG" 2>&1 || stream_fail "cannot write the latents"
+    # exact: streamed (memory_limit 1G) against untiled on the GPU, fp32 (a
+    # check) and bf16 (reported)
+    for P in fp32 bf16; do
+        T=$(limit 90)
+        [ "$T" -gt 0 ] || break
+        timeout -k 5 "$T" "$BIN" bench stream:1024:0,stream:1024:1 --precision $P --runs 1 \
+            --plugin "$PLUGIN" --latents "$SDIR" >>"$BENCH" 2>>"$LOG" ||
+            stream_fail "test_cuda bench stream:1024 $P failed or timed out (check.log)"
+    done
+    $PY - "$SDIR" "$BENCH" <<'PYEOF' >>"$LOG" 2>&1 || stream_fail "streamed 1024^2 fp32 is not the untiled decode (check.log)"
+import json, sys
+import numpy as np
+d, bench = sys.argv[1], sys.argv[2]
+bad = 0
+for p, tol in (("fp32", 1e-4), ("bf16", None)):
+    try:
+        u = np.fromfile(f"{d}/klvae_1024_0g_{p}.raw", dtype=np.float32).astype(np.float64)
+        s = np.fromfile(f"{d}/klvae_1024_1g_{p}.raw", dtype=np.float32).astype(np.float64)
+    except OSError as e:
+        print(f"stream 1024 {p}: {e}")
+        bad |= tol is not None
+        continue
+    rel = float(np.linalg.norm(s - u) / np.linalg.norm(u))
+    row = {"tool": "stream_error", "size": 1024, "precision": p, "against": "klvae untiled",
+           "max_abs": float(np.abs(s - u).max()), "rel_l2": rel, "tolerance": tol}
+    print(json.dumps(row))
+    open(bench, "a").write(json.dumps(row) + "\n")
+    if tol is not None and not rel <= tol:
+        bad = 1
+sys.exit(bad)
+PYEOF
+    # 8192^2 bf16 within 8 GB of device memory, and diffusers' tiled decode
+    T=$(limit 400)
+    if [ "$T" -gt 0 ]; then
+        timeout -k 5 "$T" "$BIN" bench stream:8192:8 --precision bf16 --runs 1 --plugin "$PLUGIN" \
+            --latents "$SDIR" --save-model "$SDIR/model" >>"$BENCH" 2>>"$LOG" ||
+            stream_fail "test_cuda bench stream:8192:8 bf16 failed or timed out after ${T} s (check.log)"
+    fi
+    T=$(limit 200)
+    if [ "$T" -gt 0 ] && [ -d "$SDIR/model" ]; then
+        timeout -k 5 "$T" env PYTHONUNBUFFERED=1 $PY tools/bench_stream_torch.py "$SDIR/model" 8192 \
+            --input "$SDIR/z8192.raw" --tiled --device cuda --dtype bf16 --warmup \
+            --output "$SDIR/diffusers_8192_tiled_bf16.raw" >>"$BENCH" 2>>"$LOG" ||
+            say "diffusers' tiled 8192^2 decode failed or timed out (check.log)"
+    fi
+    $PY - "$SDIR" "$BENCH" <<'PYEOF' >>"$LOG" 2>&1
+import json, sys
+import numpy as np
+d, bench = sys.argv[1], sys.argv[2]
+try:
+    k = np.fromfile(f"{d}/klvae_8192_8g_bf16.raw", dtype=np.float32).astype(np.float64)
+    t = np.fromfile(f"{d}/diffusers_8192_tiled_bf16.raw", dtype=np.float32).astype(np.float64)
+except OSError as e:
+    sys.exit(f"8192: {e}")
+row = {"tool": "stream_error", "size": 8192, "precision": "bf16",
+       "against": "diffusers tiled", "max_abs": float(np.abs(k - t).max()),
+       "rel_l2": float(np.linalg.norm(k - t) / np.linalg.norm(t)), "tolerance": None}
+print(json.dumps(row))
+open(bench, "a").write(json.dumps(row) + "\n")
+PYEOF
+    rm -f "$SDIR"/*.raw
+elif [ "$STREAM" != 0 ]; then
+    say "4c (huge images) not run: under 200 s left (run it alone: CHECK_STREAM=only)"
+    [ "$STREAM" = only ] && STREAM_RC=1
+fi
 
 # ---- 6. the table ----
 TEST_LINE=$(tail -1 "$OUT/test_cuda.log" 2>/dev/null)
@@ -324,8 +430,37 @@ if kt and pe:
                                   "reported"))
 else:
     print("%-44s %-42s %s" % ("train 256^2 b8 bf16 vs torch eager", "missing", ">= 1.5x"))
+# huge images (4c): the streamed decode
+for e in (r for r in rows if r.get("tool") == "stream_error" and r.get("size") == 1024):
+    tol = e.get("tolerance")
+    print("%-44s %-42s %s" % ("streamed 1024^2 %s vs untiled: rel L2" % e["precision"],
+                              "%.2e (max abs %.2e)" % (e["rel_l2"], e["max_abs"]),
+                              "<= %g  %s" % (tol, "MET" if e["rel_l2"] <= tol else "NOT MET")
+                              if tol else "reported"))
+k8 = next((r for r in rows if r.get("tool") == "klvae" and r.get("op") == "stream"
+           and r.get("size") == 8192), None)
+d8 = next((r for r in rows if r.get("tool") == "diffusers_stream" and r.get("size") == 8192), None)
+e8 = next((r for r in rows if r.get("tool") == "stream_error" and r.get("size") == 8192), None)
+if k8:
+    gb = k8["peak_in_use_mb"] * 1048576 / 1e9
+    print("%-44s %-42s %s" % ("decode 8192^2 bf16 streamed, memory_limit 8G",
+                              "%.1f s, device peak %.2f GB" % (k8["median_ms"] / 1e3, gb),
+                              "<= 8 GB  %s" % ("MET" if gb <= 8.0 else "NOT MET")))
+    print("   plan: %s; host RSS %.1f GB" % (k8.get("plan", "?"), k8.get("peak_rss_mb", 0) / 1024))
+else:
+    print("%-44s %-42s %s" % ("decode 8192^2 bf16 streamed, memory_limit 8G", "missing", "<= 8 GB"))
+if d8:
+    print("%-44s %-42s %s" % ("diffusers enable_tiling() 8192^2 bf16",
+                              "%.1f s, device peak %.2f GB" % (d8["median"], d8["peak_device_mb"] * 1048576 / 1e9),
+                              "klvae / diffusers time %.2fx" % (k8["median_ms"] / 1e3 / d8["median"])
+                              if k8 else "-"))
+if e8:
+    print("%-44s %-42s %s" % ("8192^2: klvae streamed vs diffusers tiled",
+                              "max abs %.3g, rel L2 %.3g" % (e8["max_abs"], e8["rel_l2"]),
+                              "(tiling's error and bf16)"))
 EOF
 status=0
 [ "$TEST_RC" = 0 ] || { echo "check.sh: test_cuda did not pass (exit $TEST_RC): see $OUT/test_cuda.log" >&2; status=1; }
 [ "$NCCL_RC" = 0 ] || { echo "check.sh: the NCCL check did not pass (exit $NCCL_RC): see $OUT/test_nccl.log" >&2; status=1; }
+[ "$STREAM_RC" = 0 ] || { echo "check.sh: the streamed decode (4c) failed: see $LOG" >&2; status=1; }
 exit $status

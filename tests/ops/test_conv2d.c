@@ -22,6 +22,11 @@ static const conv_case conv_cases[] = {
     {2, 33, 7, 9, 35, 3, {1, 1, 1, 1, 1}, true},  /* Winograd, odd sizes and channels */
     {1, 40, 90, 70, 32, 3, {1, 1, 1, 1, 1}, false}, /* Winograd, several bands, no bias */
     {2, 96, 4, 6, 64, 3, {2, 1, 1, 1, 1}, true},  /* im2col: few bands, channels split */
+    /* Winograd on the row bands of streamed execution: halo rows instead of
+     * the padding row above, below, or both (odd row counts) */
+    {1, 40, 9, 11, 36, 3, {1, 0, 1, 1, 1}, true},
+    {2, 33, 8, 7, 35, 3, {1, 1, 1, 0, 1}, true},
+    {1, 40, 11, 9, 32, 3, {1, 0, 1, 0, 1}, false},
 };
 
 static void conv_reference(const conv_case *c, const float *x, const float *w, const float *b,
@@ -82,11 +87,13 @@ START_TEST(conv2d_prologue_matches_float64_reference)
 {
     /* conv(act(x * scale[n,c] + shift[n,c])) with zero padding after the
      * prologue: case 0 goes through Winograd, case 1 through im2col (few
-     * output channels), case 2 through im2col with stride 2. */
+     * output channels), case 2 through im2col with stride 2, case 3 through
+     * Winograd on an interior row band (no padding rows). */
     static const conv_case cases[] = {
         {2, 40, 9, 11, 36, 3, {1, 1, 1, 1, 1}, true},
         {2, 8, 9, 11, 3, 3, {1, 1, 1, 1, 1}, true},
         {2, 6, 10, 12, 5, 3, {2, 0, 0, 1, 1}, false},
+        {2, 40, 7, 11, 36, 3, {1, 0, 1, 0, 1}, true},
     };
     const conv_case *c = &cases[_i];
     const kv_activation act = _i == 2 ? KV_ACT_GELU : KV_ACT_SILU;
@@ -142,6 +149,9 @@ START_TEST(conv2d_residual_and_upsample_match_float64_reference)
         {{2, 6, 4, 5, 5, 3, {1, 1, 1, 1, 1}, true}, false, true, false},
         {{2, 9, 5, 3, 4, 3, {1, 1, 1, 1, 1}, true}, true, true, true},
         {{1, 5, 3, 5, 6, 3, {2, 0, 1, 1, 0}, false}, true, true, false},
+        /* a row band of the upsample conv in Winograd: no padding rows */
+        {{2, 40, 5, 7, 33, 3, {1, 0, 1, 0, 1}, true}, true, true, true},
+        {{1, 40, 4, 5, 32, 3, {1, 0, 1, 1, 1}, false}, false, true, false},
     };
     const conv_case *c = &cases[_i].c;
     const bool has_r = cases[_i].residual, up = cases[_i].upsample, pro = cases[_i].prologue;
@@ -206,6 +216,11 @@ static const conv_case bf16_cases[] = {
     {2, 96, 4, 6, 64, 3, {2, 1, 1, 1, 1}, true},
     {2, 12, 8, 10, 10, 3, {2, 0, 0, 1, 1}, true},
     {2, 5, 7, 9, 6, 3, {1, 1, 1, 1, 1}, true},
+    /* Winograd on the row bands of a streamed forward: halo rows instead of
+     * the top, the bottom or both paddings */
+    {2, 40, 9, 11, 36, 3, {1, 0, 1, 1, 1}, true},
+    {1, 48, 8, 10, 40, 3, {1, 1, 1, 0, 1}, true},
+    {2, 40, 7, 9, 36, 3, {1, 0, 1, 0, 1}, true},
 };
 
 /* The checks every bf16 result gets: against float64 on the unrounded
@@ -475,8 +490,8 @@ Suite *suite_conv2d_ops(void)
     TCase *forward = op_tcase(s, "forward"), *backward = op_tcase(s, "backward");
     tcase_add_loop_test(forward, conv2d_matches_float64_reference, 0,
                         (int)(sizeof conv_cases / sizeof conv_cases[0]));
-    tcase_add_loop_test(forward, conv2d_prologue_matches_float64_reference, 0, 3);
-    tcase_add_loop_test(forward, conv2d_residual_and_upsample_match_float64_reference, 0, 6);
+    tcase_add_loop_test(forward, conv2d_prologue_matches_float64_reference, 0, 4);
+    tcase_add_loop_test(forward, conv2d_residual_and_upsample_match_float64_reference, 0, 8);
     tcase_add_loop_test(forward, conv2d_bf16_matches_float64_reference, 0,
                         (int)(sizeof bf16_cases / sizeof bf16_cases[0]));
     tcase_add_loop_test(forward, conv2d_bf16_prologue_upsample_residual, 0, 2);

@@ -191,7 +191,7 @@ static klvae_status_t conv2d_plain(kv_backend *be, const kv_tensor *x,
 {
     kv_cpu *cpu = kv_cpu_of(be);
     if (w->ndim == 4 && kv_winograd_applies(x->shape[1], w->shape[0], w->shape[2], w->shape[3], g))
-        return kv_conv2d_winograd(cpu, x, prologue, w, false, b, y);
+        return kv_conv2d_winograd(cpu, x, prologue, w, false, b, g.pad_top, y);
     if (!prologue)
         return conv2d_im2col(cpu, x, w, b, g, y);
     /* The im2col path reads every input value kh * kw times, so it applies

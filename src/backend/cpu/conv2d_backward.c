@@ -54,7 +54,7 @@ static klvae_status_t backward_data_stride1(kv_backend *be, const kv_tensor *dy,
     /* Winograd reads the flipped kernel straight from w, so its transform is
      * kept for w (frozen weights: LPIPS) instead of for a fresh copy */
     if (w->ndim == 4 && kv_winograd_applies(co, ci, kh, kw, t))
-        return kv_conv2d_winograd(cpu, dy, NULL, w, true, NULL, dx);
+        return kv_conv2d_winograd(cpu, dy, NULL, w, true, NULL, t.pad_top, dx);
     kv_tensor wt;
     klvae_status_t st = kv_tensor_alloc(be, ci, co, kh, kw, &wt);
     if (st != KLVAE_OK)

@@ -18,7 +18,8 @@ typedef struct kv_winograd_job {
     kv_activation act;
     const float *u; /* transformed weights: 16 x Co x Ci */
     float *v;       /* this band's transformed inputs: 16 x Ci x tiles */
-    int ci, co, h, w;
+    int ci, co, h, w; /* h: input rows */
+    int ho, pad_top;  /* output rows: h + pad_top + pad_bottom - 2 */
     int tiles_w, tile_rows_per_band;
     int tr0, tr1; /* this band's tile rows */
     int rows_per_chunk, chunks, co_per_split, splits;
@@ -33,18 +34,21 @@ void kv_winograd_transform_inputs(const kv_winograd_job *j, int c0, int c1, size
                                   float *rows);
 
 bool kv_winograd_applies(int ci, int co, int kh, int kw, kv_conv_geometry g);
-/* y = conv(prologue(x), w') + b for a 3x3 "same" convolution, where w' is
- * w, or with flipped the flipped transpose of w (w'[i][o][ky][kx] =
+/* y = conv(prologue(x), w') + b for a geometry kv_winograd_applies to, where
+ * w' is w, or with flipped the flipped transpose of w (w'[i][o][ky][kx] =
  * w[o][i][2-ky][2-kx]: the kernel of the data gradient, so that its
- * transform is kept for w itself). */
+ * transform is kept for w itself); pad_top is the top padding (0 or 1: the
+ * row bands of a streamed forward read halo rows instead), the bottom one
+ * follows from y's rows. */
 klvae_status_t kv_conv2d_winograd(kv_cpu *cpu, const kv_tensor *x,
                                   const kv_conv_prologue *prologue, const kv_tensor *w,
-                                  bool flipped, const kv_tensor *b, kv_tensor *y);
+                                  bool flipped, const kv_tensor *b, int pad_top, kv_tensor *y);
 /* The same with bf16 products (cpu->bf16; conv2d_winograd_bf16.c);
  * kv_conv2d_winograd calls it in that mode. */
 klvae_status_t kv_conv2d_winograd_bf16(kv_cpu *cpu, const kv_tensor *x,
                                        const kv_conv_prologue *prologue, const kv_tensor *w,
-                                       bool flipped, const kv_tensor *b, kv_tensor *y);
+                                       bool flipped, const kv_tensor *b, int pad_top,
+                                       kv_tensor *y);
 /* U = G w' G^T for every (co, ci) of the convolution's ci x co kernel w'
  * (w, or w's flipped transpose), 16 x co x ci floats, over the pool (each
  * thread's scratch must hold 9 ci floats). */

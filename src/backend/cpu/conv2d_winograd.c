@@ -1,5 +1,7 @@
-/* conv2d_winograd.c — 3x3 stride-1 "same" convolutions by Winograd's minimal
- * filtering F(2x2, 3x3) (Lavin & Gray, 2016).
+/* conv2d_winograd.c — 3x3 stride-1 convolutions with one column of zero
+ * padding left and right, and zero or one row above and below ("same", and
+ * the row bands of streamed execution, whose halo rows replace the padding),
+ * by Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray, 2016).
  *
  * Each 2x2 block of outputs is computed from a 4x4 block of inputs d as
  *     Y = A^T [ (G g G^T) .* (B^T d B) ] A
@@ -41,9 +43,9 @@
 
 bool kv_winograd_applies(int ci, int co, int kh, int kw, kv_conv_geometry g)
 {
-    return kh == 3 && kw == 3 && g.stride == 1 && g.pad_top == 1 && g.pad_left == 1 &&
-           g.pad_bottom == 1 && g.pad_right == 1 && ci >= KV_WINOGRAD_MIN_CHANNELS &&
-           co >= KV_WINOGRAD_MIN_CHANNELS;
+    return kh == 3 && kw == 3 && g.stride == 1 && (g.pad_top == 0 || g.pad_top == 1) &&
+           g.pad_left == 1 && (g.pad_bottom == 0 || g.pad_bottom == 1) && g.pad_right == 1 &&
+           ci >= KV_WINOGRAD_MIN_CHANNELS && co >= KV_WINOGRAD_MIN_CHANNELS;
 }
 
 /* Wide vectors where the CPU has them; the transforms are streaming loops. */
@@ -174,7 +176,8 @@ void kv_winograd_transform_inputs(const kv_winograd_job *j, int c0, int c1, size
     for (int c = c0; c < c1; c++) {
         const float *plane = x + (size_t)c * h * w;
         size_t t = (size_t)c * tiles;
-        /* Input rows 2 tr - 1 ... 2 tr + 2 of the tile row, zero-padded and
+        /* Input rows 2 tr - pad_top ... 2 tr - pad_top + 3 of the tile row (the
+         * rows of output rows 2 tr and 2 tr + 1), zero-padded and
          * with the prologue applied; consecutive tile rows share two rows,
          * so each row is prepared once and the buffers rotate. */
         float *in[4] = {d, d + pw, d + 2 * pw, d + 3 * pw};
@@ -189,7 +192,7 @@ void kv_winograd_transform_inputs(const kv_winograd_job *j, int c0, int c1, size
             }
             for (int r = have; r < 4; r++) {
                 float *dr = in[r];
-                int yy = 2 * tr - 1 + r;
+                int yy = 2 * tr - j->pad_top + r;
                 if (yy < 0 || yy >= h) {
                     memset(dr, 0, (size_t)pw * sizeof(float));
                     continue;
@@ -236,7 +239,7 @@ KV_VECTOR_CLONES
 static void transform_outputs(const kv_winograd_job *j, const float *m, int c0, int c1, int tr0,
                               int tr1, float *rows)
 {
-    const int h = j->h, w = j->w, tw = j->tiles_w;
+    const int h = j->ho, w = j->w, tw = j->tiles_w;
     const size_t tiles = (size_t)(tr1 - tr0) * tw;
     const size_t stride = (size_t)(c1 - c0) * tiles; /* m holds channels [c0, c1) */
     float *top = rows, *bottom = rows + 2 * tw;
@@ -309,10 +312,10 @@ static void output_task(void *arg, int task, int thread)
 
 klvae_status_t kv_conv2d_winograd(kv_cpu *cpu, const kv_tensor *x,
                                   const kv_conv_prologue *prologue, const kv_tensor *w,
-                                  bool flipped, const kv_tensor *b, kv_tensor *y)
+                                  bool flipped, const kv_tensor *b, int pad_top, kv_tensor *y)
 {
     if (cpu->bf16)
-        return kv_conv2d_winograd_bf16(cpu, x, prologue, w, flipped, b, y);
+        return kv_conv2d_winograd_bf16(cpu, x, prologue, w, flipped, b, pad_top, y);
     kv_winograd_job j;
     memset(&j, 0, sizeof j);
     j.bias = b ? b->data : NULL;
@@ -320,9 +323,11 @@ klvae_status_t kv_conv2d_winograd(kv_cpu *cpu, const kv_tensor *x,
     j.co = flipped ? w->shape[1] : w->shape[0];
     j.h = x->shape[2];
     j.w = x->shape[3];
+    j.ho = y->shape[2];
+    j.pad_top = pad_top;
     j.tiles_w = (j.w + 1) / 2;
     j.cpu = cpu;
-    const int tiles_h = (j.h + 1) / 2;
+    const int tiles_h = (j.ho + 1) / 2;
     /* Equal bands of at most KV_WINOGRAD_BAND_FLOATS of V. */
     size_t max_rows = KV_WINOGRAD_BAND_FLOATS / ((size_t)16 * j.ci * j.tiles_w);
     if (max_rows < 1)
@@ -353,7 +358,7 @@ klvae_status_t kv_conv2d_winograd(kv_cpu *cpu, const kv_tensor *x,
     const int input_tasks = (j.ci + KV_WINOGRAD_TRANSFORM_CHANNELS - 1) / KV_WINOGRAD_TRANSFORM_CHANNELS;
     for (int n = 0; n < x->shape[0]; n++) {
         j.x = (const float *)x->data + (size_t)n * j.ci * j.h * j.w;
-        j.y = (float *)y->data + (size_t)n * j.co * j.h * j.w;
+        j.y = (float *)y->data + (size_t)n * j.co * j.ho * j.w;
         if (prologue) {
             j.scale = (const float *)prologue->scale->data + (size_t)n * j.ci;
             j.shift = (const float *)prologue->shift->data + (size_t)n * j.ci;

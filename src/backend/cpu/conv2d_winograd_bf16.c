@@ -149,7 +149,7 @@ static void output_block(const bf16_job *j, const float *m, int c0, int rows, si
                          int count)
 {
     const kv_winograd_job *in = &j->in;
-    const int h = in->h, w = in->w, tw = in->tiles_w;
+    const int h = in->ho, w = in->w, tw = in->tiles_w; /* h: output rows */
     float o[4][KV_BF16_NR];
     for (int r = 0; r < rows; r++) {
         const int c = c0 + r;
@@ -216,16 +216,18 @@ static void output_task(void *arg, int task, int thread)
 /* ---- the convolution ---- */
 
 /* Bands, chunks, splits and scratch for an image of x and co outputs. */
-static klvae_status_t plan(kv_cpu *cpu, const kv_tensor *x, int co, bf16_job *j, int *band_rows,
-                           size_t *most_tiles)
+static klvae_status_t plan(kv_cpu *cpu, const kv_tensor *x, const kv_tensor *y, int pad_top,
+                           int co, bf16_job *j, int *band_rows, size_t *most_tiles)
 {
     kv_winograd_job *in = &j->in;
     in->ci = x->shape[1];
     in->co = co;
     in->h = x->shape[2];
     in->w = x->shape[3];
+    in->ho = y->shape[2];
+    in->pad_top = pad_top;
     in->tiles_w = (in->w + 1) / 2;
-    const int tiles_h = (in->h + 1) / 2, tw = in->tiles_w;
+    const int tiles_h = (in->ho + 1) / 2, tw = in->tiles_w;
     j->pairs = kv_bf16_pairs(in->ci);
     size_t max_rows = KV_WINOGRAD_BF16_BAND_WORDS / ((size_t)16 * j->pairs * tw);
     max_rows = KV_MAX((size_t)1, max_rows);
@@ -255,14 +257,15 @@ static klvae_status_t plan(kv_cpu *cpu, const kv_tensor *x, int co, bf16_job *j,
 
 klvae_status_t kv_conv2d_winograd_bf16(kv_cpu *cpu, const kv_tensor *x,
                                        const kv_conv_prologue *prologue, const kv_tensor *w,
-                                       bool flipped, const kv_tensor *b, kv_tensor *y)
+                                       bool flipped, const kv_tensor *b, int pad_top,
+                                       kv_tensor *y)
 {
     bf16_job j;
     memset(&j, 0, sizeof j);
     int band_rows;
     size_t most_tiles;
     const int co = flipped ? w->shape[1] : w->shape[0];
-    klvae_status_t st = plan(cpu, x, co, &j, &band_rows, &most_tiles);
+    klvae_status_t st = plan(cpu, x, y, pad_top, co, &j, &band_rows, &most_tiles);
     if (st != KLVAE_OK)
         return st;
     uint32_t *shared = (uint32_t *)cpu->shared;
@@ -273,12 +276,12 @@ klvae_status_t kv_conv2d_winograd_bf16(kv_cpu *cpu, const kv_tensor *x,
     kv_winograd_job *in = &j.in;
     in->bias = b ? b->data : NULL;
     in->cpu = cpu;
-    const int tiles_h = (in->h + 1) / 2;
+    const int tiles_h = (in->ho + 1) / 2;
     const int input_tasks = (in->ci + KV_WINOGRAD_BF16_TRANSFORM_CHANNELS - 1) /
                             KV_WINOGRAD_BF16_TRANSFORM_CHANNELS;
     for (int n = 0; n < x->shape[0]; n++) {
         in->x = (const float *)x->data + (size_t)n * in->ci * in->h * in->w;
-        in->y = (float *)y->data + (size_t)n * co * in->h * in->w;
+        in->y = (float *)y->data + (size_t)n * co * in->ho * in->w;
         if (prologue) {
             in->scale = (const float *)prologue->scale->data + (size_t)n * in->ci;
             in->shift = (const float *)prologue->shift->data + (size_t)n * in->ci;
