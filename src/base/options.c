@@ -49,8 +49,10 @@ static const opt_def option_table[] = {
     {"threads", OPT_INT, "0", 0, 4096, NULL,
      "CPU worker threads; 0 uses every core this process may run on."},
     {"precision", OPT_CHOICE, "fp32", 0, 0, "fp32|tf32|bf16",
-     "Arithmetic of the CUDA backend. The CPU backend always computes in fp32 and refuses "
-     "the others when backend=cpu is explicit."},
+     "Arithmetic: fp32 (strict float32), tf32 (TF32 tensor-core products; CUDA only, "
+     "refused when backend=cpu is explicit, fp32 when auto falls back to the CPU) or bf16 "
+     "(bf16 products with float32 accumulation; on the CPU where it has AVX512-BF16, else "
+     "fp32, and precision_reason says why)."},
     {"seed", OPT_UINT64, "0", 0, 0, NULL,
      "Seed of klvae_model_create's initialisation and of the trainer's random numbers "
      "(posterior noise, dropout, the discriminator's initialisation)."},
