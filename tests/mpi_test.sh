@@ -182,6 +182,20 @@ expect_stop() {
     else ok; fi
 }
 
+# children_of PID: the processes whose parent is PID, from /proc (pgrep is
+# procps', which a minimal Debian lacks); the fields of stat after the
+# command's closing parenthesis are the state, then the parent
+children_of() {
+    parent=$1
+    for stat in /proc/[0-9]*/stat; do
+        line=$(cat "$stat" 2>/dev/null) || continue
+        # shellcheck disable=SC2086
+        set -- ${line##*) }
+        [ "${2:-}" = "$parent" ] && { p=${stat#/proc/}; echo "${p%/stat}"; }
+    done
+    return 0
+}
+
 # a rank that dies in the middle of training (SIGKILL to rank 1)
 $MPIRUN -np 2 $KLVAE $TRAIN --batch 4 --steps 100000 --out "$tmp/killed" \
     >"$tmp/killed.out" 2>"$tmp/killed.err" &
@@ -191,7 +205,7 @@ start=$(date +%s)
 victim=""
 while [ -z "$victim" ] && [ $(($(date +%s) - start)) -lt 120 ]; do
     if [ -f "$tmp/killed/log.csv" ] && [ "$(grep -c '^[0-9]' "$tmp/killed/log.csv")" -ge 1 ] 2>/dev/null; then
-        for pid in $(pgrep -P "$mpirun_pid"); do
+        for pid in $(children_of "$mpirun_pid"); do
             tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qx OMPI_COMM_WORLD_RANK=1 && victim=$pid
         done
     fi

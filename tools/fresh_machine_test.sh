@@ -55,6 +55,14 @@ mount -t sysfs sys "$root/sys"
 mount --bind /dev "$root/dev"
 mount --bind /dev/pts "$root/dev/pts"
 cp /etc/resolv.conf "$root/etc/resolv.conf"
+# What a fresh machine of this kind has from its image: the certificate
+# authorities and pip's settings through which the package registries are
+# reached (Debian's bare root would have pip refuse the egress proxy's CA).
+if [ -f /etc/pip.conf ]; then cp /etc/pip.conf "$root/etc/pip.conf"; fi
+if [ -f /etc/ssl/certs/ca-certificates.crt ]; then
+    mkdir -p "$root/etc/ssl/certs"
+    cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
+fi
 # The branch as a bare repository inside the root, for the chroot's own git.
 git clone -q --bare --branch "$branch" "$top" "$root/srv/libklvae.git"
 
