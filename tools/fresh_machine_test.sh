@@ -59,6 +59,10 @@ cp /etc/resolv.conf "$root/etc/resolv.conf"
 # authorities and pip's settings through which the package registries are
 # reached (Debian's bare root would have pip refuse the egress proxy's CA).
 if [ -f /etc/pip.conf ]; then cp /etc/pip.conf "$root/etc/pip.conf"; fi
+if [ -d /usr/local/share/ca-certificates ]; then # kept by update-ca-certificates
+    mkdir -p "$root/usr/local/share/ca-certificates"
+    cp -a /usr/local/share/ca-certificates/. "$root/usr/local/share/ca-certificates/"
+fi
 if [ -f /etc/ssl/certs/ca-certificates.crt ]; then
     mkdir -p "$root/etc/ssl/certs"
     cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
