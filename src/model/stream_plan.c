@@ -45,6 +45,12 @@ static conv_cost cpu_conv_cost(int ci, int co, int k, kv_conv_geometry g, int ro
         const uint64_t chunk = KV_MIN(band, (256 + tw - 1) / tw) * tw;
         c.shared = (16 * (uint64_t)ci * co + 16 * (uint64_t)ci * band * tw) * f;
         c.per_thread = KV_MAX(16 * (uint64_t)co * chunk + 16 * tw + 16, 9 * (uint64_t)ci) * f;
+        /* with bf16 products (conv2d_winograd_bf16.c): half of U shared, and
+         * per thread a V of at most 384K words or one 48-tile block, M
+         * (16 x 8 x 48) and rows of tw + 1 columns */
+        const uint64_t pairs = ((uint64_t)ci + 1) / 2;
+        const uint64_t v = KV_MAX((uint64_t)384 << 10, 16 * pairs * 48);
+        c.per_thread = KV_MAX(c.per_thread, (v + 16 * 8 * 48 + 34 * (tw + 1) + 16) * f);
         return c;
     }
     if (prologue)

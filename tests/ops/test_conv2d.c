@@ -204,14 +204,17 @@ END_TEST
 
 /* ---- bf16 products (precision=bf16) ---- */
 
-/* Winograd (odd sizes and channels, a tiny image, a larger one with many
- * tile blocks), 1x1, im2col with a channel split and a partial kernel
- * panel, and a layer with fewer than 8 outputs, which stays float32. */
+/* Winograd (odd sizes and channels, a tiny image, a larger one whose tasks'
+ * chunks of tile blocks end inside tile rows, one block split by output
+ * channels with a partial last split), 1x1, im2col with a channel split and
+ * a partial kernel panel, and a layer with fewer than 8 outputs, which
+ * stays float32. */
 static const conv_case bf16_cases[] = {
     {2, 40, 9, 11, 36, 3, {1, 1, 1, 1, 1}, true},
     {2, 33, 7, 9, 35, 3, {1, 1, 1, 1, 1}, true},
     {2, 96, 4, 6, 64, 3, {1, 1, 1, 1, 1}, true},
     {1, 48, 50, 45, 40, 3, {1, 1, 1, 1, 1}, false},
+    {2, 40, 10, 11, 136, 3, {1, 1, 1, 1, 1}, true},
     {2, 21, 7, 9, 24, 1, {1, 0, 0, 0, 0}, true},
     {2, 96, 4, 6, 64, 3, {2, 1, 1, 1, 1}, true},
     {2, 12, 8, 10, 10, 3, {2, 0, 0, 1, 1}, true},

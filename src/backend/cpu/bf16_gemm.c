@@ -1,7 +1,4 @@
-/* bf16_gemm.c — see bf16_gemm.h. The kernels are compiled for
- * AVX512-BF16 with target attributes, so the library builds and loads on
- * any x86-64 (and any other architecture, without them); they only run
- * after kv_bf16_available said yes. */
+/* bf16_gemm.c — see bf16_gemm.h. */
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -11,10 +8,8 @@
 #include "base/common.h"
 #include "base/numerics.h"
 
-#if defined(__x86_64__) && (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 10))
-#define KV_BF16_KERNELS 1
+#ifdef KV_BF16_KERNELS
 #include <immintrin.h>
-#define KV_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 #endif
 
 /* Pairs of k per pass of the kernel over a block: the B block of one pass
@@ -81,7 +76,9 @@ KV_BF16_TARGET static inline __mmask16 lanes(int count)
     return count >= 16 ? (__mmask16)0xFFFF : count <= 0 ? 0 : (__mmask16)((1u << count) - 1u);
 }
 
-KV_BF16_TARGET void kv_bf16_pack_pairs(const float *lo, const float *hi, int count, uint32_t *out)
+/* Packs two float32 rows lo (even k) and hi (odd k; NULL: zeros) of count
+ * values into count pairs at out: the inner step of every B packing. */
+KV_BF16_TARGET static void pack_pairs(const float *lo, const float *hi, int count, uint32_t *out)
 {
     const __m512i index = interleave_index();
     for (int i = 0; i < count; i += 16) {
@@ -144,7 +141,7 @@ KV_BF16_TARGET void kv_bf16_kernel(int pairs, const uint32_t *a, const uint32_t 
 
 #else /* no kernels in this build: kv_bf16_available is false, so these never run */
 
-void kv_bf16_pack_pairs(const float *lo, const float *hi, int count, uint32_t *out)
+static void pack_pairs(const float *lo, const float *hi, int count, uint32_t *out)
 {
     for (int i = 0; i < count; i++)
         out[i] = (uint32_t)kv_bf16_from_float(lo[i]) |
@@ -209,7 +206,7 @@ void kv_bf16_pack_a(const float *a, size_t row_stride, size_t col_stride, int m,
                 const float *lo = a + (size_t)(2 * p) * col_stride + i0;
                 const float *hi = 2 * p + 1 < k ? lo + col_stride : NULL;
                 uint32_t *dst = out + (size_t)p * KV_BF16_MR;
-                kv_bf16_pack_pairs(lo, hi, rows, dst);
+                pack_pairs(lo, hi, rows, dst);
                 for (int r = rows; r < KV_BF16_MR; r++)
                     dst[r] = 0u;
             }
@@ -228,7 +225,7 @@ void kv_bf16_pack_b(const float *b, size_t row_stride, size_t col_stride, int k,
                 const float *lo = b + (size_t)(2 * p) * row_stride + j0;
                 const float *hi = 2 * p + 1 < k ? lo + row_stride : NULL;
                 uint32_t *dst = out + (size_t)p * KV_BF16_NR;
-                kv_bf16_pack_pairs(lo, hi, cols, dst);
+                pack_pairs(lo, hi, cols, dst);
                 for (int j = cols; j < KV_BF16_NR; j++)
                     dst[j] = 0u;
             }

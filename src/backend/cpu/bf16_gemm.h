@@ -28,6 +28,16 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* The kernels are compiled for AVX512-BF16 with target attributes, so the
+ * library builds and loads on any x86-64 (and any other architecture,
+ * without them); they only run after kv_bf16_available said yes. Files with
+ * AVX-512 code of their own for this mode (the bf16 Winograd transforms)
+ * use the same test and attribute. */
+#if defined(__x86_64__) && (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 10))
+#define KV_BF16_KERNELS 1
+#define KV_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#endif
+
 #define KV_BF16_MR 8  /* rows of C per kernel call */
 #define KV_BF16_NR 48 /* columns of C per kernel call: three 16-lane vectors */
 
@@ -84,10 +94,5 @@ void kv_bf16_gemm(int m, int n, int pairs, const uint32_t *a, const uint32_t *b,
  * the A panel at a and the B block at b (pairs pairs each). */
 void kv_bf16_kernel(int pairs, const uint32_t *a, const uint32_t *b, float *c, size_t ldc,
                     int rows, int cols, bool accumulate);
-
-/* Packs two float32 rows lo (even k) and hi (odd k; NULL: zeros) of count
- * values into count pairs at out: the inner step of every B packing,
- * exported for the Winograd input transform. */
-void kv_bf16_pack_pairs(const float *lo, const float *hi, int count, uint32_t *out);
 
 #endif

@@ -7,43 +7,41 @@
  * micro-kernel (bf16_gemm.h), and M is summed in float32:
  *
  *   - U is packed once per weight tensor, and kept (weight_cache.h);
- *   - the input transform writes V straight into the kernel's layout,
- *     two channels (a pair of k) at a time, so V is never packed again:
- *     for each xi, blocks of 48 tiles, inside a block pair p of tile j at
- *     [p * 48 + j];
- *   - the second phase works block by block: for 8 output channels and 48
- *     tiles it runs the 16 products into a small M (24 KB, in L1) and
- *     transforms it to outputs at once, so M never goes to memory.
+ *   - each task does all the work for a chunk of consecutive tiles (whole
+ *     48-tile blocks, the kernel's NR, as many as 1.5 MB of V hold): it
+ *     transforms the chunk's inputs of every channel into its own V, two
+ *     channels (a pair of k) and 16 tiles at a time in registers, stored
+ *     rounded and straight in the kernel's layout (per block and xi, pair p
+ *     of tile j at [p * 48 + j]); then block by block, for 8 output
+ *     channels at a time, it runs the 16 products into a small M (24 KB, in
+ *     L1) and transforms M to outputs at once. V stays in the core's
+ *     caches and M in L1: a whole-image V, four times the input's size,
+ *     written out and read back cost more in memory traffic than its
+ *     transform did in arithmetic (a 128-channel layer at 256^2 ran 15-20%
+ *     faster on Zen 4 when V stopped going to memory).
  *
- * Bands of tile rows, chunks of blocks and splits of output channels are
- * sized from the shapes only, and every output is summed in one kernel in a
- * fixed order, so results do not depend on the number of threads. */
+ * Chunks of blocks and splits of output channels are sized from the shapes
+ * only, and every output is summed in one kernel in a fixed order, so
+ * results do not depend on the number of threads. */
 #include <stdlib.h>
 #include <string.h>
 
 #include "backend/cpu/bf16_gemm.h"
 #include "backend/cpu/conv2d_internal.h"
 
-/* V of one band holds at most this many words (16 MB). */
-#define KV_WINOGRAD_BF16_BAND_WORDS ((size_t)4 << 20)
-/* 48-tile blocks per task of the second phase. */
-#define KV_WINOGRAD_BF16_CHUNK_BLOCKS 6
-/* Output channels per task when a band has too few blocks (a multiple of 8). */
+/* A task's V holds at most this many words (1.5 MB), one block at least. */
+#define KV_WINOGRAD_BF16_V_CHUNK_WORDS ((size_t)384 << 10)
+/* Output channels per task when an image has too few blocks (a multiple of 8). */
 #define KV_WINOGRAD_BF16_SPLIT_CHANNELS 64
 #define KV_WINOGRAD_BF16_MIN_TASKS 4
-/* Input channels per task of the first phase (an even number). */
-#define KV_WINOGRAD_BF16_TRANSFORM_CHANNELS 16
-/* Tiles the first phase transforms at a time, before packing them. */
-#define KV_WINOGRAD_BF16_STEP_TILES 1024
 
 typedef struct bf16_job {
-    kv_winograd_job in; /* image, prologue, sizes and band (tr0, tr1) */
+    kv_winograd_job in; /* image, prologue and sizes; tr0 = 0, tr1 = tile rows */
     const uint32_t *u;  /* 16 packed A (co x ci), u_plane words apart */
     size_t u_plane;
-    uint32_t *v; /* 16 packed B (ci x band tiles), v_plane words apart */
-    size_t v_plane;
-    int pairs, blocks; /* pairs of input channels; 48-tile blocks of the band */
-    int step_rows;     /* tile rows per step of the first phase */
+    size_t v_plane; /* words of one xi's packed B of a block: pairs x 48; a
+                     * chunk's V is its blocks' 16 planes, block after block */
+    int pairs, blocks; /* pairs of input channels; 48-tile blocks of the image */
     int blocks_per_chunk, chunks, co_per_split, splits;
     kv_cpu *cpu;
 } bf16_job;
@@ -91,62 +89,253 @@ static klvae_status_t packed_weights(kv_cpu *cpu, const kv_tensor *w, bool flipp
     return KLVAE_OK;
 }
 
-/* ---- phase 1: V ---- */
+/* ---- phase 1: V of one block ---- */
 
-/* Packs the float32 V of one or two channels (lo, hi; each 16 planes of
- * tiles values, plane floats apart) for the band's tiles [t0, t0 + tiles)
- * as pair p, block by block. */
-static void pack_tiles(const bf16_job *j, const float *lo, const float *hi, size_t plane, int p,
-                       size_t t0, size_t tiles)
+/* The transform of one channel's run of tiles in a tile row, from its four
+ * padded input rows d0..d3 to V, runs on the even and odd columns apart:
+ * with d[2k] in even[k] and d[2k + 1] in odd[k] (k from the run's first
+ * tile), the four values of row r of tile k are e[2k] - e[2k+2],
+ * e[2k+1] + e[2k+2], e[2k+2] - e[2k+1] and e[2k+1] - e[2k+3] (e = B^T d),
+ * contiguous loads 16 tiles at a time. The sums are those of
+ * conv2d_winograd.c in the same order, so V is its V rounded once. */
+
+/* The columns of input row yy of channel c that tiles [tx, tx + run) read,
+ * prologue applied, zero outside the image, as even and odd padded columns:
+ * even[k] = x[2 (tx + k) - 1], odd[k] = x[2 (tx + k)], run + 1 each. */
+#ifdef KV_BF16_KERNELS
+KV_BF16_TARGET
+#endif
+static void split_input_row(const kv_winograd_job *in, int c, int yy, int tx, int run,
+                            float *line, float *even, float *odd)
 {
-    for (size_t done = 0; done < tiles;) {
-        const size_t t = t0 + done, block = t / KV_BF16_NR, lane = t % KV_BF16_NR;
-        const int count = (int)KV_MIN(tiles - done, KV_BF16_NR - lane);
-        uint32_t *dst = j->v + block * (size_t)j->pairs * KV_BF16_NR +
-                        (size_t)p * KV_BF16_NR + lane;
-        for (int xi = 0; xi < 16; xi++)
-            kv_bf16_pack_pairs(lo + xi * plane + done, hi ? hi + xi * plane + done : NULL, count,
-                               dst + (size_t)xi * j->v_plane);
-        done += (size_t)count;
+    const int w = in->w, n = run + 1;
+    if (yy < 0 || yy >= in->h) {
+        memset(even, 0, (size_t)n * sizeof(float));
+        memset(odd, 0, (size_t)n * sizeof(float));
+        return;
+    }
+    /* image columns [first, last] of the 2 run + 2 padded ones */
+    const int first = KV_MAX(0, 2 * tx - 1), last = KV_MIN(w - 1, 2 * (tx + run));
+    const float *src = in->x + ((size_t)c * in->h + (size_t)yy) * w + first;
+    if (in->scale) {
+        kv_cpu_scale_shift_act(src, line, (size_t)(last - first + 1), in->scale[c], in->shift[c],
+                               in->act);
+        src = line;
+    }
+    src -= first; /* src[i] is column i for first <= i <= last */
+    for (int k = 0; k < n; k++) {
+        const int ie = 2 * (tx + k) - 1, io = 2 * (tx + k);
+        even[k] = ie >= first && ie <= last ? src[ie] : 0.0f;
+        odd[k] = io <= last ? src[io] : 0.0f;
     }
 }
 
-/* Input channels [16 task, 16 task + 16), two at a time, a few tile rows
- * at a time: the float32 transform of conv2d_winograd.c into scratch, then
- * packed into V. */
-static void input_task(void *arg, int task, int thread)
+/* e = B^T d for the even or the odd columns (n values each). */
+#ifdef KV_BF16_KERNELS
+KV_BF16_TARGET
+#endif
+static void columns_transform(const float *const d[4], float *const e[4], int n)
 {
-    const bf16_job *j = arg;
+    for (int q = 0; q < n; q++) {
+        e[0][q] = d[0][q] - d[2][q];
+        e[1][q] = d[1][q] + d[2][q];
+        e[2][q] = d[2][q] - d[1][q];
+        e[3][q] = d[1][q] - d[3][q];
+    }
+}
+
+#ifdef KV_BF16_KERNELS
+#include <immintrin.h>
+
+/* Lane j of the result holds (hi[j] << 16) | lo[j] in bf16: one pair per tile. */
+KV_BF16_TARGET static inline __m512i pair_words(__m512 lo, __m512 hi)
+{
+    const __m512i index =
+        _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22,
+                         6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    return _mm512_permutexvar_epi16(index, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+}
+
+KV_BF16_TARGET static inline __mmask16 lanes(int count)
+{
+    return count >= 16 ? (__mmask16)0xFFFF : count <= 0 ? 0 : (__mmask16)((1u << count) - 1u);
+}
+
+/* The four V values of row r of count tiles from e's even and odd columns
+ * of the pair's two channels (hi_even NULL: no second channel), stored as
+ * pairs at out + xi * plane for the row's four xi. */
+KV_BF16_TARGET static void pack_tile_row(const float *lo_even, const float *lo_odd,
+                                         const float *hi_even, const float *hi_odd, int count,
+                                         uint32_t *out, size_t plane)
+{
+    for (int k = 0; k < count; k += 16) {
+        const __mmask16 m = lanes(count - k);
+        __m512 a = _mm512_maskz_loadu_ps(m, lo_even + k), b = _mm512_maskz_loadu_ps(m, lo_odd + k);
+        __m512 c = _mm512_maskz_loadu_ps(m, lo_even + k + 1);
+        __m512 d = _mm512_maskz_loadu_ps(m, lo_odd + k + 1);
+        __m512 lo[4] = {_mm512_sub_ps(a, c), _mm512_add_ps(b, c), _mm512_sub_ps(c, b),
+                        _mm512_sub_ps(b, d)};
+        __m512 hi[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                        _mm512_setzero_ps()};
+        if (hi_even) {
+            a = _mm512_maskz_loadu_ps(m, hi_even + k);
+            b = _mm512_maskz_loadu_ps(m, hi_odd + k);
+            c = _mm512_maskz_loadu_ps(m, hi_even + k + 1);
+            d = _mm512_maskz_loadu_ps(m, hi_odd + k + 1);
+            hi[0] = _mm512_sub_ps(a, c);
+            hi[1] = _mm512_add_ps(b, c);
+            hi[2] = _mm512_sub_ps(c, b);
+            hi[3] = _mm512_sub_ps(b, d);
+        }
+        for (int xi = 0; xi < 4; xi++)
+            _mm512_mask_storeu_epi32(out + (size_t)xi * plane + k, m, pair_words(lo[xi], hi[xi]));
+    }
+}
+
+#else /* no kernels in this build: the bf16 mode never runs */
+
+static void pack_tile_row(const float *lo_even, const float *lo_odd, const float *hi_even,
+                          const float *hi_odd, int count, uint32_t *out, size_t plane)
+{
+    (void)lo_even, (void)lo_odd, (void)hi_even, (void)hi_odd, (void)count, (void)out, (void)plane;
+}
+
+#endif
+
+/* Floats of scratch the transform of a chunk needs for rows of up to tw
+ * tiles: per channel of a pair, four input rows and four rows of e, even and
+ * odd columns (tw + 1 values each); one line of 2 tw + 2 columns; rounded up
+ * to keep V 64-byte aligned behind them. */
+static size_t rows_floats(int tw)
+{
+    const size_t n = (size_t)tw + 1;
+    return (2 * 16 * n + 2 * n + 15) / 16 * 16;
+}
+
+/* The even and odd columns of rows r of e for one channel. */
+typedef struct channel_rows {
+    float *d[4][2], *e[4][2];
+} channel_rows;
+
+/* V of the chunk's tiles [t_begin, t_end) of the image for every input
+ * channel, two channels at a time, tile row by tile row: block after block
+ * of 16 planes of pairs x 48 words at v. Consecutive tile rows that cover
+ * the same columns share two input rows, so those are prepared once. Lanes
+ * past t_end are zero. */
+static void transform_chunk(const bf16_job *j, size_t t_begin, size_t t_end, uint32_t *v,
+                            float *rows)
+{
     const kv_winograd_job *in = &j->in;
     const int tw = in->tiles_w;
-    float *tmp = j->cpu->scratch[thread];
-    float *rows = tmp + (size_t)16 * 2 * j->step_rows * tw;
-    const int c_end = KV_MIN(in->ci, (task + 1) * KV_WINOGRAD_BF16_TRANSFORM_CHANNELS);
-    for (int c = task * KV_WINOGRAD_BF16_TRANSFORM_CHANNELS; c < c_end; c += 2) {
-        const int count = KV_MIN(2, in->ci - c);
-        kv_winograd_job one = *in;
-        one.x = in->x + (size_t)c * in->h * in->w;
-        one.scale = in->scale ? in->scale + c : NULL;
-        one.shift = in->shift ? in->shift + c : NULL;
-        one.ci = count;
-        one.v = tmp;
-        for (int tr = in->tr0; tr < in->tr1; tr += j->step_rows) {
-            one.tr0 = tr;
-            one.tr1 = KV_MIN(in->tr1, tr + j->step_rows);
-            const size_t tiles = (size_t)(one.tr1 - one.tr0) * tw;
-            kv_winograd_transform_inputs(&one, 0, count, tiles, rows);
-            pack_tiles(j, tmp, count == 2 ? tmp + tiles : NULL, (size_t)count * tiles, c / 2,
-                       (size_t)(tr - in->tr0) * tw, tiles);
+    const size_t n = (size_t)tw + 1, block_words = 16 * j->v_plane;
+    const size_t tiles = t_end - t_begin, blocks = (tiles + KV_BF16_NR - 1) / KV_BF16_NR;
+    const int tail = (int)(blocks * KV_BF16_NR - tiles);
+    float *line = rows + 2 * 16 * n;
+    channel_rows ch[2];
+    for (int h = 0; h < 2; h++)
+        for (int r = 0; r < 4; r++)
+            for (int parity = 0; parity < 2; parity++) {
+                ch[h].d[r][parity] = rows + ((size_t)(h * 4 + r) * 2 + parity) * n;
+                ch[h].e[r][parity] = rows + (16 + (size_t)(h * 4 + r) * 2 + parity) * n;
+            }
+    for (int p = 0; p < j->pairs; p++) {
+        const int c = 2 * p, channels = KV_MIN(2, in->ci - c);
+        uint32_t *pair = v + (size_t)p * KV_BF16_NR;
+        for (int xi = 0; tail && xi < 16; xi++)
+            memset(pair + (blocks - 1) * block_words + (size_t)xi * j->v_plane + (KV_BF16_NR - tail),
+                   0, (size_t)tail * sizeof(uint32_t));
+        int last_tr = -2, last_tx = -1, last_run = -1;
+        for (size_t t = t_begin; t < t_end;) { /* one tile row's run of tiles at a time */
+            const int tr = in->tr0 + (int)(t / (size_t)tw), tx = (int)(t % (size_t)tw);
+            const int run = (int)KV_MIN(t_end - t, (size_t)(tw - tx));
+            const int have = tr == last_tr + 1 && tx == last_tx && run == last_run ? 2 : 0;
+            for (int h = 0; h < channels; h++) {
+                channel_rows *cr = &ch[h];
+                if (have == 2)
+                    for (int parity = 0; parity < 2; parity++) {
+                        float *r0 = cr->d[0][parity], *r1 = cr->d[1][parity];
+                        cr->d[0][parity] = cr->d[2][parity];
+                        cr->d[1][parity] = cr->d[3][parity];
+                        cr->d[2][parity] = r0;
+                        cr->d[3][parity] = r1;
+                    }
+                for (int r = have; r < 4; r++)
+                    split_input_row(in, c + h, 2 * tr - in->pad_top + r, tx, run, line,
+                                    cr->d[r][0], cr->d[r][1]);
+                for (int parity = 0; parity < 2; parity++) {
+                    const float *d4[4] = {cr->d[0][parity], cr->d[1][parity], cr->d[2][parity],
+                                          cr->d[3][parity]};
+                    float *const e4[4] = {cr->e[0][parity], cr->e[1][parity], cr->e[2][parity],
+                                          cr->e[3][parity]};
+                    columns_transform(d4, e4, run + 1);
+                }
+            }
+            last_tr = tr, last_tx = tx, last_run = run;
+            for (int k = 0; k < run;) { /* split where the chunk's blocks end */
+                const size_t local = t - t_begin + (size_t)k;
+                const size_t block = local / KV_BF16_NR, lane = local % KV_BF16_NR;
+                const int part = (int)KV_MIN((size_t)(run - k), KV_BF16_NR - lane);
+                uint32_t *dst = pair + block * block_words + lane;
+                for (int r = 0; r < 4; r++)
+                    pack_tile_row(ch[0].e[r][0] + k, ch[0].e[r][1] + k,
+                                  channels == 2 ? ch[1].e[r][0] + k : NULL,
+                                  channels == 2 ? ch[1].e[r][1] + k : NULL, part,
+                                  dst + (size_t)(4 * r) * j->v_plane, j->v_plane);
+                k += part;
+            }
+            t += (size_t)run;
         }
     }
 }
 
 /* ---- phase 2: products and outputs ---- */
 
+#ifdef KV_BF16_KERNELS
+
+/* Stores count values of left and right interleaved (left[i] at row[2i],
+ * right[i] at row[2i + 1]), and, with one_more, left[count] at row[2 count]. */
+KV_BF16_TARGET static void store_interleaved(float *row, const float *left, const float *right,
+                                             int count, bool one_more)
+{
+    const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i second =
+        _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+    int i = 0;
+    for (; i < count; i += 16) {
+        const int n = KV_MIN(16, count - i);
+        const __m512 l = _mm512_maskz_loadu_ps(lanes(n), left + i);
+        const __m512 r = _mm512_maskz_loadu_ps(lanes(n), right + i);
+        _mm512_mask_storeu_ps(row + 2 * i, lanes(2 * n), _mm512_permutex2var_ps(l, first, r));
+        _mm512_mask_storeu_ps(row + 2 * i + 16, lanes(2 * n - 16),
+                              _mm512_permutex2var_ps(l, second, r));
+    }
+    if (one_more)
+        row[2 * count] = left[count];
+}
+
+#define KV_OUTPUT_TARGET KV_BF16_TARGET
+
+#else
+
+static void store_interleaved(float *row, const float *left, const float *right, int count,
+                              bool one_more)
+{
+    for (int i = 0; i < count; i++) {
+        row[2 * i] = left[i];
+        row[2 * i + 1] = right[i];
+    }
+    if (one_more)
+        row[2 * count] = left[count];
+}
+
+#define KV_OUTPUT_TARGET
+
+#endif
+
 /* y for rows channels from c0 and the band's tiles [t0, t0 + count) from
  * M (16 planes of MR x NR): A^T M A + bias, scattered as 2x2 blocks. */
-static void output_block(const bf16_job *j, const float *m, int c0, int rows, size_t t0,
-                         int count)
+KV_OUTPUT_TARGET static void output_block(const bf16_job *j, const float *m, int c0, int rows,
+                                          size_t t0, int count)
 {
     const kv_winograd_job *in = &j->in;
     const int h = in->ho, w = in->w, tw = in->tiles_w; /* h: output rows */
@@ -174,38 +363,37 @@ static void output_block(const bf16_job *j, const float *m, int c0, int rows, si
             const int run = KV_MIN(count - k, tw - tx);
             const int y0 = 2 * tr, x0 = 2 * tx;
             const int full = KV_MIN(run, (w - x0) / 2); /* tiles with both columns inside */
-            for (int half = 0; half < 2 && y0 + half < h; half++) {
-                float *row = plane + (size_t)(y0 + half) * w + x0;
-                const float *left = o[2 * half] + k, *right = o[2 * half + 1] + k;
-                for (int i = 0; i < full; i++) {
-                    row[2 * i] = left[i];
-                    row[2 * i + 1] = right[i];
-                }
-                if (full < run) /* odd width: the last tile's left column */
-                    row[2 * full] = left[full];
-            }
+            for (int half = 0; half < 2 && y0 + half < h; half++)
+                store_interleaved(plane + (size_t)(y0 + half) * w + x0, o[2 * half] + k,
+                                  o[2 * half + 1] + k, full, full < run);
             k += run;
         }
     }
 }
 
-static void output_task(void *arg, int task, int thread)
+/* Task: the tiles of one chunk, for the output channels of one split. */
+static void chunk_task(void *arg, int task, int thread)
 {
     const bf16_job *j = arg;
     const int chunk = task / j->splits, split = task % j->splits;
     const int c_begin = split * j->co_per_split, c_end = KV_MIN(j->in.co, c_begin + j->co_per_split);
-    const int b_begin = chunk * j->blocks_per_chunk;
-    const int b_end = KV_MIN(j->blocks, b_begin + j->blocks_per_chunk);
-    const size_t band_tiles = (size_t)(j->in.tr1 - j->in.tr0) * j->in.tiles_w;
+    const size_t tiles = (size_t)(j->in.tr1 - j->in.tr0) * j->in.tiles_w;
+    const size_t t_begin = (size_t)chunk * j->blocks_per_chunk * KV_BF16_NR;
+    const size_t t_end = KV_MIN(tiles, t_begin + (size_t)j->blocks_per_chunk * KV_BF16_NR);
     float *m = j->cpu->scratch[thread];
-    for (int b = b_begin; b < b_end; b++) {
-        const size_t t0 = (size_t)b * KV_BF16_NR;
-        const int cols = (int)KV_MIN((size_t)KV_BF16_NR, band_tiles - t0);
-        const uint32_t *v = j->v + (size_t)b * j->pairs * KV_BF16_NR;
+    float *rows = m + (size_t)16 * KV_BF16_MR * KV_BF16_NR;
+    uint32_t *v = (uint32_t *)(rows + rows_floats(j->in.tiles_w));
+    if (c_begin >= c_end || t_begin >= t_end)
+        return;
+    transform_chunk(j, t_begin, t_end, v, rows);
+    for (size_t t0 = t_begin; t0 < t_end; t0 += KV_BF16_NR) {
+        const int cols = (int)KV_MIN((size_t)KV_BF16_NR, t_end - t0);
+        const uint32_t *block = v + (t0 - t_begin) / KV_BF16_NR * 16 * j->v_plane;
         for (int c0 = c_begin; c0 < c_end; c0 += KV_BF16_MR) {
             const uint32_t *u = j->u + (size_t)c0 * j->pairs;
             for (int xi = 0; xi < 16; xi++)
-                kv_bf16_kernel(j->pairs, u + (size_t)xi * j->u_plane, v + (size_t)xi * j->v_plane,
+                kv_bf16_kernel(j->pairs, u + (size_t)xi * j->u_plane,
+                               block + (size_t)xi * j->v_plane,
                                m + (size_t)xi * KV_BF16_MR * KV_BF16_NR, KV_BF16_NR, KV_BF16_MR,
                                cols, false);
             output_block(j, m, c0, KV_MIN(KV_BF16_MR, c_end - c0), t0, cols);
@@ -215,9 +403,9 @@ static void output_task(void *arg, int task, int thread)
 
 /* ---- the convolution ---- */
 
-/* Bands, chunks, splits and scratch for an image of x and co outputs. */
+/* Chunks, splits and scratch for an image of x and co outputs. */
 static klvae_status_t plan(kv_cpu *cpu, const kv_tensor *x, const kv_tensor *y, int pad_top,
-                           int co, bf16_job *j, int *band_rows, size_t *most_tiles)
+                           int co, bf16_job *j)
 {
     kv_winograd_job *in = &j->in;
     in->ci = x->shape[1];
@@ -227,31 +415,33 @@ static klvae_status_t plan(kv_cpu *cpu, const kv_tensor *x, const kv_tensor *y, 
     in->ho = y->shape[2];
     in->pad_top = pad_top;
     in->tiles_w = (in->w + 1) / 2;
-    const int tiles_h = (in->ho + 1) / 2, tw = in->tiles_w;
+    in->tr0 = 0;
+    in->tr1 = (in->ho + 1) / 2;
     j->pairs = kv_bf16_pairs(in->ci);
-    size_t max_rows = KV_WINOGRAD_BF16_BAND_WORDS / ((size_t)16 * j->pairs * tw);
-    max_rows = KV_MAX((size_t)1, max_rows);
-    const int bands = (int)(((size_t)tiles_h + max_rows - 1) / max_rows);
-    *band_rows = (tiles_h + bands - 1) / bands;
-    *most_tiles = (size_t)*band_rows * tw;
-    const int most_blocks = (int)((*most_tiles + KV_BF16_NR - 1) / KV_BF16_NR);
-    j->blocks_per_chunk = KV_MIN(KV_WINOGRAD_BF16_CHUNK_BLOCKS, most_blocks);
-    j->chunks = (most_blocks + j->blocks_per_chunk - 1) / j->blocks_per_chunk;
+    const size_t tiles = (size_t)in->tr1 * in->tiles_w;
+    j->blocks = (int)((tiles + KV_BF16_NR - 1) / KV_BF16_NR);
+    /* as many blocks as V_CHUNK_WORDS hold, fewer where that leaves fewer
+     * than MIN_TASKS chunks */
+    const size_t block_words = (size_t)16 * kv_bf16_b_words(in->ci, KV_BF16_NR);
+    int per_chunk = (int)KV_MAX((size_t)1, KV_WINOGRAD_BF16_V_CHUNK_WORDS / block_words);
+    per_chunk = KV_MIN(per_chunk, KV_MAX(1, j->blocks / KV_WINOGRAD_BF16_MIN_TASKS));
+    j->blocks_per_chunk = per_chunk;
+    j->chunks = (j->blocks + per_chunk - 1) / per_chunk;
     j->splits = 1;
     while (j->chunks * j->splits < KV_WINOGRAD_BF16_MIN_TASKS &&
            co / (2 * j->splits) >= KV_WINOGRAD_BF16_SPLIT_CHANNELS)
         j->splits *= 2;
     j->co_per_split = (co + j->splits - 1) / j->splits;
     j->co_per_split = (j->co_per_split + KV_BF16_MR - 1) / KV_BF16_MR * KV_BF16_MR;
-    j->step_rows = KV_MAX(1, KV_WINOGRAD_BF16_STEP_TILES / tw);
     j->u_plane = kv_bf16_a_words(co, in->ci);
-    j->v_plane = kv_bf16_b_words(in->ci, (int)*most_tiles);
+    j->v_plane = kv_bf16_b_words(in->ci, KV_BF16_NR);
     j->cpu = cpu;
-    const size_t phase1 = (size_t)16 * 2 * j->step_rows * tw + (size_t)8 * (2 * tw + 2);
-    const size_t phase2 = (size_t)16 * KV_BF16_MR * KV_BF16_NR;
-    klvae_status_t st = kv_cpu_reserve_scratch(cpu, KV_MAX(KV_MAX(phase1, phase2), (size_t)9 * KV_MAX(in->ci, co)));
+    /* per thread: M, the transform's rows, V of one block (words as floats) */
+    const size_t per_thread = (size_t)16 * KV_BF16_MR * KV_BF16_NR + rows_floats(in->tiles_w) +
+                              (size_t)per_chunk * block_words;
+    klvae_status_t st = kv_cpu_reserve_scratch(cpu, KV_MAX(per_thread, (size_t)9 * KV_MAX(in->ci, co)));
     if (st == KLVAE_OK)
-        st = kv_cpu_reserve_shared(cpu, 16 * j->u_plane + 16 * j->v_plane);
+        st = kv_cpu_reserve_shared(cpu, 16 * j->u_plane);
     return st;
 }
 
@@ -262,23 +452,16 @@ klvae_status_t kv_conv2d_winograd_bf16(kv_cpu *cpu, const kv_tensor *x,
 {
     bf16_job j;
     memset(&j, 0, sizeof j);
-    int band_rows;
-    size_t most_tiles;
     const int co = flipped ? w->shape[1] : w->shape[0];
-    klvae_status_t st = plan(cpu, x, y, pad_top, co, &j, &band_rows, &most_tiles);
+    klvae_status_t st = plan(cpu, x, y, pad_top, co, &j);
     if (st != KLVAE_OK)
         return st;
-    uint32_t *shared = (uint32_t *)cpu->shared;
-    j.v = shared + 16 * j.u_plane;
-    st = packed_weights(cpu, w, flipped, j.in.ci, co, shared, &j.u);
+    st = packed_weights(cpu, w, flipped, j.in.ci, co, (uint32_t *)cpu->shared, &j.u);
     if (st != KLVAE_OK)
         return st;
     kv_winograd_job *in = &j.in;
     in->bias = b ? b->data : NULL;
     in->cpu = cpu;
-    const int tiles_h = (in->ho + 1) / 2;
-    const int input_tasks = (in->ci + KV_WINOGRAD_BF16_TRANSFORM_CHANNELS - 1) /
-                            KV_WINOGRAD_BF16_TRANSFORM_CHANNELS;
     for (int n = 0; n < x->shape[0]; n++) {
         in->x = (const float *)x->data + (size_t)n * in->ci * in->h * in->w;
         in->y = (float *)y->data + (size_t)n * co * in->ho * in->w;
@@ -287,22 +470,7 @@ klvae_status_t kv_conv2d_winograd_bf16(kv_cpu *cpu, const kv_tensor *x,
             in->shift = (const float *)prologue->shift->data + (size_t)n * in->ci;
             in->act = prologue->act;
         }
-        for (in->tr0 = 0; in->tr0 < tiles_h; in->tr0 += band_rows) {
-            in->tr1 = KV_MIN(tiles_h, in->tr0 + band_rows);
-            const size_t tiles = (size_t)(in->tr1 - in->tr0) * in->tiles_w;
-            j.blocks = (int)((tiles + KV_BF16_NR - 1) / KV_BF16_NR);
-            /* the last block's tiles past the band are zero, not stale */
-            const size_t tail = (size_t)j.blocks * KV_BF16_NR - tiles;
-            for (int xi = 0; tail && xi < 16; xi++)
-                for (int p = 0; p < j.pairs; p++)
-                    memset(j.v + (size_t)xi * j.v_plane +
-                               ((size_t)(j.blocks - 1) * j.pairs + p) * KV_BF16_NR +
-                               (KV_BF16_NR - tail),
-                           0, tail * sizeof(uint32_t));
-            kv_pool_run(cpu->pool, input_tasks, input_task, &j);
-            const int chunks = (j.blocks + j.blocks_per_chunk - 1) / j.blocks_per_chunk;
-            kv_pool_run(cpu->pool, chunks * j.splits, output_task, &j);
-        }
+        kv_pool_run(cpu->pool, j.chunks * j.splits, chunk_task, &j);
     }
     return KLVAE_OK;
 }
