@@ -238,6 +238,18 @@ void kv_bf16_pack_b(const float *b, size_t row_stride, size_t col_stride, int k,
     }
 }
 
+void kv_bf16_pack_b_pair(const float *lo, const float *hi, int n, int pairs, int p,
+                         uint32_t *out)
+{
+    for (int j0 = 0; j0 < n; j0 += KV_BF16_NR) {
+        const int cols = KV_MIN(KV_BF16_NR, n - j0);
+        uint32_t *dst = out + (size_t)j0 * pairs + (size_t)p * KV_BF16_NR;
+        pack_pairs(lo + j0, hi ? hi + j0 : NULL, cols, dst);
+        for (int j = cols; j < KV_BF16_NR; j++)
+            dst[j] = 0u;
+    }
+}
+
 void kv_bf16_gemm(int m, int n, int pairs, const uint32_t *a, const uint32_t *b, float *c,
                   size_t ldc, bool accumulate)
 {

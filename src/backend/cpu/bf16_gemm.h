@@ -84,6 +84,13 @@ void kv_bf16_pack_a(const float *a, size_t row_stride, size_t col_stride, int m,
 void kv_bf16_pack_b(const float *b, size_t row_stride, size_t col_stride, int k, int n,
                     uint32_t *out);
 
+/* Packs pair p of a B of k = 2 pairs rows and n columns from its two rows
+ * lo (row 2p) and hi (row 2p + 1; NULL: zeros), n values each: what
+ * kv_bf16_pack_b does for every pair, for code that makes B two rows at a
+ * time (the bf16 im2col) instead of holding all of it in float32. */
+void kv_bf16_pack_b_pair(const float *lo, const float *hi, int n, int pairs, int p,
+                         uint32_t *out);
+
 /* C (m x n, row stride ldc) = A B, or C += A B when accumulate, from packed
  * A and B of pairs pairs of k, on the calling thread. Only the m x n values
  * are written. */

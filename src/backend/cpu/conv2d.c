@@ -30,45 +30,62 @@ typedef struct conv_job {
     kv_cpu *cpu;
 } conv_job;
 
+/* Writes row r = (c kh + ky) kw + kx of the (K x band_rows*wo) column
+ * matrix of output rows [oy0, oy1): input channel c at kernel offset (ky, kx). */
+static void im2col_row(const conv_job *j, const float *x, int r, int oy0, int oy1, float *dst)
+{
+    const int s = j->g.stride, wo = j->wo;
+    const int c = r / (j->kh * j->kw), ky = r / j->kw % j->kh, kx = r % j->kw;
+    const float *plane = x + (size_t)c * j->h * j->w_in;
+    /* Output columns whose input column ix = ox*s - pad_left + kx lies
+     * inside the image: [ox_lo, ox_hi). */
+    int shift = j->g.pad_left - kx;
+    int ox_lo = shift > 0 ? (shift + s - 1) / s : 0;
+    int ox_hi = (j->w_in - 1 + shift) >= 0 ? (j->w_in - 1 + shift) / s + 1 : 0;
+    if (ox_hi > wo)
+        ox_hi = wo;
+    if (ox_lo > ox_hi)
+        ox_lo = ox_hi;
+    for (int oy = oy0; oy < oy1; oy++, dst += wo) {
+        int iy = oy * s - j->g.pad_top + ky;
+        if (iy < 0 || iy >= j->h) {
+            memset(dst, 0, (size_t)wo * sizeof(float));
+            continue;
+        }
+        const float *src = plane + (size_t)iy * j->w_in;
+        for (int ox = 0; ox < ox_lo; ox++)
+            dst[ox] = 0.0f;
+        if (s == 1) {
+            memcpy(dst + ox_lo, src + ox_lo - shift, (size_t)(ox_hi - ox_lo) * sizeof(float));
+        } else {
+            for (int ox = ox_lo; ox < ox_hi; ox++)
+                dst[ox] = src[ox * s - shift];
+        }
+        for (int ox = ox_hi; ox < wo; ox++)
+            dst[ox] = 0.0f;
+    }
+}
+
 /* Writes the (K x band_rows*wo) column matrix of output rows [oy0, oy1). */
 static void im2col_band(const conv_job *j, const float *x, int oy0, int oy1, float *col)
 {
-    const int s = j->g.stride, wo = j->wo, cols = (oy1 - oy0) * wo;
-    for (int c = 0; c < j->ci; c++) {
-        const float *plane = x + (size_t)c * j->h * j->w_in;
-        for (int ky = 0; ky < j->kh; ky++) {
-            for (int kx = 0; kx < j->kw; kx++) {
-                float *dst = col + ((size_t)(c * j->kh + ky) * j->kw + kx) * cols;
-                /* Output columns whose input column ix = ox*s - pad_left + kx
-                 * lies inside the image: [ox_lo, ox_hi). */
-                int shift = j->g.pad_left - kx;
-                int ox_lo = shift > 0 ? (shift + s - 1) / s : 0;
-                int ox_hi = (j->w_in - 1 + shift) >= 0 ? (j->w_in - 1 + shift) / s + 1 : 0;
-                if (ox_hi > wo)
-                    ox_hi = wo;
-                if (ox_lo > ox_hi)
-                    ox_lo = ox_hi;
-                for (int oy = oy0; oy < oy1; oy++, dst += wo) {
-                    int iy = oy * s - j->g.pad_top + ky;
-                    if (iy < 0 || iy >= j->h) {
-                        memset(dst, 0, (size_t)wo * sizeof(float));
-                        continue;
-                    }
-                    const float *src = plane + (size_t)iy * j->w_in;
-                    for (int ox = 0; ox < ox_lo; ox++)
-                        dst[ox] = 0.0f;
-                    if (s == 1) {
-                        memcpy(dst + ox_lo, src + ox_lo - shift,
-                               (size_t)(ox_hi - ox_lo) * sizeof(float));
-                    } else {
-                        for (int ox = ox_lo; ox < ox_hi; ox++)
-                            dst[ox] = src[ox * s - shift];
-                    }
-                    for (int ox = ox_hi; ox < wo; ox++)
-                        dst[ox] = 0.0f;
-                }
-            }
-        }
+    const int K = j->ci * j->kh * j->kw, cols = (oy1 - oy0) * j->wo;
+    for (int r = 0; r < K; r++)
+        im2col_row(j, x, r, oy0, oy1, col + (size_t)r * cols);
+}
+
+/* The same columns packed as a bf16 B, two rows at a time through two
+ * float32 rows of scratch (rows), so the float32 matrix is never whole. */
+static void im2col_band_bf16(const conv_job *j, const float *x, int oy0, int oy1, float *rows,
+                             uint32_t *packed)
+{
+    const int K = j->ci * j->kh * j->kw, cols = (oy1 - oy0) * j->wo, pairs = kv_bf16_pairs(K);
+    float *lo = rows, *hi = rows + cols;
+    for (int p = 0; p < pairs; p++) {
+        im2col_row(j, x, 2 * p, oy0, oy1, lo);
+        if (2 * p + 1 < K)
+            im2col_row(j, x, 2 * p + 1, oy0, oy1, hi);
+        kv_bf16_pack_b_pair(lo, 2 * p + 1 < K ? hi : NULL, cols, pairs, p, packed);
     }
 }
 
@@ -99,6 +116,19 @@ static void conv_task(void *arg, int task, int thread)
         for (int p = 0; p < cols; p++)
             row[p] = bias;
     }
+    /* Several channel splits of one band each build the same columns; that
+     * only happens for small layers, where it is cheap. */
+    if (j->wp) {
+        uint32_t *packed = (uint32_t *)(j->cpu->scratch[thread] + j->col_floats);
+        const int pairs = kv_bf16_pairs(K);
+        if (j->direct)
+            kv_bf16_pack_b(x + p0, P, 1, K, cols, packed);
+        else
+            im2col_band_bf16(j, x, oy0, oy1, j->cpu->scratch[thread], packed);
+        kv_bf16_gemm(co1 - co0, cols, pairs, j->wp + (size_t)co0 * pairs, packed,
+                     y + (size_t)co0 * P, P, true);
+        return;
+    }
     const float *B;
     int ldb;
     if (j->direct) {
@@ -106,19 +136,9 @@ static void conv_task(void *arg, int task, int thread)
         ldb = (int)P;
     } else {
         float *col = j->cpu->scratch[thread];
-        /* Several channel splits of one band each build the same columns;
-         * that only happens for small layers, where it is cheap. */
         im2col_band(j, x, oy0, oy1, col);
         B = col;
         ldb = cols;
-    }
-    if (j->wp) {
-        uint32_t *packed = (uint32_t *)(j->cpu->scratch[thread] + j->col_floats);
-        const int pairs = kv_bf16_pairs(K);
-        kv_bf16_pack_b(B, (size_t)ldb, 1, K, cols, packed);
-        kv_bf16_gemm(co1 - co0, cols, pairs, j->wp + (size_t)co0 * pairs, packed,
-                     y + (size_t)co0 * P, P, true);
-        return;
     }
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, co1 - co0, cols, K, 1.0f,
                 j->w + (size_t)co0 * K, K, B, ldb, 1.0f, y + (size_t)co0 * P, (int)P);
@@ -275,7 +295,8 @@ static klvae_status_t conv2d_im2col(kv_cpu *cpu, const kv_tensor *x, const kv_te
      * (not conv_out's 3 channels, where they would save nothing) */
     const bool bf16 = cpu->bf16 && j.co >= KV_BF16_MR;
     const size_t cols_per_band = (size_t)j.rows_per_band * (size_t)j.wo;
-    j.col_floats = j.direct ? 0 : K * cols_per_band;
+    /* im2col's columns: whole in float32, or two rows at a time when packed */
+    j.col_floats = j.direct ? 0 : bf16 ? 2 * cols_per_band : K * cols_per_band;
     size_t scratch = j.col_floats;
     if (bf16)
         scratch += kv_bf16_b_words((int)K, (int)cols_per_band);

@@ -4,6 +4,7 @@
  * chunks of pixels and combined in a fixed order. (The network that calls
  * them is src/train/lpips.c.) */
 #include <math.h>
+#include <stdbool.h>
 #include <string.h>
 
 #include "backend/cpu/cpu_ops.h"
@@ -22,6 +23,18 @@ typedef struct unit_job {
     size_t plane;
 } unit_job;
 
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define KV_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define KV_VECTOR_CLONES
+#endif
+
+/* Pixels whose sums over channels run side by side: the channels of a
+ * pixel lie a plane apart, so the loops go channel by channel over a block
+ * of contiguous pixels, each pixel's sum still in channel order. */
+#define KV_UNIT_BLOCK 64
+
+KV_VECTOR_CLONES
 static void unit_normalize_task(void *arg, int task, int thread)
 {
     (void)thread;
@@ -32,17 +45,30 @@ static void unit_normalize_task(void *arg, int task, int thread)
     const size_t p1 = KV_MIN(j->plane, p0 + KV_LPIPS_CHUNK);
     const float *x = j->x + (size_t)n * j->channels * j->plane;
     float *y = j->y + (size_t)n * j->channels * j->plane;
-    for (size_t p = p0; p < p1; p++) {
-        double ss = 0.0;
+    for (size_t b0 = p0; b0 < p1; b0 += KV_UNIT_BLOCK) {
+        const size_t count = KV_MIN((size_t)KV_UNIT_BLOCK, p1 - b0);
+        double ss[KV_UNIT_BLOCK];
+        float inv[KV_UNIT_BLOCK];
+        for (size_t i = 0; i < count; i++)
+            ss[i] = 0.0;
         for (int c = 0; c < j->channels; c++) {
-            double v = x[(size_t)c * j->plane + p];
-            ss += v * v;
+            const float *xc = x + (size_t)c * j->plane + b0;
+            for (size_t i = 0; i < count; i++) {
+                double v = xc[i];
+                ss[i] += v * v;
+            }
         }
-        float r = (float)sqrt(ss);
-        j->out_norms[(size_t)n * j->plane + p] = r;
-        float inv = 1.0f / (r + (float)KV_UNIT_EPS);
-        for (int c = 0; c < j->channels; c++)
-            y[(size_t)c * j->plane + p] = x[(size_t)c * j->plane + p] * inv;
+        for (size_t i = 0; i < count; i++) {
+            float r = (float)sqrt(ss[i]);
+            j->out_norms[(size_t)n * j->plane + b0 + i] = r;
+            inv[i] = 1.0f / (r + (float)KV_UNIT_EPS);
+        }
+        for (int c = 0; c < j->channels; c++) {
+            const float *xc = x + (size_t)c * j->plane + b0;
+            float *yc = y + (size_t)c * j->plane + b0;
+            for (size_t i = 0; i < count; i++)
+                yc[i] = xc[i] * inv[i];
+        }
     }
 }
 
@@ -56,6 +82,7 @@ klvae_status_t kv_cpu_unit_normalize(kv_backend *be, const kv_tensor *x, kv_tens
     return KLVAE_OK;
 }
 
+KV_VECTOR_CLONES
 static void unit_normalize_backward_task(void *arg, int task, int thread)
 {
     (void)thread;
@@ -67,21 +94,29 @@ static void unit_normalize_backward_task(void *arg, int task, int thread)
     const size_t base = (size_t)n * j->channels * j->plane;
     const float *x = j->x + base, *dy = j->dy + base;
     float *dx = j->y + base;
-    for (size_t p = p0; p < p1; p++) {
-        const double r = j->norms[(size_t)n * j->plane + p];
-        if (r == 0.0) { /* all-zero feature vector: PyTorch's gradient is NaN here */
-            for (int c = 0; c < j->channels; c++)
-                dx[(size_t)c * j->plane + p] = 0.0f;
-            continue;
-        }
-        double dot = 0.0;
-        for (int c = 0; c < j->channels; c++)
-            dot += (double)dy[(size_t)c * j->plane + p] * x[(size_t)c * j->plane + p];
-        const double re = r + KV_UNIT_EPS;
-        const double a = 1.0 / re, b = dot / (re * re * r);
+    for (size_t b0 = p0; b0 < p1; b0 += KV_UNIT_BLOCK) {
+        const size_t count = KV_MIN((size_t)KV_UNIT_BLOCK, p1 - b0);
+        double dot[KV_UNIT_BLOCK], a[KV_UNIT_BLOCK], b[KV_UNIT_BLOCK];
+        bool zero[KV_UNIT_BLOCK];
+        for (size_t i = 0; i < count; i++)
+            dot[i] = 0.0;
         for (int c = 0; c < j->channels; c++) {
-            size_t i = (size_t)c * j->plane + p;
-            dx[i] = (float)(dy[i] * a - x[i] * b);
+            const size_t at = (size_t)c * j->plane + b0;
+            for (size_t i = 0; i < count; i++)
+                dot[i] += (double)dy[at + i] * x[at + i];
+        }
+        for (size_t i = 0; i < count; i++) {
+            const double r = j->norms[(size_t)n * j->plane + b0 + i];
+            /* an all-zero feature vector: PyTorch's gradient is NaN there */
+            const double re = r + KV_UNIT_EPS;
+            zero[i] = r == 0.0;
+            a[i] = zero[i] ? 0.0 : 1.0 / re;
+            b[i] = zero[i] ? 0.0 : dot[i] / (re * re * r);
+        }
+        for (int c = 0; c < j->channels; c++) {
+            const size_t at = (size_t)c * j->plane + b0;
+            for (size_t i = 0; i < count; i++)
+                dx[at + i] = zero[i] ? 0.0f : (float)(dy[at + i] * a[i] - x[at + i] * b[i]);
         }
     }
 }
