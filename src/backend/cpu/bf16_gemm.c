@@ -218,23 +218,20 @@ void kv_bf16_pack_b(const float *b, size_t row_stride, size_t col_stride, int k,
                     uint32_t *out)
 {
     const int pairs = kv_bf16_pairs(k);
+    if (col_stride == 1) { /* rows of n values: two rows give one row of pairs */
+        for (int p = 0; p < pairs; p++) {
+            const float *lo = b + (size_t)(2 * p) * row_stride;
+            kv_bf16_pack_b_pair(lo, 2 * p + 1 < k ? lo + row_stride : NULL, n, pairs, p, out);
+        }
+        return;
+    }
+    /* columns of k values: convert each, deal its pairs out */
     for (int j0 = 0; j0 < n; j0 += KV_BF16_NR, out += (size_t)KV_BF16_NR * pairs) {
         const int cols = KV_MIN(KV_BF16_NR, n - j0);
-        if (col_stride == 1) { /* rows of n values: two rows give one row of pairs */
-            for (int p = 0; p < pairs; p++) {
-                const float *lo = b + (size_t)(2 * p) * row_stride + j0;
-                const float *hi = 2 * p + 1 < k ? lo + row_stride : NULL;
-                uint32_t *dst = out + (size_t)p * KV_BF16_NR;
-                pack_pairs(lo, hi, cols, dst);
-                for (int j = cols; j < KV_BF16_NR; j++)
-                    dst[j] = 0u;
-            }
-        } else { /* columns of k values: convert each, deal its pairs out */
-            const float *lines[KV_BF16_NR];
-            for (int j = 0; j < cols; j++)
-                lines[j] = b + (size_t)(j0 + j) * col_stride;
-            deal_lines(lines, cols, k, out, KV_BF16_NR);
-        }
+        const float *lines[KV_BF16_NR];
+        for (int j = 0; j < cols; j++)
+            lines[j] = b + (size_t)(j0 + j) * col_stride;
+        deal_lines(lines, cols, k, out, KV_BF16_NR);
     }
 }
 
