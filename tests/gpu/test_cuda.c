@@ -160,10 +160,13 @@ static void test_group_norm_stats(suite *s, kv_backend *gpu, kv_precision p, int
              groups, (double)lo, (double)hi, f32 ? " (float32 out)" : "");
     const kv_storage out = f32 ? KV_STORAGE_FLOAT32 : KV_STORAGE_COMPUTE;
     size_t nx = (size_t)n * c * hh * ww;
-    float *x = alloc_floats(nx), gamma[512], beta[512];
+    /* on the heap, sized from the shape: c runs to 768 */
+    const size_t ng = (size_t)n * groups;
+    float *x = alloc_floats(nx), *gamma = alloc_floats((size_t)c), *beta = alloc_floats((size_t)c);
     float *cs = alloc_floats((size_t)n * c), *ct = alloc_floats((size_t)n * c);
     float *gs = alloc_floats((size_t)n * c), *gt = alloc_floats((size_t)n * c);
-    float cm[512], cr[512], gm[512], gr[512];
+    float *cm = alloc_floats(ng), *cr = alloc_floats(ng), *gm = alloc_floats(ng),
+          *gr = alloc_floats(ng);
     fill(x, nx, &s->r, lo, hi);
     fill(gamma, (size_t)c, &s->r, 0.5f, 1.5f);
     fill(beta, (size_t)c, &s->r, -0.5f, 0.5f);
@@ -205,10 +208,16 @@ static void test_group_norm_stats(suite *s, kv_backend *gpu, kv_precision p, int
     kv_tensor_release(gpu, &dm);
     kv_tensor_release(gpu, &dr);
     free(x);
+    free(gamma);
+    free(beta);
     free(cs);
     free(ct);
     free(gs);
     free(gt);
+    free(cm);
+    free(cr);
+    free(gm);
+    free(gr);
 }
 
 static void test_group_norm(suite *s, kv_backend *gpu, kv_precision p, kv_activation act,
