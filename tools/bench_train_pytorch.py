@@ -253,6 +253,10 @@ def main():
            else __import__("contextlib").nullcontext())
     encode, decode = vae.encode, vae.decode
     if a.compile:
+        # the adaptive weight takes gradients with retain_graph=True, which a
+        # compiled backward that donates its buffers refuses (seen on torch 2.11)
+        import torch._functorch.config as functorch_config
+        functorch_config.donated_buffer = False
         encode, decode = torch.compile(vae.encode), torch.compile(vae.decode)
         if lpips is not None:
             lpips = torch.compile(lpips)
