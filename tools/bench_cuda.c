@@ -18,6 +18,14 @@
  * 1e-6 + the PatchGAN from step 0 with the adaptive weight, Adam lr 1e-5
  * betas 0.5, 0.9): its line also has "images_per_s".
  *
+ * OP quality (quality:SIZE:BATCH, with --steps S, default 400) trains the
+ * model from its seeded weights for S steps on the built-in procedural
+ * images (pixel L1 + KL, no LPIPS, no discriminator, Adam lr 2e-4) and
+ * reports the held-out PSNR of the result, reconstructed on the CPU backend
+ * in float32 ("psnr_db", "train_s", "rec_loss_first", "rec_loss_last"): the
+ * same command in fp32 and bf16 compares mixed-precision training with
+ * float32 training.
+ *
  * OP stream (stream:SIZE:LIMIT) decodes one SIZE^2 latent as a user does
  * (klvae_decode on host arrays) with memory_limit LIMIT GiB, or none when
  * LIMIT is 0 (untiled): the streamed forward on the GPU (issue 13). The
@@ -47,6 +55,8 @@
  * Built alone (make build/bench_cuda) it is its own program; in the GPU
  * bundle (make gpu-binaries) it is `test_cuda bench ...`, so that only one
  * binary with OpenBLAS linked in travels. */
+#include <ftw.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -54,6 +64,7 @@
 #include <unistd.h>
 
 #include "cuda_harness.h"
+#include "train/procedural.h"
 
 static int compare(const void *a, const void *b)
 {
@@ -65,8 +76,8 @@ static void usage(void)
 {
     fprintf(stderr, "usage: bench_cuda OP:SIZE:BATCH[,...] [--precision P] [--runs R] "
                     "[--warmup W] [--config NAME] [--plugin PATH] [--device D] [--lpips FILE]\n"
-                    "       [--latents DIR] [--save-model DIR]\n"
-                    "(OP: encode, decode, train, or stream with SIZE:LIMIT_GIB)\n");
+                    "       [--latents DIR] [--save-model DIR] [--steps S]\n"
+                    "(OP: encode, decode, train, quality, or stream with SIZE:LIMIT_GIB)\n");
     exit(2);
 }
 
@@ -92,8 +103,43 @@ static void read_last(const char *path, double *in_use_mb, double *peak_held_mb,
     fclose(fp);
 }
 
+/* The largest peaks (MiB in use, MiB the pool held) of the statistics lines
+ * written after byte offset from of the file: a training step writes
+ * several (its trim restarts the peaks, the synchronize after it writes
+ * again), so the step's peaks are the largest of its lines. */
+static void read_max_since(const char *path, long from, double *in_use_mb, double *held_mb)
+{
+    *in_use_mb = *held_mb = -1.0;
+    FILE *fp = fopen(path, "r");
+    if (!fp)
+        return;
+    char line[512];
+    if (fseek(fp, from, SEEK_SET) == 0)
+        while (fgets(line, sizeof line, fp)) {
+            const char *a = strstr(line, "peak_in_use="), *b = strstr(line, "peak_reserved=");
+            if (a && b) {
+                double u = strtod(a + 12, NULL) / 1048576.0, h = strtod(b + 14, NULL) / 1048576.0;
+                *in_use_mb = u > *in_use_mb ? u : *in_use_mb;
+                *held_mb = h > *held_mb ? h : *held_mb;
+            }
+        }
+    fclose(fp);
+}
+
+/* The size of the statistics file now (0 when it cannot be read). */
+static long stats_size(const char *path)
+{
+    FILE *fp = fopen(path, "r");
+    long size = 0;
+    if (fp && fseek(fp, 0, SEEK_END) == 0)
+        size = ftell(fp);
+    if (fp)
+        fclose(fp);
+    return size < 0 ? 0 : size;
+}
+
 typedef struct options {
-    int runs, warmup;
+    int runs, warmup, steps;
     const char *config, *precision, *lpips, *latents, *save_model;
 } options;
 
@@ -153,9 +199,14 @@ static int run_train_case(klvae_model_t *m, const kv_plugin *plugin, const optio
         state = state * 6364136223846793005ull + 1442695040888963407ull;
         x[i] = (float)((double)(state >> 11) / 9007199254740992.0 * 2.0 - 1.0);
     }
+    /* Each step ends in a trim (src/train/trainer.c), which writes that
+     * step's peaks to the statistics file and restarts them: the peaks are
+     * the largest of the lines the timed steps wrote (read_max_since). */
+    double in_use_mb = -1.0, reserved_mb = -1.0;
     for (int r = -o->warmup - 2; r < o->runs && st == KLVAE_OK; r++) {
         if (r == -1)
             be->ops->trim(be);
+        const long from = stats_size(stats);
         double t0 = harness_now();
         st = klvae_trainer_step(t, x, batch, size, size, NULL);
         if (st == KLVAE_OK)
@@ -163,16 +214,18 @@ static int run_train_case(klvae_model_t *m, const kv_plugin *plugin, const optio
         double ms = (harness_now() - t0) * 1e3;
         if (r == -o->warmup - 2)
             first = ms;
-        if (r >= 0)
+        if (r >= 0 && st == KLVAE_OK) {
+            double a, b;
             times[r] = ms;
+            read_max_since(stats, from, &a, &b);
+            in_use_mb = a > in_use_mb ? a : in_use_mb;
+            reserved_mb = b > reserved_mb ? b : reserved_mb;
+        }
     }
     if (st != KLVAE_OK) {
         fprintf(stderr, "bench_cuda: train %d batch %d %s: %s\n", size, batch, o->precision,
                 klvae_last_error());
     } else {
-        be->ops->trim(be);
-        double in_use_mb, reserved_mb, unused;
-        read_last(stats, &in_use_mb, &reserved_mb, &unused);
         char settings[256];
         variant(settings, sizeof settings);
         printf("{\"tool\": \"klvae\", \"op\": \"train\", \"size\": %d, \"batch\": %d, "
@@ -285,6 +338,8 @@ static int run_stream_case(klvae_model_t *m, const options *o, const char *stats
 }
 
 /* One case; returns 0, or 1 after printing why on stderr. */
+static int run_quality_case(klvae_model_t *m, const options *o, int size, int batch);
+
 static int run_case(klvae_model_t *m, const kv_plugin *plugin, const options *o,
                     const char *stats, const char *op, int size, int batch)
 {
@@ -296,6 +351,8 @@ static int run_case(klvae_model_t *m, const kv_plugin *plugin, const options *o,
         return run_train_case(m, plugin, o, stats, size, batch);
     if (strcmp(op, "stream") == 0 && size > 0 && size % f == 0 && batch >= 0)
         return run_stream_case(m, o, stats, size, batch);
+    if (strcmp(op, "quality") == 0 && size > 0 && size % f == 0 && batch >= 1)
+        return run_quality_case(m, o, size, batch);
     if ((!decode && strcmp(op, "encode") != 0) || size <= 0 || size % f || batch < 1) {
         fprintf(stderr, "bench_cuda: bad case %s:%d:%d\n", op, size, batch);
         return 1;
@@ -381,6 +438,129 @@ static int run_case(klvae_model_t *m, const kv_plugin *plugin, const options *o,
     return st == KLVAE_OK ? 0 : 1;
 }
 
+/* The mean PSNR (dB, of the 8-bit values an image file would hold, as
+ * klvae eval computes it) of n reconstructions rec of images x. */
+static double mean_psnr(const float *x, const float *rec, int n, size_t per_image)
+{
+    double sum = 0.0;
+    for (int i = 0; i < n; i++) {
+        double se = 0.0;
+        for (size_t k = 0; k < per_image; k++) {
+            double a = x[i * per_image + k] * 0.5 + 0.5, b = rec[i * per_image + k] * 0.5 + 0.5;
+            a = nearbyint((a < 0 ? 0 : a > 1 ? 1 : a) * 255.0) / 255.0;
+            b = b == b ? nearbyint((b < 0 ? 0 : b > 1 ? 1 : b) * 255.0) / 255.0 : 0.0;
+            se += (a - b) * (a - b);
+        }
+        double mse = se / (double)per_image;
+        sum += mse > 0 ? 10.0 * log10(1.0 / mse) : 99.0;
+    }
+    return sum / n;
+}
+
+static int remove_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw)
+{
+    (void)sb, (void)flag, (void)ftw;
+    return remove(path);
+}
+
+#define QUALITY_HELD_OUT 16
+
+/* Held-out PSNR of the model exported to dir, reconstructed on the CPU
+ * backend in float32 from the posterior mean. */
+static klvae_status_t held_out_psnr(const char *dir, int size, double *psnr)
+{
+    klvae_options_t *o = NULL;
+    klvae_model_t *cm = NULL;
+    klvae_status_t st = klvae_options_create(&o);
+    if (st == KLVAE_OK)
+        st = klvae_options_set(o, "backend", "cpu");
+    if (st == KLVAE_OK)
+        st = klvae_model_load(dir, o, &cm);
+    klvae_options_free(o);
+    if (st != KLVAE_OK)
+        return st;
+    const int n = QUALITY_HELD_OUT, f = klvae_model_downsampling_factor(cm), lat = size / f;
+    const size_t per_image = (size_t)3 * size * size;
+    const size_t n_lat = (size_t)n * klvae_model_latent_channels(cm) * lat * lat;
+    float *x = malloc(n * per_image * sizeof *x), *rec = malloc(n * per_image * sizeof *rec);
+    float *mean = malloc(n_lat * sizeof *mean), *logvar = malloc(n_lat * sizeof *logvar);
+    if (!x || !rec || !mean || !logvar)
+        st = kv_error(KLVAE_ERR_OUT_OF_MEMORY, "out of host memory for the held-out images");
+    for (int i = 0; st == KLVAE_OK && i < n; i++) /* seed 2: never trained on */
+        kv_procedural_image(2, (uint64_t)i, size, x + i * per_image);
+    if (st == KLVAE_OK)
+        st = klvae_encode(cm, x, n, size, size, mean, logvar);
+    if (st == KLVAE_OK)
+        st = klvae_decode(cm, mean, n, lat, lat, rec);
+    if (st == KLVAE_OK)
+        *psnr = mean_psnr(x, rec, n, per_image);
+    free(x), free(rec), free(mean), free(logvar);
+    klvae_model_free(cm);
+    return st;
+}
+
+/* The quality case (quality:SIZE:BATCH): o->steps training steps of the
+ * model from its seeded weights on the built-in procedural images (seed 1;
+ * the demo's losses: pixel L1 + KL, no LPIPS, no discriminator; Adam lr
+ * 2e-4), then the held-out PSNR of the exported weights (held_out_psnr). Run
+ * in fp32 and in bf16, it measures what mixed precision costs a training
+ * run: the same start, the same batches, the same number of steps. */
+static int run_quality_case(klvae_model_t *m, const options *o, int size, int batch)
+{
+    static const char *const kv[][2] = {
+        {"learning_rate", "2e-4"}, {"adam_beta1", "0.5"}, {"adam_beta2", "0.9"},
+        {"pixel_loss", "l1"},      {"kl_weight", "1e-6"}, {"perceptual_weight", "0"},
+        {"disc_start", "1000000000"}, {"posterior", "sample"}, {"ema_decay", "0"},
+    };
+    const size_t per_image = (size_t)3 * size * size;
+    float *x = malloc((size_t)batch * per_image * sizeof *x);
+    klvae_options_t *opts = NULL;
+    klvae_trainer_t *t = NULL;
+    klvae_status_t st = x ? klvae_options_create(&opts) : KLVAE_ERR_OUT_OF_MEMORY;
+    for (size_t i = 0; st == KLVAE_OK && i < sizeof kv / sizeof kv[0]; i++)
+        st = klvae_options_set(opts, kv[i][0], kv[i][1]);
+    if (st == KLVAE_OK)
+        st = klvae_trainer_create(m, opts, &t);
+    klvae_options_free(opts);
+    double t0 = harness_now(), first_rec = NAN, last_rec = NAN, psnr = NAN;
+    for (int k = 0; k < o->steps && st == KLVAE_OK; k++) {
+        for (int i = 0; i < batch; i++)
+            kv_procedural_image(1, (uint64_t)k * batch + i, size, x + i * per_image);
+        klvae_step_stats_t stats = KLVAE_STEP_STATS_INIT;
+        st = klvae_trainer_step(t, x, batch, size, size, &stats);
+        if (k == 0)
+            first_rec = stats.rec_loss;
+        last_rec = stats.rec_loss;
+    }
+    const double train_s = harness_now() - t0;
+    char dir[] = "/tmp/klvae-quality-XXXXXX", path[64];
+    int made = st == KLVAE_OK && mkdtemp(dir) != NULL;
+    if (st == KLVAE_OK && !made)
+        st = kv_error(KLVAE_ERR_IO, "cannot make a temporary folder");
+    snprintf(path, sizeof path, "%s/model", dir);
+    if (st == KLVAE_OK)
+        st = klvae_trainer_export(t, path, 0);
+    if (st == KLVAE_OK)
+        st = held_out_psnr(path, size, &psnr);
+    if (made)
+        nftw(dir, remove_entry, 8, FTW_DEPTH | FTW_PHYS);
+    if (st != KLVAE_OK) {
+        fprintf(stderr, "bench_cuda: quality %d batch %d %s: %s\n", size, batch, o->precision,
+                klvae_last_error());
+    } else {
+        printf("{\"tool\": \"klvae\", \"op\": \"quality\", \"size\": %d, \"batch\": %d, "
+               "\"precision\": \"%s\", \"config\": \"%s\", \"steps\": %d, \"train_s\": %.2f, "
+               "\"rec_loss_first\": %.5f, \"rec_loss_last\": %.5f, \"held_out\": %d, "
+               "\"psnr_db\": %.3f}\n",
+               size, batch, o->precision, o->config, o->steps, train_s, first_rec, last_rec,
+               QUALITY_HELD_OUT, psnr);
+        fflush(stdout);
+    }
+    klvae_trainer_free(t);
+    free(x);
+    return st == KLVAE_OK ? 0 : 1;
+}
+
 #ifdef KV_BENCH_NO_MAIN
 int bench_cuda_main(int argc, char **argv)
 #else
@@ -390,7 +570,7 @@ int main(int argc, char **argv)
     if (argc < 2)
         usage();
     const char *cases = argv[1], *plugin_path = NULL;
-    options o = {5, 1, "sd", "bf16", NULL, NULL, NULL};
+    options o = {.runs = 5, .warmup = 1, .steps = 400, .config = "sd", .precision = "bf16"};
     int device = 0;
     for (int i = 2; i < argc; i += 2) {
         if (i + 1 >= argc)
@@ -413,11 +593,13 @@ int main(int argc, char **argv)
             o.latents = argv[i + 1];
         else if (strcmp(argv[i], "--save-model") == 0)
             o.save_model = argv[i + 1];
+        else if (strcmp(argv[i], "--steps") == 0)
+            o.steps = atoi(argv[i + 1]);
         else
             usage();
     }
     int precision = harness_precision_parse(o.precision);
-    if (precision < 0 || o.runs < 1 || o.warmup < 0)
+    if (precision < 0 || o.runs < 1 || o.warmup < 0 || o.steps < 1)
         usage();
 
     char stats[64];

@@ -26,7 +26,8 @@
 #      refuses it is reported, and the script goes on);
 #   4b. training: the LDM step of the SD model at 256^2, batch 8, bf16, in
 #      libklvae (test_cuda bench train:256:8) and in PyTorch eager with AMP
-#      bf16 (tools/bench_train_pytorch.py --device cuda), then torch.compile;
+#      bf16 (tools/bench_train_pytorch.py --device cuda); the PyTorch step
+#      under torch.compile comes last of all, for reference, if time is left;
 #   4c. huge images (issue 13), when 200 s are left (or alone, with
 #      CHECK_STREAM=only): the streamed decode on the GPU (klvae_decode from
 #      host arrays: test_cuda bench stream:SIZE:LIMIT_GIB) against the
@@ -36,6 +37,10 @@
 #      (tools/bench_stream_torch.py --device cuda --dtype bf16): time, peak
 #      device memory (target <= 8 GB), max abs and relative L2 difference. A
 #      streamed decode that fails, times out or disagrees fails the script;
+#   4d. (only when CHECK_PARTS names profile) Nsight Compute's kernel times
+#      of one 512^2 bf16 decode and encode (tools/ncu_summary.py: the call's
+#      kernels grouped by name and family, and their sum, the GPU's busy time,
+#      to set beside the call's wall time from step 4);
 #   6. the table: op checks, decode 512^2 bf16 speed against diffusers
 #      (target >= 1.5x), decode FLOP rate as a share of the matmul rate
 #      (target >= 40 %), peak memory of a 1024^2 bf16 decode (target <= 1.5 GB),
@@ -44,12 +49,20 @@
 # Exit status: 0 when test_cuda and check_nccl.sh passed and 4c, where it
 # ran, decoded and agreed (the timings are measurements, not checks), 1
 # otherwise, saying which failed.
-# CHECK_STREAM=only runs steps 1, 2 and 4c alone (test_cuda's checks, the
-# NCCL check and the other timings skipped); CHECK_STREAM=0 leaves 4c out.
+# CHECK_PARTS chooses the steps after 1 and 2 (comma-separated; they run in
+# the order above whatever the list's order): checks (3), nccl (3b), timings
+# (the inference timings of 4 and 4b), train (the training timings of 4 and
+# 4b), memcheck (5), stream (4c), profile (4d). Default: every one but
+# profile. CHECK_STREAM=only is CHECK_PARTS=stream (steps 1, 2 and 4c alone);
+# CHECK_STREAM=0 takes stream out. CHECK_TEST_ARGS: more arguments for
+# test_cuda (--only-ops: the op checks without the whole models and steps).
 #
 # A device call carries the build:  carry lib/libklvae_cuda.so build/gpu tools/wheels
 # (build/gpu holds test_cuda and test_nccl: make gpu-binaries)
 # and runs:  sh tests/gpu/check.sh $OUT
+# The two test binaries are 25 MB each (OpenBLAS linked in); where the
+# working tree's limit is tight, carry them as one archive (make gpu-bundle:
+# build/gpu-bundle.tar.xz, 4 MB) and start with: tar xJf build/gpu-bundle.tar.xz
 set -u
 OUT=${1:?usage: tests/gpu/check.sh OUT_DIR}
 mkdir -p "$OUT"
@@ -62,6 +75,20 @@ BENCH=$OUT/bench.jsonl
 : >"$LOG"
 : >"$BENCH"
 
+PARTS=${CHECK_PARTS:-checks,nccl,timings,train,memcheck,stream}
+case ${CHECK_STREAM:-1} in
+only) PARTS=stream ;;
+0) PARTS=$(echo ",$PARTS," | sed 's/,stream,/,/; s/^,//; s/,$//') ;;
+esac
+for p in $(echo "$PARTS" | tr ',' ' '); do
+    case $p in
+    checks | nccl | timings | train | memcheck | stream | profile) ;;
+    *) echo "check.sh: unknown part '$p' in CHECK_PARTS (checks, nccl, timings, train, memcheck, stream, profile)" >&2
+       exit 2 ;;
+    esac
+done
+part() { case ",$PARTS," in *",$1,"*) return 0 ;; esac; return 1; }
+
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 say() { echo "$*" | tee -a "$LOG"; }
 # limit SECONDS: the smaller of SECONDS and the time left (0 when under 10 s)
@@ -70,7 +97,7 @@ limit() {
     if [ "$l" -lt 10 ]; then echo 0; elif [ "$l" -lt "$1" ]; then echo "$l"; else echo "$1"; fi
 }
 
-say "== check.sh $(date -u '+%Y-%m-%d %H:%M:%S') UTC, budget ${BUDGET} s"
+say "== check.sh $(date -u '+%Y-%m-%d %H:%M:%S') UTC, budget ${BUDGET} s, parts $PARTS"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm \
     --format=csv >>"$LOG" 2>&1 || say "nvidia-smi failed"
 
@@ -115,17 +142,20 @@ ldd "$PLUGIN" >>"$LOG" 2>&1
 
 # ---- 3. the checks ----
 TEST_RC=none
-STREAM=${CHECK_STREAM:-1}
 STREAM_RC=0
 T=$(limit 250)
-if [ "$STREAM" = only ]; then
-    say "CHECK_STREAM=only: test_cuda's checks and the other timings are skipped"
+if ! part checks; then
+    say "test_cuda's checks skipped (CHECK_PARTS=$PARTS)"
     TEST_RC=0
     : >"$OUT/test_cuda.log"
 elif [ -x "$BIN" ] && [ "$T" -gt 0 ]; then
-    say "== test_cuda (limit ${T} s)"
-    timeout -k 5 "$T" "$BIN" --plugin "$PLUGIN" --require-gpu >"$OUT/test_cuda.log" 2>&1
+    say "== test_cuda ${CHECK_TEST_ARGS:+$CHECK_TEST_ARGS }(limit ${T} s)"
+    T0=$(date +%s)
+    # shellcheck disable=SC2086 # CHECK_TEST_ARGS is a list of arguments
+    timeout -k 5 "$T" "$BIN" --plugin "$PLUGIN" --require-gpu ${CHECK_TEST_ARGS:-} \
+        >"$OUT/test_cuda.log" 2>&1
     TEST_RC=$?
+    say "test_cuda took $(($(date +%s) - T0)) s"
     grep -E "^(FAIL|SKIP|INFO)" "$OUT/test_cuda.log" | head -60 | tee -a "$LOG"
     tail -1 "$OUT/test_cuda.log" | tee -a "$LOG"
 else
@@ -136,8 +166,8 @@ fi
 T=$(limit 90)
 NCCL_LINE="not run"
 NCCL_RC=none
-if [ "$STREAM" = only ]; then
-    NCCL_LINE="skipped (CHECK_STREAM=only)"
+if ! part nccl; then
+    NCCL_LINE="skipped (CHECK_PARTS)"
     NCCL_RC=0
 elif [ "$T" -gt 0 ]; then
     sh tests/gpu/check_nccl.sh "$OUT" "$T" >"$OUT/check_nccl.out" 2>&1
@@ -154,9 +184,6 @@ if grep -q "^FAILED" "$OUT/test_cuda.log" 2>/dev/null || [ "$TEST_RC" = none ]; 
     say "FAILED: the plugin or the GPU cannot be used (above): no timings"
     BUDGET=0
 fi
-# CHECK_STREAM=only: the whole budget is 4c's
-FULL_BUDGET=$BUDGET
-[ "$STREAM" = only ] && BUDGET=0
 WHEELS_OK=0
 if ls tools/wheels/*.whl >/dev/null 2>&1; then
     if $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -179,32 +206,44 @@ torch_bench() { # cases [extra flags]
     timeout -k 5 "$T" env PYTHONUNBUFFERED=1 $PY tools/bench_cuda_torch.py --cases "$1" --runs 5 \
         ${2:-} >>"$BENCH" 2>>"$LOG" || say "torch bench $1 ${2:-} failed or timed out"
 }
-say "== timings"
-klvae_bench decode:512:1,decode:1024:1,encode:512:1 bf16
-torch_bench decode:512:1,decode:1024:1 --matmul
-# the choices to decide by measurement: cuDNN's fused epilogue, the layout
-klvae_bench decode:512:1 bf16 KLVAE_CUDA_FUSED=0
-klvae_bench decode:512:1 bf16 KLVAE_CUDA_LAYOUT=nchw
-klvae_bench decode:512:1 fp32
-klvae_bench decode:512:1 tf32
-torch_bench encode:512:1,decode:512:1 --cudnn-benchmark
+if part timings; then
+    say "== timings"
+    klvae_bench decode:512:1,decode:1024:1,encode:512:1 bf16
+    torch_bench decode:512:1,decode:1024:1 --matmul
+    # the choices to decide by measurement: cuDNN's fused epilogue, the layout
+    klvae_bench decode:512:1 bf16 KLVAE_CUDA_FUSED=0
+    klvae_bench decode:512:1 bf16 KLVAE_CUDA_LAYOUT=nchw
+    klvae_bench decode:512:1 fp32
+    klvae_bench decode:512:1 tf32
+    torch_bench encode:512:1,decode:512:1 --cudnn-benchmark
+fi
 
 # training: the LDM step (L1 + LPIPS-VGG16 + KL + PatchGAN with the adaptive
 # weight, Adam) of the SD model at 256^2, batch 8, bf16, in both; LPIPS weights
 # drawn at random into one file both read (no download on this machine)
 LPIPS_FILE=/tmp/klvae-lpips-random.safetensors
-if [ "$(limit 60)" -gt 0 ]; then
+if part train && [ "$(limit 60)" -gt 0 ]; then
+    say "== training timings"
     $PY tools/bench_train_pytorch.py train 0 --write-random-lpips "$LPIPS_FILE" >>"$LOG" 2>&1 ||
         say "could not write random LPIPS weights"
 fi
 T=$(limit 150)
-if [ "$T" -gt 0 ] && [ -f "$LPIPS_FILE" ]; then
+if part train && [ "$T" -gt 0 ] && [ -f "$LPIPS_FILE" ]; then
     timeout -k 5 "$T" "$BIN" bench train:256:8 --precision bf16 --runs 5 --plugin "$PLUGIN" \
         --lpips "$LPIPS_FILE" >>"$BENCH" 2>>"$LOG" || say "klvae train bench failed or timed out"
 fi
+# mixed precision's cost to a training run: the small config, 400 steps from
+# the same start on the same procedural batches, in fp32 and bf16, then the
+# held-out PSNR of each (bench_cuda's quality case; target: within 0.5 dB)
+for P in fp32 bf16; do
+    T=$(limit 90)
+    part train && [ "$T" -gt 0 ] || break
+    timeout -k 5 "$T" "$BIN" bench quality:64:8 --config small --steps 400 --precision $P \
+        --plugin "$PLUGIN" >>"$BENCH" 2>>"$LOG" || say "klvae quality $P failed or timed out"
+done
 train_torch() { # extra flags
     T=$(limit 150)
-    [ "$T" -gt 0 ] && [ -f "$LPIPS_FILE" ] || return 1
+    part train && [ "$T" -gt 0 ] && [ -f "$LPIPS_FILE" ] || return 1
     timeout -k 5 "$T" env PYTHONUNBUFFERED=1 $PY tools/bench_train_pytorch.py train 256 --batch 8 \
         --device cuda --amp bf16 --gan 1 --lpips "$LPIPS_FILE" --runs 5 ${1:-} >>"$BENCH" 2>>"$LOG" ||
         say "torch train bench ${1:-} failed or timed out"
@@ -215,7 +254,9 @@ train_torch
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
 MEMCHECK="not run"
 T=$(limit 60)
-if [ -n "$SAN" ] && [ -x "$BIN" ] && [ "$T" -gt 0 ]; then
+if ! part memcheck; then
+    MEMCHECK="skipped (CHECK_PARTS)"
+elif [ -n "$SAN" ] && [ -x "$BIN" ] && [ "$T" -gt 0 ]; then
     say "== compute-sanitizer memcheck, tiny case (limit ${T} s)"
     KLVAE_CUDA_CONV_SEARCH=0 timeout -k 5 "$T" "$SAN" --tool memcheck --error-exitcode 9 \
         --print-limit 20 "$BIN" --plugin "$PLUGIN" --tiny --require-gpu >"$OUT/memcheck.log" 2>&1
@@ -237,19 +278,18 @@ fi
 
 # ---- 4b. the rest of the timings, while time is left ----
 REST=decode:256:1,encode:256:1,encode:1024:1,decode:512:8,encode:512:8,decode:256:8,decode:1024:8
-klvae_bench $REST bf16
-torch_bench $REST
-train_torch --compile
+if part timings; then
+    klvae_bench $REST bf16
+    torch_bench $REST
+fi
 
 # ---- 4c. huge images: the streamed decode (issue 13) ----
-BUDGET=$FULL_BUDGET
-[ "$STREAM" = only ] && [ "$TEST_RC" != 0 ] && BUDGET=0
 stream_fail() {
     say "FAILED (streamed decode): $*"
     STREAM_RC=1
 }
 SDIR=/tmp/klvae-stream
-if [ "$STREAM" != 0 ] && [ -x "$BIN" ] && [ "$(limit 200)" -ge 200 ]; then
+if part stream && [ -x "$BIN" ] && [ "$(limit 200)" -ge 200 ]; then
     say "== huge images: the streamed decode (4c)"
     rm -rf "$SDIR" && mkdir -p "$SDIR"
     # the latents (standard normal, seeded) both sides read
@@ -318,10 +358,40 @@ print(json.dumps(row))
 open(bench, "a").write(json.dumps(row) + "\n")
 PYEOF
     rm -f "$SDIR"/*.raw
-elif [ "$STREAM" != 0 ]; then
+elif part stream; then
     say "4c (huge images) not run: under 200 s left (run it alone: CHECK_STREAM=only)"
-    [ "$STREAM" = only ] && STREAM_RC=1
+    [ "$PARTS" = stream ] && STREAM_RC=1
 fi
+
+# ---- 4d. where a call's time goes: Nsight Compute's kernel times ----
+if part profile; then
+    NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+    if [ -z "$NCU" ]; then
+        say "profile: ncu not found"
+    fi
+    for case in decode encode; do
+        T=$(limit 90)
+        [ -n "$NCU" ] && [ "$T" -gt 0 ] || break
+        say "== ncu: $case 512^2 bf16 (limit ${T} s)"
+        # three calls (the first with cuDNN's choices, two more): the summary
+        # takes the last one; the clocks stay as the card has them
+        # (the bench's own line, timed under ncu, stays out of bench.jsonl)
+        timeout -k 5 "$T" "$NCU" --clock-control none --metrics gpu__time_duration.sum --csv \
+            --log-file "$OUT/ncu_$case.csv" "$BIN" bench "$case:512:1" --precision bf16 --runs 1 \
+            --warmup 0 --plugin "$PLUGIN" >"/tmp/klvae-ncu-$case.out" 2>>"$LOG" ||
+            say "ncu $case failed or timed out"
+        # where this ncu prints its table to the program's output instead
+        grep -q '^"ID"' "$OUT/ncu_$case.csv" 2>/dev/null ||
+            grep '^"' "/tmp/klvae-ncu-$case.out" >>"$OUT/ncu_$case.csv"
+    done
+    if [ -n "$NCU" ]; then
+        $PY tools/ncu_summary.py "$OUT"/ncu_decode.csv "$OUT"/ncu_encode.csv >"$OUT/profile.txt" \
+            2>>"$LOG" || say "tools/ncu_summary.py failed (profile.txt)"
+    fi
+fi
+
+# ---- the PyTorch step compiled, for reference, when time is left ----
+train_torch --compile
 
 # ---- 6. the table ----
 TEST_LINE=$(tail -1 "$OUT/test_cuda.log" 2>/dev/null)
@@ -430,6 +500,16 @@ if kt and pe:
                                   "reported"))
 else:
     print("%-44s %-42s %s" % ("train 256^2 b8 bf16 vs torch eager", "missing", ">= 1.5x"))
+# mixed-precision training against fp32: held-out PSNR after the same steps
+qf = next((r for r in rows if r.get("op") == "quality" and r.get("precision") == "fp32"), None)
+qb = next((r for r in rows if r.get("op") == "quality" and r.get("precision") == "bf16"), None)
+if qf and qb:
+    gap = qb["psnr_db"] - qf["psnr_db"]
+    print("%-44s %-42s %s" % ("train bf16 vs fp32: held-out PSNR (small, %d st.)" % qb["steps"],
+                              "%.2f vs %.2f dB (%+.2f dB)" % (qb["psnr_db"], qf["psnr_db"], gap),
+                              "within 0.5 dB  %s" % ("MET" if gap >= -0.5 else "NOT MET")))
+else:
+    print("%-44s %-42s %s" % ("train bf16 vs fp32: held-out PSNR", "missing", "within 0.5 dB"))
 # huge images (4c): the streamed decode
 for e in (r for r in rows if r.get("tool") == "stream_error" and r.get("size") == 1024):
     tol = e.get("tolerance")
@@ -459,6 +539,7 @@ if e8:
                               "max abs %.3g, rel L2 %.3g" % (e8["max_abs"], e8["rel_l2"]),
                               "(tiling's error and bf16)"))
 EOF
+[ -s "$OUT/profile.txt" ] && tee -a "$OUT/summary.txt" <"$OUT/profile.txt"
 status=0
 [ "$TEST_RC" = 0 ] || { echo "check.sh: test_cuda did not pass (exit $TEST_RC): see $OUT/test_cuda.log" >&2; status=1; }
 [ "$NCCL_RC" = 0 ] || { echo "check.sh: the NCCL check did not pass (exit $NCCL_RC): see $OUT/test_nccl.log" >&2; status=1; }
