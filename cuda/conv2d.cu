@@ -463,18 +463,51 @@ static kv_conv_key key_of(const kv_cuda *cu, const conv_call *k, const conv_piec
     return key;
 }
 
+/* The key of the class of key's shape: the same convolution with its input
+ * height rounded up to kv_conv_height_class, in entries of their own. */
+static kv_conv_key class_key_of(const kv_conv_key *key)
+{
+    kv_conv_key c = *key;
+    c.dims[4] += 16; /* the kind: a class entry, never an exact shape's */
+    c.dims[7] = kv_conv_height_class(c.dims[7]);
+    return c;
+}
+
+/* The class's choice for the shape in the descriptors, with the workspace
+ * this exact shape needs; false when there is none or cuDNN refuses it. */
+static bool class_choice(kv_cuda *cu, const kv_conv_key *class_key, kv_conv_choice *c)
+{
+    if (!kv_conv_choice_lookup(class_key, c) ||
+        cudnnSetConvolutionMathType(cu->conv_desc, c->math) != CUDNN_STATUS_SUCCESS)
+        return false;
+    return cudnnGetConvolutionForwardWorkspaceSize(cu->cudnn, cu->x_desc, cu->w_desc,
+                                                   cu->conv_desc, cu->y_desc,
+                                                   (cudnnConvolutionFwdAlgo_t)c->algo,
+                                                   &c->workspace) == CUDNN_STATUS_SUCCESS;
+}
+
 /* Runs one piece with the choice for its shape, choosing it first if this
- * process has not yet. */
+ * process has not yet: the choice of its height class when there is one
+ * and cuDNN takes it (a streamed image's bands are cut at many heights, and
+ * choosing afresh for each, a search of up to KV_CONV_CANDIDATES timed
+ * runs, cost more than the convolutions), else cuDNN's heuristics and, for
+ * large shapes, a search. */
 static klvae_status_t convolve(kv_cuda *cu, const conv_call *k, const conv_piece *p)
 {
     KV_TRY(set_descriptors(cu, p, k->kh, k->kw, k->stride));
-    const kv_conv_key key = key_of(cu, k, p);
+    const kv_conv_key key = key_of(cu, k, p), class_key = class_key_of(&key);
     kv_conv_choice c;
     cudnnStatus_t refused;
     if (kv_conv_choice_lookup(&key, &c)) {
         KV_TRY(run_piece(cu, k, p, &c, &refused));
         if (refused == CUDNN_STATUS_SUCCESS)
             return KLVAE_OK;
+    } else if (cu->forced_algo < 0 && class_choice(cu, &class_key, &c)) {
+        KV_TRY(run_piece(cu, k, p, &c, &refused));
+        if (refused == CUDNN_STATUS_SUCCESS) {
+            kv_conv_choice_store(&key, &c);
+            return KLVAE_OK;
+        }
     }
     kv_conv_choice list[KV_CONV_CANDIDATES + 1];
     int count = 0;
@@ -501,6 +534,9 @@ static klvae_status_t convolve(kv_cuda *cu, const conv_call *k, const conv_piece
         KV_TRY(run_piece(cu, k, p, &list[i], &refused));
         if (refused == CUDNN_STATUS_SUCCESS) {
             kv_conv_choice_store(&key, &list[i]);
+            kv_conv_choice c_of_class;
+            if (!kv_conv_choice_lookup(&class_key, &c_of_class)) /* the class's first */
+                kv_conv_choice_store(&class_key, &list[i]);
             return KLVAE_OK;
         }
     }

@@ -70,6 +70,19 @@ static inline KV_HD int kv_conv_band_rows(const kv_conv_plan *p, int b)
     return left < p->rows ? left : p->rows;
 }
 
+/* The class of a convolution's input height for the choice of its cuDNN
+ * algorithm: the smallest power of two >= h. Shapes that differ only in
+ * height within one class (the bands of a streamed image, the last band of
+ * a cut convolution) start from the choice made for the first of them
+ * instead of asking cuDNN and timing candidates again (cuda/conv2d.cu). */
+static inline KV_HD int kv_conv_height_class(int h)
+{
+    int c = 1;
+    while (c < h && c < (1 << 30))
+        c <<= 1;
+    return c;
+}
+
 /* Elements of the input and output tensors cuDNN sees for a piece of nb
  * samples and `rows` output rows. */
 static inline KV_HD size_t kv_conv_piece_x_elems(const kv_conv_plan *p, int nb, int rows)

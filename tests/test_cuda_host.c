@@ -724,6 +724,25 @@ END_TEST
  * it: the gradient of the padded input (the convolution unpadded), then
  * cropped with kv_conv_crop_source in either layout; against the CPU
  * backend's op. */
+/* kv_conv_height_class: a power of two, at least h, under 2h, never smaller
+ * for a larger h (so the classes are the intervals (2^(k-1), 2^k]). */
+START_TEST(conv_height_class_is_the_next_power_of_two)
+{
+    int previous = 0;
+    for (int h = 1; h <= 70000; h++) {
+        int c = kv_conv_height_class(h);
+        ck_assert_int_ge(c, h);
+        ck_assert_int_lt(c, 2 * h + (h == 1));
+        ck_assert_int_eq(c & (c - 1), 0);
+        ck_assert_int_ge(c, previous);
+        previous = c;
+    }
+    ck_assert_int_eq(kv_conv_height_class(489), 512);
+    ck_assert_int_eq(kv_conv_height_class(512), 512);
+    ck_assert_int_eq(kv_conv_height_class(513), 1024);
+}
+END_TEST
+
 START_TEST(backward_data_crop_gives_the_cpu_gradient)
 {
     test_rng rng = test_rng_new(606);
@@ -1057,6 +1076,7 @@ Suite *suite_cuda_host(void)
     tcase_add_test(tc, conv_plan_covers_every_output_row_within_budget);
     tcase_add_loop_test(tc, conv_pieces_compute_the_specified_convolution, 0, 4);
     tcase_add_test(tc, conv_plan_bands_the_decoders_largest_input);
+    tcase_add_test(tc, conv_height_class_is_the_next_power_of_two);
     tcase_add_test(tc, backward_data_crop_gives_the_cpu_gradient);
     tcase_add_test(tc, storage_nc_names_sample_and_channel);
     tcase_add_test(tc, group_norm_chunks_tile_each_group);
