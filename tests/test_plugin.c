@@ -155,6 +155,48 @@ START_TEST(cuda_without_plugin_names_where_it_looked)
 }
 END_TEST
 
+/* A plugin beside the core is loaded only where the NVIDIA driver's library
+ * loads: here a working fake plugin copied beside this program is left
+ * unloaded with "no CUDA driver" on a machine without libcuda.so.1, and used
+ * on one with it. */
+START_TEST(plugin_beside_the_core_waits_for_a_driver)
+{
+    char beside[4200];
+    snprintf(beside, sizeof beside, "%s/libklvae_cuda.so", exe_dir());
+    FILE *in = fopen(fake("working"), "rb"), *out = fopen(beside, "wb");
+    ck_assert_ptr_nonnull(in);
+    ck_assert_ptr_nonnull(out);
+    char buf[65536];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof buf, in)) > 0)
+        ck_assert_uint_eq(fwrite(buf, 1, n, out), n);
+    fclose(in);
+    ck_assert_int_eq(fclose(out), 0);
+    void *driver = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_LOCAL);
+    if (driver)
+        dlclose(driver);
+    klvae_model_t *m = NULL;
+    klvae_status_t st = create("cuda", NULL, NULL, &m);
+    char error[1024];
+    snprintf(error, sizeof error, "%s", klvae_last_error());
+    void *loaded = dlopen(beside, RTLD_NOW | RTLD_NOLOAD);
+    if (loaded)
+        dlclose(loaded);
+    unlink(beside); /* before any assertion: the other tests look beside too */
+    if (driver) {
+        ck_assert_ok(st);
+        ck_assert_ptr_nonnull(loaded);
+        klvae_model_free(m);
+    } else {
+        ck_assert_int_eq(st, KLVAE_ERR_BACKEND_UNAVAILABLE);
+        ck_assert_msg(strstr(error, "no CUDA driver") && strstr(error, beside) &&
+                          strstr(error, "the plugin was not loaded"),
+                      "error \"%s\"", error);
+        ck_assert_ptr_null(loaded);
+    }
+}
+END_TEST
+
 START_TEST(auto_without_plugin_is_cpu_with_a_reason)
 {
     expect_auto_cpu("CUDA plugin not found", "looked in");
@@ -730,6 +772,7 @@ Suite *suite_plugin(void)
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_add_test(tc, cuda_without_plugin_names_where_it_looked);
     tcase_add_test(tc, auto_without_plugin_is_cpu_with_a_reason);
+    tcase_add_test(tc, plugin_beside_the_core_waits_for_a_driver);
     tcase_add_test(tc, env_path_missing_is_not_searched_further);
     tcase_add_test(tc, not_a_shared_object);
     tcase_add_test(tc, no_entry_point);

@@ -194,6 +194,27 @@ static bool open_plugin(const char *path, const char *shown)
     return adopt_plugin(handle, shown);
 }
 
+/* Whether the NVIDIA driver's library loads; otherwise the reason names the
+ * plugin that was found and left unloaded. A plugin found beside the core
+ * (where make install puts both) is loaded only where a driver is, since
+ * loading it maps cuDNN and cuBLAS (about 150 MB of memory) just for its
+ * probe to find no driver; one named by KLVAE_CUDA_PLUGIN is loaded as
+ * asked, and one only the dynamic linker finds must be loaded to be found. */
+static bool driver_present(const char *plugin)
+{
+    dlerror();
+    void *driver = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_LOCAL);
+    if (driver) {
+        dlclose(driver);
+        return true;
+    }
+    const char *why = dlerror();
+    set_reason("CUDA plugin %s: no CUDA driver (libcuda.so.1 is not installed or does not load: "
+               "%s); the plugin was not loaded",
+               plugin, why ? why : "unknown dlopen error");
+    return false;
+}
+
 static void load_once(void)
 {
     const char *env = getenv("KLVAE_CUDA_PLUGIN");
@@ -212,10 +233,11 @@ static void load_once(void)
     int count = beside_core(candidates);
     for (int i = 0; i < count; i++)
         if (file_exists(candidates[i])) {
-            open_plugin(candidates[i], candidates[i]);
+            if (driver_present(candidates[i]))
+                open_plugin(candidates[i], candidates[i]);
             return;
         }
-    /* the dynamic linker's search */
+    /* the dynamic linker's search (loaded to learn whether it is there) */
     dlerror();
     void *handle = dlopen(KV_PLUGIN_FILE, RTLD_NOW | RTLD_LOCAL);
     if (handle) {

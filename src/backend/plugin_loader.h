@@ -11,7 +11,10 @@
  *      code: the folder of libklvae.so (found with dladdr), or, when the
  *      static library is linked into a program, the program's folder
  *      (/proc/self/exe) and then ../lib next to it (the bin/ + lib/ layout
- *      of this tree and of make install);
+ *      of this tree and of make install) — loaded only when the NVIDIA
+ *      driver's libcuda.so.1 loads, else the search stops with "no CUDA
+ *      driver" (loading the plugin maps cuDNN and cuBLAS, ~150 MB, for
+ *      nothing on a machine without a driver);
  *   3. KV_PLUGIN_FILE through the dynamic linker's own search (LD_LIBRARY_PATH,
  *      the RUNPATH of libklvae.so, /etc/ld.so.cache, the system folders).
  *
