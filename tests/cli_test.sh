@@ -266,7 +266,18 @@ FAKE=build/tests/plugins/fake_working.so
 if [ -f "$FAKE" ]; then
     cp "$FAKE" "$tmp/core/libklvae_cuda.so"
     out=$(which_backend "$tmp/core")
-    [ "$out" = "cuda|" ] && ok || bad "plugin beside libklvae.so not used: '$out'"
+    # beside the library it is loaded only where the NVIDIA driver loads
+    printf '#include <dlfcn.h>\nint main(void) { return dlopen("libcuda.so.1", RTLD_LAZY) ? 0 : 1; }\n' \
+        >"$tmp/driver.c"
+    cc "$tmp/driver.c" -o "$tmp/driver" -ldl || bad "could not build the driver probe"
+    if "$tmp/driver"; then
+        [ "$out" = "cuda|" ] && ok || bad "plugin beside libklvae.so not used: '$out'"
+    else
+        case "$out" in
+        "cpu|CUDA plugin $tmp/core/libklvae_cuda.so: no CUDA driver"*"the plugin was not loaded") ok ;;
+        *) bad "plugin beside libklvae.so without a driver: '$out'" ;;
+        esac
+    fi
     mv "$tmp/core/libklvae_cuda.so" "$tmp/elsewhere/"
     out=$(which_backend "$tmp/core:$tmp/elsewhere")
     [ "$out" = "cuda|" ] && ok || bad "plugin on LD_LIBRARY_PATH not used: '$out'"
