@@ -483,7 +483,8 @@ static bool class_choice(kv_cuda *cu, const kv_conv_key *class_key, kv_conv_choi
     return cudnnGetConvolutionForwardWorkspaceSize(cu->cudnn, cu->x_desc, cu->w_desc,
                                                    cu->conv_desc, cu->y_desc,
                                                    (cudnnConvolutionFwdAlgo_t)c->algo,
-                                                   &c->workspace) == CUDNN_STATUS_SUCCESS;
+                                                   &c->workspace) == CUDNN_STATUS_SUCCESS &&
+           c->workspace <= cu->workspace_max; /* as candidates() asks of each */
 }
 
 /* Runs one piece with the choice for its shape, choosing it first if this
