@@ -591,9 +591,11 @@ KLVAE_API klvae_status_t klvae_trainer_set_note(klvae_trainer_t *trainer, const 
 KLVAE_API klvae_status_t klvae_trainer_get_note(const klvae_trainer_t *trainer, const char *key,
                                                 char *buf, size_t size);
 
-/* Releases the trainer (not the model). Free every trainer of a model
- * before the model: the trainer uses the model's weights and backend until
- * then. NULL is a no-op. */
+/* Releases the trainer (not the model), and the memory its steps kept for
+ * the next step (a step reuses what the last one released; the backend
+ * holds it between steps, never more than a step's peak). Free every
+ * trainer of a model before the model: the trainer uses the model's weights
+ * and backend until then. NULL is a no-op. */
 KLVAE_API void klvae_trainer_free(klvae_trainer_t *trainer);
 
 /* ------------------------------------------------------------------------ */

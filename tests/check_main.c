@@ -178,7 +178,7 @@ int main(void)
         suite_posterior_ops, suite_lpips_ops, suite_losses_ops, suite_optimizer_ops,
         suite_model, suite_sample, suite_image, suite_errors, suite_data, suite_train, suite_cli,
         suite_plugin, suite_cuda_host, suite_golden, suite_save, suite_stream, suite_buckets,
-        suite_dp, suite_dataset, suite_weight_cache, suite_bf16};
+        suite_dp, suite_dataset, suite_weight_cache, suite_bf16, suite_cpu_memory};
     SRunner *runner = srunner_create(NULL);
     for (size_t i = 0; i < sizeof suites / sizeof suites[0]; i++)
         srunner_add_suite(runner, suites[i]());

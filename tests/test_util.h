@@ -127,6 +127,7 @@ Suite *suite_buckets(void);
 Suite *suite_dp(void);
 Suite *suite_dataset(void);
 Suite *suite_weight_cache(void);
+Suite *suite_cpu_memory(void);
 Suite *suite_bf16(void);
 
 /* The op tests, one suite per op family of src/backend/backend.h, each in

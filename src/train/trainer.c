@@ -199,6 +199,7 @@ KLVAE_API void klvae_trainer_free(klvae_trainer_t *t)
     free(t->model_net.trained);
     free(t->options_text);
     free(t);
+    be->ops->trim(be); /* what the steps kept for the next one */
 }
 
 KLVAE_API klvae_status_t klvae_trainer_create(klvae_model_t *model, const klvae_options_t *opts,
@@ -950,7 +951,9 @@ static klvae_status_t trainer_step(klvae_trainer_t *t, const step_input *in, con
     st = zero_grads(t);
     for (int micro = 0; micro < accum && st == KLVAE_OK; micro++)
         st = micro_step(t, &plan, in, micro, micro == accum - 1, &sums, &nonfinite);
-    t->be->ops->trim(t->be);
+    /* no trim: the next step allocates what this one released, so the
+     * backend keeps it (the CPU's block cache, the CUDA pool) until the
+     * trainer is freed */
     /* A non-finite value before the autoencoder's update: nothing changed.
      * After it (disc_update=fresh only): the discriminator's update was
      * left out. */

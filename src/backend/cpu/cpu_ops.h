@@ -10,7 +10,7 @@
 #include "backend/cpu/threadpool.h"
 #include "backend/cpu/weight_cache.h"
 
-#define KV_CPU_CACHE_SLOTS 16
+#define KV_CPU_CACHE_SLOTS 256
 
 typedef struct kv_cpu {
     kv_pool *pool;
@@ -24,13 +24,15 @@ typedef struct kv_cpu {
     float *shared;
     size_t shared_floats;
     /* Recently released large blocks, reused by later allocations of about
-     * the same size (see cpu_alloc). Touched only by the calling thread. */
+     * the same size (see cpu_alloc). Touched only by the calling thread.
+     * live: bytes of large blocks in use; peak_live: their most since the
+     * last trim, which bounds live + cached beyond KV_CPU_CACHE_BYTES. */
     struct kv_cpu_block {
         unsigned char *base;
         size_t total;
     } cache[KV_CPU_CACHE_SLOTS];
     int cached;
-    size_t cached_bytes;
+    size_t cached_bytes, live_bytes, peak_live;
     /* precision=bf16 on a CPU with AVX512-BF16: convolutions, attention
      * and linear layers multiply bf16 operands with float32 accumulation
      * (bf16_gemm.h); storage stays float32. */
