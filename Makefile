@@ -481,7 +481,7 @@ build/gpu/test_nccl: tests/gpu/test_nccl.c tests/gpu/cuda_harness.c tests/gpu/cu
 	$(CC) $(KV_CFLAGS) -Werror -Itests/gpu $(CFLAGS) tests/gpu/test_nccl.c tests/gpu/cuda_harness.c \
 	    -o $@ $(STATIC) -s $(GPU_STATIC_LIBS)
 build/gpu/test_cuda: $(GPU_TEST_SOURCES) tools/bench_cuda.c tests/gpu/cuda_harness.h \
-                     tests/gpu/test_cuda.h $(STATIC) $(LIB_HEADERS)
+                     tests/gpu/test_cuda.h $(STATIC) $(LIB_HEADERS) build/obj/cli/common.o
 	@mkdir -p build/gpu
 	$(CC) $(KV_CFLAGS) -Werror -Itests/gpu $(CFLAGS) -DKV_WITH_BENCH -c tests/gpu/test_cuda.c \
 	    -o build/gpu/test_cuda.o
@@ -494,10 +494,12 @@ build/gpu/test_cuda: $(GPU_TEST_SOURCES) tools/bench_cuda.c tests/gpu/cuda_harne
 	$(CC) $(KV_CFLAGS) -Werror -Itests/gpu $(CFLAGS) -c tests/gpu/test_cuda_util.c \
 	    -o build/gpu/test_cuda_util.o
 	$(CC) -o $@ build/gpu/test_cuda.o build/gpu/test_cuda_train.o build/gpu/test_cuda_util.o \
-	    build/gpu/bench_cuda.o build/gpu/cuda_harness.o $(STATIC) -s $(GPU_STATIC_LIBS)
-build/bench_cuda: tools/bench_cuda.c tests/gpu/cuda_harness.c tests/gpu/cuda_harness.h $(STATIC)
+	    build/gpu/bench_cuda.o build/gpu/cuda_harness.o build/obj/cli/common.o $(STATIC) -s \
+	    $(GPU_STATIC_LIBS)
+build/bench_cuda: tools/bench_cuda.c tests/gpu/cuda_harness.c tests/gpu/cuda_harness.h $(STATIC) \
+                  build/obj/cli/common.o
 	$(CC) $(KV_CFLAGS) -Itests/gpu $(CFLAGS) tools/bench_cuda.c tests/gpu/cuda_harness.c \
-	    -o $@ $(STATIC) $(LDFLAGS) $(DEP_LIBS) $(SYS_LIBS)
+	    build/obj/cli/common.o -o $@ $(STATIC) $(LDFLAGS) $(DEP_LIBS) $(SYS_LIBS)
 # One archive of what a GPU machine runs (4 MB where the files are 55 MB, most
 # of it OpenBLAS twice), for device calls whose working tree must stay small:
 # carry build/gpu-bundle.tar.xz, unpack it there, run tests/gpu/check.sh.

@@ -63,6 +63,7 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include "cli/cli.h" /* image_psnr, as klvae eval computes it */
 #include "cuda_harness.h"
 #include "train/procedural.h"
 
@@ -83,6 +84,20 @@ static void usage(void)
 
 /* The last statistics line of the plugin's file (it writes one at every
  * synchronize and trim): peak bytes in use and held, bytes held now, in MiB. */
+/* One statistics line's three figures in MiB; false for another line. */
+static bool parse_stats(const char *line, double *in_use_mb, double *peak_held_mb,
+                        double *held_mb)
+{
+    const char *a = strstr(line, "peak_in_use="), *b = strstr(line, "peak_reserved=");
+    const char *c = strstr(line, " reserved=");
+    if (!a || !b || !c)
+        return false;
+    *in_use_mb = strtod(a + 12, NULL) / 1048576.0;
+    *peak_held_mb = strtod(b + 14, NULL) / 1048576.0;
+    *held_mb = strtod(c + 10, NULL) / 1048576.0;
+    return true;
+}
+
 static void read_last(const char *path, double *in_use_mb, double *peak_held_mb,
                       double *held_mb)
 {
@@ -91,22 +106,19 @@ static void read_last(const char *path, double *in_use_mb, double *peak_held_mb,
     if (!fp)
         return;
     char line[512];
-    while (fgets(line, sizeof line, fp)) {
-        const char *a = strstr(line, "peak_in_use="), *b = strstr(line, "peak_reserved=");
-        const char *c = strstr(line, " reserved=");
-        if (a && b && c) {
-            *in_use_mb = strtod(a + 12, NULL) / 1048576.0;
-            *peak_held_mb = strtod(b + 14, NULL) / 1048576.0;
-            *held_mb = strtod(c + 10, NULL) / 1048576.0;
+    double a, b, c;
+    while (fgets(line, sizeof line, fp))
+        if (parse_stats(line, &a, &b, &c)) {
+            *in_use_mb = a;
+            *peak_held_mb = b;
+            *held_mb = c;
         }
-    }
     fclose(fp);
 }
 
 /* The largest peaks (MiB in use, MiB the pool held) of the statistics lines
- * written after byte offset from of the file: a training step writes
- * several (its trim restarts the peaks, the synchronize after it writes
- * again), so the step's peaks are the largest of its lines. */
+ * written after byte offset from of the file: the lines a training step
+ * wrote (one per synchronize), whichever of them came after a reset. */
 static void read_max_since(const char *path, long from, double *in_use_mb, double *held_mb)
 {
     *in_use_mb = *held_mb = -1.0;
@@ -114,15 +126,13 @@ static void read_max_since(const char *path, long from, double *in_use_mb, doubl
     if (!fp)
         return;
     char line[512];
+    double u, h, unused;
     if (fseek(fp, from, SEEK_SET) == 0)
-        while (fgets(line, sizeof line, fp)) {
-            const char *a = strstr(line, "peak_in_use="), *b = strstr(line, "peak_reserved=");
-            if (a && b) {
-                double u = strtod(a + 12, NULL) / 1048576.0, h = strtod(b + 14, NULL) / 1048576.0;
+        while (fgets(line, sizeof line, fp))
+            if (parse_stats(line, &u, &h, &unused)) {
                 *in_use_mb = u > *in_use_mb ? u : *in_use_mb;
                 *held_mb = h > *held_mb ? h : *held_mb;
             }
-        }
     fclose(fp);
 }
 
@@ -199,9 +209,10 @@ static int run_train_case(klvae_model_t *m, const kv_plugin *plugin, const optio
         state = state * 6364136223846793005ull + 1442695040888963407ull;
         x[i] = (float)((double)(state >> 11) / 9007199254740992.0 * 2.0 - 1.0);
     }
-    /* Each step ends in a trim (src/train/trainer.c), which writes that
-     * step's peaks to the statistics file and restarts them: the peaks are
-     * the largest of the lines the timed steps wrote (read_max_since). */
+    /* The trim before the timed steps restarts the peaks; the steps do not
+     * trim (src/train/trainer.c keeps a step's memory for the next), so the
+     * timed steps' peaks are the largest of the lines they wrote
+     * (read_max_since). */
     double in_use_mb = -1.0, reserved_mb = -1.0;
     for (int r = -o->warmup - 2; r < o->runs && st == KLVAE_OK; r++) {
         if (r == -1)
@@ -438,25 +449,6 @@ static int run_case(klvae_model_t *m, const kv_plugin *plugin, const options *o,
     return st == KLVAE_OK ? 0 : 1;
 }
 
-/* The mean PSNR (dB, of the 8-bit values an image file would hold, as
- * klvae eval computes it) of n reconstructions rec of images x. */
-static double mean_psnr(const float *x, const float *rec, int n, size_t per_image)
-{
-    double sum = 0.0;
-    for (int i = 0; i < n; i++) {
-        double se = 0.0;
-        for (size_t k = 0; k < per_image; k++) {
-            double a = x[i * per_image + k] * 0.5 + 0.5, b = rec[i * per_image + k] * 0.5 + 0.5;
-            a = nearbyint((a < 0 ? 0 : a > 1 ? 1 : a) * 255.0) / 255.0;
-            b = b == b ? nearbyint((b < 0 ? 0 : b > 1 ? 1 : b) * 255.0) / 255.0 : 0.0;
-            se += (a - b) * (a - b);
-        }
-        double mse = se / (double)per_image;
-        sum += mse > 0 ? 10.0 * log10(1.0 / mse) : 99.0;
-    }
-    return sum / n;
-}
-
 static int remove_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw)
 {
     (void)sb, (void)flag, (void)ftw;
@@ -492,8 +484,11 @@ static klvae_status_t held_out_psnr(const char *dir, int size, double *psnr)
         st = klvae_encode(cm, x, n, size, size, mean, logvar);
     if (st == KLVAE_OK)
         st = klvae_decode(cm, mean, n, lat, lat, rec);
-    if (st == KLVAE_OK)
-        *psnr = mean_psnr(x, rec, n, per_image);
+    if (st == KLVAE_OK) {
+        *psnr = 0.0;
+        for (int i = 0; i < n; i++)
+            *psnr += image_psnr(x + i * per_image, rec + i * per_image, size, size) / n;
+    }
     free(x), free(rec), free(mean), free(logvar);
     klvae_model_free(cm);
     return st;

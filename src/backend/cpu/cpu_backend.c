@@ -33,13 +33,12 @@ extern void openblas_set_num_threads(int threads) __attribute__((weak));
 
 static void cache_evict_largest(kv_cpu *cpu);
 
-/* Evicts the largest cached blocks until the cache fits its bounds. */
+/* Evicts the largest cached blocks until the cache fits its bytes' bound
+ * (cpu_release makes room in the slots before it adds a block). */
 static void cache_fit(kv_cpu *cpu)
 {
-    while (cpu->cached > 0 &&
-           (cpu->cached == KV_CPU_CACHE_SLOTS ||
-            (cpu->cached_bytes > KV_CPU_CACHE_BYTES &&
-             cpu->live_bytes + cpu->cached_bytes > cpu->peak_live)))
+    while (cpu->cached > 0 && cpu->cached_bytes > KV_CPU_CACHE_BYTES &&
+           cpu->live_bytes + cpu->cached_bytes > cpu->peak_live)
         cache_evict_largest(cpu);
 }
 
