@@ -165,7 +165,7 @@ klvae_status_t kv_cuda_import(kv_backend *be, kv_tensor *dst, const float *src);
 klvae_status_t kv_cuda_export(kv_backend *be, float *dst, const kv_tensor *src);
 klvae_status_t kv_cuda_alloc(kv_backend *be, size_t bytes, kv_storage storage, void **out);
 void kv_cuda_release(kv_backend *be, void *ptr);
-void kv_cuda_trim(kv_backend *be);
+void kv_cuda_trim(kv_backend *be, bool keep);
 void kv_cuda_write_memstats(kv_cuda *cu, const char *when);
 
 static inline size_t kv_cuda_esize(kv_cuda_dtype t)

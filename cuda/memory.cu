@@ -133,14 +133,14 @@ void kv_cuda_write_memstats(kv_cuda *cu, const char *when)
     }
 }
 
-void kv_cuda_trim(kv_backend *be)
+void kv_cuda_trim(kv_backend *be, bool keep)
 {
     kv_cuda *cu = kv_cuda_of(be);
     kv_device_scope scope(cu->device);
     kv_cuda_write_memstats(cu, "trim");
-    /* keep what the last call needed at most; what is still queued on the
-     * stream stays whatever this says */
-    (void)cudaMemPoolTrimTo(cu->pool, cu->table.peak);
+    /* keep: what the last call needed at most; else all but what is in
+     * use. What is still queued on the stream stays whatever this says. */
+    (void)cudaMemPoolTrimTo(cu->pool, keep ? cu->table.peak : 0);
     (void)cudaGetLastError();
     cu->table.peak = cu->table.in_use;
     uint64_t zero = 0;

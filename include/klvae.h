@@ -293,7 +293,8 @@ KLVAE_API klvae_status_t klvae_model_create(const klvae_options_t *opts, klvae_m
  * KLVAE_ERR_IO, KLVAE_ERR_OUT_OF_MEMORY. */
 KLVAE_API klvae_status_t klvae_model_save(const klvae_model_t *model, const char *path);
 
-/* Releases the model and its worker threads. NULL is a no-op. */
+/* Releases the model, its worker threads and the memory it kept between
+ * calls (option keep_memory). NULL is a no-op. */
 KLVAE_API void klvae_model_free(klvae_model_t *model);
 
 /* Config queries. Each returns 0 (0.0f) when model is NULL. */
@@ -320,9 +321,10 @@ KLVAE_API const char *klvae_model_backend(const klvae_model_t *model);
  * gives "128,256,512,512", "shift_factor" gives "none" when there is none),
  * one of the runtime keys "backend", "precision" and "threads" (what the
  * model actually uses), the inference keys "memory_limit" ("auto", "none"
- * or the number of bytes), "spill_dir", "tiling", "tile_size" and
- * "tile_overlap", or the read-only keys "backend_reason": why backend=auto
- * chose the CPU (for example "CUDA plugin not found (looked in: ...)"), ""
+ * or the number of bytes), "keep_memory" ("true" or "false"), "spill_dir",
+ * "tiling", "tile_size" and "tile_overlap", or the read-only keys
+ * "backend_reason": why backend=auto chose the CPU (for example "CUDA
+ * plugin not found (looked in: ...)"), ""
  * when the model runs on CUDA or the CPU was asked for; "precision_reason":
  * why the model computes in fp32 though another precision was asked for
  * (precision=bf16 on a CPU without AVX512-BF16, tf32 on the CPU), else "";
@@ -347,7 +349,8 @@ KLVAE_API klvae_status_t klvae_model_get(const klvae_model_t *model, const char 
  * (n, latent_channels, h / f, w / f). logvar is clamped to [-30, 20] as in
  * diffusers. h and w must be positive multiples of the downsampling factor f.
  * logvar may be NULL when it is not wanted. mean and logvar must not
- * overlap images.
+ * overlap images. The memory the call used stays with the model for the
+ * next call (option keep_memory; klvae_model_free gives it back).
  *
  * Large images: the model's option memory_limit (docs/options.md) bounds
  * the memory the call takes beyond the weights and your arrays. When the

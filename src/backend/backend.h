@@ -343,9 +343,13 @@ typedef struct kv_backend_ops {
      * storage says */
     klvae_status_t (*alloc)(kv_backend *be, size_t bytes, kv_storage storage, void **out);
     void (*release)(kv_backend *be, void *ptr);
-    /* Gives memory the backend keeps for reuse back to the system; called at
-     * the end of every API call. */
-    void (*trim)(kv_backend *be);
+    /* Ends a call's use of memory (ABI 5: keep). keep: holds for the next
+     * call what this one used, about the most it had in use at once since the
+     * last trim, so that a call like it maps nothing new, and gives the rest
+     * back to the system; !keep: gives back everything not in use. Called at
+     * the end of every API call (option keep_memory) and when a trainer is
+     * freed (!keep). */
+    void (*trim)(kv_backend *be, bool keep);
     /* dst (a tensor of this backend, or a caller's device array) = the
      * numel(dst) float32 values of src, in NCHW order; download the other
      * way. Whatever the backend's storage format, the host side is float32

@@ -15,7 +15,7 @@
 
 #include "backend/backend.h"
 
-#define KV_PLUGIN_ABI_VERSION 4
+#define KV_PLUGIN_ABI_VERSION 5
 #define KV_PLUGIN_ENTRY_NAME "klvae_plugin_entry"
 
 /* Services of the core for the plugin. */

@@ -62,11 +62,12 @@ static klvae_status_t choose_backend(const klvae_options_t *opts, klvae_model_t 
     return KLVAE_OK;
 }
 
-/* memory_limit, spill_dir and the tiling keys: how large images run. */
+/* memory_limit, keep_memory, spill_dir and the tiling keys: how images run. */
 static klvae_status_t read_inference_options(const klvae_options_t *opts, klvae_model_t *m)
 {
     kv_inference_settings *set = &m->infer;
     const char *limit = kv_options_string(opts, "memory_limit");
+    set->keep_memory = kv_options_bool(opts, "keep_memory");
     set->limit_kind = strcmp(limit, "auto") == 0   ? KV_LIMIT_AUTO
                       : strcmp(limit, "none") == 0 ? KV_LIMIT_NONE
                                                    : KV_LIMIT_BYTES;
@@ -299,6 +300,8 @@ KLVAE_API klvae_status_t klvae_model_get(const klvae_model_t *m, const char *key
         runtime = set->limit_kind == KV_LIMIT_AUTO   ? "auto"
                   : set->limit_kind == KV_LIMIT_NONE ? "none"
                                                      : text;
+    } else if (strcmp(key, "keep_memory") == 0) {
+        runtime = m->infer.keep_memory ? "true" : "false";
     } else if (strcmp(key, "spill_dir") == 0) {
         runtime = m->infer.spill_dir ? m->infer.spill_dir : "";
     } else if (strcmp(key, "tiling") == 0) {
@@ -606,7 +609,7 @@ KLVAE_API klvae_status_t klvae_encode(klvae_model_t *m, const float *images, int
         return st;
     const caller_arrays io = {m->be, NULL};
     st = encode_arrays(m, &io, images, n, h, w, mean, logvar);
-    m->be->ops->trim(m->be);
+    kv_model_end_call(m);
     return kv_busy_leave(&m->busy, st);
 }
 
@@ -621,7 +624,7 @@ KLVAE_API klvae_status_t klvae_decode(klvae_model_t *m, const float *z, int n, i
         return st;
     const caller_arrays io = {m->be, NULL};
     st = decode_arrays(m, &io, z, n, lat_h, lat_w, images);
-    m->be->ops->trim(m->be);
+    kv_model_end_call(m);
     return kv_busy_leave(&m->busy, st);
 }
 

@@ -300,6 +300,11 @@ void kv_model_destroy(klvae_model_t *m)
     free(m);
 }
 
+void kv_model_end_call(klvae_model_t *m)
+{
+    m->be->ops->trim(m->be, m->infer.keep_memory);
+}
+
 /* ---- device calls ---- */
 
 klvae_status_t kv_plugin_status(klvae_status_t st)
@@ -335,7 +340,7 @@ klvae_status_t kv_model_stream_leave(klvae_model_t *m, klvae_status_t st)
         st = reset;
         snprintf(saved, sizeof saved, "%s", kv_error_message());
     }
-    m->be->ops->trim(m->be);
+    kv_model_end_call(m);
     if (st != KLVAE_OK)
         return kv_error(st, "%s", saved);
     kv_error_clear();

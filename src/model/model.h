@@ -97,6 +97,7 @@ typedef enum kv_limit_kind {
 typedef struct kv_inference_settings {
     kv_limit_kind limit_kind;
     uint64_t memory_limit; /* KV_LIMIT_BYTES */
+    bool keep_memory;      /* between calls (kv_model_end_call) */
     char *spill_dir;       /* owned; NULL: TMPDIR, else /var/tmp */
     bool blend;            /* tiling=blend */
     int tile_size;         /* pixels; 0: the config's sample_size */
@@ -148,12 +149,18 @@ klvae_status_t kv_model_init_params(klvae_model_t *m, uint64_t seed);
 /* Releases parameters, registry and backend. */
 void kv_model_destroy(klvae_model_t *m);
 
+/* The end of an encode or decode (host or device arrays): the backend keeps
+ * the call's memory for the next one, or with keep_memory=false gives back
+ * all it holds beyond what is in use. */
+void kv_model_end_call(klvae_model_t *m);
+
 /* The calls on a caller's device arrays (klvae_*_device,
  * klvae_trainer_step_device). kv_model_stream_enter puts the model's plugin
  * backend on the caller's stream (KLVAE_ERR_INVALID_ARGUMENT naming fn and
  * host_fn, the host call to use instead, when the model runs on the CPU);
  * kv_model_stream_leave, given the status of the work, waits for the
- * stream, puts the backend back on its own one, trims, and returns the
+ * stream, puts the backend back on its own one, ends the call
+ * (kv_model_end_call), and returns the
  * first error with its message. kv_plugin_status makes a plugin's status a
  * valid klvae_status_t. */
 klvae_status_t kv_model_stream_enter(klvae_model_t *m, const char *fn, const char *host_fn,

@@ -372,9 +372,17 @@ klvae_status_t kv_plan_forward(const klvae_model_t *m, bool encode, int n, int h
     /* auto on a GPU: its memory is not known here */
     if (automatic && (device_arrays || !m->be->host_memory))
         return KLVAE_OK;
-    const uint64_t host_budget = available_memory() / 20 * 17;
+    uint64_t host_budget = available_memory() / 20 * 17;
     plan->limit = automatic ? host_budget : set->memory_limit;
     plan->planned_bytes = kv_untiled_bytes(m, encode, n, h, w);
+    if (plan->planned_bytes > plan->limit && automatic && m->be->host_memory) {
+        /* what the model kept from its last call (keep_memory) is not
+         * MemAvailable but is this call's to use: give it back and look
+         * again */
+        m->be->ops->trim(m->be, false);
+        host_budget = available_memory() / 20 * 17;
+        plan->limit = host_budget;
+    }
     if (plan->planned_bytes <= plan->limit)
         return KLVAE_OK;
     if (device_arrays)

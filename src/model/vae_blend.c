@@ -133,7 +133,7 @@ static klvae_status_t forward_tile(klvae_model_t *m, bool encode, const host_til
     }
     kv_tensor_release(be, &x);
     kv_tensor_release(be, &y);
-    be->ops->trim(be);
+    /* no trim: the next tile, of the same size, reuses this one's memory */
     return st;
 }
 

@@ -475,8 +475,11 @@ static klvae_status_t run_conv(kv_stream *s, const conv_pass *p)
     band_stats_free(s, &bs);
     buffers_free(s, &b);
     prologue_free(s, &pr);
+    /* The layer's temporaries go back: all of them in host memory, where
+     * the plan counts each layer's own; a GPU's pool keeps the layer's peak
+     * (what the next layer's bands most likely need again). */
     if (!s->dry)
-        s->be->ops->trim(s->be); /* the layer's temporaries go back */
+        s->be->ops->trim(s->be, !s->be->host_memory);
     if (st == KLVAE_OK && p->last_x)
         kv_store_free(s, p->x);
     if (st == KLVAE_OK && p->last_residual)

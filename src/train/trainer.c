@@ -199,7 +199,7 @@ KLVAE_API void klvae_trainer_free(klvae_trainer_t *t)
     free(t->model_net.trained);
     free(t->options_text);
     free(t);
-    be->ops->trim(be); /* what the steps kept for the next one */
+    be->ops->trim(be, false); /* what the steps kept for the next one */
 }
 
 KLVAE_API klvae_status_t klvae_trainer_create(klvae_model_t *model, const klvae_options_t *opts,

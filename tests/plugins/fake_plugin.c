@@ -88,8 +88,9 @@ static void fake_release(kv_backend *be, void *ptr)
     free(ptr);
 }
 
-static void fake_trim(kv_backend *be)
+static void fake_trim(kv_backend *be, bool keep)
 {
+    (void)keep;
 }
 
 static klvae_status_t fake_upload(kv_backend *be, kv_tensor *dst, const float *src)

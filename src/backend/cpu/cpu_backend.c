@@ -27,8 +27,12 @@ extern void openblas_set_num_threads(int threads) __attribute__((weak));
  * raises the peak by more than this). A training step allocates what the
  * last one released: between steps (the trainer trims when it is freed)
  * the whole step's memory is reused, without the kernel zeroing it again,
- * which was 13% of an SD training step at 256^2. cpu_trim empties the cache
- * (the end of every inference call). */
+ * which was 13% of an SD training step at 256^2. cpu_trim(keep), at the
+ * end of every API call, leaves the cache as that bound left it, so that
+ * the next call of the same size maps nothing new either (page faults were
+ * 10-12% of a 256^2 encode or decode), and what it keeps (in use + cached)
+ * bounds the cache until the next trim as the peak does; cpu_trim(!keep)
+ * empties it (option keep_memory=false, a trainer that is freed). */
 #define KV_CPU_CACHE_BYTES ((size_t)256 << 20)
 
 static void cache_evict_largest(kv_cpu *cpu);
@@ -37,8 +41,9 @@ static void cache_evict_largest(kv_cpu *cpu);
  * (cpu_release makes room in the slots before it adds a block). */
 static void cache_fit(kv_cpu *cpu)
 {
+    const size_t bound = KV_MAX(cpu->peak_live, cpu->kept);
     while (cpu->cached > 0 && cpu->cached_bytes > KV_CPU_CACHE_BYTES &&
-           cpu->live_bytes + cpu->cached_bytes > cpu->peak_live)
+           cpu->live_bytes + cpu->cached_bytes > bound)
         cache_evict_largest(cpu);
 }
 
@@ -88,8 +93,10 @@ static klvae_status_t cpu_alloc(kv_backend *be, size_t bytes, kv_storage storage
             base = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
             if (base == MAP_FAILED)
                 base = NULL;
-            if (base)
+            if (base) {
                 memcpy(base, &total, sizeof total);
+                cpu->mapped++;
+            }
         }
         if (base) {
             memcpy(&total, base, sizeof total); /* a cached block may be larger */
@@ -136,12 +143,21 @@ static void cpu_release(kv_backend *be, void *ptr)
     cache_fit(cpu);
 }
 
-/* Returns the cached blocks to the system. */
-static void cpu_trim(kv_backend *be)
+/* The cache within the bound of the peak since the last trim (keep: the
+ * cache_fit rule, so the call's blocks of every size stay even where sizes
+ * that were never in use together add up beyond the peak, up to 256 MB), or
+ * empty; then the next call's bound starts. */
+static void cpu_trim(kv_backend *be, bool keep)
 {
     kv_cpu *cpu = kv_cpu_of(be);
-    while (cpu->cached > 0)
-        cache_evict_largest(cpu);
+    if (keep) {
+        cpu->kept = 0;
+        cache_fit(cpu);
+    } else {
+        while (cpu->cached > 0)
+            cache_evict_largest(cpu);
+    }
+    cpu->kept = cpu->live_bytes + cpu->cached_bytes;
     cpu->peak_live = cpu->live_bytes;
 }
 
@@ -232,7 +248,7 @@ static void cpu_destroy(kv_backend *be)
 {
     kv_cpu *cpu = kv_cpu_of(be);
     if (cpu) {
-        cpu_trim(be);
+        cpu_trim(be, false);
         kv_pool_free(cpu->pool);
         if (cpu->scratch)
             for (int t = 0; t < cpu->threads; t++)

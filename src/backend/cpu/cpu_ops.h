@@ -26,13 +26,16 @@ typedef struct kv_cpu {
     /* Recently released large blocks, reused by later allocations of about
      * the same size (see cpu_alloc). Touched only by the calling thread.
      * live: bytes of large blocks in use; peak_live: their most since the
-     * last trim, which bounds live + cached beyond KV_CPU_CACHE_BYTES. */
+     * last trim; kept: live + cached as the last trim left them (what the
+     * last call needed). The larger of the two bounds live + cached beyond
+     * KV_CPU_CACHE_BYTES. */
     struct kv_cpu_block {
         unsigned char *base;
         size_t total;
     } cache[KV_CPU_CACHE_SLOTS];
     int cached;
-    size_t cached_bytes, live_bytes, peak_live;
+    size_t cached_bytes, live_bytes, peak_live, kept;
+    size_t mapped; /* blocks mapped anew, ever (for the tests) */
     /* precision=bf16 on a CPU with AVX512-BF16: convolutions, attention
      * and linear layers multiply bf16 operands with float32 accumulation
      * (bf16_gemm.h); storage stays float32. */
