@@ -171,15 +171,16 @@ static klvae_model_t *tiny_model(const char *keep)
     return m;
 }
 
-/* keep_memory (default true): the second decode of a size maps no block
- * anew and gives the same bits; keep_memory=false gives every block back
+/* keep_memory (default true): the second decode and encode of a size map no
+ * block anew and give the same bits as the first (the reused blocks hold the
+ * first call's values, not zeros); keep_memory=false gives every block back
  * after each call, so each call maps its blocks again. Random latents,
  * batch 2, an odd latent size (activations of several MB). */
 START_TEST(keep_memory_reuses_a_calls_memory_in_the_next)
 {
     const int n = 2, lat_h = 61, lat_w = 67, f = 2;
     const size_t zc = (size_t)n * 4 * lat_h * lat_w, xc = (size_t)n * 3 * lat_h * f * lat_w * f;
-    float *z = malloc(zc * sizeof *z), *out[2][2];
+    float *z = malloc(zc * sizeof *z), *img[2][2], *mean[2][2];
     ck_assert_ptr_nonnull(z);
     uint64_t s = 12345;
     for (size_t i = 0; i < zc; i++) {
@@ -197,10 +198,13 @@ START_TEST(keep_memory_reuses_a_calls_memory_in_the_next)
         kv_cpu *cpu = kv_cpu_of(m->be);
         size_t maps[2];
         for (int call = 0; call < 2; call++) {
-            out[k][call] = malloc(xc * sizeof(float));
-            ck_assert_ptr_nonnull(out[k][call]);
+            img[k][call] = malloc(xc * sizeof(float));
+            mean[k][call] = malloc(zc * sizeof(float));
+            ck_assert(img[k][call] && mean[k][call]);
             const size_t before = cpu->mapped;
-            ck_assert_ok(klvae_decode(m, z, n, lat_h, lat_w, out[k][call]));
+            ck_assert_ok(klvae_decode(m, z, n, lat_h, lat_w, img[k][call]));
+            ck_assert_ok(klvae_encode(m, img[k][call], n, lat_h * f, lat_w * f, mean[k][call],
+                                      NULL));
             maps[call] = cpu->mapped - before;
             if (k == 0)
                 ck_assert_uint_gt(cpu->cached_bytes, 4 * MB); /* kept for the next call */
@@ -215,12 +219,17 @@ START_TEST(keep_memory_reuses_a_calls_memory_in_the_next)
         klvae_model_free(m);
     }
     for (int k = 0; k < 2; k++)
-        for (int call = 0; call < 2; call++)
-            ck_assert_msg(memcmp(out[k][call], out[0][0], xc * sizeof(float)) == 0,
-                          "keep_memory %s, call %d: other bits", k ? "false" : "true", call);
+        for (int call = 0; call < 2; call++) {
+            ck_assert_msg(memcmp(img[k][call], img[0][0], xc * sizeof(float)) == 0,
+                          "keep_memory %s, decode %d: other bits", k ? "false" : "true", call);
+            ck_assert_msg(memcmp(mean[k][call], mean[0][0], zc * sizeof(float)) == 0,
+                          "keep_memory %s, encode %d: other bits", k ? "false" : "true", call);
+        }
     for (int k = 0; k < 2; k++)
-        for (int call = 0; call < 2; call++)
-            free(out[k][call]);
+        for (int call = 0; call < 2; call++) {
+            free(img[k][call]);
+            free(mean[k][call]);
+        }
     free(z);
 }
 END_TEST
