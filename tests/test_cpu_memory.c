@@ -154,6 +154,42 @@ START_TEST(a_trim_keeps_what_the_last_call_needed_and_no_more)
 }
 END_TEST
 
+/* After a call of 100 MB blocks, one of 200 MB blocks: the kept blocks it
+ * cannot use go before it maps beyond what the last call kept, so that
+ * they do not stay beside the new ones (a dataset encode's batch-1 warm-up
+ * before its batches of 4); the new call's own released blocks are not
+ * touched by that rule. */
+START_TEST(kept_blocks_a_call_cannot_use_go_before_it_maps_more)
+{
+    kv_backend *be = cpu_backend();
+    kv_cpu *cpu = kv_cpu_of(be);
+    void *a[2], *b[2], *c = NULL;
+    for (int i = 0; i < 2; i++)
+        ck_assert_ok(be->ops->alloc(be, 100 * MB, KV_STORAGE_FLOAT32, &a[i]));
+    for (int i = 0; i < 2; i++)
+        be->ops->release(be, a[i]);
+    be->ops->trim(be, true);
+    ck_assert_int_eq(cpu->cached, 2);
+    const size_t kept = cpu->kept;
+    /* the first 200 MB block: with the 200 MB kept it would pass what was
+     * kept, and still with one of them: both go */
+    ck_assert_ok(be->ops->alloc(be, 200 * MB, KV_STORAGE_FLOAT32, &b[0]));
+    ck_assert_int_eq(cpu->cached, 0);
+    ck_assert_uint_le(cpu->live_bytes, kept + MB);
+    ck_assert_ok(be->ops->alloc(be, 200 * MB, KV_STORAGE_FLOAT32, &b[1]));
+    be->ops->release(be, b[0]);
+    /* a block of this call's own stays for reuse within the call */
+    ck_assert_ok(be->ops->alloc(be, 50 * MB, KV_STORAGE_FLOAT32, &c));
+    ck_assert_int_eq(cpu->cached, 1);
+    be->ops->release(be, c);
+    be->ops->release(be, b[1]);
+    assert_within_bound(cpu);
+    be->ops->trim(be, false);
+    ck_assert_int_eq(cpu->cached, 0);
+    kv_backend_destroy(be);
+}
+END_TEST
+
 /* A tiny model on the CPU with keep_memory as given. */
 static klvae_model_t *tiny_model(const char *keep)
 {
@@ -261,6 +297,7 @@ Suite *suite_cpu_memory(void)
     tcase_add_test(tc, a_steps_blocks_come_back_to_the_next_step);
     tcase_add_test(tc, the_cache_never_raises_the_peak_past_its_256_mb);
     tcase_add_test(tc, a_trim_keeps_what_the_last_call_needed_and_no_more);
+    tcase_add_test(tc, kept_blocks_a_call_cannot_use_go_before_it_maps_more);
     tcase_add_test(tc, keep_memory_reuses_a_calls_memory_in_the_next);
     tcase_add_test(tc, keep_memory_takes_a_boolean);
     suite_add_tcase(s, tc);

@@ -47,15 +47,41 @@ static void cache_fit(kv_cpu *cpu)
         cache_evict_largest(cpu);
 }
 
+/* The largest cached block (of those the last trim kept, when only_kept),
+ * or -1. */
+static int cache_largest(const kv_cpu *cpu, bool only_kept)
+{
+    int largest = -1;
+    for (int i = 0; i < cpu->cached; i++)
+        if ((!only_kept || cpu->cache[i].kept) &&
+            (largest < 0 || cpu->cache[i].total > cpu->cache[largest].total))
+            largest = i;
+    return largest;
+}
+
+static void cache_evict(kv_cpu *cpu, int i)
+{
+    munmap(cpu->cache[i].base, cpu->cache[i].total);
+    cpu->cached_bytes -= cpu->cache[i].total;
+    cpu->cache[i] = cpu->cache[--cpu->cached];
+}
+
 static void cache_evict_largest(kv_cpu *cpu)
 {
-    int largest = 0;
-    for (int i = 1; i < cpu->cached; i++)
-        if (cpu->cache[i].total > cpu->cache[largest].total)
-            largest = i;
-    munmap(cpu->cache[largest].base, cpu->cache[largest].total);
-    cpu->cached_bytes -= cpu->cache[largest].total;
-    cpu->cache[largest] = cpu->cache[--cpu->cached];
+    cache_evict(cpu, cache_largest(cpu, false));
+}
+
+/* Before a block of total bytes is mapped anew: blocks the last call kept
+ * and this one has not used go (the largest first) rather than let in use +
+ * cached pass the bound, so that what a call of other sizes does not use
+ * does not stay beside it. */
+static void cache_evict_kept(kv_cpu *cpu, size_t total)
+{
+    const size_t bound = KV_MAX(cpu->peak_live, cpu->kept);
+    int largest;
+    while (cpu->live_bytes + cpu->cached_bytes + total > bound &&
+           (largest = cache_largest(cpu, true)) >= 0)
+        cache_evict(cpu, largest);
 }
 
 /* A cached block of total bytes or up to a quarter more, or NULL. */
@@ -90,6 +116,7 @@ static klvae_status_t cpu_alloc(kv_backend *be, size_t bytes, kv_storage storage
     if (total >= KV_CPU_MMAP_THRESHOLD) {
         base = cache_take(cpu, total);
         if (!base) {
+            cache_evict_kept(cpu, total);
             base = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
             if (base == MAP_FAILED)
                 base = NULL;
@@ -138,6 +165,7 @@ static void cpu_release(kv_backend *be, void *ptr)
         cache_evict_largest(cpu);
     cpu->cache[cpu->cached].base = base;
     cpu->cache[cpu->cached].total = total;
+    cpu->cache[cpu->cached].kept = false;
     cpu->cached++;
     cpu->cached_bytes += total;
     cache_fit(cpu);
@@ -153,6 +181,8 @@ static void cpu_trim(kv_backend *be, bool keep)
     if (keep) {
         cpu->kept = 0;
         cache_fit(cpu);
+        for (int i = 0; i < cpu->cached; i++)
+            cpu->cache[i].kept = true;
     } else {
         while (cpu->cached > 0)
             cache_evict_largest(cpu);

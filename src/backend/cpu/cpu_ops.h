@@ -32,6 +32,7 @@ typedef struct kv_cpu {
     struct kv_cpu_block {
         unsigned char *base;
         size_t total;
+        bool kept; /* by the last trim, not used since */
     } cache[KV_CPU_CACHE_SLOTS];
     int cached;
     size_t cached_bytes, live_bytes, peak_live, kept;
