@@ -69,7 +69,7 @@ static const opt_def option_table[] = {
      "untiled on CUDA); none: always untiled."},
     {"keep_memory", OPT_BOOL, "true", 0, 0, NULL,
      "true: after each klvae_encode or klvae_decode the backend keeps the memory the call "
-     "used, at most its peak, for the next call, which then maps nothing new (on the CPU the "
+     "used (about its peak) for the next call, which then maps nothing new (on the CPU the "
      "page faults and zeroing of fresh memory were 10-12% of a 256x256 call); false: gives "
      "back at the end of every call all but the weights. klvae_model_free gives all back."},
     {"spill_dir", OPT_PATH, "", 0, 0, NULL,
