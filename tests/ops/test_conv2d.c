@@ -487,6 +487,85 @@ START_TEST(conv2d_gradients_match_finite_differences)
 }
 END_TEST
 
+/* The weight gradient against a float64 loop, accumulated onto random
+ * values as the op does: the Winograd path (3x3 "same", 32+ channels) with
+ * odd sizes, the prologue, several bands of tile rows, batch 2; the im2col
+ * path beside it for shapes Winograd leaves alone. 1 and 2 threads give the
+ * same bits. */
+typedef struct wgrad_case {
+    int n, ci, h, w, co, k;
+    kv_conv_geometry g;
+    bool prologue;
+} wgrad_case;
+
+static const wgrad_case wgrad_cases[] = {
+    {2, 32, 9, 11, 40, 3, {1, 1, 1, 1, 1}, true},   /* Winograd, odd sizes, prologue */
+    {2, 33, 6, 5, 35, 3, {1, 1, 1, 1, 1}, false},   /* Winograd, odd channels, tiny */
+    {1, 64, 70, 66, 32, 3, {1, 1, 1, 1, 1}, true},  /* Winograd, two bands of tile rows */
+    {2, 96, 3, 3, 64, 3, {1, 1, 1, 1, 1}, false},   /* Winograd, one partial tile per row */
+    {2, 31, 9, 11, 40, 3, {1, 1, 1, 1, 1}, true},   /* im2col: too few channels in */
+    {2, 40, 9, 11, 36, 3, {2, 1, 1, 1, 1}, false},  /* im2col: stride 2 */
+};
+
+START_TEST(conv2d_weight_gradient_matches_float64_reference)
+{
+    const wgrad_case *k = &wgrad_cases[_i];
+    const int ho = (k->h + k->g.pad_top + k->g.pad_bottom - k->k) / k->g.stride + 1;
+    const int wo = (k->w + k->g.pad_left + k->g.pad_right - k->k) / k->g.stride + 1;
+    const size_t nx = (size_t)k->n * k->ci * k->h * k->w, ny = (size_t)k->n * k->co * ho * wo;
+    const size_t nw = (size_t)k->co * k->ci * k->k * k->k, ns = (size_t)k->n * k->ci;
+    test_rng rng = test_rng_new(900 + (uint64_t)_i);
+    float *x = test_alloc(nx), *dy = test_alloc(ny), *sc = test_alloc(ns), *sh = test_alloc(ns);
+    float *dw1 = test_alloc(nw), *dw2 = test_alloc(nw), *db = test_alloc((size_t)k->co);
+    double *ref = calloc(nw, sizeof *ref);
+    ck_assert_ptr_nonnull(ref);
+    test_fill(x, nx, &rng, -1.0f, 1.0f);
+    test_fill(dy, ny, &rng, -1.0f, 1.0f);
+    test_fill(sc, ns, &rng, 0.5f, 1.5f);
+    test_fill(sh, ns, &rng, -0.5f, 0.5f);
+    test_fill(dw1, nw, &rng, -1.0f, 1.0f);
+    memcpy(dw2, dw1, nw * sizeof(float));
+    for (size_t i = 0; i < nw; i++)
+        ref[i] = dw1[i];
+    for (int n = 0; n < k->n; n++)
+        for (int o = 0; o < k->co; o++)
+            for (int i = 0; i < k->ci; i++)
+                for (int ky = 0; ky < k->k; ky++)
+                    for (int kx = 0; kx < k->k; kx++) {
+                        double acc = 0.0;
+                        for (int oy = 0; oy < ho; oy++)
+                            for (int ox = 0; ox < wo; ox++) {
+                                int iy = oy * k->g.stride - k->g.pad_top + ky;
+                                int ix = ox * k->g.stride - k->g.pad_left + kx;
+                                if (iy < 0 || iy >= k->h || ix < 0 || ix >= k->w)
+                                    continue;
+                                const size_t nc = (size_t)n * k->ci + i;
+                                double v = x[(nc * k->h + iy) * k->w + ix];
+                                if (k->prologue)
+                                    v = op_activation_reference(KV_ACT_SILU, v * sc[nc] + sh[nc]);
+                                acc += v * dy[(((size_t)n * k->co + o) * ho + oy) * wo + ox];
+                            }
+                        ref[(((size_t)o * k->ci + i) * k->k + ky) * k->k + kx] += acc;
+                    }
+    kv_tensor tx = op_tensor4(x, k->n, k->ci, k->h, k->w), tdy = op_tensor4(dy, k->n, k->co, ho, wo);
+    kv_tensor tsc = op_tensor4(sc, k->n, k->ci, 1, 1), tsh = op_tensor4(sh, k->n, k->ci, 1, 1);
+    kv_tensor tdw1 = op_tensor4(dw1, k->co, k->ci, k->k, k->k);
+    kv_tensor tdw2 = op_tensor4(dw2, k->co, k->ci, k->k, k->k), tdb = op_tensor1(db, k->co);
+    kv_conv_prologue pro = {&tsc, &tsh, KV_ACT_SILU, false};
+    kv_backend *one = op_backend(1), *two = op_backend(2);
+    ck_assert_ok(one->ops->conv2d_backward_weight(one, &tx, k->prologue ? &pro : NULL, &tdy, k->g,
+                                                  &tdw1, &tdb));
+    ck_assert_ok(two->ops->conv2d_backward_weight(two, &tx, k->prologue ? &pro : NULL, &tdy, k->g,
+                                                  &tdw2, &tdb));
+    const double err = op_relative_error(dw1, ref, nw);
+    ck_assert_msg(err < OP_TOLERANCE, "case %d: relative error %g", _i, err);
+    ck_assert_msg(memcmp(dw1, dw2, nw * sizeof(float)) == 0, "case %d: 1 and 2 threads differ", _i);
+    kv_backend_destroy(one);
+    kv_backend_destroy(two);
+    free(x), free(dy), free(sc), free(sh), free(dw1), free(dw2), free(db), free(ref);
+}
+END_TEST
+
 Suite *suite_conv2d_ops(void)
 {
     Suite *s = suite_create("conv2d");
@@ -499,6 +578,8 @@ Suite *suite_conv2d_ops(void)
                         (int)(sizeof bf16_cases / sizeof bf16_cases[0]));
     tcase_add_loop_test(forward, conv2d_bf16_prologue_upsample_residual, 0, 2);
     tcase_add_loop_test(backward, conv2d_bf16_backward_data, 0, 3);
+    tcase_add_loop_test(backward, conv2d_weight_gradient_matches_float64_reference, 0,
+                        (int)(sizeof wgrad_cases / sizeof wgrad_cases[0]));
     tcase_add_loop_test(backward, conv2d_gradients_match_finite_differences, 0,
                         (int)(sizeof conv_grad_cases / sizeof conv_grad_cases[0]));
     return s;

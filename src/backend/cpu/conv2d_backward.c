@@ -287,6 +287,15 @@ klvae_status_t kv_cpu_conv2d_backward_weight(kv_backend *be, const kv_tensor *x,
     j.cpu = cpu;
     if (prologue)
         j.act = prologue->act;
+    if (dw->ndim == 4 && kv_winograd_backward_weight_applies(j.ci, j.co, j.h, j.w_in, j.ho, j.wo,
+                                                             j.kh, j.kw, g)) {
+        klvae_status_t st = kv_conv2d_winograd_backward_weight(be, x, prologue, dy, dw);
+        if (st == KLVAE_OK && db && db->data) {
+            bias_job bj = {dy->data, db->data, dy->shape[0], j.co, (size_t)j.ho * j.wo};
+            kv_pool_run(cpu->pool, j.co, bias_task, &bj);
+        }
+        return st;
+    }
     j.ci_per_task = KV_MAX(1, (j.ci + KV_BACKWARD_TASKS - 1) / KV_BACKWARD_TASKS);
     const int tasks = (j.ci + j.ci_per_task - 1) / j.ci_per_task;
     const size_t taps = (size_t)j.kh * j.kw, rows = (size_t)j.ci_per_task * taps;

@@ -6,6 +6,13 @@
 
 #include "backend/cpu/cpu_ops.h"
 
+/* Wide vectors where the CPU has them; the transforms are streaming loops. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define KV_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define KV_VECTOR_CLONES
+#endif
+
 /* Below this many channels the transforms cost more than they save. */
 #define KV_WINOGRAD_MIN_CHANNELS 32
 
@@ -43,6 +50,19 @@ bool kv_winograd_applies(int ci, int co, int kh, int kw, kv_conv_geometry g);
 klvae_status_t kv_conv2d_winograd(kv_cpu *cpu, const kv_tensor *x,
                                   const kv_conv_prologue *prologue, const kv_tensor *w,
                                   bool flipped, const kv_tensor *b, int pad_top, kv_tensor *y);
+
+/* Whether the weight gradient of this convolution goes through Winograd
+ * (conv2d_winograd_backward.c): 3x3, stride 1, padding 1 on every side
+ * (outputs the size of the input), at least KV_WINOGRAD_MIN_CHANNELS in and
+ * out. */
+bool kv_winograd_backward_weight_applies(int ci, int co, int h, int w, int ho, int wo, int kh,
+                                         int kw, kv_conv_geometry g);
+/* dw += the weight gradient of y = conv(prologue(x), w) given dy, for a
+ * shape kv_winograd_backward_weight_applies to (the bias gradient is the
+ * caller's). */
+klvae_status_t kv_conv2d_winograd_backward_weight(kv_backend *be, const kv_tensor *x,
+                                                  const kv_conv_prologue *prologue,
+                                                  const kv_tensor *dy, kv_tensor *dw);
 /* The same with bf16 products (cpu->bf16; conv2d_winograd_bf16.c);
  * kv_conv2d_winograd calls it in that mode. */
 klvae_status_t kv_conv2d_winograd_bf16(kv_cpu *cpu, const kv_tensor *x,

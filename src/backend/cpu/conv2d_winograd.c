@@ -48,13 +48,6 @@ bool kv_winograd_applies(int ci, int co, int kh, int kw, kv_conv_geometry g)
            ci >= KV_WINOGRAD_MIN_CHANNELS && co >= KV_WINOGRAD_MIN_CHANNELS;
 }
 
-/* Wide vectors where the CPU has them; the transforms are streaming loops. */
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define KV_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define KV_VECTOR_CLONES
-#endif
-
 typedef struct weight_job {
     const float *w;
     float *u;
