@@ -27,6 +27,12 @@ typedef struct conv_job {
     int rows_per_band, bands, co_splits;
     const uint32_t *wp; /* bf16 products: the packed weights (else NULL: sgemm) */
     size_t col_floats;  /* bf16: the packed columns follow this many floats of scratch */
+    /* With channel splits (float32 im2col): the columns of every band of
+     * image `image`, made once before the products (band b's at
+     * cols + b * band_floats); else NULL and each task makes its own. */
+    float *cols;
+    size_t band_floats;
+    int image;
     kv_cpu *cpu;
 } conv_job;
 
@@ -94,7 +100,7 @@ static void conv_task(void *arg, int task, int thread)
     const conv_job *j = arg;
     int split = task % j->co_splits;
     int band = (task / j->co_splits) % j->bands;
-    int n = task / (j->co_splits * j->bands);
+    int n = j->cols ? j->image : task / (j->co_splits * j->bands);
     int oy0 = band * j->rows_per_band;
     int oy1 = KV_MIN(j->ho, oy0 + j->rows_per_band);
     int co_per = (j->co + j->co_splits - 1) / j->co_splits;
@@ -116,8 +122,8 @@ static void conv_task(void *arg, int task, int thread)
         for (int p = 0; p < cols; p++)
             row[p] = bias;
     }
-    /* Several channel splits of one band each build the same columns; that
-     * only happens for small layers, where it is cheap. */
+    /* bf16: several channel splits of one band each pack the same columns;
+     * that only happens for small layers, where it is cheap. */
     if (j->wp) {
         uint32_t *packed = (uint32_t *)(j->cpu->scratch[thread] + j->col_floats);
         const int pairs = kv_bf16_pairs(K);
@@ -134,6 +140,9 @@ static void conv_task(void *arg, int task, int thread)
     if (j->direct) {
         B = x + p0;
         ldb = (int)P;
+    } else if (j->cols) {
+        B = j->cols + (size_t)band * j->band_floats;
+        ldb = cols;
     } else {
         float *col = j->cpu->scratch[thread];
         im2col_band(j, x, oy0, oy1, col);
@@ -142,6 +151,16 @@ static void conv_task(void *arg, int task, int thread)
     }
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, co1 - co0, cols, K, 1.0f,
                 j->w + (size_t)co0 * K, K, B, ldb, 1.0f, y + (size_t)co0 * P, (int)P);
+}
+
+/* The columns of band `band` of image j->image, for every channel split. */
+static void columns_task(void *arg, int band, int thread)
+{
+    (void)thread;
+    const conv_job *j = arg;
+    const int oy0 = band * j->rows_per_band, oy1 = KV_MIN(j->ho, oy0 + j->rows_per_band);
+    im2col_band(j, j->x + (size_t)j->image * j->ci * j->h * j->w_in, oy0, oy1,
+                j->cols + (size_t)band * j->band_floats);
 }
 
 typedef struct pack_w_job {
@@ -295,8 +314,13 @@ static klvae_status_t conv2d_im2col(kv_cpu *cpu, const kv_tensor *x, const kv_te
      * (not conv_out's 3 channels, where they would save nothing) */
     const bool bf16 = cpu->bf16 && j.co >= KV_BF16_MR;
     const size_t cols_per_band = (size_t)j.rows_per_band * (size_t)j.wo;
+    /* Few bands per image (small images) and channel splits: each split's
+     * task would make its band's float32 columns again (the discriminator's
+     * 4x4 layers made them 8 times), so they are made once per image first,
+     * into the shared buffer. Same products, same bits. */
+    const bool shared_columns = j.co_splits > 1 && !bf16 && !j.direct;
     /* im2col's columns: whole in float32, or two rows at a time when packed */
-    j.col_floats = j.direct ? 0 : bf16 ? 2 * cols_per_band : K * cols_per_band;
+    j.col_floats = j.direct || shared_columns ? 0 : bf16 ? 2 * cols_per_band : K * cols_per_band;
     size_t scratch = j.col_floats;
     if (bf16)
         scratch += kv_bf16_b_words((int)K, (int)cols_per_band);
@@ -311,6 +335,18 @@ static klvae_status_t conv2d_im2col(kv_cpu *cpu, const kv_tensor *x, const kv_te
             return st;
     }
     int batch = x->shape[0];
+    if (shared_columns) {
+        j.band_floats = K * cols_per_band;
+        klvae_status_t st = kv_cpu_reserve_shared(cpu, j.band_floats * (size_t)j.bands);
+        if (st != KLVAE_OK)
+            return st;
+        j.cols = cpu->shared;
+        for (j.image = 0; j.image < batch; j.image++) {
+            kv_pool_run(cpu->pool, j.bands, columns_task, &j);
+            kv_pool_run(cpu->pool, j.bands * j.co_splits, conv_task, &j);
+        }
+        return KLVAE_OK;
+    }
     kv_pool_run(cpu->pool, batch * j.bands * j.co_splits, conv_task, &j);
     return KLVAE_OK;
 }
