@@ -216,7 +216,7 @@ static int run_train_case(klvae_model_t *m, const kv_plugin *plugin, const optio
     double in_use_mb = -1.0, reserved_mb = -1.0;
     for (int r = -o->warmup - 2; r < o->runs && st == KLVAE_OK; r++) {
         if (r == -1)
-            be->ops->trim(be);
+            be->ops->trim(be, true);
         const long from = stats_size(stats);
         double t0 = harness_now();
         st = klvae_trainer_step(t, x, batch, size, size, NULL);
@@ -255,7 +255,7 @@ static int run_train_case(klvae_model_t *m, const kv_plugin *plugin, const optio
     klvae_trainer_free(t);
     free(x);
     free(times);
-    be->ops->trim(be);
+    be->ops->trim(be, true);
     return st == KLVAE_OK ? 0 : 1;
 }
 
@@ -297,7 +297,7 @@ static int run_stream_case(klvae_model_t *m, const options *o, const char *stats
     }
     m->infer.limit_kind = limit_gib > 0 ? KV_LIMIT_BYTES : KV_LIMIT_NONE;
     m->infer.memory_limit = (uint64_t)limit_gib << 30;
-    m->be->ops->trim(m->be); /* the statistics restart */
+    m->be->ops->trim(m->be, true); /* the statistics restart */
     double in_use_mb = -1.0, reserved_mb = -1.0;
     klvae_status_t st = KLVAE_OK;
     for (int r = 0; r < o->runs && st == KLVAE_OK; r++) {
@@ -404,7 +404,7 @@ static int run_case(klvae_model_t *m, const kv_plugin *plugin, const options *o,
     double unused, held0 = -1.0, held1 = -1.0;
     for (int r = -o->warmup - 2; r < o->runs && st == KLVAE_OK; r++) {
         if (r == -1) /* the statistics of the last calls only */
-            be->ops->trim(be);
+            be->ops->trim(be, true);
         if (r == 0) /* after the call that refilled the pool */
             read_last(stats, &unused, &unused, &held0);
         double t0 = harness_now();
@@ -422,7 +422,7 @@ static int run_case(klvae_model_t *m, const kv_plugin *plugin, const options *o,
                 klvae_last_error());
     } else {
         read_last(stats, &unused, &unused, &held1);
-        be->ops->trim(be);
+        be->ops->trim(be, true);
         double in_use_mb, reserved_mb;
         read_last(stats, &in_use_mb, &reserved_mb, &unused);
         double growth = held0 >= 0.0 && held1 >= 0.0 ? held1 - held0 : -1.0;
@@ -445,7 +445,7 @@ static int run_case(klvae_model_t *m, const kv_plugin *plugin, const options *o,
     kv_tensor_release(be, &in);
     kv_tensor_release(be, &out);
     kv_tensor_release(be, &out2);
-    be->ops->trim(be);
+    be->ops->trim(be, true);
     return st == KLVAE_OK ? 0 : 1;
 }
 
