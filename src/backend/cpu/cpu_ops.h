@@ -20,7 +20,8 @@ typedef struct kv_cpu {
     float **scratch;
     size_t *scratch_floats;
     /* One buffer all threads read during a parallel region (Winograd's
-     * transformed weights), filled before the region starts. */
+     * transformed weights; the im2col columns of an image whose bands are
+     * split by output channel), filled before the region starts. */
     float *shared;
     size_t shared_floats;
     /* Recently released large blocks, reused by later allocations of about
