@@ -266,12 +266,13 @@ static void bias_task(void *arg, int c, int thread)
     j->db[c] += (float)sum;
 }
 
-klvae_status_t kv_cpu_conv2d_backward_weight(kv_backend *be, const kv_tensor *x,
+/* dw += the weight gradient through im2col, per image and band of output
+ * rows, one sgemm per group of input channels. */
+static klvae_status_t backward_weight_im2col(kv_cpu *cpu, const kv_tensor *x,
                                              const kv_conv_prologue *prologue,
                                              const kv_tensor *dy, kv_conv_geometry g,
-                                             kv_tensor *dw, kv_tensor *db)
+                                             kv_tensor *dw)
 {
-    kv_cpu *cpu = kv_cpu_of(be);
     wgrad_job j;
     memset(&j, 0, sizeof j);
     j.dw = dw->data;
@@ -287,15 +288,6 @@ klvae_status_t kv_cpu_conv2d_backward_weight(kv_backend *be, const kv_tensor *x,
     j.cpu = cpu;
     if (prologue)
         j.act = prologue->act;
-    if (dw->ndim == 4 && kv_winograd_backward_weight_applies(j.ci, j.co, j.h, j.w_in, j.ho, j.wo,
-                                                             j.kh, j.kw, g)) {
-        klvae_status_t st = kv_conv2d_winograd_backward_weight(be, x, prologue, dy, dw);
-        if (st == KLVAE_OK && db && db->data) {
-            bias_job bj = {dy->data, db->data, dy->shape[0], j.co, (size_t)j.ho * j.wo};
-            kv_pool_run(cpu->pool, j.co, bias_task, &bj);
-        }
-        return st;
-    }
     j.ci_per_task = KV_MAX(1, (j.ci + KV_BACKWARD_TASKS - 1) / KV_BACKWARD_TASKS);
     const int tasks = (j.ci + j.ci_per_task - 1) / j.ci_per_task;
     const size_t taps = (size_t)j.kh * j.kw, rows = (size_t)j.ci_per_task * taps;
@@ -319,9 +311,25 @@ klvae_status_t kv_cpu_conv2d_backward_weight(kv_backend *be, const kv_tensor *x,
             kv_pool_run(cpu->pool, tasks, wgrad_task, &j);
         }
     }
-    if (db && db->data) {
-        bias_job bj = {dy->data, db->data, dy->shape[0], j.co, (size_t)j.ho * j.wo};
-        kv_pool_run(cpu->pool, j.co, bias_task, &bj);
-    }
     return KLVAE_OK;
+}
+
+klvae_status_t kv_cpu_conv2d_backward_weight(kv_backend *be, const kv_tensor *x,
+                                             const kv_conv_prologue *prologue,
+                                             const kv_tensor *dy, kv_conv_geometry g,
+                                             kv_tensor *dw, kv_tensor *db)
+{
+    kv_cpu *cpu = kv_cpu_of(be);
+    const int co = dy->shape[1], ho = dy->shape[2], wo = dy->shape[3];
+    const bool winograd =
+        dw->ndim == 4 && kv_winograd_backward_weight_applies(x->shape[1], co, x->shape[2],
+                                                             x->shape[3], ho, wo, dw->shape[2],
+                                                             dw->shape[3], g);
+    klvae_status_t st = winograd ? kv_conv2d_winograd_backward_weight(be, x, prologue, dy, dw)
+                                 : backward_weight_im2col(cpu, x, prologue, dy, g, dw);
+    if (st == KLVAE_OK && db && db->data) {
+        bias_job bj = {dy->data, db->data, dy->shape[0], co, (size_t)ho * wo};
+        kv_pool_run(cpu->pool, co, bias_task, &bj);
+    }
+    return st;
 }
