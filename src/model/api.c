@@ -660,7 +660,7 @@ static klvae_status_t device_begin(const char *fn, const char *host_fn, klvae_mo
  * and leaves the model. */
 static klvae_status_t device_end(klvae_model_t *m, klvae_status_t st)
 {
-    st = kv_model_stream_leave(m, st);
+    st = kv_model_stream_leave(m, st, false);
     return kv_busy_leave(&m->busy, st);
 }
 

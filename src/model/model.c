@@ -325,7 +325,7 @@ klvae_status_t kv_model_stream_enter(klvae_model_t *m, const char *fn, const cha
     return kv_plugin_status(m->plugin->set_stream(m->be, stream));
 }
 
-klvae_status_t kv_model_stream_leave(klvae_model_t *m, klvae_status_t st)
+klvae_status_t kv_model_stream_leave(klvae_model_t *m, klvae_status_t st, bool trainer_step)
 {
     char saved[1024] = "";
     if (st != KLVAE_OK)
@@ -340,7 +340,10 @@ klvae_status_t kv_model_stream_leave(klvae_model_t *m, klvae_status_t st)
         st = reset;
         snprintf(saved, sizeof saved, "%s", kv_error_message());
     }
-    kv_model_end_call(m);
+    if (trainer_step)
+        m->be->ops->trim(m->be, true);
+    else
+        kv_model_end_call(m);
     if (st != KLVAE_OK)
         return kv_error(st, "%s", saved);
     kv_error_clear();

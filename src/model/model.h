@@ -159,13 +159,15 @@ void kv_model_end_call(klvae_model_t *m);
  * backend on the caller's stream (KLVAE_ERR_INVALID_ARGUMENT naming fn and
  * host_fn, the host call to use instead, when the model runs on the CPU);
  * kv_model_stream_leave, given the status of the work, waits for the
- * stream, puts the backend back on its own one, ends the call
- * (kv_model_end_call), and returns the
+ * stream, puts the backend back on its own one, trims (keeping the memory
+ * for a trainer's step, which the next step reuses whatever keep_memory
+ * says; else as kv_model_end_call), and returns the
  * first error with its message. kv_plugin_status makes a plugin's status a
  * valid klvae_status_t. */
 klvae_status_t kv_model_stream_enter(klvae_model_t *m, const char *fn, const char *host_fn,
                                      void *stream);
-klvae_status_t kv_model_stream_leave(klvae_model_t *m, klvae_status_t st);
+klvae_status_t kv_model_stream_leave(klvae_model_t *m, klvae_status_t st,
+                                      bool trainer_step);
 klvae_status_t kv_plugin_status(klvae_status_t st);
 
 /* src/model/weights.c: reading and writing weight files. */

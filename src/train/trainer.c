@@ -1039,7 +1039,8 @@ static klvae_status_t locked_step(klvae_trainer_t *t, const step_input *in, int 
         if (in->device) {
             st = kv_model_stream_enter(t->m, in->fn, "klvae_trainer_step", stream);
             if (st == KLVAE_OK)
-                st = kv_model_stream_leave(t->m, checked_step(t, in, KLVAE_OK, n, h, w, stats));
+                st = kv_model_stream_leave(t->m, checked_step(t, in, KLVAE_OK, n, h, w, stats),
+                                           true);
             else if (t->dp) /* the other ranks learn that this one cannot step */
                 st = checked_step(t, in, st, n, h, w, stats);
         } else {
